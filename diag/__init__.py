@@ -1,0 +1,3 @@
+"""tvdiag diagnostics: curvature, risk, similarity, transfer evaluation, studies and the ``diag`` CLI."""
+
+__version__ = "0.1.0"
