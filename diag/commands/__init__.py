@@ -1,0 +1,1 @@
+"""Subcommands of the ``diag`` CLI; each module exposes ``register(subparsers)``."""

@@ -1,0 +1,68 @@
+"""``diag transfer`` and ``diag zoo``."""
+
+from __future__ import annotations
+
+import json
+
+from diag.context import add_common, context_from
+
+
+def register(sub) -> None:
+    p = sub.add_parser("transfer", help="Table-1-style comparison for one source → target transfer (eq. 8)")
+    add_common(p)
+    p.add_argument("--source", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--lambda1", type=float, default=1.0)
+    p.add_argument("--lambda2", type=float, default=0.7)
+    p.add_argument("--alpha", type=float, default=0.8)
+    p.add_argument("--no-controls", action="store_true", help="skip the control rows")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_transfer)
+
+    z = sub.add_parser("zoo", help="build (or resume) every artifact of the suite: θ_base, θ_ft, φ, θ_ft*")
+    add_common(z)
+    z.add_argument("--domains", nargs="*", default=None)
+    z.add_argument("--alpha", type=float, action="append", default=None, help="α of θ_ft* (repeatable; default 0.8)")
+    z.set_defaults(func=run_zoo)
+
+
+def run_transfer(args) -> int:
+    from diag.transfer import transfer
+    from train.losses import check_alpha
+    from train.vectors import check_scale
+
+    ctx = context_from(args, default_domain=args.target)
+    check_alpha(args.alpha)
+    check_scale("lambda1", args.lambda1)
+    check_scale("lambda2", args.lambda2)
+    source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
+    candidates = ctx.domains()
+    store = ctx.ensure([source, target], (args.alpha,))
+    if not args.no_controls:
+        # the "τ* of another source" control needs one more domain's vectors
+        others = [d for d in candidates if d not in (source, target)]
+        if others:
+            import random
+
+            ctx.ensure([random.Random(args.seed).choice(sorted(others))], (args.alpha,))
+    result = transfer(store, source, target, args.lambda1, args.lambda2, args.alpha,
+                      controls=not args.no_controls, seed=args.seed, data=ctx.data.get(target),
+                      candidates=candidates)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
+def run_zoo(args) -> int:
+    from train.losses import check_alpha
+
+    ctx = context_from(args)
+    domains = [ctx.check_domain(d) for d in (args.domains or ctx.domains())]
+    alphas = tuple(check_alpha(a) for a in (args.alpha or [0.8]))
+    times = ctx.zoo().build(domains, alphas)
+    if args.json:
+        print(json.dumps({"store": str(ctx.store.folder), "seconds": times}, indent=2))
+    else:
+        print(f"zoo ready in {ctx.store.folder}")
+        for k, v in times.items():
+            print(f"  {k:12s} {v:8.1f} s")
+    return 0

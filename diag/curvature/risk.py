@@ -1,0 +1,222 @@
+"""The risk R(tau; H) = tau^T H tau of adding a task vector to a target model (paper eq. 12, 16-19).
+
+By the quadratic model of the target classification loss around ``theta_ft^T``
+(eq. 13), adding ``lambda * tau`` raises the loss by
+
+    L(theta + lambda tau) - L(theta) ~= lambda g^T tau + 1/2 lambda^2 R(tau; H),
+
+with ``g ~= 0`` at a fine-tuned minimum. With ``H = U diag(lambda_i) U^T`` and
+``a_i = u_i^T tau`` (eq. 17-18), ``R = sum_i lambda_i a_i^2`` (eq. 19).
+
+Three ways to evaluate R, from most to least data:
+
+* :func:`risk_exact`: one Hessian-vector product on target data;
+* :func:`risk_diagonal`: ``sum_i diag(H)_i tau_i^2`` from a stored diagonal;
+* :meth:`diag.curvature.card.HessianCard.risk`: top-k eigenpairs plus residual diagonal.
+
+:func:`rank_agreement` says how well an approximation ranks candidate vectors
+against the exact R; :func:`quadratic_check` compares the quadratic model with the
+measured loss change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import Tensor, nn
+
+from diag.curvature.operators import CurvatureOperator, HessianOperator
+from train.errors import BaseMismatchError, TvdiagError
+
+__all__ = [
+    "risk_exact",
+    "risk_diagonal",
+    "eigen_contributions",
+    "RiskResult",
+    "QuadraticCheckRow",
+    "quadratic_check",
+    "rank_agreement",
+]
+
+
+def _as_flat(op_or_layout, tau: Tensor | Mapping[str, Tensor]) -> Tensor:
+    if isinstance(tau, Mapping):
+        if not hasattr(op_or_layout, "flatten"):
+            raise TvdiagError(f"{type(op_or_layout).__name__} has no parameter layout; pass tau as a flat tensor.")
+        return op_or_layout.flatten(tau)
+    return tau.reshape(-1)
+
+
+def risk_exact(op: CurvatureOperator, tau: Tensor | Mapping[str, Tensor]) -> float:
+    """Exact ``R(tau; H) = tau^T H tau`` with one product and a float64 reduction.
+
+    Args:
+        op: Curvature operator of the target (usually a :class:`HessianOperator`).
+        tau: Flat ``(D,)`` vector, or a ``name -> tensor`` dict (restricted to the
+            operator's parameters; extra names are ignored).
+
+    Raises:
+        BaseMismatchError: ``tau`` does not have the operator's length or names.
+    """
+    flat = _as_flat(op, tau)
+    if flat.shape[0] != op.shape[0]:
+        raise BaseMismatchError(f"tau has length {flat.shape[0]}, the operator has D={op.shape[0]}.")
+    return op.quadratic_form(flat)
+
+
+def risk_diagonal(diag: Tensor, tau: Tensor) -> float:
+    """Diagonal approximation ``R_diag = sum_i diag_i tau_i^2`` (float64).
+
+    Raises:
+        BaseMismatchError: the lengths differ.
+    """
+    d, t = diag.reshape(-1), tau.reshape(-1)
+    if d.shape != t.shape:
+        raise BaseMismatchError(f"diag has length {d.shape[0]}, tau has {t.shape[0]}.")
+    return float((d.double() * t.double().pow(2)).sum())
+
+
+def eigen_contributions(eigvals: Tensor, eigvecs: Tensor, tau: Tensor) -> tuple[Tensor, float]:
+    """Contributions ``lambda_i a_i^2`` (eq. 19) of each eigenpair to R, with ``a_i = u_i^T tau``.
+
+    Args:
+        eigvals: ``(k,)`` eigenvalues.
+        eigvecs: ``(D, k)`` orthonormal eigenvectors (columns).
+        tau: ``(D,)`` vector.
+
+    Returns:
+        ``(contrib, remainder)``: ``contrib`` is a float64 ``(k,)`` tensor of
+        ``lambda_i a_i^2`` (``R`` = their sum when k = D); ``remainder`` is
+        ``|tau - U a|^2``, the squared norm of the part of ``tau`` outside the span of
+        the eigenvectors, whose curvature the pairs do not describe.
+    """
+    U, t = eigvecs.double(), tau.reshape(-1).double().to(eigvecs.device)
+    if U.ndim != 2 or U.shape[0] != t.shape[0] or U.shape[1] != eigvals.shape[0]:
+        raise BaseMismatchError(f"Shapes do not fit: eigvals {tuple(eigvals.shape)}, eigvecs {tuple(eigvecs.shape)}, "
+                                f"tau {tuple(tau.shape)}.")
+    a = U.T @ t
+    contrib = eigvals.double().to(a.device) * a.pow(2)
+    remainder = float((t - U @ a).pow(2).sum())
+    return contrib, remainder
+
+
+@dataclass
+class RiskResult:
+    """R(tau; H) by the available methods (None where not computed).
+
+    Attributes:
+        exact: ``tau^T H tau`` by an HVP on target data.
+        diag: ``sum_i diag(H)_i tau_i^2``.
+        card: Hessian-card estimate ``sum l_i (v_i^T tau)^2 + sum r_i tau_i^2``.
+        diag_stderr: Standard error of ``diag`` when the diagonal is a stochastic estimate.
+    """
+
+    exact: float | None = None
+    diag: float | None = None
+    card: float | None = None
+    diag_stderr: float | None = None
+
+    def loss_increase(self, lam: float, method: str = "exact") -> float | None:
+        """Predicted loss increase ``1/2 lambda^2 R`` (eq. 13 with g = 0) for one method."""
+        if method not in ("exact", "diag", "card"):
+            raise TvdiagError(f"Unknown risk method '{method}'. Available: card, diag, exact")
+        r = getattr(self, method)
+        return None if r is None else 0.5 * lam * lam * r
+
+    def to_dict(self) -> dict:
+        """``{"exact", "diag", "card", "diag_stderr"}``, for a pandas row."""
+        return asdict(self)
+
+    def __repr__(self) -> str:
+        fmt = lambda x: "None" if x is None else f"{x:.6g}"  # noqa: E731
+        se = "" if self.diag_stderr is None else f" ± {self.diag_stderr:.2g}"
+        return f"RiskResult(exact={fmt(self.exact)}, diag={fmt(self.diag)}{se}, card={fmt(self.card)})"
+
+
+@dataclass
+class QuadraticCheckRow:
+    """One step ``t`` of :func:`quadratic_check`.
+
+    Attributes:
+        t: Step along tau.
+        measured: ``L(theta + t tau) - L(theta)``.
+        first_order: ``t g^T tau``.
+        second_order: ``1/2 t^2 R``.
+        predicted: ``first_order + second_order``.
+        rel_error: ``|predicted - measured| / |measured|``.
+        rel_error_second_order: ``|second_order - measured| / |measured|`` (the paper's
+            model, which assumes g = 0).
+        holds: ``rel_error <= tol``.
+    """
+
+    t: float
+    measured: float
+    first_order: float
+    second_order: float
+    predicted: float
+    rel_error: float
+    rel_error_second_order: float
+    holds: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quadratic_check(model: nn.Module, data: Iterable, tau: Tensor | Mapping[str, Tensor],
+                    ts: Sequence[float] = (0.1, 0.25, 0.5, 1.0), params=None, tol: float = 0.1,
+                    op: HessianOperator | None = None, **op_kwargs) -> list[QuadraticCheckRow]:
+    """Compare the quadratic model with the measured loss change along tau.
+
+    For each ``t``: measured ``L(theta + t tau) - L(theta)`` against
+    ``t g^T tau + 1/2 t^2 R`` (``g`` the gradient, ``R = tau^T H tau``).
+
+    Args:
+        model: The target model (at ``theta``; never modified).
+        data: Target batches ``(x, y)``.
+        tau: Flat vector in the operator's order or a ``name -> tensor`` dict.
+        ts: Steps.
+        params: Parameter globs (ignored when ``op`` is given).
+        tol: Relative error up to which a row counts as ``holds``.
+        op: A ready :class:`HessianOperator` on the same model and data (reused).
+        **op_kwargs: Passed to :class:`HessianOperator` (``dtype``, ``engine``, ...).
+
+    Returns:
+        One :class:`QuadraticCheckRow` per ``t``.
+    """
+    if op is None:
+        op = HessianOperator(model, data, params=params, **op_kwargs)
+    flat = _as_flat(op, tau).to(dtype=op.dtype, device=op.device)
+    if flat.shape[0] != op.shape[0]:
+        raise BaseMismatchError(f"tau has length {flat.shape[0]}, the operator has D={op.shape[0]}.")
+    base = op.loss()
+    g_tau = float(torch.dot(op.gradient().double(), flat.double()))
+    R = op.quadratic_form(flat)
+    rows = []
+    for t in ts:
+        measured = op.loss(t * flat) - base
+        first, second = t * g_tau, 0.5 * t * t * R
+        denom = abs(measured) if measured != 0 else math.inf
+        rel = abs(first + second - measured) / denom
+        rel2 = abs(second - measured) / denom
+        rows.append(QuadraticCheckRow(float(t), measured, first, second, first + second, rel, rel2, bool(rel <= tol)))
+    return rows
+
+
+def rank_agreement(exact: Sequence[float], approx: Sequence[float]) -> dict:
+    """Rank agreement of approximate risks with exact risks over candidate vectors.
+
+    Returns:
+        ``{"spearman": rho, "kendall": tau_b}`` (NaN when fewer than 2 candidates or
+        a constant input).
+    """
+    e, a = np.asarray(exact, dtype=np.float64), np.asarray(approx, dtype=np.float64)
+    if e.shape != a.shape or e.ndim != 1:
+        raise BaseMismatchError(f"exact and approx must be equal-length lists, got {e.shape} and {a.shape}.")
+    if e.size < 2 or np.ptp(e) == 0 or np.ptp(a) == 0:
+        return {"spearman": float("nan"), "kendall": float("nan")}
+    return {"spearman": float(stats.spearmanr(e, a).statistic), "kendall": float(stats.kendalltau(e, a).statistic)}

@@ -1,0 +1,13 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    from train.backbones import create_backbone
+
+    return create_backbone("tiny", seed=0)

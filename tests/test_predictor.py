@@ -1,0 +1,141 @@
+"""Source ranking and λ2 choice on synthetic pair tables with a known best source."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diag.predictor import (PredictorWarning, evaluate_loto, fit_predictor, fit_source_model,
+                            quadratic_lambda_max, quadratic_loss_increase, rank_sources, recommend_lambda2,
+                            tier_features)
+from train.errors import DataError, UnknownNameError
+
+
+def synthetic_pairs(n_dom=8, noise=0.01, seed=0):
+    """ermse = 1.5 - 0.8 cos_ft + 0.3 q_source + target offset + small noise; cos_ft symmetric."""
+    rng = np.random.default_rng(seed)
+    doms = [f"d{i}" for i in range(n_dom)]
+    cos = rng.uniform(0.0, 0.6, (n_dom, n_dom))
+    cos = (cos + cos.T) / 2
+    q = rng.uniform(0, 1, n_dom)            # source quality, e.g. its in-domain E-RMSE
+    offset = rng.normal(0, 0.2, n_dom)      # target difficulty (same for all its sources)
+    acc_ft = rng.uniform(0.7, 0.95, n_dom)
+    ermse_ft = 1.5 + offset
+    rows = []
+    for s in range(n_dom):
+        for t in range(n_dom):
+            if s == t:
+                continue
+            ermse = 1.5 - 0.8 * cos[s, t] + 0.3 * q[s] + offset[t] + rng.normal(0, noise)
+            rows.append({"source": doms[s], "target": doms[t], "cos_ft": cos[s, t], "ermse_star_source": q[s],
+                         "norm_ft_target": 1 + rng.uniform(), "ermse": ermse, "ermse_ft_target": ermse_ft[t],
+                         "accuracy": acc_ft[t] * (1 - 0.05 * q[s]), "accuracy_ft_target": acc_ft[t],
+                         "cos_star": cos[s, t] + rng.normal(0, 0.05), "risk_card": np.nan})
+    return pd.DataFrame(rows)
+
+
+def test_tier_features_and_oracle_refusal():
+    df = synthetic_pairs()
+    df["cos_ft.block.3"] = df["cos_ft"]
+    df["risk_diag"] = 1.0
+    assert tier_features(df, 0) == ["cos_ft", "norm_ft_target", "ermse_star_source", "cos_ft.block.3"]
+    assert tier_features(df, 1)[-1] == "risk_diag"      # risk_card is all NaN: skipped
+    assert "cos_star" not in tier_features(df, 2)
+    with pytest.raises(UnknownNameError):
+        tier_features(df, 3)
+    with pytest.raises(DataError, match="target explanation labels"):
+        fit_predictor(df, ["cos_ft", "cos_star"])
+    with pytest.raises(DataError, match="lacks feature"):
+        fit_predictor(df, ["cos_ft", "nope"])
+    with pytest.raises(UnknownNameError):
+        fit_predictor(df, ["cos_ft"], model="svm")
+    oracle = fit_predictor(df, ["cos_star"], allow_oracle=True)
+    assert oracle.n_train == len(df)
+
+
+def test_fit_predictor_recovers_linear_law():
+    df = synthetic_pairs(noise=0.001)
+    p = fit_predictor(df, ["cos_ft", "ermse_star_source"], target="ermse", model="ridge")
+    assert p.train_rmse < 0.25      # the target offsets are not in the features
+    pred = p.predict(df)
+    within = df.assign(pred=pred).groupby("target")[["pred", "ermse"]].corr(method="spearman").xs("pred", level=1)
+    assert within["ermse"].min() > 0.95
+    model = fit_source_model(df, ["cos_ft", "ermse_star_source"])
+    out = model.predict(df)
+    np.testing.assert_allclose(out["predicted_acc_drop"], -out["predicted_acc_change"])
+    # accuracy change is -0.05 q_source exactly: the ridge recovers it
+    np.testing.assert_allclose(out["predicted_acc_change"], -0.05 * df["ermse_star_source"], atol=2e-3)
+    ranked = rank_sources(df[df.target == "d0"], model)
+    assert list(ranked["rank"]) == list(range(1, 8))
+    assert ranked["predicted_ermse_norm"].is_monotonic_increasing
+
+
+def test_loto_picks_known_best_source():
+    df = synthetic_pairs(noise=0.01)
+    seen = []
+
+    def spy(train):
+        seen.append(set(train["source"]) | set(train["target"]))
+        return fit_predictor(train, ["cos_ft", "ermse_star_source"], target="ermse")
+
+    preds = {"ridge": "ridge", "gbr": "gbr", "proxy": {"model": "proxy", "features": ["cos_ft"]}, "spy": spy}
+    res = {e.name: e for e in evaluate_loto(df, ["cos_ft", "ermse_star_source"], predictors=preds, n_boot=300)}
+    assert list(res) == ["ridge", "gbr", "proxy", "spy", "random"]
+    ridge = res["ridge"]
+    assert ridge.n_targets == 8 and len(ridge.per_target) == 8
+    assert ridge.mean_spearman > 0.9 and ridge.ci95[0] > 0.8
+    assert ridge.mean_top1_regret < 0.02
+    assert ridge.random_top1_regret > 0.1
+    # pooled over targets the unpredictable target offsets dilute r; within a target the ranking is near perfect
+    assert 0.2 < ridge.pooled_r < 0.9 and ridge.pooled_ci95[0] < ridge.pooled_r < ridge.pooled_ci95[1]
+    assert (ridge.per_target["chosen_source"] == ridge.per_target["best_source"]).mean() >= 0.75
+    assert res["gbr"].mean_spearman > 0.5
+    # the single proxy ignores source quality: positive but weaker ranking, more regret
+    assert 0 < res["proxy"].mean_spearman < ridge.mean_spearman
+    assert res["proxy"].mean_top1_regret > ridge.mean_top1_regret
+    rnd = res["random"]
+    assert abs(rnd.mean_spearman) < 0.1 and rnd.mean_top1_regret == pytest.approx(rnd.random_top1_regret)
+    # leakage rule: the held-out target never appears in its training pairs, as target or source
+    doms = sorted(df["target"].unique())
+    assert len(seen) == 8 and all(d not in s for d, s in zip(doms, seen))
+    d = ridge.to_dict()
+    assert {"name", "mean_spearman", "ci95", "mean_top1_regret", "random_top1_regret"} <= set(d)
+
+
+def test_loto_constant_predictions_warn_and_few_targets_raise():
+    df = synthetic_pairs(n_dom=4)
+    df["flat"] = 1.0
+    with pytest.warns(PredictorWarning, match="constant predictions"):
+        res = evaluate_loto(df, ["cos_ft"], predictors={"flat": {"model": "proxy", "features": ["flat"]}}, n_boot=50)
+    assert res[0].n_degenerate == 4 and math.isnan(res[0].mean_spearman)
+    with pytest.raises(DataError, match="at least 3 targets"):
+        evaluate_loto(synthetic_pairs(n_dom=2), ["cos_ft"], n_boot=10)
+
+
+def test_recommend_lambda2_on_grid():
+    lam = np.round(np.arange(0.4, 1.21, 0.1), 1)
+    acc_norm = np.array([1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.90, 0.85])
+    grid = pd.DataFrame({"lambda2": lam, "acc_norm": acc_norm})
+    assert recommend_lambda2(grid, 0.05) == pytest.approx(0.9)
+    assert recommend_lambda2(grid, 0.02) == pytest.approx(0.6)
+    # two seeds per λ2 are averaged; absolute accuracies are normalised by θ_ftᵀ
+    seeds = pd.DataFrame({"lambda2": np.repeat(lam, 2), "accuracy": 0.8 * np.repeat(acc_norm, 2) + np.tile([0.01, -0.01], 9),
+                          "accuracy_ft_target": 0.8})
+    assert recommend_lambda2(seeds, 0.05) == pytest.approx(0.9)
+    # an explicit predicted drop column wins
+    pred = pd.DataFrame({"lambda2": lam, "predicted_acc_drop": np.linspace(0.0, 0.08, 9)})
+    assert recommend_lambda2(pred, 0.03) == pytest.approx(0.7)
+    with pytest.warns(PredictorWarning):
+        assert recommend_lambda2(grid.assign(acc_norm=0.5), 0.05) == 0.0
+    with pytest.raises(DataError):
+        recommend_lambda2(grid.drop(columns="lambda2"))
+
+
+def test_quadratic_lambda_max():
+    assert quadratic_lambda_max(2.0, 0.01) == pytest.approx(0.1)
+    lam = quadratic_lambda_max(3.7, 0.2)
+    assert quadratic_loss_increase(3.7, lam) == pytest.approx(0.2)
+    assert quadratic_lambda_max(-1.0, 0.1) == math.inf
+    with pytest.raises(DataError):
+        quadratic_lambda_max(1.0, -0.1)
