@@ -77,13 +77,15 @@ def figure6(df: pd.DataFrame, path: str | Path, reports: Sequence | None = None)
     fig, axes = _new_figure(3)
     for ax, (x, y, paper_r), letter in zip(axes, APPENDIX_C, "abc"):
         pairs = complete_pairs(df, x, y)
+        if len(pairs) < 3:
+            ax.set_title(f"({letter}) n={len(pairs)}: too few pairs")
+        else:
+            sns.regplot(data=pairs, x=x, y=y, ax=ax, ci=None, scatter_kws={"s": 18, "color": "tab:blue"},
+                        line_kws={"color": "purple", "lw": 1.5})
         ax.set_xlabel(LABELS.get(x, x))
         ax.set_ylabel(LABELS.get(y, y))
         if len(pairs) < 3:
-            ax.set_title(f"({letter}) n={len(pairs)}: too few pairs")
             continue
-        sns.regplot(data=pairs, x=x, y=y, ax=ax, ci=None, scatter_kws={"s": 18, "color": "tab:blue"},
-                    line_kws={"color": "purple", "lw": 1.5})
         rep = by_xy.get((x, y))
         if rep is not None:
             title = (f"({letter}) r={rep.pearson_r:+.2f} (p={rep.pearson_p:.1g}), n={rep.n_pairs}\n"
@@ -119,9 +121,9 @@ def figure2(df: pd.DataFrame, path: str | Path, variant_col: str = "variant") ->
     if len(main):
         sns.scatterplot(data=main, x="ermse_norm", y="acc_norm", hue="source", style="target", s=50, ax=ax)
     controls = controls.dropna(subset=["acc_norm", "ermse_norm"])
-    if len(controls):
-        sns.scatterplot(data=controls, x="ermse_norm", y="acc_norm", style=variant_col, color="0.55", s=35,
-                        alpha=0.8, ax=ax, legend="brief")
+    for (variant, rows), marker in zip(controls.groupby(variant_col), ("v", "^", "<", ">", "D", "P", "*")):
+        ax.scatter(rows["ermse_norm"], rows["acc_norm"], marker=marker, s=30, facecolors="none",
+                   edgecolors="0.45", label=f"control: {variant}")
     ax.axhline(1.0, color="red", ls=":", lw=1.2)
     ax.axvline(1.0, color="red", ls=":", lw=1.2, label=r"$\theta_{ft}^T$")
     for col, line in (("acc_norm_zeroshot", ax.axhline), ("ermse_norm_zeroshot", ax.axvline)):

@@ -24,7 +24,7 @@ import pandas as pd
 from scipy import special
 from scipy.stats import rankdata
 
-from train.errors import DataError
+from train.errors import DataError, unknown
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,6 @@ def spearman(x, y) -> CorrelationResult:
 
 def _check_method(method: str) -> None:
     if method not in _METHODS:
-        from train.errors import unknown
-
         raise unknown("correlation method", method, _METHODS)
 
 

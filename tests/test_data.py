@@ -15,9 +15,9 @@ def test_to_model_input_matches_formula():
     u = torch.randint(0, 256, (3, 5, 7, 3), generator=g, dtype=torch.uint8)
     x = to_model_input(u)
     assert x.dtype == torch.float32 and x.shape == (3, 3, 5, 7)
-    ref = (u.double().permute(0, 3, 1, 2) / 255 - torch.tensor(CLIP_MEAN, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
-        CLIP_STD, dtype=torch.float64
-    ).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    ref = (u.double().permute(0, 3, 1, 2) / 255 - mean) / std
     torch.testing.assert_close(x.double(), ref, rtol=0, atol=1e-6)
 
 

@@ -370,3 +370,23 @@ def test_split_validates_its_tensors():
         Split(torch.zeros(2, 4, 4, 1, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64))
     s = Split(torch.zeros(2, 4, 4, 1, dtype=torch.uint8), torch.tensor([1, 0]))
     assert len(s) == 2 and s.subset([1]).labels.tolist() == [0] and "n=2" in repr(s)
+
+
+def test_val_folder_counts_as_test_and_lone_train_is_split(tmp_path):
+    root = tmp_path / "tv"
+    for s, n in (("train", 3), ("val", 2)):
+        for c, folder in enumerate(["a", "b"]):
+            for i in range(n):
+                _png(root / s / folder / f"{i}.png", COLORS[c])
+    d = load_domain("imagefolder", data=root, image_size=4)
+    assert len(d.split("train")) == 6 and len(d.split("test")) == 4
+    lone = tmp_path / "lone"
+    _make_flat(lone / "train", ["a", "b"])
+    with pytest.warns(DataWarning, match="train/ without test/"):
+        d = load_domain("imagefolder", data=lone, image_size=4)
+    assert d.classnames == ("a", "b") and len(d.split("train")) == 8 and len(d.split("test")) == 2
+    extra = tmp_path / "extra"
+    _png(extra / "train" / "a" / "0.png", COLORS[0])
+    _png(extra / "test" / "z" / "0.png", COLORS[1])
+    with pytest.raises(DataError, match="has classes not in train/: z"):
+        load_domain("imagefolder", data=extra)

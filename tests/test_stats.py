@@ -130,6 +130,20 @@ def test_permutation_exact_enumeration():
     assert res.pvalue == pytest.approx(1 / 6)
 
 
+def test_permutation_separate_sources_and_targets():
+    rng = np.random.default_rng(0)
+    u, v = rng.normal(size=4), rng.normal(size=4)
+    rows = [{"source": f"s{i}", "target": f"t{j}", "x": u[i] + v[j] + 0.1 * rng.normal()}
+            for i in range(4) for j in range(4)]
+    df = pd.DataFrame(rows)
+    df["y"] = df["x"] + 0.05 * rng.normal(size=len(df))
+    res = permutation_pvalue(df, "x", "y", n_perm=1000)
+    assert res.scheme == "separate" and res.exact and res.n_perm == 24 * 24
+    assert res.pvalue == pytest.approx(1 / 576)          # only the identity relabelling matches
+    lo, hi = pair_bootstrap_ci(df, "x", "y", n_boot=200)
+    assert lo < pearson(df.x, df.y).statistic < hi and lo > 0.9
+
+
 def test_correlate_report_and_appendix_c():
     df = pair_table(n_dom=8, rho=0.6, seed=4).rename(columns={"x": "cos_star", "y": "ermse"})
     df["cos_ft"] = df["cos_star"] + 0.1

@@ -111,3 +111,14 @@ def test_failed_write_keeps_previous_file(tmp_path):
         save_tensors(path, {"w": "not a tensor"})  # type: ignore[dict-item]
     assert path.read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_valid_file_whose_header_length_starts_with_pickle_byte_loads(tmp_path):
+    # a safetensors header length whose low byte is 0x80 must not be mistaken for a pickle
+    path = tmp_path / "v.safetensors"
+    for pad in range(300):
+        TaskVector({"w": torch.ones(3)}, "b0", {"pad": "x" * pad}).save(path)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert TaskVector.load(path).tensors["w"].tolist() == [1.0, 1.0, 1.0]

@@ -194,7 +194,11 @@ def create_backbone(name: str, *, pretrained: str | None = None, checkpoint: str
         clip = build_clip(config)
         if checkpoint is not None:
             state = read_checkpoint(checkpoint)
-            missing, unexpected = clip.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = clip.load_state_dict(state, strict=False)
+            except RuntimeError as err:
+                first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)[:200]
+                raise ArtifactError(f"Checkpoint {checkpoint} does not match backbone '{name}': {first}") from err
             if missing or unexpected:
                 raise ArtifactError(
                     f"Checkpoint {checkpoint} does not match backbone '{name}': "

@@ -56,12 +56,23 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
 
 
 def _sniff(path: Path) -> None:
+    """Tell pickles and torch zip files apart from safetensors before parsing.
+
+    A safetensors file starts with a little-endian u64 header length n followed by a JSON
+    header starting with ``{``; anything else is refused without being interpreted.
+    """
+    size = path.stat().st_size
     with path.open("rb") as fh:
-        head = fh.read(8)
-    if head.startswith(_ZIP_MAGIC) or head[:1] in _PICKLE_MAGIC:
+        head = fh.read(9)
+    if len(head) == 9:
+        n = int.from_bytes(head[:8], "little")
+        if head[8:9] == b"{" and 8 + n <= size:
+            return
+    if head.startswith(_ZIP_MAGIC) or (head[:1] in _PICKLE_MAGIC and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise ArtifactError(f"{path} is a pickle/torch file, not safetensors; tvdiag never unpickles artifacts")
-    if len(head) < 8:
-        raise ArtifactError(f"{path} is truncated ({len(head)} bytes)")
+    if len(head) < 9 or (head[8:9] == b"{"):
+        raise ArtifactError(f"Corrupt or truncated safetensors file {path} ({size} bytes)")
+    raise ArtifactError(f"{path} is not a safetensors file")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -195,6 +195,9 @@ class HessianCard:
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
+                if meta.get("format") != CARD_FORMAT:
+                    raise ArtifactError(f"'{path}' is not a Hessian card (format {meta.get('format')!r}, "
+                                        f"expected {CARD_FORMAT!r}).")
                 keys = set(f.keys())
                 missing = {"eigvals", "eigvecs", "residual_diag"} - keys
                 if missing:
@@ -204,9 +207,6 @@ class HessianCard:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise ArtifactError(f"Hessian card '{path}' is not a readable safetensors file: {e}") from e
-        if meta.get("format") != CARD_FORMAT:
-            raise ArtifactError(f"'{path}' is not a Hessian card (format {meta.get('format')!r}, "
-                                f"expected {CARD_FORMAT!r}).")
         try:
             names = json.loads(meta["param_names"])
             shapes = json.loads(meta["param_shapes"])
@@ -253,6 +253,9 @@ def _topk_eigs(op: CurvatureOperator, k: int, method: str, seed: int, tol: float
             vecs = torch.as_tensor(np.asarray(res.eigvecs) if not isinstance(res.eigvecs, Tensor) else res.eigvecs)
             vals, vecs = vals.double().cpu(), vecs.double().cpu()
             order = torch.argsort(vals, descending=True)
+            residuals = getattr(res, "residuals", None)
+            if residuals is not None and len(residuals):
+                log.info("lanczos_topk: max eigen-residual %.3g", float(torch.as_tensor(residuals).max()))
             return vals[order], vecs[:, order], None, "lanczos"
     if method == "eigsh":
         from scipy.sparse.linalg import eigsh

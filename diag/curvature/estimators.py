@@ -97,11 +97,17 @@ def _split(A, split_probes: bool | None) -> tuple[int, int]:
     """(rank, world) over which probes are split.
 
     By default probes are split whenever torch.distributed is initialised, unless the
-    operator itself is data-parallel (``A.data_parallel`` true): then every rank must
-    call ``A @ v`` with the same ``v`` and probes are not split.
+    operator itself is data-parallel (``A.data_parallel`` true, or one of tvdiag's
+    model operators, whose products are all-reduced): then every rank must call
+    ``A @ v`` with the same ``v`` and probes are not split.
     """
     if split_probes is None:
-        split_probes = is_distributed() and not getattr(A, "data_parallel", False)
+        data_parallel = getattr(A, "data_parallel", None)
+        if data_parallel is None:  # tvdiag's model operators all-reduce every product
+            from diag.curvature.operators import _ModelOperator
+
+            data_parallel = isinstance(A, _ModelOperator)
+        split_probes = is_distributed() and not data_parallel
     return rank_and_world() if split_probes else (0, 1)
 
 

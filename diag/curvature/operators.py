@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -443,40 +442,45 @@ class HessianOperator(_ModelOperator):
         self.engine = self._choose_engine() if engine == "auto" else engine
 
     # -- engines --------------------------------------------------------------
-    def _hvp_fwd_rev(self, x: Tensor, y: Tensor, v: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _hvp_fwd_rev(self, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         grad_fn = torch.func.grad(lambda th: self._loss_sum(th, x, y))
-        _, hv = torch.func.jvp(grad_fn, (self._theta,), (v,))
-        return hv
+        return [torch.func.jvp(grad_fn, (self._theta,), (v,))[1] for v in vs]
 
-    def _hvp_double_backward(self, x: Tensor, y: Tensor, v: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _hvp_double_backward(self, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        # one forward and first backward per batch, then one second backward per vector
         names = self.param_names
+        outs = [{n: torch.zeros_like(self._theta[n]) for n in names} for _ in vs]
         with torch.enable_grad():
             th = {n: self._theta[n].detach().requires_grad_(True) for n in names}
             loss = self._loss_sum(th, x, y)
             grads = torch.autograd.grad(loss, [th[n] for n in names], create_graph=True, allow_unused=True)
             keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-            out = {n: torch.zeros_like(self._theta[n]) for n in names}
-            if keep:
+            if not keep:  # the gradient does not depend on the parameters: H = 0
+                return outs
+            for j, v in enumerate(vs):
                 hv = torch.autograd.grad([grads[i] for i in keep], [th[n] for n in names],
-                                         grad_outputs=[v[names[i]] for i in keep], allow_unused=True)
+                                         grad_outputs=[v[names[i]] for i in keep], allow_unused=True,
+                                         retain_graph=j < len(vs) - 1)
                 for n, h in zip(names, hv):
                     if h is not None:
-                        out[n] = h.detach()
-        return out
+                        outs[j][n] = h.detach()
+        return outs
 
-    def _hvp_batch(self, engine: str, x: Tensor, y: Tensor, v: dict[str, Tensor]) -> Tensor:
+    def _hvp_batch(self, engine: str, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]]) -> Tensor:
+        """``(D, len(vs))`` block of sum-loss HVPs on one batch."""
         fn = self._hvp_fwd_rev if engine == "fwd-rev" else self._hvp_double_backward
-        return self.flatten(fn(x, y, v))
+        return torch.stack([self.flatten(h) for h in fn(x, y, vs)], dim=1)
 
     def _choose_engine(self) -> str:
-        first = None
+        last_error: Exception | None = None
         with self._context():
             first = self._first_batch()
             if first is None:
                 return "fwd-rev"
             x, y = first
             gen = torch.Generator(device="cpu").manual_seed(0)
-            v = self.unflatten(torch.randn(self.shape[0], generator=gen, dtype=torch.float64).to(self.dtype).to(self.device))
+            v = [self.unflatten(torch.randn(self.shape[0], generator=gen, dtype=torch.float64).to(self.dtype)
+                                .to(self.device))]
             for engine in ENGINES:
                 try:
                     self._hvp_batch(engine, x, y, v)  # warm-up
@@ -490,17 +494,24 @@ class HessianOperator(_ModelOperator):
                     self.engine_timings[engine] = min(times)
                 except (RuntimeError, NotImplementedError) as e:  # an op without forward AD / double backward
                     self.engine_errors[engine] = f"{type(e).__name__}: {e}"
+                    last_error = e
                     log.info("HVP engine %s failed on this model: %s", engine, e)
-        if not self.engine_timings:
-            raise TvdiagError(f"No HVP engine works on this model: {self.engine_errors}")
+        if not self.engine_timings:  # the model itself fails: show its own error
+            raise last_error
         best = min(self.engine_timings, key=self.engine_timings.get)
         log.info("HVP engine timings %s -> %s", self.engine_timings, best)
         return best
 
     # -- products -------------------------------------------------------------
     def _matvec(self, v: Tensor) -> Tensor:
-        vd = self.unflatten(v)
-        return self._reduce(lambda x, y: self._hvp_batch(self.engine, x, y, vd), v)
+        return self._matmat(v.unsqueeze(1)).squeeze(1)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        # one pass over the data for the whole block (double backward also reuses the graph)
+        if V.shape[1] == 0:
+            return V.clone()
+        vs = [self.unflatten(V[:, j].contiguous()) for j in range(V.shape[1])]
+        return self._reduce(lambda x, y: self._hvp_batch(self.engine, x, y, vs), V)
 
     # Forward-over-forward (nested torch.func.jvp) would give v^T H v without an HVP,
     # but torch 2.14's nested forward AD of layer_norm is wrong (pytorch#196700; on a
@@ -515,18 +526,25 @@ class GGNOperator(_ModelOperator):
     ``torch.func.vjp``. ``G`` is positive semi-definite.
     """
 
-    def _ggn_batch(self, x: Tensor, y: Tensor, v: dict[str, Tensor]) -> Tensor:
+    def _ggn_batch(self, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]]) -> Tensor:
         f = lambda th: self._logits(th, x)  # noqa: E731
-        z, jv = torch.func.jvp(f, (self._theta,), (v,))
-        p = torch.softmax(z, dim=-1)
-        hjv = p * jv - p * (p * jv).sum(-1, keepdim=True)
-        _, vjp_fn = torch.func.vjp(f, self._theta)
-        (out,) = vjp_fn(hjv)
-        return self.flatten(out)
+        z, vjp_fn = torch.func.vjp(f, self._theta)
+        p = torch.softmax(z.detach(), dim=-1)
+        cols = []
+        for v in vs:
+            jv = torch.func.jvp(f, (self._theta,), (v,))[1]
+            hjv = p * jv - p * (p * jv).sum(-1, keepdim=True)
+            cols.append(self.flatten(vjp_fn(hjv)[0]))
+        return torch.stack(cols, dim=1)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        vd = self.unflatten(v)
-        return self._reduce(lambda x, y: self._ggn_batch(x, y, vd), v)
+        return self._matmat(v.unsqueeze(1)).squeeze(1)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        if V.shape[1] == 0:
+            return V.clone()
+        vs = [self.unflatten(V[:, j].contiguous()) for j in range(V.shape[1])]
+        return self._reduce(lambda x, y: self._ggn_batch(x, y, vs), V)
 
     def diagonal(self, chunk_size: int | None = None) -> Tensor:
         """Exact ``diag(G)``, using that ``diag(p) - p p^T = S S^T`` with
@@ -578,16 +596,23 @@ class EmpiricalFisherOperator(_ModelOperator):
             raise DataError(f"Labels out of range [0, {C}): min {int(y.min())}, max {int(y.max())}.")
         return F.cross_entropy(logits, y, reduction="none")
 
-    def _fisher_batch(self, x: Tensor, y: Tensor, v: dict[str, Tensor]) -> Tensor:
+    def _fisher_batch(self, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]]) -> Tensor:
         f = lambda th: self._per_sample_losses(th, x, y)  # noqa: E731
-        _, gv = torch.func.jvp(f, (self._theta,), (v,))
         _, vjp_fn = torch.func.vjp(f, self._theta)
-        (out,) = vjp_fn(gv)
-        return self.flatten(out)
+        cols = []
+        for v in vs:
+            gv = torch.func.jvp(f, (self._theta,), (v,))[1]
+            cols.append(self.flatten(vjp_fn(gv)[0]))
+        return torch.stack(cols, dim=1)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        vd = self.unflatten(v)
-        return self._reduce(lambda x, y: self._fisher_batch(x, y, vd), v)
+        return self._matmat(v.unsqueeze(1)).squeeze(1)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        if V.shape[1] == 0:
+            return V.clone()
+        vs = [self.unflatten(V[:, j].contiguous()) for j in range(V.shape[1])]
+        return self._reduce(lambda x, y: self._fisher_batch(x, y, vs), V)
 
     def per_sample_gradients(self, x: Tensor, y: Tensor, chunk_size: int | None = None) -> Tensor:
         """``(B, D)`` per-sample gradients ``g_i`` on one batch (``vmap`` of ``grad``)."""

@@ -7,6 +7,7 @@ only, arrays on request) for pandas or ``--json``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=256)
 def t_quantile(level: float, dof: int) -> float:
     """Two-sided Student-t quantile ``t_{(1+level)/2, dof}`` (normal for ``dof <= 0`` or huge)."""
     from scipy import stats

@@ -93,13 +93,15 @@ def gradcam_patches(model: nn.Module, images: Tensor, targets: Tensor,
         raise TvdiagError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
     targets = torch.as_tensor(targets, dtype=torch.long)
     if targets.shape != (images.shape[0],):
-        raise TvdiagError(f"targets must have shape ({images.shape[0]},), got {tuple(targets.shape)}")
+        raise TvdiagError(f"targets must have shape ({images.shape[0]},), "
+                          f"got {tuple(targets.shape)}")
     vit = find_vision_transformer(model)
     if target_layer is None:
         target_layer = default_target_layer(model)
     if grid is None:
         if vit is None:
-            raise TvdiagError("grid is required when the model holds no open_clip VisionTransformer")
+            raise TvdiagError("grid is required when the model holds no open_clip "
+                              "VisionTransformer")
         grid = tuple(vit.grid_size)
     batch_first = getattr(getattr(vit, "transformer", None), "batch_first", True)
     h, w = images.shape[-2:]

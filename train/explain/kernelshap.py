@@ -21,18 +21,21 @@ with ``Q`` an orthonormal basis of ``1^⊥`` and solving the reduced normal equa
 ``(Qᵀ Â Q) beta = Qᵀ (b̂ - Â 1 (v(N) - v(∅))/M)`` with one batched ``torch.linalg.eigh``
 (minimum-norm solution, with a warning, if the sample leaves it rank-deficient — paired
 draws add rank one each on ``1^⊥``, so at least ``M - 1`` distinct pairs are needed).
-Efficiency holds exactly, and if ``v`` is additive (``v(S) = v(∅) + z_S^T w``) then ``b̂ = Â w`` and
-``phi = w`` exactly for any sample with a nonsingular system. Paired sampling adds the
-complement of every drawn coalition (same kernel mass), which cancels the even part of
-the error (Covert & Lee 2021).
+Efficiency holds exactly, and if ``v`` is additive (``v(S) = v(∅) + z_S^T w``) then
+``b̂ = Â w`` and ``phi = w`` exactly for any sample with a nonsingular system. Paired
+sampling adds the complement of every drawn coalition (same kernel mass), which cancels
+the even part of the error (Covert & Lee 2021).
 
 The standard error is the sandwich (delta-method) estimate of Covert & Lee: with
-``P = Q (Qᵀ Â Q)^+ Qᵀ`` (``d phi / d b̂``, the top-left block of the KKT inverse) and residuals
-``r_S = v(S) - v(∅) - z_S^T phi``, ``Cov(phi) ≈ P Cov(z_S r_S) P^T / (n_units - M + 1)`` where
-a unit is a coalition or, with pairing, the mean over a coalition and its complement, and
-``n_units - M + 1`` (instead of ``n_units``) is an HC1-style correction for the ``M - 1``
-free parameters. It is asymptotic: at 128 coalitions for M = 16 it still underestimates
-the spread over seeds by roughly 10-20 % on strongly nonlinear games.
+``P = Q (Qᵀ Â Q)^+ Qᵀ`` (``d phi / d b̂``, the top-left block of the KKT inverse) and
+residuals ``r_S = v(S) - v(∅) - z_S^T phi``,
+
+    Cov(phi) ≈ P Cov(z_S r_S) P^T / (n_units - M + 1),
+
+where a unit is a coalition or, with pairing, the mean over a coalition and its
+complement, and ``n_units - M + 1`` (instead of ``n_units``) is an HC1-style correction
+for the ``M - 1`` free parameters. It is asymptotic: at 128 coalitions for M = 16 it still
+underestimates the spread over seeds by roughly 10-20 % on strongly nonlinear games.
 """
 
 from __future__ import annotations

@@ -1,0 +1,250 @@
+"""``diag hessian``, ``diag spectrum``, ``diag risk`` and ``diag bench``."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+from diag.context import add_common, context_from
+
+
+def _curvature_options(p) -> None:
+    p.add_argument("--n-images", type=int, default=256, help="target images the Hessian averages over")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--params", nargs="*", default=None, help="parameter name globs, e.g. 'visual.transformer.resblocks.3.*'")
+    p.add_argument("--engine", default="auto", choices=("auto", "fwd-rev", "double-backward"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alpha", type=float, default=0.8)
+
+
+def register(sub) -> None:
+    h = sub.add_parser("hessian", help="trace / diagonal / Hessian card of L_cls at a domain's θ_ft")
+    add_common(h)
+    h.add_argument("--domain", required=True)
+    h.add_argument("--what", choices=("trace", "diag", "card"), default="trace")
+    h.add_argument("--probes", type=int, default=None, help="fixed number of Hutchinson probes")
+    h.add_argument("--rel-stderr", type=float, default=None, help="stop once the relative standard error is below this")
+    h.add_argument("--max-probes", type=int, default=200)
+    h.add_argument("--k", type=int, default=8, help="eigenpairs on the card")
+    h.add_argument("--resume", action="store_true", help="checkpoint running sums and resume a killed run")
+    h.add_argument("--backend", choices=("ours", "pyhessian"), default="ours",
+                   help="pyhessian: also run PyHessian's trace/top eigenvalue on the first batch, side by side")
+    _curvature_options(h)
+    h.set_defaults(func=run_hessian)
+
+    s = sub.add_parser("spectrum", help="top-k Hessian eigenpairs (Lanczos) and the spectral density (SLQ)")
+    add_common(s)
+    s.add_argument("--domain", required=True)
+    s.add_argument("--k", type=int, default=5)
+    s.add_argument("--probes", type=int, default=4, help="SLQ probes")
+    s.add_argument("--iters", type=int, default=30, help="Lanczos steps per SLQ probe")
+    s.add_argument("--out", default=None, help="PNG of the density (default: store curvature folder)")
+    _curvature_options(s)
+    s.set_defaults(func=run_spectrum)
+
+    r = sub.add_parser("risk", help="R(τ*ˢ; Hᵀ) exact, diagonal and card side by side, with the quadratic check")
+    add_common(r)
+    r.add_argument("--source", required=True)
+    r.add_argument("--target", required=True)
+    r.add_argument("--probes", type=int, default=24, help="Hutchinson probes of diag(Hᵀ)")
+    r.add_argument("--k", type=int, default=8)
+    r.add_argument("--lambda2", type=float, default=0.7)
+    r.add_argument("--check", nargs="*", type=float, default=[0.25, 0.5, 0.7, 1.0],
+                   help="t values of the quadratic-model check L(θ+tτ)−L(θ) vs t·gᵀτ + ½t²R")
+    _curvature_options(r)
+    r.set_defaults(func=run_risk)
+
+    b = sub.add_parser("bench", help="benchmarks: `diag bench curvature`")
+    b.add_argument("what", choices=("curvature",))
+    b.add_argument("--quick", action="store_true", help="small models and batches, < 1 minute on 2 cores")
+    b.add_argument("--repeats", type=int, default=None)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=run_bench)
+
+
+def _diagnostics(args, ctx, domains, explain):
+    from diag.diagnostics import CurvatureSettings, Diagnostics
+    from train.losses import check_alpha
+
+    check_alpha(args.alpha)
+    store = ctx.ensure(domains, (args.alpha,), explain=explain)
+    settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, seed=args.seed,
+                                 engine=args.engine, params=tuple(args.params) if args.params else None,
+                                 probes=getattr(args, "probes", None) or 24, k=getattr(args, "k", 8))
+    return Diagnostics(store, args.alpha, settings, data=ctx.data, progress=ctx.progress)
+
+
+def run_hessian(args) -> int:
+    from diag.curvature.estimators import hutchinson_diagonal, hutchinson_trace, hutchpp_trace
+    from train.errors import TvdiagError
+
+    ctx = context_from(args, default_domain=args.domain)
+    domain = ctx.check_domain(args.domain)
+    if args.probes is None and args.rel_stderr is None:
+        args.probes = 32
+    if args.probes is not None and args.probes < 2:
+        raise TvdiagError(f"--probes must be at least 2, got {args.probes}")
+    diag = _diagnostics(args, ctx, [domain], explain=args.what == "card")
+    out: dict = {"domain": domain, "what": args.what, "point": "θ_ft", "n_images": args.n_images}
+    if args.what == "card":
+        curv = diag.curvature(domain)
+        out["card"] = curv.card.to_dict()
+        out["path"] = str(diag.card_path(domain))
+    else:
+        op = diag.operator(domain)
+        out["dim"] = op.shape[0]
+        out["engine"] = op.engine
+        ckpt = None
+        if args.resume:
+            ckpt = diag.store.curvature_dir(domain) / f"{args.what}-seed{args.seed}.ckpt.safetensors"
+        kwargs = dict(num_matvecs=args.probes, rel_stderr=args.rel_stderr, max_matvecs=args.max_probes,
+                      seed=args.seed, checkpoint=ckpt, progress=ctx.progress)
+        if args.what == "trace":
+            est = hutchinson_trace(op, **kwargs)
+            out["trace"] = est.to_dict()
+            out["hutchpp"] = hutchpp_trace(op, num_matvecs=max(12, 3 * ((args.probes or 24) // 3)), seed=args.seed).to_dict()
+        else:
+            est = hutchinson_diagonal(op, **kwargs)
+            from train.tensorio import save_tensors
+
+            path = diag.store.curvature_dir(domain) / f"diag-hutchinson-{est.n_probes}.safetensors"
+            save_tensors(path, {"diag": est.mean, "stderr": est.stderr},
+                         {"domain": domain, "probes": est.n_probes, "seed": args.seed, "total": est.total,
+                          "total_stderr": est.total_stderr, "base_hash": diag.base_hash})
+            out["diag"] = est.to_dict()
+            out["path"] = str(path)
+            per_tensor = {}
+            for name, (a, b) in op.layout.offsets.items() if hasattr(op, "layout") else []:
+                per_tensor[name] = float(est.mean[a:b].sum())
+            out["per_tensor_top"] = dict(sorted(per_tensor.items(), key=lambda kv: -abs(kv[1]))[:8])
+        if args.backend == "pyhessian":
+            from diag.curvature.backends import pyhessian_trace_and_top_eig
+
+            x, y = op.data[0]
+            model = diag.store.model(domain, diag.vector(domain, "ft").apply_to(diag.base, base_hash=diag.base_hash),
+                                     backbone=diag.backbone)
+            ph = pyhessian_trace_and_top_eig(model, x, y, params=list(args.params) if args.params else None,
+                                             seed=args.seed)
+            ours_b = hutchinson_trace(type(op)(model, [(x, y)], params=list(args.params) if args.params else None,
+                                               engine=op.engine), num_matvecs=args.probes or 32, seed=args.seed)
+            out["pyhessian_first_batch"] = ph.to_dict()
+            out["ours_first_batch"] = ours_b.to_dict()
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+        return 0
+    print(f"Hessian of L_cls at θ_ft of '{domain}' on {args.n_images} train images")
+    if "trace" in out:
+        t = out["trace"]
+        lo, hi = t.get("ci95", (math.nan, math.nan))
+        print(f"  trace (Hutchinson, {t['n_matvecs']} probes): {t['value']:.6g} ± {t['stderr']:.2g}  95% CI [{lo:.6g}, {hi:.6g}]")
+        h = out["hutchpp"]
+        print(f"  trace (Hutch++, {h['n_matvecs']} products):  {h['value']:.6g} ± {h['stderr']:.2g}")
+    if "diag" in out:
+        d = out["diag"]
+        print(f"  diagonal (Hutchinson, {d['n_matvecs']} probes): total {d['total']:.6g} ± {d['total_stderr']:.2g}; saved {out['path']}")
+        for name, val in out["per_tensor_top"].items():
+            print(f"    {name:60s} {val: .4g}")
+    if "card" in out:
+        c = out["card"]
+        print(f"  Hessian card k={c.get('k')} saved to {out['path']}")
+        print(f"  top eigenvalues: {', '.join(f'{v:.4g}' for v in c.get('eigvals', []))}")
+        if c.get("trace") is not None:
+            print(f"  trace {c['trace']:.6g} ± {c.get('trace_stderr') or 0:.2g}")
+    if "pyhessian_first_batch" in out:
+        ph, ours = out["pyhessian_first_batch"], out["ours_first_batch"]
+        print(f"  first batch: PyHessian trace {ph.get('trace')} ({ph.get('trace_probes')} probes, stops on change < 1e-3), "
+              f"top eig {ph.get('eigvals')}; ours {ours['value']:.6g} ± {ours['stderr']:.2g} ({ours['n_matvecs']} probes)")
+    return 0
+
+
+def run_spectrum(args) -> int:
+    from diag.curvature.lanczos import lanczos_topk, slq_density
+
+    ctx = context_from(args, default_domain=args.domain)
+    domain = ctx.check_domain(args.domain)
+    diag = _diagnostics(args, ctx, [domain], explain=False)
+    op = diag.operator(domain)
+    eig = lanczos_topk(op, args.k, seed=args.seed)
+    dens = slq_density(op, num_probes=args.probes, num_iters=args.iters, seed=args.seed)
+    out_png = args.out or str(diag.store.curvature_dir(domain) / "spectrum.png")
+    _plot_density(dens, eig, out_png, domain)
+    result = {"domain": domain, "top": eig.to_dict(), "density": dens.to_dict(), "figure": out_png}
+    if args.json:
+        print(json.dumps(result, indent=2, default=float))
+        return 0
+    print(f"Top-{args.k} Hessian eigenvalues at θ_ft of '{domain}' (Lanczos, {eig.n_matvecs} products):")
+    for i, (val, res) in enumerate(zip(eig.eigvals.tolist(), eig.residuals.tolist())):
+        print(f"  λ{i + 1} = {val:.6g}   residual ‖Hv − λv‖ = {res:.2g}")
+    tr = dens.trace()
+    print(f"SLQ density ({dens.n_probes} probes × {args.iters} steps): trace {tr.value:.6g} ± {tr.stderr:.2g}; "
+          f"figure {out_png}")
+    return 0
+
+
+def _plot_density(dens, eig, path, domain) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(dens.grid.numpy(), dens.density.numpy(), label="SLQ density")
+    if dens.stderr is not None:
+        lo, hi = (dens.density - 1.96 * dens.stderr).numpy(), (dens.density + 1.96 * dens.stderr).numpy()
+        ax.fill_between(dens.grid.numpy(), lo, hi, alpha=0.3, label="95% CI (probes)")
+    for v in eig.eigvals.tolist():
+        ax.axvline(v, color="C3", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title(f"Hessian spectrum at θ_ft ({domain}); dashed: Lanczos top-k")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_risk(args) -> int:
+    from diag.curvature.risk import eigen_contributions, quadratic_check
+
+    ctx = context_from(args, default_domain=args.target)
+    source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
+    diag = _diagnostics(args, ctx, [source, target], explain=True)
+    risks = diag.risks(source, target, exact=True)
+    curv = diag.curvature(target, need_operator=True)
+    tau = curv.card.layout.flatten(diag.vector(source, "star").tensors, dtype=curv.operator.dtype)
+    contrib, remainder = eigen_contributions(curv.card.eigvals, curv.card.eigvecs, tau.double())
+    checks = quadratic_check(curv.operator.model, curv.operator.data, tau, ts=tuple(args.check),
+                             op=curv.operator) if args.check else []
+    lam = args.lambda2
+    out = {"source": source, "target": target, "alpha": args.alpha, "lambda2": lam, **risks,
+           "predicted_loss_increase": {k: 0.5 * lam ** 2 * v for k, v in risks.items()},
+           "eigen_contributions": contrib.tolist(), "eigvals": curv.card.eigvals.tolist(),
+           "quadratic_check": [c.to_dict() for c in checks]}
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+        return 0
+    print(f"R(τ*ˢ; Hᵀ) for {source} → {target} (Hᵀ at θ_ftᵀ, {args.n_images} target train images)")
+    for name in ("risk_exact", "risk_card", "risk_diag"):
+        print(f"  {name:11s} {risks[name]: .6g}   ½λ2²R at λ2={lam:g}: {0.5 * lam ** 2 * risks[name]: .4g}")
+    print("  eigen-contributions λ_i a_i² on the card's top eigenpairs:")
+    for i, (ev, c) in enumerate(zip(curv.card.eigvals.tolist(), contrib.tolist())):
+        print(f"    λ{i + 1}={ev:.4g}: {c:.4g}")
+    print(f"    ‖τ outside the top-k eigenvectors‖² = {remainder:.4g} (covered by the card's residual diagonal)")
+    if checks:
+        print("  quadratic model check  t: measured ΔL | t·gᵀτ + ½t²R | rel. error")
+        for c in checks:
+            d = c.to_dict()
+            print(f"    t={d['t']:<5g} {d['measured']: .5g} | {d['predicted']: .5g} | {d['rel_error']:.2f}"
+                  f"{'  (holds)' if d.get('holds') else ''}")
+    return 0
+
+
+def run_bench(args) -> int:
+    from diag.curvature.bench import bench_main
+
+    return bench_main(quick=args.quick, json_out=args.json, repeats=args.repeats)

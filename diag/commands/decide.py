@@ -1,0 +1,146 @@
+"""``diag rank-sources`` and ``diag screen``: decisions before deploying an explainability vector."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from diag.context import add_common, context_from
+from train.errors import TvdiagError
+
+
+def register(sub) -> None:
+    r = sub.add_parser("rank-sources", help="rank source explainability vectors for a target, by data-access tier")
+    add_common(r)
+    r.add_argument("--target", required=False)
+    r.add_argument("--tier", default="auto", choices=("auto", "0", "1", "2"),
+                   help="0: weights only; 1: + the target's Hessian card; 2: + labelled target images (auto: highest available)")
+    r.add_argument("--max-acc-drop", type=float, default=0.05, help="accuracy-drop budget relative to θ_ftᵀ")
+    r.add_argument("--alpha", type=float, default=0.8)
+    r.add_argument("--model", default="ridge", choices=("ridge", "gbr"))
+    r.add_argument("--evaluate", action="store_true", help="leave-one-target-out evaluation of the rankers")
+    r.add_argument("--n-boot", type=int, default=1000)
+    r.set_defaults(func=run_rank)
+
+    s = sub.add_parser("screen", help="go / caution / no-go verdict for adding τ*ˢ to a target model")
+    add_common(s)
+    s.add_argument("--source", required=True)
+    s.add_argument("--target", required=True)
+    s.add_argument("--lambda2", type=float, default=0.7)
+    s.add_argument("--max-acc-drop", type=float, default=0.05)
+    s.add_argument("--alpha", type=float, default=0.8)
+    s.set_defaults(func=run_screen)
+
+
+def _study_table(ctx, alpha: float):
+    """The all-pairs study of the suite at λ2 = 0.7 (run, or resumed, on demand)."""
+    from diag.study import at_lambda, run_study
+
+    domains = ctx.domains()
+    store = ctx.ensure(domains, (alpha,))
+    table = run_study(store, domains, alpha=alpha, progress=ctx.progress, data=ctx.data)
+    return store, at_lambda(table)
+
+
+def _budget(value: float) -> float:
+    if not (0.0 < value < 1.0):
+        raise TvdiagError(f"--max-acc-drop must be in (0, 1), got {value}")
+    return value
+
+
+def run_rank(args) -> int:
+    from diag.diagnostics import Diagnostics
+    from diag.ranking import evaluate_rankers, rank_for_target
+    from train.losses import check_alpha
+
+    ctx = context_from(args, default_domain=args.target)
+    check_alpha(args.alpha)
+    budget = _budget(args.max_acc_drop)
+    if args.evaluate:
+        _, table = _study_table(ctx, args.alpha)
+        rows = evaluate_rankers(table, n_boot=args.n_boot)
+        if args.json:
+            print(json.dumps({"n_pairs": int(len(table)), "predictors": rows}, indent=2, default=float))
+            return 0
+        print(f"Leave-one-target-out evaluation over {len(table)} pairs (E-RMSE of the chosen source; lower is better)")
+        print(f"{'predictor':28s} {'mean Spearman':>13s} {'95% CI':>18s} {'top-1 regret':>12s} {'random regret':>13s} {'pooled r':>9s}")
+        for r in rows:
+            ci = r["ci95"]
+            pooled = r.get("pooled_r")
+            print(f"{r['name']:28s} {r['mean_spearman']:13.3f} [{ci[0]:7.3f}, {ci[1]:7.3f}] "
+                  f"{r['mean_top1_regret']:12.4f} {r['random_top1_regret']:13.4f} "
+                  f"{pooled if pooled is not None else float('nan'):9.3f}")
+        print("Spearman between predicted and actual E-RMSE across sources, per target, averaged; CI by bootstrap over targets.")
+        return 0
+    if not args.target:
+        raise TvdiagError("--target is required (or use --evaluate)")
+    target = ctx.check_domain(args.target)
+    store, table = _study_table(ctx, args.alpha)
+    tier = 2 if args.tier == "auto" else int(args.tier)
+    sources = [d for d in ctx.domains() if d != target]
+    diag = Diagnostics(store, args.alpha, data=ctx.data, progress=ctx.progress)
+    ranking = rank_for_target(diag, table, target, sources, tier, budget, model=args.model)
+    print(json.dumps(ranking.to_dict(), indent=2, default=float) if args.json else ranking.table())
+    return 0
+
+
+def run_screen(args) -> int:
+    from diag.diagnostics import Diagnostics
+    from diag.ranking import rank_for_target
+    from train.losses import check_alpha
+    from train.vectors import check_scale
+
+    ctx = context_from(args, default_domain=args.target)
+    check_alpha(args.alpha)
+    lam = check_scale("lambda2", args.lambda2)
+    budget = _budget(args.max_acc_drop)
+    source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
+    if source == target:
+        raise TvdiagError(f"source and target are both '{source}'")
+    store, table = _study_table(ctx, args.alpha)
+    diag = Diagnostics(store, args.alpha, data=ctx.data, progress=ctx.progress)
+    ranking = rank_for_target(diag, table, target, [source], 2, budget)
+    row = ranking.rows.iloc[0]
+    verdict, reasons = screen_verdict(row, table, target, lam, budget)
+    out = {"source": source, "target": target, "lambda2": lam, "max_acc_drop": budget, "verdict": verdict,
+           "reasons": reasons, "recommended_lambda2": float(row["lambda2"]),
+           "risk_exact": float(row.get("risk_exact", math.nan)),
+           "predicted_loss_increase": 0.5 * lam ** 2 * float(row.get("risk_exact", math.nan)),
+           "predicted_ermse": float(row["predicted_ermse"]), "predicted_acc_drop": float(row["predicted_acc_drop"]),
+           "cos_ft": float(row["cos_ft"])}
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+    else:
+        print(f"screen {source} → {target} at λ2={lam:g}: {verdict.upper()}")
+        for reason in reasons:
+            print(f"  - {reason}")
+    return 1 if verdict == "no-go" else 0
+
+
+def screen_verdict(row, table, target: str, lam: float, budget: float) -> tuple[str, list[str]]:
+    """go / caution / no-go from the measured and predicted consequences of adding τ*ˢ."""
+    import numpy as np
+
+    reasons = []
+    known = table[(table["target"] != target) & (table["source"] != target)]
+    pct = float((known["cos_ft"] < row["cos_ft"]).mean() * 100) if len(known) else math.nan
+    reasons.append(f"cos(τ_ftˢ, τ_ftᵀ) = {row['cos_ft']:.3f}, percentile {pct:.0f} among {len(known)} known pairs")
+    risk = float(row.get("risk_exact", math.nan))
+    if math.isfinite(risk):
+        grid = ", ".join(f"λ2={l:g}: {0.5 * l * l * risk:.3g}" for l in (0.4, 0.7, 1.0, 1.2))
+        reasons.append(f"R(τ*ˢ; Hᵀ) = {risk:.4g}; quadratic-model loss increase ½λ2²R: {grid}")
+    measured = float(row.get("measured_acc_drop", math.nan))
+    drop = measured if math.isfinite(measured) else float(row["predicted_acc_drop"])
+    src = "measured on labelled target images" if math.isfinite(measured) else "predicted"
+    drop_at = drop * (lam / 0.7) ** 2 if not math.isfinite(measured) or abs(lam - 0.7) > 1e-9 else drop
+    reasons.append(f"accuracy drop at λ2={lam:g}: {drop_at:.1%} ({src}{', scaled quadratically from λ2=0.7' if abs(lam - 0.7) > 1e-9 else ''}); budget {budget:.0%}")
+    reasons.append(f"predicted E-RMSE {row['predicted_ermse']:.3f} (normalised by θ_ftᵀ: {row['predicted_ermse_norm']:.3f}; < 1 means better explanations)")
+    rec = float(row["lambda2"])
+    reasons.append(f"largest λ2 within the budget: {rec:g}" if rec > 0 else "no λ2 of the grid stays within the budget")
+    if rec <= 0 or drop_at > 2 * budget or row["predicted_ermse_norm"] >= 1.0:
+        verdict = "no-go"
+    elif drop_at > budget or rec + 1e-9 < lam or (math.isfinite(pct) and pct < 25):
+        verdict = "caution"
+    else:
+        verdict = "go"
+    return verdict, reasons

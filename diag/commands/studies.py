@@ -1,0 +1,249 @@
+"""``diag similarity``, ``diag study`` and ``diag correlate``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from diag.context import add_common, context_from
+from train.errors import DataError
+
+
+def register(sub) -> None:
+    s = sub.add_parser("similarity", help="cosine matrices of τ_ft and τ* across domains, with heatmaps")
+    add_common(s)
+    s.add_argument("--domains", nargs="*", default=None, help="default: the whole suite")
+    s.add_argument("--by", choices=("global", "block"), default="global", help="also per transformer block")
+    s.add_argument("--alpha", type=float, default=0.8)
+    s.add_argument("--out", type=Path, default=None, help="folder for the heatmaps (default: <store>/studies/similarity)")
+    s.set_defaults(func=run_similarity)
+
+    p = sub.add_parser("study", help="every ordered (source, target) pair: eq. 8, controls, diagnostics")
+    add_common(p)
+    p.add_argument("--domains", nargs="*", default=None, help="default: the whole suite")
+    p.add_argument("--lambda2", type=float, action="append", default=None, help="λ2 (repeatable; default 0.7)")
+    p.add_argument("--lambda-grid", action="store_true", help="also λ2 = 0.4 … 1.2 (Figure 3)")
+    p.add_argument("--lambda1", type=float, default=1.0)
+    p.add_argument("--alpha", type=float, default=0.8)
+    p.add_argument("--shard", default=None, metavar="I/N", help="only pairs with index %% N == I (default under torchrun: rank/world)")
+    p.add_argument("--no-curvature", action="store_true", help="skip the R columns (cosines and norms only)")
+    p.add_argument("--no-controls", action="store_true", help="skip the control columns")
+    p.add_argument("--fresh", action="store_true", help="recompute pairs already in the table")
+    p.add_argument("--kernelshap-budget", action="store_true",
+                   help="also Figure 5: Kernel SHAP with P = 50 … 1000 vs the proposed model")
+    p.add_argument("--ks-images", type=int, default=32, help="test images per target for --kernelshap-budget")
+    p.add_argument("--ks-budgets", type=int, nargs="*", default=None, help="Kernel SHAP perturbation budgets")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="study folder (default: <store>/studies/allpairs)")
+    p.set_defaults(func=run_study_cmd)
+
+    c = sub.add_parser("correlate", help="Appendix C / Figure 6: correlations with bootstrap CIs and permutation p")
+    add_common(c)
+    c.add_argument("--study", type=Path, default=None, help="study folder (default: <store>/studies/allpairs)")
+    c.add_argument("--domains", nargs="*", default=None, help="domains if the study must be run first")
+    c.add_argument("--lambda2", type=float, default=0.7)
+    c.add_argument("--n-boot", type=int, default=2000)
+    c.add_argument("--n-perm", type=int, default=2000)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=run_correlate)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _domains(ctx, given):
+    domains = [ctx.check_domain(d) for d in (given or ctx.domains())]
+    domains = list(dict.fromkeys(domains))
+    if len(domains) < 2:
+        raise DataError(f"need at least 2 domains, got {domains}")
+    return domains
+
+
+def _fmt_matrix(df, title: str) -> str:
+    names = [str(c) for c in df.columns]
+    w = max(8, max(len(n) for n in names) + 1)
+    lines = [title, " " * w + "".join(f"{n:>{w}s}" for n in names)]
+    for idx, row in df.iterrows():
+        cells = "".join(f"{'nan':>{w}s}" if not math.isfinite(v) else f"{v:>{w}.3f}" for v in row.to_numpy(float))
+        lines.append(f"{str(idx):<{w}s}{cells}")
+    return "\n".join(lines)
+
+
+def _matrix_json(df) -> dict:
+    return {str(i): {str(c): (None if not math.isfinite(v) else float(v)) for c, v in row.items()}
+            for i, row in df.iterrows()}
+
+
+def _clean(obj):
+    """JSON-safe copy (NaN/inf → null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item"):
+        return _clean(obj.item())
+    return obj
+
+
+# ------------------------------------------------------------------------- similarity
+
+
+def run_similarity(args) -> int:
+    from diag.similarity import VectorSpec, plot_similarity_heatmap, similarity_matrices
+    from train.losses import check_alpha
+
+    ctx = context_from(args)
+    alpha = check_alpha(args.alpha)
+    domains = _domains(ctx, args.domains)
+    store = ctx.ensure(domains, (alpha,))
+    out = args.out or store.study_dir("similarity")
+    ft = similarity_matrices({d: VectorSpec(store.vector_path(d, "ft")) for d in domains}, by=args.by)
+    star = similarity_matrices({d: VectorSpec(store.vector_path(d, "ftx", alpha), store.vector_path(d, "ft"))
+                                for d in domains}, by=args.by)
+    figures = []
+    for kind, mats, label in (("ft", ft, "cos(τ_ftˢ, τ_ftᵀ)"), ("star", star, f"cos(τ*ˢ, τ*ᵀ), α={alpha:g}")):
+        for group, df in mats.items():
+            name = f"cos_{kind}.png" if group == "global" else f"blocks/cos_{kind}_{group}.png"
+            title = label if group == "global" else f"{label} — {group}"
+            figures.append(str(plot_similarity_heatmap(df, Path(out) / name, title=title)))
+    if args.json:
+        print(json.dumps({"domains": domains, "by": args.by, "alpha": alpha,
+                          "ft": {g: _matrix_json(m) for g, m in ft.items()},
+                          "star": {g: _matrix_json(m) for g, m in star.items()}, "figures": figures}, indent=2))
+        return 0
+    print(_fmt_matrix(ft["global"], "cos(τ_ftˢ, τ_ftᵀ) — global"))
+    print()
+    print(_fmt_matrix(star["global"], f"cos(τ*ˢ, τ*ᵀ) — global (α={alpha:g})"))
+    if args.by == "block":
+        for kind, mats in (("τ_ft", ft), ("τ*", star)):
+            for group, df in mats.items():
+                if group != "global":
+                    print()
+                    print(_fmt_matrix(df, f"cos({kind}ˢ, {kind}ᵀ) — {group}"))
+    print(f"\nheatmaps: {Path(out)}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ study
+
+
+def _study_settings(args, ctx):
+    from diag.study import LAMBDA_GRID, PAPER_LAMBDA2, parse_shard
+    from train.losses import check_alpha
+    from train.vectors import check_scale
+
+    alpha = check_alpha(args.alpha)
+    lambda1 = check_scale("lambda1", args.lambda1)
+    lambda2s = [check_scale("lambda2", v) for v in (args.lambda2 or [PAPER_LAMBDA2])]
+    if args.lambda_grid:
+        lambda2s = list(dict.fromkeys([*lambda2s, *LAMBDA_GRID]))
+    shard = parse_shard(args.shard) if args.shard else None
+    return alpha, lambda1, lambda2s, shard
+
+
+def run_study_cmd(args) -> int:
+    from diag import figures
+    from diag.study import (KS_BUDGETS, KS_FILE, PAPER_LAMBDA2, default_shard, figure2_frame, kernelshap_budget,
+                            run_study, summarize)
+
+    ctx = context_from(args)
+    alpha, lambda1, lambda2s, shard = _study_settings(args, ctx)
+    if args.ks_images < 1:
+        raise DataError(f"--ks-images must be positive, got {args.ks_images}")
+    domains = _domains(ctx, args.domains)
+    store = ctx.ensure(domains, (alpha,))
+    out = Path(args.out) if args.out else store.study_dir("allpairs")
+    shard = shard or default_shard()
+    df = run_study(store, domains, alpha=alpha, lambda1=lambda1, lambda2s=lambda2s, out_dir=out, shard=shard,
+                   resume=not args.fresh, curvature=not args.no_curvature, controls=not args.no_controls,
+                   progress=ctx.progress, data=ctx.data, seed=args.seed)
+    report: dict = {"study": str(out), "shard": list(shard), "n_rows": int(len(df)), "figures": {}}
+    main_l2 = PAPER_LAMBDA2 if PAPER_LAMBDA2 in lambda2s else lambda2s[0]
+    summary = summarize(df, main_l2)
+    report["summary"] = summary.to_dict()
+    if shard[1] == 1:
+        report["figures"]["figure2"] = str(figures.figure2(figure2_frame(df, main_l2), out / "figure2.png"))
+        if len(lambda2s) > 1:
+            report["figures"]["figure3"] = str(figures.figure3(df, out / "figure3.png", seed=args.seed))
+    if args.kernelshap_budget:
+        import pandas as pd
+
+        source = "imagenette" if "imagenette" in domains else domains[0]
+        budgets = args.ks_budgets or list(KS_BUDGETS)
+        parts = [kernelshap_budget(store, t, source, budgets, n_images=args.ks_images, alpha=alpha, lambda1=lambda1,
+                                   lambda2=main_l2, seed=args.seed, data=ctx.data.get(t))
+                 for t in domains if t != source]
+        ks = pd.concat(parts, ignore_index=True)
+        ks.to_csv(out / KS_FILE, index=False)
+        report["figures"]["figure5"] = str(figures.figure5(ks, out / "figure5.png", seed=args.seed))
+        report["kernelshap_budget"] = (ks.groupby(["method", "n_perturbations"], dropna=False)[["ermse", "iou1", "wall_s"]]
+                                       .mean().reset_index().to_dict(orient="records"))
+    if args.json:
+        print(json.dumps(_clean(report), indent=2))
+        return 0
+    s = summary
+    print(f"study {out}  ({s.n_pairs} pairs at λ2={s.lambda2:g}, α={alpha:g}, λ1={lambda1:g}"
+          + (f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else "") + ")")
+    print(f"  mean normalised E-RMSE {s.mean_ermse_norm:.3f} ± {s.mean_ermse_norm_se:.3f}, "
+          f"mean normalised accuracy {s.mean_acc_norm:.3f} ± {s.mean_acc_norm_se:.3f} (÷ θ_ftᵀ; se over pairs)")
+    for ctrl, m in s.mean_ermse_norm_controls.items():
+        print(f"  control {ctrl:8s} mean normalised E-RMSE {m:.3f}")
+    for v in s.verdicts():
+        print(f"  - {v}")
+    print("  paper (ViT-B/32, Fig. 2): E-RMSE below θ_ftᵀ in most of 56 pairs at ~θ_ftᵀ accuracy")
+    if shard[1] > 1:
+        print(f"  shard table written; merge with `diag correlate --study {out}` or diag.study.merge_shards")
+    for name, path in report["figures"].items():
+        print(f"  {name}: {path}")
+    if "kernelshap_budget" in report:
+        print("  Kernel SHAP budget (mean over targets): method, P, E-RMSE, IoU@1, wall s")
+        for r in report["kernelshap_budget"]:
+            p = r["n_perturbations"]
+            p = "-" if p is None or (isinstance(p, float) and not math.isfinite(p)) else int(p)
+            print(f"    {r['method']:10s} {str(p):>5s} {r['ermse']:.3f} {r['iou1']:.3f} {r['wall_s']:.3g}")
+    return 0
+
+
+# --------------------------------------------------------------------------- correlate
+
+
+def run_correlate(args) -> int:
+    from diag import figures
+    from diag.stats import correlate_appendix_c
+    from diag.study import PAIRS_FILE, at_lambda, load_study, merge_shards, run_study
+    from train.vectors import check_scale
+
+    ctx = context_from(args)
+    lambda2 = check_scale("lambda2", args.lambda2)
+    if args.n_boot < 1 or args.n_perm < 1:
+        raise DataError("--n-boot and --n-perm must be positive")
+    out = Path(args.study) if args.study else ctx.store.study_dir("allpairs")
+    if merge_shards(out).empty:
+        domains = _domains(ctx, args.domains)
+        store = ctx.ensure(domains, (0.8,))
+        run_study(store, domains, lambda2s=(lambda2,), out_dir=out, progress=ctx.progress, data=ctx.data)
+    df = at_lambda(load_study(out), lambda2)
+    reports = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.seed)
+    fig = figures.figure6(df, out / "figure6.png", reports=reports)
+    n_pairs = int(len(df[df["source"] != df["target"]]))
+    if args.json:
+        print(json.dumps(_clean({"n_pairs": n_pairs, "lambda2": lambda2, "study": str(out / PAIRS_FILE),
+                                 "figure": str(fig), "correlations": [r.to_dict() for r in reports]}), indent=2))
+        return 0
+    print(f"Appendix C correlations over {n_pairs} pairs (λ2={lambda2:g}; paper: 56 pairs, ViT-B/32)")
+    head = (f"{'x':10s} {'y':8s} {'r':>7s} {'p(naive)':>9s} {'rho':>7s} {'95% CI (src×tgt bootstrap)':>28s} "
+            f"{'perm p':>8s} {'paper r':>8s}")
+    print(head)
+    print("-" * len(head))
+    for r in reports:
+        ci = f"[{r.ci95[0]:+.3f}, {r.ci95[1]:+.3f}]"
+        paper = f"{r.paper_r:+.2f}" if r.paper_r is not None else "-"
+        print(f"{r.x:10s} {r.y:8s} {r.pearson_r:+7.3f} {r.pearson_p:9.2g} {r.spearman_rho:+7.3f} {ci:>28s} "
+              f"{r.perm_p:8.3g} {paper:>8s}")
+    print("p(naive) treats pairs as independent (as the paper does); the CI resamples sources and targets and "
+          "the permutation test relabels domains, so both respect that pairs share domains.")
+    print(f"figure: {fig}")
+    return 0

@@ -1,0 +1,49 @@
+"""A tiny 'smoke' store with a finished study, built once per test process and shared.
+
+Both ``tests/test_study.py`` and ``tests/test_notebooks.py`` call :func:`smoke_study`; the
+store lives in a temp folder keyed by the process id and is removed at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DOMAINS = ["mnist", "animals", "gtsrb"]
+LAMBDAS = (0.4, 0.7, 1.0)
+BACKBONE_ID = "tiny-smoke"  # what `diag ... --preset smoke` resolves to
+
+_CACHE: dict = {}
+
+
+def smoke_root() -> Path:
+    return Path(tempfile.gettempdir()) / f"tvdiag-smoke-{os.getpid()}"
+
+
+def smoke_store():
+    """Store with the smoke-preset zoo of :data:`DOMAINS` (built on first call)."""
+    if "store" not in _CACHE:
+        from train.store import Store
+        from train.zoo import Zoo, preset
+
+        root = smoke_root()
+        atexit.register(shutil.rmtree, root, True)
+        store = Store(root, BACKBONE_ID)
+        Zoo(store, preset("smoke"), progress=False).build(DOMAINS)
+        _CACHE["store"] = store
+    return _CACHE["store"]
+
+
+def smoke_study():
+    """(store, study dir, table) of the study over :data:`DOMAINS` at :data:`LAMBDAS`, no curvature."""
+    if "study" not in _CACHE:
+        from diag.study import run_study
+
+        store = smoke_store()
+        out = store.study_dir("allpairs")
+        df = run_study(store, DOMAINS, lambda2s=LAMBDAS, out_dir=out, curvature=False, progress=False)
+        _CACHE["study"] = (store, out, df)
+    return _CACHE["study"]

@@ -1,0 +1,227 @@
+"""Estimators against dense float64 references: diagonal, trace, Hutch++, Lanczos, SLQ, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diag.curvature.checkpoint import ProbeCheckpoint
+from diag.curvature.estimators import (exact_diagonal, exact_trace, hutchinson_diagonal, hutchinson_trace,
+                                       hutchpp_trace, probe_seed, rademacher, trace_with_data_variance)
+from diag.curvature.lanczos import lanczos_topk, slq_density
+from diag.curvature.operators import DenseOperator, HessianOperator
+from train.errors import ArtifactError, DataError
+
+
+def sym(D: int, seed: int = 0, psd: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(D, D, generator=g, dtype=torch.float64)
+    if psd:
+        return X @ X.T / D
+    return (X + X.T) / 2 + torch.diag(torch.linspace(-1, 3, D, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------ probes and exact
+
+
+def test_probe_stream_is_seeded_per_index():
+    a = rademacher(100, seed=3, index=7)
+    assert torch.equal(a, rademacher(100, seed=3, index=7))
+    assert not torch.equal(a, rademacher(100, seed=3, index=8))
+    assert set(a.tolist()) == {-1.0, 1.0}
+    assert probe_seed(0, 1) != probe_seed(1, 0) and 0 <= probe_seed(2**70, 5) < 2**63
+
+
+def test_exact_diagonal_and_trace_match_dense():
+    H = sym(37)
+    A = DenseOperator(H)
+    d = exact_diagonal(A, chunk_size=8)  # 37 is not a multiple of 8
+    torch.testing.assert_close(d.mean, H.diagonal(), rtol=0, atol=1e-14)
+    assert d.n_matvecs == 37 and float(d.stderr.abs().max()) == 0.0
+    assert exact_trace(A).value == pytest.approx(float(H.trace()), abs=1e-12)
+
+
+def test_hutchinson_values_are_the_probe_quadratic_forms():
+    H = sym(20)
+    A = DenseOperator(H)
+    est = hutchinson_trace(A, num_matvecs=12, seed=5)
+    manual = torch.stack([rademacher(20, 5, i) @ H @ rademacher(20, 5, i) for i in range(12)])
+    torch.testing.assert_close(est.probe_values, manual, rtol=1e-13, atol=1e-13)
+    assert est.value == pytest.approx(float(manual.mean()), rel=1e-13)
+    assert est.stderr == pytest.approx(float(manual.std()) / math.sqrt(12), rel=1e-10)
+    # same seed -> the diagonal total is the same trace estimate; blocks give the same numbers
+    diag = hutchinson_diagonal(A, num_matvecs=12, seed=5, block_size=5)
+    assert diag.total == pytest.approx(est.value, rel=1e-12)
+    assert diag.total_stderr == pytest.approx(est.stderr, rel=1e-10)
+    manual_d = torch.stack([rademacher(20, 5, i) * (H @ rademacher(20, 5, i)) for i in range(12)])
+    torch.testing.assert_close(diag.mean, manual_d.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(diag.stderr, manual_d.std(0) / math.sqrt(12), rtol=1e-9, atol=1e-12)
+
+
+def test_hutchinson_ci_coverage_band():
+    """The 95 % t-interval covers tr(H) and each diagonal entry in ~95 % of seeds."""
+    H = sym(16, seed=1)
+    A = DenseOperator(H)
+    true, dtrue = float(H.trace()), H.diagonal()
+    n_seeds, hits, entry_hits = 200, 0, 0.0
+    for s in range(n_seeds):
+        d = hutchinson_diagonal(A, num_matvecs=20, seed=1000 + s, block_size=20)
+        lo, hi = d.ci95()
+        hits += lo <= true <= hi
+        elo, ehi = d.ci()
+        entry_hits += float(((elo <= dtrue) & (dtrue <= ehi)).double().mean())
+    assert 0.90 <= hits / n_seeds <= 0.99
+    assert 0.90 <= entry_hits / n_seeds <= 0.99
+
+
+def test_rel_stderr_stopping_rule():
+    A = DenseOperator(sym(30, seed=2, psd=True))
+    est = hutchinson_trace(A, rel_stderr=0.02, seed=0)
+    assert est.converged and est.rel_stderr <= 0.02 and est.n_matvecs >= 8
+    # a diagonal matrix has zero probe variance: stop at the minimum, not after 2 probes
+    D = DenseOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
+    e2 = hutchinson_trace(D, rel_stderr=0.1, seed=0)
+    assert e2.n_matvecs == 8 and e2.value == pytest.approx(55.0) and e2.stderr == 0.0
+    # an unreachable target stops at max_matvecs and says so
+    e3 = hutchinson_trace(A, rel_stderr=1e-9, max_matvecs=20)
+    assert e3.n_matvecs == 20 and e3.converged is False
+
+
+# ------------------------------------------------------------------ resume
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _stop_after(n):
+    def cb(state):
+        if state.n >= n:
+            raise Interrupt
+    return cb
+
+
+@pytest.mark.parametrize("fn", [hutchinson_trace, hutchinson_diagonal])
+def test_resume_gives_the_uninterrupted_result(tmp_path, fn):
+    A = DenseOperator(sym(25, seed=4))
+    full = fn(A, num_matvecs=30, seed=9, block_size=2)
+    ck = ProbeCheckpoint(tmp_path / "run.safetensors", every=4)
+    with pytest.raises(Interrupt):
+        fn(A, num_matvecs=30, seed=9, block_size=2, checkpoint=ck, callback=_stop_after(14))
+    resumed = fn(A, num_matvecs=30, seed=9, block_size=2, checkpoint=ck)
+    if fn is hutchinson_trace:
+        assert resumed.value == full.value and resumed.stderr == full.stderr
+        assert torch.equal(resumed.probe_values, full.probe_values)
+    else:
+        assert torch.equal(resumed.mean, full.mean) and torch.equal(resumed.stderr, full.stderr)
+        assert resumed.total == full.total
+    assert resumed.n_matvecs == 30
+    with pytest.raises(ArtifactError, match="seed"):
+        fn(A, num_matvecs=30, seed=10, block_size=2, checkpoint=ck)
+
+
+def test_resume_counts_only_new_products(tmp_path):
+    calls = []
+
+    class Counting(DenseOperator):
+        def _matmat(self, V):
+            calls.append(V.shape[1])
+            return super()._matmat(V)
+
+    A = Counting(sym(10))
+    path = tmp_path / "t.safetensors"
+    hutchinson_trace(A, num_matvecs=6, checkpoint=path)
+    calls.clear()
+    est = hutchinson_trace(A, num_matvecs=10, checkpoint=path)
+    assert sum(calls) == 4 and est.n_matvecs == 10
+
+
+# ------------------------------------------------------------------ Hutch++ and data variance
+
+
+def test_hutchpp_exact_for_low_rank_and_unbiased():
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    L = U @ torch.diag(torch.tensor([5.0, 2.0, 1.0], dtype=torch.float64)) @ U.T
+    est = hutchpp_trace(DenseOperator(L), num_matvecs=15, seed=1)
+    assert est.value == pytest.approx(float(L.trace()), rel=1e-10) and est.stderr < 1e-8
+    assert est.n_matvecs == 15
+    H = sym(30, seed=5, psd=True)
+    vals = [hutchpp_trace(DenseOperator(H), 12, seed=s).value for s in range(100)]
+    t = torch.tensor(vals)
+    assert abs(float(t.mean()) - float(H.trace())) < 4 * float(t.std()) / math.sqrt(100)
+
+
+def test_trace_with_data_variance_separates_sources():
+    # diagonal batch matrices: zero probe variance, so all spread is data variance
+    traces = [10.0, 12.0, 15.0, 9.0]
+    mats = [torch.diag(torch.full((8,), t / 8, dtype=torch.float64)) for t in traces]
+    r = trace_with_data_variance(DenseOperator, mats, num_matvecs=8, weights=[1, 1, 1, 1])
+    assert r.value == pytest.approx(sum(traces) / 4)
+    assert r.probe_std == 0.0
+    assert r.data_std == pytest.approx(float(torch.tensor(traces, dtype=torch.float64).std()))
+    # identical batches: the spread is pure probe noise, data variance ~ 0
+    H = sym(20, seed=3)
+    r2 = trace_with_data_variance(DenseOperator, [H] * 6, num_matvecs=30)
+    assert r2.probe_std > 0 and r2.data_std < 2 * r2.probe_std
+    assert r2.n_matvecs == 180 and r2.n_batches == 6
+    with pytest.raises(DataError):
+        trace_with_data_variance(DenseOperator, [H], num_matvecs=4)
+
+
+# ------------------------------------------------------------------ Lanczos and SLQ
+
+
+def test_lanczos_top5_matches_eigh():
+    H = sym(60, seed=7)
+    evals = torch.linalg.eigvalsh(H)
+    r = lanczos_topk(DenseOperator(H), k=5, num_iters=60, seed=0)
+    torch.testing.assert_close(r.eigvals, evals.flip(0)[:5], rtol=1e-10, atol=1e-10)
+    assert float(r.residuals.max()) <= 1e-8 * float(r.eigvals.abs().max())  # the tol=1e-8 early stop
+    manual = (H @ r.eigvecs - r.eigvecs * r.eigvals).norm(dim=0)
+    torch.testing.assert_close(r.residuals, manual, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(r.eigvecs.T @ r.eigvecs, torch.eye(5, dtype=torch.float64), atol=1e-10, rtol=0)
+    lm = lanczos_topk(DenseOperator(-H), k=3, num_iters=60, which="LM")
+    torch.testing.assert_close(lm.eigvals.abs(), evals.abs().sort(descending=True).values[:3], rtol=1e-9, atol=1e-9)
+
+
+def test_lanczos_early_stop_residuals_are_honest():
+    H = torch.diag(torch.tensor([100.0, 50.0] + [1.0] * 198, dtype=torch.float64))
+    r = lanczos_topk(DenseOperator(H), k=2, num_iters=50, tol=1e-10)
+    assert r.n_iters < 50  # stopped early (invariant space or tolerance)
+    torch.testing.assert_close(r.eigvals, torch.tensor([100.0, 50.0], dtype=torch.float64), rtol=1e-10, atol=0)
+    assert float(r.residuals.max()) < 1e-6
+
+
+def test_slq_density_integrates_to_one_and_gives_trace():
+    H = sym(40, seed=8)
+    A = DenseOperator(H)
+    s = slq_density(A, num_probes=6, num_iters=40, seed=3)
+    assert s.integral() == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(s.weights.sum(1), torch.ones(6, dtype=torch.float64), rtol=0, atol=1e-12)
+    hut = hutchinson_trace(A, num_matvecs=6, seed=3)
+    assert s.trace().value == pytest.approx(hut.value, rel=1e-9)
+    # full Krylov space: the nodes are the eigenvalues
+    ev = torch.linalg.eigvalsh(H)
+    torch.testing.assert_close(s.nodes[0].sort().values, ev, rtol=1e-8, atol=1e-8)
+
+
+# ------------------------------------------------------------------ on a real Hessian
+
+
+def test_estimators_on_mlp_hessian():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,))
+    op = HessianOperator(model, [(x[:10], y[:10]), (x[10:], y[10:])], engine="fwd-rev")
+    H = op.to_dense()
+    d = exact_diagonal(op, chunk_size=7)
+    torch.testing.assert_close(d.mean, H.diagonal(), rtol=1e-10, atol=1e-12)
+    r = lanczos_topk(op, k=5, num_iters=op.shape[0])
+    torch.testing.assert_close(r.eigvals, torch.linalg.eigvalsh((H + H.T) / 2).flip(0)[:5], rtol=1e-8, atol=1e-10)
+    est = hutchinson_trace(op, num_matvecs=30, block_size=10)
+    lo, hi = est.ci(0.999)
+    assert lo <= float(H.trace()) <= hi

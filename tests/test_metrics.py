@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+from scipy.stats import kendalltau
+
+from diag.metrics import ermse, iou_at_k, kendall_tau, scaled_ks, score
+from train.losses import alpha_loss, explanation_loss, zscore
+
+
+def test_scaled_ks_match_paper_and_small_grid():
+    assert scaled_ks(49) == (1, 5, 10)
+    assert scaled_ks(16) == (1, 2, 4)
+    assert scaled_ks(256) == (6, 27, 53)
+
+
+def test_ermse_zero_for_affine_copies_and_sqrt2_for_unrelated_maps():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 49, generator=g, dtype=torch.float64)
+    assert ermse(3 * a + 1, a) == pytest.approx(0.0, abs=1e-6)
+    assert ermse(-a, a) == pytest.approx(2.0, abs=1e-6)
+    b = torch.randn(4000, 49, generator=g, dtype=torch.float64)
+    c = torch.randn(4000, 49, generator=g, dtype=torch.float64)
+    assert ermse(b, c) == pytest.approx(math.sqrt(2), abs=0.01)
+
+
+def test_ermse_is_sqrt_of_eq5_per_patch():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(7, 16, generator=g), torch.randn(7, 16, generator=g)
+    assert ermse(a, b) == pytest.approx(math.sqrt(float(explanation_loss(a, b)) / 16), rel=1e-5)
+
+
+def test_kendall_matches_scipy_including_ties():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(5, 12, generator=g)
+    b = torch.randn(5, 12, generator=g)
+    b[:, :3] = 0.0  # ties
+    ours = kendall_tau(a, b)
+    for i in range(5):
+        assert float(ours[i]) == pytest.approx(kendalltau(a[i].numpy(), b[i].numpy()).statistic, abs=1e-9)
+
+
+def test_iou_by_hand():
+    pred = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])
+    true = torch.tensor([[5.0, 1.0, 4.0, 2.0, 3.0]])
+    assert float(iou_at_k(pred, true, 1)) == 1.0          # {0} vs {0}
+    assert float(iou_at_k(pred, true, 2)) == pytest.approx(1 / 3)  # {0,1} vs {0,2}
+    assert float(iou_at_k(pred, true, 3)) == pytest.approx(2 / 4)  # {0,1,2} vs {0,2,4}
+
+
+def test_score_accuracy_and_ks():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    phi = torch.randn(3, 16)
+    s = score("m", logits, labels, phi, phi)
+    assert s.accuracy == pytest.approx(2 / 3) and s.ks == (1, 2, 4)
+    assert s.ermse == pytest.approx(0.0, abs=1e-6) and s.kendall == pytest.approx(1.0) and s.iou10 == 1.0
+
+
+def test_alpha_loss_interpolates_ce_and_explanation_loss():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 3, generator=g)
+    phi = torch.randn(4, 3, 16, generator=g)
+    labels = torch.tensor([0, 2, 1, 2])
+    target = torch.randn(4, 16, generator=g)
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    picked = phi[torch.arange(4), labels]
+    exp = ((zscore(picked) - zscore(target)) ** 2).sum(1).mean()
+    assert float(alpha_loss(logits, phi, labels, target, 1.0)) == pytest.approx(float(ce))
+    assert float(alpha_loss(logits, phi, labels, target, 0.8)) == pytest.approx(float(0.8 * ce + 0.2 * exp), rel=1e-6)
+    from train.errors import TvdiagError
+    from train.losses import check_alpha
+
+    with pytest.raises(TvdiagError):
+        check_alpha(1.5)
+    with pytest.raises(TvdiagError):
+        check_alpha(-0.1)

@@ -1,0 +1,197 @@
+"""Risk R(tau; H) = tau^T H tau, its approximations, the quadratic check and the Hessian card."""
+
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from diag.curvature import (
+    DenseOperator,
+    HessianCard,
+    HessianOperator,
+    RiskResult,
+    build_card,
+    eigen_contributions,
+    quadratic_check,
+    rank_agreement,
+    risk_diagonal,
+    risk_exact,
+)
+from train.errors import ArtifactError, BaseMismatchError, TvdiagError
+
+RTOL, ATOL = 1e-10, 1e-12
+
+
+def make_problem(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    data = [(torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
+            for n in (6, 4)]
+    return model, data
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model, data = make_problem()
+    op = HessianOperator(model, data, engine="double-backward")
+    H = op.to_dense()
+    return model, data, op, H
+
+
+def test_risk_exact_equals_dense_quadratic_form(problem):
+    model, data, op, H = problem
+    tau = torch.randn(op.shape[0], dtype=torch.float64)
+    assert risk_exact(op, tau) == pytest.approx(float(tau @ H @ tau), rel=RTOL)
+    # dict input with extra names
+    assert risk_exact(op, {**op.unflatten(tau), "other": torch.ones(3)}) == pytest.approx(float(tau @ H @ tau), rel=RTOL)
+    with pytest.raises(BaseMismatchError):
+        risk_exact(op, torch.zeros(op.shape[0] + 1, dtype=torch.float64))
+
+
+def test_risk_diagonal_hand_value():
+    assert risk_diagonal(torch.tensor([1.0, 2.0, -0.5]), torch.tensor([3.0, 1.0, 2.0])) == 9.0 + 2.0 - 2.0
+    with pytest.raises(BaseMismatchError):
+        risk_diagonal(torch.ones(3), torch.ones(4))
+
+
+def test_eigen_contributions_sum_to_risk(problem):
+    model, data, op, H = problem
+    vals, vecs = torch.linalg.eigh(H)
+    tau = torch.randn(op.shape[0], dtype=torch.float64)
+    contrib, remainder = eigen_contributions(vals, vecs, tau)
+    assert float(contrib.sum()) == pytest.approx(float(tau @ H @ tau), rel=1e-9)
+    assert remainder == pytest.approx(0.0, abs=1e-20)
+    contrib3, rem3 = eigen_contributions(vals[-3:], vecs[:, -3:], tau)
+    torch.testing.assert_close(contrib3, contrib[-3:], rtol=RTOL, atol=ATOL)
+    assert rem3 == pytest.approx(float(tau @ tau) - float((vecs[:, -3:].T @ tau).pow(2).sum()), rel=1e-9)
+
+
+def test_card_with_k_equal_d_is_exact(problem, tmp_path):
+    model, data, op, H = problem
+    D = op.shape[0]
+    card = build_card(op, D, residual_diag="exact", provenance={"target": "toy", "seed": 0})
+    assert card.k == D and card.dim == D
+    assert card.residual_diag.abs().max() < 1e-12
+    assert card.trace == pytest.approx(float(torch.trace(H)), rel=RTOL) and card.trace_stderr == 0.0
+    torch.testing.assert_close(card.eigvals, torch.linalg.eigvalsh(H).flip(0), rtol=1e-9, atol=1e-12)
+    for seed in range(3):
+        tau = torch.randn(D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        assert card.risk(tau) == pytest.approx(risk_exact(op, tau), rel=1e-9, abs=1e-12)
+        assert card.risk(op.unflatten(tau)) == pytest.approx(card.risk(tau), rel=RTOL)
+    assert card.provenance["target"] == "toy" and card.provenance["eig_method"] == "dense-eigh"
+    assert "HessianCard(k=" in repr(card) and card.to_dict()["dim"] == D
+
+
+def test_card_residual_diagonal_is_exact_on_coordinates(problem):
+    model, data, op, H = problem
+    card = build_card(op, 3, residual_diag="exact")
+    assert card.k == 3
+    for j in (0, 7, op.shape[0] - 1):
+        e = torch.zeros(op.shape[0], dtype=torch.float64)
+        e[j] = 1
+        assert card.risk(e) == pytest.approx(float(H[j, j]), rel=1e-9, abs=1e-14)
+    top, res = card.risk_parts(torch.ones(op.shape[0], dtype=torch.float64))
+    assert math.isfinite(top) and math.isfinite(res)
+
+
+def test_card_eigsh_and_hessian_diag_paths(problem):
+    model, data, op, H = problem
+    vals = torch.linalg.eigvalsh(H).flip(0)
+    card = build_card(op, 4, hessian_diag=torch.diagonal(H), method="eigsh", trace=1.5, trace_stderr=0.1)
+    torch.testing.assert_close(card.eigvals, vals[:4], rtol=1e-8, atol=1e-10)
+    exact = build_card(op, 4, residual_diag="exact")
+    torch.testing.assert_close(card.residual_diag, exact.residual_diag, rtol=1e-7, atol=1e-9)
+    assert card.provenance["eig_method"] == "scipy-eigsh" and card.trace == 1.5
+    auto = build_card(op, 3)  # lanczos_topk when diag.curvature.lanczos is importable, else eigsh
+    assert auto.provenance["eig_method"] in ("lanczos", "scipy-eigsh")
+    torch.testing.assert_close(auto.eigvals, vals[:3], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close((auto.eigvecs.T @ H @ auto.eigvecs), torch.diag(vals[:3]), rtol=1e-6, atol=1e-8)
+    plain = build_card(DenseOperator(H), 2, method="eigsh")
+    assert plain.param_names == ("flat",) and plain.residual_diag.abs().sum() == 0
+    with pytest.raises(TvdiagError):
+        build_card(op, 0)
+    with pytest.raises(TvdiagError):
+        build_card(op, 2, residual_diag="approx")
+
+
+def test_card_save_load_roundtrip_and_corruption(problem, tmp_path):
+    model, data, op, H = problem
+    card = build_card(op, 5, residual_diag="exact", provenance={"target": "toy"})
+    path = tmp_path / "cards" / "toy.safetensors"
+    card.save(path)
+    assert sorted(os.listdir(path.parent)) == ["toy.safetensors"]  # no temp file left behind
+    back = HessianCard.load(path)
+    torch.testing.assert_close(back.eigvecs, card.eigvecs, rtol=0, atol=0)
+    torch.testing.assert_close(back.residual_diag, card.residual_diag, rtol=0, atol=0)
+    assert back.param_names == op.param_names and back.param_shapes == op.param_shapes
+    assert back.provenance == card.provenance and back.trace == card.trace
+    tau = torch.randn(op.shape[0], dtype=torch.float64)
+    assert back.risk(tau) == card.risk(tau)
+
+    raw = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ArtifactError):
+        HessianCard.load(tmp_path / "trunc.safetensors")
+    with pytest.raises(ArtifactError):
+        HessianCard.load(tmp_path / "garbage.safetensors")
+    with pytest.raises(ArtifactError, match="does not exist"):
+        HessianCard.load(tmp_path / "missing.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ArtifactError, match="not a Hessian card"):
+        HessianCard.load(tmp_path / "other.safetensors")
+    bad = HessianCard(eigvals=card.eigvals.clone(), eigvecs=card.eigvecs, residual_diag=card.residual_diag,
+                      param_names=card.param_names, param_shapes=card.param_shapes, provenance=card.provenance)
+    bad.eigvals[0] = float("nan")
+    bad.save(tmp_path / "nan.safetensors")
+    with pytest.raises(ArtifactError, match="NaN"):
+        HessianCard.load(tmp_path / "nan.safetensors")
+    with pytest.raises(BaseMismatchError):
+        HessianCard(eigvals=card.eigvals, eigvecs=card.eigvecs[:-1], residual_diag=card.residual_diag,
+                    param_names=card.param_names, param_shapes=card.param_shapes)
+
+
+def test_quadratic_check_is_second_order_accurate(problem):
+    model, data, op, H = problem
+    tau = torch.randn(op.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ts = (1e-3, 1e-2, 1e-1)
+    rows = quadratic_check(model, data, op.unflatten(tau), ts=ts, engine="fwd-rev")
+    assert [r.t for r in rows] == list(ts)
+    g = HessianOperator(model, data, engine="fwd-rev").gradient()
+    R = float(tau @ H @ tau)
+    for r in rows:
+        assert r.first_order == pytest.approx(r.t * float(g @ tau), rel=1e-9)
+        assert r.second_order == pytest.approx(0.5 * r.t ** 2 * R, rel=1e-9)
+        assert r.predicted == pytest.approx(r.first_order + r.second_order, rel=1e-12)
+        assert set(r.to_dict()) >= {"t", "measured", "predicted", "rel_error", "holds"}
+    # the remainder is O(t^3), so the relative error of the full model is O(t)
+    assert rows[0].rel_error < 1e-3 and rows[0].holds
+    assert rows[0].rel_error < rows[1].rel_error < rows[2].rel_error
+    # the measured change matches the loss evaluated directly
+    X = torch.cat([x for x, _ in data]); Y = torch.cat([y for _, y in data])
+    shifted = {n: p + 1e-1 * tau_p for (n, p), tau_p in zip(model.named_parameters(), op.unflatten(tau).values())}
+    L = lambda params: float(nn.functional.cross_entropy(torch.func.functional_call(model, params, (X,)), Y).detach())  # noqa: E731
+    assert rows[2].measured == pytest.approx(L(shifted) - L(dict(model.named_parameters())), rel=1e-9)
+
+
+def test_rank_agreement_hand_values():
+    # one adjacent swap among 4: Spearman 1 - 6*2/(4*15) = 0.8, Kendall (5-1)/6 = 2/3
+    out = rank_agreement([1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 40.0, 30.0])
+    assert out["spearman"] == pytest.approx(0.8) and out["kendall"] == pytest.approx(2 / 3)
+    assert rank_agreement([1, 2, 3], [3, 2, 1]) == {"spearman": pytest.approx(-1.0), "kendall": pytest.approx(-1.0)}
+    assert math.isnan(rank_agreement([1.0], [2.0])["spearman"])
+    with pytest.raises(BaseMismatchError):
+        rank_agreement([1, 2], [1, 2, 3])
+
+
+def test_risk_result():
+    r = RiskResult(exact=2.0, diag=3.0)
+    assert r.to_dict() == {"exact": 2.0, "diag": 3.0, "card": None, "diag_stderr": None}
+    assert r.loss_increase(0.5) == pytest.approx(0.25) and r.loss_increase(1.0, "card") is None
+    assert "exact=2" in repr(r)
+    with pytest.raises(TvdiagError):
+        r.loss_increase(1.0, "hvp")

@@ -1,0 +1,249 @@
+"""The all-pairs study, its resume/shard logic, the Kernel SHAP budget, and the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from _smoke import DOMAINS, LAMBDAS, smoke_study
+
+
+@pytest.fixture(scope="module")
+def study():
+    return smoke_study()
+
+
+def _row(df, source, target, lam=0.7):
+    sel = df[(df["source"] == source) & (df["target"] == target) & (np.isclose(df["lambda2"], lam))]
+    assert len(sel) == 1
+    return sel.iloc[0]
+
+
+def test_table_shape_and_columns(study):
+    store, out, df = study
+    n = len(DOMAINS)
+    assert len(df) == n * (n - 1) * len(LAMBDAS)
+    assert (df["source"] != df["target"]).all()
+    assert not df.duplicated(["source", "target", "lambda2"]).any()
+    from diag.predictor import tier_features
+
+    # the predictor's tier-0 features and the figures' columns are there
+    assert set(tier_features(df, 0)) >= {"cos_ft", "norm_star_source", "norm_ft_source", "norm_ft_target",
+                                        "ermse_star_source", "accuracy_ft_source", "cos_ft.block.0"}
+    for col in ("variant", "iou10_ft_target", "ermse_norm", "acc_norm", "ermse_random", "ermse_meanmap",
+                "accuracy_random", "cos_star", "risk_exact", "base_hash", "tvdiag_version", "alpha", "pair_key"):
+        assert col in df.columns, col
+    # per-target references are computed once and identical for every source
+    assert (df.groupby("target")["ermse_ft_target"].nunique() == 1).all()
+    # the source's own quality equals the same domain's θ_ft*ᵀ / θ_ftᵀ rows as a target
+    for d in DOMAINS:
+        as_src = df[df["source"] == d].iloc[0]
+        as_tgt = df[df["target"] == d].iloc[0]
+        assert as_src["ermse_star_source"] == pytest.approx(as_tgt["ermse_ftx_target"], rel=1e-12)
+        assert as_src["accuracy_ft_source"] == pytest.approx(as_tgt["accuracy_ft_target"], rel=1e-12)
+    assert (out / "pairs.csv").is_file()
+
+
+def test_rows_match_transfer(study):
+    from diag.transfer import CONTROL_MEAN_S, CONTROL_MEAN_T, CONTROL_OTHER, CONTROL_RANDOM, transfer
+
+    store, _, df = study
+    source, target = DOMAINS[1], DOMAINS[0]
+    res = transfer(store, source, target, lambda2=0.7, candidates=DOMAINS)
+    row = _row(df, source, target)
+    pairs = {"proposed": "", "θ_ftᵀ": "_ft_target", "zero-shot θ_base": "_zeroshot", "θ_ftˢ": "_ft_source_on_target",
+             "θ_ft*ˢ": "_ftx_source_on_target", "θ_ft*ᵀ (upper bound)": "_ftx_target", CONTROL_RANDOM: "_random",
+             CONTROL_MEAN_S: "_meanmap", CONTROL_MEAN_T: "_meanmap_target", CONTROL_OTHER: "_other"}
+    assert res.other_source == row["other_source"]
+    for model, suffix in pairs.items():
+        ref = res.row(model)
+        for m in ("accuracy", "ermse", "kendall", "iou1", "iou5", "iou10"):
+            assert row[f"{m}{suffix}"] == pytest.approx(getattr(ref, m), rel=1e-9, abs=1e-12), (model, m)
+
+
+def test_cosines_and_norms_match_dense_float64(study):
+    store, _, df = study
+    s, t = DOMAINS[0], DOMAINS[2]
+    ft_s, ft_t = store.load_vector(s, "ft"), store.load_vector(t, "ft")
+
+    def flat(d, kind):  # dense float64 reference; τ* = θ_ft* − θ_ft differenced in float64
+        v = store.load_vector(d, kind, None if kind == "ft" else 0.8)
+        return np.concatenate([v.tensors[k].double().ravel().numpy() for k in sorted(v.tensors)])
+
+    def cos(a, b):
+        return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+    star_s, star_t = flat(s, "ftx") - flat(s, "ft"), flat(t, "ftx") - flat(t, "ft")
+    row = _row(df, s, t)
+    assert row["cos_ft"] == pytest.approx(cos(flat(s, "ft"), flat(t, "ft")), rel=1e-10, abs=1e-12)
+    assert row["cos_star"] == pytest.approx(cos(star_s, star_t), rel=1e-10, abs=1e-12)
+    assert row["norm_star_source"] == pytest.approx(np.linalg.norm(star_s), rel=1e-10)
+    assert row["norm_ft_target"] == pytest.approx(np.linalg.norm(flat(t, "ft")), rel=1e-10)
+    block = [k for k in ft_s.tensors if ".resblocks.1." in k]
+    a = np.concatenate([ft_s.tensors[k].double().ravel().numpy() for k in block])
+    b = np.concatenate([ft_t.tensors[k].double().ravel().numpy() for k in block])
+    assert row["cos_ft.block.1"] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-10)
+    assert _row(df, t, s)["cos_ft"] == pytest.approx(row["cos_ft"], rel=1e-12)
+
+
+def test_resume_skips_done_pairs_and_fills_gaps(study, tmp_path):
+    from diag.study import run_study
+
+    store, out, df = study
+    work = tmp_path / "study"
+    shutil.copytree(out, work)
+    table = pd.read_csv(work / "pairs.csv")
+    s0, t0 = DOMAINS[1], DOMAINS[0]
+    s1, t1 = DOMAINS[2], DOMAINS[1]
+    tampered = (table["source"] == s0) & (table["target"] == t0)
+    table.loc[tampered, "ermse"] = 99.0  # a skipped pair keeps what is on disk
+    table = table[~((table["source"] == s1) & (table["target"] == t1))]  # a "killed" pair is recomputed
+    table.to_csv(work / "pairs.csv", index=False)
+    again = run_study(store, DOMAINS, lambda2s=LAMBDAS, out_dir=work, curvature=False, progress=False)
+    assert len(again) == len(df)
+    assert (again.loc[(again["source"] == s0) & (again["target"] == t0), "ermse"] == 99.0).all()
+    for lam in LAMBDAS:
+        assert _row(again, s1, t1, lam)["ermse"] == pytest.approx(_row(df, s1, t1, lam)["ermse"], rel=1e-12)
+    # other settings are other rows, not a skip
+    assert len(pd.read_csv(work / "pairs.csv")) == len(df)
+
+
+def test_shards_partition_pairs_and_merge(study, tmp_path, monkeypatch):
+    from diag.study import default_shard, load_study, merge_shards, parse_shard, run_study
+
+    store, _, df = study
+    parts = [run_study(store, DOMAINS, lambda2s=(0.7,), out_dir=tmp_path, shard=(i, 2), curvature=False,
+                       controls=False, progress=False) for i in range(2)]
+    assert (tmp_path / "pairs-shard0of2.csv").is_file() and (tmp_path / "pairs-shard1of2.csv").is_file()
+    keys = [set(zip(p["source"], p["target"])) for p in parts]
+    assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == len(DOMAINS) * (len(DOMAINS) - 1)
+    merged = merge_shards(tmp_path)
+    assert len(merged) == 6 and (tmp_path / "pairs.csv").is_file()
+    ref = df[np.isclose(df["lambda2"], 0.7)].set_index(["source", "target"])["ermse"]
+    got = load_study(tmp_path, lambda2=0.7).set_index(["source", "target"])["ermse"]
+    pd.testing.assert_series_equal(got.sort_index(), ref.sort_index(), rtol=1e-12)
+    assert np.isnan(merged["ermse_random"]).all() if "ermse_random" in merged else True
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert default_shard() == (1, 3)
+    assert parse_shard("2/4") == (2, 4)
+    from train.errors import TvdiagError
+
+    for bad in ("4/4", "x", "-1/2"):
+        with pytest.raises(TvdiagError):
+            parse_shard(bad)
+
+
+def test_summary_counts_handmade():
+    from diag.study import summarize
+
+    df = pd.DataFrame({
+        "source": ["a", "a", "b", "b"], "target": ["b", "c", "a", "c"], "lambda2": 0.7,
+        "accuracy": [0.95, 0.80, 0.50, 0.99], "accuracy_ft_target": [1.0, 1.0, 0.5, 1.0],
+        "ermse": [1.0, 1.0, 2.0, 0.5], "ermse_ft_target": [2.0, 2.0, 1.0, 1.0],
+        "ermse_random": [0.5, 2.0, 3.0, np.nan], "ermse_meanmap": [3.0, 3.0, 3.0, 3.0],
+        "ermse_other": [np.nan] * 4})
+    s = summarize(df)
+    assert (s.n_pairs, s.n_lower_ermse, s.n_keep90, s.n_better_keep90) == (4, 3, 3, 2)
+    assert (s.n_beat_random, s.n_controls["random"], s.n_beat_meanmap, s.n_controls["other"]) == (2, 3, 4, 0)
+    assert s.mean_ermse_norm == pytest.approx(np.mean([0.5, 0.5, 2.0, 0.5]))
+    assert s.mean_ermse_norm_se == pytest.approx(np.std([0.5, 0.5, 2.0, 0.5], ddof=1) / 2)
+    text = " ".join(s.verdicts())
+    assert "2/4 pairs" in text and "beats the control 'mean φ map (source)'" in text
+    assert json.dumps(s.to_dict())
+
+
+def test_table1_and_figure2_frame(study):
+    from diag.study import figure2_frame, table1
+    from train.errors import UnknownNameError
+
+    _, _, df = study
+    t = table1(df, DOMAINS[0])
+    assert t.loc["proposed", "n_targets"] == len(DOMAINS) - 1
+    mine = df[(df["source"] == DOMAINS[0]) & np.isclose(df["lambda2"], 0.7)]
+    assert t.loc["proposed", "ermse_mean"] == pytest.approx(mine["ermse"].mean(), rel=1e-12)
+    assert t.loc["θ_ftᵀ", "paper_ermse"] == pytest.approx(1.562)
+    with pytest.raises(UnknownNameError):
+        table1(df, "nosuch")
+    f2 = figure2_frame(df)
+    assert set(f2["variant"]) >= {"proposed", "random τ (τ*ˢ norms)", "mean φ map (source)"}
+    assert (f2.loc[f2["variant"] == "mean φ map (source)", "acc_norm"].dropna() == 1.0).all()
+
+
+def test_kernelshap_budget_reproduces_ground_truth(study):
+    from diag.study import kernelshap_budget
+    from train.errors import DataError
+    from train.zoo import preset
+
+    store, _, _ = study
+    cfg = preset("smoke")
+    ks = kernelshap_budget(store, DOMAINS[0], DOMAINS[1], budgets=(cfg.shap_samples, 64), n_images=cfg.shap_test)
+    same = ks[(ks["method"] == "kernelshap") & (ks["n_perturbations"] == cfg.shap_samples)].iloc[0]
+    # same P, same seed, same images: Kernel SHAP reproduces the stored ground truth exactly
+    assert same["ermse"] < 1e-5 and same["iou1"] == 1.0
+    assert set(ks["method"]) == {"kernelshap", "proposed"} and (ks["wall_s"] > 0).all()
+    with pytest.raises(DataError):
+        kernelshap_budget(store, DOMAINS[0], DOMAINS[1], budgets=(15,))
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def _cli(capsys, *argv):
+    from diag.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    return code, capsys.readouterr()
+
+
+def _common(store):
+    return ["--store", str(store.root), "--preset", "smoke", "--quiet"]
+
+
+def test_cli_study_correlate_similarity(study, capsys, tmp_path):
+    store, out, _ = study
+    code, cap = _cli(capsys, "study", *_common(store), "--domains", *DOMAINS, "--no-curvature", "--json")
+    assert code == 0, cap.err
+    rep = json.loads(cap.out)
+    assert rep["summary"]["n_pairs"] == 6 and rep["study"] == str(out)
+    assert (out / "figure2.png").stat().st_size > 0
+
+    code, cap = _cli(capsys, "correlate", *_common(store), "--n-boot", "100", "--n-perm", "50", "--json")
+    assert code == 0, cap.err
+    rep = json.loads(cap.out)
+    assert rep["n_pairs"] == 6
+    assert [(c["x"], c["y"], c["paper_r"]) for c in rep["correlations"]] == [
+        ("cos_star", "ermse", -0.51), ("cos_star", "cos_ft", 0.73), ("cos_ft", "ermse", -0.32)]
+    for c in rep["correlations"]:
+        assert set(c) >= {"x", "y", "pearson_r", "pearson_p", "spearman_rho", "ci95", "perm_p", "paper_r"}
+        assert len(c["ci95"]) == 2
+    assert (out / "figure6.png").is_file()
+    code, cap = _cli(capsys, "correlate", *_common(store))
+    assert code == 0 and "paper r" in cap.out and "-0.51" in cap.out
+
+    code, cap = _cli(capsys, "similarity", *_common(store), "--domains", *DOMAINS, "--by", "block", "--json",
+                     "--out", str(tmp_path / "sim"))
+    assert code == 0, cap.err
+    rep = json.loads(cap.out)
+    g = pd.DataFrame(rep["ft"]["global"])
+    assert np.allclose(np.diag(g.loc[DOMAINS, DOMAINS]), 1.0) and np.allclose(g, g.T)
+    assert "block.0" in rep["star"] and (tmp_path / "sim" / "cos_star.png").is_file()
+    code, cap = _cli(capsys, "similarity", *_common(store), "--domains", *DOMAINS)
+    assert code == 0 and "cos(τ_ftˢ, τ_ftᵀ)" in cap.out
+
+
+def test_cli_bad_input_exits_2(study, capsys, tmp_path):
+    store, _, _ = study
+    for argv in (["study", *_common(store), "--domains", *DOMAINS, "--shard", "2/2"],
+                 ["study", *_common(store), "--domains", "nosuch", "mnist"],
+                 ["study", *_common(store), "--domains", "mnist"],
+                 ["correlate", *_common(store), "--n-boot", "0"],
+                 ["correlate", *_common(store), "--lambda2", "0.3"]):
+        code, cap = _cli(capsys, *argv)
+        assert code == 2, (argv, cap.err)
+        assert cap.err.count("\n") == 1 and "error" in cap.err
