@@ -357,12 +357,20 @@ def _artifact_key(path: Path) -> str:
         return "unreadable"
 
 
+def _domain_keys(store: Store, domain: str, alpha: float) -> list[str]:
+    return [_artifact_key(store.vector_path(domain, "ft")), _artifact_key(store.vector_path(domain, "ftx", alpha)),
+            _artifact_key(store.attribution_path(domain))]
+
+
 def pair_key(store: Store, source: str, target: str, alpha: float, lambda1: float, controls: bool,
-             curvature: bool, seed: int, base_hash: str) -> str:
+             curvature: bool, seed: int, base_hash: str, domain_keys: dict | None = None) -> str:
     """Identity of a pair's rows: the settings and the content keys of every artifact used."""
+    cache = domain_keys if domain_keys is not None else {}
+
     def keys(d):
-        return [_artifact_key(store.vector_path(d, "ft")), _artifact_key(store.vector_path(d, "ftx", alpha)),
-                _artifact_key(store.attribution_path(d))]
+        if d not in cache:
+            cache[d] = _domain_keys(store, d, alpha)
+        return cache[d]
     return content_key({"source": source, "target": target, "alpha": float(alpha), "lambda1": float(lambda1),
                         "controls": bool(controls), "curvature": bool(curvature), "seed": int(seed),
                         "base": base_hash, "artifacts": keys(source) + keys(target), "version": STUDY_VERSION})
@@ -424,10 +432,13 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = 0.8, lambda1:
     out_dir = Path(out_dir) if out_dir is not None else store.study_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / shard_file(shard)
-    pairs = [p for k, p in enumerate(ordered_pairs(domains)) if k % shard[1] == shard[0]]
+    all_pairs = ordered_pairs(domains)
+    pairs = [p for k, p in enumerate(all_pairs) if k % shard[1] == shard[0]]
 
     base_hash = read_metadata(store.base_path()).get("base_hash", "")
-    keys = {p: pair_key(store, p[0], p[1], alpha, lambda1, controls, curvature, seed, base_hash) for p in pairs}
+    dkeys: dict = {}
+    keys = {p: pair_key(store, p[0], p[1], alpha, lambda1, controls, curvature, seed, base_hash, dkeys)
+            for p in all_pairs}
     done: set[tuple[str, float]] = set()
     if resume:
         existing = []
@@ -459,30 +470,36 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = 0.8, lambda1:
                                seed, cosines, risks, diag_name, keys[(source, target)])
             _append_rows(path, rows)
             done.update((keys[(source, target)], l2) for l2 in missing)
-        if shard[1] > 1:
-            _maybe_merge_distributed(out_dir)
+    merged = shard[1] > 1 and _maybe_merge_distributed(out_dir)
+    if merged:  # rank 0 under torch.distributed: every shard is in pairs.csv now
+        path, pairs = out_dir / PAIRS_FILE, all_pairs
 
-    table = _dedupe(_read_csv(path)) if path.is_file() else pd.DataFrame()
-    if shard[1] == 1 and (out_dir / PAIRS_FILE) != path:
-        table = _dedupe(pd.concat([_read_csv(out_dir / PAIRS_FILE), table], ignore_index=True))
+    files = [f for f in dict.fromkeys([out_dir / PAIRS_FILE, path]) if f.is_file()]
+    table = _dedupe(pd.concat([_read_csv(f) for f in files], ignore_index=True)) if files else pd.DataFrame()
     if not table.empty:
         wanted = {keys[p] for p in pairs}
         table = table[table["pair_key"].astype(str).isin(wanted) & table["lambda2"].map(_lam).isin(lambda2s)]
         table = add_normalised(table.reset_index(drop=True))
-    if not table.empty and shard[1] == 1:
+    if not table.empty and (shard[1] == 1 or merged):
         _save_parquet(add_normalised(_read_csv(path)), path.with_suffix(".parquet"))
     return table
 
 
-def _maybe_merge_distributed(out_dir: Path) -> None:
-    """Under an initialised process group: wait for every rank, then rank 0 merges the shards."""
+def _maybe_merge_distributed(out_dir: Path) -> bool:
+    """Under an initialised process group: wait for every rank, rank 0 merges the shards.
+
+    Returns True on the rank that merged. Every rank must call this (it holds barriers).
+    """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        if dist.get_rank() == 0:
-            merge_shards(out_dir)
-        dist.barrier()
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    rank = dist.get_rank()
+    if rank == 0:
+        merge_shards(out_dir)
+    dist.barrier()
+    return rank == 0
 
 
 def _save_parquet(df: pd.DataFrame, path: Path) -> None:
@@ -607,8 +624,10 @@ class StudySummary:
             if not m:
                 continue
             k = getattr(self, f"n_beat_{ctrl}")
-            verdict = "beats" if k > m / 2 else "does NOT beat"
-            out.append(f"the transfer {verdict} the control '{label}' on E-RMSE in {k}/{m} pairs")
+            if k > m / 2:
+                out.append(f"the transfer beats the control '{label}' on E-RMSE in {k}/{m} pairs")
+            else:
+                out.append(f"the transfer does NOT beat the control '{label}' on E-RMSE: better in only {k}/{m} pairs")
         return out
 
     def __repr__(self) -> str:

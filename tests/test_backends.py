@@ -57,7 +57,7 @@ LN_SUBSET = ["visual.transformer.resblocks.3.ln_2.*", "visual.ln_post.*"]
 
 def test_pyhessian_trace_agrees_with_exact_trace():
     m, x, y = mlp()
-    op = HessianOperator(m, [(x, y)])
+    op = HessianOperator(m, [(x, y)], engine="double-backward")
     exact = exact_trace(op).value
     # tol=-inf: run all max_iter probes (PyHessian's rule |Δmean|/(mean+1e-6) < tol
     # stops at once whenever the running mean is negative)
@@ -72,7 +72,7 @@ def test_pyhessian_trace_agrees_with_exact_trace():
 def test_pyhessian_top_eigs_agree_with_lanczos_on_vit(vit):
     m, x, y = vit
     m.train()
-    op = HessianOperator(m, [(x, y)], params=LN_SUBSET)
+    op = HessianOperator(m, [(x, y)], params=LN_SUBSET, engine="double-backward")
     res = pyhessian_trace_and_top_eig(m, x, y, params=LN_SUBSET, top_n=2, trace=False)
     ours = lanczos_topk(op, k=2, which="LM", num_iters=60)
     # power iteration stops at a relative change of 1e-3; its residual bounds its error

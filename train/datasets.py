@@ -26,6 +26,8 @@ proportion; ``max_per_split`` keeps such a prefix.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import io
 import json
@@ -811,6 +813,13 @@ def load_domain(
         suite = _manifest_dir(Path(data).expanduser())
         if suite is not None and name in _read_manifest(suite)["domains"]:
             return _load_minisuite(name, suite, image_size, max_per_split, seed)
+        if suite is None and Path(data).expanduser().is_dir():
+            # a user's own domain name with its ImageFolder: ``--data mydomain=/path``
+            folder = _load_folder(
+                Path(data).expanduser(), key=None, classnames=None, templates=T.GENERIC_TEMPLATES,
+                image_size=image_size, max_per_split=max_per_split, seed=seed,
+            )  # fmt: skip
+            return dataclasses.replace(folder, name=name)
     path = Path(name).expanduser()
     if path.is_dir():
         if data is not None:

@@ -85,13 +85,15 @@ class Store:
     # ------------------------------------------------------------- freshness
     @staticmethod
     def is_fresh(path: Path, key: str) -> bool:
-        """True when ``path`` exists, is a readable safetensors file and was built from ``key``."""
+        """True when ``path`` exists and was built from ``key`` (False: missing or stale settings).
+
+        Raises:
+            ArtifactError: the file exists but is corrupt, truncated or a pickle — it is never
+                silently overwritten; the user decides what to do with it.
+        """
         if not path.is_file():
             return False
-        try:
-            return read_metadata(path).get("key") == key
-        except ArtifactError:
-            return False
+        return read_metadata(path).get("key") == key
 
     # ------------------------------------------------------------------- base
     def save_base(self, backbone: Backbone, provenance: dict) -> str:

@@ -72,7 +72,7 @@ PRESETS: dict[str, ZooConfig] = {
         pretrain=PretrainConfig(epochs=1, batch_size=64, max_per_domain=64),
         ft=OptimConfig(steps=6, lr=1e-3, warmup=2, batch_size=32),
         ftx=OptimConfig(steps=6, lr=1e-3, warmup=2, batch_size=32),
-        shap_samples=16, shap_train=32, shap_test=24, max_train=64, max_test=24, eval_batch=64,
+        shap_samples=32, shap_train=32, shap_test=24, max_train=64, max_test=24, eval_batch=64,
     ),
 }
 
@@ -132,6 +132,9 @@ class Zoo:
         """θ_base (with its text tower) and its hash; pretrains the tiny backbone when missing."""
         if self._backbone is not None:
             return self._backbone
+        from train.backbones import load_config
+
+        load_config(self.config.backbone)  # unknown names fail before anything is written
         self.store.check_writable()
         cfg = self.config
         key = self._base_key()

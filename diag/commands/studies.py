@@ -130,6 +130,29 @@ def run_similarity(args) -> int:
 # ------------------------------------------------------------------------------ study
 
 
+def _is_distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_rank0_of_many() -> bool:
+    import torch.distributed as dist
+
+    return _is_distributed() and dist.get_world_size() > 1 and dist.get_rank() == 0
+
+
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1 and MASTER_ADDR set), join a gloo process group for the merge barrier."""
+    import os
+
+    import torch.distributed as dist
+
+    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ and dist.is_available()
+            and not dist.is_initialized()):
+        dist.init_process_group("gloo")
+
+
 def _study_settings(args, ctx):
     from diag.study import LAMBDA_GRID, PAPER_LAMBDA2, parse_shard
     from train.losses import check_alpha
@@ -154,12 +177,18 @@ def run_study_cmd(args) -> int:
     if args.ks_images < 1:
         raise DataError(f"--ks-images must be positive, got {args.ks_images}")
     domains = _domains(ctx, args.domains)
+    _init_distributed()
     store = ctx.ensure(domains, (alpha,))
     out = Path(args.out) if args.out else store.study_dir("allpairs")
     shard = shard or default_shard()
+    merged_rank0 = _is_rank0_of_many()
     df = run_study(store, domains, alpha=alpha, lambda1=lambda1, lambda2s=lambda2s, out_dir=out, shard=shard,
                    resume=not args.fresh, curvature=not args.no_curvature, controls=not args.no_controls,
                    progress=ctx.progress, data=ctx.data, seed=args.seed)
+    if _is_distributed() and not merged_rank0:
+        return 0  # under torchrun only rank 0 (which merged every shard) reports
+    if merged_rank0:
+        shard = (0, 1)
     report: dict = {"study": str(out), "shard": list(shard), "n_rows": int(len(df)), "figures": {}}
     main_l2 = PAPER_LAMBDA2 if PAPER_LAMBDA2 in lambda2s else lambda2s[0]
     summary = summarize(df, main_l2)

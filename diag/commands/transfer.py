@@ -38,13 +38,7 @@ def run_transfer(args) -> int:
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
     candidates = ctx.domains()
     store = ctx.ensure([source, target], (args.alpha,))
-    if not args.no_controls:
-        # the "τ* of another source" control needs one more domain's vectors
-        others = [d for d in candidates if d not in (source, target)]
-        if others:
-            import random
-
-            ctx.ensure([random.Random(args.seed).choice(sorted(others))], (args.alpha,))
+    # the "τ* of another source" control uses a domain already in the store (nothing extra is built)
     result = transfer(store, source, target, args.lambda1, args.lambda2, args.alpha,
                       controls=not args.no_controls, seed=args.seed, data=ctx.data.get(target),
                       candidates=candidates)

@@ -28,12 +28,31 @@ from diag.curvature.risk import (
     risk_exact,
 )
 
-# --- estimators (diag/curvature/estimators.py, lanczos.py): names added here by the lead ---
-# from diag.curvature.estimators import ...
-# from diag.curvature.lanczos import lanczos_topk, ...
-# --- end estimators ---
+from diag.curvature.estimators import (
+    exact_diagonal,
+    exact_trace,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    trace_with_data_variance,
+)
+from diag.curvature.lanczos import lanczos_topk, slq_density
+from diag.curvature.results import DiagonalEstimate, EigenResult, SpectralDensity, TraceEstimate
 
 __all__ = [
+    # estimators
+    "exact_diagonal",
+    "exact_trace",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "trace_with_data_variance",
+    "lanczos_topk",
+    "slq_density",
+    "TraceEstimate",
+    "DiagonalEstimate",
+    "EigenResult",
+    "SpectralDensity",
     # operators
     "CurvatureOperator",
     "DenseOperator",
