@@ -47,6 +47,7 @@ class ZooConfig:
     ft: OptimConfig = OptimConfig(steps=200, lr=1e-3, weight_decay=0.1, warmup=20, batch_size=128)
     ftx: OptimConfig = OptimConfig(steps=200, lr=1e-3, weight_decay=0.1, warmup=20, batch_size=128)
     ft_shift: int = 2
+    supervision: str = "kernelshap"
     shap_samples: int = 64
     shap_train: int = 600
     shap_test: int = 400
@@ -66,6 +67,8 @@ class ZooConfig:
 
 PRESETS: dict[str, ZooConfig] = {
     "default": ZooConfig(),
+    # Grad-CAM supervision (appendix D: the paper's ViT-L/14 ground truth) instead of Kernel SHAP.
+    "gradcam": ZooConfig(supervision="gradcam"),
     # A few seconds per domain: for tests and CLI smoke runs.
     "smoke": ZooConfig(
         backbone="tiny",
@@ -203,12 +206,19 @@ class Zoo:
     # ------------------------------------------------------------------- φ
     def _attr_key(self, name: str) -> str:
         cfg = self.config
+        if cfg.supervision == "gradcam":
+            return content_key({"ft": self._ft_key(name), "method": "gradcam", "train": cfg.shap_train,
+                                "test": cfg.shap_test, "layer": "last resblock ln_1"})
         return content_key({"ft": self._ft_key(name), "method": "kernelshap", "samples": cfg.shap_samples,
                             "train": cfg.shap_train, "test": cfg.shap_test, "baseline": 0.0, "seed": cfg.seed,
                             "output": "logit", "paired": True})
 
     def attributions(self, name: str) -> dict[str, torch.Tensor]:
-        """φ (Kernel SHAP on the θ_ft model, labelled class) for the first train and test images."""
+        """φ (Kernel SHAP or Grad-CAM on the θ_ft model, labelled class) for the first train and test images.
+
+        Stored under the method's name; the store's default attribution file (``kernelshap``)
+        is what transfer evaluation reads, so a Grad-CAM zoo uses its own store folder.
+        """
         key = self._attr_key(name)
         path = self.store.attribution_path(name, "kernelshap")
         if self.store.is_fresh(path, key):
@@ -219,9 +229,9 @@ class Zoo:
         start = time.perf_counter()
         for split, limit in (("train", self.config.shap_train), ("test", self.config.shap_test)):
             x, y = self.images(name, split, limit)
-            out[split] = self._explain(model, x, y, desc=f"Kernel SHAP {name}/{split}")
+            out[split] = self._explain(model, x, y, desc=f"{self.config.supervision} {name}/{split}")
             out[f"{split}_labels"] = y
-        meta = {"key": key, "base_hash": base_hash, "domain": name, "method": "kernelshap",
+        meta = {"key": key, "base_hash": base_hash, "domain": name, "method": self.config.supervision,
                 "samples": self.config.shap_samples, "baseline": "0 (dataset mean after normalisation)",
                 "output": "logit of the labelled class", "seconds": f"{time.perf_counter() - start:.1f}",
                 "dataset_hash": self.domain(name).content_hash}
@@ -229,6 +239,10 @@ class Zoo:
         return out
 
     def _explain(self, model: SelfExplainingCLIP, x: torch.Tensor, y: torch.Tensor, desc: str) -> torch.Tensor:
+        if self.config.supervision == "gradcam":
+            from train.explain.gradcam import gradcam_patches
+
+            return gradcam_patches(model, x, y).float()
         chunk = 32
         gen = torch.Generator().manual_seed(self.config.seed)
         patch = self.base()[0].config.patch_size
@@ -289,6 +303,16 @@ class Zoo:
                       "seconds": f"{history.seconds:.1f}", "tvdiag_version": __version__,
                       "supervision": "none" if alpha == 1 else f"kernelshap samples={self.config.shap_samples}"}
         return TaskVector.between(base_state(backbone), visual_state(model), base_hash, provenance)
+
+    @torch.no_grad()
+    def zero_shot_accuracy(self, name: str) -> float:
+        """Accuracy of θ_base with the domain's text head on its test split (CLIP zero-shot)."""
+        model = self.model(name)
+        x, y = self.images(name, "test", self.config.max_test)
+        correct = 0
+        for start in range(0, len(y), self.config.eval_batch):
+            correct += int((model(x[start:start + self.config.eval_batch]).argmax(1) == y[start:start + self.config.eval_batch]).sum())
+        return correct / max(len(y), 1)
 
     # ------------------------------------------------------------------ build
     def build(self, domains: list[str] | None = None, alphas: tuple[float, ...] = (0.8,)) -> dict[str, float]:

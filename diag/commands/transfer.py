@@ -52,11 +52,16 @@ def run_zoo(args) -> int:
     ctx = context_from(args)
     domains = [ctx.check_domain(d) for d in (args.domains or ctx.domains())]
     alphas = tuple(check_alpha(a) for a in (args.alpha or [0.8]))
-    times = ctx.zoo().build(domains, alphas)
+    zoo = ctx.zoo()
+    times = zoo.build(domains, alphas)
+    zero_shot = {d: zoo.zero_shot_accuracy(d) for d in domains}
     if args.json:
-        print(json.dumps({"store": str(ctx.store.folder), "seconds": times}, indent=2))
+        print(json.dumps({"store": str(ctx.store.folder), "seconds": times, "zero_shot_accuracy": zero_shot}, indent=2))
     else:
         print(f"zoo ready in {ctx.store.folder}")
         for k, v in times.items():
             print(f"  {k:12s} {v:8.1f} s")
+        print("zero-shot accuracy of θ_base (test split; chance = 1/classes):")
+        for d, acc in zero_shot.items():
+            print(f"  {d:12s} {acc:.3f}   (chance {1 / zoo.domain(d).num_classes:.3f})")
     return 0
