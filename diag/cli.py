@@ -35,9 +35,38 @@ class _ArgumentError(Exception):
     pass
 
 
+def _maybe_init_distributed() -> int:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPU).
+
+    Curvature products are then averaged over the ranks' data shards and probes split
+    across ranks; only rank 0 prints. Returns this process's rank.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 a 'no-go' verdict, 2 bad input)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if _maybe_init_distributed() != 0:
+        import io
+        import contextlib
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            return _run(argv)
+    return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

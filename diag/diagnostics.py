@@ -101,7 +101,11 @@ class Diagnostics:
         x = to_model_input(part.images[:n], self.backbone.config.mean, self.backbone.config.std, size=size)
         y = part.labels[:n].long()
         batches = [(x[i:i + s.batch_size], y[i:i + s.batch_size]) for i in range(0, n, s.batch_size)]
-        return HessianOperator(model, batches, params=list(s.params) if s.params else None, engine=s.engine)
+        from diag.curvature.distributed import is_distributed
+
+        # under torchrun each rank takes every world-th batch and products are all-reduced
+        return HessianOperator(model, batches, params=list(s.params) if s.params else None, engine=s.engine,
+                               shard=is_distributed())
 
     def _curvature_key(self, target: str) -> str:
         from dataclasses import asdict

@@ -176,8 +176,13 @@ def merge_shards(out_dir: str | Path) -> pd.DataFrame:
     return merged
 
 
-def load_study(out_dir: str | Path, lambda2: float | None = None, merge: bool = True) -> pd.DataFrame:
+def load_study(out_dir: str | Path, lambda2: float | None = None, merge: bool = True,
+               latest: bool = True) -> pd.DataFrame:
     """The study table of ``out_dir`` (shards merged), optionally only the rows at ``lambda2``.
+
+    A folder can hold rows of several runs with different settings (e.g. with and without
+    curvature, or after artifacts were rebuilt); with ``latest`` only the last-written row of
+    each (source, target, λ2) is kept, so every pair counts once.
 
     Raises:
         ArtifactError: no table in ``out_dir``.
@@ -187,7 +192,12 @@ def load_study(out_dir: str | Path, lambda2: float | None = None, merge: bool = 
                                               else pd.DataFrame())
     if df.empty:
         raise ArtifactError(f"no study table in {out_dir} (expected {PAIRS_FILE}); run `diag study` first")
-    return at_lambda(df, lambda2) if lambda2 is not None else df
+    if latest:
+        dup = df.assign(_l=df["lambda2"].map(_lam)).duplicated(["source", "target", "_l"], keep="last")
+        if dup.any():
+            log.info("study %s: %d older rows of re-run pairs hidden (latest=False shows them)", out_dir, int(dup.sum()))
+        df = df.loc[~dup].reset_index(drop=True)
+    return add_normalised(at_lambda(df, lambda2) if lambda2 is not None else df)
 
 
 def at_lambda(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2) -> pd.DataFrame:

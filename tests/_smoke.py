@@ -7,6 +7,7 @@ store lives in a temp folder keyed by the process id and is removed at interpret
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -17,6 +18,19 @@ LAMBDAS = (0.4, 0.7, 1.0)
 BACKBONE_ID = "tiny-smoke"  # what `diag ... --preset smoke` resolves to
 
 _CACHE: dict = {}
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread: on a shared 2-core box two threads spin and run ~5x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def smoke_root() -> Path:
@@ -32,7 +46,8 @@ def smoke_store():
         root = smoke_root()
         atexit.register(shutil.rmtree, root, True)
         store = Store(root, BACKBONE_ID)
-        Zoo(store, preset("smoke"), progress=False).build(DOMAINS)
+        with one_thread():
+            Zoo(store, preset("smoke"), progress=False).build(DOMAINS)
         _CACHE["store"] = store
     return _CACHE["store"]
 
@@ -44,6 +59,7 @@ def smoke_study():
 
         store = smoke_store()
         out = store.study_dir("allpairs")
-        df = run_study(store, DOMAINS, lambda2s=LAMBDAS, out_dir=out, curvature=False, progress=False)
+        with one_thread():
+            df = run_study(store, DOMAINS, lambda2s=LAMBDAS, out_dir=out, curvature=False, progress=False)
         _CACHE["study"] = (store, out, df)
     return _CACHE["study"]

@@ -9,7 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from _smoke import DOMAINS, LAMBDAS, smoke_study
+from _smoke import DOMAINS, LAMBDAS, one_thread, smoke_study
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +114,14 @@ def test_resume_skips_done_pairs_and_fills_gaps(study, tmp_path):
     assert (again.loc[(again["source"] == s0) & (again["target"] == t0), "ermse"] == 99.0).all()
     for lam in LAMBDAS:
         assert _row(again, s1, t1, lam)["ermse"] == pytest.approx(_row(df, s1, t1, lam)["ermse"], rel=1e-12)
-    # other settings are other rows, not a skip
     assert len(pd.read_csv(work / "pairs.csv")) == len(df)
+    # other settings are other rows, not a skip; load_study shows each pair once (the latest)
+    run_study(store, DOMAINS[:2], lambda2s=(0.7,), out_dir=work, curvature=False, controls=False, progress=False)
+    assert len(pd.read_csv(work / "pairs.csv")) == len(df) + 2
+    from diag.study import load_study
+
+    latest = load_study(work, lambda2=0.7)
+    assert len(latest) == 6 and latest["ermse_random"].isna().sum() == 2
 
 
 def test_shards_partition_pairs_and_merge(study, tmp_path, monkeypatch):

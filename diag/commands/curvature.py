@@ -136,7 +136,7 @@ def run_hessian(args) -> int:
     print(f"Hessian of L_cls at θ_ft of '{domain}' on {args.n_images} train images")
     if "trace" in out:
         t = out["trace"]
-        lo, hi = t.get("ci95", (math.nan, math.nan))
+        lo, hi = t["ci95_low"], t["ci95_high"]
         print(f"  trace (Hutchinson, {t['n_matvecs']} probes): {t['value']:.6g} ± {t['stderr']:.2g}  95% CI [{lo:.6g}, {hi:.6g}]")
         h = out["hutchpp"]
         print(f"  trace (Hutch++, {h['n_matvecs']} products):  {h['value']:.6g} ± {h['stderr']:.2g}")
@@ -247,4 +247,4 @@ def run_risk(args) -> int:
 def run_bench(args) -> int:
     from diag.curvature.bench import bench_main
 
-    return bench_main(quick=args.quick, json_out=args.json, repeats=args.repeats)
+    return bench_main(quick=args.quick, json_out=args.json, repeats=args.repeats or 3)
