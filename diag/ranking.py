@@ -23,7 +23,7 @@ import pandas as pd
 
 from diag.diagnostics import Diagnostics
 from diag.predictor import evaluate_loto, fit_predictor, fit_source_model, tier_features
-from diag.transfer import evaluate_state, target_set, transferred_state
+from diag.transfer import transferred_state
 from train.errors import DataError
 
 LAMBDA_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
@@ -166,19 +166,39 @@ def quadratic_lambda(predicted_drop_at_07: float, budget: float, reference: floa
     return max(ok) if ok else 0.0
 
 
+def labelled_target(diag: Diagnostics, target: str, n_images: int = 400):
+    """Labelled target test images (no explanations needed): model inputs and labels."""
+    from train.data import to_model_input
+    from train.datasets import load_domain
+
+    size = diag.backbone.config.image_size
+    part = load_domain(target, data=diag.data.get(target), image_size=None if size == 32 else size).split("test")
+    n = min(n_images, part.labels.shape[0])
+    x = to_model_input(part.images[:n], diag.backbone.config.mean, diag.backbone.config.std, size=size)
+    return x, part.labels[:n].long()
+
+
+def _accuracy(diag: Diagnostics, target: str, state, x, y, batch: int = 256) -> float:
+    import torch
+
+    model = diag.store.model(target, state, backbone=diag.backbone)
+    with torch.no_grad():
+        correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(y), batch))
+    return correct / max(len(y), 1)
+
+
 def accuracy_grid(diag: Diagnostics, target: str, sources: list[str], lambda1: float = 1.0,
                   grid=LAMBDA_GRID) -> pd.DataFrame:
-    """Measured target accuracy of eq. 8 over a λ2 grid (labelled target images, tier 2)."""
-    tset = target_set(diag.store, target, diag.data.get(target))
+    """Measured target accuracy of eq. 8 over a λ2 grid (labelled target images, tier 2; no φ needed)."""
+    x, y = labelled_target(diag, target)
     ft_t = diag.vector(target, "ft")
-    base_acc = evaluate_state(diag.store, tset, ft_t.apply_to(diag.base, base_hash=diag.base_hash), "θ_ftᵀ",
-                              diag.backbone).accuracy
+    base_acc = _accuracy(diag, target, ft_t.apply_to(diag.base, base_hash=diag.base_hash), x, y)
     rows = []
     for source in sources:
         star = diag.vector(source, "star")
         for lam in grid:
             state = transferred_state(diag.base, ft_t, star, lambda1, lam, diag.base_hash)
-            acc = evaluate_state(diag.store, tset, state, "proposed", diag.backbone).accuracy
+            acc = _accuracy(diag, target, state, x, y)
             rows.append({"source": source, "lambda2": lam, "accuracy": acc,
                          "acc_drop": 1.0 - acc / max(base_acc, 1e-12)})
     out = pd.DataFrame(rows)

@@ -225,7 +225,7 @@ def add_normalised(df: pd.DataFrame) -> pd.DataFrame:
 # -------------------------------------------------------------------------------- diagnostics
 
 
-def _risk_engine(store: Store, alpha: float, data: dict | None, progress: bool):
+def _risk_engine(store: Store, alpha: float, data: dict | None, progress: bool, settings=None):
     """``(source, target) -> {risk_exact, risk_diag, risk_card}`` from :mod:`diag.diagnostics`, or None.
 
     Uses one :class:`diag.diagnostics.Diagnostics` for the whole study (each target's curvature is
@@ -238,7 +238,8 @@ def _risk_engine(store: Store, alpha: float, data: dict | None, progress: bool):
             return None
         raise
     if hasattr(mod, "Diagnostics") and hasattr(mod.Diagnostics, "risks"):
-        engine = mod.Diagnostics(store, alpha, data=data, progress=progress)
+        kwargs = {"settings": settings} if settings is not None else {}
+        engine = mod.Diagnostics(store, alpha, data=data, progress=progress, **kwargs)
         return lambda s, t: engine.risks(s, t)
     if hasattr(mod, "pair_diagnostics"):
         return lambda s, t: {k: v for k, v in mod.pair_diagnostics(store, s, t, alpha=alpha, curvature=True,
@@ -406,6 +407,7 @@ def _check_domains(store: Store, domains: Sequence[str], alpha: float) -> list[s
 def run_study(store: Store, domains: Sequence[str], alpha: float = 0.8, lambda1: float = 1.0,
               lambda2s: Sequence[float] = (PAPER_LAMBDA2,), out_dir: str | Path | None = None,
               shard: tuple[int, int] | None = None, resume: bool = True, curvature: bool = True,
+              curvature_settings=None,
               controls: bool = True, progress: bool = True, data: dict | None = None, seed: int = 0,
               name: str = DEFAULT_STUDY) -> pd.DataFrame:
     """Score eq. 8 and its controls for every ordered pair of ``domains`` at each λ2.
@@ -419,6 +421,7 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = 0.8, lambda1:
         shard: (i, n): only pairs with index % n == i (default: torchrun rank/world or (0, 1)).
         resume: skip pairs whose rows (same ``pair_key`` and λ2) are already written.
         curvature: ask :func:`diag.diagnostics.pair_diagnostics` for the risk columns.
+        curvature_settings: :class:`diag.diagnostics.CurvatureSettings` (images, probes, k) of the targets' Hᵀ.
         controls: score the random-vector, other-source and mean-map controls.
         progress: tqdm bar over pairs.
         data: domain → local dataset path (for domains outside the mini-suite).
@@ -467,7 +470,7 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = 0.8, lambda1:
 
     if todo:
         cosines = _CosineDiagnostics(store, domains, alpha)
-        risks = _risk_engine(store, alpha, data, progress) if curvature else None
+        risks = _risk_engine(store, alpha, data, progress, curvature_settings) if curvature else None
         diag_name = cosines.name + ("; risks: diag.diagnostics" if risks is not None else "; no risks")
         if curvature and risks is None:
             log.warning("diag.diagnostics is not available: the risk columns stay NaN")

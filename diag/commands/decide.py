@@ -9,6 +9,20 @@ from diag.context import add_common, context_from
 from train.errors import TvdiagError
 
 
+def _suite_options(p) -> None:
+    p.add_argument("--domains", nargs="*", default=None,
+                   help="the suite of known domains the ranker learns from (default: the mini-suite + --data)")
+    p.add_argument("--n-images", type=int, default=256, help="target images of Hᵀ")
+    p.add_argument("--probes", type=int, default=24, help="Hutchinson probes of diag(Hᵀ)")
+    p.add_argument("--k", type=int, default=8, help="eigenpairs of the Hessian card")
+
+
+def _settings(args):
+    from diag.diagnostics import CurvatureSettings
+
+    return CurvatureSettings(n_images=args.n_images, probes=args.probes, k=args.k)
+
+
 def register(sub) -> None:
     r = sub.add_parser("rank-sources", help="rank source explainability vectors for a target, by data-access tier")
     add_common(r)
@@ -20,6 +34,7 @@ def register(sub) -> None:
     r.add_argument("--model", default="ridge", choices=("ridge", "gbr"))
     r.add_argument("--evaluate", action="store_true", help="leave-one-target-out evaluation of the rankers")
     r.add_argument("--n-boot", type=int, default=1000)
+    _suite_options(r)
     r.set_defaults(func=run_rank)
 
     s = sub.add_parser("screen", help="go / caution / no-go verdict for adding τ*ˢ to a target model")
@@ -29,16 +44,22 @@ def register(sub) -> None:
     s.add_argument("--lambda2", type=float, default=0.7)
     s.add_argument("--max-acc-drop", type=float, default=0.05)
     s.add_argument("--alpha", type=float, default=0.8)
+    _suite_options(s)
     s.set_defaults(func=run_screen)
 
 
-def _study_table(ctx, alpha: float):
+def _suite(ctx, args) -> list[str]:
+    return [ctx.check_domain(d) for d in (args.domains or ctx.domains())]
+
+
+def _study_table(ctx, args):
     """The all-pairs study of the suite at λ2 = 0.7 (run, or resumed, on demand)."""
     from diag.study import at_lambda, run_study
 
-    domains = ctx.domains()
-    store = ctx.ensure(domains, (alpha,))
-    table = run_study(store, domains, alpha=alpha, progress=ctx.progress, data=ctx.data)
+    domains = _suite(ctx, args)
+    store = ctx.ensure(domains, (args.alpha,))
+    table = run_study(store, domains, alpha=args.alpha, progress=ctx.progress, data=ctx.data,
+                      curvature_settings=_settings(args))
     return store, at_lambda(table)
 
 
@@ -57,7 +78,7 @@ def run_rank(args) -> int:
     check_alpha(args.alpha)
     budget = _budget(args.max_acc_drop)
     if args.evaluate:
-        _, table = _study_table(ctx, args.alpha)
+        _, table = _study_table(ctx, args)
         rows = evaluate_rankers(table, n_boot=args.n_boot)
         if args.json:
             print(json.dumps({"n_pairs": int(len(table)), "predictors": rows}, indent=2, default=float))
@@ -75,10 +96,11 @@ def run_rank(args) -> int:
     if not args.target:
         raise TvdiagError("--target is required (or use --evaluate)")
     target = ctx.check_domain(args.target)
-    store, table = _study_table(ctx, args.alpha)
+    store, table = _study_table(ctx, args)
+    ctx.ensure([target], (args.alpha,), explain=False)  # the target's prediction-only θ_ft is all we need
     tier = 2 if args.tier == "auto" else int(args.tier)
-    sources = [d for d in ctx.domains() if d != target]
-    diag = Diagnostics(store, args.alpha, data=ctx.data, progress=ctx.progress)
+    sources = [d for d in _suite(ctx, args) if d != target]
+    diag = Diagnostics(store, args.alpha, _settings(args), data=ctx.data, progress=ctx.progress)
     ranking = rank_for_target(diag, table, target, sources, tier, budget, model=args.model)
     print(json.dumps(ranking.to_dict(), indent=2, default=float) if args.json else ranking.table())
     return 0
@@ -97,8 +119,10 @@ def run_screen(args) -> int:
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
     if source == target:
         raise TvdiagError(f"source and target are both '{source}'")
-    store, table = _study_table(ctx, args.alpha)
-    diag = Diagnostics(store, args.alpha, data=ctx.data, progress=ctx.progress)
+    store, table = _study_table(ctx, args)
+    ctx.ensure([source], (args.alpha,))
+    ctx.ensure([target], (args.alpha,), explain=False)
+    diag = Diagnostics(store, args.alpha, _settings(args), data=ctx.data, progress=ctx.progress)
     ranking = rank_for_target(diag, table, target, [source], 2, budget)
     row = ranking.rows.iloc[0]
     verdict, reasons = screen_verdict(row, table, target, lam, budget)
