@@ -75,17 +75,24 @@ def _sniff(path: Path) -> None:
     raise ArtifactError(f"{path} is not a safetensors file")
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """Metadata of a safetensors file without reading its tensors."""
+def _read(path: str | Path, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Open a safetensors file after the existence and pickle checks; read metadata (and tensors)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"Missing artifact: {path}")
     _sniff(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
+            meta = dict(fh.metadata() or {})
+            values = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ArtifactError(f"Corrupt or truncated safetensors file {path}: {err}") from err
+    return values, meta
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """Metadata of a safetensors file without reading its tensors."""
+    return _read(path, tensors=False)[1]
 
 
 def load_tensors(path: str | Path, check_finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -94,16 +101,7 @@ def load_tensors(path: str | Path, check_finite: bool = True) -> tuple[dict[str,
     Raises:
         ArtifactError: missing, pickled, truncated or corrupt file; NaN/Inf when ``check_finite``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"Missing artifact: {path}")
-    _sniff(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ArtifactError(f"Corrupt or truncated safetensors file {path}: {err}") from err
+    tensors, meta = _read(path, tensors=True)
     if check_finite:
         for key, value in tensors.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
