@@ -18,7 +18,7 @@ import torch
 from diag.metrics import Scores, score
 from train.data import to_model_input
 from train.datasets import load_domain
-from train.errors import ArtifactError, DataError, unknown
+from train.errors import ArtifactError, DataError
 from train.model import SelfExplainingCLIP
 from train.store import Store, base_state
 from train.vectors import TaskVector, check_scale
@@ -182,8 +182,3 @@ def transfer(store: Store, source: str, target: str, lambda1: float = 1.0, lambd
             result.rows.append(score(name, None, tset.y, pred, tset.phi, accuracy=ft_row.accuracy))
     return result
 
-
-def check_domain(name: str, available: list[str]) -> str:
-    if name not in available:
-        raise unknown("domain", name, available)
-    return name

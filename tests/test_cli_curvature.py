@@ -40,7 +40,6 @@ def test_risk_exact_matches_direct_double_backward(root, capsys):
         assert key in res
     assert len(res["eigvals"]) == 2 and res["eigvals"][0] >= res["eigvals"][1]
     # independent reference: τᵀ H τ by plain autograd on the same 32 images
-    from diag.transfer import predict  # noqa: F401  (import check of the evaluation path)
     from train.data import to_model_input
     from train.datasets import load_domain
     from train.store import base_state
