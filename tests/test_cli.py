@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diag.cli import main
-from tests._smoke import BACKBONE_ID, smoke_root, smoke_store
+from tests._smoke import BACKBONE_ID, smoke_store
 from train.vectors import TaskVector
 
 

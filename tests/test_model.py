@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.backbones import create_backbone, state_hash
+from train.backbones import create_backbone
 from train.errors import ArtifactError, UnknownNameError
 from train.model import SelfExplainingCLIP, text_head
 

@@ -143,7 +143,6 @@ def run_screen(args) -> int:
 
 def screen_verdict(row, table, target: str, lam: float, budget: float) -> tuple[str, list[str]]:
     """go / caution / no-go from the measured and predicted consequences of adding τ*ˢ."""
-    import numpy as np
 
     reasons = []
     known = table[(table["target"] != target) & (table["source"] != target)]

@@ -31,7 +31,6 @@ import gc
 import json
 import logging
 import math
-import os
 import platform
 import statistics
 import time
