@@ -1,6 +1,7 @@
 """`diag rank-sources` and `diag screen` through main([...]) on the smoke store (4 domains)."""
 
 import json
+import tempfile
 
 import pytest
 
@@ -8,7 +9,10 @@ from diag.cli import main
 from tests._smoke import smoke_store
 
 SUITE = ["--domains", "mnist", "animals", "gtsrb", "fashion"]
-SMALL = ["--n-images", "32", "--probes", "4", "--k", "2", "--quiet", "--preset", "smoke", "--n-boot", "50"]
+# this module's 4-domain study stays out of the shared smoke store's default study folder
+STUDY = tempfile.mkdtemp(prefix="tvdiag-decide-study-")
+SMALL = ["--n-images", "32", "--probes", "4", "--k", "2", "--quiet", "--preset", "smoke", "--study", STUDY,
+         "--n-boot", "50"]
 
 
 @pytest.fixture(scope="module")

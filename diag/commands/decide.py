@@ -15,6 +15,7 @@ def _suite_options(p) -> None:
     p.add_argument("--n-images", type=int, default=256, help="target images of Hᵀ")
     p.add_argument("--probes", type=int, default=24, help="Hutchinson probes of diag(Hᵀ)")
     p.add_argument("--k", type=int, default=8, help="eigenpairs of the Hessian card")
+    p.add_argument("--study", default=None, help="study folder of the known pairs (default: the store's 'allpairs')")
 
 
 def _settings(args):
@@ -59,7 +60,7 @@ def _study_table(ctx, args):
     domains = _suite(ctx, args)
     store = ctx.ensure(domains, (args.alpha,))
     table = run_study(store, domains, alpha=args.alpha, progress=ctx.progress, data=ctx.data,
-                      curvature_settings=_settings(args))
+                      curvature_settings=_settings(args), out_dir=args.study)
     return store, at_lambda(table)
 
 
