@@ -342,6 +342,20 @@ class _ModelOperator(CurvatureOperator):
         stack.enter_context(_eval_mode(self.model))
         return stack
 
+    def _block(self, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]]) -> Tensor:
+        """``(D, len(vs))`` products of the sum-loss curvature on one batch (subclasses)."""
+        raise NotImplementedError
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        return self._matmat(v.unsqueeze(1)).squeeze(1)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        # one pass over the data for the whole block
+        if V.shape[1] == 0:
+            return V.clone()
+        vs = [self.unflatten(V[:, j].contiguous()) for j in range(V.shape[1])]
+        return self._reduce(lambda x, y: self._block(x, y, vs), V)
+
     def _reduce(self, per_batch: Callable[[Tensor, Tensor], Tensor], like: Tensor) -> Tensor:
         """``(sum over batches of per_batch(x, y)) / N``, all-reduced across ranks."""
         total = torch.zeros_like(like)
@@ -503,15 +517,9 @@ class HessianOperator(_ModelOperator):
         return best
 
     # -- products -------------------------------------------------------------
-    def _matvec(self, v: Tensor) -> Tensor:
-        return self._matmat(v.unsqueeze(1)).squeeze(1)
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        # one pass over the data for the whole block (double backward also reuses the graph)
-        if V.shape[1] == 0:
-            return V.clone()
-        vs = [self.unflatten(V[:, j].contiguous()) for j in range(V.shape[1])]
-        return self._reduce(lambda x, y: self._hvp_batch(self.engine, x, y, vs), V)
+    def _block(self, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]]) -> Tensor:
+        # double backward reuses one graph for the whole block
+        return self._hvp_batch(self.engine, x, y, vs)
 
     # Forward-over-forward (nested torch.func.jvp) would give v^T H v without an HVP,
     # but torch 2.14's nested forward AD of layer_norm is wrong (pytorch#196700; on a
@@ -526,7 +534,7 @@ class GGNOperator(_ModelOperator):
     ``torch.func.vjp``. ``G`` is positive semi-definite.
     """
 
-    def _ggn_batch(self, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]]) -> Tensor:
+    def _block(self, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]]) -> Tensor:
         f = lambda th: self._logits(th, x)  # noqa: E731
         z, vjp_fn = torch.func.vjp(f, self._theta)
         p = torch.softmax(z.detach(), dim=-1)
@@ -537,14 +545,6 @@ class GGNOperator(_ModelOperator):
             cols.append(self.flatten(vjp_fn(hjv)[0]))
         return torch.stack(cols, dim=1)
 
-    def _matvec(self, v: Tensor) -> Tensor:
-        return self._matmat(v.unsqueeze(1)).squeeze(1)
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        if V.shape[1] == 0:
-            return V.clone()
-        vs = [self.unflatten(V[:, j].contiguous()) for j in range(V.shape[1])]
-        return self._reduce(lambda x, y: self._ggn_batch(x, y, vs), V)
 
     def diagonal(self, chunk_size: int | None = None) -> Tensor:
         """Exact ``diag(G)``, using that ``diag(p) - p p^T = S S^T`` with
@@ -596,7 +596,7 @@ class EmpiricalFisherOperator(_ModelOperator):
             raise DataError(f"Labels out of range [0, {C}): min {int(y.min())}, max {int(y.max())}.")
         return F.cross_entropy(logits, y, reduction="none")
 
-    def _fisher_batch(self, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]]) -> Tensor:
+    def _block(self, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]]) -> Tensor:
         f = lambda th: self._per_sample_losses(th, x, y)  # noqa: E731
         _, vjp_fn = torch.func.vjp(f, self._theta)
         cols = []
@@ -605,14 +605,6 @@ class EmpiricalFisherOperator(_ModelOperator):
             cols.append(self.flatten(vjp_fn(gv)[0]))
         return torch.stack(cols, dim=1)
 
-    def _matvec(self, v: Tensor) -> Tensor:
-        return self._matmat(v.unsqueeze(1)).squeeze(1)
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        if V.shape[1] == 0:
-            return V.clone()
-        vs = [self.unflatten(V[:, j].contiguous()) for j in range(V.shape[1])]
-        return self._reduce(lambda x, y: self._fisher_batch(x, y, vs), V)
 
     def per_sample_gradients(self, x: Tensor, y: Tensor, chunk_size: int | None = None) -> Tensor:
         """``(B, D)`` per-sample gradients ``g_i`` on one batch (``vmap`` of ``grad``)."""
