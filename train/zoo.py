@@ -9,7 +9,6 @@ at the first missing artifact and nothing is recomputed needlessly.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -173,14 +172,10 @@ class Zoo:
         return self.store.load_head(name)
 
     def model(self, name: str, state: dict[str, torch.Tensor] | None = None) -> SelfExplainingCLIP:
+        """The store's model for ``name`` (head built first when missing), θ = ``state`` or θ_base."""
         backbone, _ = self.base()
-        head, scale = self.head(name)
-        model = SelfExplainingCLIP(copy.deepcopy(backbone.clip.visual), head, scale)
-        if state is not None:
-            from train.model import load_visual_state
-
-            load_visual_state(model, state)
-        return model.eval()
+        self.head(name)
+        return self.store.model(name, state, backbone=backbone)
 
     # ----------------------------------------------------------------- θ_ft
     def _ft_key(self, name: str) -> str:
