@@ -28,8 +28,7 @@ from diag.curvature.estimators import hutchinson_diagonal
 from diag.curvature.operators import HessianOperator
 from diag.curvature.risk import risk_diagonal, risk_exact
 from diag.similarity import VectorSpec, cosine_streamed
-from train.data import to_model_input
-from train.datasets import load_domain
+from train.datasets import model_inputs
 from train.store import Store, base_state, content_key
 from train.tensorio import load_tensors, save_tensors
 from train.vectors import TaskVector
@@ -95,11 +94,8 @@ class Diagnostics:
         s = self.settings
         model = self.store.model(target, self.vector(target, "ft").apply_to(self.base, base_hash=self.base_hash),
                                  backbone=self.backbone)
-        size = self.backbone.config.image_size
-        part = load_domain(target, data=self.data.get(target), image_size=None if size == 32 else size).split(s.split)
-        n = min(s.n_images, part.labels.shape[0])
-        x = to_model_input(part.images[:n], self.backbone.config.mean, self.backbone.config.std, size=size)
-        y = part.labels[:n].long()
+        x, y = model_inputs(self.backbone.config, target, s.split, s.n_images, self.data.get(target))
+        n = len(y)
         batches = [(x[i:i + s.batch_size], y[i:i + s.batch_size]) for i in range(0, n, s.batch_size)]
         from diag.curvature.distributed import is_distributed
 

@@ -168,14 +168,9 @@ def quadratic_lambda(predicted_drop_at_07: float, budget: float, reference: floa
 
 def labelled_target(diag: Diagnostics, target: str, n_images: int = 400):
     """Labelled target test images (no explanations needed): model inputs and labels."""
-    from train.data import to_model_input
-    from train.datasets import load_domain
+    from train.datasets import model_inputs
 
-    size = diag.backbone.config.image_size
-    part = load_domain(target, data=diag.data.get(target), image_size=None if size == 32 else size).split("test")
-    n = min(n_images, part.labels.shape[0])
-    x = to_model_input(part.images[:n], diag.backbone.config.mean, diag.backbone.config.std, size=size)
-    return x, part.labels[:n].long()
+    return model_inputs(diag.backbone.config, target, "test", n_images, diag.data.get(target))
 
 
 def _accuracy(diag: Diagnostics, target: str, state, x, y, batch: int = 256) -> float:

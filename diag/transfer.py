@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from diag.metrics import Scores, score
-from train.data import to_model_input
-from train.datasets import load_domain
+from train.datasets import model_inputs
 from train.errors import ArtifactError, DataError
 from train.model import SelfExplainingCLIP
 from train.store import Store, base_state
@@ -49,12 +48,9 @@ def target_set(store: Store, target: str, data: str | Path | None = None, split:
     backbone, _ = store.load_base()
     attr = store.load_attributions(target)
     phi, labels = attr[split], attr[f"{split}_labels"].long()
-    size = backbone.config.image_size
-    part = load_domain(target, data=data, image_size=None if size == 32 else size).split(split)
-    n = phi.shape[0]
-    if part.labels.shape[0] < n or not torch.equal(part.labels[:n].long(), labels):
+    x, y = model_inputs(backbone.config, target, split, phi.shape[0], data)
+    if len(y) < phi.shape[0] or not torch.equal(y, labels):
         raise ArtifactError(f"Stored attributions of '{target}' do not match its {split} split; rebuild them")
-    x = to_model_input(part.images[:n], backbone.config.mean, backbone.config.std, size=size)
     return TargetSet(target, x, labels, phi)
 
 

@@ -829,3 +829,19 @@ def load_domain(
             image_size=image_size, max_per_split=max_per_split, seed=seed,
         )  # fmt: skip
     raise _unknown_domain(name)
+
+
+def model_inputs(config, name: str, split: str, limit: int | None = None,
+                 data: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` images of a split as model inputs (N, 3, H, W) and their labels.
+
+    Args:
+        config: the backbone's :class:`~train.backbones.BackboneConfig` (input size, mean, std).
+        name, data: as :func:`load_domain`.
+    """
+    from train.data import to_model_input
+
+    size = config.image_size
+    part = load_domain(name, data=data, image_size=None if size == 32 else size).split(split)
+    n = part.labels.shape[0] if limit is None else min(limit, part.labels.shape[0])
+    return to_model_input(part.images[:n], config.mean, config.std, size=size), part.labels[:n].long()
