@@ -33,6 +33,20 @@ def test_hessian_trace_and_resume(root, capsys):
     assert res2["trace"]["value"] == pytest.approx(t["value"], rel=1e-10)
 
 
+def test_hessian_diagonal_totals(root, capsys):
+    res = run_json(capsys, "hessian", "--domain", "animals", "--what", "diag", "--probes", "4", "--store", root, *SMALL)
+    d = res["diag"]
+    assert d["n_matvecs"] == 4 and d["total_stderr"] > 0
+    from train.tensorio import load_tensors
+
+    diag = load_tensors(res["path"])[0]["diag"]
+    assert float(diag.sum()) == pytest.approx(d["total"], rel=1e-9)
+    top = list(res["per_tensor_top"].items())
+    assert len(top) == 8 and all(name.startswith("visual.") for name, _ in top)
+    mags = [abs(v) for _, v in top]
+    assert mags == sorted(mags, reverse=True) and mags[0] <= float(diag.abs().sum()) + 1e-9
+
+
 def test_risk_exact_matches_direct_double_backward(root, capsys):
     res = run_json(capsys, "risk", "--source", "animals", "--target", "mnist", "--probes", "4", "--k", "2",
                    "--check", "0.5", "--store", root, *SMALL)

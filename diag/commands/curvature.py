@@ -112,9 +112,7 @@ def run_hessian(args) -> int:
                           "total_stderr": est.total_stderr, "base_hash": diag.base_hash})
             out["diag"] = est.to_dict()
             out["path"] = str(path)
-            per_tensor = {}
-            for name, (a, b) in op.layout.offsets.items() if hasattr(op, "layout") else []:
-                per_tensor[name] = float(est.mean[a:b].sum())
+            per_tensor = {name: float(est.mean[a:b].sum()) for name, (a, b) in op.layout.offsets().items()}
             out["per_tensor_top"] = dict(sorted(per_tensor.items(), key=lambda kv: -abs(kv[1]))[:8])
         if args.backend == "pyhessian":
             from diag.curvature.backends import pyhessian_trace_and_top_eig
