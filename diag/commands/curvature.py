@@ -149,7 +149,8 @@ def run_hessian(args) -> int:
             print(f"  trace {c['trace']:.6g} ± {c.get('trace_stderr') or 0:.2g}")
     if "pyhessian_first_batch" in out:
         ph, ours = out["pyhessian_first_batch"], out["ours_first_batch"]
-        print(f"  first batch: PyHessian trace {ph.get('trace')} ({ph.get('trace_probes')} probes, stops on change < 1e-3), "
+        print(f"  first batch: PyHessian trace {ph.get('trace_value')} ± {ph.get('trace_stderr')} "
+              f"({ph.get('trace_n_probes')} probes; {ph.get('stop_rule')}), "
               f"top eig {ph.get('eigvals')}; ours {ours['value']:.6g} ± {ours['stderr']:.2g} ({ours['n_matvecs']} probes)")
     return 0
 
