@@ -42,9 +42,12 @@ def test_minisuite_domain_matches_manifest(name):
     assert d.content_hash == hashlib.sha256((PACKAGE_MINISUITE / f"{name}.npz").read_bytes()).hexdigest()
     assert list(d.classnames) == entry["classnames"] == list(dataset_info(name).classnames)
     assert d.num_classes == entry["num_classes"]
-    assert list(d.splits) == ["train", "test", "pool"]
+    assert list(d.splits) == ["train", "test", "pool", "val"]
     for s, n in entry["splits"].items():
         sp = d.split(s)
+        if s == "train":  # the validation split is carved from the file's train split
+            val = d.split("val")
+            sp = Split(torch.cat([sp.images, val.images]), torch.cat([sp.labels, val.labels]))
         assert sp.images.shape == (n, 32, 32, entry["channels"])
         assert sp.images.dtype == torch.uint8 and sp.labels.dtype == torch.int64
         counts = sp.class_counts(d.num_classes)
@@ -65,6 +68,10 @@ def test_minisuite_cap_is_stratified_seeded_and_resize():
     d = load_domain("mnist", max_per_split=50, image_size=48, seed=3)
     for s in ("train", "test", "pool"):
         sp = d.split(s)
+        if s == "train":  # capped first, then the validation split is carved from it
+            val = d.split("val")
+            assert len(val) == 8  # round(0.15 * 50)
+            sp = Split(torch.cat([sp.images, val.images]), torch.cat([sp.labels, val.labels]))
         assert sp.images.shape == (50, 48, 48, 1)
         assert sp.class_counts(10).tolist() == [5] * 10
     again = load_domain("mnist", max_per_split=50, image_size=48, seed=3)
@@ -73,7 +80,7 @@ def test_minisuite_cap_is_stratified_seeded_and_resize():
     assert not torch.equal(d.split("train").labels, other.split("train").labels)
     # the capped images are images of the full split (resize aside)
     full = load_domain("mnist", max_per_split=50, seed=3).split("train")
-    assert full.images.shape == (50, 32, 32, 1)
+    assert full.images.shape == (42, 32, 32, 1)
 
 
 def _copy_suite(tmp_path: Path, names=("mnist",)) -> Path:
@@ -265,7 +272,7 @@ def _color_label(images: torch.Tensor) -> list[int]:
 def test_flat_imagefolder(tmp_path):
     root = tmp_path / "my_pets"
     _make_flat(root, ["big_cat", "dog", "hamster"])
-    d = load_domain("imagefolder", data=root, image_size=16)
+    d = load_domain("imagefolder", data=root, image_size=16, val_fraction=0)
     assert d.name == "my_pets" and d.source == f"imagefolder:{root}"
     assert d.classnames == ("big cat", "dog", "hamster")
     assert d.templates == T.GENERIC_TEMPLATES
@@ -276,7 +283,7 @@ def test_flat_imagefolder(tmp_path):
     assert _color_label(tr.images) == tr.labels.tolist()
     assert (tr.images == tr.images[:, :1, :1, :]).all()
     # deterministic; same result through load_domain(path)
-    again = load_domain(str(root), image_size=16)
+    again = load_domain(str(root), image_size=16, val_fraction=0)
     assert again.content_hash == d.content_hash and torch.equal(again.split("test").labels, te.labels)
     # content hash = sha256 over sorted "relpath\0sha256(bytes)\n"
     files = sorted(p for p in root.rglob("*.png"))
@@ -297,7 +304,7 @@ def test_flat_split_depends_on_seed_only(tmp_path):
             _png(root / f"c{c}" / f"{i}.png", (100 * c, 20 * i, 0), size=(8, 8))  # green = file index
 
     def test_files(seed):
-        d = load_domain("imagefolder", data=root, image_size=8, seed=seed)
+        d = load_domain("imagefolder", data=root, image_size=8, seed=seed, val_fraction=0)
         te, tr = d.split("test"), d.split("train")
         assert te.class_counts(2).tolist() == [2, 2]  # round(0.2 * 10) per class
         ids = {(c, g // 20) for c, g in zip(te.labels.tolist(), te.images[:, 0, 0, 1].tolist())}
@@ -308,7 +315,7 @@ def test_flat_split_depends_on_seed_only(tmp_path):
     (a, ha), (b, hb), (c, hc) = test_files(0), test_files(0), test_files(1)
     assert a == b and a != c
     assert ha == hb == hc  # uncapped: the hash covers every file, whatever the split
-    capped = load_domain("imagefolder", data=root, image_size=8, max_per_split=3)
+    capped = load_domain("imagefolder", data=root, image_size=8, max_per_split=3, val_fraction=0)
     assert len(capped.split("train")) == 3 and capped.content_hash != ha
 
 
@@ -319,12 +326,12 @@ def test_split_layout_known_dataset(tmp_path):
             for i in range(n):
                 _png(root / s / folder / f"{i}.jpg", COLORS[c], size=(20, 20))
     with pytest.warns(DataWarning, match="no images of 7 of 10 classes"):
-        d = load_domain("eurosat", data=root, image_size=8, max_per_split=4)
+        d = load_domain("eurosat", data=root, image_size=8, max_per_split=4, val_fraction=0)
     assert d.name == "eurosat" and d.source == f"torchvision:{root}"
     assert d.classnames == T.EUROSAT_CLASSNAMES and d.num_classes == 10
     assert len(d.split("train")) == 4 and len(d.split("test")) == 4
     with pytest.warns(DataWarning):
-        full = load_domain("eurosat", data=root, image_size=8)
+        full = load_domain("eurosat", data=root, image_size=8, val_fraction=0)
     tr = full.split("train")
     assert sorted(set(tr.labels.tolist())) == [0, 1, 9]  # AnnualCrop, Forest, SeaLake
     colour_of = {0: 0, 1: 1, 9: 2}
@@ -379,14 +386,29 @@ def test_val_folder_counts_as_test_and_lone_train_is_split(tmp_path):
             for i in range(n):
                 _png(root / s / folder / f"{i}.png", COLORS[c])
     d = load_domain("imagefolder", data=root, image_size=4)
-    assert len(d.split("train")) == 6 and len(d.split("test")) == 4
+    assert len(d.split("train")) + len(d.split("val")) == 6 and len(d.split("test")) == 4
     lone = tmp_path / "lone"
     _make_flat(lone / "train", ["a", "b"])
     with pytest.warns(DataWarning, match="train/ without test/"):
         d = load_domain("imagefolder", data=lone, image_size=4)
-    assert d.classnames == ("a", "b") and len(d.split("train")) == 8 and len(d.split("test")) == 2
+    assert d.classnames == ("a", "b") and len(d.split("train")) + len(d.split("val")) == 8
+    assert len(d.split("test")) == 2
     extra = tmp_path / "extra"
     _png(extra / "train" / "a" / "0.png", COLORS[0])
     _png(extra / "test" / "z" / "0.png", COLORS[1])
     with pytest.raises(DataError, match="has classes not in train/: z"):
         load_domain("imagefolder", data=extra)
+
+
+def test_validation_is_carved_from_train_disjoint_stratified_and_seed_stable():
+    d = load_domain("mnist")
+    raw = np.load(PACKAGE_MINISUITE / "mnist.npz")
+    train, val = d.split("train"), d.split("val")
+    assert len(train) + len(val) == raw["y_train"].shape[0] and len(val) == round(0.15 * raw["y_train"].shape[0])
+    # disjoint and together exactly the file's train images
+    seen = {bytes(x.numpy().tobytes()) for x in train.images} | {bytes(x.numpy().tobytes()) for x in val.images}
+    assert len(seen) == len({bytes(x.tobytes()) for x in raw["x_train"]})
+    full = torch.bincount(torch.from_numpy(raw["y_train"].astype(np.int64)), minlength=10).float()
+    assert (val.class_counts(10).float() - 0.15 * full).abs().max() <= 1.0  # stratified
+    again = load_domain("mnist")
+    assert torch.equal(again.split("val").labels, val.labels)

@@ -61,6 +61,8 @@ PACKAGE_MINISUITE = Path(__file__).resolve().parent.parent / "data" / "minisuite
 MINISUITE_IMAGE_SIZE = 32
 DEFAULT_IMAGE_SIZE = 224
 TEST_FRACTION = 0.2
+# Validation split: this share of ``train`` (stratified, seeded), never used for fine-tuning.
+VAL_FRACTION = 0.15
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_ORDER = ("train", "test", "pool")
 _REVENDOR = (
@@ -751,7 +753,48 @@ def _load_folder(
 # --------------------------------------------------------------------------------------------
 
 
+def carve_validation(domain: Domain, fraction: float = VAL_FRACTION, seed: int = 0) -> Domain:
+    """Split ``train`` into ``train`` and ``val`` (a stratified, seeded ``fraction`` of it).
+
+    Every choice (λ2, method, k, c) is made on ``val``; ``test`` is only ever scored; ``pool``
+    is θ_base's. The carve depends on the labels and ``seed`` only, so every training seed
+    sees the same validation images, and both parts keep the original relative order.
+    """
+    if "train" not in domain.splits or "val" in domain.splits:
+        return domain
+    train = domain.splits["train"]
+    n_val = int(round(fraction * len(train)))
+    if n_val < 1 or n_val >= len(train):
+        raise DataError(f"{domain.name}: {len(train)} train images are too few to carve a validation split")
+    order = stratified_order(train.labels.numpy(), np.random.default_rng([seed, 7, 2]))
+    val_idx = np.sort(order[:n_val])
+    keep = np.ones(len(train), dtype=bool)
+    keep[val_idx] = False
+    splits = dict(domain.splits)
+    splits["train"] = train.subset(torch.from_numpy(np.flatnonzero(keep)))
+    splits["val"] = train.subset(torch.from_numpy(val_idx))
+    return dataclasses.replace(domain, splits=splits)
+
+
 def load_domain(
+    name: str | os.PathLike,
+    *,
+    data: str | Path | None = None,
+    image_size: int | None = None,
+    max_per_split: int | None = None,
+    seed: int = 0,
+    val_fraction: float = VAL_FRACTION,
+) -> Domain:
+    """Load a domain by name, with its ``val`` split carved from ``train`` (:func:`carve_validation`).
+
+    ``val_fraction=0`` keeps the source's own splits only. See :func:`_load_domain_raw` for
+    the resolution rules, the other arguments and the errors.
+    """
+    raw = _load_domain_raw(name, data=data, image_size=image_size, max_per_split=max_per_split, seed=seed)
+    return carve_validation(raw, val_fraction, seed=seed) if val_fraction > 0 else raw
+
+
+def _load_domain_raw(
     name: str | os.PathLike,
     *,
     data: str | Path | None = None,
