@@ -140,11 +140,11 @@ def _write_suite(tmp_path: Path, name: str, arrays: dict) -> Path:
 
 def _tiny_arrays(y_test):
     x = np.zeros((4, 32, 32, 3), np.uint8)
-    return dict(
-        x_train=x, y_train=np.array([0, 1, 2, 0], np.int16),
-        x_test=x[: len(y_test)], y_test=np.array(y_test, np.int16),
-        classnames=np.array(["a", "b", "c"]),
-    )  # fmt: skip
+    return {
+        "x_train": x, "y_train": np.array([0, 1, 2, 0], np.int16),
+        "x_test": x[: len(y_test)], "y_test": np.array(y_test, np.int16),
+        "classnames": np.array(["a", "b", "c"]),
+    }  # fmt: skip
 
 
 def test_label_range_and_empty_split(tmp_path):
@@ -159,7 +159,7 @@ def test_label_range_and_empty_split(tmp_path):
         load_domain("mnist", data=suite)
     # a valid tiny file under a name that only its manifest knows loads, with generic templates
     suite = _write_suite(tmp_path, "tiny", _tiny_arrays([2, 1]))
-    d = load_domain("tiny", data=suite)
+    d = load_domain("tiny", data=suite, val_fraction=0)  # 4 train images: too few to carve val
     assert d.classnames == ("a", "b", "c") and len(d.split("test")) == 2
     assert d.templates == T.GENERIC_TEMPLATES
     assert "pool" not in d.splits
@@ -211,7 +211,7 @@ def test_missing_local_copy_says_what_and_where(tmp_path):
             continue
         with pytest.raises(DataError, match=rf"^{n}: no local copy\. Pass --data /path/to/"):
             load_domain(n)
-    with pytest.raises(DataError, match="no local copy at .*nowhere"):
+    with pytest.raises(DataError, match=r"^svhn: data path .*nowhere does not exist\. Pass --data /path/to/SVHN"):
         load_domain("svhn", data=tmp_path / "nowhere")
 
 
@@ -347,7 +347,7 @@ def test_unmatched_and_numeric_folders(tmp_path):
         load_domain("eurosat", data=root)
     g = tmp_path / "gtsrb"
     for folder in ("00000", "00014"):
-        for i in range(3):
+        for i in range(6):
             _png(g / folder / f"{i}.ppm", COLORS[1])
     with pytest.warns(DataWarning):
         d = load_domain("gtsrb", data=g, image_size=8)  # not a mini-suite dir -> local copy
@@ -381,18 +381,19 @@ def test_split_validates_its_tensors():
 
 def test_val_folder_counts_as_test_and_lone_train_is_split(tmp_path):
     root = tmp_path / "tv"
-    for s, n in (("train", 3), ("val", 2)):
+    for s, n in (("train", 7), ("val", 2)):
         for c, folder in enumerate(["a", "b"]):
             for i in range(n):
                 _png(root / s / folder / f"{i}.png", COLORS[c])
     d = load_domain("imagefolder", data=root, image_size=4)
-    assert len(d.split("train")) + len(d.split("val")) == 6 and len(d.split("test")) == 4
+    assert len(d.split("train")) + len(d.split("val")) == 14 and len(d.split("test")) == 4
+    assert d.split("val").class_counts(2).tolist() == [1, 1]  # round(0.15 * 14), stratified
     lone = tmp_path / "lone"
-    _make_flat(lone / "train", ["a", "b"])
+    _make_flat(lone / "train", ["a", "b"], per_class=10)
     with pytest.warns(DataWarning, match="train/ without test/"):
         d = load_domain("imagefolder", data=lone, image_size=4)
-    assert d.classnames == ("a", "b") and len(d.split("train")) + len(d.split("val")) == 8
-    assert len(d.split("test")) == 2
+    assert d.classnames == ("a", "b") and len(d.split("train")) + len(d.split("val")) == 16
+    assert len(d.split("test")) == 4
     extra = tmp_path / "extra"
     _png(extra / "train" / "a" / "0.png", COLORS[0])
     _png(extra / "test" / "z" / "0.png", COLORS[1])
