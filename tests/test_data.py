@@ -62,8 +62,21 @@ def test_iterate_batches():
         y.tolist()
         for _, y in iterate_batches(split, 3, shuffle=True, generator=torch.Generator().manual_seed(1))
     ]
-    assert sum(again, []) == seen
+    assert [y for batch in again for y in batch] == seen
     with pytest.raises(DataError, match="batch_size"):
         next(iterate_batches(split, 0))
     with pytest.raises(DataError, match="10 images but 9 labels"):
         next(iterate_batches((imgs, labels[:9]), 2))
+
+
+def test_data_does_not_import_datasets():
+    """train.data sits below train.datasets (which imports it): no import back, even for typing."""
+    import ast
+    from pathlib import Path
+
+    import train.data
+
+    tree = ast.parse(Path(train.data.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert imported and not any(m.startswith("train.") and m != "train.errors" for m in imported), imported

@@ -140,11 +140,11 @@ def _write_suite(tmp_path: Path, name: str, arrays: dict) -> Path:
 
 def _tiny_arrays(y_test):
     x = np.zeros((4, 32, 32, 3), np.uint8)
-    return dict(
-        x_train=x, y_train=np.array([0, 1, 2, 0], np.int16),
-        x_test=x[: len(y_test)], y_test=np.array(y_test, np.int16),
-        classnames=np.array(["a", "b", "c"]),
-    )  # fmt: skip
+    return {
+        "x_train": x, "y_train": np.array([0, 1, 2, 0], np.int16),
+        "x_test": x[: len(y_test)], "y_test": np.array(y_test, np.int16),
+        "classnames": np.array(["a", "b", "c"]),
+    }  # fmt: skip
 
 
 def test_label_range_and_empty_split(tmp_path):
@@ -159,7 +159,7 @@ def test_label_range_and_empty_split(tmp_path):
         load_domain("mnist", data=suite)
     # a valid tiny file under a name that only its manifest knows loads, with generic templates
     suite = _write_suite(tmp_path, "tiny", _tiny_arrays([2, 1]))
-    d = load_domain("tiny", data=suite)
+    d = load_domain("tiny", data=suite, val_fraction=0)  # 4 train images: too few to carve val
     assert d.classnames == ("a", "b", "c") and len(d.split("test")) == 2
     assert d.templates == T.GENERIC_TEMPLATES
     assert "pool" not in d.splits
@@ -211,7 +211,7 @@ def test_missing_local_copy_says_what_and_where(tmp_path):
             continue
         with pytest.raises(DataError, match=rf"^{n}: no local copy\. Pass --data /path/to/"):
             load_domain(n)
-    with pytest.raises(DataError, match="no local copy at .*nowhere"):
+    with pytest.raises(DataError, match=r"^svhn: data path .*nowhere does not exist\. Pass --data /path/to/SVHN"):
         load_domain("svhn", data=tmp_path / "nowhere")
 
 
@@ -347,7 +347,7 @@ def test_unmatched_and_numeric_folders(tmp_path):
         load_domain("eurosat", data=root)
     g = tmp_path / "gtsrb"
     for folder in ("00000", "00014"):
-        for i in range(3):
+        for i in range(6):
             _png(g / folder / f"{i}.ppm", COLORS[1])
     with pytest.warns(DataWarning):
         d = load_domain("gtsrb", data=g, image_size=8)  # not a mini-suite dir -> local copy
@@ -381,18 +381,19 @@ def test_split_validates_its_tensors():
 
 def test_val_folder_counts_as_test_and_lone_train_is_split(tmp_path):
     root = tmp_path / "tv"
-    for s, n in (("train", 3), ("val", 2)):
+    for s, n in (("train", 7), ("val", 2)):
         for c, folder in enumerate(["a", "b"]):
             for i in range(n):
                 _png(root / s / folder / f"{i}.png", COLORS[c])
     d = load_domain("imagefolder", data=root, image_size=4)
-    assert len(d.split("train")) + len(d.split("val")) == 6 and len(d.split("test")) == 4
+    assert len(d.split("train")) + len(d.split("val")) == 14 and len(d.split("test")) == 4
+    assert d.split("val").class_counts(2).tolist() == [1, 1]  # round(0.15 * 14), stratified
     lone = tmp_path / "lone"
-    _make_flat(lone / "train", ["a", "b"])
+    _make_flat(lone / "train", ["a", "b"], per_class=10)
     with pytest.warns(DataWarning, match="train/ without test/"):
         d = load_domain("imagefolder", data=lone, image_size=4)
-    assert d.classnames == ("a", "b") and len(d.split("train")) + len(d.split("val")) == 8
-    assert len(d.split("test")) == 2
+    assert d.classnames == ("a", "b") and len(d.split("train")) + len(d.split("val")) == 16
+    assert len(d.split("test")) == 4
     extra = tmp_path / "extra"
     _png(extra / "train" / "a" / "0.png", COLORS[0])
     _png(extra / "test" / "z" / "0.png", COLORS[1])
@@ -412,3 +413,93 @@ def test_validation_is_carved_from_train_disjoint_stratified_and_seed_stable():
     assert (val.class_counts(10).float() - 0.15 * full).abs().max() <= 1.0  # stratified
     again = load_domain("mnist")
     assert torch.equal(again.split("val").labels, val.labels)
+
+
+# ---------------------------------------------------------------------------- bad inputs (issue 8)
+
+
+def test_one_class_imagefolder_is_refused(tmp_path):
+    flat = tmp_path / "solo"
+    _make_flat(flat, ["cat"], per_class=10)
+    with pytest.raises(DataError, match=r"^solo: split 'train' has images of 1 class\(es\) \(cat; 7 images\)"):
+        load_domain("imagefolder", data=flat, image_size=4)
+    # two classes in train, one in test: the test split is named
+    root = tmp_path / "lopsided"
+    for s, classes in (("train", ["a", "b"]), ("test", ["a"])):
+        _make_flat(root / s, classes, per_class=7)
+    with pytest.raises(DataError, match=r"^mine: split 'test' has images of 1 class\(es\) \(a; 7 images\)"):
+        load_domain("mine", data=root, image_size=4)
+
+
+def test_one_class_npz_split_is_refused(tmp_path):
+    suite = _write_suite(tmp_path, "mnist", _tiny_arrays([1, 1]))
+    with pytest.raises(DataError, match=r"^mnist: split 'test' has images of 1 class\(es\) \(b; 2 images\)"):
+        load_domain("mnist", data=suite, val_fraction=0)
+    # a validation split of one image holds one class
+    suite = _write_suite(tmp_path, "mnist", _tiny_arrays([0, 1]))
+    with pytest.raises(DataError, match=r"^mnist: split 'val' has images of 1 class\(es\)"):
+        load_domain("mnist", data=suite, val_fraction=0.25)
+    # the same copy with both classes in test and no val loads
+    assert load_domain("mnist", data=suite, val_fraction=0).split("test").labels.tolist() == [0, 1]
+    # and a one-class train split of the real mnist file is refused too
+    with np.load(PACKAGE_MINISUITE / "mnist.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    keep = arrays["y_train"] == 3
+    arrays["x_train"], arrays["y_train"] = arrays["x_train"][keep], arrays["y_train"][keep]
+    suite = _write_suite(tmp_path, "mnist", arrays)
+    with pytest.raises(DataError, match=r"^mnist: split 'train' has images of 1 class\(es\) \(three; "):
+        load_domain("mnist", data=suite)
+
+
+@pytest.mark.parametrize("name", ["mine", "imagefolder", "mnist", "fashion", "eurosat"])
+def test_data_path_missing_or_a_file_is_named(tmp_path, name):
+    missing = tmp_path / "missing"
+    with pytest.raises(DataError, match=rf"^{name}: data path {missing} does not exist\. \S"):
+        load_domain(name, data=missing)
+    a_file = tmp_path / "images.zip"
+    a_file.write_bytes(b"PK")
+    with pytest.raises(DataError, match=rf"^{name}: data path {a_file} is not a folder\. \S"):
+        load_domain(name, data=str(a_file))
+
+
+def test_val_fraction_out_of_range():
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(DataError, match="val_fraction must be in"):
+            load_domain("mnist", val_fraction=bad)
+
+
+# ---------------------------------------------------------------------------- split -> model inputs
+
+
+def test_split_inputs_follow_the_backbone_config_only():
+    import dataclasses
+
+    from train.backbones import load_config
+    from train.data import to_model_input
+    from train.datasets import domain_for, model_inputs, split_inputs
+
+    assert model_inputs is split_inputs
+    tiny = load_config("tiny")
+    d = load_domain("mnist")
+    x, y = split_inputs(tiny, "mnist", "test", limit=5)
+    x2, y2 = split_inputs(tiny, d, "test", limit=5)
+    assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(y, d.split("test").labels[:5])
+    u = d.split("test").images[:5].double().permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (tiny.mean, tiny.std))
+    assert torch.allclose(x.double(), (u / 255 - mean) / std, atol=1e-6)  # (u / 255 - mean) / std
+    # a 48-px backbone: a name is loaded at 48 (uint8 resize), a 32-px Domain resized as floats
+    big = dataclasses.replace(tiny, vision_cfg={**tiny.vision_cfg, "image_size": 48}, mean=(0.1, 0.2, 0.3))
+    xb, _ = split_inputs(big, "mnist", "val", limit=3)
+    at48 = domain_for(big, "mnist").split("val").images[:3]
+    assert at48.shape == (3, 48, 48, 1)
+    assert torch.equal(xb, to_model_input(at48, big.mean, big.std))
+    xd, _ = split_inputs(big, d, "val", limit=3)
+    assert xd.shape == (3, 3, 48, 48) and torch.equal(xd, to_model_input(d.split("val").images[:3], big.mean, big.std, 48))
+    assert len(split_inputs(tiny, d, "val")[1]) == len(d.split("val"))
+    with pytest.raises(DataError, match="limit must be >= 1"):
+        split_inputs(tiny, d, "test", limit=0)
+    with pytest.raises(DataError, match="already loaded domain"):
+        split_inputs(tiny, d, "test", data=PACKAGE_MINISUITE)
+    with pytest.raises(DataError, match="no split 'nope'"):
+        split_inputs(tiny, d, "nope")

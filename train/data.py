@@ -3,23 +3,30 @@
 Images are stored as uint8 tensors ``(N, H, W, C)``, channels last, ``C`` in {1, 3}. A model
 reads float32 ``(N, 3, H, W)``: ``x = (u / 255 - mean) / std`` per channel, grayscale repeated
 to three channels.
+
+This module depends on nothing in :mod:`train.datasets` (which imports it): a split is anything
+with ``images`` and ``labels`` tensors (:class:`LabelledImages`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from train.errors import DataError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from train.datasets import Split
-
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+class LabelledImages(Protocol):
+    """What batching needs of a split (e.g. :class:`train.datasets.Split`)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
 
 
 def _check_nhwc(images: torch.Tensor) -> None:
@@ -94,7 +101,7 @@ def to_model_input(
 
 
 def iterate_batches(
-    split_or_tensors: Split | tuple[torch.Tensor, torch.Tensor],
+    split_or_tensors: LabelledImages | tuple[torch.Tensor, torch.Tensor],
     batch_size: int,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
@@ -102,7 +109,7 @@ def iterate_batches(
     """Yield ``(x_uint8, y)`` batches over a split, the last batch possibly smaller.
 
     Args:
-        split_or_tensors: A :class:`train.datasets.Split` or a pair ``(images, labels)``.
+        split_or_tensors: A split (``.images``, ``.labels``) or a pair ``(images, labels)``.
         batch_size: Images per batch (>= 1).
         shuffle: Visit the images in the order of ``torch.randperm(N, generator=generator)``.
         generator: Source of randomness for ``shuffle`` (seeded for reproducible orders).

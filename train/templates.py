@@ -6,8 +6,8 @@ of ``template.format(c=classname)``, one row per class.
 
 Two groups live here:
 
-* the embedded mini-suite (``data/minisuite``): its class names come from the npz files, its
-  templates are written for 32x32 images (digits, clothing, silhouettes, signs, textures,
+* the embedded mini-suite (``data/minisuite``): its class names (as stored in the npz files)
+  and its templates, written for 32x32 images (digits, clothing, silhouettes, signs, textures,
   objects);
 * the paper's datasets, with the class names and templates of CLIP (``openai/CLIP``,
   ``data/prompts.md``) as used by ``mlfoundations/task_vectors``: Cars 8 templates, DTD 8,
@@ -35,8 +35,47 @@ GENERIC_TEMPLATES: tuple[str, ...] = (
 )
 
 # --------------------------------------------------------------------------------------------
-# Mini-suite templates (class names come from the npz files)
+# Mini-suite class names (also in the npz files and MANIFEST.json) and templates
 # --------------------------------------------------------------------------------------------
+
+# Class names of the vendored mini-suite, so that dataset_info() needs no file.
+MINISUITE_CLASSNAMES: dict[str, tuple[str, ...]] = {
+    "mnist": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
+    "fashion": (
+        "t-shirt or top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+        "bag", "ankle boot",
+    ),
+    "animals": (
+        "bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra",
+    ),
+    "gtsrb": (
+        "speed limit 20 km/h", "speed limit 30 km/h", "speed limit 50 km/h",
+        "speed limit 60 km/h", "speed limit 70 km/h", "speed limit 80 km/h",
+        "end of speed limit 80 km/h", "speed limit 100 km/h", "speed limit 120 km/h",
+        "no passing", "no passing for vehicles over 3.5 tons",
+        "right-of-way at the next intersection", "priority road", "yield", "stop",
+        "no vehicles", "vehicles over 3.5 tons prohibited", "no entry", "general caution",
+        "dangerous curve to the left", "dangerous curve to the right", "double curve",
+        "bumpy road", "slippery road", "road narrows on the right", "road work",
+        "traffic signals", "pedestrians", "children crossing", "bicycles crossing",
+        "beware of ice and snow", "wild animals crossing",
+        "end of all speed and passing limits", "turn right ahead", "turn left ahead",
+        "ahead only", "go straight or right", "go straight or left", "keep right", "keep left",
+        "roundabout mandatory", "end of no passing",
+        "end of no passing for vehicles over 3.5 tons",
+    ),
+    "dtd": (
+        "banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked",
+        "crosshatched", "crystalline",
+    ),
+    "imagenette": (
+        "tench", "English springer", "cassette player", "chain saw", "church", "French horn",
+        "garbage truck", "gas pump", "golf ball", "parachute",
+    ),
+    "cifar10": (
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    ),
+}  # fmt: skip
 
 MINISUITE_TEMPLATES: dict[str, tuple[str, ...]] = {
     "mnist": (
