@@ -6,7 +6,10 @@ Layout (one folder per backbone id)::
                         /heads/<domain>.safetensors           W (K×C) and the logit scale
                         /vectors/<domain>/ft.safetensors      τ_ft  = θ_ft  − θ_base
                         /vectors/<domain>/ftx-a0.8.safetensors τ_ft* = θ_ft* − θ_base
-                        /attributions/<domain>-kernelshap.safetensors   φ for train/test
+                        /vectors/<domain>/ftx-a0.8-fromft.safetensors   θ_ft* continued from θ_ft
+                        /vectors/<domain>/s1/...               training seed 1 (seed 0 has no folder)
+                        /attributions/<domain>-kernelshap.safetensors   φ for train/val/test
+                        /attributions/s1/<domain>-kernelshap.safetensors  φ of seed 1
                         /curvature/<domain>/...               diagonals, cards
                         /studies/<name>/...                   pair tables, figures
 
