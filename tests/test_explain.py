@@ -20,7 +20,8 @@ from train.explain import (
 )
 from train.explain.bench import compare_with_captum, patch_feature_mask, per_image_pearson
 from train.explain.gradcam import token_reshape
-from train.explain.kernelshap import sample_coalitions, size_distribution
+from train.explain.kernelshap import noise_ceiling, sample_coalitions, samples_for, size_distribution
+from train.losses import zscore
 from train.explain.shapley import all_coalitions
 
 
@@ -229,6 +230,26 @@ def test_kernel_shap_matches_exact_nonlinear_function():
     # more coalitions, smaller error
     big = kernel_shap_estimate(predict, x, t, 2, 2048, generator=gen(0))
     assert (big.values - exact).pow(2).mean() < (est.values - exact).pow(2).mean() / 4
+
+
+def test_samples_follow_the_papers_density():
+    assert samples_for(49) == 490 and samples_for(16) == 160 and samples_for(4, per_patch=2.5) == 10
+
+
+def test_noise_ceiling_zero_for_additive_and_shrinking_with_samples():
+    _, linear = linear_model(3 * 8 * 8)
+    x = torch.randn(6, 3, 8, 8, generator=gen(5), dtype=torch.float64)
+    t = torch.arange(6) % 4
+    assert noise_ceiling(linear, x, t, 2, 64) == pytest.approx(0.0, abs=1e-6)
+    predict = nonlinear_model(3 * 8 * 8)
+    few, many = noise_ceiling(predict, x, t, 2, 64), noise_ceiling(predict, x, t, 2, 1024)
+    # the definition: E-RMSE between the runs of two generators
+    a = kernel_shap_estimate(predict, x, t, 2, 64, generator=gen(0)).values
+    b = kernel_shap_estimate(predict, x, t, 2, 64, generator=gen(1)).values
+    assert few == pytest.approx(float((zscore(a) - zscore(b)).pow(2).mean().sqrt()), rel=1e-12)
+    assert 0 < many < few / 2  # error ~ 1/sqrt(samples): 16x the samples, about 1/4 the noise
+    with pytest.raises(TvdiagError):
+        noise_ceiling(predict, x, t, 2, 64, seeds=(3, 3))
 
 
 def test_kernel_shap_matches_exact_on_vit(small_vit_classifier):

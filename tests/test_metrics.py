@@ -4,14 +4,39 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
-from diag.metrics import ermse, iou_at_k, kendall_tau, scaled_ks, score
+from diag.metrics import ermse, ermse_image_specific, iou_at_k, iou_chance, kendall_tau, scaled_ks, score
 from train.losses import alpha_loss, explanation_loss, zscore
 
 
-def test_scaled_ks_match_paper_and_small_grid():
+def test_scaled_ks_match_paper_and_never_exceed_its_fraction():
     assert scaled_ks(49) == (1, 5, 10)
-    assert scaled_ks(16) == (1, 2, 4)
-    assert scaled_ks(256) == (6, 27, 53)
+    assert scaled_ks(16) == (1, 1, 3)
+    assert scaled_ks(256) == (5, 26, 52)
+    for m in range(10, 300):
+        assert all(k <= max(1, f * m / 49) for k, f in zip(scaled_ks(m), (1, 5, 10)))
+
+
+def test_iou_chance_is_the_mean_iou_of_random_top_k_sets():
+    assert iou_chance(16, 1) == pytest.approx(1 / 16)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.rand(20000, 16, generator=g), torch.rand(20000, 16, generator=g)
+    assert float(iou_at_k(a, b, 3).mean()) == pytest.approx(iou_chance(16, 3), abs=0.004)
+    s = score("m", None, torch.zeros(3), torch.randn(3, 49), torch.randn(3, 49), accuracy=1.0)
+    assert s.iou_chance == pytest.approx((1 / 49, iou_chance(49, 5), iou_chance(49, 10)))
+
+
+def test_image_specific_ermse_gives_a_constant_prior_exactly_one():
+    g = torch.Generator().manual_seed(6)
+    prior = torch.randn(16, generator=g, dtype=torch.float64)
+    true = prior + 0.5 * torch.randn(300, 16, generator=g, dtype=torch.float64)
+    const = prior.expand(300, 16)
+    assert ermse(const, true) < 1.0                      # the prior looks good on plain E-RMSE
+    assert ermse_image_specific(const, true) == pytest.approx(1.0, abs=1e-6)  # z-score eps
+    assert ermse_image_specific(true, true) == pytest.approx(0.0, abs=1e-9)
+    # explicit mean maps: centring the truth by its own mean is the default
+    assert ermse_image_specific(true, true, true_mean=true.mean(0)) == pytest.approx(0.0, abs=1e-9)
+    s = score("m", None, torch.zeros(300), const, true, accuracy=1.0, true_mean=prior)
+    assert s.ermse_img == pytest.approx(1.0, abs=1e-6) and "ermse_img" in s.to_dict()
 
 
 def test_ermse_zero_for_affine_copies_and_sqrt2_for_unrelated_maps():
@@ -28,6 +53,20 @@ def test_ermse_is_sqrt_of_eq5_per_patch():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(7, 16, generator=g), torch.randn(7, 16, generator=g)
     assert ermse(a, b) == pytest.approx(math.sqrt(float(explanation_loss(a, b))), rel=1e-5)
+
+
+def test_ermse_is_sqrt_of_the_training_loss_on_a_batch():
+    """E-RMSE of the labelled-class maps = sqrt(L_exp) of L_α at α = 0 on the same batch (float64)."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    phi = torch.randn(9, 5, 49, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (9,), generator=g)
+    target = torch.randn(9, 49, generator=g, dtype=torch.float64)
+    l_exp = float(alpha_loss(logits, phi, labels, target, 0.0))
+    picked = phi[torch.arange(9), labels]
+    assert ermse(picked, target) == pytest.approx(math.sqrt(l_exp), rel=1e-12)
+    manual = ((zscore(picked) - zscore(target)) ** 2).sum() / (9 * 49)  # mean over images and patches
+    assert l_exp == pytest.approx(float(manual), rel=1e-12)
 
 
 def test_kendall_matches_scipy_including_ties():
@@ -53,7 +92,7 @@ def test_score_accuracy_and_ks():
     labels = torch.tensor([0, 1, 1])
     phi = torch.randn(3, 16)
     s = score("m", logits, labels, phi, phi)
-    assert s.accuracy == pytest.approx(2 / 3) and s.ks == (1, 2, 4)
+    assert s.accuracy == pytest.approx(2 / 3) and s.ks == (1, 1, 3)
     assert s.ermse == pytest.approx(0.0, abs=1e-6) and s.kendall == pytest.approx(1.0) and s.iou10 == 1.0
 
 
@@ -65,7 +104,7 @@ def test_alpha_loss_interpolates_ce_and_explanation_loss():
     target = torch.randn(4, 16, generator=g)
     ce = torch.nn.functional.cross_entropy(logits, labels)
     picked = phi[torch.arange(4), labels]
-    exp = ((zscore(picked) - zscore(target)) ** 2).sum(1).mean()
+    exp = ((zscore(picked) - zscore(target)) ** 2).mean()
     assert float(alpha_loss(logits, phi, labels, target, 1.0)) == pytest.approx(float(ce))
     assert float(alpha_loss(logits, phi, labels, target, 0.8)) == pytest.approx(float(0.8 * ce + 0.2 * exp), rel=1e-6)
     from train.errors import TvdiagError

@@ -38,6 +38,33 @@ class FitHistory:
         return sum(tail) / max(len(tail), 1)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One step's draw: image indices (with replacement) and per-image patch shifts (dy, dx) or None."""
+
+    index: torch.Tensor
+    shifts: torch.Tensor | None
+
+
+def batch_plan(n: int, batch_size: int, steps: int, seed: int, max_shift: int = 0) -> list[Batch]:
+    """The batch sequence of a training run, drawn up front from one generator seeded by ``seed``.
+
+    Step t draws ``min(batch_size, n)`` indices uniformly with replacement, then, when
+    ``max_shift > 0``, a shift in {−max_shift, …, max_shift}² patches per image. It depends on
+    (n, batch size, steps, seed, max_shift) only — never on α or on φ — so θ_ft and θ_ft* of a
+    controlled pair see the same images in the same order with the same shifts, and a shorter
+    run with the same batch size sees a prefix of a longer one's sequence.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    size = min(batch_size, n)
+    plan = []
+    for _ in range(steps):
+        index = torch.randint(0, n, (size,), generator=gen)
+        shifts = torch.randint(-max_shift, max_shift + 1, (size, 2), generator=gen) if max_shift > 0 else None
+        plan.append(Batch(index, shifts))
+    return plan
+
+
 def cosine_lr(step: int, cfg: OptimConfig) -> float:
     """lr at ``step``: linear warm-up, then cosine decay to zero."""
     if step < cfg.warmup:

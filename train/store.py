@@ -6,7 +6,10 @@ Layout (one folder per backbone id)::
                         /heads/<domain>.safetensors           W (K×C) and the logit scale
                         /vectors/<domain>/ft.safetensors      τ_ft  = θ_ft  − θ_base
                         /vectors/<domain>/ftx-a0.8.safetensors τ_ft* = θ_ft* − θ_base
-                        /attributions/<domain>-kernelshap.safetensors   φ for train/test
+                        /vectors/<domain>/ftx-a0.8-fromft.safetensors   θ_ft* continued from θ_ft
+                        /vectors/<domain>/s1/...               training seed 1 (seed 0 has no folder)
+                        /attributions/<domain>-kernelshap.safetensors   φ for train/val/test
+                        /attributions/s1/<domain>-kernelshap.safetensors  φ of seed 1
                         /curvature/<domain>/...               diagonals, cards
                         /studies/<name>/...                   pair tables, figures
 
@@ -48,6 +51,27 @@ def alpha_tag(alpha: float) -> str:
     return f"a{float(alpha):g}"
 
 
+#: θ_ft* variants: ``paper`` (paired with θ_ft, from θ_base) and ``from-ft`` (continued from θ_ft).
+VARIANTS = ("paper", "from-ft")
+VARIANT_SUFFIX = {"paper": "", "from-ft": "-fromft"}
+
+
+def check_variant(variant: str) -> str:
+    """``variant`` when it is one of :data:`VARIANTS`."""
+    if variant not in VARIANTS:
+        from train.errors import unknown
+
+        raise unknown("variant", variant, VARIANTS)
+    return variant
+
+
+def seed_dir(seed: int) -> str:
+    """The sub-folder of a training seed: ``""`` for seed 0 (today's layout), else ``s<seed>``."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise StoreError(f"seed must be an int >= 0, got {seed!r}")
+    return f"s{seed}" if seed else ""
+
+
 @dataclass(frozen=True)
 class Store:
     """Paths and typed readers of one backbone's artifacts."""
@@ -66,12 +90,19 @@ class Store:
     def head_path(self, domain: str) -> Path:
         return self.folder / "heads" / f"{domain}.safetensors"
 
-    def vector_path(self, domain: str, kind: str = "ft", alpha: float | None = None) -> Path:
-        name = "ft" if kind == "ft" else f"ftx-{alpha_tag(alpha)}"
-        return self.folder / "vectors" / domain / f"{name}.safetensors"
+    def vector_path(self, domain: str, kind: str = "ft", alpha: float | None = None, *, seed: int = 0,
+                    variant: str = "paper") -> Path:
+        """``vectors/<domain>[/s<seed>]/ft`` or ``…/ftx-a<α>[-fromft]`` (seed 0 and ``paper`` add nothing).
 
-    def attribution_path(self, domain: str, method: str = "kernelshap") -> Path:
-        return self.folder / "attributions" / f"{domain}-{method}.safetensors"
+        θ_ft is shared by both variants (``variant`` only names θ_ft*).
+        """
+        check_variant(variant)
+        name = "ft" if kind == "ft" else f"ftx-{alpha_tag(alpha)}{VARIANT_SUFFIX[variant]}"
+        return self.folder / "vectors" / domain / seed_dir(seed) / f"{name}.safetensors"
+
+    def attribution_path(self, domain: str, method: str = "kernelshap", *, seed: int = 0) -> Path:
+        """``attributions[/s<seed>]/<domain>-<method>`` (φ on the seed's θ_ft)."""
+        return self.folder / "attributions" / seed_dir(seed) / f"{domain}-{method}.safetensors"
 
     def curvature_dir(self, domain: str) -> Path:
         return self.folder / "curvature" / domain
@@ -133,17 +164,21 @@ class Store:
 
     # ---------------------------------------------------------------- vectors
     def load_vector(self, domain: str, kind: str = "ft", alpha: float | None = None,
-                    expect_base: str | None = None) -> TaskVector:
-        return TaskVector.load(self.vector_path(domain, kind, alpha), expect_base=expect_base)
+                    expect_base: str | None = None, *, seed: int = 0, variant: str = "paper") -> TaskVector:
+        return TaskVector.load(self.vector_path(domain, kind, alpha, seed=seed, variant=variant),
+                               expect_base=expect_base)
 
-    def explainability_vector(self, domain: str, alpha: float, expect_base: str | None = None) -> TaskVector:
-        """τ* = τ_ft* − τ_ft = θ_ft* − θ_ft (eq. 7)."""
-        star = self.load_vector(domain, "ftx", alpha, expect_base) - self.load_vector(domain, "ft", None, expect_base)
-        return TaskVector(star.tensors, star.base_hash, {"kind": "explainability", "domain": domain, "alpha": str(alpha)})
+    def explainability_vector(self, domain: str, alpha: float, expect_base: str | None = None, *, seed: int = 0,
+                              variant: str = "paper") -> TaskVector:
+        """τ* = τ_ft* − τ_ft = θ_ft* − θ_ft (eq. 7), for both variants (θ_ft of the same seed)."""
+        star = (self.load_vector(domain, "ftx", alpha, expect_base, seed=seed, variant=variant)
+                - self.load_vector(domain, "ft", None, expect_base, seed=seed))
+        return TaskVector(star.tensors, star.base_hash, {"kind": "explainability", "domain": domain, "alpha": str(alpha),
+                                                         "seed": str(seed), "variant": variant})
 
     # ----------------------------------------------------------- attributions
-    def load_attributions(self, domain: str, method: str = "kernelshap") -> dict[str, torch.Tensor]:
-        tensors, _ = load_tensors(self.attribution_path(domain, method))
+    def load_attributions(self, domain: str, method: str = "kernelshap", *, seed: int = 0) -> dict[str, torch.Tensor]:
+        tensors, _ = load_tensors(self.attribution_path(domain, method, seed=seed))
         return tensors
 
     # ------------------------------------------------------------------ models
@@ -171,4 +206,5 @@ def base_state(backbone: Backbone) -> dict[str, torch.Tensor]:
     return {f"visual.{k}": v.detach().clone() for k, v in backbone.clip.visual.state_dict().items()}
 
 
-__all__ = ["Store", "default_root", "content_key", "base_state", "visual_state", "StoreError"]
+__all__ = ["Store", "default_root", "content_key", "base_state", "visual_state", "StoreError", "VARIANTS",
+           "check_variant", "seed_dir"]

@@ -1,10 +1,25 @@
 """The zoo build: every parameter set and supervision of the paper, per domain, in the store.
 
-For each domain: the head W, θ_ft (α = 1), explanation supervision φ (Kernel SHAP on the
-θ_ft model, train and test images), θ_ft* (α < 1, default 0.8). For the tiny backbone also
-θ_base by contrastive pretraining on the pool splits. Artifacts are content-addressed
-(:func:`train.store.content_key`), written atomically one by one, so a killed build resumes
-at the first missing artifact and nothing is recomputed needlessly.
+For each domain and training seed: the head W, θ_ft (α = 1), explanation supervision φ
+(Kernel SHAP on the θ_ft model, for every train image plus the val and test images), and
+θ_ft* (α < 1, default 0.8). For the tiny backbone also θ_base by contrastive pretraining on
+the pool splits, with its own ``base_seed``: θ_base is the same for every training seed.
+
+θ_ft and θ_ft* are a controlled pair (DESIGN.md): the same train images (the val split is
+carved out of train and never trained on), the same batch sequence
+(:func:`train.loop.batch_plan`, one generator seeded by ``seed``), the same steps and
+optimiser, the same augmentation on image and φ (:func:`train.augment.roll_patches`; off by
+default, ``patch_shift = 0``: at M = 16 one patch is a quarter of the image and a cyclic roll
+tears the object apart, and φ of a rolled image is only approximately the rolled φ). They
+differ in α only, so θ_ft* trained with α = 1 *is* θ_ft, bit for bit. Variants of θ_ft*:
+
+* ``paper`` — from θ_base with the pair's optimiser (``ft``), as the preprint (eq. 4–7);
+* ``from-ft`` — continued from θ_ft with ``from_ft`` (lower lr, fewer steps), same images and
+  the prefix of the same batch sequence.
+
+τ* = θ_ft* − θ_ft in both. Artifacts are content-addressed (:func:`train.store.content_key`)
+and keyed by seed and variant in the store, written atomically one by one, so a killed
+build resumes at the first missing artifact and nothing is recomputed needlessly.
 """
 
 from __future__ import annotations
@@ -18,42 +33,66 @@ import torch
 from tqdm.auto import tqdm
 
 from train import __version__
-from train.augment import random_shift
+from train.augment import roll_patches
 from train.backbones import Backbone, create_backbone, read_checkpoint, state_hash
 from train.data import to_model_input
 from train.datasets import MINISUITE, Domain, load_domain
 from train.errors import TvdiagError
-from train.explain.kernelshap import kernel_shap
-from train.loop import OptimConfig, fit
+from train.explain.kernelshap import kernel_shap, samples_for
+from train.loop import OptimConfig, batch_plan, fit
 from train.losses import alpha_loss, check_alpha
 from train.model import SelfExplainingCLIP, text_head, visual_state
 from train.pretrain import PretrainConfig, pretrain
-from train.store import Store, base_state, content_key
+from train.store import Store, base_state, check_variant, content_key
 from train.tensorio import dumps, load_tensors, save_tensors
 from train.vectors import TaskVector
 
 log = logging.getLogger(__name__)
 
+#: What Kernel SHAP puts in a removed patch (see :func:`train.explain.kernelshap.kernel_shap`).
+SHAP_BASELINE = "0 in normalised input space = the backbone's per-channel normalisation mean (not a data set mean)"
+
 
 @dataclass(frozen=True)
 class ZooConfig:
-    """Everything a zoo build depends on (part of every artifact's content key)."""
+    """Everything a zoo build depends on (part of every artifact's content key).
+
+    Attributes:
+        backbone, pretrained, checkpoint: the backbone and where θ_base comes from.
+        pretrain: θ_base's contrastive pretraining (tiny backbone only).
+        ft: optimiser of the controlled pair: θ_ft and θ_ft* of the ``paper`` variant.
+        from_ft: optimiser of θ_ft* of the ``from-ft`` variant (initialised at θ_ft).
+        patch_shift: whole-patch shifts of the pair, at most this many patches each way (0: none).
+        supervision: ``kernelshap`` or ``gradcam``.
+        shap_samples: Kernel SHAP coalitions per image; None = ``shap_per_patch`` · M, even
+            (:func:`train.explain.kernelshap.samples_for`).
+        shap_per_patch: coalitions per patch when ``shap_samples`` is None: the preprint's
+            density is ≈ 10 (500 at M = 49; 160 at M = 16). The ``default`` preset uses 4
+            (64 at M = 16, 196 at M = 49) to fit the first-run budget; ``dense`` uses 10.
+        shap_test: test images with φ (the first ones of the split).
+        max_train, max_val, max_test: use only the first images of a split (None: all).
+        eval_batch: batch size of evaluation forwards.
+        seed: training seed — the pair's batch sequence and Kernel SHAP's coalitions.
+        base_seed: θ_base's seed (initialisation and pretraining), fixed across training seeds.
+    """
 
     backbone: str = "tiny"
     pretrained: str | None = None
     checkpoint: str | None = None
     pretrain: PretrainConfig = PretrainConfig()
     ft: OptimConfig = OptimConfig(steps=200, lr=1e-3, weight_decay=0.1, warmup=20, batch_size=128)
-    ftx: OptimConfig = OptimConfig(steps=200, lr=1e-3, weight_decay=0.1, warmup=20, batch_size=128)
-    ft_shift: int = 2
+    from_ft: OptimConfig = OptimConfig(steps=150, lr=3e-4, weight_decay=0.1, warmup=15, batch_size=128)
+    patch_shift: int = 0
     supervision: str = "kernelshap"
-    shap_samples: int = 64
-    shap_train: int = 600
+    shap_samples: int | None = None
+    shap_per_patch: float = 10.0
     shap_test: int = 400
     max_train: int | None = None
+    max_val: int | None = None
     max_test: int | None = None
     eval_batch: int = 256
     seed: int = 0
+    base_seed: int = 0
 
     @property
     def backbone_id(self) -> str:
@@ -65,7 +104,10 @@ class ZooConfig:
 
 
 PRESETS: dict[str, ZooConfig] = {
-    "default": ZooConfig(),
+    # ≈ 4 Kernel SHAP coalitions per patch: the first run of the README stays within ~15 min on 2 cores.
+    "default": ZooConfig(shap_per_patch=4.0),
+    # The preprint's Kernel SHAP density (≈ 10 per patch; 2.5x the φ cost of the default).
+    "dense": ZooConfig(shap_per_patch=10.0),
     # Grad-CAM supervision (appendix D: the paper's ViT-L/14 ground truth) instead of Kernel SHAP.
     "gradcam": ZooConfig(supervision="gradcam"),
     # A few seconds per domain: for tests and CLI smoke runs.
@@ -73,8 +115,8 @@ PRESETS: dict[str, ZooConfig] = {
         backbone="tiny",
         pretrain=PretrainConfig(epochs=1, batch_size=64, max_per_domain=64),
         ft=OptimConfig(steps=6, lr=1e-3, warmup=2, batch_size=32),
-        ftx=OptimConfig(steps=6, lr=1e-3, warmup=2, batch_size=32),
-        shap_samples=32, shap_train=32, shap_test=24, max_train=64, max_test=24, eval_batch=64,
+        from_ft=OptimConfig(steps=4, lr=3e-4, warmup=1, batch_size=32),
+        shap_samples=32, shap_test=24, max_train=64, max_val=24, max_test=24, eval_batch=64,
     ),
 }
 
@@ -122,7 +164,7 @@ class Zoo:
     # ------------------------------------------------------------------ base
     def _base_key(self) -> str:
         cfg = self.config
-        payload = {"backbone": cfg.backbone, "pretrained": cfg.pretrained, "seed": cfg.seed, "version": 1}
+        payload = {"backbone": cfg.backbone, "pretrained": cfg.pretrained, "seed": cfg.base_seed, "version": 1}
         if cfg.checkpoint:
             payload["checkpoint_hash"] = state_hash(read_checkpoint(cfg.checkpoint))
         elif not cfg.pretrained:
@@ -144,15 +186,14 @@ class Zoo:
         if self.store.is_fresh(path, key):
             self._backbone = self.store.load_base()
             return self._backbone
-        backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, seed=cfg.seed)
+        backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
+                                   seed=cfg.base_seed)
         provenance = {"key": key, "backbone": cfg.backbone, "pretrained": cfg.pretrained or "",
-                      "checkpoint": cfg.checkpoint or "", "seed": cfg.seed}
+                      "checkpoint": cfg.checkpoint or "", "seed": cfg.base_seed}
         if not (cfg.checkpoint or cfg.pretrained):
             domains = [self.domain(d) for d in MINISUITE]
-            start = time.perf_counter()
-            history = pretrain(backbone, domains, cfg.pretrain, seed=cfg.seed, progress=self.progress)
+            history = pretrain(backbone, domains, cfg.pretrain, seed=cfg.base_seed, progress=self.progress)
             provenance.update(pretrain=dumps(asdict(cfg.pretrain)), pretrain_loss=f"{history.final():.4f}",
-                              pretrain_seconds=f"{time.perf_counter() - start:.1f}",
                               data=dumps({d.name: d.content_hash for d in domains}))
         self.store.save_base(backbone, provenance)
         self._backbone = self.store.load_base()
@@ -182,54 +223,68 @@ class Zoo:
         _, base_hash = self.base()
         cfg = self.config
         return content_key({"base": base_hash, "data": self.domain(name).content_hash, "alpha": 1.0,
-                            "optim": asdict(cfg.ft), "shift": cfg.ft_shift, "seed": cfg.seed,
-                            "max_train": cfg.max_train})
+                            "optim": asdict(cfg.ft), "patch_shift": cfg.patch_shift, "seed": cfg.seed,
+                            "max_train": cfg.max_train, "pair": 2})
 
     def ft(self, name: str) -> TaskVector:
-        """τ_ft: fine-tune θ for classification only (α = 1) on all train images, with shifts."""
+        """τ_ft = θ_ft − θ_base: the pair's α = 1 run (classification only) on the train split."""
         key = self._ft_key(name)
-        path = self.store.vector_path(name, "ft")
+        path = self.store.vector_path(name, "ft", seed=self.config.seed)
         _, base_hash = self.base()
         if self.store.is_fresh(path, key):
             return TaskVector.load(path, expect_base=base_hash)
-        x, y = self.images(name, "train", self.config.max_train)
-        vector = self._train(name, x, y, None, alpha=1.0, optim=self.config.ft, shift=self.config.ft_shift,
-                             key=key, desc=f"θ_ft {name}")
+        vector = self.train_ft(name, key)
         vector.save(path)
         return vector
 
+    def train_ft(self, name: str, key: str = "") -> TaskVector:
+        """θ_ft − θ_base, trained now (no store lookup)."""
+        x, y = self.images(name, "train", self.config.max_train)
+        return self._fit(name, None, x, y, None, 1.0, self.config.ft, "paper", key, f"θ_ft {name}")
+
     # ------------------------------------------------------------------- φ
+    def shap_samples(self) -> int:
+        """Kernel SHAP coalitions per image: ``config.shap_samples``, else ``shap_per_patch`` · M (even)."""
+        if self.config.shap_samples is not None:
+            return self.config.shap_samples
+        cfg = self.base()[0].config
+        return samples_for((cfg.image_size // cfg.patch_size) ** 2, self.config.shap_per_patch)
+
     def _attr_key(self, name: str) -> str:
         cfg = self.config
+        limits = {"val": cfg.max_val, "test": cfg.shap_test, "splits": ["train", "val", "test"]}
         if cfg.supervision == "gradcam":
-            return content_key({"ft": self._ft_key(name), "method": "gradcam", "train": cfg.shap_train,
-                                "test": cfg.shap_test, "layer": "last resblock ln_1"})
-        return content_key({"ft": self._ft_key(name), "method": "kernelshap", "samples": cfg.shap_samples,
-                            "train": cfg.shap_train, "test": cfg.shap_test, "baseline": 0.0, "seed": cfg.seed,
-                            "output": "logit", "paired": True})
+            return content_key({"ft": self._ft_key(name), "method": "gradcam", **limits,
+                                "layer": "last resblock ln_1"})
+        return content_key({"ft": self._ft_key(name), "method": "kernelshap", "samples": self.shap_samples(),
+                            **limits, "baseline": 0.0, "seed": cfg.seed, "output": "logit", "paired": True})
 
     def attributions(self, name: str) -> dict[str, torch.Tensor]:
-        """φ (Kernel SHAP or Grad-CAM on the θ_ft model, labelled class) for the first train and test images.
+        """φ on the θ_ft model (labelled class): every train image θ_ft trains on, val and test images.
 
-        Stored under the method's name; the store's default attribution file (``kernelshap``)
-        is what transfer evaluation reads, so a Grad-CAM zoo uses its own store folder.
+        Keys ``train``, ``val``, ``test`` (N, M) and ``<split>_labels``, aligned with the first
+        images of each split. Stored under ``kernelshap`` whatever the method: that file is what
+        transfer evaluation reads, so a Grad-CAM zoo uses its own store folder.
         """
         key = self._attr_key(name)
-        path = self.store.attribution_path(name, "kernelshap")
+        seed = self.config.seed
+        path = self.store.attribution_path(name, "kernelshap", seed=seed)
         if self.store.is_fresh(path, key):
             return load_tensors(path)[0]
         backbone, base_hash = self.base()
         model = self.model(name, self.ft(name).apply_to(base_state(backbone), base_hash=base_hash))
         out: dict[str, torch.Tensor] = {}
-        start = time.perf_counter()
-        for split, limit in (("train", self.config.shap_train), ("test", self.config.shap_test)):
+        limits = {"train": self.config.max_train, "val": self.config.max_val, "test": self.config.shap_test}
+        for split, limit in limits.items():
             x, y = self.images(name, split, limit)
             out[split] = self._explain(model, x, y, desc=f"{self.config.supervision} {name}/{split}")
             out[f"{split}_labels"] = y
-        meta = {"key": key, "base_hash": base_hash, "domain": name, "method": self.config.supervision,
-                "samples": self.config.shap_samples, "baseline": "0 (dataset mean after normalisation)",
-                "output": "logit of the labelled class", "seconds": f"{time.perf_counter() - start:.1f}",
-                "dataset_hash": self.domain(name).content_hash}
+        method = self.config.supervision
+        meta = {"key": key, "base_hash": base_hash, "domain": name, "method": method, "seed": seed,
+                "model": "θ_ft (same seed)", "output": "logit of the labelled class",
+                "dataset_hash": self.domain(name).content_hash, "tvdiag_version": __version__}
+        if method == "kernelshap":
+            meta.update(samples=self.shap_samples(), baseline=SHAP_BASELINE, paired="true")
         save_tensors(path, out, meta)
         return out
 
@@ -245,58 +300,83 @@ class Zoo:
         with torch.no_grad():
             for start in tqdm(range(0, len(x), chunk), desc=desc, disable=not self.progress, leave=False, unit="batch"):
                 parts.append(kernel_shap(model, x[start:start + chunk], y[start:start + chunk], patch_size=patch,
-                                         n_samples=self.config.shap_samples, generator=gen))
+                                         n_samples=self.shap_samples(), generator=gen))
         return torch.cat(parts).float()
 
     # ----------------------------------------------------------------- θ_ft*
-    def _ftx_key(self, name: str, alpha: float) -> str:
-        _, base_hash = self.base()
-        return content_key({"base": base_hash, "attr": self._attr_key(name), "alpha": alpha,
-                            "optim": asdict(self.config.ftx), "seed": self.config.seed})
+    def _ftx_key(self, name: str, alpha: float, variant: str) -> str:
+        optim = self.config.ft if variant == "paper" else self.config.from_ft
+        return content_key({"ft": self._ft_key(name), "attr": self._attr_key(name), "alpha": alpha,
+                            "variant": variant, "optim": asdict(optim)})
 
-    def ftx(self, name: str, alpha: float = 0.8) -> TaskVector:
-        """τ_ft*: fine-tune from θ_base with L_α (eq. 4) on the images that have φ, no augmentation."""
-        alpha = check_alpha(alpha)
-        key = self._ftx_key(name, alpha)
-        path = self.store.vector_path(name, "ftx", alpha)
+    def ftx(self, name: str, alpha: float = 0.8, variant: str = "paper") -> TaskVector:
+        """τ_ft* = θ_ft* − θ_base of ``variant`` (``paper`` or ``from-ft``; module docstring)."""
+        alpha, variant = check_alpha(alpha), check_variant(variant)
+        key = self._ftx_key(name, alpha, variant)
+        path = self.store.vector_path(name, "ftx", alpha, seed=self.config.seed, variant=variant)
         _, base_hash = self.base()
         if self.store.is_fresh(path, key):
             return TaskVector.load(path, expect_base=base_hash)
-        phi = self.attributions(name)
-        x, y = self.images(name, "train", phi["train"].shape[0])
-        vector = self._train(name, x, y, phi["train"], alpha=alpha, optim=self.config.ftx, shift=0, key=key,
-                             desc=f"θ_ft* {name} α={alpha:g}")
+        vector = self.train_ftx(name, alpha, variant, key)
         vector.save(path)
         return vector
 
+    def train_ftx(self, name: str, alpha: float, variant: str = "paper", key: str = "") -> TaskVector:
+        """θ_ft* − θ_base, trained now with L_α on the pair's images and batches (φ built if missing).
+
+        With α = 1 and ``variant="paper"`` this is :meth:`train_ft` step for step.
+        """
+        alpha, variant = check_alpha(alpha), check_variant(variant)
+        phi = self.attributions(name)["train"]
+        x, y = self.images(name, "train", self.config.max_train)
+        if phi.shape[0] != len(y):
+            raise TvdiagError(f"{name}: φ covers {phi.shape[0]} train images, the pair trains on {len(y)}")
+        init, optim = None, self.config.ft
+        if variant == "from-ft":
+            backbone, base_hash = self.base()
+            init, optim = self.ft(name).apply_to(base_state(backbone), base_hash=base_hash), self.config.from_ft
+        return self._fit(name, init, x, y, phi, alpha, optim, variant, key, f"θ_ft* {name} α={alpha:g} {variant}")
+
     # --------------------------------------------------------------- training
-    def _train(self, name, x, y, phi, alpha, optim: OptimConfig, shift: int, key: str, desc: str) -> TaskVector:
+    def _fit(self, name: str, init: dict[str, torch.Tensor] | None, x: torch.Tensor, y: torch.Tensor,
+             phi: torch.Tensor | None, alpha: float, optim: OptimConfig, variant: str, key: str,
+             desc: str) -> TaskVector:
+        """One run of the pair: minimise L_α from ``init`` (θ_base when None) over :func:`batch_plan`.
+
+        Everything but α, φ, ``init`` and ``optim`` is the pair's: images, batch sequence,
+        patch shifts (applied to image and φ alike), seed. With φ the model's ``explain`` pass is
+        used (its logits are the same computation as ``forward``); L_α ignores φ when α = 1.
+        """
         if len(y) == 0:
             raise TvdiagError(f"{name}: no training images")
         backbone, base_hash = self.base()
-        model = self.model(name)
+        cfg = self.config
+        model = self.model(name, init)
         model.train()
-        gen = torch.Generator().manual_seed(self.config.seed)
-        torch.manual_seed(self.config.seed)
-        batch = min(optim.batch_size, len(y))
+        torch.manual_seed(cfg.seed)
+        plan = batch_plan(len(y), optim.batch_size, optim.steps, cfg.seed, cfg.patch_shift)
+        patch = backbone.config.patch_size
 
         def step_loss(step: int) -> torch.Tensor:
-            idx = torch.randint(0, len(y), (batch,), generator=gen)
-            xb = random_shift(x[idx], shift, gen) if shift else x[idx]
-            if alpha < 1:
-                logits, phi_pred = model.explain(xb)
-                return alpha_loss(logits, phi_pred, y[idx], phi[idx], alpha)
-            return alpha_loss(model(xb), None, y[idx], None, alpha)
+            batch = plan[step]
+            xb, phib = x[batch.index], None if phi is None else phi[batch.index]
+            if batch.shifts is not None:
+                xb, phib = roll_patches(xb, phib, batch.shifts, patch)
+            if phi is None:
+                return alpha_loss(model(xb), None, y[batch.index], None, alpha)
+            logits, phi_pred = model.explain(xb)
+            return alpha_loss(logits, phi_pred, y[batch.index], phib, alpha)
 
         history = fit(model.visual.parameters(), step_loss, optim, desc=desc, progress=self.progress)
         model.eval()
-        domain = self.domain(name)
-        provenance = {"key": key, "backbone": self.config.backbone_id, "domain": name,
-                      "dataset_hash": domain.content_hash, "alpha": alpha, "steps": optim.steps,
-                      "optim": dumps(asdict(optim)), "seed": self.config.seed, "shift": shift,
-                      "n_images": len(y), "final_loss": f"{history.final():.4f}",
-                      "seconds": f"{history.seconds:.1f}", "tvdiag_version": __version__,
-                      "supervision": "none" if alpha == 1 else f"kernelshap samples={self.config.shap_samples}"}
+        supervision = "none" if phi is None or alpha == 1 else (
+            f"{cfg.supervision} samples={self.shap_samples()}" if cfg.supervision == "kernelshap" else cfg.supervision)
+        provenance = {"key": key, "backbone": cfg.backbone_id, "domain": name, "split": "train",
+                      "dataset_hash": self.domain(name).content_hash, "seed": cfg.seed, "base_seed": cfg.base_seed,
+                      "variant": variant if phi is not None else "", "init": "θ_ft" if init is not None else "θ_base",
+                      "alpha": alpha, "steps": optim.steps, "lr": optim.lr, "optim": dumps(asdict(optim)),
+                      "patch_shift": cfg.patch_shift, "n_images": len(y), "supervision": supervision,
+                      "final_loss": f"{history.final():.4f}", "tvdiag_version": __version__}
         return TaskVector.between(base_state(backbone), visual_state(model), base_hash, provenance)
 
     @torch.no_grad()
@@ -310,9 +390,11 @@ class Zoo:
         return correct / max(len(y), 1)
 
     # ------------------------------------------------------------------ build
-    def build(self, domains: list[str] | None = None, alphas: tuple[float, ...] = (0.8,)) -> dict[str, float]:
+    def build(self, domains: list[str] | None = None, alphas: tuple[float, ...] = (0.8,),
+              variants: tuple[str, ...] = ("paper",)) -> dict[str, float]:
         """Build everything for ``domains`` (all of the mini-suite by default); returns wall times."""
         domains = list(domains or MINISUITE)
+        variants = tuple(check_variant(v) for v in variants)
         times: dict[str, float] = {}
         start = time.perf_counter()
         self.base()
@@ -322,8 +404,9 @@ class Zoo:
             self.head(name)
             self.ft(name)
             self.attributions(name)
-            for alpha in alphas:
-                self.ftx(name, alpha)
+            for variant in variants:
+                for alpha in alphas:
+                    self.ftx(name, alpha, variant)
             times[name] = time.perf_counter() - t0
         times["total"] = time.perf_counter() - start
         return times

@@ -15,6 +15,8 @@ from train.explain.kernelshap import (
     KernelShapWarning,
     kernel_shap,
     kernel_shap_estimate,
+    noise_ceiling,
+    samples_for,
 )
 from train.explain.masking import apply_patch_mask, coalition_values, patch_means
 from train.explain.shapley import exact_shapley, shapley_from_table
@@ -28,6 +30,8 @@ __all__ = [
     "gradcam_patches",
     "kernel_shap",
     "kernel_shap_estimate",
+    "noise_ceiling",
     "patch_means",
+    "samples_for",
     "shapley_from_table",
 ]

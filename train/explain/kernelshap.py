@@ -58,6 +58,8 @@ __all__ = [
     "solve_kernel_shap",
     "kernel_shap_estimate",
     "kernel_shap",
+    "samples_for",
+    "noise_ceiling",
 ]
 
 
@@ -269,7 +271,8 @@ def kernel_shap(predict: Callable[[Tensor], Tensor], images: Tensor, targets: Te
         patch_size: patch side in pixels (``M = H W / p^2`` players).
         n_samples: sampled coalitions per image, complements included (even if paired).
         baseline: removed-patch value, float or tensor broadcastable to ``images``
-            (0 = the dataset mean in normalised space).
+            (0 = the backbone's per-channel normalisation mean, a constant image — not the
+            data set's mean image; pass a (1, C, H, W) mean image for that).
         batch_size: maximum images per forward.
         paired: add the complement of each sampled coalition.
         generator: makes the sampling deterministic.
@@ -284,3 +287,31 @@ def kernel_shap(predict: Callable[[Tensor], Tensor], images: Tensor, targets: Te
     est = kernel_shap_estimate(predict, images, targets, patch_size, n_samples, baseline,
                                batch_size, paired, generator, output)
     return est.values.float()
+
+
+def samples_for(num_patches: int, per_patch: float = 10.0) -> int:
+    """Coalitions per image at the preprint's density: ≈ ``per_patch`` · M, even (for pairing).
+
+    The preprint uses 500 perturbations at M = 49 (≈ 10 per patch): M = 16 → 160, M = 49 → 490.
+    """
+    return max(2, 2 * round(per_patch * num_patches / 2))
+
+
+def noise_ceiling(predict: Callable[[Tensor], Tensor], images: Tensor, targets: Tensor, patch_size: int,
+                  n_samples: int, seeds: tuple[int, int] = (0, 1), **kwargs) -> float:
+    """E-RMSE between two independent Kernel SHAP runs on the same model and images.
+
+    ``sqrt(mean_n mean_m (Norm(φ_a) − Norm(φ_b))²)`` with φ_a, φ_b from generators seeded
+    ``seeds[0]`` and ``seeds[1]`` (Norm = z-score over patches, float64). It is the noise of the
+    supervision itself: if each run is the exact Shapley value plus independent noise, a model
+    that predicts the exact values scores ≈ this / √2 against one run, and no model can be
+    expected to beat that floor. ``kwargs`` go to :func:`kernel_shap` (baseline, output, …).
+    """
+    from train.losses import zscore
+
+    if seeds[0] == seeds[1]:
+        raise TvdiagError(f"noise_ceiling needs two different seeds, got {seeds}")
+    runs = [kernel_shap_estimate(predict, images, targets, patch_size, n_samples,
+                                 generator=torch.Generator().manual_seed(int(s)), **kwargs).values
+            for s in seeds]
+    return float((zscore(runs[0]) - zscore(runs[1])).pow(2).mean().sqrt())
