@@ -35,8 +35,7 @@ from tqdm.auto import tqdm
 from train import __version__
 from train.augment import roll_patches
 from train.backbones import Backbone, create_backbone, read_checkpoint, state_hash
-from train.data import to_model_input
-from train.datasets import MINISUITE, Domain, load_domain
+from train.datasets import MINISUITE, Domain, domain_for, split_inputs
 from train.errors import TvdiagError
 from train.explain.kernelshap import kernel_shap, samples_for
 from train.loop import OptimConfig, batch_plan, fit
@@ -143,23 +142,17 @@ class Zoo:
 
     # ------------------------------------------------------------------ data
     def domain(self, name: str) -> Domain:
+        """The domain ``name`` loaded at the backbone's input size (:func:`train.datasets.domain_for`)."""
         if name not in self._domains:
-            size = None if self.config.backbone == "tiny" else self._image_size()
-            self._domains[name] = load_domain(name, data=self.data.get(name), image_size=size)
+            from train.backbones import load_config
+
+            self._domains[name] = domain_for(load_config(self.config.backbone), name, self.data.get(name))
         return self._domains[name]
-
-    def _image_size(self) -> int:
-        from train.backbones import load_config
-
-        return load_config(self.config.backbone).image_size
 
     def images(self, name: str, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Model-ready images and labels of a split (the first ``limit`` items; splits are shuffled)."""
         backbone, _ = self.base()
-        part = self.domain(name).split(split)
-        n = part.labels.shape[0] if limit is None else min(limit, part.labels.shape[0])
-        x = to_model_input(part.images[:n], backbone.config.mean, backbone.config.std, size=backbone.config.image_size)
-        return x, part.labels[:n].long()
+        return split_inputs(backbone.config, self.domain(name), split, limit)
 
     # ------------------------------------------------------------------ base
     def _base_key(self) -> str:
