@@ -148,6 +148,14 @@ def _probe_write(folder: Path) -> None:
         raise TvdiagError(f"{probe} is not writable ({err.strerror or err})") from None
 
 
+def folder_path(text: str) -> Path:
+    """argparse type: a folder to read (it may not exist yet, but must not be a file)."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    return path
+
+
 def writable_file(text: str) -> Path:
     """argparse type: an output file whose folder exists writable or can be created (checked before compute)."""
     return _writable_target(text, folder=False)

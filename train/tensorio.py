@@ -158,6 +158,8 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
     for name, value in tensors.items():  # fail before anything touches the disk
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"'{name}' is a {type(value).__name__}, not a tensor")
+        if value.dtype not in _DTYPES:
+            raise TypeError(f"'{name}' has dtype {value.dtype}, which tvdiag does not store")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

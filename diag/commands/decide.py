@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from diag.context import add_common, context_from
-from diag.options import ALPHA, FRACTION, K, LAMBDA, N_IMAGES, N_RESAMPLE, PROBES, domain_name, emit_json
+from diag.options import (ALPHA, FRACTION, K, LAMBDA, N_IMAGES, N_RESAMPLE, PROBES, domain_name, emit_json,
+                          folder_path)
 from train.errors import TvdiagError
 
 
@@ -15,7 +16,7 @@ def _suite_options(p) -> None:
     p.add_argument("--n-images", type=N_IMAGES, default=256, help="target images of Hᵀ")
     p.add_argument("--probes", type=PROBES, default=24, help="Hutchinson probes of diag(Hᵀ)")
     p.add_argument("--k", type=K, default=8, help="eigenpairs of the Hessian card")
-    p.add_argument("--study", default=None, help="study folder of the known pairs (default: the store's 'allpairs')")
+    p.add_argument("--study", default=None, type=folder_path, help="study folder of the known pairs (default: the store's 'allpairs')")
 
 
 def _settings(args):

@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 
 from diag.context import add_common, context_from
-from diag.options import ALPHA, LAMBDA, N_IMAGES, N_RESAMPLE, domain_name, emit_json, seed, writable_dir
+from diag.options import (ALPHA, LAMBDA, N_IMAGES, N_RESAMPLE, domain_name, emit_json, folder_path, seed,
+                          writable_dir)
 from train.errors import DataError
 
 
@@ -40,7 +41,7 @@ def register(sub) -> None:
 
     c = sub.add_parser("correlate", help="Appendix C / Figure 6: correlations with bootstrap CIs and permutation p")
     add_common(c)
-    c.add_argument("--study", type=Path, default=None, help="study folder (default: <store>/studies/allpairs)")
+    c.add_argument("--study", type=folder_path, default=None, help="study folder (default: <store>/studies/allpairs)")
     c.add_argument("--domains", nargs="*", default=None, type=domain_name, help="domains if the study must be run first")
     c.add_argument("--lambda2", type=LAMBDA, default=0.7)
     c.add_argument("--n-boot", type=N_RESAMPLE, default=2000)
