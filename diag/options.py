@@ -46,7 +46,7 @@ def int_range(lo: int, hi: int):
     """argparse type: an integer in ``[lo, hi]`` (written as digits; ``1e9`` is refused)."""
 
     def parse(text: str) -> int:
-        value = _number(text.strip(), int)
+        value = _number(text, int)
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"{text!r} must be an integer in [{lo}, {hi}]")
         return value

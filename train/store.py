@@ -7,12 +7,19 @@ Layout (one folder per backbone id)::
                         /vectors/<domain>/ft.safetensors      τ_ft  = θ_ft  − θ_base
                         /vectors/<domain>/ftx-a0.8.safetensors τ_ft* = θ_ft* − θ_base
                         /attributions/<domain>-kernelshap.safetensors   φ for train/test
-                        /curvature/<domain>/...               diagonals, cards
+                        /curvature/<domain>/<kind>-<key>.safetensors  diagonals, cards (keyed by settings)
                         /studies/<name>/...                   pair tables, figures
 
 Every file carries provenance metadata and a content ``key``: the hash of everything it
-was computed from. An artifact whose key matches the requested settings is reused; a
-missing or stale one is rebuilt by :mod:`train.zoo`.
+was computed from. :meth:`Store.is_fresh` decides what happens to an existing file:
+missing → build; tvdiag's with the requested key → reuse; tvdiag's with a stale key on
+the same base → rebuild over it; no provenance key, or taken from another base → refuse
+(exit 2), since it is the user's file: ``--rebuild DOMAIN`` (``Store.rebuild``) or deleting
+it lets tvdiag replace it.
+
+Every path goes through :meth:`Store._path`: user-given names must match
+``[a-z0-9][a-z0-9_-]*`` and a path that resolves outside the store root is refused.
+Cached curvature is keyed by its settings (:meth:`Store.curvature_path`).
 """
 
 from __future__ import annotations
@@ -273,4 +280,5 @@ def base_state(backbone: Backbone) -> dict[str, torch.Tensor]:
     return {f"visual.{k}": v.detach().clone() for k, v in backbone.clip.visual.state_dict().items()}
 
 
-__all__ = ["Store", "default_root", "content_key", "check_name", "NAME_PATTERN", "base_state", "visual_state", "StoreError"]
+__all__ = ["Store", "default_root", "content_key", "check_name", "NAME_PATTERN", "base_state", "visual_state",
+           "StoreError"]

@@ -143,7 +143,8 @@ def timings_path(path: Path) -> Path:
     return path.with_name(f"{path.name.removesuffix('.safetensors')}.timings.json")
 
 
-def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> Path:
     """Atomically write ``tensors`` with string ``metadata`` (plus version and thread count) to ``path``.
 
     Timing keys (:func:`is_timing_key`) go to :func:`timings_path` instead, so two builds

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from diag.context import add_common, context_from
 from diag.options import (ALPHA, BATCH, CHECK_T, ITERS, K, LAMBDA, N_IMAGES, PROBES, REPEATS, domain_name,
-                          emit_json, finite_float, seed, writable_file)
+                          check_finite_result, emit_json, finite_float, int_range, seed,
+                          writable_file)
 
 
 def _curvature_options(p) -> None:
@@ -21,9 +22,10 @@ def register(sub) -> None:
     add_common(h)
     h.add_argument("--domain", required=True, type=domain_name)
     h.add_argument("--what", choices=("trace", "diag", "card"), default="trace")
-    h.add_argument("--probes", type=PROBES, default=None, help="fixed number of Hutchinson probes")
-    h.add_argument("--rel-stderr", type=finite_float(0.0, 1.0, lo_open=True), default=None, help="stop once the relative standard error is below this")
-    h.add_argument("--max-probes", type=PROBES, default=200)
+    h.add_argument("--probes", type=int_range(2, 100_000), default=None, help="fixed number of Hutchinson probes")
+    h.add_argument("--rel-stderr", type=finite_float(0.0, 1.0, lo_open=True), default=None,
+                   help="stop once the relative standard error is below this")
+    h.add_argument("--max-probes", type=int_range(2, 100_000), default=200)
     h.add_argument("--k", type=K, default=8, help="eigenpairs on the card")
     h.add_argument("--resume", action="store_true", help="checkpoint running sums and resume a killed run")
     h.add_argument("--backend", choices=("ours", "pyhessian"), default="ours",
@@ -37,7 +39,8 @@ def register(sub) -> None:
     s.add_argument("--k", type=K, default=5)
     s.add_argument("--probes", type=PROBES, default=4, help="SLQ probes")
     s.add_argument("--iters", type=ITERS, default=30, help="Lanczos steps per SLQ probe")
-    s.add_argument("--out", default=None, type=writable_file, help="PNG of the density (default: store curvature folder)")
+    s.add_argument("--out", default=None, type=writable_file,
+                   help="PNG of the density (default: store curvature folder)")
     _curvature_options(s)
     s.set_defaults(func=run_spectrum)
 
@@ -222,6 +225,7 @@ def run_risk(args) -> int:
            "predicted_loss_increase": {k: 0.5 * lam ** 2 * v for k, v in risks.items()},
            "eigen_contributions": contrib.tolist(), "eigvals": curv.card.eigvals.tolist(),
            "quadratic_check": [c.to_dict() for c in checks]}
+    check_finite_result({k: out[k] for k in ("predicted_loss_increase", "eigen_contributions")}, "risk")
     if args.json:
         emit_json(out)
         return 0

@@ -16,7 +16,8 @@ def _suite_options(p) -> None:
     p.add_argument("--n-images", type=N_IMAGES, default=256, help="target images of Hᵀ")
     p.add_argument("--probes", type=PROBES, default=24, help="Hutchinson probes of diag(Hᵀ)")
     p.add_argument("--k", type=K, default=8, help="eigenpairs of the Hessian card")
-    p.add_argument("--study", default=None, type=folder_path, help="study folder of the known pairs (default: the store's 'allpairs')")
+    p.add_argument("--study", default=None, type=folder_path,
+                   help="study folder of the known pairs (default: the store's 'allpairs')")
 
 
 def _settings(args):

@@ -17,7 +17,8 @@ def register(sub) -> None:
     s.add_argument("--domains", nargs="*", default=None, type=domain_name, help="default: the whole suite")
     s.add_argument("--by", choices=("global", "block"), default="global", help="also per transformer block")
     s.add_argument("--alpha", type=ALPHA, default=0.8)
-    s.add_argument("--out", type=writable_dir, default=None, help="folder for the heatmaps (default: <store>/studies/similarity)")
+    s.add_argument("--out", type=writable_dir, default=None,
+                   help="folder for the heatmaps (default: <store>/studies/similarity)")
     s.set_defaults(func=run_similarity)
 
     p = sub.add_parser("study", help="every ordered (source, target) pair: eq. 8, controls, diagnostics")
@@ -42,7 +43,8 @@ def register(sub) -> None:
     c = sub.add_parser("correlate", help="Appendix C / Figure 6: correlations with bootstrap CIs and permutation p")
     add_common(c)
     c.add_argument("--study", type=folder_path, default=None, help="study folder (default: <store>/studies/allpairs)")
-    c.add_argument("--domains", nargs="*", default=None, type=domain_name, help="domains if the study must be run first")
+    c.add_argument("--domains", nargs="*", default=None, type=domain_name,
+                   help="domains if the study must be run first")
     c.add_argument("--lambda2", type=LAMBDA, default=0.7)
     c.add_argument("--n-boot", type=N_RESAMPLE, default=2000)
     c.add_argument("--n-perm", type=N_RESAMPLE, default=2000)

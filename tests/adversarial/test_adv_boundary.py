@@ -61,6 +61,8 @@ NUMERIC = [
 
 @pytest.mark.parametrize("argv,bad", NUMERIC, ids=[f"{a[0]}-{a[-2]}-{b}" for a, b in NUMERIC])
 def test_bad_number_is_refused(smoke, capsys, argv, bad):
+    if bad.startswith("-"):  # argparse reads '-inf' as an option unless it is attached with '='
+        argv = [*argv[:-2], f"{argv[-2]}={bad}"]
     line = refused(capsys, [*argv, *common(smoke.root)], "argument", smoke.root)
     assert repr(bad) in line
 

@@ -104,7 +104,8 @@ def _without_mnist(smoke, dst: Path) -> tuple[Path, dict]:
     """A store copy without mnist's θ_ft, φ and θ_ft*; returns (copy, the original mnist files' bytes)."""
     shutil.copytree(smoke.root, dst)
     folder = dst / BACKBONE_ID
-    removed = [*(folder / "vectors" / "mnist").glob("*.safetensors"), folder / "attributions" / "mnist-kernelshap.safetensors"]
+    removed = [*(folder / "vectors" / "mnist").glob("*.safetensors"),
+               folder / "attributions" / "mnist-kernelshap.safetensors"]
     original = {p.relative_to(folder).as_posix(): p.read_bytes() for p in removed}
     for p in removed:
         p.unlink()
