@@ -74,7 +74,7 @@ def _maybe_init_distributed() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 a 'no-go' verdict, 2 bad input, 3 an internal error)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)
     if _maybe_init_distributed() != 0:
         import io
         import contextlib
@@ -90,6 +90,8 @@ def _run(argv: list[str] | None) -> int:
     debug = "--debug" in argv or os.environ.get("TVDIAG_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
     command = next((a for a in argv if not a.startswith("-")), "")
+    buffer = _LogBuffer()
+    logging.getLogger().addHandler(buffer)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         try:
@@ -109,9 +111,23 @@ def _run(argv: list[str] | None) -> int:
                 traceback.print_exc()
             return _fail(f"diag {command}: internal error: {type(err).__name__}: {_one_line(err)}"
                          + ("" if debug else " (rerun with --debug for the traceback)"), 3)
-    for w in caught:  # success: the warnings are shown after the output
-        print(f"warning: {_one_line(w.message)}", file=sys.stderr)
+        finally:
+            logging.getLogger().removeHandler(buffer)
+    for line in [*(f"warning: {_one_line(w.message)}" for w in caught), *buffer.lines]:
+        print(line, file=sys.stderr)  # success: warnings and log lines come after the output
     return code
+
+
+class _LogBuffer(logging.Handler):
+    """Holds WARNING+ log lines of a run: shown after a success, dropped with a one-line failure."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(_one_line(self.format(record)))
 
 
 def _one_line(err) -> str:

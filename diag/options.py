@@ -99,10 +99,23 @@ def check_finite_result(obj, what: str = "result") -> None:
                           "range where the computation is meaningful")
 
 
+def _json_default(value):
+    """numpy / torch scalars as floats (ints stay ints), paths and other objects as strings."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):  # a multi-element array or tensor
+            return value.tolist()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def dumps_strict(obj, **kwargs) -> str:
     """``json.dumps`` that refuses NaN/Inf (a :class:`TvdiagError` naming where it is)."""
     kwargs.setdefault("indent", 2)
-    kwargs.setdefault("default", float)
+    kwargs.setdefault("default", _json_default)
     try:
         return json.dumps(obj, allow_nan=False, **kwargs)
     except ValueError:

@@ -4,6 +4,7 @@ the error line, strict JSON, no network for `--pretrained`, kill -9 and concurre
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -49,6 +50,7 @@ def test_warnings_never_precede_the_error_line(smoke, capsys, monkeypatch):
     def warn_then_fail(args):
         warnings.warn("torch.something is deprecated", FutureWarning)
         warnings.warn("a user warning", UserWarning)
+        logging.getLogger("train.zoo").warning("a log line")
         raise TvdiagError("the real problem")
 
     monkeypatch.setattr(transfer_cmd, "run_transfer", warn_then_fail)
