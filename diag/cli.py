@@ -1,8 +1,11 @@
 """The ``diag`` command line: ``main(argv)`` dispatches to the subcommands in :mod:`diag.commands`.
 
-Human tables by default, ``--json`` for machines, progress bars on long work. Bad input
-(unknown names, corrupt or unsafe files, out-of-range values, an unwritable store) gives
-one line on stderr and exit code 2.
+Human tables by default, ``--json`` for machines (strict JSON, see :mod:`diag.options`),
+progress bars on long work. Bad input (unknown or unsafe names, corrupt or unsafe files,
+out-of-range values, an unwritable store) gives exactly one line on stderr and exit code 2;
+an unexpected exception gives a one-line summary and exit code 3 (the traceback with
+``--debug``). Warnings raised during a failed run are dropped; after a successful run they
+are printed after the output, one line each.
 """
 
 from __future__ import annotations
@@ -10,16 +13,35 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import traceback
+import warnings
 
 from train.errors import TvdiagError
 
 COMMAND_MODULES = ("transfer", "curvature", "studies", "decide")
 
 
+class _ArgumentError(Exception):
+    """argparse found a bad command line; the message is one line."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        raise _ArgumentError(self.prog, " ".join(message.split()))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diag", description="Hessian and task-vector diagnostics of explainability transfer")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="diag", description="Hessian and task-vector diagnostics of explainability transfer")
+    parser.add_argument("--debug", action="store_true", help="full traceback on unexpected errors (any position)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(f"diag.commands.{name}")
@@ -29,10 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(sub)
     return parser
-
-
-class _ArgumentError(Exception):
-    pass
 
 
 def _maybe_init_distributed() -> int:
@@ -55,8 +73,8 @@ def _maybe_init_distributed() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 a 'no-go' verdict, 2 bad input)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    """Run the CLI; returns the exit code (0 ok, 1 a 'no-go' verdict, 2 bad input, 3 an internal error)."""
+    logging.getLogger().setLevel(logging.WARNING)
     if _maybe_init_distributed() != 0:
         import io
         import contextlib
@@ -67,19 +85,60 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed its message
-        return int(exc.code or 0)
-    try:
-        return int(args.func(args) or 0)
-    except TvdiagError as err:
-        print(f"diag {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; completed artifacts are kept and the next run resumes", file=sys.stderr)
-        return 130
+    """Parse and run one command; every failure is one stderr line (traceback only with --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TVDIAG_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    command = next((a for a in argv if not a.startswith("-")), "")
+    buffer = _LogBuffer()
+    logging.getLogger().addHandler(buffer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            code = int(args.func(args) or 0)
+        except SystemExit as exc:  # --help, or a command that exits itself
+            return exc.code if isinstance(exc.code, int) else 0
+        except _ArgumentError as err:
+            return _fail(f"{err.prog}: error: {err}", 2)
+        except TvdiagError as err:
+            return _fail(f"diag {command}: error: {_one_line(err)}", 2)
+        except KeyboardInterrupt:
+            return _fail("interrupted; completed artifacts are kept and the next run resumes", 130)
+        except Exception as err:  # a bug: still one line, the traceback behind --debug
+            if debug:
+                traceback.print_exc()
+            return _fail(f"diag {command}: internal error: {type(err).__name__}: {_one_line(err)}"
+                         + ("" if debug else " (rerun with --debug for the traceback)"), 3)
+        finally:
+            logging.getLogger().removeHandler(buffer)
+    for line in [*(f"warning: {_one_line(w.message)}" for w in caught), *buffer.lines]:
+        print(line, file=sys.stderr)  # success: warnings and log lines come after the output
+    return code
+
+
+class _LogBuffer(logging.Handler):
+    """Holds WARNING+ log lines of a run: shown after a success, dropped with a one-line failure."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(_one_line(self.format(record)))
+
+
+def _one_line(err) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 2000 else text[:1997] + "..."
+
+
+def _fail(line: str, code: int) -> int:
+    sys.stdout.flush()
+    print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

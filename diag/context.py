@@ -8,12 +8,14 @@ into ``train``'s build code, and it does so lazily.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from train.datasets import MINISUITE
 from train.errors import unknown
-from train.store import Store, default_root
+from diag.options import domain_name
+from train.store import Store, check_name, default_root
 
 
 @dataclass
@@ -27,6 +29,8 @@ class Context:
     checkpoint: str | None = None
     data: dict[str, str] | None = None
     progress: bool = True
+    rebuild: tuple[str, ...] = ()
+    started: float = field(default_factory=time.time)
 
     def zoo_config(self):
         from train.zoo import preset
@@ -40,7 +44,7 @@ class Context:
     def store(self) -> Store:
         cfg = self.zoo_config()
         bid = cfg.backbone_id if self.preset == "default" else f"{cfg.backbone_id}-{self.preset}"
-        return Store(self.store_root, bid)
+        return Store(self.store_root, bid, rebuild=frozenset(self.rebuild), rebuild_before=self.started)
 
     def zoo(self):
         from train.zoo import Zoo
@@ -81,6 +85,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help="local weights file (safetensors or legacy .pt)")
     parser.add_argument("--data", action="append", default=[], metavar="[DOMAIN=]PATH",
                         help="local copy of a dataset (ImageFolder or torchvision-style root); repeatable")
+    parser.add_argument("--rebuild", action="append", default=[], metavar="DOMAIN", type=domain_name,
+                        help="rebuild DOMAIN's artifacts even if present or not written by tvdiag ('all': every one)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -96,6 +102,7 @@ def context_from(args: argparse.Namespace, default_domain: str | None = None) ->
 
                 raise TvdiagError("--data needs DOMAIN=PATH here")
             name, path = default_domain, item
-        data[name] = path
+        data[check_name(name)] = path
     return Context(store_root=args.store or default_root(), preset=args.preset, backbone=args.backbone,
-                   pretrained=args.pretrained, checkpoint=args.checkpoint, data=data, progress=not args.quiet)
+                   pretrained=args.pretrained, checkpoint=args.checkpoint, data=data, progress=not args.quiet,
+                   rebuild=tuple(args.rebuild))

@@ -91,7 +91,7 @@ def test_unknown_backbone(tmp_path, capsys):
 
 def test_alpha_out_of_range(store, capsys):
     _assert_bad(capsys, ["transfer", "--source", "mnist", "--target", "gtsrb", "--alpha", "1.5",
-                         *common(store.root)], "alpha must be in [0, 1]", store.folder)
+                         *common(store.root)], "argument --alpha: '1.5'", store.folder)
 
 
 def test_corrupt_truncated_safetensors(store_copy, capsys):

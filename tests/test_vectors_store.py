@@ -122,3 +122,29 @@ def test_valid_file_whose_header_length_starts_with_pickle_byte_loads(tmp_path):
             break
     assert path.read_bytes()[0] == 0x80
     assert TaskVector.load(path).tensors["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_writer_roundtrips_every_dtype_and_shape_like_safetensors(tmp_path):
+    """tvdiag's own (sorted, byte-reproducible) encoder reads back exactly through safetensors."""
+    from safetensors.torch import load_file
+
+    tensors = {"f64": torch.randn(3, 2, dtype=torch.float64), "bf16": torch.randn(4).to(torch.bfloat16),
+               "f16": torch.randn(2, 2).half(), "i64": torch.arange(5), "i8": torch.tensor([-1, 2], dtype=torch.int8),
+               "u8": torch.tensor([255], dtype=torch.uint8), "flag": torch.tensor([True, False]),
+               "scalar": torch.tensor(1.5), "empty": torch.zeros(0, 3), "t": torch.arange(6.0).reshape(2, 3).t()}
+    path = save_tensors(tmp_path / "x.safetensors", tensors, {"note": "é"})
+    back = load_file(str(path))
+    assert back.keys() == tensors.keys()
+    for key, value in tensors.items():
+        assert back[key].dtype == value.dtype and back[key].shape == value.shape
+        assert torch.equal(back[key], value.contiguous())
+    loaded, meta = load_tensors(path)
+    assert meta["note"] == "é" and meta["tvdiag_version"]
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header_len % 8 == 0
+
+
+def test_unsupported_value_fails_before_writing(tmp_path):
+    with pytest.raises(TypeError):
+        save_tensors(tmp_path / "sub" / "x.safetensors", {"w": torch.zeros(2, dtype=torch.complex64)})
+    assert not (tmp_path / "sub").exists()

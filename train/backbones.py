@@ -6,14 +6,16 @@ the input resolution and normalisation.
 
 Weights resolve in this order (STYLE §5): a local checkpoint path (safetensors first;
 ``torch.load(..., weights_only=True)`` for legacy ``.pt``/``.bin`` files), else an
-open_clip pretrained tag (which may need open_clip's own cache: nothing is downloaded
-by tvdiag), else random initialisation.
+open_clip pretrained tag resolved only from open_clip's local cache (offline: nothing is
+ever downloaded), else random initialisation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +167,68 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+@contextlib.contextmanager
+def _offline():
+    """Hugging Face hub in offline mode for the duration (env var and the already-imported constant)."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hf_constants
+    except ImportError:  # no hub: open_clip can then only use its URL cache
+        hf_constants = None
+    old = getattr(hf_constants, "HF_HUB_OFFLINE", None)
+    if hf_constants is not None:
+        hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if hf_constants is not None:
+            hf_constants.HF_HUB_OFFLINE = old
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+
+
+def cached_pretrained_file(name: str, tag: str) -> Path:
+    """The local file open_clip would load for ``name`` / ``tag``, without touching the network.
+
+    open_clip's pretrained table gives a Hugging Face repo (cached under the hub cache,
+    preferring a ``.safetensors`` alternative) or a URL (cached as ``~/.cache/clip/<file>``).
+
+    Raises:
+        UnknownNameError: ``tag`` is not a pretrained tag of ``name``.
+        ArtifactError: the weights are not in the local cache (names the expected path).
+    """
+    from open_clip.pretrained import _get_safe_alternatives, get_pretrained_cfg, list_pretrained_tags_by_model
+
+    cfg = get_pretrained_cfg(name, tag)
+    if not cfg:
+        raise unknown(f"pretrained tag of '{name}'", tag, list_pretrained_tags_by_model(name) or ["(none)"])
+    if cfg.get("file"):
+        expected = [Path(cfg["file"])]
+    elif cfg.get("hf_hub"):
+        from huggingface_hub import constants as hf_constants
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])  # 'org/model/' means the default file name
+        filename = filename or "open_clip_pytorch_model.bin"
+        expected = []
+        for candidate in [*_get_safe_alternatives(filename), filename]:
+            hit = try_to_load_from_cache(repo, candidate)
+            if isinstance(hit, str):
+                return Path(hit)
+            expected.append(Path(hf_constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots"
+                            / "<revision>" / candidate)
+    else:
+        expected = [Path("~/.cache/clip").expanduser() / os.path.basename(cfg.get("url", ""))]
+    for path in expected:
+        if path.is_file():
+            return path
+    raise ArtifactError(f"open_clip weights '{name}' / '{tag}' are not in the local cache (expected {expected[0]}); "
+                        "tvdiag never downloads: fetch them once with open_clip, or pass --checkpoint FILE")
+
+
 def create_backbone(name: str, *, pretrained: str | None = None, checkpoint: str | Path | None = None,
                     seed: int = 0) -> Backbone:
     """Build a backbone by name with weights from a local checkpoint or an open_clip tag.
@@ -183,13 +247,16 @@ def create_backbone(name: str, *, pretrained: str | None = None, checkpoint: str
     config = load_config(name)
     torch.manual_seed(seed)
     if pretrained is not None and checkpoint is None:
-        try:
-            clip = open_clip.create_model(name, pretrained=pretrained)
-        except Exception as err:
-            raise ArtifactError(
-                f"Cannot load open_clip weights '{name}' / '{pretrained}' ({err}). Save them locally "
-                f"and pass --checkpoint /path/to/weights.safetensors; tvdiag never downloads weights."
-            ) from err
+        cached_pretrained_file(name, pretrained)  # fails fast, before any network access
+        with _offline():
+            try:
+                clip = open_clip.create_model(name, pretrained=pretrained)
+            except Exception as err:  # open_clip raises RuntimeError/FileNotFoundError/… for bad weights
+                raise ArtifactError(
+                    f"Cannot load open_clip weights '{name}' / '{pretrained}' from the local cache "
+                    f"({str(err).splitlines()[0][:200] if str(err) else type(err).__name__}); pass "
+                    f"--checkpoint /path/to/weights.safetensors; tvdiag never downloads weights."
+                ) from err
     else:
         clip = build_clip(config)
         if checkpoint is not None:

@@ -10,27 +10,36 @@ Layout (one folder per backbone id)::
                         /vectors/<domain>/s1/...               training seed 1 (seed 0 has no folder)
                         /attributions/<domain>-kernelshap.safetensors   φ for train/val/test
                         /attributions/s1/<domain>-kernelshap.safetensors  φ of seed 1
-                        /curvature/<domain>/...               diagonals, cards
+                        /curvature/<domain>/<kind>-<key>.safetensors  diagonals, cards (keyed by settings)
                         /studies/<name>/...                   pair tables, figures
 
 Every file carries provenance metadata and a content ``key``: the hash of everything it
-was computed from. An artifact whose key matches the requested settings is reused; a
-missing or stale one is rebuilt by :mod:`train.zoo`.
+was computed from. :meth:`Store.is_fresh` decides what happens to an existing file:
+missing → build; tvdiag's with the requested key → reuse; tvdiag's with a stale key on
+the same base → rebuild over it; no provenance key, or taken from another base → refuse
+(exit 2), since it is the user's file: ``--rebuild DOMAIN`` (``Store.rebuild``) or deleting
+it lets tvdiag replace it.
+
+Every path goes through :meth:`Store._path`: user-given names must match
+``[a-z0-9][a-z0-9_-]*`` and a path that resolves outside the store root is refused.
+Cached curvature is keyed by its settings (:meth:`Store.curvature_path`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from train.backbones import Backbone, BackboneConfig, build_clip
-from train.errors import ArtifactError, StoreError
+from train.errors import ArtifactError, StoreError, TvdiagError
 from train.model import SelfExplainingCLIP, load_visual_state, visual_state
-from train.tensorio import check_writable, dumps, load_tensors, read_metadata, save_tensors
+from train.tensorio import check_writable, dumps, load_tensors, read_metadata, save_tensors, sweep_stale_tmp
 from train.vectors import TaskVector
 
 
@@ -47,7 +56,27 @@ def content_key(payload: dict) -> str:
     return hashlib.sha256(dumps(payload).encode()).hexdigest()[:16]
 
 
+NAME_PATTERN = r"[a-z0-9][a-z0-9_-]*"
+_NAME = re.compile(NAME_PATTERN + r"\Z")
+_BACKBONE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\Z")
+MAX_NAME = 64
+
+
+def check_name(value: str, kind: str = "domain") -> str:
+    """A user-given name (domain, method, study, …) that is safe as one path component.
+
+    Raises:
+        TvdiagError: ``value`` does not match ``[a-z0-9][a-z0-9_-]*`` (≤ 64 characters).
+    """
+    if not isinstance(value, str) or len(value) > MAX_NAME or not _NAME.match(value):
+        raise TvdiagError(f"Invalid {kind} name {value!r}: use lowercase letters, digits, '_' and '-', "
+                          f"starting with a letter or digit (at most {MAX_NAME} characters)")
+    return value
+
+
 def alpha_tag(alpha: float) -> str:
+    if alpha is None or not math.isfinite(float(alpha)):
+        raise TvdiagError(f"alpha must be a finite number, got {alpha}")
     return f"a{float(alpha):g}"
 
 
@@ -74,21 +103,45 @@ def seed_dir(seed: int) -> str:
 
 @dataclass(frozen=True)
 class Store:
-    """Paths and typed readers of one backbone's artifacts."""
+    """Paths and typed readers of one backbone's artifacts.
+
+    Every path is built by :meth:`_path`, which validates each user-given name and refuses
+    a path that resolves outside ``root``. ``rebuild`` names domains (or ``all``) whose
+    artifacts written before ``rebuild_before`` (a Unix time) are rebuilt even when they
+    are fresh or were not written by tvdiag.
+    """
 
     root: Path
     backbone_id: str = "tiny"
+    rebuild: frozenset = frozenset()
+    rebuild_before: float = 0.0
+
+    def __post_init__(self):
+        if not _BACKBONE_ID.match(self.backbone_id) or ".." in self.backbone_id or len(self.backbone_id) > 128:
+            raise TvdiagError(f"Invalid store folder name {self.backbone_id!r} (backbone id): use letters, digits, "
+                              "'.', '_', '+' and '-' (rename the checkpoint file if it comes from its name)")
+        object.__setattr__(self, "rebuild", frozenset(check_name(d, "--rebuild domain") if d != "all" else d
+                                                      for d in self.rebuild))
 
     @property
     def folder(self) -> Path:
         return Path(self.root) / self.backbone_id
 
+    def _path(self, *parts: str) -> Path:
+        """``folder / parts…``, refused unless it resolves inside the store root (the one choke point)."""
+        path = self.folder.joinpath(*parts)
+        root = Path(self.root).expanduser().resolve()
+        resolved = path.expanduser().resolve()
+        if resolved != root and root not in resolved.parents:
+            raise StoreError(f"Refusing path {path}: it resolves to {resolved}, outside the store {root}")
+        return path
+
     # ------------------------------------------------------------------ paths
     def base_path(self) -> Path:
-        return self.folder / "base.safetensors"
+        return self._path("base.safetensors")
 
     def head_path(self, domain: str) -> Path:
-        return self.folder / "heads" / f"{domain}.safetensors"
+        return self._path("heads", f"{check_name(domain)}.safetensors")
 
     def vector_path(self, domain: str, kind: str = "ft", alpha: float | None = None, *, seed: int = 0,
                     variant: str = "paper") -> Path:
@@ -96,35 +149,92 @@ class Store:
 
         θ_ft is shared by both variants (``variant`` only names θ_ft*).
         """
+        if kind not in ("ft", "ftx"):
+            raise TvdiagError(f"Unknown vector kind '{kind}'. Available: ft, ftx")
         check_variant(variant)
         name = "ft" if kind == "ft" else f"ftx-{alpha_tag(alpha)}{VARIANT_SUFFIX[variant]}"
-        return self.folder / "vectors" / domain / seed_dir(seed) / f"{name}.safetensors"
+        return self._path("vectors", check_name(domain), seed_dir(seed), f"{name}.safetensors")
 
     def attribution_path(self, domain: str, method: str = "kernelshap", *, seed: int = 0) -> Path:
         """``attributions[/s<seed>]/<domain>-<method>`` (φ on the seed's θ_ft)."""
-        return self.folder / "attributions" / seed_dir(seed) / f"{domain}-{method}.safetensors"
+        return self._path("attributions", seed_dir(seed),
+                          f"{check_name(domain)}-{check_name(method, 'method')}.safetensors")
 
     def curvature_dir(self, domain: str) -> Path:
-        return self.folder / "curvature" / domain
+        return self._path("curvature", check_name(domain))
+
+    def curvature_path(self, domain: str, kind: str, settings: dict) -> Path:
+        """Cached curvature of ``domain`` keyed by its settings: ``curvature/<domain>/<kind>-<key>.safetensors``.
+
+        ``key`` is :func:`content_key` of ``settings`` (e.g. probes, k, n_images, seed), so a
+        cheaper run never replaces the file a run with other settings wrote.
+        """
+        name = f"{check_name(kind, 'curvature kind')}-{content_key(settings)}.safetensors"
+        return self._path("curvature", check_name(domain), name)
 
     def study_dir(self, name: str) -> Path:
-        return self.folder / "studies" / name
+        return self._path("studies", check_name(name, "study"))
 
     def check_writable(self) -> None:
+        """Raise unless the store folder can be written; removes temporaries of dead writers."""
         check_writable(self.folder)
+        sweep_stale_tmp(self.folder, recursive=True)
 
     # ------------------------------------------------------------- freshness
-    @staticmethod
-    def is_fresh(path: Path, key: str) -> bool:
-        """True when ``path`` exists and was built from ``key`` (False: missing or stale settings).
+    def _rebuilds(self, path: Path) -> bool:
+        """True when ``--rebuild`` covers ``path`` and the file predates this run."""
+        if not self.rebuild or path.stat().st_mtime >= self.rebuild_before:
+            return False
+        return "all" in self.rebuild or self._domain_of(path) in self.rebuild
+
+    def _domain_of(self, path: Path) -> str | None:
+        """The domain an artifact belongs to (None: the base or an unknown file)."""
+        parts = path.relative_to(self.folder).parts
+        if len(parts) >= 3 and parts[0] in ("vectors", "curvature"):
+            return parts[1]
+        if len(parts) == 2 and parts[0] == "heads":
+            return parts[1].removesuffix(".safetensors")
+        if len(parts) in (2, 3) and parts[0] == "attributions":  # attributions[/s<seed>]/<domain>-<method>
+            stem = parts[-1].removesuffix(".safetensors")
+            hits = [d for d in self.rebuild if stem.startswith(f"{d}-")]
+            return max(hits, key=len) if hits else stem.rsplit("-", 1)[0]
+        return None
+
+    def _refuse(self, path: Path, why: str) -> ArtifactError:
+        domain = self._domain_of(path)
+        how = f"pass --rebuild {domain} to replace it, or delete it" if domain else "delete it to rebuild"
+        return ArtifactError(f"{path} {why}; tvdiag does not overwrite it: {how}")
+
+    def _current_base_hash(self) -> str | None:
+        path = self.base_path()
+        return read_metadata(path).get("base_hash") if path.is_file() else None
+
+    def is_fresh(self, path: Path, key: str) -> bool:
+        """Whether the artifact at ``path`` can be reused for content key ``key``.
+
+        missing → False (build); tvdiag's with key ``key`` → True (reuse); tvdiag's with
+        another key, same base → False (rebuild over it); covered by ``--rebuild`` → False.
 
         Raises:
-            ArtifactError: the file exists but is corrupt, truncated or a pickle — it is never
-                silently overwritten; the user decides what to do with it.
+            ArtifactError: the file is corrupt, truncated or a pickle; it has no tvdiag
+                provenance (no ``key``); or it was taken from another base than the store's.
+                It is the user's file and is never silently overwritten.
         """
+        path = Path(path)
         if not path.is_file():
             return False
-        return read_metadata(path).get("key") == key
+        meta = read_metadata(path)
+        if self._rebuilds(path):
+            return False
+        if "key" not in meta:
+            raise self._refuse(path, "was not written by tvdiag (no provenance key in its metadata)")
+        if meta["key"] == key:
+            return True
+        if "base_hash" in meta and path.resolve() != self.base_path().resolve():
+            current = self._current_base_hash()
+            if current is not None and meta["base_hash"] != current:
+                raise self._refuse(path, f"was taken from base {meta['base_hash']}, not this store's base {current}")
+        return False
 
     # ------------------------------------------------------------------- base
     def save_base(self, backbone: Backbone, provenance: dict) -> str:
@@ -206,5 +316,5 @@ def base_state(backbone: Backbone) -> dict[str, torch.Tensor]:
     return {f"visual.{k}": v.detach().clone() for k, v in backbone.clip.visual.state_dict().items()}
 
 
-__all__ = ["Store", "default_root", "content_key", "base_state", "visual_state", "StoreError", "VARIANTS",
-           "check_variant", "seed_dir"]
+__all__ = ["Store", "default_root", "content_key", "check_name", "NAME_PATTERN", "base_state", "visual_state",
+           "StoreError", "VARIANTS", "check_variant", "seed_dir"]

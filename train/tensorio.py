@@ -1,50 +1,134 @@
-"""Safetensors I/O with atomic writes, provenance metadata and refusal of unsafe files.
+"""Safetensors I/O with atomic, byte-reproducible writes, provenance metadata and refusal of unsafe files.
 
 Every tensor file of tvdiag goes through :func:`save_tensors` / :func:`load_tensors`.
-Writes go to a temporary file in the destination folder and are renamed over the target
-(``os.replace``), so a killed process never leaves a half-written artifact behind.
+Writes go to a temporary file ``.<name>.<pid>.<random>.tmp`` in the destination folder and
+are renamed over the target (``os.replace``), so a killed process never leaves a
+half-written artifact behind; :func:`sweep_stale_tmp` removes temporaries whose writer died.
+
+Same inputs, same bytes: the file is encoded here (not by ``safetensors.save_file``, whose
+header order varies) with tensors in sorted name order and a JSON header with sorted keys.
+Wall-clock timings are kept out of the content and written to a side file
+``<stem>.timings.json``; the torch thread count is part of the provenance.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
-from typing import Mapping
+from typing import BinaryIO, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from train import __version__
 from train.errors import ArtifactError, StoreError
 
 _PICKLE_MAGIC = (b"\x80",)           # pickle protocol 2+ opcode PROTO
 _ZIP_MAGIC = b"PK\x03\x04"           # torch.save's zip container (holds a pickle)
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+_TMP_PID = re.compile(r"^\..+\.(\d+)\.[^.]*\.tmp$")
+_STALE_AFTER_S = 24 * 3600           # a .tmp without a parseable writer pid is stale after a day
 
 
-def check_writable(folder: Path) -> None:
-    """Raise :class:`StoreError` unless ``folder`` can be created and written."""
+def is_timing_key(key: str) -> bool:
+    """Metadata keys that hold wall-clock values (kept out of the file's content)."""
+    return key == "seconds" or key.endswith("_seconds") or key in ("created_utc", "wall_s")
+
+
+def check_writable(folder: Path, what: str = "Store folder") -> None:
+    """Raise :class:`StoreError` unless ``folder`` exists writable or could be created; creates nothing.
+
+    The nearest existing ancestor must be a writable folder: checking without creating
+    means a run that fails later leaves no empty folders behind.
+    """
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():  # a dangling link: creating through it writes elsewhere
+            raise StoreError(f"{what} {folder} cannot be created: {probe} is a dangling link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StoreError(f"{what} {folder} cannot be created: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StoreError(f"{what} {folder} is not writable ({probe} is read-only)")
+
+
+def _writer_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise StoreError(f"Store folder {folder} cannot be created: {err.strerror or err}") from err
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise StoreError(f"Store folder {folder} is not writable")
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
-def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
-    """Atomically write ``tensors`` with string ``metadata`` (plus the package version) to ``path``."""
-    path = Path(path)
-    check_writable(path.parent)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta.setdefault("tvdiag_version", __version__)
-    payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def sweep_stale_tmp(folder: Path, recursive: bool = False) -> list[Path]:
+    """Delete ``.*.tmp`` files under ``folder`` whose writer process is gone; returns them.
+
+    A temporary's name carries its writer's pid; one without a pid is removed once it is a
+    day old. Live writers (another process building the same store) are left alone.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
+        match = _TMP_PID.match(path.name)
+        try:
+            stale = (not _writer_alive(int(match.group(1)))) if match else \
+                time.time() - path.stat().st_mtime > _STALE_AFTER_S
+            if stale and path.is_file():
+                path.unlink()
+                removed.append(path)
+        except OSError:  # vanished or not ours to delete: leave it
+            continue
+    return removed
+
+
+def _write_safetensors(fh: BinaryIO, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> None:
+    """safetensors encoding with sorted tensor names and sorted header keys (byte-reproducible)."""
+    header: dict = {}
+    payload = []
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"'{name}' is a {type(tensor).__name__}, not a tensor")
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"'{name}' has dtype {tensor.dtype}, which safetensors cannot store here")
+        tensor = tensor.detach().to("cpu").contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        payload.append(tensor)
+        offset += nbytes
+    header["__metadata__"] = dict(sorted(meta.items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    fh.write(len(text).to_bytes(8, "little"))
+    fh.write(text)
+    for tensor in payload:
+        if tensor.numel():
+            fh.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Run ``write(fh)`` into a temporary beside ``path`` and rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
-        save_file(payload, tmp, metadata=meta)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
@@ -52,6 +136,40 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def timings_path(path: Path) -> Path:
+    """The side file of an artifact's wall-clock timings: ``<stem>.timings.json``."""
+    return path.with_name(f"{path.name.removesuffix('.safetensors')}.timings.json")
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> Path:
+    """Atomically write ``tensors`` with string ``metadata`` (plus version and thread count) to ``path``.
+
+    Timing keys (:func:`is_timing_key`) go to :func:`timings_path` instead, so two builds
+    from the same inputs on the same thread count give identical files.
+    """
+    path = Path(path)
+    check_writable(path.parent)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    timings = {k: meta.pop(k) for k in [k for k in meta if is_timing_key(k)]}
+    meta.setdefault("tvdiag_version", __version__)
+    meta.setdefault("torch_threads", str(torch.get_num_threads()))
+    for name, value in tensors.items():  # fail before anything touches the disk
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"'{name}' is a {type(value).__name__}, not a tensor")
+        if value.dtype not in _DTYPES:
+            raise TypeError(f"'{name}' has dtype {value.dtype}, which tvdiag does not store")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StoreError(f"Store folder {path.parent} cannot be created: {err.strerror or err}") from err
+    sweep_stale_tmp(path.parent)
+    _atomic_write(path, lambda fh: _write_safetensors(fh, tensors, meta))
+    if timings:
+        text = json.dumps(timings, sort_keys=True, indent=1).encode()
+        _atomic_write(timings_path(path), lambda fh: fh.write(text))
     return path
 
 

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
-import json
-
 from diag.context import add_common, context_from
+from diag.options import (ALPHA, BATCH, CHECK_T, ITERS, K, LAMBDA, N_IMAGES, PROBES, REPEATS, domain_name,
+                          check_finite_result, emit_json, finite_float, int_range, seed,
+                          writable_file)
 
 
 def _curvature_options(p) -> None:
-    p.add_argument("--n-images", type=int, default=256, help="target images the Hessian averages over")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--n-images", type=N_IMAGES, default=256, help="target images the Hessian averages over")
+    p.add_argument("--batch-size", type=BATCH, default=128)
     p.add_argument("--params", nargs="*", default=None, help="parameter name globs, e.g. 'visual.transformer.resblocks.3.*'")
     p.add_argument("--engine", default="auto", choices=("auto", "fwd-rev", "double-backward"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha", type=float, default=0.8)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--alpha", type=ALPHA, default=0.8)
 
 
 def register(sub) -> None:
     h = sub.add_parser("hessian", help="trace / diagonal / Hessian card of L_cls at a domain's θ_ft")
     add_common(h)
-    h.add_argument("--domain", required=True)
+    h.add_argument("--domain", required=True, type=domain_name)
     h.add_argument("--what", choices=("trace", "diag", "card"), default="trace")
-    h.add_argument("--probes", type=int, default=None, help="fixed number of Hutchinson probes")
-    h.add_argument("--rel-stderr", type=float, default=None, help="stop once the relative standard error is below this")
-    h.add_argument("--max-probes", type=int, default=200)
-    h.add_argument("--k", type=int, default=8, help="eigenpairs on the card")
+    h.add_argument("--probes", type=int_range(2, 100_000), default=None, help="fixed number of Hutchinson probes")
+    h.add_argument("--rel-stderr", type=finite_float(0.0, 1.0, lo_open=True), default=None,
+                   help="stop once the relative standard error is below this")
+    h.add_argument("--max-probes", type=int_range(2, 100_000), default=200)
+    h.add_argument("--k", type=K, default=8, help="eigenpairs on the card")
     h.add_argument("--resume", action="store_true", help="checkpoint running sums and resume a killed run")
     h.add_argument("--backend", choices=("ours", "pyhessian"), default="ours",
                    help="pyhessian: also run PyHessian's trace/top eigenvalue on the first batch, side by side")
@@ -33,22 +35,23 @@ def register(sub) -> None:
 
     s = sub.add_parser("spectrum", help="top-k Hessian eigenpairs (Lanczos) and the spectral density (SLQ)")
     add_common(s)
-    s.add_argument("--domain", required=True)
-    s.add_argument("--k", type=int, default=5)
-    s.add_argument("--probes", type=int, default=4, help="SLQ probes")
-    s.add_argument("--iters", type=int, default=30, help="Lanczos steps per SLQ probe")
-    s.add_argument("--out", default=None, help="PNG of the density (default: store curvature folder)")
+    s.add_argument("--domain", required=True, type=domain_name)
+    s.add_argument("--k", type=K, default=5)
+    s.add_argument("--probes", type=PROBES, default=4, help="SLQ probes")
+    s.add_argument("--iters", type=ITERS, default=30, help="Lanczos steps per SLQ probe")
+    s.add_argument("--out", default=None, type=writable_file,
+                   help="PNG of the density (default: store curvature folder)")
     _curvature_options(s)
     s.set_defaults(func=run_spectrum)
 
     r = sub.add_parser("risk", help="R(τ*ˢ; Hᵀ) exact, diagonal and card side by side, with the quadratic check")
     add_common(r)
-    r.add_argument("--source", required=True)
-    r.add_argument("--target", required=True)
-    r.add_argument("--probes", type=int, default=24, help="Hutchinson probes of diag(Hᵀ)")
-    r.add_argument("--k", type=int, default=8)
-    r.add_argument("--lambda2", type=float, default=0.7)
-    r.add_argument("--check", nargs="*", type=float, default=[0.25, 0.5, 0.7, 1.0],
+    r.add_argument("--source", required=True, type=domain_name)
+    r.add_argument("--target", required=True, type=domain_name)
+    r.add_argument("--probes", type=PROBES, default=24, help="Hutchinson probes of diag(Hᵀ)")
+    r.add_argument("--k", type=K, default=8)
+    r.add_argument("--lambda2", type=LAMBDA, default=0.7)
+    r.add_argument("--check", nargs="*", type=CHECK_T, default=[0.25, 0.5, 0.7, 1.0],
                    help="t values of the quadratic-model check L(θ+tτ)−L(θ) vs t·gᵀτ + ½t²R")
     _curvature_options(r)
     r.set_defaults(func=run_risk)
@@ -56,7 +59,7 @@ def register(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks: `diag bench curvature`")
     b.add_argument("what", choices=("curvature",))
     b.add_argument("--quick", action="store_true", help="small models and batches, < 1 minute on 2 cores")
-    b.add_argument("--repeats", type=int, default=None)
+    b.add_argument("--repeats", type=REPEATS, default=None)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=run_bench)
 
@@ -127,7 +130,7 @@ def run_hessian(args) -> int:
             out["pyhessian_first_batch"] = ph.to_dict()
             out["ours_first_batch"] = ours_b.to_dict()
     if args.json:
-        print(json.dumps(out, indent=2, default=float))
+        emit_json(out)
         return 0
     print(f"Hessian of L_cls at θ_ft of '{domain}' on {args.n_images} train images")
     if "trace" in out:
@@ -168,7 +171,7 @@ def run_spectrum(args) -> int:
     _plot_density(dens, eig, out_png, domain)
     result = {"domain": domain, "top": eig.to_dict(), "density": dens.to_dict(), "figure": out_png}
     if args.json:
-        print(json.dumps(result, indent=2, default=float))
+        emit_json(result)
         return 0
     print(f"Top-{args.k} Hessian eigenvalues at θ_ft of '{domain}' (Lanczos, {eig.n_matvecs} products):")
     for i, (val, res) in enumerate(zip(eig.eigvals.tolist(), eig.residuals.tolist())):
@@ -222,8 +225,9 @@ def run_risk(args) -> int:
            "predicted_loss_increase": {k: 0.5 * lam ** 2 * v for k, v in risks.items()},
            "eigen_contributions": contrib.tolist(), "eigvals": curv.card.eigvals.tolist(),
            "quadratic_check": [c.to_dict() for c in checks]}
+    check_finite_result({k: out[k] for k in ("predicted_loss_increase", "eigen_contributions")}, "risk")
     if args.json:
-        print(json.dumps(out, indent=2, default=float))
+        emit_json(out)
         return 0
     print(f"R(τ*ˢ; Hᵀ) for {source} → {target} (Hᵀ at θ_ftᵀ, {args.n_images} target train images)")
     for name in ("risk_exact", "risk_card", "risk_diag"):

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 from diag.context import add_common, context_from
+from diag.options import (ALPHA, FRACTION, K, LAMBDA, N_IMAGES, N_RESAMPLE, PROBES, domain_name, emit_json,
+                          folder_path)
 from train.errors import TvdiagError
 
 
 def _suite_options(p) -> None:
-    p.add_argument("--domains", nargs="*", default=None,
+    p.add_argument("--domains", nargs="*", default=None, type=domain_name,
                    help="the suite of known domains the ranker learns from (default: the mini-suite + --data)")
-    p.add_argument("--n-images", type=int, default=256, help="target images of Hᵀ")
-    p.add_argument("--probes", type=int, default=24, help="Hutchinson probes of diag(Hᵀ)")
-    p.add_argument("--k", type=int, default=8, help="eigenpairs of the Hessian card")
-    p.add_argument("--study", default=None, help="study folder of the known pairs (default: the store's 'allpairs')")
+    p.add_argument("--n-images", type=N_IMAGES, default=256, help="target images of Hᵀ")
+    p.add_argument("--probes", type=PROBES, default=24, help="Hutchinson probes of diag(Hᵀ)")
+    p.add_argument("--k", type=K, default=8, help="eigenpairs of the Hessian card")
+    p.add_argument("--study", default=None, type=folder_path,
+                   help="study folder of the known pairs (default: the store's 'allpairs')")
 
 
 def _settings(args):
@@ -27,24 +29,24 @@ def _settings(args):
 def register(sub) -> None:
     r = sub.add_parser("rank-sources", help="rank source explainability vectors for a target, by data-access tier")
     add_common(r)
-    r.add_argument("--target", required=False)
+    r.add_argument("--target", required=False, type=domain_name)
     r.add_argument("--tier", default="auto", choices=("auto", "0", "1", "2"),
                    help="0: weights only; 1: + the target's Hessian card; 2: + labelled target images (auto: highest available)")
-    r.add_argument("--max-acc-drop", type=float, default=0.05, help="accuracy-drop budget relative to θ_ftᵀ")
-    r.add_argument("--alpha", type=float, default=0.8)
+    r.add_argument("--max-acc-drop", type=FRACTION, default=0.05, help="accuracy-drop budget relative to θ_ftᵀ")
+    r.add_argument("--alpha", type=ALPHA, default=0.8)
     r.add_argument("--model", default="ridge", choices=("ridge", "gbr"))
     r.add_argument("--evaluate", action="store_true", help="leave-one-target-out evaluation of the rankers")
-    r.add_argument("--n-boot", type=int, default=1000)
+    r.add_argument("--n-boot", type=N_RESAMPLE, default=1000)
     _suite_options(r)
     r.set_defaults(func=run_rank)
 
     s = sub.add_parser("screen", help="go / caution / no-go verdict for adding τ*ˢ to a target model")
     add_common(s)
-    s.add_argument("--source", required=True)
-    s.add_argument("--target", required=True)
-    s.add_argument("--lambda2", type=float, default=0.7)
-    s.add_argument("--max-acc-drop", type=float, default=0.05)
-    s.add_argument("--alpha", type=float, default=0.8)
+    s.add_argument("--source", required=True, type=domain_name)
+    s.add_argument("--target", required=True, type=domain_name)
+    s.add_argument("--lambda2", type=LAMBDA, default=0.7)
+    s.add_argument("--max-acc-drop", type=FRACTION, default=0.05)
+    s.add_argument("--alpha", type=ALPHA, default=0.8)
     _suite_options(s)
     s.set_defaults(func=run_screen)
 
@@ -82,7 +84,7 @@ def run_rank(args) -> int:
         _, table = _study_table(ctx, args)
         rows = evaluate_rankers(table, n_boot=args.n_boot)
         if args.json:
-            print(json.dumps({"n_pairs": int(len(table)), "predictors": rows}, indent=2, default=float))
+            emit_json({"n_pairs": int(len(table)), "predictors": rows})
             return 0
         print(f"Leave-one-target-out evaluation over {len(table)} pairs (E-RMSE of the chosen source; lower is better)")
         print(f"{'predictor':28s} {'mean Spearman':>13s} {'95% CI':>18s} {'top-1 regret':>12s} {'random regret':>13s} {'pooled r':>9s}")
@@ -103,7 +105,7 @@ def run_rank(args) -> int:
     sources = [d for d in _suite(ctx, args) if d != target]
     diag = Diagnostics(store, args.alpha, _settings(args), data=ctx.data, progress=ctx.progress)
     ranking = rank_for_target(diag, table, target, sources, tier, budget, model=args.model)
-    print(json.dumps(ranking.to_dict(), indent=2, default=float) if args.json else ranking.table())
+    emit_json(ranking.to_dict()) if args.json else print(ranking.table())
     return 0
 
 
@@ -134,7 +136,7 @@ def run_screen(args) -> int:
            "predicted_ermse": float(row["predicted_ermse"]), "predicted_acc_drop": float(row["predicted_acc_drop"]),
            "cos_ft": float(row["cos_ft"])}
     if args.json:
-        print(json.dumps(out, indent=2, default=float))
+        emit_json(out)
     else:
         print(f"screen {source} → {target} at λ2={lam:g}: {verdict.upper()}")
         for reason in reasons:

@@ -2,50 +2,53 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from diag.context import add_common, context_from
+from diag.options import (ALPHA, LAMBDA, N_IMAGES, N_RESAMPLE, domain_name, emit_json, folder_path, seed,
+                          writable_dir)
 from train.errors import DataError
 
 
 def register(sub) -> None:
     s = sub.add_parser("similarity", help="cosine matrices of τ_ft and τ* across domains, with heatmaps")
     add_common(s)
-    s.add_argument("--domains", nargs="*", default=None, help="default: the whole suite")
+    s.add_argument("--domains", nargs="*", default=None, type=domain_name, help="default: the whole suite")
     s.add_argument("--by", choices=("global", "block"), default="global", help="also per transformer block")
-    s.add_argument("--alpha", type=float, default=0.8)
-    s.add_argument("--out", type=Path, default=None, help="folder for the heatmaps (default: <store>/studies/similarity)")
+    s.add_argument("--alpha", type=ALPHA, default=0.8)
+    s.add_argument("--out", type=writable_dir, default=None,
+                   help="folder for the heatmaps (default: <store>/studies/similarity)")
     s.set_defaults(func=run_similarity)
 
     p = sub.add_parser("study", help="every ordered (source, target) pair: eq. 8, controls, diagnostics")
     add_common(p)
-    p.add_argument("--domains", nargs="*", default=None, help="default: the whole suite")
-    p.add_argument("--lambda2", type=float, action="append", default=None, help="λ2 (repeatable; default 0.7)")
+    p.add_argument("--domains", nargs="*", default=None, type=domain_name, help="default: the whole suite")
+    p.add_argument("--lambda2", type=LAMBDA, action="append", default=None, help="λ2 (repeatable; default 0.7)")
     p.add_argument("--lambda-grid", action="store_true", help="also λ2 = 0.4 … 1.2 (Figure 3)")
-    p.add_argument("--lambda1", type=float, default=1.0)
-    p.add_argument("--alpha", type=float, default=0.8)
+    p.add_argument("--lambda1", type=LAMBDA, default=1.0)
+    p.add_argument("--alpha", type=ALPHA, default=0.8)
     p.add_argument("--shard", default=None, metavar="I/N", help="only pairs with index %% N == I (default under torchrun: rank/world)")
     p.add_argument("--no-curvature", action="store_true", help="skip the R columns (cosines and norms only)")
     p.add_argument("--no-controls", action="store_true", help="skip the control columns")
     p.add_argument("--fresh", action="store_true", help="recompute pairs already in the table")
     p.add_argument("--kernelshap-budget", action="store_true",
                    help="also Figure 5: Kernel SHAP with P = 50 … 1000 vs the proposed model")
-    p.add_argument("--ks-images", type=int, default=32, help="test images per target for --kernelshap-budget")
-    p.add_argument("--ks-budgets", type=int, nargs="*", default=None, help="Kernel SHAP perturbation budgets")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="study folder (default: <store>/studies/allpairs)")
+    p.add_argument("--ks-images", type=N_IMAGES, default=32, help="test images per target for --kernelshap-budget")
+    p.add_argument("--ks-budgets", type=N_IMAGES, nargs="*", default=None, help="Kernel SHAP perturbation budgets")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--out", type=writable_dir, default=None, help="study folder (default: <store>/studies/allpairs)")
     p.set_defaults(func=run_study_cmd)
 
     c = sub.add_parser("correlate", help="Appendix C / Figure 6: correlations with bootstrap CIs and permutation p")
     add_common(c)
-    c.add_argument("--study", type=Path, default=None, help="study folder (default: <store>/studies/allpairs)")
-    c.add_argument("--domains", nargs="*", default=None, help="domains if the study must be run first")
-    c.add_argument("--lambda2", type=float, default=0.7)
-    c.add_argument("--n-boot", type=int, default=2000)
-    c.add_argument("--n-perm", type=int, default=2000)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--study", type=folder_path, default=None, help="study folder (default: <store>/studies/allpairs)")
+    c.add_argument("--domains", nargs="*", default=None, type=domain_name,
+                   help="domains if the study must be run first")
+    c.add_argument("--lambda2", type=LAMBDA, default=0.7)
+    c.add_argument("--n-boot", type=N_RESAMPLE, default=2000)
+    c.add_argument("--n-perm", type=N_RESAMPLE, default=2000)
+    c.add_argument("--seed", type=seed, default=0)
     c.set_defaults(func=run_correlate)
 
 
@@ -110,9 +113,9 @@ def run_similarity(args) -> int:
             title = label if group == "global" else f"{label} — {group}"
             figures.append(str(plot_similarity_heatmap(df, Path(out) / name, title=title)))
     if args.json:
-        print(json.dumps({"domains": domains, "by": args.by, "alpha": alpha,
+        emit_json({"domains": domains, "by": args.by, "alpha": alpha,
                           "ft": {g: _matrix_json(m) for g, m in ft.items()},
-                          "star": {g: _matrix_json(m) for g, m in star.items()}, "figures": figures}, indent=2))
+                          "star": {g: _matrix_json(m) for g, m in star.items()}, "figures": figures})
         return 0
     print(_fmt_matrix(ft["global"], "cos(τ_ftˢ, τ_ftᵀ) — global"))
     print()
@@ -211,7 +214,7 @@ def run_study_cmd(args) -> int:
         report["kernelshap_budget"] = (ks.groupby(["method", "n_perturbations"], dropna=False)[["ermse", "iou1", "wall_s"]]
                                        .mean().reset_index().to_dict(orient="records"))
     if args.json:
-        print(json.dumps(_clean(report), indent=2))
+        emit_json(_clean(report))
         return 0
     s = summary
     print(f"study {out}  ({s.n_pairs} pairs at λ2={s.lambda2:g}, α={alpha:g}, λ1={lambda1:g}"
@@ -259,8 +262,8 @@ def run_correlate(args) -> int:
     fig = figures.figure6(df, out / "figure6.png", reports=reports)
     n_pairs = int(len(df[df["source"] != df["target"]]))
     if args.json:
-        print(json.dumps(_clean({"n_pairs": n_pairs, "lambda2": lambda2, "study": str(out / PAIRS_FILE),
-                                 "figure": str(fig), "correlations": [r.to_dict() for r in reports]}), indent=2))
+        emit_json(_clean({"n_pairs": n_pairs, "lambda2": lambda2, "study": str(out / PAIRS_FILE),
+                                 "figure": str(fig), "correlations": [r.to_dict() for r in reports]}))
         return 0
     print(f"Appendix C correlations over {n_pairs} pairs (λ2={lambda2:g}; paper: 56 pairs, ViT-B/32)")
     head = (f"{'x':10s} {'y':8s} {'r':>7s} {'p(naive)':>9s} {'rho':>7s} {'95% CI (src×tgt bootstrap)':>28s} "

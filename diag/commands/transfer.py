@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import json
-
 from diag.context import add_common, context_from
+from diag.options import ALPHA, LAMBDA, check_finite_result, domain_name, emit_json, seed
 
 
 def register(sub) -> None:
     p = sub.add_parser("transfer", help="Table-1-style comparison for one source → target transfer (eq. 8)")
     add_common(p)
-    p.add_argument("--source", required=True)
-    p.add_argument("--target", required=True)
-    p.add_argument("--lambda1", type=float, default=1.0)
-    p.add_argument("--lambda2", type=float, default=0.7)
-    p.add_argument("--alpha", type=float, default=0.8)
+    p.add_argument("--source", required=True, type=domain_name)
+    p.add_argument("--target", required=True, type=domain_name)
+    p.add_argument("--lambda1", type=LAMBDA, default=1.0)
+    p.add_argument("--lambda2", type=LAMBDA, default=0.7)
+    p.add_argument("--alpha", type=ALPHA, default=0.8)
     p.add_argument("--no-controls", action="store_true", help="skip the control rows")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.set_defaults(func=run_transfer)
 
     z = sub.add_parser("zoo", help="build (or resume) every artifact of the suite: θ_base, θ_ft, φ, θ_ft*")
     add_common(z)
-    z.add_argument("--domains", nargs="*", default=None)
-    z.add_argument("--alpha", type=float, action="append", default=None, help="α of θ_ft* (repeatable; default 0.8)")
+    z.add_argument("--domains", nargs="*", default=None, type=domain_name)
+    z.add_argument("--alpha", type=ALPHA, action="append", default=None, help="α of θ_ft* (repeatable; default 0.8)")
     z.set_defaults(func=run_zoo)
 
 
@@ -42,7 +41,8 @@ def run_transfer(args) -> int:
     result = transfer(store, source, target, args.lambda1, args.lambda2, args.alpha,
                       controls=not args.no_controls, seed=args.seed, data=ctx.data.get(target),
                       candidates=candidates)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    check_finite_result(result.to_dict(), "transfer result")
+    emit_json(result.to_dict()) if args.json else print(result.table())
     return 0
 
 
@@ -56,7 +56,7 @@ def run_zoo(args) -> int:
     times = zoo.build(domains, alphas)
     zero_shot = {d: zoo.zero_shot_accuracy(d) for d in domains}
     if args.json:
-        print(json.dumps({"store": str(ctx.store.folder), "seconds": times, "zero_shot_accuracy": zero_shot}, indent=2))
+        emit_json({"store": str(ctx.store.folder), "seconds": times, "zero_shot_accuracy": zero_shot})
     else:
         print(f"zoo ready in {ctx.store.folder}")
         for k, v in times.items():

@@ -1,0 +1,193 @@
+"""Validators of command-line values (argparse ``type=`` functions) and the one strict JSON printer.
+
+Every numeric option is checked at the boundary: finite and in its range, so a value such
+as ``--lambda2 nan`` or ``--k 0`` is one clear line and exit code 2 instead of a traceback
+or NaN results. :func:`emit_json` prints with a strict encoder: a non-finite result is an
+error, never bare ``NaN`` in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from train.errors import TvdiagError
+
+SEED_MAX = 2 ** 63
+
+
+def _number(text: str, kind: type):
+    try:
+        return kind(text)
+    except (TypeError, ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+
+
+def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False):
+    """argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+
+    def parse(text: str) -> float:
+        value = _number(text, float)
+        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+        if not math.isfinite(value) or low_bad or (hi is not None and value > hi):
+            left = "(" if lo_open else "["
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number in {left}{lo}, {hi}]")
+        return value
+
+    parse.__name__ = "finite_float"
+    return parse
+
+
+def int_range(lo: int, hi: int):
+    """argparse type: an integer in ``[lo, hi]`` (written as digits; ``1e9`` is refused)."""
+
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer in [{lo}, {hi}]")
+        return value
+
+    parse.__name__ = "int_range"
+    return parse
+
+
+def positive_int(hi: int = 10 ** 6):
+    """argparse type: an integer in ``[1, hi]``."""
+    return int_range(1, hi)
+
+
+seed = int_range(0, SEED_MAX - 1)
+"""argparse type: a seed, 0 ≤ seed < 2**63 (what torch generators accept)."""
+
+
+def domain_name(text: str) -> str:
+    """argparse type: a domain (or other user-given) name, ``[a-z0-9][a-z0-9_-]*``."""
+    from train.store import check_name
+
+    try:
+        return check_name(text)
+    except TvdiagError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _first_non_finite(obj, where: str = "") -> str | None:
+    """JSON path of the first NaN/Inf float in a nested dict/list (None when all are finite)."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (where or "<value>")
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def check_finite_result(obj, what: str = "result") -> None:
+    """Raise :class:`TvdiagError` naming the first non-finite number in ``obj``."""
+    bad = _first_non_finite(obj)
+    if bad is not None:
+        raise TvdiagError(f"The {what} is not finite at '{bad}' (NaN or Inf): the settings are outside the "
+                          "range where the computation is meaningful")
+
+
+def _json_default(value):
+    """numpy / torch scalars as floats (ints stay ints), paths and other objects as strings."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):  # a multi-element array or tensor
+            return value.tolist()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def dumps_strict(obj, **kwargs) -> str:
+    """``json.dumps`` that refuses NaN/Inf (a :class:`TvdiagError` naming where it is)."""
+    kwargs.setdefault("indent", 2)
+    kwargs.setdefault("default", _json_default)
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        check_finite_result(json.loads(json.dumps(obj, default=kwargs["default"])))
+        raise
+
+
+def emit_json(obj, **kwargs) -> None:
+    """Print ``obj`` as strict JSON on stdout (nothing is printed when it is not finite)."""
+    text = dumps_strict(obj, **kwargs)
+    sys.stdout.write(text + "\n")
+
+
+def _writable_target(text: str, folder: bool) -> Path:
+    from train.tensorio import check_writable
+
+    path = Path(text).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
+    if not folder and path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file path")
+    if not folder and path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not writable")
+    try:
+        check_writable(path if folder else path.parent, "Folder")
+        _probe_write(path if folder else path.parent)
+    except TvdiagError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written: {err}") from None
+    return path
+
+
+def _probe_write(folder: Path) -> None:
+    """Create and delete a temporary file in ``folder``'s nearest existing ancestor (access() lies for root)."""
+    import tempfile
+
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise TvdiagError(f"{probe} is not writable ({err.strerror or err})") from None
+
+
+def folder_path(text: str) -> Path:
+    """argparse type: a folder to read (it may not exist yet, but must not be a file)."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    return path
+
+
+def writable_file(text: str) -> Path:
+    """argparse type: an output file whose folder exists writable or can be created (checked before compute)."""
+    return _writable_target(text, folder=False)
+
+
+def writable_dir(text: str) -> Path:
+    """argparse type: an output folder that is writable or can be created (checked before compute)."""
+    return _writable_target(text, folder=True)
+
+
+# ranges shared by the commands' options
+LAMBDA = finite_float(-10.0, 10.0)          # λ1, λ2 (the paper's grid is 0.4 … 1.2)
+ALPHA = finite_float(0.0, 1.0)              # α of L_α (eq. 4)
+FRACTION = finite_float(0.0, 1.0)           # budgets such as --max-acc-drop
+CHECK_T = finite_float(0.0, 10.0, lo_open=True)   # t of the quadratic-model check
+PROBES = positive_int(100_000)
+N_IMAGES = positive_int(10_000_000)
+BATCH = positive_int(65_536)
+K = positive_int(1_000)
+ITERS = positive_int(10_000)
+N_RESAMPLE = positive_int(10_000_000)       # --n-boot, --n-perm
+REPEATS = positive_int(1_000)
