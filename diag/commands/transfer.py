@@ -16,7 +16,10 @@ def register(sub) -> None:
     p.add_argument("--lambda2", type=float, default=0.7)
     p.add_argument("--alpha", type=float, default=0.8)
     p.add_argument("--no-controls", action="store_true", help="skip the control rows")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the controls, per (seed, source, target)")
+    p.add_argument("--domains", nargs="*", default=None,
+                   help="domains the 'τ* of other source' control is drawn from (default: the suite); "
+                        "the same list as a study's --domains gives that study's rows")
     p.set_defaults(func=run_transfer)
 
     z = sub.add_parser("zoo", help="build (or resume) every artifact of the suite: θ_base, θ_ft, φ, θ_ft*")
@@ -36,12 +39,11 @@ def run_transfer(args) -> int:
     check_scale("lambda1", args.lambda1)
     check_scale("lambda2", args.lambda2)
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
-    candidates = ctx.domains()
-    store = ctx.ensure([source, target], (args.alpha,))
+    candidates = [ctx.check_domain(d) for d in args.domains] if args.domains is not None else ctx.domains()
+    ctx.ensure([source, target], (args.alpha,))
     # the "τ* of another source" control uses a domain already in the store (nothing extra is built)
-    result = transfer(store, source, target, args.lambda1, args.lambda2, args.alpha,
-                      controls=not args.no_controls, seed=args.seed, data=ctx.data.get(target),
-                      candidates=candidates)
+    result = transfer(ctx.workspace(args.alpha), source, target, args.lambda1, args.lambda2,
+                      controls=not args.no_controls, seed=args.seed, candidates=candidates)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0
 
