@@ -181,23 +181,34 @@ def run_study_cmd(args) -> int:
         if len(lambda2s) > 1:
             report["figures"]["figure3"] = str(figures.figure3(df, out / "figure3.png", seed=args.seed))
     if args.kernelshap_budget:
-        import pandas as pd
-
-        from diag.kernelshap_budget import KS_BUDGETS, KS_FILE, kernelshap_budget
-
-        source = "imagenette" if "imagenette" in domains else domains[0]
-        budgets = args.ks_budgets or list(KS_BUDGETS)
-        parts = [kernelshap_budget(ws, t, source, budgets, n_images=args.ks_images, lambda1=lambda1,
-                                   lambda2=main_l2, seed=args.seed) for t in domains if t != source]
-        ks = pd.concat(parts, ignore_index=True)
-        ks.to_csv(out / KS_FILE, index=False)
-        report["figures"]["figure5"] = str(figures.figure5(ks, out / "figure5.png", seed=args.seed))
-        report["kernelshap_budget"] = (ks.groupby(["method", "n_perturbations"], dropna=False)[["ermse", "iou1", "wall_s"]]
-                                       .mean().reset_index().to_dict(orient="records"))
+        ks = _kernelshap_part(args, ws, domains, out, lambda1, main_l2, figures)
+        report["figures"].update(ks.pop("figures"))
+        report.update(ks)
     if args.json:
         print(json.dumps(_clean(report), indent=2))
         return 0
-    s = summary
+    _print_study(report, summary, out, alpha, lambda1, shard)
+    return 0
+
+
+def _kernelshap_part(args, ws, domains, out, lambda1, lambda2, figures) -> dict:
+    """Figure 5 over every target with imagenette (else the first domain) as source."""
+    import pandas as pd
+
+    from diag.kernelshap_budget import KS_BUDGETS, KS_FILE, kernelshap_budget
+
+    source = "imagenette" if "imagenette" in domains else domains[0]
+    budgets = args.ks_budgets or list(KS_BUDGETS)
+    parts = [kernelshap_budget(ws, t, source, budgets, n_images=args.ks_images, lambda1=lambda1,
+                               lambda2=lambda2, seed=args.seed) for t in domains if t != source]
+    ks = pd.concat(parts, ignore_index=True)
+    ks.to_csv(out / KS_FILE, index=False)
+    return {"figures": {"figure5": str(figures.figure5(ks, out / "figure5.png", seed=args.seed))},
+            "kernelshap_budget": (ks.groupby(["method", "n_perturbations"], dropna=False)[["ermse", "iou1", "wall_s"]]
+                                  .mean().reset_index().to_dict(orient="records"))}
+
+
+def _print_study(report: dict, s, out, alpha, lambda1, shard) -> None:
     print(f"study {out}  ({s.n_pairs} pairs at λ2={s.lambda2:g}, α={alpha:g}, λ1={lambda1:g}"
           + (f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else "") + ")")
     print(f"  mean normalised E-RMSE {s.mean_ermse_norm:.3f} ± {s.mean_ermse_norm_se:.3f}, "
@@ -217,7 +228,6 @@ def run_study_cmd(args) -> int:
             p = r["n_perturbations"]
             p = "-" if p is None or (isinstance(p, float) and not math.isfinite(p)) else int(p)
             print(f"    {r['method']:10s} {str(p):>5s} {r['ermse']:.3f} {r['iou1']:.3f} {r['wall_s']:.3g}")
-    return 0
 
 
 # --------------------------------------------------------------------------- correlate
