@@ -16,6 +16,7 @@ import argparse
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from diag.constants import PAPER_ALPHA
 from train.datasets import MINISUITE
 from train.errors import ArtifactError, unknown
 from train.store import Store, base_state, default_root
+from train.tensorio import read_metadata
 
 
 @dataclass
@@ -170,13 +172,37 @@ class Workspace:
         self.store = store
         self.alpha = float(alpha)
         self.data = dict(data or {})
-        self.backbone, self.base_hash = store.load_base()
-        self.base = base_state(self.backbone)
-        n_params = sum(v.numel() for v in self.base.values())
-        self._vectors = _LRU(max_vectors or (48 if n_params < 5e7 else 4))
+        self._max_vectors = max_vectors
         self._sets = _LRU(max_sets)
         self._models: dict[str, torch.nn.Module] = {}
         self._mean_maps: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------- base
+    @cached_property
+    def base_hash(self) -> str:
+        """θ_base's hash, read from the base file's header (the weights load only when needed)."""
+        meta = read_metadata(self.store.base_path())
+        if "base_hash" not in meta:
+            raise ArtifactError(f"{self.store.base_path()} has no base_hash in its metadata")
+        return meta["base_hash"]
+
+    @cached_property
+    def backbone(self):
+        """The CLIP backbone stored as θ_base (loaded once per workspace)."""
+        backbone, base_hash = self.store.load_base()
+        if base_hash != self.base_hash:
+            raise ArtifactError(f"{self.store.base_path()} changed while in use")
+        return backbone
+
+    @cached_property
+    def base(self) -> dict:
+        """θ_base as a ``visual.*`` state dict."""
+        return base_state(self.backbone)
+
+    @cached_property
+    def _vectors(self) -> _LRU:
+        n_params = sum(v.numel() for v in self.base.values())
+        return _LRU(self._max_vectors or (48 if n_params < 5e7 else 4))
 
     # ---------------------------------------------------------------- vectors
     def vector(self, domain: str, kind: str):

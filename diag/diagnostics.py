@@ -84,8 +84,19 @@ class Diagnostics:
         self.settings = settings
         self.data = self.ws.data
         self.progress = progress
-        self.backbone, self.base_hash, self.base = self.ws.backbone, self.ws.base_hash, self.ws.base
         self._curv: dict[str, TargetCurvature] = {}
+
+    @property
+    def backbone(self):
+        return self.ws.backbone
+
+    @property
+    def base_hash(self) -> str:
+        return self.ws.base_hash
+
+    @property
+    def base(self) -> dict:
+        return self.ws.base
 
     # ---------------------------------------------------------------- vectors
     def vector(self, domain: str, kind: str) -> TaskVector:

@@ -86,7 +86,8 @@ def ordered_pairs(domains: Sequence[str]) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------ pair key
 
 
-def _artifact_key(path: Path) -> str:
+def artifact_key(path: Path) -> str:
+    """The content key in an artifact's header ("missing" when there is no file)."""
     return read_metadata(path).get("key", "unkeyed") if path.is_file() else "missing"
 
 
@@ -102,7 +103,7 @@ def pair_key(store: Store, source: str, target: str, settings: dict, base_hash: 
 
     def keys(d):
         if d not in cache:
-            cache[d] = [_artifact_key(p) for p in (store.vector_path(d, "ft"), store.vector_path(d, "ftx", alpha),
+            cache[d] = [artifact_key(p) for p in (store.vector_path(d, "ft"), store.vector_path(d, "ftx", alpha),
                                                    store.attribution_path(d))]
         return cache[d]
     return content_key({"source": source, "target": target, **settings, "base": base_hash,

@@ -15,16 +15,22 @@ change; :func:`evaluate_rankers` measures it leave-one-target-out.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.decide import accuracy_grid, drop_at, lambda2_from_predicted_drop, recommend_lambda2
 from diag.diagnostics import Diagnostics, pair_features
+from diag.pairs import artifact_key
 from diag.predictor import evaluate_loto, fit_predictor, fit_source_model, rank_sources, tier_features
-from train.errors import DataError
+from train.errors import ArtifactError, DataError
+from train.store import content_key
 
 TIER_NAMES = {0: "tier 0 (weights only)", 1: "tier 1 (published Hessian card)", 2: "tier 2 (labelled target images)"}
 #: Features that need the target's explanation labels: never an input of a ranking.
@@ -62,6 +68,23 @@ class SourceRanking:
         return {"target": self.target, "tier": self.tier, "tier_name": TIER_NAMES[self.tier],
                 "max_acc_drop": self.max_acc_drop, "n_training_pairs": self.n_training_pairs,
                 "sources": sources, "notes": self.notes}
+
+    def to_json(self) -> str:
+        """Everything needed to rebuild this ranking (rows as records; NaN as null)."""
+        rows = self.rows.astype(object).where(self.rows.notna(), None).to_dict(orient="records")
+        return json.dumps({"target": self.target, "tier": self.tier, "max_acc_drop": self.max_acc_drop,
+                           "n_training_pairs": self.n_training_pairs, "notes": self.notes,
+                           "columns": list(self.rows.columns), "rows": rows}, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str, path: Path) -> "SourceRanking":
+        try:
+            d = json.loads(text)
+            rows = pd.DataFrame(d["rows"], columns=d["columns"]).fillna(math.nan)
+            return cls(d["target"], int(d["tier"]), float(d["max_acc_drop"]), rows, int(d["n_training_pairs"]),
+                       list(d["notes"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"cached ranking {path} is damaged ({exc}); delete it to recompute") from None
 
     def table(self) -> str:
         lines = [f"Sources for target '{self.target}' — {TIER_NAMES[self.tier]}; predictor fitted on "
@@ -148,6 +171,47 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
         notes.append("λ2: from the predicted drop at λ2 = 0.7 scaled by the quadratic model (drop ∝ λ2²)")
     notes.append("E-RMSE is per patch; unrelated z-scored maps score √2 ≈ 1.414")
     return SourceRanking(target, tier, max_acc_drop, cands, len(train), notes)
+
+
+RANKING_VERSION = 1
+
+
+def ranking_key(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
+                max_acc_drop: float, model: str, lambda1: float) -> str:
+    """Content key of a ranking: every input it is computed from, read from file headers only.
+
+    The known pairs (sha256 of the table rows), the content keys of θ_ft and θ_ft* of the
+    target and every source (these carry the base, the data and the training settings), the
+    curvature settings, and the decision's own arguments.
+    """
+    store = diag.store
+    vectors = {d: [artifact_key(store.vector_path(d, "ft")), artifact_key(store.vector_path(d, "ftx", diag.alpha))]
+               for d in sorted({*sources, target})}
+    rows = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
+    return content_key({"target": target, "sources": list(sources), "tier": int(tier), "budget": float(max_acc_drop),
+                        "model": model, "lambda1": float(lambda1), "alpha": diag.alpha, "base": diag.base_hash,
+                        "vectors": vectors, "table": rows, "curvature": asdict(diag.settings) if tier >= 1 else None,
+                        "data": str(diag.data.get(target, "")), "version": RANKING_VERSION})
+
+
+def rank_cached(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
+                max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = "ridge",
+                lambda1: float = PAPER_LAMBDA1) -> SourceRanking:
+    """:func:`rank_for_target`, cached in the store under its :func:`ranking_key` (``studies/rankings/``).
+
+    A second call with the same inputs reads the stored ranking instead of reloading θ_base,
+    recomputing the risks and the tier-2 accuracy grid.
+    """
+    key = ranking_key(diag, table, target, sources, tier, max_acc_drop, model, lambda1)
+    path = diag.store.study_dir("rankings") / f"{target}-tier{tier}-{key}.json"
+    if path.is_file():
+        return SourceRanking.from_json(path.read_text(), path)
+    ranking = rank_for_target(diag, table, target, sources, tier, max_acc_drop, model=model, lambda1=lambda1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(ranking.to_json())
+    os.replace(tmp, path)
+    return ranking
 
 
 def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> list[dict]:

@@ -71,6 +71,11 @@ def test_rank_sources_tiers(root, capsys):
             assert key in s
         assert s["risk_exact"] is not None and s["risk_card"] is not None
         assert s["lambda2"] == 0.0 or 0.4 <= s["lambda2"] <= 1.2
+    # a second identical call reads the ranking cached in the store (keyed by content): the same answer
+    cached = list((smoke_store().study_dir("rankings")).glob("gtsrb-tier2-*.json"))
+    assert len(cached) == 1
+    code, again, _ = run(capsys, "rank-sources", "--target", "gtsrb", "--json", "--store", root, *SUITE, *SMALL)
+    assert code == 0 and again == out
     # tier 0: weights only, no curvature values reported
     code, out, _ = run(capsys, "rank-sources", "--target", "gtsrb", "--tier", "0", "--json", "--store", root,
                        *SUITE, *SMALL)

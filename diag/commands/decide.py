@@ -79,7 +79,7 @@ def _budget(value: float) -> float:
 
 def run_rank(args) -> int:
     from diag.diagnostics import Diagnostics
-    from diag.ranking import evaluate_rankers, rank_for_target
+    from diag.ranking import evaluate_rankers, rank_cached
     from train.losses import check_alpha
 
     ctx = context_from(args, default_domain=args.target)
@@ -109,7 +109,7 @@ def run_rank(args) -> int:
     tier = 2 if args.tier == "auto" else int(args.tier)
     sources = [d for d in _suite(ctx, args) if d != target]
     diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress)
-    ranking = rank_for_target(diag, table, target, sources, tier, budget, model=args.model)
+    ranking = rank_cached(diag, table, target, sources, tier, budget, model=args.model)
     print(json.dumps(ranking.to_dict(), indent=2, default=float) if args.json else ranking.table())
     return 0
 
