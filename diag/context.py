@@ -59,7 +59,7 @@ class Context:
 
         return Zoo(self.store, self.zoo_config(), progress=self.progress, data=self.data)
 
-    def ensure(self, domains: list[str], alphas: tuple[float, ...] = (0.8,), explain: bool = True) -> Store:
+    def ensure(self, domains: list[str], alphas: tuple[float, ...] = (PAPER_ALPHA,), explain: bool = True) -> Store:
         """Build whatever is missing for ``domains`` (head, θ_ft, φ, θ_ft*) and return the store."""
         zoo = self.zoo()
         for name in domains:

@@ -144,7 +144,7 @@ def screen_verdict(row, table: pd.DataFrame, target: str, lam: float, budget: fl
     reasons.append(f"cos(τ_ftˢ, τ_ftᵀ) = {row['cos_ft']:.3f}, percentile {pct:.0f} among {len(known)} known pairs")
     risk = float(row.get("risk_exact", math.nan))
     if math.isfinite(risk):
-        grid = ", ".join(f"λ2={g:g}: {quadratic_loss_increase(risk, g):.3g}" for g in (0.4, 0.7, 1.0, 1.2))
+        grid = ", ".join(f"λ2={g:g}: {quadratic_loss_increase(risk, g):.3g}" for g in (LAMBDA_GRID[0], PAPER_LAMBDA2, 1.0, LAMBDA_GRID[-1]))
         reasons.append(f"R(τ*ˢ; Hᵀ) = {risk:.4g}; quadratic-model loss increase ½λ2²R: {grid}")
     measured = float(row.get("measured_acc_drop", math.nan))
     scaled = not math.isfinite(measured) or abs(lam - PAPER_LAMBDA2) > 1e-9

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA2
 from diag.context import add_common, context_from
 from train.errors import TvdiagError
 
@@ -32,8 +33,8 @@ def register(sub) -> None:
     r.add_argument("--target", required=False)
     r.add_argument("--tier", default="auto", choices=("auto", "0", "1", "2"),
                    help="0: weights only; 1: + the target's Hessian card; 2: + labelled target images (auto: highest available)")
-    r.add_argument("--max-acc-drop", type=float, default=0.05, help="accuracy-drop budget relative to θ_ftᵀ")
-    r.add_argument("--alpha", type=float, default=0.8)
+    r.add_argument("--max-acc-drop", type=float, default=DEFAULT_MAX_ACC_DROP, help="accuracy-drop budget relative to θ_ftᵀ")
+    r.add_argument("--alpha", type=float, default=PAPER_ALPHA)
     r.add_argument("--model", default="ridge", choices=("ridge", "gbr"))
     r.add_argument("--evaluate", action="store_true", help="leave-one-target-out evaluation of the rankers")
     r.add_argument("--n-boot", type=int, default=1000)
@@ -44,9 +45,9 @@ def register(sub) -> None:
     add_common(s)
     s.add_argument("--source", required=True)
     s.add_argument("--target", required=True)
-    s.add_argument("--lambda2", type=float, default=0.7)
-    s.add_argument("--max-acc-drop", type=float, default=0.05)
-    s.add_argument("--alpha", type=float, default=0.8)
+    s.add_argument("--lambda2", type=float, default=PAPER_LAMBDA2)
+    s.add_argument("--max-acc-drop", type=float, default=DEFAULT_MAX_ACC_DROP)
+    s.add_argument("--alpha", type=float, default=PAPER_ALPHA)
     _suite_options(s)
     s.set_defaults(func=run_screen)
 

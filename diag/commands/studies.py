@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from diag.constants import PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.context import add_common, context_from
 from train.errors import DataError
 
@@ -15,7 +16,7 @@ def register(sub) -> None:
     add_common(s)
     s.add_argument("--domains", nargs="*", default=None, help="default: the whole suite")
     s.add_argument("--by", choices=("global", "block"), default="global", help="also per transformer block")
-    s.add_argument("--alpha", type=float, default=0.8)
+    s.add_argument("--alpha", type=float, default=PAPER_ALPHA)
     s.add_argument("--out", type=Path, default=None, help="folder for the heatmaps (default: <store>/studies/similarity)")
     s.set_defaults(func=run_similarity)
 
@@ -24,8 +25,8 @@ def register(sub) -> None:
     p.add_argument("--domains", nargs="*", default=None, help="default: the whole suite")
     p.add_argument("--lambda2", type=float, action="append", default=None, help="λ2 (repeatable; default 0.7)")
     p.add_argument("--lambda-grid", action="store_true", help="also λ2 = 0.4 … 1.2 (Figure 3)")
-    p.add_argument("--lambda1", type=float, default=1.0)
-    p.add_argument("--alpha", type=float, default=0.8)
+    p.add_argument("--lambda1", type=float, default=PAPER_LAMBDA1)
+    p.add_argument("--alpha", type=float, default=PAPER_ALPHA)
     p.add_argument("--shard", default=None, metavar="I/N", help="only pairs with index %% N == I (default under torchrun: rank/world)")
     p.add_argument("--no-curvature", action="store_true", help="skip the R columns (cosines and norms only)")
     p.add_argument("--no-controls", action="store_true", help="skip the control columns")
@@ -44,7 +45,7 @@ def register(sub) -> None:
                    help="study folder to read (default: <store>/studies/allpairs, run first when empty)")
     c.add_argument("--extend", action="store_true", help="run the study into --study when it has no table")
     c.add_argument("--domains", nargs="*", default=None, help="domains if the study must be run first")
-    c.add_argument("--lambda2", type=float, default=0.7)
+    c.add_argument("--lambda2", type=float, default=PAPER_LAMBDA2)
     c.add_argument("--n-boot", type=int, default=2000)
     c.add_argument("--n-perm", type=int, default=2000)
     c.add_argument("--seed", type=int, default=0)
@@ -247,7 +248,7 @@ def run_correlate(args) -> int:
     out = Path(args.study) if args.study else ctx.store.study_dir("allpairs")
     if merge_shards(out, write=False).empty and (args.study is None or args.extend):
         domains = _domains(ctx, args.domains)
-        store = ctx.ensure(domains, (0.8,))
+        store = ctx.ensure(domains, (PAPER_ALPHA,))
         run_study(store, domains, lambda2s=(lambda2,), out_dir=out, progress=ctx.progress, data=ctx.data)
     df = at_lambda(load_study(out), lambda2)
     reports = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from diag.constants import PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.context import add_common, context_from
 
 
@@ -12,9 +13,9 @@ def register(sub) -> None:
     add_common(p)
     p.add_argument("--source", required=True)
     p.add_argument("--target", required=True)
-    p.add_argument("--lambda1", type=float, default=1.0)
-    p.add_argument("--lambda2", type=float, default=0.7)
-    p.add_argument("--alpha", type=float, default=0.8)
+    p.add_argument("--lambda1", type=float, default=PAPER_LAMBDA1)
+    p.add_argument("--lambda2", type=float, default=PAPER_LAMBDA2)
+    p.add_argument("--alpha", type=float, default=PAPER_ALPHA)
     p.add_argument("--no-controls", action="store_true", help="skip the control rows")
     p.add_argument("--seed", type=int, default=0, help="seeds the controls, per (seed, source, target)")
     p.add_argument("--domains", nargs="*", default=None,
@@ -53,7 +54,7 @@ def run_zoo(args) -> int:
 
     ctx = context_from(args)
     domains = [ctx.check_domain(d) for d in (args.domains or ctx.domains())]
-    alphas = tuple(check_alpha(a) for a in (args.alpha or [0.8]))
+    alphas = tuple(check_alpha(a) for a in (args.alpha or [PAPER_ALPHA]))
     zoo = ctx.zoo()
     times = zoo.build(domains, alphas)
     zero_shot = {d: zoo.zero_shot_accuracy(d) for d in domains}
