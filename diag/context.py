@@ -55,9 +55,12 @@ class Context:
         return Store(self.store_root, bid)
 
     def zoo(self):
+        """The zoo of this invocation (one per context: θ_base and the datasets load once)."""
         from train.zoo import Zoo
 
-        return Zoo(self.store, self.zoo_config(), progress=self.progress, data=self.data)
+        if getattr(self, "_zoo", None) is None:
+            self._zoo = Zoo(self.store, self.zoo_config(), progress=self.progress, data=self.data)
+        return self._zoo
 
     def ensure(self, domains: list[str], alphas: tuple[float, ...] = (PAPER_ALPHA,), explain: bool = True) -> Store:
         """Build whatever is missing for ``domains`` (head, θ_ft, φ, θ_ft*) and return the store."""

@@ -19,20 +19,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from diag.curvature.card import HessianCard, build_card
-from diag.curvature.estimators import hutchinson_diagonal
-from diag.curvature.operators import HessianOperator
-from diag.curvature.risk import risk_diagonal, risk_exact
 from diag.constants import PAPER_ALPHA
 from diag.context import Workspace
 from diag.similarity import vector_similarity
-from train.datasets import model_inputs
 from train.store import Store, content_key
 from train.tensorio import load_tensors, save_tensors
 from train.vectors import TaskVector
+
+if TYPE_CHECKING:  # the curvature core loads on first use: a cached decision never needs it
+    from diag.curvature.card import HessianCard
+    from diag.curvature.operators import HessianOperator
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ class Diagnostics:
     # -------------------------------------------------------------- curvature
     def operator(self, target: str) -> HessianOperator:
         """Hessian of L_cls at θ_ftᵀ on the first ``n_images`` target images."""
+        from diag.curvature.operators import HessianOperator
+        from train.datasets import model_inputs
+
         s = self.settings
         model = self.store.model(target, self.vector(target, "ft").apply_to(self.base, base_hash=self.base_hash),
                                  backbone=self.backbone)
@@ -132,6 +135,9 @@ class Diagnostics:
 
     def curvature(self, target: str, need_operator: bool = False) -> TargetCurvature:
         """Diagonal + card of Hᵀ (cached in the store); the operator too when asked."""
+        from diag.curvature.card import HessianCard, build_card
+        from diag.curvature.estimators import hutchinson_diagonal
+
         if target in self._curv and (self._curv[target].operator is not None or not need_operator):
             return self._curv[target]
         key = self._curvature_key(target)
@@ -185,6 +191,8 @@ class Diagnostics:
 
     def risks(self, source: str, target: str, exact: bool = True) -> dict[str, float]:
         """R(τ*ˢ; Hᵀ) from the card and the diagonal, and exact (one HVP) when ``exact``."""
+        from diag.curvature.risk import risk_diagonal, risk_exact
+
         curv = self.curvature(target, need_operator=exact)
         tau = curv.card.layout.flatten(self.vector(source, "star").tensors, dtype=torch.float64)
         out = {"risk_card": curv.card.risk(tau), "risk_diag": risk_diagonal(curv.diag, tau)}

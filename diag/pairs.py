@@ -24,8 +24,6 @@ from pathlib import Path
 import pandas as pd
 
 from diag.constants import PAPER_LAMBDA2
-from diag.curvature.distributed import rank_and_world
-from diag.stats import with_normalised
 from train.errors import ArtifactError, DataError, TvdiagError
 from train.store import Store, content_key
 from train.tensorio import read_metadata
@@ -54,6 +52,8 @@ def lam_key(x: float) -> float:
 
 def default_shard() -> tuple[int, int]:
     """(rank, world size) of the process group (initialised once, by ``diag.cli.main``), else (0, 1)."""
+    from diag.curvature.distributed import rank_and_world
+
     return rank_and_world()
 
 
@@ -252,6 +252,8 @@ def at_lambda(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2) -> pd.DataFrame:
 
 def add_normalised(df: pd.DataFrame) -> pd.DataFrame:
     """:func:`diag.stats.with_normalised` plus ``iou10_norm`` and normalised control/reference columns."""
+    from diag.stats import with_normalised  # scipy loads only when a table is normalised
+
     out = with_normalised(df)
     if {"iou10", "iou10_ft_target"} <= set(out.columns) and "iou10_norm" not in out:
         out["iou10_norm"] = out["iou10"] / out["iou10_ft_target"]

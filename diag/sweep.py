@@ -35,10 +35,9 @@ from tqdm.auto import tqdm
 
 from diag.constants import LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2, RANDOM_DRAWS
 from diag.context import Workspace
-from diag.curvature.distributed import is_distributed, rank_and_world
 from diag.diagnostics import CurvatureSettings, Diagnostics, pair_features
 from diag.pairs import (DEFAULT_STUDY, PAIRS_FILE, STUDY_VERSION, add_normalised, append_rows, check_shard, dedupe,
-                        lam_key, merge_shards, ordered_pairs, pair_key, read_table, shard_file)
+                        default_shard, lam_key, merge_shards, ordered_pairs, pair_key, read_table, shard_file)
 from diag.transfer import evaluate_pair, evaluate_state
 from train import __version__
 from train.errors import ArtifactError, DataError
@@ -156,7 +155,7 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
     if not lambda2s:
         raise DataError("give at least one λ2")
     domains = _check_domains(store, domains, alpha)
-    shard = check_shard(shard if shard is not None else rank_and_world())
+    shard = check_shard(shard if shard is not None else default_shard())
     out_dir = Path(out_dir) if out_dir is not None else store.study_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / shard_file(shard)
@@ -200,6 +199,8 @@ def _merge_distributed(out_dir: Path) -> bool:
     Returns True on the rank that merged. Every rank must call this (it holds barriers).
     """
     import torch.distributed as dist
+
+    from diag.curvature.distributed import is_distributed, rank_and_world
 
     if not is_distributed():
         return False
