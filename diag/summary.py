@@ -28,7 +28,8 @@ class StudySummary:
             (the paper's headline: the transfer improves explanations at little accuracy cost).
         n_lower_ermse: pairs with E-RMSE below θ_ftᵀ's.
         n_keep90: pairs keeping ≥ 90 % of θ_ftᵀ's accuracy.
-        n_beat_random, n_beat_meanmap, n_beat_other: pairs whose E-RMSE is below that control's
+        n_beat_random, n_beat_meanmap, n_beat_other, n_beat_other_rescaled: pairs whose E-RMSE is below
+            that control's (``other_rescaled``: the other source's τ* at ‖τ*ˢ‖)
             (NaN-valued controls are not counted; ``n_controls`` says how many had each).
         mean_ermse_norm, mean_acc_norm: means of E-RMSE and accuracy ÷ θ_ftᵀ, with standard
             errors over pairs (``*_se``; pairs share domains, so these are optimistic).
@@ -42,6 +43,7 @@ class StudySummary:
     n_beat_random: int
     n_beat_meanmap: int
     n_beat_other: int
+    n_beat_other_rescaled: int = 0
     n_controls: dict = field(default_factory=dict)
     mean_ermse_norm: float = float("nan")
     mean_ermse_norm_se: float = float("nan")
@@ -54,8 +56,8 @@ class StudySummary:
         n = self.n_pairs
         out = [f"{self.n_better_keep90}/{n} pairs: lower E-RMSE than θ_ftᵀ while keeping ≥ 90 % of its accuracy "
                f"(lower E-RMSE: {self.n_lower_ermse}/{n}; accuracy kept ≥ 90 %: {self.n_keep90}/{n})"]
-        for ctrl, label in (("random", VARIANTS["random"]), ("meanmap", VARIANTS["meanmap"]),
-                            ("other", VARIANTS["other"])):
+        for ctrl in ("random", "meanmap", "other", "other_rescaled"):
+            label = VARIANTS[ctrl]
             m = self.n_controls.get(ctrl, 0)
             if not m:
                 continue
@@ -92,7 +94,7 @@ def summarize(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, keep: float = KE
     lower = rows["ermse"] < rows["ermse_ft_target"]
     kept = rows["accuracy"] >= keep * rows["accuracy_ft_target"]
     beats, counts, ctrl_means = {}, {}, {}
-    for ctrl in ("random", "meanmap", "other"):
+    for ctrl in ("random", "meanmap", "other", "other_rescaled"):
         col = f"ermse_{ctrl}"
         if col not in rows.columns:
             beats[ctrl], counts[ctrl] = 0, 0
@@ -105,7 +107,8 @@ def summarize(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, keep: float = KE
     a_mean, a_se = _mean_se(rows["acc_norm"])
     return StudySummary(n_pairs=len(rows), lambda2=float(lambda2), n_better_keep90=int((lower & kept).sum()),
                         n_lower_ermse=int(lower.sum()), n_keep90=int(kept.sum()), n_beat_random=beats["random"],
-                        n_beat_meanmap=beats["meanmap"], n_beat_other=beats["other"], n_controls=counts,
+                        n_beat_meanmap=beats["meanmap"], n_beat_other=beats["other"],
+                        n_beat_other_rescaled=beats["other_rescaled"], n_controls=counts,
                         mean_ermse_norm=e_mean, mean_ermse_norm_se=e_se, mean_acc_norm=a_mean,
                         mean_acc_norm_se=a_se, mean_ermse_norm_controls=ctrl_means)
 
