@@ -118,14 +118,39 @@ def check_path(path: Path) -> Path:
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:
-    """Write ``df`` atomically (temp file + rename) with its side file (row count, sha256)."""
+    """Write ``df`` atomically (temp file + rename) with its side file (row count, sha256).
+
+    The side file is replaced first and also names the table it replaces (``previous``), so a
+    kill between the two renames leaves a complete old table that still checks out.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     data = df.to_csv(index=False).encode()
-    check = json.dumps({"rows": int(len(df)), "sha256": hashlib.sha256(data).hexdigest()}).encode()
-    for target, payload in ((check_path(path), check), (path, data)):
+    check = {"rows": int(len(df)), "sha256": hashlib.sha256(data).hexdigest()}
+    if path.is_file():
+        old = path.read_bytes()
+        check["previous"] = {"rows": old.count(b"\n") - 1, "sha256": hashlib.sha256(old).hexdigest()}
+    for target, payload in ((check_path(path), json.dumps(check).encode()), (path, data)):
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         tmp.write_bytes(payload)
         os.replace(tmp, target)
+
+
+def _checked_rows(path: Path, data: bytes) -> int | None:
+    """Row count the side file promises for ``data`` (None without a side file); ArtifactError on mismatch."""
+    side = check_path(path)
+    if not side.is_file():
+        return None
+    try:
+        check = json.loads(side.read_text())
+        entries = [check] + ([check["previous"]] if "previous" in check else [])
+        accepted = {str(e["sha256"]): int(e["rows"]) for e in entries}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"study table check file {side} is damaged: {exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest not in accepted:
+        raise ArtifactError(f"study table {path} does not match its check file {side.name} "
+                            f"(sha256 differs: the table was changed or truncated)")
+    return accepted[digest]
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -140,18 +165,7 @@ def read_table(path: Path) -> pd.DataFrame:
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         raise ArtifactError(f"study table {path} is truncated: its last line is incomplete")
-    side = check_path(path)
-    if side.is_file():
-        try:
-            check = json.loads(side.read_text())
-            rows, digest = int(check["rows"]), str(check["sha256"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ArtifactError(f"study table check file {side} is damaged: {exc}") from None
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise ArtifactError(f"study table {path} does not match its check file {side.name} "
-                                f"(sha256 differs: the table was changed or truncated)")
-    else:
-        rows = None
+    rows = _checked_rows(path, data)
     try:
         df = pd.read_csv(path, dtype={c: "string" for c in TEXT})
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:

@@ -345,3 +345,21 @@ def test_cli_refuses_damaged_table_and_reads_given_study(study, capsys, tmp_path
     empty.mkdir()
     code, cap = _cli(capsys, "correlate", *_common(store), "--study", str(empty))
     assert code == 2 and "no study table" in cap.err and not list(empty.iterdir())  # read, never extended
+
+
+def test_kill_between_check_and_table_leaves_a_readable_table(study, tmp_path):
+    """write_table replaces the check file first; the old table it names as 'previous' still reads."""
+    from diag.pairs import check_path, read_table, write_table
+
+    _, out, _ = study
+    path = tmp_path / "pairs.csv"
+    shutil.copy(out / "pairs.csv", path)
+    old = read_table(out / "pairs.csv")
+    write_table(old, path)
+    saved = path.read_bytes()
+    write_table(old.iloc[:3], path)          # simulate: the new check file landed, the table rename did not
+    path.write_bytes(saved)
+    assert len(read_table(path)) == len(old)
+    check_path(path).write_text(check_path(path).read_text().replace('"previous"', '"gone"'))
+    with pytest.raises(Exception, match="check file"):
+        read_table(path)
