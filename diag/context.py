@@ -1,21 +1,33 @@
-"""What every CLI command shares: the store, the zoo settings, and building missing artifacts.
+"""What every command shares: the store, the zoo settings, building missing artifacts, and
+the :class:`Workspace` of loaded artifacts.
 
 ``diag`` reads artifacts from the store; when a mini-suite artifact is missing it asks the
 training core's zoo to build it (with progress). This is the only place ``diag`` reaches
 into ``train``'s build code, and it does so lazily.
+
+:class:`Workspace` is the one object that holds θ_base (the backbone and its hash), an LRU
+of task vectors, the models per target head and the target image sets; the study,
+:class:`diag.diagnostics.Diagnostics` and the ranking share one instead of reloading θ_base.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
+import torch
+
+from diag.constants import PAPER_ALPHA
 from train.datasets import MINISUITE
-from train.errors import unknown
 from diag.options import domain_name
-from train.store import Store, check_name, default_root
+from train.errors import ArtifactError, unknown
+from train.store import Store, base_state, check_name, default_root
+from train.tensorio import read_metadata
 
 
 @dataclass
@@ -47,11 +59,14 @@ class Context:
         return Store(self.store_root, bid, rebuild=frozenset(self.rebuild), rebuild_before=self.started)
 
     def zoo(self):
+        """The zoo of this invocation (one per context: θ_base and the datasets load once)."""
         from train.zoo import Zoo
 
-        return Zoo(self.store, self.zoo_config(), progress=self.progress, data=self.data)
+        if getattr(self, "_zoo", None) is None:
+            self._zoo = Zoo(self.store, self.zoo_config(), progress=self.progress, data=self.data)
+        return self._zoo
 
-    def ensure(self, domains: list[str], alphas: tuple[float, ...] = (0.8,), explain: bool = True) -> Store:
+    def ensure(self, domains: list[str], alphas: tuple[float, ...] = (PAPER_ALPHA,), explain: bool = True) -> Store:
         """Build whatever is missing for ``domains`` (head, θ_ft, φ, θ_ft*) and return the store."""
         zoo = self.zoo()
         for name in domains:
@@ -66,6 +81,10 @@ class Context:
     def domains(self) -> list[str]:
         """Domains of the suite: the mini-suite plus any given with ``--data``."""
         return list(MINISUITE) + [d for d in (self.data or {}) if d not in MINISUITE]
+
+    def workspace(self, alpha: float = PAPER_ALPHA) -> "Workspace":
+        """The :class:`Workspace` of this invocation's store (θ_base loaded once)."""
+        return Workspace(self.store, alpha, self.data)
 
     def check_domain(self, name: str) -> str:
         from train.datasets import available_domains
@@ -106,3 +125,149 @@ def context_from(args: argparse.Namespace, default_domain: str | None = None) ->
     return Context(store_root=args.store or default_root(), preset=args.preset, backbone=args.backbone,
                    pretrained=args.pretrained, checkpoint=args.checkpoint, data=data, progress=not args.quiet,
                    rebuild=tuple(args.rebuild))
+
+
+
+# ------------------------------------------------------------------------------ workspace
+
+
+@dataclass
+class TargetSet:
+    """Images of one split of a domain with the stored ground-truth φ (test) or without (val).
+
+    Attributes:
+        name: domain.
+        split: ``test`` (scored, with φ) or ``val`` (choices; ``phi`` is None).
+        x, y: model inputs (N, 3, H, W) and labels (N,).
+        phi: Kernel SHAP φ of the labelled class (N, M), aligned with ``x``; None on ``val``.
+    """
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    phi: torch.Tensor | None
+    split: str = "test"
+
+
+class _LRU:
+    """A small least-recently-used cache."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = make()
+        self._items[key] = value
+        while len(self._items) > self.limit:
+            self._items.popitem(last=False)
+        return value
+
+
+class Workspace:
+    """θ_base, its hash, task vectors (LRU), models and target sets of one store.
+
+    Args:
+        store: the artifact store.
+        alpha: α of θ_ft* (τ* = θ_ft* − θ_ft at this α).
+        data: domain → local dataset path (domains outside the mini-suite).
+        max_vectors: vectors kept in memory (default: 48 for a small backbone, 4 for > 5e7 parameters).
+        max_sets: image sets (and their models) kept in memory.
+    """
+
+    def __init__(self, store: Store, alpha: float = PAPER_ALPHA, data: dict | None = None,
+                 max_vectors: int | None = None, max_sets: int = 8):
+        self.store = store
+        self.alpha = float(alpha)
+        self.data = dict(data or {})
+        self._max_vectors = max_vectors
+        self._sets = _LRU(max_sets)
+        self._models: dict[str, torch.nn.Module] = {}
+        self._mean_maps: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------- base
+    @cached_property
+    def base_hash(self) -> str:
+        """θ_base's hash, read from the base file's header (the weights load only when needed)."""
+        meta = read_metadata(self.store.base_path())
+        if "base_hash" not in meta:
+            raise ArtifactError(f"{self.store.base_path()} has no base_hash in its metadata")
+        return meta["base_hash"]
+
+    @cached_property
+    def backbone(self):
+        """The CLIP backbone stored as θ_base (loaded once per workspace)."""
+        backbone, base_hash = self.store.load_base()
+        if base_hash != self.base_hash:
+            raise ArtifactError(f"{self.store.base_path()} changed while in use")
+        return backbone
+
+    @cached_property
+    def base(self) -> dict:
+        """θ_base as a ``visual.*`` state dict."""
+        return base_state(self.backbone)
+
+    @cached_property
+    def _vectors(self) -> _LRU:
+        n_params = sum(v.numel() for v in self.base.values())
+        return _LRU(self._max_vectors or (48 if n_params < 5e7 else 4))
+
+    # ---------------------------------------------------------------- vectors
+    def vector(self, domain: str, kind: str):
+        """τ_ft (``ft``), τ_ft* (``ftx``) or τ* (``star``, the store's ``explainability_vector``)."""
+        def make():
+            if kind == "star":
+                return self.store.explainability_vector(domain, self.alpha, self.base_hash)
+            if kind not in ("ft", "ftx"):
+                raise unknown("vector kind", kind, ("ft", "ftx", "star"))
+            alpha = None if kind == "ft" else self.alpha
+            return self.store.load_vector(domain, kind, alpha, expect_base=self.base_hash)
+        return self._vectors.get((domain, kind, self.alpha), make)
+
+    def cached(self, key: Hashable, make: Callable):
+        """Any derived vector (e.g. the random controls of a pair), in the same LRU."""
+        return self._vectors.get(key, make)
+
+    def has(self, domain: str, kind: str) -> bool:
+        """Whether the store holds ``domain``'s ``ft`` or ``ftx`` (at this α) vector."""
+        return self.store.vector_path(domain, kind, None if kind == "ft" else self.alpha).is_file()
+
+    def state(self, vector=None, scale: float = 1.0) -> dict:
+        """θ_base + scale·τ as a state dict (θ_base itself when ``vector`` is None)."""
+        if vector is None:
+            return self.base
+        return vector.apply_to(self.base, scale=scale, base_hash=self.base_hash)
+
+    # ------------------------------------------------------------------ models
+    def model(self, domain: str):
+        """The self-explaining model with ``domain``'s head (one per domain; θ is loaded per use)."""
+        if domain not in self._models:
+            self._models[domain] = self.store.model(domain, None, backbone=self.backbone)
+        return self._models[domain]
+
+    # ------------------------------------------------------------------- data
+    def target_set(self, domain: str, split: str = "test", limit: int | None = None) -> TargetSet:
+        """``split`` images of ``domain``; on ``test`` aligned with the stored φ (first N images)."""
+        from train.datasets import model_inputs
+
+        def make():
+            if split == "test":
+                attr = self.store.load_attributions(domain)
+                phi, labels = attr["test"], attr["test_labels"].long()
+                x, y = model_inputs(self.backbone.config, domain, "test", phi.shape[0], self.data.get(domain))
+                if len(y) < phi.shape[0] or not torch.equal(y, labels):
+                    raise ArtifactError(f"Stored attributions of '{domain}' do not match its test split; "
+                                        "rebuild them")
+                return TargetSet(domain, x, labels, phi, "test")
+            x, y = model_inputs(self.backbone.config, domain, split, limit, self.data.get(domain))
+            return TargetSet(domain, x, y, None, split)
+        return self._sets.get((domain, split, limit), make)
+
+    def mean_map(self, domain: str) -> torch.Tensor:
+        """Mean φ map (M,) of ``domain``'s stored training attributions (the data-free prior)."""
+        if domain not in self._mean_maps:
+            self._mean_maps[domain] = self.store.load_attributions(domain)["train"].mean(dim=0)
+        return self._mean_maps[domain]

@@ -17,23 +17,26 @@ plus n² cheap evaluations.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from diag.curvature.card import HessianCard, build_card
-from diag.curvature.estimators import hutchinson_diagonal
-from diag.curvature.operators import HessianOperator
-from diag.curvature.risk import risk_diagonal, risk_exact
-from diag.similarity import VectorSpec, cosine_streamed
-from train.datasets import model_inputs
-from train.store import Store, base_state, content_key
+from diag.constants import PAPER_ALPHA
+from diag.context import Workspace
+from diag.similarity import vector_similarity
+from train.store import Store, content_key
 from train.tensorio import load_tensors, save_tensors
 from train.vectors import TaskVector
 
+if TYPE_CHECKING:  # the curvature core loads on first use: a cached decision never needs it
+    from diag.curvature.card import HessianCard
+    from diag.curvature.operators import HessianOperator
+
 log = logging.getLogger(__name__)
+
+RISK_COLUMNS = ("risk_exact", "risk_diag", "risk_card")
 
 
 @dataclass(frozen=True)
@@ -62,35 +65,50 @@ class TargetCurvature:
 
 
 class Diagnostics:
-    """Computes and caches curvature per target and diagnostics per pair for one store."""
+    """Computes and caches curvature per target and diagnostics per pair, on a shared :class:`Workspace`.
 
-    def __init__(self, store: Store, alpha: float = 0.8, settings: CurvatureSettings = CurvatureSettings(),
-                 data: dict[str, str | Path] | None = None, progress: bool = False):
-        self.store = store
-        self.alpha = alpha
+    Args:
+        store: a :class:`~train.store.Store` or a :class:`~diag.context.Workspace` (shared θ_base and vectors).
+        alpha: α of τ* (taken from the workspace when one is given).
+        settings: how each target's Hᵀ is estimated (part of the curvature cache key).
+        data: domain → local dataset path.
+        progress: progress bars for curvature builds.
+    """
+
+    def __init__(self, store: Store | Workspace, alpha: float = PAPER_ALPHA,
+                 settings: CurvatureSettings = CurvatureSettings(), data: dict[str, str | Path] | None = None,
+                 progress: bool = False):
+        self.ws = store if isinstance(store, Workspace) else Workspace(store, alpha, data)
+        self.store = self.ws.store
+        self.alpha = self.ws.alpha
         self.settings = settings
-        self.data = dict(data or {})
+        self.data = self.ws.data
         self.progress = progress
-        self.backbone, self.base_hash = store.load_base()
-        self.base = base_state(self.backbone)
         self._curv: dict[str, TargetCurvature] = {}
-        self._vectors: dict[tuple[str, str], TaskVector] = {}
+
+    @property
+    def backbone(self):
+        return self.ws.backbone
+
+    @property
+    def base_hash(self) -> str:
+        return self.ws.base_hash
+
+    @property
+    def base(self) -> dict:
+        return self.ws.base
 
     # ---------------------------------------------------------------- vectors
     def vector(self, domain: str, kind: str) -> TaskVector:
-        """τ_ft (``ft``), τ_ft* (``ftx``) or τ* (``star``) of a domain, cached."""
-        key = (domain, kind)
-        if key not in self._vectors:
-            if kind == "star":
-                self._vectors[key] = self.vector(domain, "ftx") - self.vector(domain, "ft")
-            else:
-                self._vectors[key] = self.store.load_vector(domain, kind, self.alpha if kind == "ftx" else None,
-                                                            expect_base=self.base_hash)
-        return self._vectors[key]
+        """τ_ft (``ft``), τ_ft* (``ftx``) or τ* (``star``) of a domain, from the workspace."""
+        return self.ws.vector(domain, kind)
 
     # -------------------------------------------------------------- curvature
     def operator(self, target: str) -> HessianOperator:
         """Hessian of L_cls at θ_ftᵀ on the first ``n_images`` target images."""
+        from diag.curvature.operators import HessianOperator
+        from train.datasets import model_inputs
+
         s = self.settings
         model = self.store.model(target, self.vector(target, "ft").apply_to(self.base, base_hash=self.base_hash),
                                  backbone=self.backbone)
@@ -117,6 +135,9 @@ class Diagnostics:
 
     def curvature(self, target: str, need_operator: bool = False) -> TargetCurvature:
         """Diagonal + card of Hᵀ (cached in the store); the operator too when asked."""
+        from diag.curvature.card import HessianCard, build_card
+        from diag.curvature.estimators import hutchinson_diagonal
+
         if target in self._curv and (self._curv[target].operator is not None or not need_operator):
             return self._curv[target]
         key = self._curvature_key(target)
@@ -148,43 +169,76 @@ class Diagnostics:
         return self._curv[target]
 
     # ------------------------------------------------------------------ pairs
-    def cosines(self, source: str, target: str) -> dict[str, float]:
-        """cos(τ_ftˢ, τ_ftᵀ) globally and per block, cos(τ*ˢ, τ*ᵀ), and norms (tier 0 + cos_star)."""
-        vdir = lambda d: self.store.vector_path(d, "ft").parent  # noqa: E731
-        ft = cosine_streamed(self.store.vector_path(source, "ft"), self.store.vector_path(target, "ft"), by="block")
-        out = {"cos_ft": ft.cosine}
-        out.update({f"cos_ft.{g}": c for g, c in ft.group_cosines().items()})
-        try:
-            star = cosine_streamed(VectorSpec.explainability(vdir(source), self.alpha),
-                                   VectorSpec.explainability(vdir(target), self.alpha))
-            out["cos_star"] = star.cosine
-        except Exception as err:  # target without θ_ft* (the realistic case): no cos_star
-            log.debug("no cos_star for %s→%s: %s", source, target, err)
-            out["cos_star"] = math.nan
-        out["norm_star_source"] = self.vector(source, "star").norm()
-        out["norm_ft_source"] = self.vector(source, "ft").norm()
-        out["norm_ft_target"] = self.vector(target, "ft").norm()
+    def cosines(self, source: str, target: str) -> PairFeatures:
+        """Tier-0 features: cos(τ_ftˢ, τ_ftᵀ) globally and per block, cos(τ*ˢ, τ*ᵀ), and norms.
+
+        All from :func:`diag.similarity.vector_similarity` (float64 accumulation) on the
+        workspace's vectors. ``cos_star`` needs τ*ᵀ, i.e. the target's explanation labels: it is
+        absent (with the reason) when the store has no θ_ft*ᵀ.
+        """
+        ft = vector_similarity(self.vector(source, "ft"), self.vector(target, "ft"), by="block")
+        out = PairFeatures({"cos_ft": ft.cosine, **{f"cos_ft.{g}": c for g, c in ft.group_cosines().items()},
+                            "norm_ft_source": ft.norm_a, "norm_ft_target": ft.norm_b})
+        star_s = self.vector(source, "star")
+        if self.ws.has(target, "ftx"):
+            star = vector_similarity(star_s, self.vector(target, "star"), by="global")
+            out.values["cos_star"] = star.cosine
+            out.values["norm_star_source"] = star.norm_a
+        else:
+            out.absent["cos_star"] = f"the store has no θ_ft* of '{target}' (needs its explanation labels)"
+            out.values["norm_star_source"] = star_s.norm()
         return out
 
     def risks(self, source: str, target: str, exact: bool = True) -> dict[str, float]:
-        """R(τ*ˢ; Hᵀ) exact (one HVP), from the card, and diagonal."""
+        """R(τ*ˢ; Hᵀ) from the card and the diagonal, and exact (one HVP) when ``exact``."""
+        from diag.curvature.risk import risk_diagonal, risk_exact
+
         curv = self.curvature(target, need_operator=exact)
         tau = curv.card.layout.flatten(self.vector(source, "star").tensors, dtype=torch.float64)
-        out = {"risk_card": curv.card.risk(tau), "risk_diag": risk_diagonal(curv.diag, tau), "risk_exact": math.nan}
-        if exact and curv.operator is not None:
+        out = {"risk_card": curv.card.risk(tau), "risk_diag": risk_diagonal(curv.diag, tau)}
+        if exact:
             out["risk_exact"] = risk_exact(curv.operator, tau.to(curv.operator.dtype))
         return out
 
-    def pair(self, source: str, target: str, curvature: bool = True, exact: bool = True) -> dict[str, float]:
-        out = self.cosines(source, target)
-        if curvature:
-            out.update(self.risks(source, target, exact=exact))
-        else:
-            out.update(risk_card=math.nan, risk_diag=math.nan, risk_exact=math.nan)
-        return out
+    def pair(self, source: str, target: str, curvature: bool = True, exact: bool = True) -> PairFeatures:
+        """:func:`pair_features` on this object's caches."""
+        return pair_features(self, source, target, curvature=curvature, exact=exact)
 
 
-def pair_diagnostics(store: Store, source: str, target: str, alpha: float = 0.8, curvature: bool = True,
-                     data: dict[str, str | Path] | None = None) -> dict[str, float]:
-    """Diagnostics of one (source, target) pair; see :class:`Diagnostics` to reuse caches across pairs."""
-    return Diagnostics(store, alpha, data=data).pair(source, target, curvature=curvature)
+@dataclass
+class PairFeatures:
+    """Diagnostics of one (source, target) pair.
+
+    Attributes:
+        values: feature name → value (``cos_ft``, ``cos_ft.<group>``, ``cos_star``, ``norm_*``, ``risk_*``).
+        absent: feature name → why it does not apply to this pair (never a silent NaN).
+    """
+
+    values: dict[str, float]
+    absent: dict[str, str] = field(default_factory=dict)
+
+    def update(self, other: "PairFeatures") -> None:
+        self.values.update(other.values)
+        self.absent.update(other.absent)
+
+    def absent_text(self) -> str:
+        """``name: reason; …`` (the study table's ``absent`` column)."""
+        return "; ".join(f"{k}: {v}" for k, v in sorted(self.absent.items()))
+
+
+def pair_features(diag: Diagnostics, source: str, target: str, curvature: bool = True,
+                  exact: bool = True) -> PairFeatures:
+    """The features of a (source, target) pair, for the study's rows and rank-sources' candidates alike.
+
+    Cosines and norms always (:meth:`Diagnostics.cosines`); the risks R(τ*ˢ; Hᵀ) card and
+    diagonal with ``curvature``, and the exact one (target images) with ``exact`` too.
+    Errors propagate; a feature that does not apply is in ``absent`` with its reason.
+    """
+    out = diag.cosines(source, target)
+    if curvature:
+        out.values.update(diag.risks(source, target, exact=exact))
+        if not exact:
+            out.absent["risk_exact"] = "needs labelled target images (tier 2)"
+    else:
+        out.absent.update({k: "curvature not requested" for k in RISK_COLUMNS})
+    return out

@@ -27,10 +27,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from diag.constants import PAPER_KS, PAPER_M
 from train.losses import zscore
-
-PAPER_M = 49
-PAPER_KS = (1, 5, 10)
 
 
 def scaled_ks(num_patches: int) -> tuple[int, int, int]:

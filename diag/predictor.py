@@ -377,144 +377,70 @@ def evaluate_loto(df: pd.DataFrame, features: Sequence[str], target: str = "erms
             raise DataError(f"pair table lacks column '{c}'")
     df = df[df["source"] != df["target"]].reset_index(drop=True)
     actual_all = _target_values(df, target)
-    fit_target = fit_target or target
     predictors = default_predictors() if predictors is None else dict(predictors)
-    fitters = {name: _fitter(spec, features, fit_target, seed) for name, spec in predictors.items()}
+    fitters = {name: _fitter(spec, features, fit_target or target, seed) for name, spec in predictors.items()}
     rng = np.random.default_rng(seed)
-    targets = sorted(df["target"].unique())
-    rows: dict[str, list[dict]] = {name: [] for name in fitters}
-    rows["random"] = []
+    rows: dict[str, list[dict]] = {name: [] for name in [*fitters, "random"]}
     oof = {name: np.full(len(df), np.nan) for name in fitters}
-    for T in targets:
-        test_mask = (df["target"] == T).to_numpy() & np.isfinite(actual_all)
-        if test_mask.sum() < 2:
-            log.info("LOTO: target %s has fewer than 2 scored sources; skipped", T)
-            continue
-        train_mask = (df["target"] != T).to_numpy()
-        if exclude_target_as_source:
-            train_mask = train_mask & (df["source"] != T).to_numpy()
-        train, test = df.loc[train_mask], df.loc[test_mask]
-        actual = actual_all[test_mask]
-        sources = test["source"].to_numpy()
-        best = str(sources[np.argmin(actual)])
-        rand_regret = float(actual.mean() - actual.min())
-        for name, fit in fitters.items():
-            pred = np.asarray(fit(train).predict(test), dtype=np.float64)
-            oof[name][test_mask] = pred
-            chosen = sources[np.argmin(pred)]
-            rows[name].append({"target": T, "n_sources": int(test_mask.sum()), "spearman": _rank_corr(pred, actual),
-                               "top1_regret": _top1_regret(pred, actual), "random_regret": rand_regret,
-                               "chosen_source": str(chosen), "best_source": best})
-        rs = [_rank_corr(rng.permutation(actual.size).astype(float), actual) for _ in range(n_random)]
-        rows["random"].append({"target": T, "n_sources": int(test_mask.sum()), "spearman": float(np.nanmean(rs)),
-                               "top1_regret": rand_regret, "random_regret": rand_regret, "chosen_source": None,
-                               "best_source": best})
+    for T in sorted(df["target"].unique()):
+        _loto_target(df, actual_all, T, fitters, rows, oof, rng, exclude_target_as_source, n_random)
     if len(rows["random"]) < 3:
         raise DataError(f"LOTO needs at least 3 targets with 2 or more scored sources, got {len(rows['random'])}")
-    results = []
-    for name, rws in rows.items():
-        per = pd.DataFrame(rws)
-        sp = per["spearman"].to_numpy(float)
-        n_deg = int((~np.isfinite(sp)).sum())
-        if n_deg:
-            warnings.warn(f"{name}: {n_deg} target(s) with constant predictions left out of mean_spearman",
-                          PredictorWarning, stacklevel=2)
-        se, ci = _boot_mean(sp, n_boot, rng, level)
-        _, rci = _boot_mean(per["top1_regret"].to_numpy(float), n_boot, rng, level)
-        pooled_r, pooled_ci = float("nan"), (float("nan"), float("nan"))
-        if name in oof:
-            tab = pd.DataFrame({"source": df["source"], "target": df["target"], "pred": oof[name],
-                                "actual": actual_all})
-            tab = tab[np.isfinite(tab["pred"]) & np.isfinite(tab["actual"])]
-            try:
-                pooled_r = pearson(tab["pred"], tab["actual"]).statistic
-                pooled_ci = tuple(pair_bootstrap_ci(tab, "pred", "actual", n_boot=n_boot, seed=seed, level=level))
-            except DataError:
-                pass
-        results.append(PredictorEvaluation(
-            name=name, mean_spearman=float(np.nanmean(sp)) if np.isfinite(sp).any() else float("nan"), ci95=ci,
-            mean_top1_regret=float(per["top1_regret"].mean()), random_top1_regret=float(per["random_regret"].mean()),
-            per_target=per, spearman_stderr=se, regret_ci95=rci, pooled_r=pooled_r, pooled_ci95=pooled_ci,
-            n_targets=len(per), n_degenerate=n_deg))
-    return results
+    return [_summarise_loto(name, pd.DataFrame(rws), df, oof.get(name), actual_all, n_boot, rng, level, seed)
+            for name, rws in rows.items()]
+
+
+def _loto_target(df: pd.DataFrame, actual_all: np.ndarray, T: str, fitters: dict, rows: dict, oof: dict,
+                 rng: np.random.Generator, exclude_target_as_source: bool, n_random: int) -> None:
+    """Hold out target T: fit every predictor without it, score its ranking of T's sources (in place)."""
+    test_mask = (df["target"] == T).to_numpy() & np.isfinite(actual_all)
+    if test_mask.sum() < 2:
+        log.info("LOTO: target %s has fewer than 2 scored sources; skipped", T)
+        return
+    train_mask = (df["target"] != T).to_numpy()
+    if exclude_target_as_source:
+        train_mask = train_mask & (df["source"] != T).to_numpy()
+    train, test = df.loc[train_mask], df.loc[test_mask]
+    actual = actual_all[test_mask]
+    sources = test["source"].to_numpy()
+    best = str(sources[np.argmin(actual)])
+    rand_regret = float(actual.mean() - actual.min())
+    for name, fit in fitters.items():
+        pred = np.asarray(fit(train).predict(test), dtype=np.float64)
+        oof[name][test_mask] = pred
+        rows[name].append({"target": T, "n_sources": int(test_mask.sum()), "spearman": _rank_corr(pred, actual),
+                           "top1_regret": _top1_regret(pred, actual), "random_regret": rand_regret,
+                           "chosen_source": str(sources[np.argmin(pred)]), "best_source": best})
+    rs = [_rank_corr(rng.permutation(actual.size).astype(float), actual) for _ in range(n_random)]
+    rows["random"].append({"target": T, "n_sources": int(test_mask.sum()), "spearman": float(np.nanmean(rs)),
+                           "top1_regret": rand_regret, "random_regret": rand_regret, "chosen_source": None,
+                           "best_source": best})
+
+
+def _summarise_loto(name: str, per: pd.DataFrame, df: pd.DataFrame, oof: np.ndarray | None, actual_all: np.ndarray,
+                    n_boot: int, rng: np.random.Generator, level: float, seed: int) -> PredictorEvaluation:
+    """Means over targets with bootstrap CIs, and the pooled out-of-fold Pearson r."""
+    sp = per["spearman"].to_numpy(float)
+    n_deg = int((~np.isfinite(sp)).sum())
+    if n_deg:
+        warnings.warn(f"{name}: {n_deg} target(s) with constant predictions left out of mean_spearman",
+                      PredictorWarning, stacklevel=3)
+    se, ci = _boot_mean(sp, n_boot, rng, level)
+    _, rci = _boot_mean(per["top1_regret"].to_numpy(float), n_boot, rng, level)
+    pooled_r, pooled_ci = float("nan"), (float("nan"), float("nan"))
+    if oof is not None:
+        tab = pd.DataFrame({"source": df["source"], "target": df["target"], "pred": oof, "actual": actual_all})
+        tab = tab[np.isfinite(tab["pred"]) & np.isfinite(tab["actual"])]
+        if len(tab) >= 3 and tab["pred"].nunique() > 1 and tab["actual"].nunique() > 1:
+            pooled_r = pearson(tab["pred"], tab["actual"]).statistic
+            pooled_ci = tuple(pair_bootstrap_ci(tab, "pred", "actual", n_boot=n_boot, seed=seed, level=level))
+    return PredictorEvaluation(
+        name=name, mean_spearman=float(np.nanmean(sp)) if np.isfinite(sp).any() else float("nan"), ci95=ci,
+        mean_top1_regret=float(per["top1_regret"].mean()), random_top1_regret=float(per["random_regret"].mean()),
+        per_target=per, spearman_stderr=se, regret_ci95=rci, pooled_r=pooled_r, pooled_ci95=pooled_ci,
+        n_targets=len(per), n_degenerate=n_deg)
 
 
 def evaluations_frame(evaluations: Sequence[PredictorEvaluation]) -> pd.DataFrame:
     """One row per predictor (the ``to_dict`` fields), for printing."""
     return pd.DataFrame([e.to_dict() for e in evaluations])
-
-
-# ---------------------------------------------------------------------------------------------
-# choosing λ2
-
-_DROP_COLUMNS = ("acc_drop", "predicted_acc_drop")
-
-
-def recommend_lambda2(pairs_with_lambda_grid: pd.DataFrame, max_acc_drop: float = 0.05,
-                      column: str | None = None) -> float:
-    """Largest λ2 of a grid whose mean accuracy drop relative to θ_ftᵀ is within budget.
-
-    The drop at λ2 is 1 − accuracy(λ2)/accuracy(θ_ftᵀ) (relative; 0.05 = "within 5 % of the
-    fine-tuned model", the paper's Fig. 3 criterion), taken from the first available of
-    ``acc_drop``, ``predicted_acc_drop``, ``acc_norm`` (drop = 1 − acc_norm), or
-    ``accuracy``/``accuracy_ft_target``; rows sharing a λ2 (seeds, α values) are averaged.
-
-    Args:
-        pairs_with_lambda_grid: rows with a ``lambda2`` column, for one (source, target) pair.
-        max_acc_drop: budget on the relative accuracy drop.
-        column: force the drop column (or ``acc_norm``).
-
-    Returns:
-        The recommended λ2; 0.0 (do not add τ*) with a warning when no grid value is within budget.
-
-    Raises:
-        DataError: no ``lambda2`` column, no usable accuracy column, or a negative budget.
-    """
-    df = with_normalised(pairs_with_lambda_grid)
-    if "lambda2" not in df.columns:
-        raise DataError("the λ2 grid needs a 'lambda2' column")
-    if max_acc_drop < 0:
-        raise DataError(f"max_acc_drop must be >= 0, got {max_acc_drop}")
-    if column is None:
-        column = next((c for c in (*_DROP_COLUMNS, "acc_norm") if c in df.columns and df[c].notna().any()), None)
-        if column is None:
-            raise DataError("the λ2 grid needs one of acc_drop, predicted_acc_drop, acc_norm or "
-                            "accuracy + accuracy_ft_target")
-    elif column not in df.columns:
-        raise DataError(f"the λ2 grid has no column '{column}'")
-    drop = pd.to_numeric(df[column], errors="coerce")
-    if column == "acc_norm":
-        drop = 1.0 - drop
-    per = pd.DataFrame({"lambda2": pd.to_numeric(df["lambda2"]), "drop": drop}).dropna()
-    per = per.groupby("lambda2")["drop"].mean()
-    ok = per[per <= max_acc_drop + 1e-9]
-    if ok.empty:
-        warnings.warn(f"no λ2 in the grid keeps the accuracy drop within {max_acc_drop:g}; recommending 0",
-                      PredictorWarning, stacklevel=2)
-        return 0.0
-    return float(ok.index.max())
-
-
-def quadratic_loss_increase(risk: float, lam: float) -> float:
-    """Quadratic-model loss increase L(θ + λτ) − L(θ) ≈ ½ λ² R with R = τᵀHτ (gradient ≈ 0 at θ_ftᵀ)."""
-    return 0.5 * lam * lam * risk
-
-
-def quadratic_lambda_max(risk: float, max_loss_increase: float) -> float:
-    """Largest λ with ½ λ² R ≤ budget under the quadratic model: λ_max = sqrt(2·budget / R).
-
-    Returns ``inf`` when R ≤ 0 (the quadratic model predicts no increase).
-
-    >>> quadratic_lambda_max(2.0, 0.01)
-    0.1
-
-    Raises:
-        DataError: negative or non-finite budget, non-finite R.
-    """
-    if not math.isfinite(max_loss_increase) or max_loss_increase < 0:
-        raise DataError(f"max_loss_increase must be a finite number >= 0, got {max_loss_increase}")
-    if not math.isfinite(risk):
-        raise DataError(f"risk must be finite, got {risk}")
-    if risk <= 0:
-        return math.inf
-    return math.sqrt(2.0 * max_loss_increase / risk)

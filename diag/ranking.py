@@ -15,19 +15,26 @@ change; :func:`evaluate_rankers` measures it leave-one-target-out.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from diag.diagnostics import Diagnostics
-from diag.predictor import evaluate_loto, fit_predictor, fit_source_model, tier_features
-from diag.transfer import transferred_state
-from train.errors import DataError
+from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_LAMBDA1, PAPER_LAMBDA2
+from diag.decide import accuracy_grid, drop_at, lambda2_from_predicted_drop, recommend_lambda2
+from diag.diagnostics import Diagnostics, pair_features
+from diag.pairs import artifact_key
+from diag.predictor import evaluate_loto, fit_predictor, fit_source_model, rank_sources, tier_features
+from train.errors import ArtifactError, DataError
+from train.store import content_key
 
-LAMBDA_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
 TIER_NAMES = {0: "tier 0 (weights only)", 1: "tier 1 (published Hessian card)", 2: "tier 2 (labelled target images)"}
+#: Features that need the target's explanation labels: never an input of a ranking.
+NOT_RANKING_INPUTS = ("cos_star",)
 
 
 @dataclass
@@ -62,6 +69,23 @@ class SourceRanking:
                 "max_acc_drop": self.max_acc_drop, "n_training_pairs": self.n_training_pairs,
                 "sources": sources, "notes": self.notes}
 
+    def to_json(self) -> str:
+        """Everything needed to rebuild this ranking (rows as records; NaN as null)."""
+        rows = self.rows.astype(object).where(self.rows.notna(), None).to_dict(orient="records")
+        return json.dumps({"target": self.target, "tier": self.tier, "max_acc_drop": self.max_acc_drop,
+                           "n_training_pairs": self.n_training_pairs, "notes": self.notes,
+                           "columns": list(self.rows.columns), "rows": rows}, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str, path: Path) -> "SourceRanking":
+        try:
+            d = json.loads(text)
+            rows = pd.DataFrame(d["rows"], columns=d["columns"]).fillna(math.nan)
+            return cls(d["target"], int(d["tier"]), float(d["max_acc_drop"]), rows, int(d["n_training_pairs"]),
+                       list(d["notes"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"cached ranking {path} is damaged ({exc}); delete it to recompute") from None
+
     def table(self) -> str:
         lines = [f"Sources for target '{self.target}' — {TIER_NAMES[self.tier]}; predictor fitted on "
                  f"{self.n_training_pairs} known pairs without '{self.target}'; budget: accuracy drop ≤ "
@@ -93,15 +117,18 @@ def training_pairs(table: pd.DataFrame, target: str) -> pd.DataFrame:
 
 
 def candidate_rows(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int) -> pd.DataFrame:
-    """Diagnostics of every (source, target) candidate at the given tier."""
+    """Features of every (source, target) candidate at ``tier`` (:func:`diag.diagnostics.pair_features`).
+
+    The same function computes the study's feature columns; ``cos_star`` (target explanation
+    labels) is dropped, and each source's own quality comes from the known pairs' table.
+    """
     quality = _source_quality(table)
     rows = []
     for source in sources:
-        row = {"source": source, "target": target}
-        row.update(diag.cosines(source, target))
-        row.pop("cos_star", None)  # needs the target's explanations: never a ranking input
-        if tier >= 1:
-            row.update(diag.risks(source, target, exact=tier >= 2))
+        feats = pair_features(diag, source, target, curvature=tier >= 1, exact=tier >= 2)
+        row = {"source": source, "target": target, **feats.values}
+        for name in NOT_RANKING_INPUTS:
+            row.pop(name, None)
         if source in quality.index:
             row.update(quality.loc[source].to_dict())
         rows.append(row)
@@ -109,96 +136,82 @@ def candidate_rows(diag: Diagnostics, table: pd.DataFrame, target: str, sources:
 
 
 def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
-                    max_acc_drop: float = 0.05, model: str = "ridge", accuracy_check: bool | None = None,
-                    lambda1: float = 1.0) -> SourceRanking:
-    """Rank candidate sources for ``target`` with a predictor fitted on pairs without it."""
+                    max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = "ridge",
+                    accuracy_check: bool | None = None, lambda1: float = PAPER_LAMBDA1) -> SourceRanking:
+    """Rank candidate sources for ``target`` with a predictor fitted on pairs without it.
+
+    With the tier-2 accuracy check, θ_ftᵀ's accuracy and the measured λ2 grid come from the
+    target's ``val`` split (:func:`diag.decide.accuracy_grid`); otherwise λ2 follows from the
+    predicted drop by the quadratic model (:func:`diag.decide.lambda2_from_predicted_drop`).
+    """
     if not sources:
         raise DataError(f"No candidate source vectors for target '{target}'")
     train = training_pairs(table, target)
     if len(train) < 4:
         raise DataError(f"Only {len(train)} known pairs without '{target}'; need at least 4 to fit a predictor")
     cands = candidate_rows(diag, table, target, sources, tier)
-    if tier >= 2 and "accuracy_ft_target" in train.columns:
-        cands["accuracy_ft_target"] = np.nan  # filled by the accuracy check below
+    check = tier >= 2 if accuracy_check is None else accuracy_check
+    grid = accuracy_grid(diag.ws, target, sources, lambda1) if check else None
+    if grid is not None:
+        cands["accuracy_ft_target"] = grid.attrs["accuracy_ft_target"]
     features = [f for f in tier_features(train, tier) if f in cands.columns]
     notes = [f"features: {', '.join(features)}"]
-    check = tier >= 2 if accuracy_check is None else accuracy_check
-    grid = None
-    if check:
-        grid = accuracy_grid(diag, target, sources, lambda1)
-        cands["accuracy_ft_target"] = grid.attrs["accuracy_ft_target"]
-        features = [f for f in tier_features(train, tier) if f in cands.columns]
-    source_model = fit_source_model(train, features, model=model)
-    absolute = fit_predictor(train, features, target="ermse", model=model, name=f"{model} ermse")
-    pred = source_model.predict(cands)
-    cands = pd.concat([cands.reset_index(drop=True), pred.reset_index(drop=True)], axis=1)
-    cands["predicted_ermse"] = absolute.predict(cands)
-    cands = cands.sort_values("predicted_ermse_norm", kind="stable").reset_index(drop=True)
-    cands.insert(0, "rank", np.arange(1, len(cands) + 1))
-    # recommended λ2 within the accuracy budget
-    lam, measured = [], []
-    for _, r in cands.iterrows():
-        if grid is not None:
-            g = grid[grid["source"] == r["source"]]
-            ok = g[g["acc_drop"] <= max_acc_drop]
-            lam.append(float(ok["lambda2"].max()) if len(ok) else 0.0)
-            at07 = g[np.isclose(g["lambda2"], 0.7)]
-            measured.append(float(at07["acc_drop"].iloc[0]) if len(at07) else math.nan)
-        else:
-            lam.append(quadratic_lambda(r["predicted_acc_drop"], max_acc_drop))
-            measured.append(math.nan)
-    cands["lambda2"] = lam
-    cands["measured_acc_drop"] = measured
+    cands = rank_sources(cands, fit_source_model(train, features, model=model))
+    cands["predicted_ermse"] = fit_predictor(train, features, target="ermse", model=model,
+                                             name=f"{model} ermse").predict(cands)
     if grid is not None:
-        notes.append("λ2: largest grid value whose measured accuracy drop on labelled target images is within budget")
+        per = {s: grid[grid["source"] == s] for s in sources}
+        cands["lambda2"] = [recommend_lambda2(per[s], max_acc_drop) for s in cands["source"]]
+        cands["measured_acc_drop"] = [drop_at(per[s], PAPER_LAMBDA2) for s in cands["source"]]
+        notes.append("λ2: largest grid value whose measured accuracy drop on labelled target val images is within "
+                     "budget")
     else:
+        cands["lambda2"] = [lambda2_from_predicted_drop(d, max_acc_drop) for d in cands["predicted_acc_drop"]]
+        cands["measured_acc_drop"] = math.nan
         notes.append("λ2: from the predicted drop at λ2 = 0.7 scaled by the quadratic model (drop ∝ λ2²)")
     notes.append("E-RMSE is per patch; unrelated z-scored maps score √2 ≈ 1.414")
     return SourceRanking(target, tier, max_acc_drop, cands, len(train), notes)
 
 
-def quadratic_lambda(predicted_drop_at_07: float, budget: float, reference: float = 0.7) -> float:
-    """Largest λ2 with drop(λ2) = drop(0.7)·(λ2/0.7)² ≤ budget, on the paper's grid (0 if none)."""
-    if not math.isfinite(predicted_drop_at_07) or predicted_drop_at_07 <= 0:
-        return max(LAMBDA_GRID)
-    lam_max = reference * math.sqrt(budget / predicted_drop_at_07)
-    ok = [l for l in LAMBDA_GRID if l <= lam_max + 1e-12]
-    return max(ok) if ok else 0.0
+RANKING_VERSION = 1
 
 
-def labelled_target(diag: Diagnostics, target: str, n_images: int = 400):
-    """Labelled target test images (no explanations needed): model inputs and labels."""
-    from train.datasets import model_inputs
+def ranking_key(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
+                max_acc_drop: float, model: str, lambda1: float) -> str:
+    """Content key of a ranking: every input it is computed from, read from file headers only.
 
-    return model_inputs(diag.backbone.config, target, "test", n_images, diag.data.get(target))
+    The known pairs (sha256 of the table rows), the content keys of θ_ft and θ_ft* of the
+    target and every source (these carry the base, the data and the training settings), the
+    curvature settings, and the decision's own arguments.
+    """
+    store = diag.store
+    vectors = {d: [artifact_key(store.vector_path(d, "ft")), artifact_key(store.vector_path(d, "ftx", diag.alpha))]
+               for d in sorted({*sources, target})}
+    rows = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
+    return content_key({"target": target, "sources": list(sources), "tier": int(tier), "budget": float(max_acc_drop),
+                        "model": model, "lambda1": float(lambda1), "alpha": diag.alpha, "base": diag.base_hash,
+                        "vectors": vectors, "table": rows, "curvature": asdict(diag.settings) if tier >= 1 else None,
+                        "data": str(diag.data.get(target, "")), "version": RANKING_VERSION})
 
 
-def _accuracy(diag: Diagnostics, target: str, state, x, y, batch: int = 256) -> float:
-    import torch
+def rank_cached(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
+                max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = "ridge",
+                lambda1: float = PAPER_LAMBDA1) -> SourceRanking:
+    """:func:`rank_for_target`, cached in the store under its :func:`ranking_key` (``studies/rankings/``).
 
-    model = diag.store.model(target, state, backbone=diag.backbone)
-    with torch.no_grad():
-        correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(y), batch))
-    return correct / max(len(y), 1)
-
-
-def accuracy_grid(diag: Diagnostics, target: str, sources: list[str], lambda1: float = 1.0,
-                  grid=LAMBDA_GRID) -> pd.DataFrame:
-    """Measured target accuracy of eq. 8 over a λ2 grid (labelled target images, tier 2; no φ needed)."""
-    x, y = labelled_target(diag, target)
-    ft_t = diag.vector(target, "ft")
-    base_acc = _accuracy(diag, target, ft_t.apply_to(diag.base, base_hash=diag.base_hash), x, y)
-    rows = []
-    for source in sources:
-        star = diag.vector(source, "star")
-        for lam in grid:
-            state = transferred_state(diag.base, ft_t, star, lambda1, lam, diag.base_hash)
-            acc = _accuracy(diag, target, state, x, y)
-            rows.append({"source": source, "lambda2": lam, "accuracy": acc,
-                         "acc_drop": 1.0 - acc / max(base_acc, 1e-12)})
-    out = pd.DataFrame(rows)
-    out.attrs["accuracy_ft_target"] = base_acc
-    return out
+    A second call with the same inputs reads the stored ranking instead of reloading θ_base,
+    recomputing the risks and the tier-2 accuracy grid.
+    """
+    key = ranking_key(diag, table, target, sources, tier, max_acc_drop, model, lambda1)
+    path = diag.store.study_dir("rankings") / f"{target}-tier{tier}-{key}.json"
+    if path.is_file():
+        return SourceRanking.from_json(path.read_text(), path)
+    ranking = rank_for_target(diag, table, target, sources, tier, max_acc_drop, model=model, lambda1=lambda1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(ranking.to_json())
+    os.replace(tmp, path)
+    return ranking
 
 
 def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> list[dict]:

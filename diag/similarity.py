@@ -257,29 +257,68 @@ def gram_streamed(specs: Iterable[str | Path | VectorSpec], by: str = "global",
         DataError: no key matches ``param_filter``.
     """
     specs = [as_spec(s) for s in specs]
-    group_of = _grouper(by)
     keep = _make_filter(param_filter)
-    k = len(specs)
-    total = np.zeros((k, k))
-    groups: dict[str, np.ndarray] = {}
-    numel: dict[str, int] = {"": 0}
     with contextlib.ExitStack() as stack:
         reader = _Reader(stack, specs)
         keys = [key for key in reader.keys if keep(key)]
         if not keys:
             raise DataError(f"no parameter matches the filter {param_filter!r}; first keys: {reader.keys[:3]}")
-        for key in keys:
-            m = torch.stack([reader.read(s, key) for s in specs])
-            g = (m @ m.T).numpy()
-            total += g
-            numel[""] += m.shape[1]
-            name = group_of(key)
-            if name is not None:
-                groups[name] = groups.get(name, np.zeros((k, k))) + g
-                numel[name] = numel.get(name, 0) + m.shape[1]
-            del m
+        return _accumulate_gram(keys, lambda key: torch.stack([reader.read(s, key) for s in specs]), len(specs), by)
+
+
+def _accumulate_gram(keys: list[str], rows: Callable[[str], torch.Tensor], k: int,
+                     by: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, int]]:
+    """Σ over parameter keys of M Mᵀ with M = ``rows(key)`` (k, numel) in float64, globally and per group.
+
+    The one numerical routine of every cosine in ``diag`` (streamed files and in-memory vectors).
+    """
+    group_of = _grouper(by)
+    total = np.zeros((k, k))
+    groups: dict[str, np.ndarray] = {}
+    numel: dict[str, int] = {"": 0}
+    for key in keys:
+        m = rows(key).double()
+        g = (m @ m.T).numpy()
+        total += g
+        numel[""] += m.shape[1]
+        name = group_of(key)
+        if name is not None:
+            groups[name] = groups.get(name, np.zeros((k, k))) + g
+            numel[name] = numel.get(name, 0) + m.shape[1]
+        del m
     order = sorted(groups, key=_group_order) if by == "block" else list(groups)
     return total, {g: groups[g] for g in order}, numel
+
+
+def _similarity_from_gram(G: np.ndarray, groups: dict[str, np.ndarray], numel: dict[str, int],
+                          by: str) -> "SimilarityResult":
+    glob_ = _result_from_gram(G, numel[""])
+    return SimilarityResult(cosine=glob_.cosine, dot=glob_.dot, norm_a=glob_.norm_a, norm_b=glob_.norm_b,
+                            numel=glob_.numel, by=by,
+                            groups={g: _result_from_gram(M, numel[g]) for g, M in groups.items()})
+
+
+def vector_similarity(a, b, by: str = "global") -> "SimilarityResult":
+    """cos(a, b) of two in-memory :class:`~train.vectors.TaskVector` s, globally and per group.
+
+    Same float64 accumulation as :func:`cosine_streamed` (:func:`_accumulate_gram`), over the
+    keys of ``a`` in sorted order.
+
+    Raises:
+        BaseMismatchError: different bases, key sets or shapes.
+    """
+    if by not in BY_CHOICES:
+        raise unknown("grouping", by, BY_CHOICES)
+    if a.base_hash != b.base_hash:
+        raise BaseMismatchError(f"Task vectors of different bases: {a.base_hash} vs {b.base_hash}")
+    if a.tensors.keys() != b.tensors.keys():
+        raise BaseMismatchError(f"Task vectors have different parameters, e.g. {sorted(set(a.tensors) ^ set(b.tensors))[:3]}")
+    for key, v in a.tensors.items():
+        if v.shape != b.tensors[key].shape:
+            raise BaseMismatchError(f"Shape mismatch for '{key}': {tuple(v.shape)} vs {tuple(b.tensors[key].shape)}")
+    G, groups, numel = _accumulate_gram(
+        sorted(a.tensors), lambda key: torch.stack([a.tensors[key].reshape(-1), b.tensors[key].reshape(-1)]), 2, by)
+    return _similarity_from_gram(G, groups, numel, by)
 
 
 def _result_from_gram(G: np.ndarray, numel: int) -> GroupSimilarity:
@@ -308,10 +347,7 @@ def cosine_streamed(a: str | Path | VectorSpec, b: str | Path | VectorSpec, by: 
     if by not in BY_CHOICES:
         raise unknown("grouping", by, BY_CHOICES)
     G, groups, numel = gram_streamed([a, b], by=by, param_filter=param_filter)
-    glob_ = _result_from_gram(G, numel[""])
-    return SimilarityResult(cosine=glob_.cosine, dot=glob_.dot, norm_a=glob_.norm_a, norm_b=glob_.norm_b,
-                            numel=glob_.numel, by=by,
-                            groups={g: _result_from_gram(M, numel[g]) for g, M in groups.items()})
+    return _similarity_from_gram(G, groups, numel, by)
 
 
 def _cosine_frame(G: np.ndarray, names: list[str]) -> pd.DataFrame:

@@ -1,90 +1,153 @@
 """Transfer evaluation (eq. 8): θ̃ = θ_base + λ1·τ_ftᵀ + λ2·τ*ˢ, scored on the target test split.
 
-Rows follow Table 1 of the paper (zero-shot θ_base, θ_ftˢ, θ_ft*ˢ, θ_ftᵀ, the proposed
-model, θ_ft*ᵀ as upper bound), followed by controls that separate transferred domain
-knowledge from a generic prior: a random vector with τ*ˢ's per-tensor norms added with the
-same λ2, τ* of a randomly chosen other source, and the data-free "always the mean φ map"
-explanations of the source (and of the target, an oracle prior).
+:func:`evaluate_pair` is the one place a (source, target, λ1, λ2) is scored: ``diag
+transfer``, the study's pair table and the notebooks all call it. Its rows follow Table 1 of
+the paper (zero-shot θ_base, θ_ftˢ, θ_ft*ˢ, θ_ftᵀ, the proposed model, θ_ft*ᵀ as upper
+bound), followed by controls that separate transferred domain knowledge from a generic prior:
+
+* ``control: random τ (τ*ˢ norms)``: a Gaussian vector with τ*ˢ's per-tensor norms added with
+  the same λ2, averaged over :data:`~diag.constants.RANDOM_DRAWS` draws (``spread`` holds the
+  standard deviation of every metric over the draws);
+* ``control: τ* of other source``: τ* of another domain, as is, and rescaled to ‖τ*ˢ‖;
+* the data-free "always the mean φ map" explanations of the source (and of the target, an
+  oracle prior).
+
+Seeding is one rule (:func:`pair_seed`): every random choice of a pair is seeded by a stable
+hash of (seed, source, target, purpose), so the same pair and seed give the same rows
+whichever command computes them and in whatever order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from diag.constants import PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2, PAPER_TABLE1, RANDOM_DRAWS
+from diag.context import TargetSet, Workspace
 from diag.metrics import Scores, score
-from train.datasets import model_inputs
-from train.errors import ArtifactError, DataError
-from train.model import SelfExplainingCLIP
-from train.store import Store, base_state
+from train.errors import DataError
+from train.model import SelfExplainingCLIP, load_visual_state
 from train.vectors import TaskVector, check_scale
 
-PAPER_TABLE1 = {  # ViT-B/32, ImageNet+X source, mean over 10 targets (preprint Table 1)
-    "zero-shot θ_base": (0.475, 1.508), "θ_ftˢ": (0.379, 1.528), "θ_ft*ˢ": (0.353, 1.149),
-    "θ_ftᵀ": (0.890, 1.562), "proposed": (0.886, 1.125), "θ_ft*ᵀ (upper bound)": (0.909, 1.028),
-}
 MAIN_ROWS = tuple(PAPER_TABLE1)
 CONTROL_RANDOM = "control: random τ (τ*ˢ norms)"
 CONTROL_OTHER = "control: τ* of other source"
+CONTROL_OTHER_RESCALED = "control: τ* of other source (‖τ*ˢ‖)"
 CONTROL_MEAN_S = "control: mean φ map (source)"
 CONTROL_MEAN_T = "oracle: mean φ map (target)"
+METRICS = ("accuracy", "ermse", "kendall", "iou1", "iou5", "iou10")
+#: Row label → column suffix of the study table ("" = the proposed model).
+ROW_SUFFIX = {
+    "zero-shot θ_base": "zeroshot", "θ_ftˢ": "ft_source_on_target", "θ_ft*ˢ": "ftx_source_on_target",
+    "θ_ftᵀ": "ft_target", "proposed": "", "θ_ft*ᵀ (upper bound)": "ftx_target",
+    CONTROL_RANDOM: "random", CONTROL_OTHER: "other", CONTROL_OTHER_RESCALED: "other_rescaled",
+    CONTROL_MEAN_S: "meanmap", CONTROL_MEAN_T: "meanmap_target",
+}
 
 
-@dataclass
-class TargetSet:
-    """A target's test images with ground-truth φ, as stored by the zoo."""
-
-    name: str
-    x: torch.Tensor
-    y: torch.Tensor
-    phi: torch.Tensor
+# ------------------------------------------------------------------------ seeding and eq. 8
 
 
-def target_set(store: Store, target: str, data: str | Path | None = None, split: str = "test") -> TargetSet:
-    """Test images of ``target`` aligned with the stored Kernel SHAP φ."""
-    backbone, _ = store.load_base()
-    attr = store.load_attributions(target)
-    phi, labels = attr[split], attr[f"{split}_labels"].long()
-    x, y = model_inputs(backbone.config, target, split, phi.shape[0], data)
-    if len(y) < phi.shape[0] or not torch.equal(y, labels):
-        raise ArtifactError(f"Stored attributions of '{target}' do not match its {split} split; rebuild them")
-    return TargetSet(target, x, labels, phi)
+def pair_seed(seed: int, source: str, target: str, purpose: str = "") -> int:
+    """The one seeding rule: a stable 63-bit integer from (seed, source, target, purpose).
+
+    sha256 of ``"seed|source|target|purpose"``, so it does not depend on Python's hash
+    randomisation, on the order pairs are computed in, or on which command asks.
+    """
+    digest = hashlib.sha256(f"{int(seed)}|{source}|{target}|{purpose}".encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def other_source(seed: int, source: str, target: str, candidates: Sequence[str]) -> str | None:
+    """The domain whose τ* is the "other source" control of (source, target), or None."""
+    others = sorted(set(candidates) - {source, target})
+    return random.Random(pair_seed(seed, source, target, "other")).choice(others) if others else None
+
+
+def transferred_state(ws: Workspace, tau_ft_target: TaskVector, tau_star: TaskVector, lambda1: float,
+                      lambda2: float) -> dict:
+    """θ̃ = θ_base + λ1·τ_ftᵀ + λ2·τ*ˢ (eq. 8), the only place the sum is written."""
+    return (lambda1 * tau_ft_target + lambda2 * tau_star).apply_to(ws.base, base_hash=ws.base_hash)
+
+
+# --------------------------------------------------------------------------- the one loop
 
 
 @torch.no_grad()
-def predict(model: SelfExplainingCLIP, x: torch.Tensor, y: torch.Tensor, batch: int = 256):
-    """Logits (N, C) and attributions of the labelled class (N, M)."""
+def predict(model: SelfExplainingCLIP, x: torch.Tensor, y: torch.Tensor | None = None, batch: int = 256,
+            explain: bool = True):
+    """Logits (N, C) and, with ``explain``, the attributions of the labelled class (N, M).
+
+    The one evaluation loop of ``diag``: transfer rows, the study, the tier-2 accuracy
+    checks and the Kernel SHAP budget all call it.
+    """
     logits, phis = [], []
     for start in range(0, len(x), batch):
+        if not explain:
+            logits.append(model(x[start:start + batch]))
+            continue
         lg, ph = model.explain(x[start:start + batch])
         yy = y[start:start + batch]
         logits.append(lg)
         phis.append(ph.gather(1, yy[:, None, None].expand(-1, 1, ph.shape[-1])).squeeze(1))
-    return torch.cat(logits), torch.cat(phis)
+    return torch.cat(logits), (torch.cat(phis) if explain else None)
 
 
-def evaluate_state(store: Store, target: TargetSet, state: dict[str, torch.Tensor], name: str,
-                   backbone=None) -> Scores:
-    """Scores of θ = ``state`` on the target set."""
-    model = store.model(target.name, state, backbone=backbone)
-    logits, phi_pred = predict(model, target.x, target.y)
-    return score(name, logits, target.y, phi_pred, target.phi)
+def accuracy(ws: Workspace, domain: str, state: dict, images: TargetSet) -> float:
+    """Top-1 accuracy of θ = ``state`` with ``domain``'s head on ``images`` (no φ needed)."""
+    model = ws.model(domain)
+    load_visual_state(model, state)
+    logits, _ = predict(model, images.x, images.y, explain=False)
+    return float((logits.argmax(dim=1) == images.y).double().mean())
+
+
+def evaluate_state(ws: Workspace, tset: TargetSet, state: dict, name: str) -> Scores:
+    """Scores of θ = ``state`` on the target's test set (with its stored φ)."""
+    model = ws.model(tset.name)
+    load_visual_state(model, state)
+    logits, phi_pred = predict(model, tset.x, tset.y)
+    return score(name, logits, tset.y, phi_pred, tset.phi)
+
+
+def mean_scores(name: str, draws: list[Scores]) -> tuple[Scores, dict[str, float]]:
+    """Mean of every metric over ``draws`` and their sample standard deviations (``<metric>_sd``)."""
+    out, spread = {}, {}
+    for m in METRICS:
+        v = torch.tensor([getattr(s, m) for s in draws], dtype=torch.float64)
+        out[m] = float(v.mean())
+        spread[f"{m}_sd"] = float(v.std()) if len(draws) > 1 else math.nan
+    return replace(draws[0], model=name, **out), spread
+
+
+# ------------------------------------------------------------------------------- results
 
 
 @dataclass
 class TransferResult:
-    """A Table-1-style comparison for one (source, target, λ1, λ2)."""
+    """A Table-1-style comparison for one (source, target, λ1, λ2).
+
+    Attributes:
+        rows: :class:`~diag.metrics.Scores` per model row (see :data:`ROW_SUFFIX`).
+        spread: row label → ``<metric>_sd`` over the random control's draws.
+        other_source: the domain of the "τ* of other source" control (None without controls).
+        n_random: draws of the random control.
+    """
 
     source: str
     target: str
     lambda1: float
     lambda2: float
     alpha: float
+    seed: int = 0
     rows: list[Scores] = field(default_factory=list)
+    spread: dict[str, dict[str, float]] = field(default_factory=dict)
     other_source: str | None = None
+    n_random: int = 0
 
     def row(self, model: str) -> Scores:
         for r in self.rows:
@@ -95,12 +158,10 @@ class TransferResult:
     def verdicts(self) -> list[str]:
         """Plain statements on whether the transfer beats the controls."""
         names = {r.model for r in self.rows}
-        out = []
-        prop = self.row("proposed")
-        ft_t = self.row("θ_ftᵀ")
-        out.append(f"E-RMSE {prop.ermse:.3f} vs θ_ftᵀ {ft_t.ermse:.3f}; accuracy kept "
-                   f"{prop.accuracy / max(ft_t.accuracy, 1e-12):.1%} of θ_ftᵀ")
-        for ctrl in (CONTROL_RANDOM, CONTROL_MEAN_S, CONTROL_OTHER):
+        prop, ft_t = self.row("proposed"), self.row("θ_ftᵀ")
+        out = [f"E-RMSE {prop.ermse:.3f} vs θ_ftᵀ {ft_t.ermse:.3f}; accuracy kept "
+               f"{prop.accuracy / max(ft_t.accuracy, 1e-12):.1%} of θ_ftᵀ"]
+        for ctrl in (CONTROL_RANDOM, CONTROL_MEAN_S, CONTROL_OTHER, CONTROL_OTHER_RESCALED):
             if ctrl in names:
                 c = self.row(ctrl)
                 verb = "beats" if prop.ermse < c.ermse else "does NOT beat"
@@ -109,72 +170,138 @@ class TransferResult:
 
     def to_dict(self) -> dict:
         return {"source": self.source, "target": self.target, "lambda1": self.lambda1, "lambda2": self.lambda2,
-                "alpha": self.alpha, "other_source": self.other_source, "rows": [r.to_dict() for r in self.rows], "verdicts": self.verdicts()}
+                "alpha": self.alpha, "seed": self.seed, "other_source": self.other_source,
+                "n_random": self.n_random, "rows": [r.to_dict() for r in self.rows],
+                "spread": self.spread, "verdicts": self.verdicts()}
+
+    def to_row(self) -> dict:
+        """The study-table columns of this result: ``<metric><_suffix>`` per row, plus spreads."""
+        out: dict = {"source": self.source, "target": self.target, "alpha": float(self.alpha),
+                     "lambda1": float(self.lambda1), "lambda2": float(self.lambda2), "seed": int(self.seed),
+                     "other_source": self.other_source, "n_random": int(self.n_random)}
+        for r in self.rows:
+            suffix = ROW_SUFFIX[r.model]
+            out.update({(f"{m}_{suffix}" if suffix else m): float(getattr(r, m)) for m in METRICS})
+        for label, sds in self.spread.items():
+            out.update({f"{k.removesuffix('_sd')}_{ROW_SUFFIX[label]}_sd": v for k, v in sds.items()})
+        return out
 
     def table(self) -> str:
         ks = self.rows[0].ks if self.rows else (1, 5, 10)
-        head = (f"{'model':34s} {'acc':>6s} {'E-RMSE':>7s} {'kendall':>8s} "
+        head = (f"{'model':38s} {'acc':>6s} {'E-RMSE':>7s} {'kendall':>8s} "
                 f"{'IoU@' + str(ks[0]):>7s} {'IoU@' + str(ks[1]):>7s} {'IoU@' + str(ks[2]):>7s}   paper acc/E-RMSE")
         lines = [f"transfer {self.source} → {self.target}  (λ1={self.lambda1:g}, λ2={self.lambda2:g}, α={self.alpha:g}; "
-                 f"IoU@K with K={ks}; the paper's K=1/5/10 at M=49 scaled to this grid)", head,
-                 "-" * len(head)]
+                 f"IoU@K with K={ks}; the paper's K=1/5/10 at M=49 scaled to this grid)", head, "-" * len(head)]
         for r in self.rows:
             ref = PAPER_TABLE1.get(r.model)
             ref_s = f"   {ref[0]:.3f} / {ref[1]:.3f}" if ref else ""
-            lines.append(f"{r.model:34s} {r.accuracy:6.3f} {r.ermse:7.3f} {r.kendall:8.3f} "
-                         f"{r.iou1:7.3f} {r.iou5:7.3f} {r.iou10:7.3f}{ref_s}")
+            sd = self.spread.get(r.model)
+            sd_s = f"   (± {sd['ermse_sd']:.3f} E-RMSE sd over {self.n_random} draws)" if sd else ""
+            lines.append(f"{r.model:38s} {r.accuracy:6.3f} {r.ermse:7.3f} {r.kendall:8.3f} "
+                         f"{r.iou1:7.3f} {r.iou5:7.3f} {r.iou10:7.3f}{ref_s}{sd_s}")
         lines.append("E-RMSE is per patch: unrelated z-scored maps score √2 ≈ 1.414. Paper: ViT-B/32, mean of 10 targets.")
         lines += [f"- {v}" for v in self.verdicts()]
         return "\n".join(lines)
 
 
-def transferred_state(base: dict, tau_ft_target: TaskVector, tau_star_source: TaskVector, lambda1: float,
-                      lambda2: float, base_hash: str) -> dict:
-    """θ̃ = θ_base + λ1·τ_ftᵀ + λ2·τ*ˢ (eq. 8)."""
-    return (lambda1 * tau_ft_target + lambda2 * tau_star_source).apply_to(base, base_hash=base_hash)
+# ---------------------------------------------------------------------------- evaluate_pair
 
 
-def transfer(store: Store, source: str, target: str, lambda1: float = 1.0, lambda2: float = 0.7,
-             alpha: float = 0.8, controls: bool = True, seed: int = 0, data: str | Path | None = None,
-             candidates: list[str] | None = None) -> TransferResult:
-    """Score the paper's baselines, the proposed model and the controls for one pair."""
-    lambda1, lambda2 = check_scale("lambda1", lambda1), check_scale("lambda2", lambda2)
+def _reference_rows(ws: Workspace, tset: TargetSet, source: str, target: str) -> list[Scores]:
+    """θ_base, θ_ftˢ, θ_ft*ˢ, θ_ftᵀ (and θ_ft*ᵀ when the store has it) on the target test set."""
+    rows = [evaluate_state(ws, tset, ws.base, "zero-shot θ_base"),
+            evaluate_state(ws, tset, ws.state(ws.vector(source, "ft")), "θ_ftˢ"),
+            evaluate_state(ws, tset, ws.state(ws.vector(source, "ftx")), "θ_ft*ˢ"),
+            evaluate_state(ws, tset, ws.state(ws.vector(target, "ft")), "θ_ftᵀ")]
+    if ws.has(target, "ftx"):
+        rows.append(evaluate_state(ws, tset, ws.state(ws.vector(target, "ftx")), "θ_ft*ᵀ (upper bound)"))
+    return rows
+
+
+def _mean_map_rows(ws: Workspace, tset: TargetSet, source: str, target: str, ft_accuracy: float) -> list[Scores]:
+    """The data-free mean-φ-map predictions of the source (control) and of the target (oracle)."""
+    rows = []
+    for name, domain in ((CONTROL_MEAN_S, source), (CONTROL_MEAN_T, target)):
+        mean_map = ws.mean_map(domain)
+        if mean_map.shape[0] != tset.phi.shape[1]:
+            raise DataError(f"the mean φ map of '{domain}' has {mean_map.shape[0]} patches, the target "
+                            f"'{target}' {tset.phi.shape[1]}: the two come from different grids")
+        rows.append(score(name, None, tset.y, mean_map.expand_as(tset.phi), tset.phi, accuracy=ft_accuracy))
+    return rows
+
+
+def _random_vectors(ws: Workspace, source: str, target: str, seed: int, n: int) -> list[TaskVector]:
+    """``n`` Gaussian vectors with τ*ˢ's per-tensor norms, draw k seeded by ``pair_seed(…, "random{k}")``."""
+    star = ws.vector(source, "star")
+    return [ws.cached(("random", source, target, seed, k, ws.alpha),
+                      lambda k=k: star.random_like(pair_seed(seed, source, target, f"random{k}"))) for k in range(n)]
+
+
+def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPER_LAMBDA1,
+                  lambda2s: Sequence[float] = (PAPER_LAMBDA2,), controls: bool = True, seed: int = 0,
+                  candidates: Sequence[str] = (), n_random: int = RANDOM_DRAWS) -> list[TransferResult]:
+    """Every Table-1 row, the proposed model and the controls of one pair, for each λ2.
+
+    Args:
+        ws: the workspace of the store (θ_base, vectors, image sets).
+        source, target: S and T (S ≠ T).
+        lambda1: scale of τ_ftᵀ; lambda2s: scales of τ*ˢ (one result each).
+        controls: add the random, other-source and mean-map rows.
+        seed: the pair's controls are seeded by :func:`pair_seed` of (seed, S, T).
+        candidates: domains the "other source" is drawn from (S and T excluded); none → no such row.
+        n_random: draws of the random control (≥ 2 for a spread).
+
+    Returns:
+        One :class:`TransferResult` per λ2, in the order given.
+
+    Raises:
+        DataError: S = T, or mean maps of different patch grids.
+        ArtifactError / BaseMismatchError: missing, damaged or foreign artifacts.
+    """
+    lambda1 = check_scale("lambda1", lambda1)
+    lambda2s = [check_scale("lambda2", v) for v in lambda2s]
     if source == target:
         raise DataError(f"source and target are both '{source}'")
-    backbone, base_hash = store.load_base()
-    base = base_state(backbone)
-    tset = target_set(store, target, data)
-    ft_t = store.load_vector(target, "ft", expect_base=base_hash)
-    ft_s = store.load_vector(source, "ft", expect_base=base_hash)
-    ftx_s = store.load_vector(source, "ftx", alpha, expect_base=base_hash)
-    star_s = ftx_s - ft_s
-    result = TransferResult(source, target, lambda1, lambda2, alpha)
-
-    def add(name, state):
-        result.rows.append(evaluate_state(store, tset, state, name, backbone))
-
-    add("zero-shot θ_base", base)
-    add("θ_ftˢ", ft_s.apply_to(base, base_hash=base_hash))
-    add("θ_ft*ˢ", ftx_s.apply_to(base, base_hash=base_hash))
-    add("θ_ftᵀ", ft_t.apply_to(base, base_hash=base_hash))
-    add("proposed", transferred_state(base, ft_t, star_s, lambda1, lambda2, base_hash))
-    if store.vector_path(target, "ftx", alpha).is_file():
-        add("θ_ft*ᵀ (upper bound)", store.load_vector(target, "ftx", alpha, base_hash).apply_to(base, base_hash=base_hash))
+    tset = ws.target_set(target, "test")
+    fixed = _reference_rows(ws, tset, source, target)
+    ft_acc = next(r.accuracy for r in fixed if r.model == "θ_ftᵀ")
+    other = other_source(seed, source, target, [d for d in candidates if ws.has(d, "ftx")]) if controls else None
     if controls:
-        add(CONTROL_RANDOM, transferred_state(base, ft_t, star_s.random_like(seed), lambda1, lambda2, base_hash))
-        others = [d for d in (candidates or []) if d not in (source, target)
-                  and store.vector_path(d, "ftx", alpha).is_file()]
-        if others:
-            other = random.Random(seed).choice(sorted(others))
-            star_o = store.explainability_vector(other, alpha, base_hash)
-            result.other_source = other
-            add(CONTROL_OTHER, transferred_state(base, ft_t, star_o, lambda1, lambda2, base_hash))
-        ft_row = result.row("θ_ftᵀ")
-        for name, domain in ((CONTROL_MEAN_S, source), (CONTROL_MEAN_T, target)):
-            mean_map = store.load_attributions(domain)["train"].mean(dim=0)
-            if mean_map.shape[0] != tset.phi.shape[1]:
-                continue
-            pred = mean_map.expand_as(tset.phi)
-            result.rows.append(score(name, None, tset.y, pred, tset.phi, accuracy=ft_row.accuracy))
-    return result
+        fixed += _mean_map_rows(ws, tset, source, target, ft_acc)
+    ft_t, star_s = ws.vector(target, "ft"), ws.vector(source, "star")
+    results = []
+    for lam in lambda2s:
+        res = TransferResult(source, target, lambda1, lam, ws.alpha, seed, other_source=other)
+        res.rows = fixed[:4] + [evaluate_state(ws, tset, transferred_state(ws, ft_t, star_s, lambda1, lam),
+                                               "proposed")] + fixed[4:]
+        if controls:
+            _add_controls(ws, res, tset, ft_t, star_s, n_random)
+        results.append(res)
+    return results
 
+
+def _add_controls(ws: Workspace, res: TransferResult, tset: TargetSet, ft_t: TaskVector, star_s: TaskVector,
+                  n_random: int) -> None:
+    """Random-direction control (mean and sd over draws) and the other source's τ* (as is and rescaled)."""
+    lam, l1 = res.lambda2, res.lambda1
+    draws = [evaluate_state(ws, tset, transferred_state(ws, ft_t, r, l1, lam), CONTROL_RANDOM)
+             for r in _random_vectors(ws, res.source, res.target, res.seed, n_random)]
+    mean, spread = mean_scores(CONTROL_RANDOM, draws)
+    res.rows.append(mean)
+    res.spread[CONTROL_RANDOM] = spread
+    res.n_random = n_random
+    if res.other_source is not None:
+        star_o = ws.vector(res.other_source, "star")
+        res.rows.append(evaluate_state(ws, tset, transferred_state(ws, ft_t, star_o, l1, lam), CONTROL_OTHER))
+        rescale = star_s.norm() / star_o.norm()
+        res.rows.append(evaluate_state(ws, tset, transferred_state(ws, ft_t, rescale * star_o, l1, lam),
+                                       CONTROL_OTHER_RESCALED))
+
+
+def transfer(store_or_ws, source: str, target: str, lambda1: float = PAPER_LAMBDA1,
+             lambda2: float = PAPER_LAMBDA2, alpha: float = PAPER_ALPHA, controls: bool = True, seed: int = 0,
+             data=None, candidates: Sequence[str] = ()) -> TransferResult:
+    """:func:`evaluate_pair` at one λ2 (a store is wrapped in a :class:`Workspace`)."""
+    ws = store_or_ws if isinstance(store_or_ws, Workspace) else Workspace(
+        store_or_ws, alpha, {target: data} if data else None)
+    return evaluate_pair(ws, source, target, lambda1, (lambda2,), controls, seed, candidates)[0]

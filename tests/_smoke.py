@@ -55,7 +55,7 @@ def smoke_store():
 def smoke_study():
     """(store, study dir, table) of the study over :data:`DOMAINS` at :data:`LAMBDAS`, no curvature."""
     if "study" not in _CACHE:
-        from diag.study import run_study
+        from diag.sweep import run_study
 
         store = smoke_store()
         out = store.study_dir("allpairs")

@@ -1,23 +1,55 @@
-"""`diag rank-sources` and `diag screen` through main([...]) on the smoke store (4 domains)."""
+"""`diag rank-sources` and `diag screen` through main([...]) on the smoke store (4 domains), and the
+decisions' contracts: rank-sources features are the study's, choices never read the test split."""
 
 import json
 import tempfile
 
+import numpy as np
 import pytest
 
 from diag.cli import main
-from tests._smoke import smoke_store
+from tests._smoke import one_thread, smoke_store
 
-SUITE = ["--domains", "mnist", "animals", "gtsrb", "fashion"]
+# smoke models are near chance; θ_ftᵀ scores 0/24 on the test split of mnist and gtsrb, so the suite
+# keeps enough known pairs with a defined accuracy ratio (fashion, dtd) to fit the accuracy model
+SUITE = ["--domains", "mnist", "fashion", "dtd", "gtsrb"]
 # this module's 4-domain study stays out of the shared smoke store's default study folder
 STUDY = tempfile.mkdtemp(prefix="tvdiag-decide-study-")
 SMALL = ["--n-images", "32", "--probes", "4", "--k", "2", "--quiet", "--preset", "smoke", "--study", STUDY,
-         "--n-boot", "50"]
+         "--extend", "--n-boot", "50"]
+DOMAINS = SUITE[1:]
+
+
+def _settings():
+    from diag.diagnostics import CurvatureSettings
+
+    return CurvatureSettings(n_images=32, probes=4, k=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def root():
     return str(smoke_store().root)
+
+
+@pytest.fixture(scope="module")
+def table(root):
+    """The 4-domain study with curvature, as `rank-sources --study STUDY --extend` computes it."""
+    from diag.constants import PAPER_LAMBDA2
+    from diag.pairs import at_lambda
+    from diag.sweep import run_study
+    from tests._smoke import smoke_store as st
+    from train.zoo import Zoo, preset
+
+    store = st()
+    Zoo(store, preset("smoke"), progress=False).build(DOMAINS)
+    df = run_study(store, DOMAINS, out_dir=STUDY, curvature_settings=_settings(), progress=False)
+    return store, at_lambda(df, PAPER_LAMBDA2)
 
 
 def run(capsys, *argv):
@@ -33,7 +65,7 @@ def test_rank_sources_tiers(root, capsys):
     assert res["target"] == "gtsrb" and res["tier"] == 2
     assert res["n_training_pairs"] == 6  # pairs among the other 3 domains only: no leakage of the target
     sources = res["sources"]
-    assert sorted(s["source"] for s in sources) == ["animals", "fashion", "mnist"]
+    assert sorted(s["source"] for s in sources) == ["dtd", "fashion", "mnist"]
     assert [s["rank"] for s in sources] == [1, 2, 3]
     for s in sources:
         for key in ("source", "rank", "cos_ft", "risk_diag", "risk_card", "risk_exact", "predicted_ermse",
@@ -41,6 +73,11 @@ def test_rank_sources_tiers(root, capsys):
             assert key in s
         assert s["risk_exact"] is not None and s["risk_card"] is not None
         assert s["lambda2"] == 0.0 or 0.4 <= s["lambda2"] <= 1.2
+    # a second identical call reads the ranking cached in the store (keyed by content): the same answer
+    cached = list((smoke_store().study_dir("rankings")).glob("gtsrb-tier2-*.json"))
+    assert len(cached) == 1
+    code, again, _ = run(capsys, "rank-sources", "--target", "gtsrb", "--json", "--store", root, *SUITE, *SMALL)
+    assert code == 0 and again == out
     # tier 0: weights only, no curvature values reported
     code, out, _ = run(capsys, "rank-sources", "--target", "gtsrb", "--tier", "0", "--json", "--store", root,
                        *SUITE, *SMALL)
@@ -62,7 +99,7 @@ def test_rank_sources_evaluate(root, capsys):
 
 
 def test_screen_exit_code_matches_verdict(root, capsys):
-    code, out, err = run(capsys, "screen", "--source", "mnist", "--target", "fashion", "--json", "--store", root,
+    code, out, err = run(capsys, "screen", "--source", "mnist", "--target", "gtsrb", "--json", "--store", root,
                          *SUITE, *[a for a in SMALL if a != "--n-boot" and a != "50"])
     res = json.loads(out)
     assert res["verdict"] in ("go", "caution", "no-go")
@@ -71,6 +108,68 @@ def test_screen_exit_code_matches_verdict(root, capsys):
 
 
 def test_screen_bad_budget(root, capsys):
-    code, _, err = run(capsys, "screen", "--source", "mnist", "--target", "fashion", "--max-acc-drop", "1.5",
+    code, _, err = run(capsys, "screen", "--source", "mnist", "--target", "gtsrb", "--max-acc-drop", "1.5",
                        "--store", root, *SUITE, *[a for a in SMALL if a not in ("--n-boot", "50")])
     assert code == 2 and "max-acc-drop" in err
+
+
+def test_rank_sources_features_equal_study_features(table):
+    """One feature function: a candidate's features are the study's features of the same pair, exactly."""
+    from diag.context import Workspace
+    from diag.diagnostics import Diagnostics
+    from diag.ranking import candidate_rows
+
+    store, df = table
+    target, sources = "gtsrb", ["mnist", "fashion", "dtd"]
+    cands = candidate_rows(Diagnostics(Workspace(store), settings=_settings()), df, target, sources, tier=2)
+    feats = [c for c in cands.columns if c.startswith(("cos_", "norm_", "risk_"))]
+    assert {"cos_ft", "cos_ft.block.0", "norm_star_source", "risk_exact", "risk_card", "risk_diag"} <= set(feats)
+    assert "cos_star" not in feats  # needs the target's explanation labels: never a ranking input
+    for _, c in cands.iterrows():
+        row = df[(df["source"] == c["source"]) & (df["target"] == target)].iloc[0]
+        for f in feats:
+            assert repr(float(row[f])) == repr(float(c[f])), (c["source"], f)
+
+
+def test_choices_read_val_never_test(table, monkeypatch):
+    """Poisoning the target's test split (images, labels and φ) changes no recommendation."""
+    import torch
+
+    import train.datasets as datasets
+    from diag.context import Workspace
+    from diag.diagnostics import Diagnostics
+    from diag.ranking import rank_for_target
+    from train.store import Store
+
+    store, df = table
+    sources = ["mnist", "fashion", "dtd"]
+
+    def ranking():
+        diag = Diagnostics(Workspace(store), settings=_settings())
+        r = rank_for_target(diag, df, "gtsrb", sources, tier=2)
+        return r.rows[["source", "rank", "lambda2", "measured_acc_drop", "predicted_ermse"]].to_numpy().tolist()
+
+    clean = ranking()
+    real_inputs, real_attr = datasets.model_inputs, Store.load_attributions
+    splits = []
+
+    def poisoned_inputs(config, name, split, limit=None, data=None):
+        splits.append(split)
+        x, y = real_inputs(config, name, split, limit, data)
+        if split == "test":
+            g = torch.Generator().manual_seed(1)
+            return torch.randn(x.shape, generator=g), y[torch.randperm(len(y), generator=g)]
+        return x, y
+
+    def poisoned_attr(self, domain, method="kernelshap"):
+        out = dict(real_attr(self, domain, method))
+        out["test"] = torch.randn(out["test"].shape)
+        out["test_labels"] = out["test_labels"].flip(0)
+        return out
+
+    monkeypatch.setattr(datasets, "model_inputs", poisoned_inputs)
+    monkeypatch.setattr(Store, "load_attributions", poisoned_attr)
+    poisoned = ranking()
+    assert "val" in splits and "test" not in splits
+    assert poisoned == clean
+    assert all(np.isfinite(r[3]) for r in clean)  # the measured drop at λ2 = 0.7 comes from val images

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diag.predictor import (PredictorWarning, evaluate_loto, fit_predictor, fit_source_model,
-                            quadratic_lambda_max, quadratic_loss_increase, rank_sources, recommend_lambda2,
-                            tier_features)
+from diag.decide import (grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max, quadratic_loss_increase,
+                         recommend_lambda2)
+from diag.predictor import PredictorWarning, evaluate_loto, fit_predictor, fit_source_model, rank_sources, tier_features
 from train.errors import DataError, UnknownNameError
 
 
@@ -115,21 +115,28 @@ def test_loto_constant_predictions_warn_and_few_targets_raise():
 
 def test_recommend_lambda2_on_grid():
     lam = np.round(np.arange(0.4, 1.21, 0.1), 1)
-    acc_norm = np.array([1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.90, 0.85])
-    grid = pd.DataFrame({"lambda2": lam, "acc_norm": acc_norm})
+    drop = 1 - np.array([1.0, 0.99, 0.98, 0.97, 0.96, 0.95, 0.93, 0.90, 0.85])
+    grid = pd.DataFrame({"lambda2": lam, "acc_drop": drop})
     assert recommend_lambda2(grid, 0.05) == pytest.approx(0.9)
     assert recommend_lambda2(grid, 0.02) == pytest.approx(0.6)
-    # two seeds per λ2 are averaged; absolute accuracies are normalised by θ_ftᵀ
-    seeds = pd.DataFrame({"lambda2": np.repeat(lam, 2), "accuracy": 0.8 * np.repeat(acc_norm, 2) + np.tile([0.01, -0.01], 9),
-                          "accuracy_ft_target": 0.8})
+    # two seeds per λ2 are averaged
+    seeds = pd.DataFrame({"lambda2": np.repeat(lam, 2), "acc_drop": np.repeat(drop, 2) + np.tile([0.01, -0.01], 9)})
     assert recommend_lambda2(seeds, 0.05) == pytest.approx(0.9)
-    # an explicit predicted drop column wins
-    pred = pd.DataFrame({"lambda2": lam, "predicted_acc_drop": np.linspace(0.0, 0.08, 9)})
-    assert recommend_lambda2(pred, 0.03) == pytest.approx(0.7)
-    with pytest.warns(PredictorWarning):
-        assert recommend_lambda2(grid.assign(acc_norm=0.5), 0.05) == 0.0
+    assert recommend_lambda2(grid.assign(acc_drop=0.5), 0.05) == 0.0
     with pytest.raises(DataError):
-        recommend_lambda2(grid.drop(columns="lambda2"))
+        recommend_lambda2(grid.drop(columns="lambda2"), 0.05)
+    with pytest.raises(DataError):
+        recommend_lambda2(grid, -0.1)
+
+
+def test_lambda2_from_predicted_drop_is_the_quadratic_model():
+    # drop(λ) = drop(0.7)·(λ/0.7)²: drop(0.7) = 0.05 and a 5 % budget allow exactly λ2 = 0.7
+    assert lambda2_from_predicted_drop(0.05, 0.05) == pytest.approx(0.7)
+    # budget 0.05, drop(0.7) = 0.1: λ_max = 0.7·sqrt(0.5) ≈ 0.495 → grid 0.4
+    assert lambda2_from_predicted_drop(0.1, 0.05) == pytest.approx(0.4)
+    assert lambda2_from_predicted_drop(-0.01, 0.05) == pytest.approx(1.2)  # no predicted drop: the whole grid
+    assert lambda2_from_predicted_drop(1.0, 0.05) == 0.0
+    assert grid_floor(0.85) == pytest.approx(0.8) and grid_floor(0.39) == 0.0
 
 
 def test_quadratic_lambda_max():

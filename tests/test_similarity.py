@@ -155,3 +155,23 @@ def test_similarity_matrix_and_heatmap(tmp_path, shapes):
     out = plot_similarity_heatmap(C, tmp_path / "fig" / "heat.png", title="tau_ft")
     assert out.exists() and out.stat().st_size > 1000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vector_similarity_in_memory_matches_streamed_and_dense(shapes, tmp_path):
+    """The in-memory path (pair features) and the streamed path (heatmaps) share one float64 routine."""
+    from diag.similarity import vector_similarity
+    from train.vectors import TaskVector
+
+    a = make_vector(tmp_path / "a.safetensors", shapes, 1)
+    b = make_vector(tmp_path / "b.safetensors", shapes, 2, like=a, mix=0.4)
+    va, vb = TaskVector.load(tmp_path / "a.safetensors"), TaskVector.load(tmp_path / "b.safetensors")
+    mem = vector_similarity(va, vb, by="block")
+    disk = cosine_streamed(tmp_path / "a.safetensors", tmp_path / "b.safetensors", by="block")
+    fa, fb = flat(a), flat(b)
+    assert mem.cosine == pytest.approx(fa @ fb / np.linalg.norm(fa) / np.linalg.norm(fb), rel=1e-12)
+    assert mem.cosine == pytest.approx(disk.cosine, rel=1e-13) and mem.norm_a == pytest.approx(disk.norm_a, rel=1e-13)
+    assert list(mem.groups) == list(disk.groups)
+    for g in mem.groups:
+        assert mem.groups[g].cosine == pytest.approx(disk.groups[g].cosine, rel=1e-12)
+    with pytest.raises(BaseMismatchError):
+        vector_similarity(va, TaskVector(vb.tensors, "other"))

@@ -1,4 +1,4 @@
-"""The all-pairs study, its resume/shard logic, the Kernel SHAP budget, and the CLI commands."""
+"""The all-pairs study (diag.sweep), its table (diag.pairs), summaries, the Kernel SHAP budget, and the CLI."""
 
 from __future__ import annotations
 
@@ -40,9 +40,14 @@ def test_table_shape_and_columns(study):
     # the predictor's tier-0 features and the figures' columns are there
     assert set(tier_features(df, 0)) >= {"cos_ft", "norm_star_source", "norm_ft_source", "norm_ft_target",
                                         "ermse_star_source", "accuracy_ft_source", "cos_ft.block.0"}
-    for col in ("variant", "iou10_ft_target", "ermse_norm", "acc_norm", "ermse_random", "ermse_meanmap",
-                "accuracy_random", "cos_star", "risk_exact", "base_hash", "tvdiag_version", "alpha", "pair_key"):
+    for col in ("variant", "iou10_ft_target", "ermse_norm", "acc_norm", "ermse_random", "ermse_random_sd",
+                "ermse_meanmap", "accuracy_random", "ermse_other", "ermse_other_rescaled", "cos_star", "absent",
+                "base_hash", "tvdiag_version", "alpha", "pair_key"):
         assert col in df.columns, col
+    # risks were not requested: absent, with the reason, never a silent NaN feature
+    assert "risk_exact" not in df.columns
+    assert df["absent"].str.contains("risk_exact: curvature not requested").all()
+    assert (df["n_random"] >= 5).all() and (df["ermse_random_sd"] > 0).all()
     # per-target references are computed once and identical for every source
     assert (df.groupby("target")["ermse_ft_target"].nunique() == 1).all()
     # the source's own quality equals the same domain's θ_ft*ᵀ / θ_ftᵀ rows as a target
@@ -54,21 +59,42 @@ def test_table_shape_and_columns(study):
     assert (out / "pairs.csv").is_file()
 
 
-def test_rows_match_transfer(study):
-    from diag.transfer import CONTROL_MEAN_S, CONTROL_MEAN_T, CONTROL_OTHER, CONTROL_RANDOM, transfer
+def test_transfer_json_rows_equal_study_rows(study, capsys):
+    """`diag transfer --json` and the study table give byte-identical numbers for the same pair, seed and λ."""
+    from diag.pairs import read_table
+    from diag.transfer import CONTROL_RANDOM, METRICS, ROW_SUFFIX
 
-    store, _, df = study
+    store, out, _ = study
+    table = read_table(out / "pairs.csv")
     source, target = DOMAINS[1], DOMAINS[0]
-    res = transfer(store, source, target, lambda2=0.7, candidates=DOMAINS)
-    row = _row(df, source, target)
-    pairs = {"proposed": "", "θ_ftᵀ": "_ft_target", "zero-shot θ_base": "_zeroshot", "θ_ftˢ": "_ft_source_on_target",
-             "θ_ft*ˢ": "_ftx_source_on_target", "θ_ft*ᵀ (upper bound)": "_ftx_target", CONTROL_RANDOM: "_random",
-             CONTROL_MEAN_S: "_meanmap", CONTROL_MEAN_T: "_meanmap_target", CONTROL_OTHER: "_other"}
-    assert res.other_source == row["other_source"]
-    for model, suffix in pairs.items():
-        ref = res.row(model)
-        for m in ("accuracy", "ermse", "kendall", "iou1", "iou5", "iou10"):
-            assert row[f"{m}{suffix}"] == pytest.approx(getattr(ref, m), rel=1e-9, abs=1e-12), (model, m)
+    for lam in (0.7, 1.0):
+        code, cap = _cli(capsys, "transfer", *_common(store), "--source", source, "--target", target,
+                         "--lambda2", str(lam), "--domains", *DOMAINS, "--json")
+        assert code == 0, cap.err
+        res = json.loads(cap.out)
+        row = _row(table, source, target, lam)
+        assert res["other_source"] == row["other_source"] and res["n_random"] == row["n_random"]
+        assert {r["model"] for r in res["rows"]} == set(ROW_SUFFIX)
+        for r in res["rows"]:
+            suffix = ROW_SUFFIX[r["model"]]
+            for m in METRICS:
+                col = f"{m}_{suffix}" if suffix else m
+                assert repr(float(row[col])) == repr(r[m]), (r["model"], m)
+        for m in METRICS:
+            assert repr(float(row[f"{m}_random_sd"])) == repr(res["spread"][CONTROL_RANDOM][f"{m}_sd"])
+
+
+def test_control_seeding_is_per_pair(study):
+    from diag.transfer import other_source, pair_seed
+
+    assert pair_seed(0, "a", "b") == pair_seed(0, "a", "b")
+    assert len({pair_seed(0, "a", "b"), pair_seed(0, "b", "a"), pair_seed(1, "a", "b"),
+                pair_seed(0, "a", "b", "random1")}) == 4
+    _, _, df = study
+    at07 = df[np.isclose(df["lambda2"], 0.7)]
+    # the random control is a different direction for every pair: its E-RMSE differs across pairs of one target
+    assert at07.groupby("target")["ermse_random"].nunique().min() == len(DOMAINS) - 1
+    assert other_source(0, "a", "b", ["a", "b"]) is None and other_source(0, "a", "b", ["c", "a"]) == "c"
 
 
 def test_cosines_and_norms_match_dense_float64(study):
@@ -76,14 +102,18 @@ def test_cosines_and_norms_match_dense_float64(study):
     s, t = DOMAINS[0], DOMAINS[2]
     ft_s, ft_t = store.load_vector(s, "ft"), store.load_vector(t, "ft")
 
-    def flat(d, kind):  # dense float64 reference; τ* = θ_ft* − θ_ft differenced in float64
+    def flat(d, kind):  # dense float64 reference; τ* = θ_ft* − θ_ft is the store's float32 difference
         v = store.load_vector(d, kind, None if kind == "ft" else 0.8)
+        if kind == "star":
+            ft = store.load_vector(d, "ft")
+            v = store.load_vector(d, "ftx", 0.8)
+            return np.concatenate([(v.tensors[k] - ft.tensors[k]).double().ravel().numpy() for k in sorted(v.tensors)])
         return np.concatenate([v.tensors[k].double().ravel().numpy() for k in sorted(v.tensors)])
 
     def cos(a, b):
         return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
 
-    star_s, star_t = flat(s, "ftx") - flat(s, "ft"), flat(t, "ftx") - flat(t, "ft")
+    star_s, star_t = flat(s, "star"), flat(t, "star")
     row = _row(df, s, t)
     assert row["cos_ft"] == pytest.approx(cos(flat(s, "ft"), flat(t, "ft")), rel=1e-10, abs=1e-12)
     assert row["cos_star"] == pytest.approx(cos(star_s, star_t), rel=1e-10, abs=1e-12)
@@ -97,18 +127,19 @@ def test_cosines_and_norms_match_dense_float64(study):
 
 
 def test_resume_skips_done_pairs_and_fills_gaps(study, tmp_path):
-    from diag.study import run_study
+    from diag.pairs import read_table, write_table
+    from diag.sweep import run_study
 
     store, out, df = study
     work = tmp_path / "study"
     shutil.copytree(out, work)
-    table = pd.read_csv(work / "pairs.csv")
+    table = read_table(work / "pairs.csv")
     s0, t0 = DOMAINS[1], DOMAINS[0]
     s1, t1 = DOMAINS[2], DOMAINS[1]
     tampered = (table["source"] == s0) & (table["target"] == t0)
     table.loc[tampered, "ermse"] = 99.0  # a skipped pair keeps what is on disk
     table = table[~((table["source"] == s1) & (table["target"] == t1))]  # a "killed" pair is recomputed
-    table.to_csv(work / "pairs.csv", index=False)
+    write_table(table, work / "pairs.csv")
     again = run_study(store, DOMAINS, lambda2s=LAMBDAS, out_dir=work, curvature=False, progress=False)
     assert len(again) == len(df)
     assert (again.loc[(again["source"] == s0) & (again["target"] == t0), "ermse"] == 99.0).all()
@@ -118,14 +149,15 @@ def test_resume_skips_done_pairs_and_fills_gaps(study, tmp_path):
     # other settings are other rows, not a skip; load_study shows each pair once (the latest)
     run_study(store, DOMAINS[:2], lambda2s=(0.7,), out_dir=work, curvature=False, controls=False, progress=False)
     assert len(pd.read_csv(work / "pairs.csv")) == len(df) + 2
-    from diag.study import load_study
+    from diag.pairs import load_study
 
     latest = load_study(work, lambda2=0.7)
     assert len(latest) == 6 and latest["ermse_random"].isna().sum() == 2
 
 
 def test_shards_partition_pairs_and_merge(study, tmp_path, monkeypatch):
-    from diag.study import default_shard, load_study, merge_shards, parse_shard, run_study
+    from diag.pairs import default_shard, load_study, merge_shards, parse_shard
+    from diag.sweep import run_study
 
     store, _, df = study
     parts = [run_study(store, DOMAINS, lambda2s=(0.7,), out_dir=tmp_path, shard=(i, 2), curvature=False,
@@ -139,9 +171,7 @@ def test_shards_partition_pairs_and_merge(study, tmp_path, monkeypatch):
     got = load_study(tmp_path, lambda2=0.7).set_index(["source", "target"])["ermse"]
     pd.testing.assert_series_equal(got.sort_index(), ref.sort_index(), rtol=1e-12)
     assert np.isnan(merged["ermse_random"]).all() if "ermse_random" in merged else True
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    assert default_shard() == (1, 3)
+    assert default_shard() == (0, 1)  # no process group: diag.cli.main initialises the only one
     assert parse_shard("2/4") == (2, 4)
     from train.errors import TvdiagError
 
@@ -151,7 +181,7 @@ def test_shards_partition_pairs_and_merge(study, tmp_path, monkeypatch):
 
 
 def test_summary_counts_handmade():
-    from diag.study import summarize
+    from diag.summary import summarize
 
     df = pd.DataFrame({
         "source": ["a", "a", "b", "b"], "target": ["b", "c", "a", "c"], "lambda2": 0.7,
@@ -170,7 +200,7 @@ def test_summary_counts_handmade():
 
 
 def test_table1_and_figure2_frame(study):
-    from diag.study import figure2_frame, table1
+    from diag.summary import figure2_frame, table1
     from train.errors import UnknownNameError
 
     _, _, df = study
@@ -187,7 +217,7 @@ def test_table1_and_figure2_frame(study):
 
 
 def test_kernelshap_budget_reproduces_ground_truth(study):
-    from diag.study import kernelshap_budget
+    from diag.kernelshap_budget import kernelshap_budget
     from train.errors import DataError
     from train.zoo import preset
 
@@ -259,3 +289,77 @@ def test_cli_bad_input_exits_2(study, capsys, tmp_path):
         code, cap = _cli(capsys, *argv)
         assert code == 2, (argv, cap.err)
         assert cap.err.count("\n") == 1 and "error" in cap.err
+
+
+# ------------------------------------------------------------------------- damaged tables
+
+
+def _damaged(out, tmp_path, how):
+    from diag.pairs import check_path, read_table, write_table
+
+    work = tmp_path / "damaged"
+    shutil.copytree(out, work)
+    path = work / "pairs.csv"
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "edited":  # a changed value the check file does not know
+        path.write_bytes(data.replace(b"mnist", b"mnisT", 1))
+    elif how == "half-row":  # a complete line, but a row cut short (written with a fresh check file)
+        lines = data.decode().splitlines()
+        path.write_text("\n".join(lines[:-1] + [",".join(lines[-1].split(",")[:6])]) + "\n")
+        check_path(path).unlink()
+    elif how == "columns":
+        write_table(read_table(path).drop(columns=["pair_key"]), path)
+    elif how == "nan":
+        t = read_table(path)
+        t.loc[0, "ermse"] = float("nan")
+        write_table(t, path)
+    elif how == "check":
+        check_path(path).write_text("{not json")
+    return work, path
+
+
+@pytest.mark.parametrize("how", ["truncated", "edited", "half-row", "columns", "nan", "check"])
+def test_damaged_table_is_refused_and_never_extended(study, tmp_path, how):
+    from diag.pairs import load_study
+    from diag.sweep import run_study
+    from train.errors import ArtifactError
+
+    store, out, _ = study
+    work, path = _damaged(out, tmp_path, how)
+    before = path.read_bytes()
+    with pytest.raises(ArtifactError, match="pairs.csv"):
+        load_study(work)
+    with pytest.raises(ArtifactError, match="pairs.csv"):
+        run_study(store, DOMAINS, lambda2s=(0.4,), out_dir=work, curvature=False, progress=False)
+    assert path.read_bytes() == before
+
+
+def test_cli_refuses_damaged_table_and_reads_given_study(study, capsys, tmp_path):
+    store, out, _ = study
+    work, path = _damaged(out, tmp_path, "truncated")
+    code, cap = _cli(capsys, "correlate", *_common(store), "--study", str(work), "--n-boot", "20", "--n-perm", "20")
+    assert code == 2 and cap.err.count("\n") == 1 and "truncated" in cap.err and str(path) in cap.err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, cap = _cli(capsys, "correlate", *_common(store), "--study", str(empty))
+    assert code == 2 and "no study table" in cap.err and not list(empty.iterdir())  # read, never extended
+
+
+def test_kill_between_check_and_table_leaves_a_readable_table(study, tmp_path):
+    """write_table replaces the check file first; the old table it names as 'previous' still reads."""
+    from diag.pairs import check_path, read_table, write_table
+
+    _, out, _ = study
+    path = tmp_path / "pairs.csv"
+    shutil.copy(out / "pairs.csv", path)
+    old = read_table(out / "pairs.csv")
+    write_table(old, path)
+    saved = path.read_bytes()
+    write_table(old.iloc[:3], path)          # simulate: the new check file landed, the table rename did not
+    path.write_bytes(saved)
+    assert len(read_table(path)) == len(old)
+    check_path(path).write_text(check_path(path).read_text().replace('"previous"', '"gone"'))
+    with pytest.raises(Exception, match="check file"):
+        read_table(path)

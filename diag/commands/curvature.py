@@ -210,6 +210,7 @@ def _plot_density(dens, eig, path, domain) -> None:
 
 def run_risk(args) -> int:
     from diag.curvature.risk import eigen_contributions, quadratic_check
+    from diag.decide import predicted_loss_increase
 
     ctx = context_from(args, default_domain=args.target)
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
@@ -222,7 +223,7 @@ def run_risk(args) -> int:
                              op=curv.operator) if args.check else []
     lam = args.lambda2
     out = {"source": source, "target": target, "alpha": args.alpha, "lambda2": lam, **risks,
-           "predicted_loss_increase": {k: 0.5 * lam ** 2 * v for k, v in risks.items()},
+           "predicted_loss_increase": predicted_loss_increase(risks, lam),
            "eigen_contributions": contrib.tolist(), "eigvals": curv.card.eigvals.tolist(),
            "quadratic_check": [c.to_dict() for c in checks]}
     check_finite_result({k: out[k] for k in ("predicted_loss_increase", "eigen_contributions")}, "risk")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA2
 from diag.context import add_common, context_from
 from diag.options import (ALPHA, FRACTION, K, LAMBDA, N_IMAGES, N_RESAMPLE, PROBES, domain_name, emit_json,
                           folder_path)
@@ -17,7 +18,8 @@ def _suite_options(p) -> None:
     p.add_argument("--probes", type=PROBES, default=24, help="Hutchinson probes of diag(Hᵀ)")
     p.add_argument("--k", type=K, default=8, help="eigenpairs of the Hessian card")
     p.add_argument("--study", default=None, type=folder_path,
-                   help="study folder of the known pairs (default: the store's 'allpairs')")
+                   help="study folder of the known pairs, read only (default: the store's 'allpairs', run on demand)")
+    p.add_argument("--extend", action="store_true", help="compute missing pairs into --study instead of only reading it")
 
 
 def _settings(args):
@@ -32,8 +34,9 @@ def register(sub) -> None:
     r.add_argument("--target", required=False, type=domain_name)
     r.add_argument("--tier", default="auto", choices=("auto", "0", "1", "2"),
                    help="0: weights only; 1: + the target's Hessian card; 2: + labelled target images (auto: highest available)")
-    r.add_argument("--max-acc-drop", type=FRACTION, default=0.05, help="accuracy-drop budget relative to θ_ftᵀ")
-    r.add_argument("--alpha", type=ALPHA, default=0.8)
+    r.add_argument("--max-acc-drop", type=FRACTION, default=DEFAULT_MAX_ACC_DROP,
+                   help="accuracy-drop budget relative to θ_ftᵀ")
+    r.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
     r.add_argument("--model", default="ridge", choices=("ridge", "gbr"))
     r.add_argument("--evaluate", action="store_true", help="leave-one-target-out evaluation of the rankers")
     r.add_argument("--n-boot", type=N_RESAMPLE, default=1000)
@@ -44,9 +47,9 @@ def register(sub) -> None:
     add_common(s)
     s.add_argument("--source", required=True, type=domain_name)
     s.add_argument("--target", required=True, type=domain_name)
-    s.add_argument("--lambda2", type=LAMBDA, default=0.7)
-    s.add_argument("--max-acc-drop", type=FRACTION, default=0.05)
-    s.add_argument("--alpha", type=ALPHA, default=0.8)
+    s.add_argument("--lambda2", type=LAMBDA, default=PAPER_LAMBDA2)
+    s.add_argument("--max-acc-drop", type=FRACTION, default=DEFAULT_MAX_ACC_DROP)
+    s.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
     _suite_options(s)
     s.set_defaults(func=run_screen)
 
@@ -56,14 +59,19 @@ def _suite(ctx, args) -> list[str]:
 
 
 def _study_table(ctx, args):
-    """The all-pairs study of the suite at λ2 = 0.7 (run, or resumed, on demand)."""
-    from diag.study import at_lambda, run_study
+    """The all-pairs study of the suite at λ2 = 0.7: a given ``--study`` is read; the store's is run or resumed."""
+    from diag.constants import PAPER_LAMBDA2
+    from diag.pairs import at_lambda, load_study
+    from diag.sweep import run_study
 
     domains = _suite(ctx, args)
     store = ctx.ensure(domains, (args.alpha,))
+    ws = ctx.workspace(args.alpha)
+    if args.study and not args.extend:
+        return store, ws, load_study(args.study, lambda2=PAPER_LAMBDA2)
     table = run_study(store, domains, alpha=args.alpha, progress=ctx.progress, data=ctx.data,
-                      curvature_settings=_settings(args), out_dir=args.study)
-    return store, at_lambda(table)
+                      curvature_settings=_settings(args), out_dir=args.study, workspace=ws)
+    return store, ws, at_lambda(table)
 
 
 def _budget(value: float) -> float:
@@ -74,14 +82,14 @@ def _budget(value: float) -> float:
 
 def run_rank(args) -> int:
     from diag.diagnostics import Diagnostics
-    from diag.ranking import evaluate_rankers, rank_for_target
+    from diag.ranking import evaluate_rankers, rank_cached
     from train.losses import check_alpha
 
     ctx = context_from(args, default_domain=args.target)
     check_alpha(args.alpha)
     budget = _budget(args.max_acc_drop)
     if args.evaluate:
-        _, table = _study_table(ctx, args)
+        _, _, table = _study_table(ctx, args)
         rows = evaluate_rankers(table, n_boot=args.n_boot)
         if args.json:
             emit_json({"n_pairs": int(len(table)), "predictors": rows})
@@ -99,17 +107,18 @@ def run_rank(args) -> int:
     if not args.target:
         raise TvdiagError("--target is required (or use --evaluate)")
     target = ctx.check_domain(args.target)
-    store, table = _study_table(ctx, args)
+    store, ws, table = _study_table(ctx, args)
     ctx.ensure([target], (args.alpha,), explain=False)  # the target's prediction-only θ_ft is all we need
     tier = 2 if args.tier == "auto" else int(args.tier)
     sources = [d for d in _suite(ctx, args) if d != target]
-    diag = Diagnostics(store, args.alpha, _settings(args), data=ctx.data, progress=ctx.progress)
-    ranking = rank_for_target(diag, table, target, sources, tier, budget, model=args.model)
+    diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress)
+    ranking = rank_cached(diag, table, target, sources, tier, budget, model=args.model)
     emit_json(ranking.to_dict()) if args.json else print(ranking.table())
     return 0
 
 
 def run_screen(args) -> int:
+    from diag.decide import quadratic_loss_increase, screen_verdict
     from diag.diagnostics import Diagnostics
     from diag.ranking import rank_for_target
     from train.losses import check_alpha
@@ -122,17 +131,17 @@ def run_screen(args) -> int:
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
     if source == target:
         raise TvdiagError(f"source and target are both '{source}'")
-    store, table = _study_table(ctx, args)
+    store, ws, table = _study_table(ctx, args)
     ctx.ensure([source], (args.alpha,))
     ctx.ensure([target], (args.alpha,), explain=False)
-    diag = Diagnostics(store, args.alpha, _settings(args), data=ctx.data, progress=ctx.progress)
+    diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress)
     ranking = rank_for_target(diag, table, target, [source], 2, budget)
     row = ranking.rows.iloc[0]
     verdict, reasons = screen_verdict(row, table, target, lam, budget)
     out = {"source": source, "target": target, "lambda2": lam, "max_acc_drop": budget, "verdict": verdict,
            "reasons": reasons, "recommended_lambda2": float(row["lambda2"]),
            "risk_exact": float(row.get("risk_exact", math.nan)),
-           "predicted_loss_increase": 0.5 * lam ** 2 * float(row.get("risk_exact", math.nan)),
+           "predicted_loss_increase": quadratic_loss_increase(float(row.get("risk_exact", math.nan)), lam),
            "predicted_ermse": float(row["predicted_ermse"]), "predicted_acc_drop": float(row["predicted_acc_drop"]),
            "cos_ft": float(row["cos_ft"])}
     if args.json:
@@ -142,31 +151,3 @@ def run_screen(args) -> int:
         for reason in reasons:
             print(f"  - {reason}")
     return 1 if verdict == "no-go" else 0
-
-
-def screen_verdict(row, table, target: str, lam: float, budget: float) -> tuple[str, list[str]]:
-    """go / caution / no-go from the measured and predicted consequences of adding τ*ˢ."""
-
-    reasons = []
-    known = table[(table["target"] != target) & (table["source"] != target)]
-    pct = float((known["cos_ft"] < row["cos_ft"]).mean() * 100) if len(known) else math.nan
-    reasons.append(f"cos(τ_ftˢ, τ_ftᵀ) = {row['cos_ft']:.3f}, percentile {pct:.0f} among {len(known)} known pairs")
-    risk = float(row.get("risk_exact", math.nan))
-    if math.isfinite(risk):
-        grid = ", ".join(f"λ2={l:g}: {0.5 * l * l * risk:.3g}" for l in (0.4, 0.7, 1.0, 1.2))
-        reasons.append(f"R(τ*ˢ; Hᵀ) = {risk:.4g}; quadratic-model loss increase ½λ2²R: {grid}")
-    measured = float(row.get("measured_acc_drop", math.nan))
-    drop = measured if math.isfinite(measured) else float(row["predicted_acc_drop"])
-    src = "measured on labelled target images" if math.isfinite(measured) else "predicted"
-    drop_at = drop * (lam / 0.7) ** 2 if not math.isfinite(measured) or abs(lam - 0.7) > 1e-9 else drop
-    reasons.append(f"accuracy drop at λ2={lam:g}: {drop_at:.1%} ({src}{', scaled quadratically from λ2=0.7' if abs(lam - 0.7) > 1e-9 else ''}); budget {budget:.0%}")
-    reasons.append(f"predicted E-RMSE {row['predicted_ermse']:.3f} (normalised by θ_ftᵀ: {row['predicted_ermse_norm']:.3f}; < 1 means better explanations)")
-    rec = float(row["lambda2"])
-    reasons.append(f"largest λ2 within the budget: {rec:g}" if rec > 0 else "no λ2 of the grid stays within the budget")
-    if rec <= 0 or drop_at > 2 * budget or row["predicted_ermse_norm"] >= 1.0:
-        verdict = "no-go"
-    elif drop_at > budget or rec + 1e-9 < lam or (math.isfinite(pct) and pct < 25):
-        verdict = "caution"
-    else:
-        verdict = "go"
-    return verdict, reasons

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from diag.constants import PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.context import add_common, context_from
 from diag.options import (ALPHA, LAMBDA, N_IMAGES, N_RESAMPLE, domain_name, emit_json, folder_path, seed,
                           writable_dir)
@@ -16,7 +17,7 @@ def register(sub) -> None:
     add_common(s)
     s.add_argument("--domains", nargs="*", default=None, type=domain_name, help="default: the whole suite")
     s.add_argument("--by", choices=("global", "block"), default="global", help="also per transformer block")
-    s.add_argument("--alpha", type=ALPHA, default=0.8)
+    s.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
     s.add_argument("--out", type=writable_dir, default=None,
                    help="folder for the heatmaps (default: <store>/studies/similarity)")
     s.set_defaults(func=run_similarity)
@@ -26,8 +27,8 @@ def register(sub) -> None:
     p.add_argument("--domains", nargs="*", default=None, type=domain_name, help="default: the whole suite")
     p.add_argument("--lambda2", type=LAMBDA, action="append", default=None, help="λ2 (repeatable; default 0.7)")
     p.add_argument("--lambda-grid", action="store_true", help="also λ2 = 0.4 … 1.2 (Figure 3)")
-    p.add_argument("--lambda1", type=LAMBDA, default=1.0)
-    p.add_argument("--alpha", type=ALPHA, default=0.8)
+    p.add_argument("--lambda1", type=LAMBDA, default=PAPER_LAMBDA1)
+    p.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
     p.add_argument("--shard", default=None, metavar="I/N", help="only pairs with index %% N == I (default under torchrun: rank/world)")
     p.add_argument("--no-curvature", action="store_true", help="skip the R columns (cosines and norms only)")
     p.add_argument("--no-controls", action="store_true", help="skip the control columns")
@@ -42,10 +43,12 @@ def register(sub) -> None:
 
     c = sub.add_parser("correlate", help="Appendix C / Figure 6: correlations with bootstrap CIs and permutation p")
     add_common(c)
-    c.add_argument("--study", type=folder_path, default=None, help="study folder (default: <store>/studies/allpairs)")
+    c.add_argument("--study", type=folder_path, default=None,
+                   help="study folder to read (default: <store>/studies/allpairs, run first when empty)")
+    c.add_argument("--extend", action="store_true", help="run the study into --study when it has no table")
     c.add_argument("--domains", nargs="*", default=None, type=domain_name,
                    help="domains if the study must be run first")
-    c.add_argument("--lambda2", type=LAMBDA, default=0.7)
+    c.add_argument("--lambda2", type=LAMBDA, default=PAPER_LAMBDA2)
     c.add_argument("--n-boot", type=N_RESAMPLE, default=2000)
     c.add_argument("--n-perm", type=N_RESAMPLE, default=2000)
     c.add_argument("--seed", type=seed, default=0)
@@ -133,31 +136,9 @@ def run_similarity(args) -> int:
 # ------------------------------------------------------------------------------ study
 
 
-def _is_distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _is_rank0_of_many() -> bool:
-    import torch.distributed as dist
-
-    return _is_distributed() and dist.get_world_size() > 1 and dist.get_rank() == 0
-
-
-def _init_distributed() -> None:
-    """Under torchrun (WORLD_SIZE > 1 and MASTER_ADDR set), join a gloo process group for the merge barrier."""
-    import os
-
-    import torch.distributed as dist
-
-    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ and dist.is_available()
-            and not dist.is_initialized()):
-        dist.init_process_group("gloo")
-
-
 def _study_settings(args, ctx):
-    from diag.study import LAMBDA_GRID, PAPER_LAMBDA2, parse_shard
+    from diag.constants import LAMBDA_GRID, PAPER_LAMBDA2
+    from diag.pairs import parse_shard
     from train.losses import check_alpha
     from train.vectors import check_scale
 
@@ -172,23 +153,26 @@ def _study_settings(args, ctx):
 
 def run_study_cmd(args) -> int:
     from diag import figures
-    from diag.study import (KS_BUDGETS, KS_FILE, PAPER_LAMBDA2, default_shard, figure2_frame, kernelshap_budget,
-                            run_study, summarize)
+    from diag.constants import PAPER_LAMBDA2
+    from diag.curvature.distributed import is_distributed, rank_and_world
+    from diag.summary import figure2_frame, summarize
+    from diag.sweep import run_study
 
     ctx = context_from(args)
     alpha, lambda1, lambda2s, shard = _study_settings(args, ctx)
     if args.ks_images < 1:
         raise DataError(f"--ks-images must be positive, got {args.ks_images}")
     domains = _domains(ctx, args.domains)
-    _init_distributed()
     store = ctx.ensure(domains, (alpha,))
     out = Path(args.out) if args.out else store.study_dir("allpairs")
-    shard = shard or default_shard()
-    merged_rank0 = _is_rank0_of_many()
+    shard = shard or rank_and_world()
+    rank, world = rank_and_world()
+    merged_rank0 = is_distributed() and world > 1 and rank == 0
+    ws = ctx.workspace(alpha)
     df = run_study(store, domains, alpha=alpha, lambda1=lambda1, lambda2s=lambda2s, out_dir=out, shard=shard,
                    resume=not args.fresh, curvature=not args.no_curvature, controls=not args.no_controls,
-                   progress=ctx.progress, data=ctx.data, seed=args.seed)
-    if _is_distributed() and not merged_rank0:
+                   progress=ctx.progress, data=ctx.data, seed=args.seed, workspace=ws)
+    if is_distributed() and not merged_rank0:
         return 0  # under torchrun only rank 0 (which merged every shard) reports
     if merged_rank0:
         shard = (0, 1)
@@ -201,22 +185,34 @@ def run_study_cmd(args) -> int:
         if len(lambda2s) > 1:
             report["figures"]["figure3"] = str(figures.figure3(df, out / "figure3.png", seed=args.seed))
     if args.kernelshap_budget:
-        import pandas as pd
-
-        source = "imagenette" if "imagenette" in domains else domains[0]
-        budgets = args.ks_budgets or list(KS_BUDGETS)
-        parts = [kernelshap_budget(store, t, source, budgets, n_images=args.ks_images, alpha=alpha, lambda1=lambda1,
-                                   lambda2=main_l2, seed=args.seed, data=ctx.data.get(t))
-                 for t in domains if t != source]
-        ks = pd.concat(parts, ignore_index=True)
-        ks.to_csv(out / KS_FILE, index=False)
-        report["figures"]["figure5"] = str(figures.figure5(ks, out / "figure5.png", seed=args.seed))
-        report["kernelshap_budget"] = (ks.groupby(["method", "n_perturbations"], dropna=False)[["ermse", "iou1", "wall_s"]]
-                                       .mean().reset_index().to_dict(orient="records"))
+        ks = _kernelshap_part(args, ws, domains, out, lambda1, main_l2, figures)
+        report["figures"].update(ks.pop("figures"))
+        report.update(ks)
     if args.json:
         emit_json(_clean(report))
         return 0
-    s = summary
+    _print_study(report, summary, out, alpha, lambda1, shard)
+    return 0
+
+
+def _kernelshap_part(args, ws, domains, out, lambda1, lambda2, figures) -> dict:
+    """Figure 5 over every target with imagenette (else the first domain) as source."""
+    import pandas as pd
+
+    from diag.kernelshap_budget import KS_BUDGETS, KS_FILE, kernelshap_budget
+
+    source = "imagenette" if "imagenette" in domains else domains[0]
+    budgets = args.ks_budgets or list(KS_BUDGETS)
+    parts = [kernelshap_budget(ws, t, source, budgets, n_images=args.ks_images, lambda1=lambda1,
+                               lambda2=lambda2, seed=args.seed) for t in domains if t != source]
+    ks = pd.concat(parts, ignore_index=True)
+    ks.to_csv(out / KS_FILE, index=False)
+    return {"figures": {"figure5": str(figures.figure5(ks, out / "figure5.png", seed=args.seed))},
+            "kernelshap_budget": (ks.groupby(["method", "n_perturbations"], dropna=False)[["ermse", "iou1", "wall_s"]]
+                                  .mean().reset_index().to_dict(orient="records"))}
+
+
+def _print_study(report: dict, s, out, alpha, lambda1, shard) -> None:
     print(f"study {out}  ({s.n_pairs} pairs at λ2={s.lambda2:g}, α={alpha:g}, λ1={lambda1:g}"
           + (f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else "") + ")")
     print(f"  mean normalised E-RMSE {s.mean_ermse_norm:.3f} ± {s.mean_ermse_norm_se:.3f}, "
@@ -227,7 +223,7 @@ def run_study_cmd(args) -> int:
         print(f"  - {v}")
     print("  paper (ViT-B/32, Fig. 2): E-RMSE below θ_ftᵀ in most of 56 pairs at ~θ_ftᵀ accuracy")
     if shard[1] > 1:
-        print(f"  shard table written; merge with `diag correlate --study {out}` or diag.study.merge_shards")
+        print(f"  shard table written; merge with diag.pairs.merge_shards({str(out)!r})")
     for name, path in report["figures"].items():
         print(f"  {name}: {path}")
     if "kernelshap_budget" in report:
@@ -236,7 +232,6 @@ def run_study_cmd(args) -> int:
             p = r["n_perturbations"]
             p = "-" if p is None or (isinstance(p, float) and not math.isfinite(p)) else int(p)
             print(f"    {r['method']:10s} {str(p):>5s} {r['ermse']:.3f} {r['iou1']:.3f} {r['wall_s']:.3g}")
-    return 0
 
 
 # --------------------------------------------------------------------------- correlate
@@ -245,7 +240,8 @@ def run_study_cmd(args) -> int:
 def run_correlate(args) -> int:
     from diag import figures
     from diag.stats import correlate_appendix_c
-    from diag.study import PAIRS_FILE, at_lambda, load_study, merge_shards, run_study
+    from diag.pairs import PAIRS_FILE, at_lambda, load_study, merge_shards
+    from diag.sweep import run_study
     from train.vectors import check_scale
 
     ctx = context_from(args)
@@ -253,9 +249,9 @@ def run_correlate(args) -> int:
     if args.n_boot < 1 or args.n_perm < 1:
         raise DataError("--n-boot and --n-perm must be positive")
     out = Path(args.study) if args.study else ctx.store.study_dir("allpairs")
-    if merge_shards(out).empty:
+    if merge_shards(out, write=False).empty and (args.study is None or args.extend):
         domains = _domains(ctx, args.domains)
-        store = ctx.ensure(domains, (0.8,))
+        store = ctx.ensure(domains, (PAPER_ALPHA,))
         run_study(store, domains, lambda2s=(lambda2,), out_dir=out, progress=ctx.progress, data=ctx.data)
     df = at_lambda(load_study(out), lambda2)
     reports = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from diag.constants import PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.context import add_common, context_from
 from diag.options import ALPHA, LAMBDA, check_finite_result, domain_name, emit_json, seed
 
@@ -11,11 +12,14 @@ def register(sub) -> None:
     add_common(p)
     p.add_argument("--source", required=True, type=domain_name)
     p.add_argument("--target", required=True, type=domain_name)
-    p.add_argument("--lambda1", type=LAMBDA, default=1.0)
-    p.add_argument("--lambda2", type=LAMBDA, default=0.7)
-    p.add_argument("--alpha", type=ALPHA, default=0.8)
+    p.add_argument("--lambda1", type=LAMBDA, default=PAPER_LAMBDA1)
+    p.add_argument("--lambda2", type=LAMBDA, default=PAPER_LAMBDA2)
+    p.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
     p.add_argument("--no-controls", action="store_true", help="skip the control rows")
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="seeds the controls, per (seed, source, target)")
+    p.add_argument("--domains", nargs="*", default=None, type=domain_name,
+                   help="domains the 'τ* of other source' control is drawn from (default: the suite); "
+                        "the same list as a study's --domains gives that study's rows")
     p.set_defaults(func=run_transfer)
 
     z = sub.add_parser("zoo", help="build (or resume) every artifact of the suite: θ_base, θ_ft, φ, θ_ft*")
@@ -35,12 +39,11 @@ def run_transfer(args) -> int:
     check_scale("lambda1", args.lambda1)
     check_scale("lambda2", args.lambda2)
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
-    candidates = ctx.domains()
-    store = ctx.ensure([source, target], (args.alpha,))
+    candidates = [ctx.check_domain(d) for d in args.domains] if args.domains is not None else ctx.domains()
+    ctx.ensure([source, target], (args.alpha,))
     # the "τ* of another source" control uses a domain already in the store (nothing extra is built)
-    result = transfer(store, source, target, args.lambda1, args.lambda2, args.alpha,
-                      controls=not args.no_controls, seed=args.seed, data=ctx.data.get(target),
-                      candidates=candidates)
+    result = transfer(ctx.workspace(args.alpha), source, target, args.lambda1, args.lambda2,
+                      controls=not args.no_controls, seed=args.seed, candidates=candidates)
     check_finite_result(result.to_dict(), "transfer result")
     emit_json(result.to_dict()) if args.json else print(result.table())
     return 0
@@ -51,7 +54,7 @@ def run_zoo(args) -> int:
 
     ctx = context_from(args)
     domains = [ctx.check_domain(d) for d in (args.domains or ctx.domains())]
-    alphas = tuple(check_alpha(a) for a in (args.alpha or [0.8]))
+    alphas = tuple(check_alpha(a) for a in (args.alpha or [PAPER_ALPHA]))
     zoo = ctx.zoo()
     times = zoo.build(domains, alphas)
     zero_shot = {d: zoo.zero_shot_accuracy(d) for d in domains}

@@ -1,0 +1,166 @@
+"""Decisions before deploying an explainability vector: λ2, the quadratic model, the verdict.
+
+One module for every choice ``rank-sources``, ``screen`` and ``risk`` make; the CLI only
+parses and prints.
+
+* The quadratic model (paper eq. 12): at θ_ftᵀ (gradient ≈ 0) adding λτ raises the target
+  loss by L(θ_ftᵀ + λτ) − L(θ_ftᵀ) ≈ ½ λ² R with R = τᵀ Hᵀ τ; so the largest λ within a
+  budget b is λ_max = sqrt(2b / R) (:func:`quadratic_lambda_max`). The same model in
+  accuracy-drop units (drop(λ) = drop(λ_ref)·(λ/λ_ref)², i.e. R = 2·drop(λ_ref)/λ_ref²)
+  turns a predicted drop at λ2 = 0.7 into a λ2 (:func:`lambda2_from_predicted_drop`).
+* Measured λ2 (tier 2): the target's labelled ``val`` images — never ``test``, which is
+  only ever scored — give the accuracy of eq. 8 over the λ grid (:func:`accuracy_grid`);
+  :func:`recommend_lambda2` takes the largest λ2 whose drop stays within budget.
+* The verdict (:func:`screen_verdict`): go / caution / no-go from the drop, the predicted
+  E-RMSE and where cos(τ_ftˢ, τ_ftᵀ) falls among the known pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+
+from diag.constants import CHECK_IMAGES, CHOICE_SPLIT, LAMBDA_GRID, PAPER_LAMBDA1, PAPER_LAMBDA2
+from diag.context import Workspace
+from diag.transfer import accuracy, transferred_state
+from train.errors import DataError
+
+VERDICTS = ("go", "caution", "no-go")
+
+
+# ------------------------------------------------------------------------- quadratic model
+
+
+def quadratic_loss_increase(risk: float, lam: float) -> float:
+    """Quadratic-model loss increase L(θ + λτ) − L(θ) ≈ ½ λ² R with R = τᵀHτ (gradient ≈ 0 at θ_ftᵀ)."""
+    return 0.5 * lam * lam * risk
+
+
+def quadratic_lambda_max(risk: float, max_loss_increase: float) -> float:
+    """Largest λ with ½ λ² R ≤ budget under the quadratic model: λ_max = sqrt(2·budget / R).
+
+    Returns ``inf`` when R ≤ 0 (the quadratic model predicts no increase).
+
+    >>> quadratic_lambda_max(2.0, 0.01)
+    0.1
+
+    Raises:
+        DataError: negative or non-finite budget, non-finite R.
+    """
+    if not math.isfinite(max_loss_increase) or max_loss_increase < 0:
+        raise DataError(f"max_loss_increase must be a finite number >= 0, got {max_loss_increase}")
+    if not math.isfinite(risk):
+        raise DataError(f"risk must be finite, got {risk}")
+    if risk <= 0:
+        return math.inf
+    return math.sqrt(2.0 * max_loss_increase / risk)
+
+
+def grid_floor(lam_max: float, grid: Sequence[float] = LAMBDA_GRID) -> float:
+    """The largest grid value ≤ ``lam_max`` (0.0: none, i.e. do not add τ*)."""
+    ok = [g for g in grid if g <= lam_max + 1e-12]
+    return max(ok) if ok else 0.0
+
+
+def lambda2_from_predicted_drop(drop_at_ref: float, budget: float, reference: float = PAPER_LAMBDA2,
+                                grid: Sequence[float] = LAMBDA_GRID) -> float:
+    """λ2 on the grid from a predicted accuracy drop at λ2 = ``reference`` (quadratic model).
+
+    drop(λ) = drop(ref)·(λ/ref)² is ½λ²R with R = 2·drop(ref)/ref², so λ_max = ref·sqrt(budget/drop(ref)).
+    A predicted drop ≤ 0 allows the whole grid.
+    """
+    return grid_floor(quadratic_lambda_max(2.0 * drop_at_ref / reference ** 2, budget), grid)
+
+
+def predicted_loss_increase(risks: dict[str, float], lam: float) -> dict[str, float]:
+    """½ λ² R for every risk estimate (``risk_exact``, ``risk_card``, ``risk_diag``)."""
+    return {name: quadratic_loss_increase(value, lam) for name, value in risks.items()}
+
+
+# ---------------------------------------------------------------------------- measured λ2
+
+
+def accuracy_grid(ws: Workspace, target: str, sources: Sequence[str], lambda1: float = PAPER_LAMBDA1,
+                  grid: Sequence[float] = LAMBDA_GRID, n_images: int = CHECK_IMAGES) -> pd.DataFrame:
+    """Measured accuracy of eq. 8 over a λ2 grid on the target's labelled ``val`` images (tier 2).
+
+    Returns:
+        Rows (source, lambda2, accuracy, acc_drop) with acc_drop = 1 − acc/acc(θ_ftᵀ);
+        ``attrs["accuracy_ft_target"]`` is θ_ftᵀ's accuracy on the same images.
+    """
+    images = ws.target_set(target, CHOICE_SPLIT, n_images)
+    ft_t = ws.vector(target, "ft")
+    base_acc = accuracy(ws, target, ws.state(ft_t), images)
+    rows = []
+    for source in sources:
+        star = ws.vector(source, "star")
+        for lam in grid:
+            acc = accuracy(ws, target, transferred_state(ws, ft_t, star, lambda1, lam), images)
+            rows.append({"source": source, "lambda2": float(lam), "accuracy": acc,
+                         "acc_drop": 1.0 - acc / max(base_acc, 1e-12)})
+    out = pd.DataFrame(rows)
+    out.attrs["accuracy_ft_target"] = base_acc
+    return out
+
+
+def recommend_lambda2(grid: pd.DataFrame, max_acc_drop: float) -> float:
+    """Largest λ2 of a measured grid whose mean accuracy drop (``acc_drop``) is within budget; 0.0 if none.
+
+    Rows sharing a λ2 (seeds, α values) are averaged.
+
+    Raises:
+        DataError: no ``lambda2`` / ``acc_drop`` column, or a negative budget.
+    """
+    if not {"lambda2", "acc_drop"} <= set(grid.columns):
+        raise DataError("the λ2 grid needs 'lambda2' and 'acc_drop' columns")
+    if max_acc_drop < 0:
+        raise DataError(f"max_acc_drop must be >= 0, got {max_acc_drop}")
+    per = grid.groupby("lambda2")["acc_drop"].mean()
+    ok = per[per <= max_acc_drop + 1e-9]
+    return float(ok.index.max()) if len(ok) else 0.0
+
+
+def drop_at(grid: pd.DataFrame, lam: float) -> float:
+    """Measured drop of the grid at ``lam`` (NaN when the grid does not hold it)."""
+    hit = grid[(grid["lambda2"] - lam).abs() < 1e-9]
+    return float(hit["acc_drop"].mean()) if len(hit) else math.nan
+
+
+# -------------------------------------------------------------------------------- verdict
+
+
+def screen_verdict(row, table: pd.DataFrame, target: str, lam: float, budget: float) -> tuple[str, list[str]]:
+    """go / caution / no-go from the measured and predicted consequences of adding τ*ˢ at ``lam``.
+
+    no-go: no λ2 within budget, a drop over twice the budget, or no predicted E-RMSE gain;
+    caution: a drop over budget, a recommended λ2 below ``lam``, or cos_ft in the bottom
+    quarter of the known pairs; go otherwise.
+    """
+    reasons = []
+    known = table[(table["target"] != target) & (table["source"] != target)]
+    pct = float((known["cos_ft"] < row["cos_ft"]).mean() * 100) if len(known) else math.nan
+    reasons.append(f"cos(τ_ftˢ, τ_ftᵀ) = {row['cos_ft']:.3f}, percentile {pct:.0f} among {len(known)} known pairs")
+    risk = float(row.get("risk_exact", math.nan))
+    if math.isfinite(risk):
+        grid = ", ".join(f"λ2={g:g}: {quadratic_loss_increase(risk, g):.3g}" for g in (LAMBDA_GRID[0], PAPER_LAMBDA2, 1.0, LAMBDA_GRID[-1]))
+        reasons.append(f"R(τ*ˢ; Hᵀ) = {risk:.4g}; quadratic-model loss increase ½λ2²R: {grid}")
+    measured = float(row.get("measured_acc_drop", math.nan))
+    scaled = not math.isfinite(measured) or abs(lam - PAPER_LAMBDA2) > 1e-9
+    drop = measured if math.isfinite(measured) else float(row["predicted_acc_drop"])
+    drop_lam = drop * (lam / PAPER_LAMBDA2) ** 2 if scaled else drop
+    src = "measured on labelled target val images" if math.isfinite(measured) else "predicted"
+    note = ", scaled quadratically from λ2=0.7" if abs(lam - PAPER_LAMBDA2) > 1e-9 else ""
+    reasons.append(f"accuracy drop at λ2={lam:g}: {drop_lam:.1%} ({src}{note}); budget {budget:.0%}")
+    reasons.append(f"predicted E-RMSE {row['predicted_ermse']:.3f} (normalised by θ_ftᵀ: "
+                   f"{row['predicted_ermse_norm']:.3f}; < 1 means better explanations)")
+    rec = float(row["lambda2"])
+    reasons.append(f"largest λ2 within the budget: {rec:g}" if rec > 0 else "no λ2 of the grid stays within the budget")
+    if rec <= 0 or drop_lam > 2 * budget or row["predicted_ermse_norm"] >= 1.0:
+        verdict = "no-go"
+    elif drop_lam > budget or rec + 1e-9 < lam or (math.isfinite(pct) and pct < 25):
+        verdict = "caution"
+    else:
+        verdict = "go"
+    return verdict, reasons
