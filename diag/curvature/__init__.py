@@ -25,6 +25,7 @@ from diag.curvature.risk import (
     quadratic_check,
     rank_agreement,
     risk_diagonal,
+    risk_diagonal_estimate,
     risk_exact,
 )
 
@@ -74,6 +75,7 @@ __all__ = [
     # risk and card
     "risk_exact",
     "risk_diagonal",
+    "risk_diagonal_estimate",
     "eigen_contributions",
     "RiskResult",
     "QuadraticCheckRow",

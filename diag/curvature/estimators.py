@@ -29,6 +29,7 @@ from torch import Tensor
 from diag.curvature.checkpoint import ProbeCheckpoint, ProbeState, load_state, save_state
 from diag.curvature.distributed import all_reduce_sum, is_distributed, rank_and_world
 from diag.curvature.results import DataVarianceTrace, DiagonalEstimate, TraceEstimate
+from train.errors import TvdiagError
 
 __all__ = [
     "probe_seed",
@@ -47,6 +48,7 @@ _MASK64 = (1 << 64) - 1
 DEFAULT_MIN_MATVECS = 8
 DEFAULT_MAX_MATVECS = 1000
 DEFAULT_NUM_MATVECS = 64
+DEFAULT_BLOCK_SIZE = 8
 
 
 def _splitmix64(x: int) -> int:
@@ -194,19 +196,8 @@ def _welford_update(state: ProbeState, x: float) -> None:
     state.values = torch.cat([state.values, torch.tensor([x], dtype=torch.float64)])
 
 
-def _probe_loop(A, *, diagonal: bool, num_matvecs: int | None, rel_stderr: float | None,
-                max_matvecs: int, min_matvecs: int, seed: int, block_size: int,
-                checkpoint, progress: bool | None, callback: Callable[[ProbeState], Any] | None,
-                split_probes: bool | None, desc: str) -> tuple[ProbeState, bool | None]:
-    """Run Hutchinson probes in rounds until ``num_matvecs`` or the target error.
-
-    A round takes the next ``W · block_size`` probes (W ranks); each rank multiplies
-    its probes as one ``(D, k)`` block. Per-probe totals ``vᵀAv`` are gathered and fed
-    to a scalar Welford update in probe order; for the diagonal, the round's vectors
-    ``v ⊙ Av`` are merged into the running mean/M2 with Chan's parallel update
-    ``M2 = M2_a + M2_b + δ² n_a n_b / (n_a + n_b)``.
-    """
-    D = _dim(A)
+def _check_probe_args(block_size: int, num_matvecs: int | None, rel_stderr: float | None) -> int | None:
+    """Validate the loop settings; returns ``num_matvecs`` (64 when neither stop rule is given)."""
     if block_size < 1:
         raise ValueError(f"block_size={block_size}; must be >= 1")
     if num_matvecs is None and rel_stderr is None:
@@ -215,12 +206,11 @@ def _probe_loop(A, *, diagonal: bool, num_matvecs: int | None, rel_stderr: float
         raise ValueError(f"num_matvecs={num_matvecs}; must be >= 1")
     if rel_stderr is not None and rel_stderr <= 0:
         raise ValueError(f"rel_stderr={rel_stderr}; must be > 0")
-    n_max = num_matvecs if num_matvecs is not None else max_matvecs
-    rank, world = _split(A, split_probes)
+    return num_matvecs
 
-    ckpt = ProbeCheckpoint.coerce(checkpoint)
-    meta = {"kind": "diagonal" if diagonal else "trace", "seed": seed, "dim": D, "dtype": str(A.dtype),
-            "block_size": block_size, "world": world}
+
+def _start_state(A, D: int, diagonal: bool, ckpt: ProbeCheckpoint | None, meta: dict, desc: str) -> ProbeState:
+    """A resumed state from ``ckpt`` when it holds one, else an empty one (vectors on ``A.device``)."""
     state = load_state(ckpt.path, meta) if ckpt is not None else None
     if state is not None:
         log.info("Resuming %s from %s at probe %d", desc, ckpt.path, state.n)
@@ -229,6 +219,76 @@ def _probe_loop(A, *, diagonal: bool, num_matvecs: int | None, rel_stderr: float
     if diagonal:
         state.vec_mean = state.vec_mean.to(A.device)
         state.vec_m2 = state.vec_m2.to(A.device)
+    return state
+
+
+def _probe_round(A, D: int, seed: int, first: int, R: int, rank: int, world: int) -> tuple[Tensor, Tensor | None]:
+    """Probes ``first .. first+R-1``: this rank's share as one ``(D, k)`` block.
+
+    Returns ``(vals, P)``: the ``(R,)`` totals ``vᵀAv`` of all ranks (all-reduced) and
+    this rank's ``(D, k)`` columns ``v ⊙ A v`` (None when it has no probe this round).
+    """
+    pos = list(range(rank, R, world))
+    vals = torch.zeros(R, dtype=torch.float64)
+    P = None
+    if pos:
+        V = torch.stack([rademacher(D, seed, first + j, A.dtype, "cpu") for j in pos], dim=1).to(A.device)
+        P = V.to(torch.float64) * _matmul(A, V)
+        vals[pos] = P.sum(dim=0).cpu()
+    if world > 1:
+        vals = all_reduce_sum(vals)
+    return vals, P
+
+
+def _merge_diagonal(state: ProbeState, P: Tensor | None, R: int, world: int, D: int, device) -> None:
+    """Merge a round's vectors into the running mean/M2 (Chan: ``M2 = M2_a + M2_b + δ² n_a n_b / n``)."""
+    zeros = torch.zeros(D, dtype=torch.float64, device=device)
+    s1 = P.sum(dim=1) if P is not None else zeros
+    m_b = all_reduce_sum(s1) / R if world > 1 else s1 / R
+    q = ((P - m_b[:, None]) ** 2).sum(dim=1) if P is not None else zeros
+    if world > 1:
+        q = all_reduce_sum(q)
+    n_a = state.n
+    n = n_a + R
+    delta = m_b - state.vec_mean
+    state.vec_mean = state.vec_mean + delta * (R / n)
+    state.vec_m2 = state.vec_m2 + q + delta ** 2 * (n_a * R / n)
+
+
+def _all_columns(P: Tensor | None, R: int, rank: int, world: int, D: int, device) -> Tensor:
+    """The round's ``(D, R)`` vectors ``v ⊙ A v`` of every rank, in probe order."""
+    if world == 1:
+        return P
+    full = torch.zeros(D, R, dtype=torch.float64, device=device)
+    if P is not None:
+        full[:, rank:R:world] = P
+    return all_reduce_sum(full)
+
+
+def _probe_loop(A, *, diagonal: bool, num_matvecs: int | None, rel_stderr: float | None,
+                max_matvecs: int, min_matvecs: int, seed: int, block_size: int,
+                checkpoint, progress: bool | None, callback: Callable[[ProbeState], Any] | None,
+                split_probes: bool | None, desc: str,
+                keep: list[Tensor] | None = None) -> tuple[ProbeState, bool | None]:
+    """Run Hutchinson probes in rounds until ``num_matvecs`` or the target error.
+
+    A round takes the next ``W · block_size`` probes (W ranks); each rank multiplies
+    its probes as one ``(D, k)`` block (:func:`_probe_round`). Per-probe totals ``vᵀAv``
+    are fed to a scalar Welford update in probe order; for the diagonal, the round's
+    vectors ``v ⊙ Av`` are merged with :func:`_merge_diagonal` and, with ``keep`` a
+    list, also appended to it as ``(D, R)`` blocks (per-probe diagonals).
+    """
+    D = _dim(A)
+    num_matvecs = _check_probe_args(block_size, num_matvecs, rel_stderr)
+    n_max = num_matvecs if num_matvecs is not None else max_matvecs
+    rank, world = _split(A, split_probes)
+    ckpt = ProbeCheckpoint.coerce(checkpoint)
+    meta = {"kind": "diagonal" if diagonal else "trace", "seed": seed, "dim": D, "dtype": str(A.dtype),
+            "block_size": block_size, "world": world}
+    state = _start_state(A, D, diagonal, ckpt, meta, desc)
+    if keep is not None and state.n > 0:
+        raise TvdiagError(f"Cannot keep per-probe diagonals of a run resumed at probe {state.n}; "
+                          "start without the checkpoint or do not keep probes.")
 
     def converged() -> bool:
         return (rel_stderr is not None and state.n >= max(min_matvecs, 2)
@@ -240,28 +300,11 @@ def _probe_loop(A, *, diagonal: bool, num_matvecs: int | None, rel_stderr: float
     last_saved = state.n
     while state.n < n_max and not converged():
         R = min(world * block_size, n_max - state.n)
-        first = state.n
-        pos = list(range(rank, R, world))
-        vals = torch.zeros(R, dtype=torch.float64)
-        P = None
-        if pos:
-            V = torch.stack([rademacher(D, seed, first + j, A.dtype, "cpu") for j in pos], dim=1).to(A.device)
-            P = V.to(torch.float64) * _matmul(A, V)  # (D, k): v ⊙ A v
-            vals[pos] = P.sum(dim=0).cpu()
-        if world > 1:
-            vals = all_reduce_sum(vals)
+        vals, P = _probe_round(A, D, seed, state.n, R, rank, world)
         if diagonal:
-            zeros = torch.zeros(D, dtype=torch.float64, device=A.device)
-            s1 = P.sum(dim=1) if P is not None else zeros
-            m_b = all_reduce_sum(s1) / R if world > 1 else s1 / R
-            q = ((P - m_b[:, None]) ** 2).sum(dim=1) if P is not None else zeros
-            if world > 1:
-                q = all_reduce_sum(q)
-            n_a = state.n
-            n = n_a + R
-            delta = m_b - state.vec_mean
-            state.vec_mean = state.vec_mean + delta * (R / n)
-            state.vec_m2 = state.vec_m2 + q + delta ** 2 * (n_a * R / n)
+            _merge_diagonal(state, P, R, world, D, A.device)
+            if keep is not None:
+                keep.append(_all_columns(P, R, rank, world, D, A.device))
         for x in vals.tolist():
             _welford_update(state, x)
         if ckpt is not None and state.n - last_saved >= ckpt.every:
@@ -277,11 +320,19 @@ def _probe_loop(A, *, diagonal: bool, num_matvecs: int | None, rel_stderr: float
         bar.close()
     if ckpt is not None and state.n != last_saved and rank == 0:
         save_state(ckpt.path, _cpu_state(state), meta)
-    conv = None if rel_stderr is None else converged()
-    if rel_stderr is not None and not conv:
+    return state, _report_convergence(state, rel_stderr, converged, desc)
+
+
+def _report_convergence(state: ProbeState, rel_stderr: float | None, converged: Callable[[], bool],
+                        desc: str) -> bool | None:
+    """None without a target error; else whether it was met (a warning when not)."""
+    if rel_stderr is None:
+        return None
+    conv = converged()
+    if not conv:
         log.warning("%s stopped after %d probes at relative stderr %.3g (target %.3g)", desc, state.n,
                     _stderr(state.m2, state.n) / abs(state.mean) if state.mean else math.inf, rel_stderr)
-    return state, conv
+    return conv
 
 
 def _cpu_state(s: ProbeState) -> ProbeState:
@@ -292,7 +343,7 @@ def _cpu_state(s: ProbeState) -> ProbeState:
 
 def hutchinson_trace(A, num_matvecs: int | None = None, rel_stderr: float | None = None,
                      max_matvecs: int = DEFAULT_MAX_MATVECS, min_matvecs: int = DEFAULT_MIN_MATVECS,
-                     seed: int = 0, block_size: int = 1,
+                     seed: int = 0, block_size: int = DEFAULT_BLOCK_SIZE,
                      checkpoint: ProbeCheckpoint | str | os.PathLike | None = None,
                      progress: bool | None = None, callback: Callable[[ProbeState], Any] | None = None,
                      split_probes: bool | None = None) -> TraceEstimate:
@@ -311,7 +362,8 @@ def hutchinson_trace(A, num_matvecs: int | None = None, rel_stderr: float | None
         max_matvecs: Cap for the ``rel_stderr`` rule.
         min_matvecs: Probes before the stopping rule applies.
         seed: Probe stream; probe ``i`` uses ``probe_seed(seed, i)``.
-        block_size: Probes per product (a ``(D, block_size)`` block per rank).
+        block_size: Probes per product (a ``(D, block_size)`` block per rank; a model
+            operator shares one first-order graph per batch across the block).
         checkpoint: A path or :class:`ProbeCheckpoint`; the running sums are saved
             there every ``every`` probes and a later call with the same path resumes.
         progress: Show a tqdm bar with the current estimate ± stderr.
@@ -332,10 +384,10 @@ def hutchinson_trace(A, num_matvecs: int | None = None, rel_stderr: float | None
 
 def hutchinson_diagonal(A, num_matvecs: int | None = None, rel_stderr: float | None = None,
                         max_matvecs: int = DEFAULT_MAX_MATVECS, min_matvecs: int = DEFAULT_MIN_MATVECS,
-                        seed: int = 0, block_size: int = 1,
+                        seed: int = 0, block_size: int = DEFAULT_BLOCK_SIZE,
                         checkpoint: ProbeCheckpoint | str | os.PathLike | None = None,
                         progress: bool | None = None, callback: Callable[[ProbeState], Any] | None = None,
-                        split_probes: bool | None = None) -> DiagonalEstimate:
+                        split_probes: bool | None = None, keep_probes: bool = False) -> DiagonalEstimate:
     """Hutchinson diagonal ``diag(A) ≈ (1/n) Σ_i v_i ⊙ A v_i`` with per-entry stderr.
 
     Uses the same probes as :func:`hutchinson_trace` with the same seed, so ``total``
@@ -344,19 +396,25 @@ def hutchinson_diagonal(A, num_matvecs: int | None = None, rel_stderr: float | N
     larger in relative terms (relative sd ≈ sqrt((1/ρ_i − 1)/n) with
     ``ρ_i = A_ii² / Σ_j A_ij²``).
 
-    Args: as :func:`hutchinson_trace`.
+    Args: as :func:`hutchinson_trace`, and
+        keep_probes: Also return the per-probe diagonals ``v_k ⊙ A v_k`` as
+            ``probe_diagonals`` (``(n, D)`` float64: ``n · D · 8`` bytes), from which
+            any linear functional of the diagonal gets a standard error (e.g.
+            :func:`diag.curvature.risk.risk_diagonal_estimate`). Not with a resumed checkpoint.
 
     Returns:
         :class:`DiagonalEstimate`.
     """
+    keep: list[Tensor] | None = [] if keep_probes else None
     state, conv = _probe_loop(A, diagonal=True, num_matvecs=num_matvecs, rel_stderr=rel_stderr,
                               max_matvecs=max_matvecs, min_matvecs=min_matvecs, seed=seed,
                               block_size=block_size, checkpoint=checkpoint, progress=progress,
-                              callback=callback, split_probes=split_probes, desc="hutchinson diagonal")
+                              callback=callback, split_probes=split_probes, desc="hutchinson diagonal", keep=keep)
     n = state.n
     se = (state.vec_m2.clamp_min(0) / (n - 1) / n).sqrt() if n > 1 else torch.full_like(state.vec_mean, math.nan)
+    probes = torch.cat(keep, dim=1).T.contiguous() if keep else None
     return DiagonalEstimate(state.vec_mean, se, n, float(state.mean), _stderr(state.m2, n), "hutchinson", n,
-                            seed, conv, rel_stderr)
+                            seed, conv, rel_stderr, probes)
 
 
 # ----------------------------------------------------------------------------- Hutch++

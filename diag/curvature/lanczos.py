@@ -36,12 +36,17 @@ def _orthogonalize(w: Tensor, Q: Tensor) -> Tensor:
 
 
 def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | None = None,
-                    stop: "callable | None" = None) -> tuple[Tensor, Tensor, Tensor, int]:
+                    stop: "callable | None" = None, random_start: bool = True) -> tuple[Tensor, Tensor, Tensor, int]:
     """Run ``num_iters`` Lanczos steps with full re-orthogonalisation from ``q0``.
 
     On breakdown (``β_j ≈ 0``: the Krylov space is invariant) the run restarts from a
     random vector orthogonal to the basis with ``β_j = 0``, as long as ``generator`` is
-    given; otherwise it stops early (the Ritz values found are then exact).
+    given; otherwise it stops early (the Ritz values found are then exact). At a
+    breakdown ``stop`` is consulted only when the current Krylov block started from a
+    random vector (``random_start`` or a restart): then its extreme Ritz value is almost
+    surely the extreme eigenvalue of what is left of ``A``. A block from a given start
+    vector may sit in a small invariant subspace with larger eigenvalues outside it, so
+    the run restarts instead.
 
     Args:
         A: Symmetric operator ``(D, D)``.
@@ -49,6 +54,7 @@ def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | 
         num_iters: Maximal Krylov dimension m (capped at D).
         generator: CPU generator for restart vectors.
         stop: Optional ``stop(alpha, beta) -> bool`` checked after each step.
+        random_start: ``q0`` is a random vector (not one chosen by the caller).
 
     Returns:
         ``(alpha (m,), beta (m-1,), Q (D, m), n_matvecs)``, float64.
@@ -62,6 +68,7 @@ def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | 
     q = q / q.norm()
     n_mv = 0
     j = 0
+    random_block = random_start
     for j in range(m):
         Q[:, j] = q
         w = _matmul(A, q)
@@ -75,11 +82,14 @@ def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | 
         if b <= 1e-10 * scale:
             if generator is None:
                 return alpha[: j + 1], beta[:j], Q[:, : j + 1], n_mv
+            beta[j] = 0.0
+            if stop is not None and random_block and stop(alpha[: j + 1], beta[: j + 1]):
+                return alpha[: j + 1], beta[:j], Q[:, : j + 1], n_mv
             w = torch.randn(D, generator=generator, dtype=torch.float64).to(A.device)
             w = _orthogonalize(w, Q[:, :j + 1])
-            q, beta[j] = w / w.norm(), 0.0
-        else:
-            q, beta[j] = w / b, b
+            q, random_block = w / w.norm(), True
+            continue
+        q, beta[j] = w / b, b
         if stop is not None and stop(alpha[: j + 1], beta[: j + 1]):
             return alpha[: j + 1], beta[:j], Q[:, : j + 1], n_mv
     return alpha[: j + 1], beta[:j], Q[:, : j + 1], n_mv
@@ -97,8 +107,37 @@ def _order(theta: Tensor, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
+def _converged_rule(k: int, tol: float, which: str):
+    """The early-stop rule of :func:`lanczos_topk`.
+
+    Stop when the residual bounds ``|β_m s_{m,i}|`` of the ``k`` wanted Ritz values are
+    below ``tol · max|θ|`` and, after a restart (a zero ``β``), when the extreme Ritz
+    value of the newest Krylov block has converged too: the earlier blocks' Ritz values
+    are exact (zero bounds), but a larger eigenvalue outside them only shows up in the
+    newest block.
+    """
+
+    def stop(alpha: Tensor, beta: Tensor) -> bool:
+        if tol <= 0 or alpha.shape[0] < k:
+            return False
+        theta, S = torch.linalg.eigh(_tridiag(alpha, beta[:-1]))
+        thr = tol * max(float(theta.abs().max()), 1e-300)
+        idx = _order(theta, which)[:k]
+        if not bool(((beta[-1] * S[-1, idx]).abs() <= thr).all()):
+            return False
+        zeros = (beta[:-1] == 0).nonzero()
+        if zeros.numel() == 0:
+            return True
+        start = int(zeros.max()) + 1
+        theta_n, S_n = torch.linalg.eigh(_tridiag(alpha[start:], beta[start:-1]))
+        i0 = _order(theta_n, which)[0]
+        return bool(abs(float(beta[-1] * S_n[-1, i0])) <= thr)
+
+    return stop
+
+
 def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: float = 1e-8,
-                 which: str = "LA") -> EigenResult:
+                 which: str = "LA", v0: Tensor | None = None) -> EigenResult:
     """Top-``k`` eigenpairs of a symmetric operator by Lanczos with full re-orthogonalisation.
 
     Ritz pairs ``(θ_i, Q s_i)`` from ``T = Qᵀ A Q = S Θ Sᵀ``. The run stops early once
@@ -115,6 +154,7 @@ def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: fl
         tol: Relative tolerance of the early stop (0 disables it).
         which: ``"LA"`` largest algebraic (default), ``"LM"`` largest magnitude,
             ``"SA"`` smallest algebraic.
+        v0: Start vector (default a Gaussian one drawn from ``seed``).
 
     Returns:
         :class:`EigenResult` with eigenvalues in the chosen order.
@@ -130,17 +170,10 @@ def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: fl
     if m < k:
         raise ValueError(f"num_iters={m} < k={k}")
     g = torch.Generator().manual_seed(int(seed))
-    q0 = torch.randn(D, generator=g, dtype=torch.float64)
+    q0 = torch.randn(D, generator=g, dtype=torch.float64) if v0 is None else v0.reshape(-1).double()
 
-    def stop(alpha: Tensor, beta: Tensor) -> bool:
-        if tol <= 0 or alpha.shape[0] < k:
-            return False
-        theta, S = torch.linalg.eigh(_tridiag(alpha, beta[:-1]))
-        idx = _order(theta, which)[:k]
-        bound = (beta[-1] * S[-1, idx]).abs()
-        return bool((bound <= tol * max(float(theta.abs().max()), 1e-300)).all())
-
-    alpha, beta, Q, n_mv = lanczos_tridiag(A, q0, m, generator=g, stop=stop)
+    alpha, beta, Q, n_mv = lanczos_tridiag(A, q0, m, generator=g, stop=_converged_rule(k, tol, which),
+                                           random_start=v0 is None)
     theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
     if theta.shape[0] < k:  # breakdown without restart cannot happen with a generator; be safe
         raise RuntimeError(f"Lanczos found only {theta.shape[0]} Ritz values, wanted {k}")
