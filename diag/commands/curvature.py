@@ -58,6 +58,9 @@ def register(sub) -> None:
     b.add_argument("--quick", action="store_true", help="small models and batches, < 1 minute on 2 cores")
     b.add_argument("--repeats", type=int, default=None)
     b.add_argument("--json", action="store_true")
+    b.add_argument("--probes", type=int, default=None,
+                   help="also time an N-probe Hutchinson trace and the top eigenvalue against PyHessian's")
+    b.add_argument("--models", nargs="+", default=None, help="bench models (default: all)")
     b.set_defaults(func=run_bench)
 
 
@@ -242,6 +245,7 @@ def run_risk(args) -> int:
 
 
 def run_bench(args) -> int:
-    from diag.curvature.bench import bench_main
+    from diag.curvature.bench import BENCH_MODELS, bench_main
 
-    return bench_main(quick=args.quick, json_out=args.json, repeats=args.repeats or 3)
+    return bench_main(quick=args.quick, json_out=args.json, repeats=args.repeats or 3, probes=args.probes,
+                      models=tuple(args.models) if args.models else BENCH_MODELS)
