@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ from diag.curvature.params import select_params
 from diag.curvature.results import BackendResult, EigenResult, TraceEstimate
 from train.errors import TvdiagError, unknown
 
-__all__ = ["pyhessian_trace_and_top_eig", "CurvlinopsHessian", "BACKENDS"]
+__all__ = ["BACKENDS", "CurvlinopsHessian", "pyhessian_trace_and_top_eig"]
 
 BACKENDS = ("tvdiag", "pyhessian")
 _LOSSES = ("ce",)

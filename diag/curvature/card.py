@@ -19,8 +19,9 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from diag.curvature.operators import CurvatureOperator
 from diag.curvature.params import ParamLayout
 from train.errors import ArtifactError, BaseMismatchError, StoreError, TvdiagError
 
-__all__ = ["HessianCard", "build_card", "CARD_FORMAT"]
+__all__ = ["CARD_FORMAT", "HessianCard", "build_card"]
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class HessianCard:
                 os.remove(tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "HessianCard":
+    def load(cls, path: str | os.PathLike) -> HessianCard:
         """Read a card written by :meth:`save`, validating format, shapes and finiteness.
 
         Raises:

@@ -16,10 +16,10 @@ import math
 import torch
 from torch import Tensor
 
-from diag.curvature.estimators import _dim, _matmul, rademacher
+from diag.curvature.probes import _dim, _matmul, rademacher
 from diag.curvature.results import EigenResult, SpectralDensity
 
-__all__ = ["lanczos_topk", "slq_density", "lanczos_tridiag"]
+__all__ = ["lanczos_topk", "lanczos_tridiag", "slq_density"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def _orthogonalize(w: Tensor, Q: Tensor) -> Tensor:
 
 
 def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | None = None,
-                    stop: "callable | None" = None, random_start: bool = True) -> tuple[Tensor, Tensor, Tensor, int]:
+                    stop: callable | None = None, random_start: bool = True) -> tuple[Tensor, Tensor, Tensor, int]:
     """Run ``num_iters`` Lanczos steps with full re-orthogonalisation from ``q0``.
 
     On breakdown (``β_j ≈ 0``: the Krylov space is invariant) the run restarts from a

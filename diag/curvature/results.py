@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "TraceEstimate",
+    "BackendResult",
+    "DataVarianceTrace",
     "DiagonalEstimate",
     "EigenResult",
     "SpectralDensity",
-    "DataVarianceTrace",
-    "BackendResult",
+    "TraceEstimate",
     "t_quantile",
 ]
 

@@ -23,8 +23,8 @@ measured loss change.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,14 +36,14 @@ from diag.curvature.results import DiagonalEstimate, TraceEstimate
 from train.errors import BaseMismatchError, TvdiagError
 
 __all__ = [
-    "risk_exact",
-    "risk_diagonal",
-    "risk_diagonal_estimate",
-    "eigen_contributions",
-    "RiskResult",
     "QuadraticCheckRow",
+    "RiskResult",
+    "eigen_contributions",
     "quadratic_check",
     "rank_agreement",
+    "risk_diagonal",
+    "risk_diagonal_estimate",
+    "risk_exact",
 ]
 
 
@@ -173,7 +173,7 @@ class RiskResult:
         return asdict(self)
 
     def __repr__(self) -> str:
-        fmt = lambda x: "None" if x is None else f"{x:.6g}"  # noqa: E731
+        fmt = lambda x: "None" if x is None else f"{x:.6g}"
         se = "" if self.diag_stderr is None else f" ± {self.diag_stderr:.2g}"
         return f"RiskResult(exact={fmt(self.exact)}, diag={fmt(self.diag)}{se}, card={fmt(self.card)})"
 
