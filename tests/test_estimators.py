@@ -212,6 +212,19 @@ def test_lanczos_restarts_after_breakdown():
     torch.testing.assert_close(full.eigvals, evals, rtol=1e-10, atol=1e-10)
 
 
+def test_lanczos_value_tol_stops_on_the_eigenvalue_error():
+    """value_tol stops once r²/gap is small: fewer products, eigenvalue still within the tolerance."""
+    g = torch.Generator().manual_seed(1)
+    U, _ = torch.linalg.qr(torch.randn(80, 80, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.tensor([100.0, 60.0], dtype=torch.float64), torch.rand(78, generator=g, dtype=torch.float64)])
+    A = DenseOperator(U @ torch.diag(evals) @ U.T)
+    fine = lanczos_topk(A, k=1, seed=0)
+    coarse = lanczos_topk(A, k=1, seed=0, value_tol=1e-6)
+    assert coarse.n_matvecs < fine.n_matvecs
+    assert abs(float(coarse.eigvals[0]) - 100.0) <= 1e-6 * 100.0
+    assert float(coarse.residuals[0]) > float(fine.residuals[0])  # the vector is less accurate, honestly reported
+
+
 def test_hutchinson_blocks_give_the_same_estimate():
     """Block size changes how products are grouped, never the probes or the estimate."""
     A = DenseOperator(sym(30, seed=4))

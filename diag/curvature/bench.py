@@ -249,8 +249,8 @@ def _bench_estimators(model: nn.Module, x: Tensor, y: Tensor, params, names: lis
 
     Ours: a fresh :class:`HessianOperator` (double backward, first-order graph kept),
     :func:`hutchinson_trace` in blocks of 8, :func:`hutchpp_trace` with the same number of
-    products (its standard error says what accuracy they buy) and :func:`lanczos_topk` (k = 1, residual
-    bound 1e-3 · |θ|, plus the one residual product). PyHessian: ``trace(maxIter=probes,
+    products (its standard error says what accuracy they buy) and :func:`lanczos_topk` (k = 1,
+    eigenvalue error estimate ``r²/gap <= 1e-3 · |θ|``, plus the one residual product). PyHessian: ``trace(maxIter=probes,
     tol=-inf)`` (exactly ``probes`` probes: its stop rule divides by the signed trace) and
     ``eigenvalues(top_n=1)`` with its defaults
     (power iteration, relative change < 1e-3, at most 100 products). Both include
@@ -268,7 +268,7 @@ def _bench_estimators(model: nn.Module, x: Tensor, y: Tensor, params, names: lis
         HessianOperator(model, [(x, y)], params=params, engine="double-backward"), num_matvecs=probes), device)
     out["hutchpp"], out["hutchpp_stderr"] = hpp.value, hpp.stderr
     out["eig_s"], eig = _time_once(lambda: lanczos_topk(
-        HessianOperator(model, [(x, y)], params=params, engine="double-backward"), 1, tol=1e-3), device)
+        HessianOperator(model, [(x, y)], params=params, engine="double-backward"), 1, value_tol=1e-3), device)
     out["top_eig"], out["top_eig_residual"], out["eig_matvecs"] = float(eig.eigvals[0]), float(eig.residuals[0]), \
         eig.n_matvecs
     try:

@@ -70,6 +70,31 @@ def _weighted_pearson(X: np.ndarray, Y: np.ndarray, W: np.ndarray, var_x: float,
     return np.clip(r, -1.0, 1.0)
 
 
+def _replicates(xv: np.ndarray, yv: np.ndarray, idx: np.ndarray, ns: int, nt: int, method: str, n_boot: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """``n_boot`` correlations of the pairs ``idx`` (flat into the ns × nt grid) reweighted by
+    (#draws of s) × (#draws of t); NaN for a degenerate resample."""
+    reps = np.full(n_boot, np.nan)
+    chunk = 256
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        cs = np.stack([np.bincount(rng.integers(0, ns, ns), minlength=ns) for _ in range(m)])
+        ct = np.stack([np.bincount(rng.integers(0, nt, nt), minlength=nt) for _ in range(m)])
+        W = (cs[:, :, None] * ct[:, None, :]).reshape(m, -1)[:, idx].astype(np.float64)
+        if method == "pearson":
+            reps[start:start + m] = _weighted_pearson(xv[None, :], yv[None, :], W, float(np.var(xv)), float(np.var(yv)))
+            continue
+        for b in range(m):
+            w = W[b].astype(np.int64)
+            if w.sum() < 3:
+                continue
+            xr, yr = np.repeat(xv, w), np.repeat(yv, w)
+            if np.ptp(xr) == 0 or np.ptp(yr) == 0:
+                continue
+            reps[start + b] = _pearson_r(rankdata(xr), rankdata(yr))
+    return reps
+
+
 def pair_bootstrap_ci(df: pd.DataFrame, x: str, y: str, method: str = "pearson", n_boot: int = 2000,
                       seed: int = 0, level: float = 0.95) -> BootstrapCI:
     """Two-way cluster bootstrap CI of a correlation over (source, target) pairs.
@@ -109,29 +134,9 @@ def pair_bootstrap_ci(df: pd.DataFrame, x: str, y: str, method: str = "pearson",
     present = np.isfinite(X)
     same = np.array([[s == t for t in targets] for s in sources], dtype=bool)
     present &= ~same
-    rng = np.random.default_rng(seed)
-    ns, nt = len(sources), len(targets)
     idx = np.flatnonzero(present.ravel())
-    xv = X.ravel()[idx]
-    yv = Y.ravel()[idx]
-    reps = np.full(n_boot, np.nan)
-    chunk = 256
-    for start in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - start)
-        cs = np.stack([np.bincount(rng.integers(0, ns, ns), minlength=ns) for _ in range(m)])
-        ct = np.stack([np.bincount(rng.integers(0, nt, nt), minlength=nt) for _ in range(m)])
-        W = (cs[:, :, None] * ct[:, None, :]).reshape(m, -1)[:, idx].astype(np.float64)
-        if method == "pearson":
-            reps[start:start + m] = _weighted_pearson(xv[None, :], yv[None, :], W, float(np.var(xv)), float(np.var(yv)))
-            continue
-        for b in range(m):
-            w = W[b].astype(np.int64)
-            if w.sum() < 3:
-                continue
-            xr, yr = np.repeat(xv, w), np.repeat(yv, w)
-            if np.ptp(xr) == 0 or np.ptp(yr) == 0:
-                continue
-            reps[start + b] = _pearson_r(rankdata(xr), rankdata(yr))
+    reps = _replicates(X.ravel()[idx], Y.ravel()[idx], idx, len(sources), len(targets), method, n_boot,
+                       np.random.default_rng(seed))
     ok = np.isfinite(reps)
     n_skipped = int((~ok).sum())
     if n_skipped:

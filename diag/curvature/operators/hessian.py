@@ -27,8 +27,11 @@ __all__ = ["DEFAULT_KEEP_GRAPHS", "ENGINES", "HessianOperator"]
 log = logging.getLogger(__name__)
 
 ENGINES = ("fwd-rev", "double-backward")
-DEFAULT_KEEP_GRAPHS = 4
-"""Batches whose first-order graph a :class:`HessianOperator` keeps between products."""
+DEFAULT_KEEP_GRAPHS = 1
+"""Batches whose first-order graph a :class:`HessianOperator` keeps between products.
+
+One kept graph adds no peak memory (a product from scratch holds that graph at its peak
+anyway); every further one holds another batch's activations for the operator's life."""
 
 
 class _FirstOrder(NamedTuple):
