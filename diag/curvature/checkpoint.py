@@ -131,7 +131,7 @@ def load_state(path: str | os.PathLike, meta: dict[str, str]) -> ProbeState | No
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in f}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as e:  # safetensors raises its own error types
         raise ArtifactError(f"Cannot read probe checkpoint '{path}': {e}") from e
     if stored.get("format") != FORMAT:

@@ -26,12 +26,12 @@ log = logging.getLogger(__name__)
 _WHICH = ("LA", "LM", "SA")
 
 
-def _orthogonalize(w: Tensor, Q: Tensor) -> Tensor:
-    """Remove the components of ``w`` along the orthonormal columns of ``Q`` (twice)."""
-    if Q.shape[1] == 0:
+def _orthogonalize(w: Tensor, B: Tensor) -> Tensor:
+    """Remove the components of ``w`` along the orthonormal rows of ``B`` (twice)."""
+    if B.shape[0] == 0:
         return w
     for _ in range(2):
-        w = w - Q @ (Q.T @ w)
+        w = w - B.T @ (B @ w)
     return w
 
 
@@ -61,7 +61,7 @@ def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | 
     """
     D = _dim(A)
     m = min(num_iters, D)
-    Q = torch.zeros(D, m, dtype=torch.float64, device=A.device)
+    B = torch.empty(m, D, dtype=torch.float64, device=A.device)  # basis as rows: each vector contiguous
     alpha = torch.zeros(m, dtype=torch.float64)
     beta = torch.zeros(max(m - 1, 0), dtype=torch.float64)
     q = q0.to(device=A.device, dtype=torch.float64)
@@ -70,29 +70,29 @@ def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | 
     j = 0
     random_block = random_start
     for j in range(m):
-        Q[:, j] = q
+        B[j] = q
         w = _matmul(A, q)
         n_mv += 1
         alpha[j] = q @ w
-        w = _orthogonalize(w, Q[:, :j + 1])
+        w = _orthogonalize(w, B[:j + 1])
         if j == m - 1:
             break
         b = float(w.norm())
         scale = max(float(alpha[: j + 1].abs().max()), float(beta[:j].abs().max()) if j else 0.0, 1e-300)
         if b <= 1e-10 * scale:
             if generator is None:
-                return alpha[: j + 1], beta[:j], Q[:, : j + 1], n_mv
+                return alpha[: j + 1], beta[:j], B[: j + 1].T, n_mv
             beta[j] = 0.0
             if stop is not None and random_block and stop(alpha[: j + 1], beta[: j + 1]):
-                return alpha[: j + 1], beta[:j], Q[:, : j + 1], n_mv
+                return alpha[: j + 1], beta[:j], B[: j + 1].T, n_mv
             w = torch.randn(D, generator=generator, dtype=torch.float64).to(A.device)
-            w = _orthogonalize(w, Q[:, :j + 1])
+            w = _orthogonalize(w, B[:j + 1])
             q, random_block = w / w.norm(), True
             continue
         q, beta[j] = w / b, b
         if stop is not None and stop(alpha[: j + 1], beta[: j + 1]):
-            return alpha[: j + 1], beta[:j], Q[:, : j + 1], n_mv
-    return alpha[: j + 1], beta[:j], Q[:, : j + 1], n_mv
+            return alpha[: j + 1], beta[:j], B[: j + 1].T, n_mv
+    return alpha[: j + 1], beta[:j], B[: j + 1].T, n_mv
 
 
 def _tridiag(alpha: Tensor, beta: Tensor) -> Tensor:
