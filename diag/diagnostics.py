@@ -128,10 +128,12 @@ class Diagnostics:
         return content_key({"base": self.base_hash, "ft": ft_meta.get("key", ""), "settings": asdict(self.settings)})
 
     def card_path(self, target: str) -> Path:
-        return self.store.curvature_dir(target) / f"card-k{self.settings.k}.safetensors"
+        """The target's Hessian card, keyed by θ_ftᵀ and the curvature settings (:meth:`Store.curvature_path`)."""
+        return self.store.curvature_path(target, "card", {"key": self._curvature_key(target)})
 
     def diag_path(self, target: str) -> Path:
-        return self.store.curvature_dir(target) / "diag.safetensors"
+        """The target's Hutchinson diagonal with standard errors, keyed like :meth:`card_path`."""
+        return self.store.curvature_path(target, "diag", {"key": self._curvature_key(target)})
 
     def curvature(self, target: str, need_operator: bool = False) -> TargetCurvature:
         """Diagonal + card of Hᵀ (cached in the store); the operator too when asked."""

@@ -86,3 +86,16 @@ def test_spectrum_writes_plot(root, capsys, tmp_path):
                    "--out", str(png), "--store", root, *SMALL)
     assert png.stat().st_size > 1000
     assert len(res["top"]["eigvals"]) == 2
+
+
+def test_bench_curvature_quick_runs_every_path(capsys):
+    """`diag bench curvature` on the tiny model: products, PyHessian, curvlinops and the estimators."""
+    rows = run_json(capsys, "bench", "curvature", "--quick", "--models", "tiny-vit", "--repeats", "1", "--probes", "3")
+    (r,) = rows
+    assert r["n_params"] == 828672 and r["batch"] == 16
+    for key in ("grad_s", "hvp_s", "hvp_kept_graph_s", "block8_per_probe_s", "trace_s", "hutchpp_s", "eig_s"):
+        assert r[key] > 0, key
+    assert r["est_probes"] == 3 and r["eig_matvecs"] >= 2
+    if r.get("pyhessian_top_eig") is not None:  # the same top eigenvalue by Lanczos and by power iteration
+        assert r["top_eig"] == pytest.approx(r["pyhessian_top_eig"], rel=2e-2)
+    assert set(r["goals"]) >= {"hvp_over_grad", "hvp_kept_over_grad", "pyhessian_over_ours_trace"}

@@ -142,6 +142,45 @@ def test_engines_agree_and_auto_records_timings(case):
     torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("engine", ["fwd-rev", "double-backward"])
+def test_block_equals_single_products(case, engine):
+    """A (D, k) block (one first-order graph per batch) equals k separate products to 1e-10."""
+    name, model, data, params, H = case
+    op = HessianOperator(model, data, params=params, engine=engine, keep_graphs=0)
+    V = torch.randn(op.shape[0], 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    singles = torch.stack([op @ V[:, j] for j in range(5)], dim=1)
+    torch.testing.assert_close(op @ V, singles, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(singles, H @ V, rtol=RTOL, atol=ATOL)
+
+
+def test_kept_graphs_give_identical_products(case):
+    """Products on kept first-order graphs equal products on rebuilt graphs, bit for bit."""
+    name, model, data, params, H = case
+    fresh = HessianOperator(model, data, params=params, engine="double-backward", keep_graphs=0)
+    kept = HessianOperator(model, data, params=params, engine="double-backward", keep_graphs=len(data))
+    part = HessianOperator(model, data, params=params, engine="double-backward", keep_graphs=1)
+    assert kept.reuses_graphs and not fresh.reuses_graphs
+    V = torch.randn(fresh.shape[0], 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ref = fresh @ V
+    for _ in range(3):  # the first call builds the graphs, the next ones reuse them
+        assert torch.equal(kept @ V, ref)
+        assert torch.equal(part @ V[:, 0], ref[:, 0])
+    assert len(kept._graphs) == len(data) and len(part._graphs) == 1 and not fresh._graphs
+    kept.clear_graphs()
+    assert not kept._graphs and torch.equal(kept @ V, ref)
+    # a one-shot iterator or a non-list iterable is never cached (its batches may change)
+    gen_op = HessianOperator(model, _Reiterable(data), params=params, engine="double-backward")
+    assert not gen_op.reuses_graphs and torch.equal(gen_op @ V, ref) and not gen_op._graphs
+
+
+class _Reiterable:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
 def test_finite_difference_check(case):
     name, model, data, params, H = case
     op = HessianOperator(model, data, params=params, engine="fwd-rev")

@@ -195,6 +195,46 @@ def test_lanczos_early_stop_residuals_are_honest():
     assert float(r.residuals.max()) < 1e-6
 
 
+def test_lanczos_restarts_after_breakdown():
+    """A start vector in an invariant subspace breaks the Krylov space down after one step;
+    the run must restart and still find the top-k eigenpairs (it stopped with 1 Ritz value)."""
+    evals = torch.tensor([10.0, 9.0, 8.0, 7.0, 3.0, 3.0, 3.0, 1.0, 1.0, 0.5, 0.25, 0.1], dtype=torch.float64)
+    A = DenseOperator(torch.diag(evals))
+    v0 = torch.zeros(12, dtype=torch.float64)
+    v0[4] = v0[5] = 1.0  # in the eigenspace of the repeated eigenvalue 3
+    for k in (1, 3, 5):
+        r = lanczos_topk(A, k=k, seed=0, v0=v0)
+        torch.testing.assert_close(r.eigvals, evals[:k], rtol=1e-10, atol=1e-10)
+        assert float(r.residuals.max()) < 1e-8
+        torch.testing.assert_close(r.eigvecs.T @ r.eigvecs, torch.eye(k, dtype=torch.float64), atol=1e-10, rtol=0)
+    # the whole spectrum, repeated eigenvalues included, needs several restarts
+    full = lanczos_topk(A, k=12, seed=0, v0=v0)
+    torch.testing.assert_close(full.eigvals, evals, rtol=1e-10, atol=1e-10)
+
+
+def test_lanczos_value_tol_stops_on_the_eigenvalue_error():
+    """value_tol stops once r²/gap is small: fewer products, eigenvalue still within the tolerance."""
+    g = torch.Generator().manual_seed(1)
+    U, _ = torch.linalg.qr(torch.randn(80, 80, generator=g, dtype=torch.float64))
+    evals = torch.cat([torch.tensor([100.0, 60.0], dtype=torch.float64), torch.rand(78, generator=g, dtype=torch.float64)])
+    A = DenseOperator(U @ torch.diag(evals) @ U.T)
+    fine = lanczos_topk(A, k=1, seed=0)
+    coarse = lanczos_topk(A, k=1, seed=0, value_tol=1e-6)
+    assert coarse.n_matvecs < fine.n_matvecs
+    assert abs(float(coarse.eigvals[0]) - 100.0) <= 1e-6 * 100.0
+    assert float(coarse.residuals[0]) > float(fine.residuals[0])  # the vector is less accurate, honestly reported
+
+
+def test_hutchinson_blocks_give_the_same_estimate():
+    """Block size changes how products are grouped, never the probes or the estimate."""
+    A = DenseOperator(sym(30, seed=4))
+    a = hutchinson_diagonal(A, num_matvecs=24, seed=2, block_size=1)
+    b = hutchinson_diagonal(A, num_matvecs=24, seed=2, block_size=8)
+    torch.testing.assert_close(a.mean, b.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.stderr, b.stderr, rtol=1e-10, atol=1e-12)
+    assert a.total == pytest.approx(b.total, rel=1e-12)
+
+
 def test_slq_density_integrates_to_one_and_gives_trace():
     H = sym(40, seed=8)
     A = DenseOperator(H)

@@ -61,6 +61,9 @@ def register(sub) -> None:
     b.add_argument("--quick", action="store_true", help="small models and batches, < 1 minute on 2 cores")
     b.add_argument("--repeats", type=REPEATS, default=None)
     b.add_argument("--json", action="store_true")
+    b.add_argument("--probes", type=int, default=None,
+                   help="also time an N-probe Hutchinson trace and the top eigenvalue against PyHessian's")
+    b.add_argument("--models", nargs="+", default=None, help="bench models (default: all)")
     b.set_defaults(func=run_bench)
 
 
@@ -77,7 +80,7 @@ def _diagnostics(args, ctx, domains, explain):
 
 
 def run_hessian(args) -> int:
-    from diag.curvature.estimators import hutchinson_diagonal, hutchinson_trace, hutchpp_trace
+    """``diag hessian``: trace, diagonal or card of the Hessian of L_cls at a domain's θ_ft."""
     from train.errors import TvdiagError
 
     ctx = context_from(args, default_domain=args.domain)
@@ -89,59 +92,83 @@ def run_hessian(args) -> int:
     diag = _diagnostics(args, ctx, [domain], explain=args.what == "card")
     out: dict = {"domain": domain, "what": args.what, "point": "θ_ft", "n_images": args.n_images}
     if args.what == "card":
-        curv = diag.curvature(domain)
-        out["card"] = curv.card.to_dict()
+        out["card"] = diag.curvature(domain).card.to_dict()
         out["path"] = str(diag.card_path(domain))
     else:
         op = diag.operator(domain)
-        out["dim"] = op.shape[0]
-        out["engine"] = op.engine
-        ckpt = None
-        if args.resume:
-            ckpt = diag.store.curvature_dir(domain) / f"{args.what}-seed{args.seed}.ckpt.safetensors"
-        kwargs = dict(num_matvecs=args.probes, rel_stderr=args.rel_stderr, max_matvecs=args.max_probes,
-                      seed=args.seed, checkpoint=ckpt, progress=ctx.progress)
-        if args.what == "trace":
-            est = hutchinson_trace(op, **kwargs)
-            out["trace"] = est.to_dict()
-            out["hutchpp"] = hutchpp_trace(op, num_matvecs=max(12, 3 * ((args.probes or 24) // 3)), seed=args.seed).to_dict()
-        else:
-            est = hutchinson_diagonal(op, **kwargs)
-            from train.tensorio import save_tensors
-
-            path = diag.store.curvature_dir(domain) / f"diag-hutchinson-{est.n_probes}.safetensors"
-            save_tensors(path, {"diag": est.mean, "stderr": est.stderr},
-                         {"domain": domain, "probes": est.n_probes, "seed": args.seed, "total": est.total,
-                          "total_stderr": est.total_stderr, "base_hash": diag.base_hash})
-            out["diag"] = est.to_dict()
-            out["path"] = str(path)
-            per_tensor = {name: float(est.mean[a:b].sum()) for name, (a, b) in op.layout.offsets().items()}
-            out["per_tensor_top"] = dict(sorted(per_tensor.items(), key=lambda kv: -abs(kv[1]))[:8])
+        out.update(_hessian_estimates(args, ctx, diag, domain, op))
         if args.backend == "pyhessian":
-            from diag.curvature.backends import pyhessian_trace_and_top_eig
-
-            x, y = op.data[0]
-            model = diag.store.model(domain, diag.vector(domain, "ft").apply_to(diag.base, base_hash=diag.base_hash),
-                                     backbone=diag.backbone)
-            ph = pyhessian_trace_and_top_eig(model, x, y, params=list(args.params) if args.params else None,
-                                             seed=args.seed)
-            ours_b = hutchinson_trace(type(op)(model, [(x, y)], params=list(args.params) if args.params else None,
-                                               engine=op.engine), num_matvecs=args.probes or 32, seed=args.seed)
-            out["pyhessian_first_batch"] = ph.to_dict()
-            out["ours_first_batch"] = ours_b.to_dict()
+            out.update(_pyhessian_side_by_side(args, diag, domain, op))
     if args.json:
         emit_json(out)
-        return 0
-    print(f"Hessian of L_cls at θ_ft of '{domain}' on {args.n_images} train images")
+    else:
+        _print_hessian(out, domain, args.n_images)
+    return 0
+
+
+def _settings_key(args) -> dict:
+    """What a Hutchinson run's result depends on (keys its files in the store)."""
+    return {"what": args.what, "seed": args.seed, "n_images": args.n_images, "probes": args.probes,
+            "rel_stderr": args.rel_stderr, "max_probes": args.max_probes,
+            "params": list(args.params) if args.params else None}
+
+
+def _hessian_estimates(args, ctx, diag, domain: str, op) -> dict:
+    """Hutchinson (and Hutch++) trace, or the Hutchinson diagonal saved to the store."""
+    from diag.curvature.estimators import hutchinson_diagonal, hutchinson_trace, hutchpp_trace
+
+    out: dict = {"dim": op.shape[0], "engine": op.engine}
+    ckpt = None
+    if args.resume:
+        ckpt = diag.store.curvature_path(domain, f"{args.what}-ckpt", _settings_key(args))
+    kwargs = {"num_matvecs": args.probes, "rel_stderr": args.rel_stderr, "max_matvecs": args.max_probes,
+              "seed": args.seed, "checkpoint": ckpt, "progress": ctx.progress}
+    if args.what == "trace":
+        out["trace"] = hutchinson_trace(op, **kwargs).to_dict()
+        n_hpp = max(12, 3 * ((args.probes or 24) // 3))
+        out["hutchpp"] = hutchpp_trace(op, num_matvecs=n_hpp, seed=args.seed).to_dict()
+        return out
+    from train.tensorio import save_tensors
+
+    est = hutchinson_diagonal(op, **kwargs)
+    path = diag.store.curvature_path(domain, "diag-hutchinson", {**_settings_key(args), "n_probes": est.n_probes})
+    save_tensors(path, {"diag": est.mean, "stderr": est.stderr},
+                 {"domain": domain, "probes": est.n_probes, "seed": args.seed, "total": est.total,
+                  "total_stderr": est.total_stderr, "base_hash": diag.base_hash})
+    out["diag"] = est.to_dict()
+    out["path"] = str(path)
+    per_tensor = {name: float(est.mean[a:b].sum()) for name, (a, b) in op.layout.offsets().items()}
+    out["per_tensor_top"] = dict(sorted(per_tensor.items(), key=lambda kv: -abs(kv[1]))[:8])
+    return out
+
+
+def _pyhessian_side_by_side(args, diag, domain: str, op) -> dict:
+    """PyHessian's trace and top eigenvalue on the first batch, and ours on the same batch."""
+    from diag.curvature.backends import pyhessian_trace_and_top_eig
+    from diag.curvature.estimators import hutchinson_trace
+
+    x, y = op.data[0]
+    model = diag.store.model(domain, diag.vector(domain, "ft").apply_to(diag.base, base_hash=diag.base_hash),
+                             backbone=diag.backbone)
+    params = list(args.params) if args.params else None
+    ph = pyhessian_trace_and_top_eig(model, x, y, params=params, seed=args.seed)
+    ours = hutchinson_trace(type(op)(model, [(x, y)], params=params, engine=op.engine),
+                            num_matvecs=args.probes or 32, seed=args.seed)
+    return {"pyhessian_first_batch": ph.to_dict(), "ours_first_batch": ours.to_dict()}
+
+
+def _print_hessian(out: dict, domain: str, n_images: int) -> None:
+    print(f"Hessian of L_cls at θ_ft of '{domain}' on {n_images} train images")
     if "trace" in out:
-        t = out["trace"]
+        t, h = out["trace"], out["hutchpp"]
         lo, hi = t["ci95_low"], t["ci95_high"]
-        print(f"  trace (Hutchinson, {t['n_matvecs']} probes): {t['value']:.6g} ± {t['stderr']:.2g}  95% CI [{lo:.6g}, {hi:.6g}]")
-        h = out["hutchpp"]
+        print(f"  trace (Hutchinson, {t['n_matvecs']} probes): {t['value']:.6g} ± {t['stderr']:.2g}  "
+              f"95% CI [{lo:.6g}, {hi:.6g}]")
         print(f"  trace (Hutch++, {h['n_matvecs']} products):  {h['value']:.6g} ± {h['stderr']:.2g}")
     if "diag" in out:
         d = out["diag"]
-        print(f"  diagonal (Hutchinson, {d['n_matvecs']} probes): total {d['total']:.6g} ± {d['total_stderr']:.2g}; saved {out['path']}")
+        print(f"  diagonal (Hutchinson, {d['n_matvecs']} probes): total {d['total']:.6g} ± "
+              f"{d['total_stderr']:.2g}; saved {out['path']}")
         for name, val in out["per_tensor_top"].items():
             print(f"    {name:60s} {val: .4g}")
     if "card" in out:
@@ -154,8 +181,8 @@ def run_hessian(args) -> int:
         ph, ours = out["pyhessian_first_batch"], out["ours_first_batch"]
         print(f"  first batch: PyHessian trace {ph.get('trace_value')} ± {ph.get('trace_stderr')} "
               f"({ph.get('trace_n_probes')} probes; {ph.get('stop_rule')}), "
-              f"top eig {ph.get('eigvals')}; ours {ours['value']:.6g} ± {ours['stderr']:.2g} ({ours['n_matvecs']} probes)")
-    return 0
+              f"top eig {ph.get('eigvals')}; ours {ours['value']:.6g} ± {ours['stderr']:.2g} "
+              f"({ours['n_matvecs']} probes)")
 
 
 def run_spectrum(args) -> int:
@@ -247,6 +274,7 @@ def run_risk(args) -> int:
 
 
 def run_bench(args) -> int:
-    from diag.curvature.bench import bench_main
+    from diag.curvature.bench import BENCH_MODELS, bench_main
 
-    return bench_main(quick=args.quick, json_out=args.json, repeats=args.repeats or 3)
+    return bench_main(quick=args.quick, json_out=args.json, repeats=args.repeats or 3, probes=args.probes,
+                      models=tuple(args.models) if args.models else BENCH_MODELS)

@@ -7,7 +7,16 @@ publishable :class:`HessianCard`.
 
 from diag.curvature.attention import curvature_mode
 from diag.curvature.card import HessianCard, build_card
+from diag.curvature.data_variance import trace_with_data_variance
 from diag.curvature.distributed import all_reduce_sum, broadcast, is_distributed, rank_and_world, shard_batches
+from diag.curvature.estimators import (
+    exact_diagonal,
+    exact_trace,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+)
+from diag.curvature.lanczos import lanczos_topk, slq_density
 from diag.curvature.operators import (
     CurvatureOperator,
     DenseOperator,
@@ -18,6 +27,7 @@ from diag.curvature.operators import (
     finite_difference_check,
 )
 from diag.curvature.params import ParamLayout, layout_for, select_params
+from diag.curvature.results import DiagonalEstimate, EigenResult, SpectralDensity, TraceEstimate
 from diag.curvature.risk import (
     QuadraticCheckRow,
     RiskResult,
@@ -25,61 +35,47 @@ from diag.curvature.risk import (
     quadratic_check,
     rank_agreement,
     risk_diagonal,
+    risk_diagonal_estimate,
     risk_exact,
 )
 
-from diag.curvature.estimators import (
-    exact_diagonal,
-    exact_trace,
-    hutchinson_diagonal,
-    hutchinson_trace,
-    hutchpp_trace,
-    trace_with_data_variance,
-)
-from diag.curvature.lanczos import lanczos_topk, slq_density
-from diag.curvature.results import DiagonalEstimate, EigenResult, SpectralDensity, TraceEstimate
-
 __all__ = [
-    # estimators
+    "CurvatureOperator",
+    "DenseOperator",
+    "DiagonalEstimate",
+    "EigenResult",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
+    "HessianCard",
+    "HessianOperator",
+    "ParamLayout",
+    "QuadraticCheckRow",
+    "RiskResult",
+    "SpectralDensity",
+    "TraceEstimate",
+    "all_reduce_sum",
+    "broadcast",
+    "build_card",
+    "curvature_mode",
+    "eigen_contributions",
     "exact_diagonal",
+    "exact_ggn_diagonal",
     "exact_trace",
+    "finite_difference_check",
     "hutchinson_diagonal",
     "hutchinson_trace",
     "hutchpp_trace",
-    "trace_with_data_variance",
-    "lanczos_topk",
-    "slq_density",
-    "TraceEstimate",
-    "DiagonalEstimate",
-    "EigenResult",
-    "SpectralDensity",
-    # operators
-    "CurvatureOperator",
-    "DenseOperator",
-    "HessianOperator",
-    "GGNOperator",
-    "EmpiricalFisherOperator",
-    "exact_ggn_diagonal",
-    "finite_difference_check",
-    # parameters, attention, distributed
-    "ParamLayout",
-    "select_params",
-    "layout_for",
-    "curvature_mode",
     "is_distributed",
-    "rank_and_world",
-    "all_reduce_sum",
-    "broadcast",
-    "shard_batches",
-    # risk and card
-    "risk_exact",
-    "risk_diagonal",
-    "eigen_contributions",
-    "RiskResult",
-    "QuadraticCheckRow",
+    "lanczos_topk",
+    "layout_for",
     "quadratic_check",
     "rank_agreement",
-    "HessianCard",
-    "build_card",
-    # --- estimator names go here ---
+    "rank_and_world",
+    "risk_diagonal",
+    "risk_diagonal_estimate",
+    "risk_exact",
+    "select_params",
+    "shard_batches",
+    "slq_density",
+    "trace_with_data_variance",
 ]

@@ -10,7 +10,7 @@ the plain math kernel, which is made of differentiable primitives.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel

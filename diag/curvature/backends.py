@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ from diag.curvature.params import select_params
 from diag.curvature.results import BackendResult, EigenResult, TraceEstimate
 from train.errors import TvdiagError, unknown
 
-__all__ = ["pyhessian_trace_and_top_eig", "CurvlinopsHessian", "BACKENDS"]
+__all__ = ["BACKENDS", "CurvlinopsHessian", "pyhessian_trace_and_top_eig"]
 
 BACKENDS = ("tvdiag", "pyhessian")
 _LOSSES = ("ce",)
@@ -103,6 +103,23 @@ def _import_pyhessian():
     return hessian
 
 
+def _pyhessian_eigen_result(comp, plist: list[Tensor], eigvals, eigvecs, n_eig: int, max_iter: int) -> EigenResult:
+    """PyHessian's eigenpairs as an :class:`EigenResult`, with residuals ``‖Hv − λv‖`` from one product each."""
+    from pyhessian.utils import hessian_vector_product  # the uncounted original
+
+    V = torch.stack([torch.cat([t.detach().reshape(-1) for t in vec]) for vec in eigvecs], dim=1)
+    V = V / V.norm(dim=0, keepdim=True)
+    lam = torch.tensor(eigvals, dtype=torch.float64)
+    res = []
+    for j in range(V.shape[1]):
+        parts = [t.reshape(p.shape).to(p.dtype) for t, p in zip(torch.split(V[:, j], [p.numel() for p in plist]),
+                                                                plist)]
+        hv = torch.cat([h.reshape(-1) for h in hessian_vector_product(comp.gradsH, comp.params, parts)]).double()
+        res.append(float((hv - lam[j] * V[:, j].double()).norm()))
+    return EigenResult(lam, V.double(), torch.tensor(res, dtype=torch.float64), n_eig + V.shape[1],
+                       "pyhessian-power", max_iter)
+
+
 def pyhessian_trace_and_top_eig(model: nn.Module, x: Tensor, y: Tensor, params: str | Sequence[str] | None = None,
                                 loss: str = "ce", top_n: int = 1, max_iter: int = 100, tol: float = 1e-3,
                                 seed: int = 0, trace: bool = True, eigen: bool = True) -> BackendResult:
@@ -149,23 +166,7 @@ def pyhessian_trace_and_top_eig(model: nn.Module, x: Tensor, y: Tensor, params: 
         if eigen:
             n_before = count[0]
             eigvals, eigvecs = comp.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_n)
-            n_eig = count[0] - n_before
-            V = torch.stack([torch.cat([t.detach().reshape(-1) for t in vec]) for vec in eigvecs], dim=1)
-            V = V / V.norm(dim=0, keepdim=True)
-            lam = torch.tensor(eigvals, dtype=torch.float64)
-            res = []
-            for j in range(V.shape[1]):
-                parts, start = [], 0
-                for p in plist:
-                    parts.append(V[start:start + p.numel(), j].reshape(p.shape).to(p.dtype))
-                    start += p.numel()
-                from pyhessian.utils import hessian_vector_product  # the uncounted original
-
-                hv = hessian_vector_product(comp.gradsH, comp.params, parts)
-                hv = torch.cat([h.reshape(-1) for h in hv]).double()
-                res.append(float((hv - lam[j] * V[:, j].double()).norm()))
-            e_res = EigenResult(lam, V.double(), torch.tensor(res, dtype=torch.float64), n_eig + V.shape[1],
-                                "pyhessian-power", max_iter)
+            e_res = _pyhessian_eigen_result(comp, plist, eigvals, eigvecs, count[0] - n_before, max_iter)
         total = count[0] + (e_res.k if e_res is not None else 0)
         del comp
     return BackendResult("pyhessian", t_est, e_res, total,

@@ -13,14 +13,13 @@ residual as diagonal. Cards are stored as safetensors (``eigvals``, ``eigvecs``,
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import math
 import os
-import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,9 +27,9 @@ from torch import Tensor
 
 from diag.curvature.operators import CurvatureOperator
 from diag.curvature.params import ParamLayout
-from train.errors import ArtifactError, BaseMismatchError, StoreError, TvdiagError
+from train.errors import ArtifactError, BaseMismatchError, TvdiagError
 
-__all__ = ["HessianCard", "build_card", "CARD_FORMAT"]
+__all__ = ["CARD_FORMAT", "HessianCard", "build_card"]
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +147,8 @@ class HessianCard:
         Raises:
             StoreError: the folder cannot be written.
         """
-        from safetensors.torch import save_file
+        from train.tensorio import save_tensors
 
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
         tensors = {
             "eigvals": self.eigvals.detach().cpu().contiguous(),
             "eigvecs": self.eigvecs.detach().cpu().contiguous(),
@@ -165,22 +162,10 @@ class HessianCard:
             "trace_stderr": json.dumps(self.trace_stderr),
             "provenance": json.dumps(self.provenance, sort_keys=True),
         }
-        tmp = None
-        try:
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".card-", suffix=".tmp")
-            os.close(fd)
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-            tmp = None
-        except OSError as e:
-            raise StoreError(f"Cannot write Hessian card to '{path}': {e}") from e
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
+        save_tensors(path, tensors, metadata)  # atomic, fixed header order: same card, same bytes
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "HessianCard":
+    def load(cls, path: str | os.PathLike) -> HessianCard:
         """Read a card written by :meth:`save`, validating format, shapes and finiteness.
 
         Raises:
@@ -269,6 +254,50 @@ def _topk_eigs(op: CurvatureOperator, k: int, method: str, seed: int, tol: float
     raise TvdiagError(f"Unknown eigen method '{method}'. Available: auto, dense, eigsh, lanczos")
 
 
+def _residual(op: CurvatureOperator, vals: Tensor, vecs: Tensor, H: Tensor | None,
+              residual_diag: None | str | Tensor, hessian_diag: Tensor | None) -> tuple[Tensor, str, float | None]:
+    """The card's residual diagonal ``diag(H) - Σ_i l_i v_i²``, its kind and the exact trace (dense only)."""
+    D = op.shape[0]
+    top_diag = (vecs.pow(2) * vals).sum(1)
+    exact_trace = None
+    if residual_diag == "exact":
+        if H is None:
+            H = op.to_dense().double()
+        exact_trace = float(torch.diagonal(H).sum())
+        resid, resid_kind = torch.diagonal(H) - top_diag, "exact"
+    elif isinstance(residual_diag, Tensor):
+        resid, resid_kind = residual_diag.detach().double().cpu().reshape(-1), "supplied"
+    elif hessian_diag is not None:
+        resid, resid_kind = hessian_diag.detach().double().cpu().reshape(-1) - top_diag, "from hessian_diag"
+    else:
+        resid, resid_kind = torch.zeros(D, dtype=torch.float64), "none"
+    if resid.shape[0] != D:
+        raise BaseMismatchError(f"residual diagonal has length {resid.shape[0]}, the operator has D={D}.")
+    return resid, resid_kind, exact_trace
+
+
+def _provenance(op: CurvatureOperator, used: str, k: int, resid_kind: str) -> dict[str, str]:
+    """The facts a card records about how it was made."""
+    prov = {
+        "operator": type(op).__name__,
+        "eig_method": used,
+        "k": str(k),
+        "dim": str(op.shape[0]),
+        "dtype": str(op.dtype).replace("torch.", ""),
+        "residual": resid_kind,
+    }
+    for attr in ("engine", "num_samples", "loss_name"):
+        if getattr(op, attr, None) is not None:
+            prov[attr] = str(getattr(op, attr))
+    try:
+        from diag import __version__
+
+        prov["tvdiag_version"] = __version__
+    except ImportError:  # pragma: no cover
+        pass
+    return prov
+
+
 def build_card(op: CurvatureOperator, k: int, residual_diag: None | str | Tensor = None,
                hessian_diag: Tensor | None = None, trace: float | None = None, trace_stderr: float | None = None,
                provenance: Mapping[str, Any] | None = None, method: str = "auto", seed: int = 0,
@@ -306,44 +335,12 @@ def build_card(op: CurvatureOperator, k: int, residual_diag: None | str | Tensor
     want_dense = residual_diag == "exact"
     vals, vecs, H, used = _topk_eigs(op, int(k), "dense" if (want_dense and method == "auto") else method,
                                      seed, tol, lanczos_kwargs)
-    top_diag = (vecs.pow(2) * vals).sum(1)
-    exact_trace = None
-    if want_dense:
-        if H is None:
-            H = op.to_dense().double()
-        exact_trace = float(torch.diagonal(H).sum())
-        resid, resid_kind = torch.diagonal(H) - top_diag, "exact"
-    elif isinstance(residual_diag, Tensor):
-        resid, resid_kind = residual_diag.detach().double().cpu().reshape(-1), "supplied"
-    elif hessian_diag is not None:
-        resid, resid_kind = hessian_diag.detach().double().cpu().reshape(-1) - top_diag, "from hessian_diag"
-    else:
-        resid, resid_kind = torch.zeros(D, dtype=torch.float64), "none"
-    if resid.shape[0] != D:
-        raise BaseMismatchError(f"residual diagonal has length {resid.shape[0]}, the operator has D={D}.")
+    resid, resid_kind, exact_trace = _residual(op, vals, vecs, H, residual_diag, hessian_diag)
     if exact_trace is not None and trace is None:
         trace, trace_stderr = exact_trace, 0.0
-
     names = tuple(getattr(op, "param_names", ("flat",)))
     shapes = tuple(getattr(op, "param_shapes", ((D,),)))
-    prov = {
-        "operator": type(op).__name__,
-        "eig_method": used,
-        "k": str(int(k)),
-        "dim": str(D),
-        "dtype": str(op.dtype).replace("torch.", ""),
-        "residual": resid_kind,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    for attr in ("engine", "num_samples", "loss_name"):
-        if getattr(op, attr, None) is not None:
-            prov[attr] = str(getattr(op, attr))
-    try:
-        from diag import __version__
-
-        prov["tvdiag_version"] = __version__
-    except ImportError:  # pragma: no cover
-        pass
+    prov = _provenance(op, used, int(k), resid_kind)
     prov.update({str(a): str(b) for a, b in (provenance or {}).items()})
     return HessianCard(eigvals=vals.double(), eigvecs=vecs.double().contiguous(), residual_diag=resid.double(),
                        param_names=names, param_shapes=shapes, trace=trace, trace_stderr=trace_stderr,

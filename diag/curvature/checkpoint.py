@@ -24,7 +24,7 @@ from torch import Tensor
 
 from train.errors import ArtifactError
 
-__all__ = ["ProbeCheckpoint", "ProbeState", "save_state", "load_state"]
+__all__ = ["ProbeCheckpoint", "ProbeState", "load_state", "save_state"]
 
 FORMAT = "tvdiag-probe-state-1"
 
@@ -47,7 +47,7 @@ class ProbeCheckpoint:
             raise ValueError(f"checkpoint every={self.every}; must be >= 1")
 
     @classmethod
-    def coerce(cls, c: "ProbeCheckpoint | str | os.PathLike | None") -> "ProbeCheckpoint | None":
+    def coerce(cls, c: ProbeCheckpoint | str | os.PathLike | None) -> ProbeCheckpoint | None:
         """Accept a :class:`ProbeCheckpoint`, a path or ``None``."""
         if c is None or isinstance(c, ProbeCheckpoint):
             return c
@@ -73,7 +73,7 @@ class ProbeState:
     vec_m2: Tensor | None = None
 
     @classmethod
-    def empty(cls, dim: int | None) -> "ProbeState":
+    def empty(cls, dim: int | None) -> ProbeState:
         """State before the first probe; ``dim`` given for the diagonal."""
         z = torch.zeros(0, dtype=torch.float64)
         if dim is None:
@@ -131,7 +131,7 @@ def load_state(path: str | os.PathLike, meta: dict[str, str]) -> ProbeState | No
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in f.keys()}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as e:  # safetensors raises its own error types
         raise ArtifactError(f"Cannot read probe checkpoint '{path}': {e}") from e
     if stored.get("format") != FORMAT:

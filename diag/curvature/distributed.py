@@ -8,13 +8,14 @@ and the caller divides by the total count. Backends: gloo on CPU, nccl on GPU
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "rank_and_world", "all_reduce_sum", "broadcast", "shard_batches", "default_backend"]
+__all__ = ["all_reduce_sum", "broadcast", "default_backend", "is_distributed", "rank_and_world", "shard_batches"]
 
 T = TypeVar("T")
 

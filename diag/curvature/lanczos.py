@@ -16,32 +16,37 @@ import math
 import torch
 from torch import Tensor
 
-from diag.curvature.estimators import _dim, _matmul, rademacher
+from diag.curvature.probes import _dim, _matmul, rademacher
 from diag.curvature.results import EigenResult, SpectralDensity
 
-__all__ = ["lanczos_topk", "slq_density", "lanczos_tridiag"]
+__all__ = ["lanczos_topk", "lanczos_tridiag", "slq_density"]
 
 log = logging.getLogger(__name__)
 
 _WHICH = ("LA", "LM", "SA")
 
 
-def _orthogonalize(w: Tensor, Q: Tensor) -> Tensor:
-    """Remove the components of ``w`` along the orthonormal columns of ``Q`` (twice)."""
-    if Q.shape[1] == 0:
+def _orthogonalize(w: Tensor, B: Tensor) -> Tensor:
+    """Remove the components of ``w`` along the orthonormal rows of ``B`` (twice)."""
+    if B.shape[0] == 0:
         return w
     for _ in range(2):
-        w = w - Q @ (Q.T @ w)
+        w = w - B.T @ (B @ w)
     return w
 
 
 def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | None = None,
-                    stop: "callable | None" = None) -> tuple[Tensor, Tensor, Tensor, int]:
+                    stop: callable | None = None, random_start: bool = True) -> tuple[Tensor, Tensor, Tensor, int]:
     """Run ``num_iters`` Lanczos steps with full re-orthogonalisation from ``q0``.
 
     On breakdown (``β_j ≈ 0``: the Krylov space is invariant) the run restarts from a
     random vector orthogonal to the basis with ``β_j = 0``, as long as ``generator`` is
-    given; otherwise it stops early (the Ritz values found are then exact).
+    given; otherwise it stops early (the Ritz values found are then exact). At a
+    breakdown ``stop`` is consulted only when the current Krylov block started from a
+    random vector (``random_start`` or a restart): then its extreme Ritz value is almost
+    surely the extreme eigenvalue of what is left of ``A``. A block from a given start
+    vector may sit in a small invariant subspace with larger eigenvalues outside it, so
+    the run restarts instead.
 
     Args:
         A: Symmetric operator ``(D, D)``.
@@ -49,40 +54,45 @@ def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | 
         num_iters: Maximal Krylov dimension m (capped at D).
         generator: CPU generator for restart vectors.
         stop: Optional ``stop(alpha, beta) -> bool`` checked after each step.
+        random_start: ``q0`` is a random vector (not one chosen by the caller).
 
     Returns:
         ``(alpha (m,), beta (m-1,), Q (D, m), n_matvecs)``, float64.
     """
     D = _dim(A)
     m = min(num_iters, D)
-    Q = torch.zeros(D, m, dtype=torch.float64, device=A.device)
+    B = torch.empty(m, D, dtype=torch.float64, device=A.device)  # basis as rows: each vector contiguous
     alpha = torch.zeros(m, dtype=torch.float64)
     beta = torch.zeros(max(m - 1, 0), dtype=torch.float64)
     q = q0.to(device=A.device, dtype=torch.float64)
     q = q / q.norm()
     n_mv = 0
     j = 0
+    random_block = random_start
     for j in range(m):
-        Q[:, j] = q
+        B[j] = q
         w = _matmul(A, q)
         n_mv += 1
         alpha[j] = q @ w
-        w = _orthogonalize(w, Q[:, :j + 1])
+        w = _orthogonalize(w, B[:j + 1])
         if j == m - 1:
             break
         b = float(w.norm())
         scale = max(float(alpha[: j + 1].abs().max()), float(beta[:j].abs().max()) if j else 0.0, 1e-300)
         if b <= 1e-10 * scale:
             if generator is None:
-                return alpha[: j + 1], beta[:j], Q[:, : j + 1], n_mv
+                return alpha[: j + 1], beta[:j], B[: j + 1].T, n_mv
+            beta[j] = 0.0
+            if stop is not None and random_block and stop(alpha[: j + 1], beta[: j + 1]):
+                return alpha[: j + 1], beta[:j], B[: j + 1].T, n_mv
             w = torch.randn(D, generator=generator, dtype=torch.float64).to(A.device)
-            w = _orthogonalize(w, Q[:, :j + 1])
-            q, beta[j] = w / w.norm(), 0.0
-        else:
-            q, beta[j] = w / b, b
+            w = _orthogonalize(w, B[:j + 1])
+            q, random_block = w / w.norm(), True
+            continue
+        q, beta[j] = w / b, b
         if stop is not None and stop(alpha[: j + 1], beta[: j + 1]):
-            return alpha[: j + 1], beta[:j], Q[:, : j + 1], n_mv
-    return alpha[: j + 1], beta[:j], Q[:, : j + 1], n_mv
+            return alpha[: j + 1], beta[:j], B[: j + 1].T, n_mv
+    return alpha[: j + 1], beta[:j], B[: j + 1].T, n_mv
 
 
 def _tridiag(alpha: Tensor, beta: Tensor) -> Tensor:
@@ -97,8 +107,48 @@ def _order(theta: Tensor, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True)
 
 
+def _converged_rule(k: int, tol: float, which: str, value_tol: float | None = None):
+    """The early-stop rule of :func:`lanczos_topk`.
+
+    Stop when the residual bounds ``r_i = |β_m s_{m,i}|`` of the ``k`` wanted Ritz values
+    are below ``tol · max|θ|`` — or, with ``value_tol``, when their eigenvalue error
+    estimates ``r_i² / δ_i`` are below ``value_tol · |θ_i|`` (``δ_i``: distance to the
+    nearest other Ritz value, standing in for the gap of the Kato–Temple bound
+    ``|θ − λ| ≤ r² / gap``; needs ``k + 1`` Ritz values) — and, after a restart (a zero
+    ``β``), the extreme Ritz value of the newest Krylov block passes the same test: the
+    earlier blocks' Ritz values are exact (zero bounds), but a larger eigenvalue outside
+    them only shows up in the newest block.
+    """
+
+    def small(theta: Tensor, S: Tensor, idx: Tensor, b: float) -> bool:
+        r = (b * S[-1, idx]).abs()
+        if value_tol is None:
+            return bool((r <= tol * max(float(theta.abs().max()), 1e-300)).all())
+        if theta.shape[0] < 2:
+            return b == 0.0
+        gaps = (theta[idx, None] - theta[None, :]).abs()
+        gaps[torch.arange(idx.shape[0]), idx] = math.inf
+        return bool((r.pow(2) / gaps.min(dim=1).values <= value_tol * theta[idx].abs()).all())
+
+    def stop(alpha: Tensor, beta: Tensor) -> bool:
+        if (tol <= 0 and value_tol is None) or alpha.shape[0] < k + (value_tol is not None):
+            return False
+        b = float(beta[-1])
+        theta, S = torch.linalg.eigh(_tridiag(alpha, beta[:-1]))
+        if not small(theta, S, _order(theta, which)[:k], b):
+            return False
+        zeros = (beta[:-1] == 0).nonzero()
+        if zeros.numel() == 0:
+            return True
+        start = int(zeros.max()) + 1
+        theta_n, S_n = torch.linalg.eigh(_tridiag(alpha[start:], beta[start:-1]))
+        return small(theta_n, S_n, _order(theta_n, which)[:1], b)
+
+    return stop
+
+
 def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: float = 1e-8,
-                 which: str = "LA") -> EigenResult:
+                 which: str = "LA", v0: Tensor | None = None, value_tol: float | None = None) -> EigenResult:
     """Top-``k`` eigenpairs of a symmetric operator by Lanczos with full re-orthogonalisation.
 
     Ritz pairs ``(θ_i, Q s_i)`` from ``T = Qᵀ A Q = S Θ Sᵀ``. The run stops early once
@@ -115,6 +165,11 @@ def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: fl
         tol: Relative tolerance of the early stop (0 disables it).
         which: ``"LA"`` largest algebraic (default), ``"LM"`` largest magnitude,
             ``"SA"`` smallest algebraic.
+        v0: Start vector (default a Gaussian one drawn from ``seed``).
+        value_tol: Instead of ``tol``, stop once the eigenvalue error estimates
+            ``r_i² / δ_i`` are below ``value_tol · |θ_i|`` (see :func:`_converged_rule`):
+            the accuracy of the eigenvalues, not of the vectors, e.g. ``1e-3`` to match
+            PyHessian's power iteration (relative change ``< 1e-3``) in far fewer products.
 
     Returns:
         :class:`EigenResult` with eigenvalues in the chosen order.
@@ -130,17 +185,11 @@ def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: fl
     if m < k:
         raise ValueError(f"num_iters={m} < k={k}")
     g = torch.Generator().manual_seed(int(seed))
-    q0 = torch.randn(D, generator=g, dtype=torch.float64)
+    q0 = torch.randn(D, generator=g, dtype=torch.float64) if v0 is None else v0.reshape(-1).double()
 
-    def stop(alpha: Tensor, beta: Tensor) -> bool:
-        if tol <= 0 or alpha.shape[0] < k:
-            return False
-        theta, S = torch.linalg.eigh(_tridiag(alpha, beta[:-1]))
-        idx = _order(theta, which)[:k]
-        bound = (beta[-1] * S[-1, idx]).abs()
-        return bool((bound <= tol * max(float(theta.abs().max()), 1e-300)).all())
-
-    alpha, beta, Q, n_mv = lanczos_tridiag(A, q0, m, generator=g, stop=stop)
+    rule = _converged_rule(k, tol, which, value_tol)
+    alpha, beta, Q, n_mv = lanczos_tridiag(A, q0, m, generator=g, stop=rule,
+                                           random_start=v0 is None)
     theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
     if theta.shape[0] < k:  # breakdown without restart cannot happen with a generator; be safe
         raise RuntimeError(f"Lanczos found only {theta.shape[0]} Ritz values, wanted {k}")

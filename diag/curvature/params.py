@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from train.errors import BaseMismatchError, UnknownNameError
 
-__all__ = ["ParamLayout", "select_params", "layout_for"]
+__all__ = ["ParamLayout", "layout_for", "select_params"]
 
 _SHOWN_NAMES = 12
 

@@ -16,12 +16,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "TraceEstimate",
+    "BackendResult",
+    "DataVarianceTrace",
     "DiagonalEstimate",
     "EigenResult",
     "SpectralDensity",
-    "DataVarianceTrace",
-    "BackendResult",
+    "TraceEstimate",
     "t_quantile",
 ]
 
@@ -118,6 +118,8 @@ class DiagonalEstimate:
         method: ``"hutchinson"`` or ``"exact"``.
         n_probes: Number of probes (0 for exact).
         seed, converged, target_rel_stderr: As in :class:`TraceEstimate`.
+        probe_diagonals: ``(n, D)`` per-probe diagonals ``v_k ⊙ A v_k`` when the run
+            kept them (``keep_probes=True``), else None; ``mean`` is their column mean.
     """
 
     mean: Tensor = field(repr=False)
@@ -130,6 +132,7 @@ class DiagonalEstimate:
     seed: int | None = None
     converged: bool | None = None
     target_rel_stderr: float | None = None
+    probe_diagonals: Tensor | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:

@@ -11,7 +11,8 @@ with ``g ~= 0`` at a fine-tuned minimum. With ``H = U diag(lambda_i) U^T`` and
 Three ways to evaluate R, from most to least data:
 
 * :func:`risk_exact`: one Hessian-vector product on target data;
-* :func:`risk_diagonal`: ``sum_i diag(H)_i tau_i^2`` from a stored diagonal;
+* :func:`risk_diagonal`: ``sum_i diag(H)_i tau_i^2`` from a stored diagonal
+  (:func:`risk_diagonal_estimate`: the same with a standard error from the probes);
 * :meth:`diag.curvature.card.HessianCard.risk`: top-k eigenpairs plus residual diagonal.
 
 :func:`rank_agreement` says how well an approximation ranks candidate vectors
@@ -22,8 +23,8 @@ measured loss change.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,16 +32,18 @@ from scipy import stats
 from torch import Tensor, nn
 
 from diag.curvature.operators import CurvatureOperator, HessianOperator
+from diag.curvature.results import DiagonalEstimate, TraceEstimate
 from train.errors import BaseMismatchError, TvdiagError
 
 __all__ = [
-    "risk_exact",
-    "risk_diagonal",
-    "eigen_contributions",
-    "RiskResult",
     "QuadraticCheckRow",
+    "RiskResult",
+    "eigen_contributions",
     "quadratic_check",
     "rank_agreement",
+    "risk_diagonal",
+    "risk_diagonal_estimate",
+    "risk_exact",
 ]
 
 
@@ -79,6 +82,43 @@ def risk_diagonal(diag: Tensor, tau: Tensor) -> float:
     if d.shape != t.shape:
         raise BaseMismatchError(f"diag has length {d.shape[0]}, tau has {t.shape[0]}.")
     return float((d.double() * t.double().pow(2)).sum())
+
+
+def risk_diagonal_estimate(est: DiagonalEstimate, tau: Tensor) -> TraceEstimate:
+    """``R_diag = Σ_i diag_i τ_i²`` from a Hutchinson diagonal, with its standard error from the probes.
+
+    Probe ``k`` gives its own diagonal ``d_k = v_k ⊙ A v_k`` and so its own risk value
+    ``r_k = Σ_i d_k,i τ_i²``; the estimate is their mean (= :func:`risk_diagonal` of
+    ``est.mean``) and its standard error ``s_r / √n`` with ``s_r`` their sample standard
+    deviation — which accounts for the correlation between diagonal entries that
+    ``sqrt(Σ_i τ_i⁴ stderr_i²)`` would ignore. Since ``E[d_k] = diag(A)``, the interval
+    :meth:`TraceEstimate.ci95` covers ``Σ_i A_ii τ_i²`` at the nominal rate (Student t,
+    n − 1 dof). An exact diagonal gives stderr 0.
+
+    Args:
+        est: A :class:`DiagonalEstimate` from ``hutchinson_diagonal(..., keep_probes=True)``
+            (or an exact one).
+        tau: ``(D,)`` vector.
+
+    Returns:
+        :class:`TraceEstimate` with ``method="diag-risk"`` and the ``r_k`` as ``probe_values``.
+
+    Raises:
+        BaseMismatchError: the lengths differ.
+        TvdiagError: a Hutchinson estimate without per-probe diagonals.
+    """
+    t2 = tau.reshape(-1).double().pow(2)
+    if t2.shape[0] != est.dim:
+        raise BaseMismatchError(f"diag has length {est.dim}, tau has {t2.shape[0]}.")
+    if est.method == "exact":
+        return TraceEstimate(risk_diagonal(est.mean, tau), 0.0, est.n_matvecs, "diag-risk", 0)
+    if est.probe_diagonals is None:
+        raise TvdiagError("This diagonal estimate has no per-probe diagonals; run hutchinson_diagonal(..., "
+                          "keep_probes=True) to get a standard error of R_diag.")
+    r = est.probe_diagonals.double() @ t2.to(est.probe_diagonals.device)
+    n = int(r.shape[0])
+    se = float(r.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
+    return TraceEstimate(float(r.mean()), se, est.n_matvecs, "diag-risk", n, r.cpu(), est.seed)
 
 
 def eigen_contributions(eigvals: Tensor, eigvecs: Tensor, tau: Tensor) -> tuple[Tensor, float]:
@@ -133,7 +173,7 @@ class RiskResult:
         return asdict(self)
 
     def __repr__(self) -> str:
-        fmt = lambda x: "None" if x is None else f"{x:.6g}"  # noqa: E731
+        fmt = lambda x: "None" if x is None else f"{x:.6g}"
         se = "" if self.diag_stderr is None else f" ± {self.diag_stderr:.2g}"
         return f"RiskResult(exact={fmt(self.exact)}, diag={fmt(self.diag)}{se}, card={fmt(self.card)})"
 

@@ -1,0 +1,64 @@
+"""Empirical Fisher operator ``F = (1/N) sum_i g_i g_i^T`` with per-sample gradients ``g_i = d CE_i / d theta``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diag.curvature.operators.model import _ModelOperator
+from train.errors import DataError
+
+__all__ = ["EmpiricalFisherOperator"]
+
+
+class EmpiricalFisherOperator(_ModelOperator):
+    """Empirical Fisher ``F = (1/N) sum_i g_i g_i^T`` with per-sample gradients ``g_i = grad CE_i``.
+
+    ``F v = (1/N) J_l^T (J_l v)`` where ``J_l`` is the Jacobian of the per-sample loss
+    vector: one ``jvp`` gives all ``g_i . v`` and one ``vjp`` sums ``g_i (g_i . v)``,
+    so no ``B x D`` per-sample gradient matrix is formed. :meth:`diagonal` does form
+    per-sample gradients (``vmap`` of ``grad``).
+    """
+
+    def _per_sample_losses(self, th: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        logits = self._logits(th, x)
+        C = logits.shape[1]
+        if int(y.min()) < 0 or int(y.max()) >= C:
+            raise DataError(f"Labels out of range [0, {C}): min {int(y.min())}, max {int(y.max())}.")
+        return F.cross_entropy(logits, y, reduction="none")
+
+    def _block(self, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]], index: int | None = None) -> Tensor:
+        f = lambda th: self._per_sample_losses(th, x, y)
+        _, vjp_fn = torch.func.vjp(f, self._theta)
+        cols = []
+        for v in vs:
+            gv = torch.func.jvp(f, (self._theta,), (v,))[1]
+            cols.append(self.flatten(vjp_fn(gv)[0]))
+        return torch.stack(cols, dim=1)
+
+    def per_sample_gradients(self, x: Tensor, y: Tensor, chunk_size: int | None = None) -> Tensor:
+        """``(B, D)`` per-sample gradients ``g_i`` on one batch (``vmap`` of ``grad``)."""
+
+        def one(th: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+            return F.cross_entropy(self._logits(th, xi.unsqueeze(0)), yi.unsqueeze(0))
+
+        with self._context():
+            x = x.to(device=self.device, dtype=self.dtype) if x.is_floating_point() else x.to(self.device)
+            g = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(
+                self._theta, x, y.to(self.device).long())
+        return torch.cat([g[n].reshape(x.shape[0], -1) for n in self.param_names], dim=1).detach()
+
+    def diagonal(self, chunk_size: int | None = None) -> Tensor:
+        """Exact ``diag(F) = (1/N) sum_i g_i^2``."""
+
+        def one(th: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+            return F.cross_entropy(self._logits(th, xi.unsqueeze(0)), yi.unsqueeze(0))
+
+        psg = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)
+        like = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        return self._reduce(
+            lambda x, y: torch.cat([g.pow(2).sum(0).reshape(-1) for g in
+                                    (psg(self._theta, x, y)[n] for n in self.param_names)]), like)
+
+

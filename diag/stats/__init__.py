@@ -1,0 +1,34 @@
+"""Correlation statistics for pair tables: Pearson, Spearman, pair bootstrap, permutation.
+
+A study table has one row per ordered (source, target) pair.  Pairs that share a source or
+a target are not independent, so the naive p-value of Pearson's r (the one the preprint
+reports in Appendix C) is optimistic.  This module gives, beside it:
+
+* :func:`pair_bootstrap_ci` — a two-way cluster bootstrap that resamples *domains as
+  sources* and *domains as targets*;
+* :func:`permutation_pvalue` — a QAP (quadratic assignment procedure) permutation test that
+  relabels the domains of the y-matrix and so keeps its row/column dependence.
+
+:func:`correlate` bundles everything into one :class:`CorrelationReport`.
+"""
+
+from diag.stats.bootstrap import BootstrapCI, pair_bootstrap_ci
+from diag.stats.correlation import APPENDIX_C, CorrelationResult, complete_pairs, pearson, spearman
+from diag.stats.permutation import PermutationResult, permutation_pvalue
+from diag.stats.report import CorrelationReport, correlate, correlate_appendix_c, with_normalised
+
+__all__ = [
+    "APPENDIX_C",
+    "BootstrapCI",
+    "CorrelationReport",
+    "CorrelationResult",
+    "PermutationResult",
+    "complete_pairs",
+    "correlate",
+    "correlate_appendix_c",
+    "pair_bootstrap_ci",
+    "pearson",
+    "permutation_pvalue",
+    "spearman",
+    "with_normalised",
+]
