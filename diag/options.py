@@ -123,8 +123,25 @@ def dumps_strict(obj, **kwargs) -> str:
         raise
 
 
-def emit_json(obj, **kwargs) -> None:
-    """Print ``obj`` as strict JSON on stdout (nothing is printed when it is not finite)."""
+def _nan_to_null(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_null(v) for v in obj]
+    return obj
+
+
+def emit_json(obj, *, nan_as_null: bool = False, **kwargs) -> None:
+    """Print ``obj`` as strict JSON on stdout (nothing is printed when it is not finite).
+
+    Args:
+        nan_as_null: for tables where NaN means "not available" (a statistic undefined on
+            too few pairs, a column of a lower tier): write ``null`` instead of failing.
+    """
+    if nan_as_null:
+        obj = _nan_to_null(json.loads(json.dumps(obj, default=kwargs.get("default", _json_default))))
     text = dumps_strict(obj, **kwargs)
     sys.stdout.write(text + "\n")
 

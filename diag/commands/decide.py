@@ -92,7 +92,7 @@ def run_rank(args) -> int:
         _, _, table = _study_table(ctx, args)
         rows = evaluate_rankers(table, n_boot=args.n_boot)
         if args.json:
-            emit_json({"n_pairs": int(len(table)), "predictors": rows})
+            emit_json({"n_pairs": int(len(table)), "predictors": rows}, nan_as_null=True)
             return 0
         print(f"Leave-one-target-out evaluation over {len(table)} pairs (E-RMSE of the chosen source; lower is better)")
         print(f"{'predictor':28s} {'mean Spearman':>13s} {'95% CI':>18s} {'top-1 regret':>12s} {'random regret':>13s} {'pooled r':>9s}")
@@ -113,7 +113,7 @@ def run_rank(args) -> int:
     sources = [d for d in _suite(ctx, args) if d != target]
     diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress)
     ranking = rank_cached(diag, table, target, sources, tier, budget, model=args.model)
-    emit_json(ranking.to_dict()) if args.json else print(ranking.table())
+    emit_json(ranking.to_dict(), nan_as_null=True) if args.json else print(ranking.table())
     return 0
 
 
@@ -145,7 +145,7 @@ def run_screen(args) -> int:
            "predicted_ermse": float(row["predicted_ermse"]), "predicted_acc_drop": float(row["predicted_acc_drop"]),
            "cos_ft": float(row["cos_ft"])}
     if args.json:
-        emit_json(out)
+        emit_json(out, nan_as_null=True)
     else:
         print(f"screen {source} → {target} at λ2={lam:g}: {verdict.upper()}")
         for reason in reasons:
