@@ -1,0 +1,221 @@
+"""Curvature-aware repairs (diag/repair.py) on a quadratic loss with a known Hessian, and the
+val-only choice of their hyper-parameter (diag/repair_select.py) on the smoke store."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from diag.curvature.card import HessianCard
+from diag.curvature.operators import DenseOperator
+from diag.repair import (
+    apply_block_coefficients,
+    block_coefficients,
+    block_masks,
+    block_risk_matrix,
+    block_sizes,
+    card_diagonal,
+    choose_k_by_share,
+    flat_of,
+    mix,
+    parameter_blocks,
+    precondition,
+    project,
+    universal,
+    weighted_by_gain,
+    with_flat,
+)
+from diag.curvature.params import ParamLayout
+from train.errors import DataError
+from train.vectors import TaskVector
+
+D = 12
+
+
+def spd(seed: int = 0, d: int = D):
+    """H = Q diag(l) Qᵀ with known descending eigenvalues l and orthonormal Q."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    lam = torch.linspace(5.0, 0.1, d, dtype=torch.float64)
+    return Q @ torch.diag(lam) @ Q.T, lam, Q
+
+
+def vec(seed: int = 1, d: int = D):
+    return torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------ projection
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, D])
+def test_project_removes_exactly_top_k(k):
+    H, lam, Q = spd()
+    tau = vec()
+    out = project(tau, Q[:, :max(k, 1)] if k else Q[:, :1], k)
+    a, b = Q.T @ tau, Q.T @ out
+    assert torch.allclose(b[:k], torch.zeros(k, dtype=torch.float64), atol=1e-13)  # residual orthogonal
+    assert torch.allclose(b[k:], a[k:], atol=1e-13)  # other directions untouched
+    # risk falls by exactly the removed eigen-contributions (eq. 19)
+    removed = float((lam[:k] * a[:k].pow(2)).sum())
+    assert float(tau @ H @ tau) - float(out @ H @ out) == pytest.approx(removed, rel=1e-12, abs=1e-12)
+
+
+def test_project_accepts_rows_and_cards():
+    H, lam, Q = spd()
+    tau = vec()
+    cols = project(tau, Q[:, :4])
+    assert torch.equal(project(tau, Q[:, :4].T.contiguous()), cols)  # (k, D) rows
+    card = HessianCard(lam[:4], Q[:, :4], torch.zeros(D, dtype=torch.float64), ("w",), ((D,),))
+    assert torch.allclose(project(tau, card), cols, atol=1e-14)
+    assert torch.allclose(project(tau, card, 2), project(tau, Q[:, :2]), atol=1e-14)
+
+
+def test_choose_k_by_share():
+    _, lam, Q = spd()
+    tau = Q[:, 0] * 1.0 + Q[:, 1] * 2.0 + Q[:, 2] * 0.5  # contributions 5·1, l1·4, l2·0.25
+    c = lam[:3] * torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64)
+    share1 = float(c[0] / c.sum())
+    assert choose_k_by_share(lam, Q, tau, share1 - 1e-9) == 1
+    assert choose_k_by_share(lam, Q, tau, share1 + 1e-9) == 2
+    assert choose_k_by_share(lam, Q, tau, 1.0) == 3
+    assert choose_k_by_share(lam, Q, torch.zeros(D, dtype=torch.float64), 0.5) == 0
+
+
+# -------------------------------------------------------------------------- preconditioning
+
+
+def test_precondition_matches_formula_elementwise():
+    d = torch.tensor([0.0, 1.0, 3.0, -2.0, 4.0], dtype=torch.float64)
+    tau = torch.tensor([1.0, -2.0, 0.5, 3.0, 1.0], dtype=torch.float64)
+    h = d.clamp_min(0)
+    for c in (0.0, 0.3, 10.0):
+        expect = [t / (1 + c * hi / float(h.mean())) for t, hi in zip(tau.tolist(), h.tolist())]
+        assert precondition(tau, d, c).tolist() == pytest.approx(expect, rel=1e-15)
+
+
+def test_card_diagonal_is_the_card_models_diagonal():
+    H, lam, Q = spd()
+    card = HessianCard(lam[:3], Q[:, :3], torch.diagonal(H - Q[:, :3] @ torch.diag(lam[:3]) @ Q[:, :3].T).clone(),
+                       ("w",), ((D,),))
+    assert torch.allclose(card_diagonal(card), torch.diagonal(H), atol=1e-13)
+
+
+# ------------------------------------------------------------------------------- blocks
+
+
+class CountingOperator(DenseOperator):
+    """A dense operator that counts the vectors it multiplies."""
+
+    def __init__(self, matrix):
+        super().__init__(matrix)
+        self.columns = 0
+
+    def _matmat(self, V):
+        self.columns += V.shape[1]
+        return super()._matmat(V)
+
+
+def test_block_risk_matrix_equals_dense_with_one_hvp_per_block():
+    H, _, _ = spd()
+    tau = vec()
+    layout = ParamLayout(("a", "b", "c"), ((3,), (5,), (4,)))
+    masks = block_masks(layout, {"x": ["a", "c"], "y": ["b"]})
+    op = CountingOperator(H)
+    R = block_risk_matrix(op, tau, masks)
+    parts = [masks[i] * tau for i in range(2)]
+    dense = torch.tensor([[float(p @ H @ q) for q in parts] for p in parts], dtype=torch.float64)
+    assert torch.allclose(R, dense, rtol=1e-13, atol=1e-13)
+    assert op.columns == 2
+    assert float(R.sum()) == pytest.approx(float(tau @ H @ tau), rel=1e-12)
+    lam = np.array([0.3, 0.9])
+    t2 = apply_block_coefficients(tau, masks, lam)
+    assert float(t2 @ H @ t2) == pytest.approx(float(lam @ R.numpy() @ lam), rel=1e-12)
+    assert block_sizes(tau, masks).tolist() == pytest.approx([float(p @ p) for p in parts], rel=1e-14)
+
+
+def test_block_solution_interior_meets_budget_with_equality():
+    R = np.array([[2.0, 0.3, 0.1], [0.3, 1.0, 0.2], [0.1, 0.2, 3.0]])
+    s = np.array([1.0, 2.0, 1.5])
+    sol = block_coefficients(R, s, budget=0.05, lam_max=1.2)
+    assert sol.method == "closed-form" and sol.interior and not sol.psd_projected
+    assert 0.5 * sol.lam @ R @ sol.lam == pytest.approx(0.05, rel=1e-12)
+    assert sol.loss_increase == pytest.approx(0.05, rel=1e-12)
+    direction = np.linalg.solve(R, s)
+    assert np.allclose(sol.lam / np.linalg.norm(sol.lam), direction / np.linalg.norm(direction), atol=1e-12)
+    # no feasible point of a random cloud does better
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 1.2, size=(4000, 3))
+    ok = 0.5 * np.einsum("ni,ij,nj->n", pts, R, pts) <= 0.05
+    assert (pts[ok] @ s).max() <= sol.size + 1e-12
+
+
+def test_block_solution_respects_bounds_and_is_optimal_on_a_grid():
+    R = np.array([[4.0, -1.0], [-1.0, 0.5]])  # R⁻¹s leaves the box for this budget
+    s = np.array([1.0, 3.0])
+    sol = block_coefficients(R, s, budget=0.4, lam_max=1.0)
+    assert sol.method == "slsqp"
+    assert (sol.lam >= 0).all() and (sol.lam <= 1.0 + 1e-12).all()
+    assert sol.loss_increase <= 0.4 * (1 + 1e-9)
+    grid = np.array(list(itertools.product(np.linspace(0, 1, 401), repeat=2)))
+    ok = 0.5 * np.einsum("ni,ij,nj->n", grid, R, grid) <= 0.4
+    assert sol.size >= (grid[ok] @ s).max() - 1e-6
+
+
+def test_block_solution_all_max_and_psd_projection():
+    R = np.eye(3) * 0.1
+    sol = block_coefficients(R, np.ones(3), budget=10.0, lam_max=1.2)
+    assert sol.method == "all-max" and np.allclose(sol.lam, 1.2)
+    bad = np.array([[1.0, 0.0], [0.0, -0.5]])
+    sol = block_coefficients(bad, np.array([1.0, 1.0]), budget=0.1, lam_max=1.0)
+    assert sol.psd_projected
+    assert sol.loss_increase <= 0.1 * (1 + 1e-9) and sol.lam[1] == pytest.approx(1.0)
+    with pytest.raises(DataError, match="budget"):
+        block_coefficients(R, np.ones(3), budget=-1.0, lam_max=1.0)
+
+
+def test_parameter_blocks_open_clip_names():
+    names = ["visual.class_embedding", "visual.conv1.weight", "visual.ln_post.bias", "visual.proj",
+             "visual.transformer.resblocks.10.ln_1.weight", "visual.transformer.resblocks.2.mlp.c_fc.bias",
+             "visual.ln_pre.weight", "visual.positional_embedding"]
+    blocks = parameter_blocks(names)
+    assert list(blocks) == ["embeddings", "block.2", "block.10", "ln_post+proj"]
+    assert blocks["embeddings"] == ["visual.class_embedding", "visual.conv1.weight", "visual.ln_pre.weight",
+                                    "visual.positional_embedding"]
+    assert blocks["ln_post+proj"] == ["visual.ln_post.bias", "visual.proj"]
+    with pytest.raises(Exception, match="text_projection"):
+        parameter_blocks(["text_projection"])
+
+
+# ------------------------------------------------------------------------------ mixes
+
+
+def _tv(value: float) -> TaskVector:
+    return TaskVector({"w": torch.full((2,), value), "v": torch.full((3,), 2 * value)}, "b0")
+
+
+def test_mix_normalises_and_refuses_target():
+    vs = {"a": _tv(1.0), "b": _tv(4.0), "t": _tv(100.0)}
+    out = mix({k: vs[k] for k in "ab"}, {"a": 3.0, "b": 1.0}, target="t")
+    assert out.tensors["w"].tolist() == pytest.approx([1.75, 1.75])
+    with pytest.raises(DataError, match="'t'"):
+        mix(vs, {"a": 1.0, "b": 1.0}, target="t")
+    with pytest.raises(DataError, match="all 0"):
+        mix({"a": vs["a"]}, {"a": 0.0}, target="t")
+    assert universal(vs, "t").tensors["v"].tolist() == pytest.approx([5.0] * 3)
+    g = weighted_by_gain(vs, {"a": -1.0, "b": 0.5, "t": 9.0}, "t")
+    assert g.tensors["w"].tolist() == pytest.approx([4.0, 4.0])
+    with pytest.raises(DataError, match="positive"):
+        weighted_by_gain(vs, {"a": -1.0, "b": 0.0}, "t")
+
+
+def test_flat_roundtrip_leaves_other_tensors():
+    tv = TaskVector({"a": torch.arange(3.0), "b": torch.ones(2, 2), "c": torch.zeros(1)}, "b0")
+    layout = ParamLayout(("b", "a"), ((2, 2), (3,)))
+    flat = flat_of(tv, layout)
+    assert flat.tolist() == [1, 1, 1, 1, 0, 1, 2]
+    out = with_flat(tv, 2 * flat, layout, "x2")
+    assert out.tensors["a"].tolist() == [0, 2, 4] and out.tensors["b"].tolist() == [[2, 2], [2, 2]]
+    assert out.tensors["c"] is tv.tensors["c"] and out.base_hash == "b0"
