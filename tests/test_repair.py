@@ -219,3 +219,100 @@ def test_flat_roundtrip_leaves_other_tensors():
     out = with_flat(tv, 2 * flat, layout, "x2")
     assert out.tensors["a"].tolist() == [0, 2, 4] and out.tensors["b"].tolist() == [[2, 2], [2, 2]]
     assert out.tensors["c"] is tv.tensors["c"] and out.base_hash == "b0"
+
+
+# --------------------------------------------------------------- val-only selection (smoke)
+
+SUBSET = ["visual.proj", "visual.ln_post.*", "visual.transformer.resblocks.3.mlp.c_proj.*",
+          "visual.transformer.resblocks.2.ln_2.*"]
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    """(store, target, source, curvature of Hᵀ on 16 target train images over a parameter subset)."""
+    from diag.context import Workspace
+    from diag.curvature.card import build_card
+    from diag.curvature.operators import HessianOperator
+    from diag.repair_select import RepairCurvature
+    from tests._smoke import one_thread, smoke_store
+    from train.datasets import model_inputs
+
+    store = smoke_store()
+    ws = Workspace(store)
+    target, source = "gtsrb", "mnist"
+    with one_thread():
+        model = store.model(target, ws.state(ws.vector(target, "ft")), backbone=ws.backbone)
+        x, y = model_inputs(ws.backbone.config, target, "train", 16)
+        op = HessianOperator(model, [(x, y)], params=SUBSET, engine="double-backward")
+        card = build_card(op, 3, residual_diag=None, provenance={"target": target}, method="lanczos")
+    return store, target, source, RepairCurvature(op.layout, card_diagonal(card), card, op)
+
+
+def _choose(store, target, source, curv, method):
+    from diag.context import Workspace
+    from diag.repair_select import select_repair
+    from tests._smoke import one_thread
+
+    ws = Workspace(store)
+    with one_thread():
+        return select_repair(ws, target, ws.vector(source, "star"), method, curv, n_images=64)
+
+
+def _poison(monkeypatch, split):
+    """Replace ``split``'s images by noise and its labels by class 0 (every domain), and every stored φ by noise."""
+    import train.datasets as datasets
+    from train.store import Store
+
+    real_inputs, real_attr = datasets.model_inputs, Store.load_attributions
+
+    def inputs(config, domain, which, limit=None, data=None):
+        x, y = real_inputs(config, domain, which, limit, data)
+        if which != split:
+            return x, y
+        g = torch.Generator().manual_seed(7)
+        return torch.randn(x.shape, generator=g) * 3, torch.zeros_like(y)
+
+    def attributions(self, domain):
+        return {k: torch.randn(v.shape) if v.is_floating_point() else v for k, v in real_attr(self, domain).items()}
+
+    monkeypatch.setattr(datasets, "model_inputs", inputs)
+    monkeypatch.setattr(Store, "load_attributions", attributions)
+
+
+@pytest.mark.parametrize("method", ["precondition", "blocks"])
+def test_selection_never_reads_test_split(smoke, monkeypatch, method):
+    store, target, source, curv = smoke
+    clean = _choose(store, target, source, curv, method)
+    assert clean.table["val_accuracy"].between(0, 1).all() and len(clean.table) > 1
+    assert clean.risk_source == "exact" and clean.val_accuracy_ft_target > 0
+    with monkeypatch.context() as m:
+        _poison(m, "test")
+        poisoned = _choose(store, target, source, curv, method)
+    assert poisoned.param == clean.param
+    pd_cols = ["param", "val_accuracy", "size", "predicted_loss_increase"]
+    assert poisoned.table[pd_cols].equals(clean.table[pd_cols])
+    with monkeypatch.context() as m:  # the same poison on val does change the measurements
+        _poison(m, "val")
+        on_val = _choose(store, target, source, curv, method)
+    assert not on_val.table["val_accuracy"].equals(clean.table["val_accuracy"])
+
+
+def test_selection_rule_and_refusals(smoke):
+    store, target, source, curv = smoke
+    choice = _choose(store, target, source, curv, "plain")
+    t = choice.table
+    if choice.safe:
+        assert choice.size == pytest.approx(t[t["keeps"]]["size"].max())
+    else:
+        assert choice.val_accuracy == pytest.approx(t["val_accuracy"].max())
+    # plain's size is λ2·‖τ‖
+    from diag.context import Workspace
+
+    norm = Workspace(store).vector(source, "star").norm()
+    assert t["size"].tolist() == pytest.approx([lam * norm for lam in t["param"]], rel=1e-6)
+    from diag.repair_select import RepairCurvature, select_repair
+
+    other = RepairCurvature(curv.layout, curv.diag, curv.card)
+    with pytest.raises(DataError, match="built for 'gtsrb'"):
+        ws = Workspace(store)
+        select_repair(ws, "animals", ws.vector(source, "star"), "precondition", other)
