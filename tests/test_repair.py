@@ -248,14 +248,14 @@ def smoke():
     return store, target, source, RepairCurvature(op.layout, card_diagonal(card), card, op)
 
 
-def _choose(store, target, source, curv, method):
+def _choose(store, target, source, curv, method, **kwargs):
     from diag.context import Workspace
     from diag.repair_select import select_repair
     from tests._smoke import one_thread
 
     ws = Workspace(store)
     with one_thread():
-        return select_repair(ws, target, ws.vector(source, "star"), method, curv, n_images=64)
+        return select_repair(ws, target, ws.vector(source, "star"), method, curv, n_images=64, **kwargs)
 
 
 def _poison(monkeypatch, split):
@@ -299,7 +299,7 @@ def test_selection_never_reads_test_split(smoke, monkeypatch, method):
 
 def test_selection_rule_and_refusals(smoke):
     store, target, source, curv = smoke
-    choice = _choose(store, target, source, curv, "plain")
+    choice = _choose(store, target, source, curv, "plain", grid=(0.4, 0.7, 1.2))
     t = choice.table
     if choice.safe:
         assert choice.size == pytest.approx(t[t["keeps"]]["size"].max())
@@ -316,3 +316,20 @@ def test_selection_rule_and_refusals(smoke):
     with pytest.raises(DataError, match="built for 'gtsrb'"):
         ws = Workspace(store)
         select_repair(ws, "animals", ws.vector(source, "star"), "precondition", other)
+
+
+def test_mixtures_exclude_the_target(smoke):
+    from diag.context import Workspace
+    from diag.repair_select import mixtures
+    from tests._smoke import DOMAINS
+
+    store, target, _, curv = smoke
+    ws = Workspace(store)
+    mixes = mixtures(ws, target, DOMAINS, predicted_gain={"mnist": 0.2, "animals": -0.1, target: 5.0})
+    others = [d for d in DOMAINS if d != target]
+    name = "visual.proj"
+    mean = sum(ws.vector(d, "star").tensors[name].double() for d in others) / len(others)
+    assert torch.allclose(mixes["universal"].tensors[name].double(), mean, atol=1e-6)
+    assert torch.equal(mixes["gain"].tensors[name], ws.vector("mnist", "star").tensors[name])
+    choice = _choose(store, target, "mnist", curv, "mix", mixes=mixes, grid=(0.7,))
+    assert set(choice.table["param"]) == {"universal", "gain"} and choice.risk_source == "exact"
