@@ -38,6 +38,30 @@ PRECONDITION_GRID: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
 #: Grid of the share of the positive risk carried by the projected eigen-directions.
 SHARE_GRID: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
 
+__all__ = [
+    "PRECONDITION_GRID",
+    "SHARE_GRID",
+    "flat_of",
+    "with_flat",
+    "eigen_basis",
+    "project",
+    "choose_k_by_share",
+    "card_diagonal",
+    "precondition",
+    "parameter_blocks",
+    "block_masks",
+    "block_risk_matrix",
+    "BlockSolution",
+    "psd_projection",
+    "block_coefficients",
+    "apply_block_coefficients",
+    "block_sizes",
+    "mix",
+    "universal",
+    "weighted_by_gain",
+]
+
+
 
 # ------------------------------------------------------------------------ flat <-> vectors
 
@@ -148,8 +172,8 @@ def precondition(tau: Tensor, diag: Tensor, c: float) -> Tensor:
 
     hᵢ = max(diag(Hᵀ)ᵢ, 0) (a Hutchinson estimate can be negative) and h̄ = mean h.
 
-    Objective: τ̃ is the maximiser of the posterior ‖x − τ‖² + c/h̄ · xᵀ diag(h) x, i.e. the
-    MAP of a Gaussian prior centred at τ with unit precision, combined with the target's
+    Objective: τ̃ minimises ‖x − τ‖² + (c/h̄)·xᵀ diag(h) x (a negative log posterior), i.e. it is
+    the MAP of a Gaussian prior centred at τ with unit precision, combined with the target's
     diagonal Laplace approximation N(0, (c·diag(h)/h̄)⁻¹) around θ_ftᵀ (the target's loss says
     "stay near 0 where I am curved"). Relation to Fisher merging (Matena & Raffel 2022):
     there the merge is θ = Σₛ Fₛθₛ / Σₛ Fₛ, a precision-weighted average of all models. Here

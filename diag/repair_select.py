@@ -27,14 +27,29 @@ import torch
 
 from diag import repair
 from diag.constants import CHECK_IMAGES, CHOICE_SPLIT, DEFAULT_MAX_ACC_DROP, LAMBDA_GRID, PAPER_LAMBDA1, PAPER_LAMBDA2
-from diag.context import Workspace
-from diag.transfer import accuracy, transferred_state
+from diag.context import TargetSet, Workspace
+from diag.curvature.risk import risk_diagonal
+from diag.transfer import predict, transferred_state
+from train.model import load_visual_state
 from train.errors import DataError, TvdiagError, unknown
 from train.vectors import TaskVector
 
 METHODS = ("plain", "project", "precondition", "blocks", "mix")
 #: Budgets of ``blocks`` as fractions of plain eq. 8's predicted loss increase ½λ2²R(τ).
 BUDGET_FRACTIONS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
+
+__all__ = [
+    "METHODS",
+    "BUDGET_FRACTIONS",
+    "RepairCurvature",
+    "Candidate",
+    "candidates",
+    "RepairChoice",
+    "select_repair",
+    "val_scores",
+    "mixtures",
+]
+
 
 
 # ------------------------------------------------------------------------------ curvature
@@ -77,10 +92,11 @@ class RepairCurvature:
         if self.card is not None:
             return self.card.risk(flat), "card"
         if self.diag is not None:
-            return float((self.diag.double().clamp_min(0) * flat.double().pow(2)).sum()), "diag"
+            return risk_diagonal(self.diag, flat), "diag"
         raise TvdiagError("The curvature object holds no operator, card or diagonal")
 
     def need(self, what: str, method: str):
+        """The ``diag``, ``card`` or ``operator`` a method needs, or an error naming the method."""
         value = getattr(self, what)
         if value is None:
             raise TvdiagError(f"--method {method} needs the target's {what} (not in the curvature given)")
@@ -197,7 +213,8 @@ class RepairChoice:
         val_accuracy_ft_target: θ_ftᵀ's accuracy on the same images.
         safe: it keeps ≥ (1 − max_acc_drop) of θ_ftᵀ's val accuracy.
         table: every candidate (method, param, scale, predicted_loss_increase, risk_source,
-            size, val_accuracy, acc_kept, keeps).
+            measured_loss_increase (val cross-entropy minus θ_ftᵀ's), size, val_accuracy, acc_kept,
+            keeps).
     """
 
     target: str
@@ -244,21 +261,33 @@ def select_repair(ws: Workspace, target: str, tau: TaskVector, method: str, curv
     if images.split != CHOICE_SPLIT or images.phi is not None or len(images.y) == 0:
         raise DataError(f"repair choices read only labelled '{CHOICE_SPLIT}' images of '{target}'")
     ft_t = ws.vector(target, "ft")
-    base_acc = accuracy(ws, target, ws.state(ft_t), images)
+    base_acc, base_loss = val_scores(ws, target, ws.state(ft_t), images)
     rows = []
     for c in cands:
-        acc = accuracy(ws, target, transferred_state(ws, ft_t, c.vector, lambda1, c.scale), images)
+        acc, loss = val_scores(ws, target, transferred_state(ws, ft_t, c.vector, lambda1, c.scale), images)
         kept = acc / base_acc if base_acc > 0 else math.nan
         rows.append({"method": c.method, "param": c.param, "scale": c.scale,
                      "predicted_loss_increase": c.predicted_loss_increase, "risk_source": c.risk_source,
-                     "size": c.size, "val_accuracy": acc, "acc_kept": kept,
-                     "keeps": bool(acc >= (1 - max_acc_drop) * base_acc - 1e-12)})
+                     "measured_loss_increase": loss - base_loss, "size": c.size, "val_accuracy": acc,
+                     "acc_kept": kept, "keeps": bool(acc >= (1 - max_acc_drop) * base_acc - 1e-12)})
     table = pd.DataFrame(rows)
     best = _best(table)
     c = cands[best]
     return RepairChoice(target, c.method, c.param, c.vector, c.scale, c.predicted_loss_increase, c.risk_source,
                         c.size, float(table.at[best, "val_accuracy"]), base_acc, bool(table.at[best, "keeps"]),
                         max_acc_drop, table)
+
+
+def val_scores(ws: Workspace, target: str, state: dict, images: TargetSet) -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) of θ = ``state`` with ``target``'s head on ``images``.
+
+    The loss is the quantity the quadratic model ½λ²R predicts (its increase over θ_ftᵀ).
+    """
+    model = ws.model(target)
+    load_visual_state(model, state)
+    logits, _ = predict(model, images.x, images.y, explain=False)
+    loss = torch.nn.functional.cross_entropy(logits.double(), images.y)
+    return float((logits.argmax(dim=1) == images.y).double().mean()), float(loss)
 
 
 def _best(table: pd.DataFrame) -> int:

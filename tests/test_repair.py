@@ -289,7 +289,7 @@ def test_selection_never_reads_test_split(smoke, monkeypatch, method):
         _poison(m, "test")
         poisoned = _choose(store, target, source, curv, method)
     assert poisoned.param == clean.param
-    pd_cols = ["param", "val_accuracy", "size", "predicted_loss_increase"]
+    pd_cols = ["param", "val_accuracy", "size", "predicted_loss_increase", "measured_loss_increase"]
     assert poisoned.table[pd_cols].equals(clean.table[pd_cols])
     with monkeypatch.context() as m:  # the same poison on val does change the measurements
         _poison(m, "val")
@@ -333,3 +333,25 @@ def test_mixtures_exclude_the_target(smoke):
     assert torch.equal(mixes["gain"].tensors[name], ws.vector("mnist", "star").tensors[name])
     choice = _choose(store, target, "mnist", curv, "mix", mixes=mixes, grid=(0.7,))
     assert set(choice.table["param"]) == {"universal", "gain"} and choice.risk_source == "exact"
+
+
+def test_candidates_predict_half_lambda_squared_risk_on_a_known_hessian():
+    from diag.repair_select import RepairCurvature, candidates
+
+    H, lam, Q = spd()
+    layout = ParamLayout(("visual.proj", "visual.transformer.resblocks.0.mlp.c_fc.bias"), ((4,), (8,)))
+    tau_flat = vec()
+    tv = TaskVector(layout.unflatten(tau_flat.clone()), "b0")
+    card = HessianCard(lam[:4], Q[:, :4], torch.zeros(D, dtype=torch.float64), layout.names, layout.shapes)
+    curv = RepairCurvature(layout, torch.diagonal(H).clone(), card, DenseOperator(H))
+    a = Q.T @ tau_flat
+    for c in candidates("project", tv, curv, lambda2=0.7, grid=(1, 4)):
+        removed = float((lam[:c.param] * a[:c.param].pow(2)).sum())
+        assert c.predicted_loss_increase == pytest.approx(0.5 * 0.49 * (float(tau_flat @ H @ tau_flat) - removed))
+        assert c.risk_source == "exact" and c.scale == 0.7
+    plain = 0.5 * 0.49 * float(tau_flat @ H @ tau_flat)
+    blocks = candidates("blocks", tv, curv, lambda2=0.7, grid=(0.25, 1.0))
+    assert [b.predicted_loss_increase <= f * plain * (1 + 1e-9) for b, f in zip(blocks, (0.25, 1.0))] == [True] * 2
+    assert blocks[0].size < blocks[1].size
+    pre = candidates("precondition", tv, curv, grid=(0.0,))[0]
+    assert torch.equal(pre.vector.tensors["visual.proj"], tv.tensors["visual.proj"])
