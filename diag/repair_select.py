@@ -8,7 +8,8 @@ else the diagonal). :func:`select_repair` measures each candidate's top-1 accura
 target's labelled ``val`` images (:data:`~diag.constants.CHOICE_SPLIT`; never ``test``, never
 any φ of the target) and keeps the candidate that
 
-1. keeps ≥ (1 − max_acc_drop) of θ_ftᵀ's val accuracy, and among those
+1. keeps ≥ (1 − max_acc_drop) of θ_ftᵀ's val accuracy, as does every candidate of its grid with
+   a smaller size (``safe``: a lucky measurement above an unsafe knob is not taken), and among those
 2. transfers the largest size ⟨Δ, τ⟩/‖τ‖ (Δ the vector actually added, τ the unrepaired
    vector: the length of Δ's component along τ; plain eq. 8 at λ2 has size λ2‖τ‖).
 
@@ -211,10 +212,11 @@ class RepairChoice:
             :class:`Candidate` (add ``scale``·``vector`` with :func:`diag.transfer.transferred_state`).
         val_accuracy: its top-1 accuracy on the ``val`` images.
         val_accuracy_ft_target: θ_ftᵀ's accuracy on the same images.
-        safe: it keeps ≥ (1 − max_acc_drop) of θ_ftᵀ's val accuracy.
+        safe: it keeps ≥ (1 − max_acc_drop) of θ_ftᵀ's val accuracy, and so does every
+            candidate of its grid (its mixture, for ``mix``) with a smaller size.
         table: every candidate (method, param, scale, predicted_loss_increase, risk_source,
             measured_loss_increase (val cross-entropy minus θ_ftᵀ's), size, val_accuracy, acc_kept,
-            keeps).
+            keeps, safe).
     """
 
     target: str
@@ -270,11 +272,11 @@ def select_repair(ws: Workspace, target: str, tau: TaskVector, method: str, curv
                      "predicted_loss_increase": c.predicted_loss_increase, "risk_source": c.risk_source,
                      "measured_loss_increase": loss - base_loss, "size": c.size, "val_accuracy": acc,
                      "acc_kept": kept, "keeps": bool(acc >= (1 - max_acc_drop) * base_acc - 1e-12)})
-    table = pd.DataFrame(rows)
+    table = _mark_safe(pd.DataFrame(rows), by_param=method == "mix")
     best = _best(table)
     c = cands[best]
     return RepairChoice(target, c.method, c.param, c.vector, c.scale, c.predicted_loss_increase, c.risk_source,
-                        c.size, float(table.at[best, "val_accuracy"]), base_acc, bool(table.at[best, "keeps"]),
+                        c.size, float(table.at[best, "val_accuracy"]), base_acc, bool(table.at[best, "safe"]),
                         max_acc_drop, table)
 
 
@@ -290,10 +292,26 @@ def val_scores(ws: Workspace, target: str, state: dict, images: TargetSet) -> tu
     return float((logits.argmax(dim=1) == images.y).double().mean()), float(loss)
 
 
+def _mark_safe(table: pd.DataFrame, by_param: bool) -> pd.DataFrame:
+    """Column ``safe``: the row keeps accuracy and so does every row of its family with a smaller size.
+
+    A family is the whole grid, or one mixture (``by_param``) whose λ2 varies. Requiring the
+    smaller candidates to keep too guards against a lucky val measurement above an unsafe one
+    (val accuracy is not monotone in the size on a few hundred images).
+    """
+    table = table.copy()
+    table["safe"] = False
+    families = table.groupby(table["param"].astype(str) if by_param else pd.Series(0, index=table.index))
+    for _, fam in families:
+        order = fam.sort_values("size", kind="stable")
+        table.loc[order.index, "safe"] = order["keeps"].astype(int).cummin().astype(bool).to_numpy()
+    return table
+
+
 def _best(table: pd.DataFrame) -> int:
-    """Row of the largest size among the rows that keep accuracy (ties: smaller predicted
-    loss); else of the best val accuracy (ties: larger size)."""
-    keep = table[table["keeps"]]
+    """Row of the largest size among the ``safe`` rows (ties: smaller predicted loss); else of
+    the best val accuracy (ties: larger size)."""
+    keep = table[table["safe"]]
     if len(keep):
         return int(keep.sort_values(["size", "predicted_loss_increase"], ascending=[False, True],
                                     kind="stable").index[0])

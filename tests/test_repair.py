@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -302,7 +303,8 @@ def test_selection_rule_and_refusals(smoke):
     choice = _choose(store, target, source, curv, "plain", grid=(0.4, 0.7, 1.2))
     t = choice.table
     if choice.safe:
-        assert choice.size == pytest.approx(t[t["keeps"]]["size"].max())
+        assert choice.size == pytest.approx(t[t["safe"]]["size"].max())
+        assert t[t["size"] <= choice.size]["keeps"].all()
     else:
         assert choice.val_accuracy == pytest.approx(t["val_accuracy"].max())
     # plain's size is λ2·‖τ‖
@@ -333,6 +335,19 @@ def test_mixtures_exclude_the_target(smoke):
     assert torch.equal(mixes["gain"].tensors[name], ws.vector("mnist", "star").tensors[name])
     choice = _choose(store, target, "mnist", curv, "mix", mixes=mixes, grid=(0.7,))
     assert set(choice.table["param"]) == {"universal", "gain"} and choice.risk_source == "exact"
+
+
+def test_safe_needs_every_smaller_candidate_to_keep():
+    from diag.repair_select import _best, _mark_safe
+
+    t = pd.DataFrame({"param": [0.4, 0.7, 1.0, 1.2], "size": [1.0, 2.0, 3.0, 4.0],
+                      "keeps": [True, True, False, True], "predicted_loss_increase": [1.0, 2.0, 3.0, 4.0],
+                      "val_accuracy": [0.9, 0.9, 0.8, 0.9]})
+    marked = _mark_safe(t, by_param=False)
+    assert marked["safe"].tolist() == [True, True, False, False]
+    assert _best(marked) == 1
+    mixed = _mark_safe(t.assign(param=["u", "u", "g", "g"]), by_param=True)
+    assert mixed["safe"].tolist() == [True, True, False, False]
 
 
 def test_candidates_predict_half_lambda_squared_risk_on_a_known_hessian():
