@@ -97,7 +97,7 @@ def figure6(df: pd.DataFrame, path: str | Path, reports: Sequence | None = None)
     return _save(fig, path)
 
 
-def figure2(df: pd.DataFrame, path: str | Path, variant_col: str = "variant") -> Path:
+def figure2(df: pd.DataFrame, path: str | Path, variant_col: str = "row") -> Path:
     """Figure 2: normalised accuracy (y, higher is better) vs normalised E-RMSE (x, lower is better).
 
     Normalised by θ_ftᵀ (``acc_norm`` = accuracy / accuracy_ft_target, ``ermse_norm`` =
