@@ -105,11 +105,11 @@ def test_cosines_and_norms_match_dense_float64(study):
     ft_s, ft_t = store.load_vector(s, "ft"), store.load_vector(t, "ft")
 
     def flat(d, kind):  # dense float64 reference; τ* = θ_ft* − θ_ft is the store's float32 difference
-        v = store.load_vector(d, kind, None if kind == "ft" else 0.8)
         if kind == "star":
             ft = store.load_vector(d, "ft")
             v = store.load_vector(d, "ftx", 0.8)
             return np.concatenate([(v.tensors[k] - ft.tensors[k]).double().ravel().numpy() for k in sorted(v.tensors)])
+        v = store.load_vector(d, kind, None if kind == "ft" else 0.8)
         return np.concatenate([v.tensors[k].double().ravel().numpy() for k in sorted(v.tensors)])
 
     def cos(a, b):
@@ -256,7 +256,9 @@ def test_cli_study_correlate_similarity(study, capsys, tmp_path):
     rep = json.loads(cap.out)
     assert rep["summary"]["n_pairs"] == 6 and rep["study"] == str(out)
     (variant,) = rep["report"]["variants"]
-    assert variant["variant"] == "paper" and variant["seeds"] == [0] and variant["chosen_lambda2"] is not None
+    assert variant["variant"] == "paper" and variant["seeds"] == [0] and variant["fixed_lambda2"]["n_pairs"]["mean"] == 6
+    # this run asked for λ2 = 0.7 only: no validation-chosen headline, and the report says why
+    assert variant["chosen_lambda2"] is None and any("--lambda-grid" in n for n in rep["report"]["notes"])
     assert (out / "figure2.png").stat().st_size > 0
 
     code, cap = _cli(capsys, "correlate", *_common(store), "--n-boot", "100", "--n-perm", "50", "--json")
