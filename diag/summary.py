@@ -421,3 +421,25 @@ def study_report(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, budget: float
         variants.append(VariantSummary(str(variant), float(alpha), runs, _over_seeds([r.fixed for r in runs]), chosen,
                                        _table1_over_seeds([r.table1 for r in runs])))
     return StudyReport(variants, float(lambda2), float(budget), float(keep), source, notes)
+
+
+def select_run(df: pd.DataFrame, variant: str | None = None, seed: int | str | None = None) -> pd.DataFrame:
+    """Rows of one θ_ft* variant (default ``paper`` when present, else the first) and one training seed
+    (default the smallest; ``"all"`` keeps every seed): per-pair analyses must not count a pair once per seed.
+
+    Raises:
+        UnknownNameError: a variant or seed the table does not hold.
+    """
+    df = with_run_columns(df)
+    have = sorted(df["variant"].unique())
+    variant = variant or ("paper" if "paper" in have else have[0])
+    if variant not in have:
+        raise unknown("variant of this study", variant, have)
+    df = df[df["variant"] == variant]
+    if seed == "all":
+        return df.reset_index(drop=True)
+    seeds = sorted(int(s) for s in df["seed"].unique())
+    seed = seeds[0] if seed is None else int(seed)
+    if seed not in seeds:
+        raise unknown("seed of this study", str(seed), [str(s) for s in seeds])
+    return df[df["seed"] == seed].reset_index(drop=True)
