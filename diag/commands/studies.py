@@ -65,7 +65,10 @@ def register(sub) -> None:
     c.add_argument("--lambda2", type=LAMBDA, default=PAPER_LAMBDA2)
     c.add_argument("--n-boot", type=N_RESAMPLE, default=2000)
     c.add_argument("--n-perm", type=N_RESAMPLE, default=2000)
-    c.add_argument("--seed", type=seed, default=0)
+    c.add_argument("--seed", type=seed, default=0, help="seed of the bootstrap and permutations")
+    c.add_argument("--variant", choices=VARIANTS, default=None, help="θ_ft* variant of the rows (default paper)")
+    c.add_argument("--train-seed", type=seed, default=None,
+                   help="training seed of the rows (default: the smallest in the study); one run per analysis")
     c.set_defaults(func=run_correlate)
 
 
@@ -284,6 +287,7 @@ def run_ceilings(args) -> int:
 def run_correlate(args) -> int:
     from diag import figures
     from diag.stats import correlate_appendix_c
+    from diag.summary import select_run
     from diag.pairs import PAIRS_FILE, at_lambda, load_study, merge_shards
     from diag.sweep import run_study
     from train.vectors import check_scale
@@ -297,15 +301,17 @@ def run_correlate(args) -> int:
         domains = _domains(ctx, args.domains)
         store = ctx.ensure(domains, (PAPER_ALPHA,))
         run_study(store, domains, lambda2s=(lambda2,), out_dir=out, progress=ctx.progress, data=ctx.data)
-    df = at_lambda(load_study(out), lambda2)
+    df = at_lambda(select_run(load_study(out), args.variant, args.train_seed), lambda2)
     reports = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.seed)
     fig = figures.figure6(df, out / "figure6.png", reports=reports)
     n_pairs = int(len(df[df["source"] != df["target"]]))
     if args.json:
         emit_json(_clean({"n_pairs": n_pairs, "lambda2": lambda2, "study": str(out / PAIRS_FILE),
+                          "variant": str(df["variant"].iloc[0]), "train_seed": int(df["seed"].iloc[0]),
                                  "figure": str(fig), "correlations": [r.to_dict() for r in reports]}))
         return 0
-    print(f"Appendix C correlations over {n_pairs} pairs (λ2={lambda2:g}; paper: 56 pairs, ViT-B/32)")
+    print(f"Appendix C correlations over {n_pairs} pairs (λ2={lambda2:g}, variant {df['variant'].iloc[0]}, "
+          f"training seed {df['seed'].iloc[0]}; paper: 56 pairs, ViT-B/32)")
     head = (f"{'x':10s} {'y':8s} {'r':>7s} {'p(naive)':>9s} {'rho':>7s} {'95% CI (src×tgt bootstrap)':>28s} "
             f"{'perm p':>8s} {'paper r':>8s}")
     print(head)
