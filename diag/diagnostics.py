@@ -128,10 +128,15 @@ class Diagnostics:
         return content_key({"base": self.base_hash, "ft": ft_meta.get("key", ""), "settings": asdict(self.settings)})
 
     def card_path(self, target: str) -> Path:
-        return self.store.curvature_dir(target) / f"card-k{self.settings.k}.safetensors"
+        """The card of Hᵀ at this training seed's θ_ftᵀ (seed 0 keeps the unseeded name)."""
+        return self.store.curvature_dir(target) / f"card-k{self.settings.k}{self._seed_tag}.safetensors"
 
     def diag_path(self, target: str) -> Path:
-        return self.store.curvature_dir(target) / "diag.safetensors"
+        return self.store.curvature_dir(target) / f"diag{self._seed_tag}.safetensors"
+
+    @property
+    def _seed_tag(self) -> str:
+        return f"-s{self.ws.seed}" if self.ws.seed else ""
 
     def curvature(self, target: str, need_operator: bool = False) -> TargetCurvature:
         """Diagonal + card of Hᵀ (cached in the store); the operator too when asked."""
