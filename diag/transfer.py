@@ -169,7 +169,9 @@ class TransferResult:
         names = {r.model for r in self.rows}
         prop, ft_t = self.row("proposed"), self.row("θ_ftᵀ")
         out = [f"E-RMSE {prop.ermse:.3f} vs θ_ftᵀ {ft_t.ermse:.3f}; accuracy kept "
-               f"{prop.accuracy / max(ft_t.accuracy, 1e-12):.1%} of θ_ftᵀ"]
+               f"{prop.accuracy / max(ft_t.accuracy, 1e-12):.1%} of θ_ftᵀ",
+               f"image-specific E-RMSE {prop.ermse_img:.3f} vs θ_ftᵀ {ft_t.ermse_img:.3f} (a fixed spatial prior "
+               "scores 1; below 1 = image-specific explanation)"]
         for ctrl in (CONTROL_RANDOM, CONTROL_MEAN_S, CONTROL_OTHER, CONTROL_OTHER_RESCALED):
             if ctrl in names:
                 c = self.row(ctrl)
