@@ -13,6 +13,7 @@ of task vectors, the models per target head and the target image sets; the study
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -26,7 +27,7 @@ from diag.constants import PAPER_ALPHA
 from train.datasets import MINISUITE
 from diag.options import domain_name
 from train.errors import ArtifactError, unknown
-from train.store import Store, base_state, check_name, default_root
+from train.store import Store, base_state, check_name, check_variant, default_root, seed_dir
 from train.tensorio import read_metadata
 
 
@@ -58,33 +59,42 @@ class Context:
         bid = cfg.backbone_id if self.preset == "default" else f"{cfg.backbone_id}-{self.preset}"
         return Store(self.store_root, bid, rebuild=frozenset(self.rebuild), rebuild_before=self.started)
 
-    def zoo(self):
-        """The zoo of this invocation (one per context: θ_base and the datasets load once)."""
+    def zoo(self, seed: int = 0):
+        """The zoo of this invocation for training seed ``seed`` (one per seed; θ_base is shared)."""
         from train.zoo import Zoo
 
-        if getattr(self, "_zoo", None) is None:
-            self._zoo = Zoo(self.store, self.zoo_config(), progress=self.progress, data=self.data)
-        return self._zoo
+        zoos = self.__dict__.setdefault("_zoos", {})
+        if seed not in zoos:
+            zoos[seed] = Zoo(self.store, replace(self.zoo_config(), seed=int(seed)), progress=self.progress,
+                             data=self.data)
+        return zoos[seed]
 
-    def ensure(self, domains: list[str], alphas: tuple[float, ...] = (PAPER_ALPHA,), explain: bool = True) -> Store:
-        """Build whatever is missing for ``domains`` (head, θ_ft, φ, θ_ft*) and return the store."""
-        zoo = self.zoo()
-        for name in domains:
-            zoo.head(name)
-            zoo.ft(name)
-            if explain:
-                zoo.attributions(name)
-                for alpha in alphas:
-                    zoo.ftx(name, alpha)
+    def ensure(self, domains: list[str], alphas: tuple[float, ...] = (PAPER_ALPHA,), explain: bool = True, *,
+               variants: tuple[str, ...] = ("paper",), seeds: tuple[int, ...] = (0,)) -> Store:
+        """Build whatever is missing for ``domains`` (head, θ_ft, φ, θ_ft* of each α, variant and seed).
+
+        Returns:
+            The store.
+        """
+        for seed in seeds:
+            zoo = self.zoo(seed)
+            for name in domains:
+                zoo.head(name)
+                zoo.ft(name)
+                if explain:
+                    zoo.attributions(name)
+                    for variant in variants:
+                        for alpha in alphas:
+                            zoo.ftx(name, alpha, variant)
         return self.store
 
     def domains(self) -> list[str]:
         """Domains of the suite: the mini-suite plus any given with ``--data``."""
         return list(MINISUITE) + [d for d in (self.data or {}) if d not in MINISUITE]
 
-    def workspace(self, alpha: float = PAPER_ALPHA) -> "Workspace":
-        """The :class:`Workspace` of this invocation's store (θ_base loaded once)."""
-        return Workspace(self.store, alpha, self.data)
+    def workspace(self, alpha: float = PAPER_ALPHA, *, seed: int = 0, variant: str = "paper") -> "Workspace":
+        """The :class:`Workspace` of this invocation's store for one (α, seed, variant) (θ_base loaded once)."""
+        return Workspace(self.store, alpha, self.data, seed=seed, variant=variant)
 
     def check_domain(self, name: str) -> str:
         from train.datasets import available_domains
@@ -168,7 +178,11 @@ class _LRU:
 
 
 class Workspace:
-    """θ_base, its hash, task vectors (LRU), models and target sets of one store.
+    """θ_base, its hash, task vectors (LRU), models and target sets of one store, for one run.
+
+    A *run* is (α, training seed, variant of θ_ft*): every vector, the test ground truth φ
+    (Kernel SHAP on that seed's θ_ftᵀ) and the mean φ maps are read for it.
+    :meth:`for_run` gives the workspace of another run sharing θ_base and every cache.
 
     Args:
         store: the artifact store.
@@ -176,17 +190,39 @@ class Workspace:
         data: domain → local dataset path (domains outside the mini-suite).
         max_vectors: vectors kept in memory (default: 48 for a small backbone, 4 for > 5e7 parameters).
         max_sets: image sets (and their models) kept in memory.
+        seed: training seed of θ_ft, φ and θ_ft* (and the seed of the controls).
+        variant: variant of θ_ft* (:data:`train.store.VARIANTS`).
     """
 
     def __init__(self, store: Store, alpha: float = PAPER_ALPHA, data: dict | None = None,
-                 max_vectors: int | None = None, max_sets: int = 8):
+                 max_vectors: int | None = None, max_sets: int = 8, *, seed: int = 0, variant: str = "paper"):
         self.store = store
         self.alpha = float(alpha)
         self.data = dict(data or {})
+        self.seed = int(seed)
+        self.variant = check_variant(variant)
+        seed_dir(self.seed)  # refuses a negative or non-integer seed
         self._max_vectors = max_vectors
         self._sets = _LRU(max_sets)
         self._models: dict[str, torch.nn.Module] = {}
-        self._mean_maps: dict[str, torch.Tensor] = {}
+        self._mean_maps: dict[tuple, torch.Tensor] = {}
+
+    def for_run(self, *, alpha: float | None = None, seed: int | None = None,
+                variant: str | None = None) -> "Workspace":
+        """This workspace for another (α, seed, variant): θ_base, models and caches are shared."""
+        self.base  # noqa: B018 — load θ_base once, before the copies share it
+        self._vectors  # noqa: B018
+        other = copy.copy(self)
+        other.alpha = self.alpha if alpha is None else float(alpha)
+        other.seed = self.seed if seed is None else int(seed)
+        other.variant = self.variant if variant is None else check_variant(variant)
+        seed_dir(other.seed)
+        return other
+
+    @property
+    def run(self) -> tuple[float, int, str]:
+        """(α, seed, variant) of this workspace."""
+        return self.alpha, self.seed, self.variant
 
     # ------------------------------------------------------------------- base
     @cached_property
@@ -217,23 +253,37 @@ class Workspace:
 
     # ---------------------------------------------------------------- vectors
     def vector(self, domain: str, kind: str):
-        """τ_ft (``ft``), τ_ft* (``ftx``) or τ* (``star``, the store's ``explainability_vector``)."""
+        """τ_ft (``ft``), τ_ft* (``ftx``) or τ* (``star``, the store's ``explainability_vector``) of this run."""
+        run = {"seed": self.seed, "variant": self.variant}
+
         def make():
             if kind == "star":
-                return self.store.explainability_vector(domain, self.alpha, self.base_hash)
-            if kind not in ("ft", "ftx"):
-                raise unknown("vector kind", kind, ("ft", "ftx", "star"))
-            alpha = None if kind == "ft" else self.alpha
-            return self.store.load_vector(domain, kind, alpha, expect_base=self.base_hash)
-        return self._vectors.get((domain, kind, self.alpha), make)
-
-    def cached(self, key: Hashable, make: Callable):
-        """Any derived vector (e.g. the random controls of a pair), in the same LRU."""
+                return self.store.explainability_vector(domain, self.alpha, self.base_hash, **run)
+            if kind == "ft":
+                return self.store.load_vector(domain, "ft", None, expect_base=self.base_hash, seed=self.seed)
+            if kind == "ftx":
+                return self.store.load_vector(domain, "ftx", self.alpha, expect_base=self.base_hash, **run)
+            raise unknown("vector kind", kind, ("ft", "ftx", "star"))
+        key = (domain, kind, self.seed) if kind == "ft" else (domain, kind, self.alpha, self.seed, self.variant)
         return self._vectors.get(key, make)
 
+    def cached(self, key: Hashable, make: Callable):
+        """Any derived vector (e.g. the random controls of a pair), in the same LRU (put the run in ``key``)."""
+        return self._vectors.get(key, make)
+
+    def vector_path(self, domain: str, kind: str):
+        """The store file of this run's ``ft`` or ``ftx`` vector."""
+        if kind == "ft":
+            return self.store.vector_path(domain, "ft", seed=self.seed)
+        return self.store.vector_path(domain, kind, self.alpha, seed=self.seed, variant=self.variant)
+
+    def attribution_path(self, domain: str):
+        """The store file of this seed's φ of ``domain``."""
+        return self.store.attribution_path(domain, seed=self.seed)
+
     def has(self, domain: str, kind: str) -> bool:
-        """Whether the store holds ``domain``'s ``ft`` or ``ftx`` (at this α) vector."""
-        return self.store.vector_path(domain, kind, None if kind == "ft" else self.alpha).is_file()
+        """Whether the store holds ``domain``'s ``ft`` or ``ftx`` vector of this run."""
+        return self.vector_path(domain, kind).is_file()
 
     def state(self, vector=None, scale: float = 1.0) -> dict:
         """θ_base + scale·τ as a state dict (θ_base itself when ``vector`` is None)."""
@@ -250,24 +300,26 @@ class Workspace:
 
     # ------------------------------------------------------------------- data
     def target_set(self, domain: str, split: str = "test", limit: int | None = None) -> TargetSet:
-        """``split`` images of ``domain``; on ``test`` aligned with the stored φ (first N images)."""
+        """``split`` images of ``domain``; on ``test`` aligned with this seed's φ (first N images)."""
         from train.datasets import model_inputs
 
         def make():
             if split == "test":
-                attr = self.store.load_attributions(domain)
+                attr = self.store.load_attributions(domain, seed=self.seed)
                 phi, labels = attr["test"], attr["test_labels"].long()
                 x, y = model_inputs(self.backbone.config, domain, "test", phi.shape[0], self.data.get(domain))
                 if len(y) < phi.shape[0] or not torch.equal(y, labels):
-                    raise ArtifactError(f"Stored attributions of '{domain}' do not match its test split; "
-                                        "rebuild them")
+                    raise ArtifactError(f"Stored attributions of '{domain}' (seed {self.seed}) do not match its "
+                                        "test split; rebuild them")
                 return TargetSet(domain, x, labels, phi, "test")
             x, y = model_inputs(self.backbone.config, domain, split, limit, self.data.get(domain))
             return TargetSet(domain, x, y, None, split)
-        return self._sets.get((domain, split, limit), make)
+        key = (domain, split, limit, self.seed) if split == "test" else (domain, split, limit)
+        return self._sets.get(key, make)
 
     def mean_map(self, domain: str) -> torch.Tensor:
-        """Mean φ map (M,) of ``domain``'s stored training attributions (the data-free prior)."""
-        if domain not in self._mean_maps:
-            self._mean_maps[domain] = self.store.load_attributions(domain)["train"].mean(dim=0)
-        return self._mean_maps[domain]
+        """Mean φ map (M,) of ``domain``'s training attributions of this seed (the data-free prior)."""
+        key = (domain, self.seed)
+        if key not in self._mean_maps:
+            self._mean_maps[key] = self.store.load_attributions(domain, seed=self.seed)["train"].mean(dim=0)
+        return self._mean_maps[key]

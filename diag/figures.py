@@ -97,12 +97,13 @@ def figure6(df: pd.DataFrame, path: str | Path, reports: Sequence | None = None)
     return _save(fig, path)
 
 
-def figure2(df: pd.DataFrame, path: str | Path, variant_col: str = "variant") -> Path:
+def figure2(df: pd.DataFrame, path: str | Path, variant_col: str = "row") -> Path:
     """Figure 2: normalised accuracy (y, higher is better) vs normalised E-RMSE (x, lower is better).
 
     Normalised by θ_ftᵀ (``acc_norm`` = accuracy / accuracy_ft_target, ``ermse_norm`` =
     ermse / ermse_ft_target, derived when absent).  Colour = source, marker = target.  The red
-    dotted lines mark θ_ftᵀ (both 1).  If ``variant_col`` is present, rows whose variant is not
+    dotted lines mark θ_ftᵀ (both 1).  If ``variant_col`` (the ``row`` label of
+    :func:`diag.summary.figure2_frame`; not the study's θ_ft* ``variant``) is present, rows whose label is not
     ``proposed`` are controls (random vector, mean-φ prior, random source) and are drawn as
     grey markers shaped by variant; if ``acc_norm_zeroshot`` / ``ermse_norm_zeroshot`` columns
     exist, their means are drawn as grey dashed lines (θ_base).
@@ -121,7 +122,8 @@ def figure2(df: pd.DataFrame, path: str | Path, variant_col: str = "variant") ->
     if len(main):
         sns.scatterplot(data=main, x="ermse_norm", y="acc_norm", hue="source", style="target", s=50, ax=ax)
     controls = controls.dropna(subset=["acc_norm", "ermse_norm"])
-    for (variant, rows), marker in zip(controls.groupby(variant_col), ("v", "^", "<", ">", "D", "P", "*")):
+    groups = controls.groupby(variant_col) if variant_col in controls.columns else []
+    for (variant, rows), marker in zip(groups, ("v", "^", "<", ">", "D", "P", "*")):
         ax.scatter(rows["ermse_norm"], rows["acc_norm"], marker=marker, s=30, facecolors="none",
                    edgecolors="0.45", label=f"control: {variant}")
     ax.axhline(1.0, color="red", ls=":", lw=1.2)

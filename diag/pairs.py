@@ -1,6 +1,7 @@
 """The study's pair table on disk: identity of a pair's rows, shards, validated reading and writing.
 
-One row per (source S, target T, λ2); columns are described in :mod:`diag.sweep`. Rows are
+One row per (source S, target T, λ2) of a run (α, training seed, θ_ft* variant); a table may
+hold several runs (columns ``alpha``, ``seed``, ``variant``). Columns are described in :mod:`diag.sweep`. Rows are
 written to ``<study>/pairs.csv`` (or ``pairs-shard{i}of{n}.csv`` for shard i of n), always
 atomically, with a side file ``<table>.check.json`` holding the row count and the sha256 of
 the bytes. Reading validates the table (complete last line, the side file, required columns,
@@ -32,8 +33,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STUDY = "allpairs"
 PAIRS_FILE = "pairs.csv"
-STUDY_VERSION = 2
+STUDY_VERSION = 3
 CHECK_SUFFIX = ".check.json"
+#: What identifies a row besides its ``pair_key``: the pair, λ2 and the run.
+ROW_ID = ("source", "target", "lambda2", "alpha", "seed", "variant")
 #: Columns every row has, and those that must be finite numbers.
 REQUIRED = ("source", "target", "lambda2", "pair_key")
 FINITE = ("lambda2", "accuracy", "ermse", "accuracy_ft_target", "ermse_ft_target")
@@ -95,17 +98,22 @@ def pair_key(store: Store, source: str, target: str, settings: dict, base_hash: 
              cache: dict | None = None) -> str:
     """Identity of a pair's rows: ``settings`` and the content keys of every artifact used.
 
+    ``settings`` holds the run (``alpha``, ``seed``, ``variant``): the artifacts are that seed's
+    θ_ft, φ and θ_ft* of that variant and α.
+
     Raises:
         ArtifactError: an artifact exists but cannot be read (it is never silently ignored).
     """
     cache = cache if cache is not None else {}
-    alpha = settings["alpha"]
+    alpha, seed, variant = settings["alpha"], int(settings.get("seed", 0)), settings.get("variant", "paper")
 
     def keys(d):
-        if d not in cache:
-            cache[d] = [artifact_key(p) for p in (store.vector_path(d, "ft"), store.vector_path(d, "ftx", alpha),
-                                                   store.attribution_path(d))]
-        return cache[d]
+        k = (d, alpha, seed, variant)
+        if k not in cache:
+            cache[k] = [artifact_key(p) for p in (store.vector_path(d, "ft", seed=seed),
+                                                   store.vector_path(d, "ftx", alpha, seed=seed, variant=variant),
+                                                   store.attribution_path(d, seed=seed))]
+        return cache[k]
     return content_key({"source": source, "target": target, **settings, "base": base_hash,
                         "artifacts": keys(source) + keys(target), "version": STUDY_VERSION})
 
@@ -238,7 +246,8 @@ def load_study(out_dir: str | Path, lambda2: float | None = None, latest: bool =
     """The study table of ``out_dir`` (shards combined, read only), optionally only the rows at ``lambda2``.
 
     A folder can hold rows of several runs with different settings; with ``latest`` only the
-    last-written row of each (source, target, λ2) is kept, so every pair counts once.
+    last-written row of each (source, target, λ2, α, seed, variant) is kept, so every pair
+    counts once per run. Tables written before runs were keyed read as seed 0, ``paper``.
 
     Raises:
         ArtifactError: no table in ``out_dir``, or a damaged one.
@@ -247,12 +256,28 @@ def load_study(out_dir: str | Path, lambda2: float | None = None, latest: bool =
     df = merge_shards(out_dir, write=False)
     if df.empty:
         raise ArtifactError(f"no study table in {out_dir} (expected {PAIRS_FILE}); run `diag study` first")
+    df = with_run_columns(df)
     if latest:
-        dup = df.assign(_l=df["lambda2"].map(lam_key)).duplicated(["source", "target", "_l"], keep="last")
+        ids = [c for c in ROW_ID if c != "lambda2"]
+        dup = df.assign(_l=df["lambda2"].map(lam_key)).duplicated([*ids, "_l"], keep="last")
         if dup.any():
             log.info("study %s: %d older rows of re-run pairs hidden (latest=False shows them)", out_dir, int(dup.sum()))
         df = df.loc[~dup].reset_index(drop=True)
     return add_normalised(at_lambda(df, lambda2) if lambda2 is not None else df)
+
+
+def with_run_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with ``alpha``, ``seed`` and ``variant`` filled (older tables: α 0.8, seed 0, ``paper``)."""
+    from diag.constants import PAPER_ALPHA
+
+    out = df.copy()
+    if "alpha" not in out.columns:
+        out["alpha"] = PAPER_ALPHA
+    out["seed"] = pd.to_numeric(out["seed"], errors="coerce").fillna(0).astype(int) if "seed" in out else 0
+    if "variant" not in out.columns:
+        out["variant"] = "paper"
+    out["variant"] = out["variant"].where(~out["variant"].isin(["proposed"]) & out["variant"].notna(), "paper")
+    return out
 
 
 def at_lambda(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2) -> pd.DataFrame:

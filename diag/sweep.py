@@ -2,7 +2,8 @@
 
 :func:`run_study` scores eq. 8, θ̃ = θ_base + λ1·τ_ftᵀ + λ2·τ*ˢ, for every ordered pair
 (source S, target T ≠ S) of a set of domains and writes one tidy table (:mod:`diag.pairs`),
-one row per (S, T, λ2), built by :func:`pair_rows`:
+one row per (S, T, λ2) and run — (α, training seed, θ_ft* variant): with ``seeds=[0, 1, 2]``
+every pair is scored on each seed's vectors and φ — built by :func:`pair_rows`:
 
 * every row of :func:`diag.transfer.evaluate_pair`, as columns ``<metric><_suffix>``
   (:data:`diag.transfer.ROW_SUFFIX`): the proposed model without suffix, the references
@@ -13,6 +14,9 @@ one row per (S, T, λ2), built by :func:`pair_rows`:
 * the pair's features from :func:`diag.diagnostics.pair_features` (``cos_ft``,
   ``cos_ft.<group>``, ``cos_star``, ``norm_*``, ``risk_*``) and ``absent`` (why a feature
   does not apply);
+* the target's ``val`` split (never ``test``) for the λ2 choice: ``accuracy_val`` (eq. 8 at this λ2)
+  and ``accuracy_val_ft_target`` (θ_ftᵀ), from :func:`diag.decide.accuracy_grid`;
+* the run: ``alpha``, ``seed``, ``variant``; every metric has an image-specific twin ``ermse_img*``;
 * the source's own quality on S's test set: ``ermse_star_source`` (θ_ft*ˢ), ``accuracy_ft_source``;
 * provenance: ``base_hash``, ``backbone_id``, ``tvdiag_version``, ``study_version``, ``pair_key``,
   ``n_test``, ``ks``, ``seconds``.
@@ -35,6 +39,7 @@ from tqdm.auto import tqdm
 
 from diag.constants import LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2, RANDOM_DRAWS
 from diag.context import Workspace
+from diag.decide import accuracy_grid
 from diag.diagnostics import CurvatureSettings, Diagnostics, pair_features
 from diag.pairs import (DEFAULT_STUDY, PAIRS_FILE, STUDY_VERSION, add_normalised, append_rows, check_shard, dedupe,
                         default_shard, lam_key, merge_shards, ordered_pairs, pair_key, read_table, shard_file)
@@ -49,7 +54,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StudySettings:
-    """What a study's rows depend on besides the artifacts (part of every ``pair_key``)."""
+    """What a study's rows depend on besides the artifacts (part of every ``pair_key``).
+
+    ``seed`` is the training seed of the run (its vectors and φ) and the seed of the controls;
+    ``variant`` the θ_ft* variant.
+    """
 
     alpha: float = PAPER_ALPHA
     lambda1: float = PAPER_LAMBDA1
@@ -58,17 +67,19 @@ class StudySettings:
     seed: int = 0
     n_random: int = RANDOM_DRAWS
     curvature_settings: CurvatureSettings = field(default_factory=CurvatureSettings)
+    variant: str = "paper"
 
     def key_payload(self) -> dict:
         out = {"alpha": float(self.alpha), "lambda1": float(self.lambda1), "controls": bool(self.controls),
-               "curvature": bool(self.curvature), "seed": int(self.seed), "n_random": int(self.n_random)}
+               "curvature": bool(self.curvature), "seed": int(self.seed), "n_random": int(self.n_random),
+               "variant": self.variant}
         if self.curvature:
             out["curvature_settings"] = asdict(self.curvature_settings)
         return out
 
 
 def source_quality(ws: Workspace, source: str, cache: dict) -> dict:
-    """The source's own quality on its test set: E-RMSE of θ_ft*ˢ, accuracy of θ_ftˢ and θ_ft*ˢ."""
+    """The source's own quality on its test set: E-RMSE of θ_ft*ˢ, accuracy of θ_ftˢ and θ_ft*ˢ (``cache`` per run)."""
     if source not in cache:
         tset = ws.target_set(source, "test")
         ft = evaluate_state(ws, tset, ws.state(ws.vector(source, "ft")), "θ_ftˢ")
@@ -83,29 +94,33 @@ def pair_rows(diag: Diagnostics, source: str, target: str, settings: StudySettin
     """The study rows of one pair, one per λ2: :func:`evaluate_pair` + :func:`pair_features` + provenance."""
     start = time.perf_counter()
     ws = diag.ws
-    results = evaluate_pair(ws, source, target, settings.lambda1, lambda2s, settings.controls, settings.seed,
-                            candidates, settings.n_random)
+    results = evaluate_pair(ws, source, target, settings.lambda1, lambda2s, settings.controls, candidates,
+                            settings.n_random)
+    val = accuracy_grid(ws, target, [source], settings.lambda1, lambda2s)
     feats = pair_features(diag, source, target, curvature=settings.curvature, exact=True)
     ft_t = results[0].row("θ_ftᵀ")
-    fixed = {"variant": "proposed", **feats.values, "absent": feats.absent_text(),
+    fixed = {**feats.values, "accuracy_val_ft_target": val.attrs["accuracy_ft_target"], "absent": feats.absent_text(),
              **source_quality(ws, source, quality), "base_hash": ws.base_hash,
              "backbone_id": ws.store.backbone_id, "tvdiag_version": __version__, "study_version": STUDY_VERSION,
              "pair_key": key, "n_test": int(ft_t.n), "ks": ",".join(str(k) for k in ft_t.ks)}
     seconds = time.perf_counter() - start
-    return [{**r.to_row(), **fixed, "seconds": seconds} for r in results]
+    return [{**r.to_row(), **fixed, "accuracy_val": float(acc), "seconds": seconds}
+            for r, acc in zip(results, val["accuracy"])]
 
 
-def _check_domains(store: Store, domains: Sequence[str], alpha: float) -> list[str]:
+def _check_domains(ws: Workspace, domains: Sequence[str]) -> list[str]:
+    """``domains`` (deduplicated) when the store holds every artifact of ``ws``'s run for each."""
+    store = ws.store
     domains = list(dict.fromkeys(domains))
     if len(domains) < 2:
         raise DataError(f"the study needs at least 2 domains, got {domains}")
     if not store.base_path().is_file():
         raise ArtifactError(f"no base model in {store.folder}; run `diag zoo` first")
     for d in domains:
-        for path in (store.vector_path(d, "ft"), store.vector_path(d, "ftx", alpha), store.attribution_path(d),
-                     store.head_path(d)):
+        for path in (ws.vector_path(d, "ft"), ws.vector_path(d, "ftx"), ws.attribution_path(d), store.head_path(d)):
             if not path.is_file():
-                raise ArtifactError(f"missing artifact {path} for domain '{d}'; run `diag zoo --domains {d}`")
+                raise ArtifactError(f"missing artifact {path} for domain '{d}' (seed {ws.seed}, variant "
+                                    f"{ws.variant}, α={ws.alpha:g}); run `diag zoo --domains {d}` for that run")
     return domains
 
 
@@ -126,61 +141,78 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
               lambda2s: Sequence[float] = (PAPER_LAMBDA2,), out_dir: str | Path | None = None,
               shard: tuple[int, int] | None = None, resume: bool = True, curvature: bool = True,
               curvature_settings: CurvatureSettings | None = None, controls: bool = True, progress: bool = True,
-              data: dict | None = None, seed: int = 0, name: str = DEFAULT_STUDY,
-              workspace: Workspace | None = None) -> pd.DataFrame:
-    """Score eq. 8, its controls and the pair features for every ordered pair of ``domains`` at each λ2.
+              data: dict | None = None, seeds: Sequence[int] = (0,), variant: str = "paper",
+              name: str = DEFAULT_STUDY, workspace: Workspace | None = None) -> pd.DataFrame:
+    """Score eq. 8, its controls and the pair features for every ordered pair of ``domains``, λ2 and seed.
 
     Args:
-        store: artifact store holding base, heads, vectors and φ of every domain.
+        store: artifact store holding base, heads, vectors and φ of every domain and seed.
         domains: at least two domains; n domains give n·(n−1) pairs.
         alpha: α of θ_ft* (τ* = θ_ft* − θ_ft); lambda1, lambda2s: scales of τ_ftᵀ and (each) of τ*ˢ.
         out_dir: study folder (default ``store.study_dir(name)``).
         shard: (i, n): only pairs with index % n == i (default: the process group's rank/world or (0, 1)).
-        resume: skip pairs whose rows (same ``pair_key`` and λ2) are already written.
-        curvature: compute the risk columns (each target's Hᵀ built once, cached in the store).
+        resume: skip pairs whose rows (same ``pair_key`` — pair, settings, run — and λ2) are already written.
+        curvature: compute the risk columns (each target's Hᵀ built once per seed, cached in the store).
         curvature_settings: how Hᵀ is estimated; controls: score the control rows.
         progress: tqdm bar over pairs; data: domain → local dataset path.
-        seed: the pairs' control seed (:func:`diag.transfer.pair_seed`).
-        workspace: a shared :class:`Workspace` (default: a new one on ``store``).
+        seeds: training seeds; each is a run with that seed's θ_ft, φ and θ_ft*, and seeds its
+            controls (:func:`diag.transfer.pair_seed`).
+        variant: θ_ft* variant (``paper`` or ``from-ft``).
+        workspace: a shared :class:`Workspace` (default: a new one on ``store``); θ_base is shared by all runs.
 
     Returns:
-        The rows of this run's pairs and λ2s (this shard's, when sharded), with normalised columns.
+        The rows of this run's pairs, λ2s and seeds (this shard's, when sharded), with normalised columns.
 
     Raises:
-        DataError: fewer than 2 domains or no λ2. ArtifactError: a missing artifact or a damaged table.
+        DataError: fewer than 2 domains, no λ2 or no seed. ArtifactError: a missing artifact or a damaged table.
     """
-    settings = StudySettings(alpha, check_scale("lambda1", lambda1), controls, curvature, seed,
-                             curvature_settings=curvature_settings or CurvatureSettings())
     lambda2s = list(dict.fromkeys(lam_key(check_scale("lambda2", v)) for v in lambda2s))
-    if not lambda2s:
-        raise DataError("give at least one λ2")
-    domains = _check_domains(store, domains, alpha)
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not lambda2s or not seeds:
+        raise DataError(f"give at least one λ2 and one seed (got λ2 {lambda2s}, seeds {seeds})")
+    root = workspace or Workspace(store, alpha, data)
+    runs = [root.for_run(alpha=alpha, seed=s, variant=variant) for s in seeds]
+    for ws in runs:
+        domains = _check_domains(ws, domains)
     shard = check_shard(shard if shard is not None else default_shard())
     out_dir = Path(out_dir) if out_dir is not None else store.study_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / shard_file(shard)
     all_pairs = ordered_pairs(domains)
     pairs = [p for k, p in enumerate(all_pairs) if k % shard[1] == shard[0]]
-    ws = workspace or Workspace(store, alpha, data)
-    dkeys: dict = {}
-    keys = {p: pair_key(store, p[0], p[1], settings.key_payload(), ws.base_hash, dkeys) for p in all_pairs}
     done = _done(out_dir, path, resume)
+    wanted: set[str] = set()
+    every: set[str] = set()  # every pair of every run: what rank 0 reports after merging the shards
+    for ws in runs:
+        settings = StudySettings(alpha, check_scale("lambda1", lambda1), controls, curvature, ws.seed,
+                                 curvature_settings=curvature_settings or CurvatureSettings(), variant=variant)
+        dkeys: dict = {}
+        keys = {p: pair_key(store, p[0], p[1], settings.key_payload(), ws.base_hash, dkeys) for p in all_pairs}
+        wanted |= {keys[p] for p in pairs}
+        every |= set(keys.values())
+        _run_pairs(ws, pairs, keys, settings, lambda2s, domains, path, done, progress)
+    if shard[1] > 1 and _merge_distributed(out_dir):  # rank 0 under torch.distributed: pairs.csv has every shard
+        path, wanted = out_dir / PAIRS_FILE, every
+    return _collect(out_dir, path, wanted, lambda2s)
+
+
+def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, lambda2s: list[float],
+               domains: list[str], path: Path, done: set, progress: bool) -> None:
+    """Score and append the missing (pair, λ2) rows of one run (resumable pair by pair)."""
     todo = [p for p in pairs if any((keys[p], l2) not in done for l2 in lambda2s)]
-    log.info("study: %d pairs in this shard, %d to compute", len(pairs), len(todo))
-    if todo:
-        diag = Diagnostics(ws, settings=settings.curvature_settings, progress=progress)
-        quality: dict = {}
-        bar = tqdm(todo, desc="study pairs", disable=not progress, unit="pair")
-        for source, target in bar:
-            bar.set_postfix_str(f"{source}→{target}")
-            missing = [l2 for l2 in lambda2s if (keys[(source, target)], l2) not in done]
-            append_rows(path, pair_rows(diag, source, target, settings, missing, domains, keys[(source, target)],
-                                        quality))
-            done.update((keys[(source, target)], l2) for l2 in missing)
-    merged = shard[1] > 1 and _merge_distributed(out_dir)
-    if merged:  # rank 0 under torch.distributed: every shard is in pairs.csv now
-        path, pairs = out_dir / PAIRS_FILE, all_pairs
-    return _collect(out_dir, path, {keys[p] for p in pairs}, lambda2s)
+    log.info("study seed %d variant %s: %d pairs in this shard, %d to compute", ws.seed, ws.variant,
+             len(pairs), len(todo))
+    if not todo:
+        return
+    diag = Diagnostics(ws, settings=settings.curvature_settings, progress=progress)
+    quality: dict = {}
+    bar = tqdm(todo, desc=f"study pairs (seed {ws.seed}, {ws.variant})", disable=not progress, unit="pair")
+    for source, target in bar:
+        bar.set_postfix_str(f"{source}→{target}")
+        missing = [l2 for l2 in lambda2s if (keys[(source, target)], l2) not in done]
+        append_rows(path, pair_rows(diag, source, target, settings, missing, domains, keys[(source, target)],
+                                    quality))
+        done.update((keys[(source, target)], l2) for l2 in missing)
 
 
 def _collect(out_dir: Path, path: Path, wanted: set[str], lambda2s: list[float]) -> pd.DataFrame:

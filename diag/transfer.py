@@ -14,7 +14,8 @@ bound), followed by controls that separate transferred domain knowledge from a g
 
 Seeding is one rule (:func:`pair_seed`): every random choice of a pair is seeded by a stable
 hash of (seed, source, target, purpose), so the same pair and seed give the same rows
-whichever command computes them and in whatever order.
+whichever command computes them and in whatever order. The seed is the workspace's training
+seed (:class:`~diag.context.Workspace`): one number picks the vectors, φ and the controls.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ CONTROL_OTHER = "control: τ* of other source"
 CONTROL_OTHER_RESCALED = "control: τ* of other source (‖τ*ˢ‖)"
 CONTROL_MEAN_S = "control: mean φ map (source)"
 CONTROL_MEAN_T = "oracle: mean φ map (target)"
-METRICS = ("accuracy", "ermse", "kendall", "iou1", "iou5", "iou10")
+#: Metrics of every row; ``ermse_img`` is the image-specific E-RMSE (:func:`diag.metrics.ermse_image_specific`).
+METRICS = ("accuracy", "ermse", "ermse_img", "kendall", "iou1", "iou5", "iou10")
 #: Row label → column suffix of the study table ("" = the proposed model).
 ROW_SUFFIX = {
     "zero-shot θ_base": "zeroshot", "θ_ftˢ": "ft_source_on_target", "θ_ft*ˢ": "ftx_source_on_target",
@@ -107,11 +109,15 @@ def accuracy(ws: Workspace, domain: str, state: dict, images: TargetSet) -> floa
 
 
 def evaluate_state(ws: Workspace, tset: TargetSet, state: dict, name: str) -> Scores:
-    """Scores of θ = ``state`` on the target's test set (with its stored φ)."""
+    """Scores of θ = ``state`` on the target's test set (with its stored φ).
+
+    The image-specific E-RMSE subtracts the target's mean train φ of the workspace's seed
+    (``true_mean``) and the mean prediction over the test images.
+    """
     model = ws.model(tset.name)
     load_visual_state(model, state)
     logits, phi_pred = predict(model, tset.x, tset.y)
-    return score(name, logits, tset.y, phi_pred, tset.phi)
+    return score(name, logits, tset.y, phi_pred, tset.phi, true_mean=ws.mean_map(tset.name))
 
 
 def mean_scores(name: str, draws: list[Scores]) -> tuple[Scores, dict[str, float]]:
@@ -129,9 +135,11 @@ def mean_scores(name: str, draws: list[Scores]) -> tuple[Scores, dict[str, float
 
 @dataclass
 class TransferResult:
-    """A Table-1-style comparison for one (source, target, λ1, λ2).
+    """A Table-1-style comparison for one (source, target, λ1, λ2) of one run (α, seed, variant).
 
     Attributes:
+        seed: training seed of every vector and φ, and the seed of the controls.
+        variant: variant of θ_ft* (``paper`` or ``from-ft``).
         rows: :class:`~diag.metrics.Scores` per model row (see :data:`ROW_SUFFIX`).
         spread: row label → ``<metric>_sd`` over the random control's draws.
         other_source: the domain of the "τ* of other source" control (None without controls).
@@ -144,6 +152,7 @@ class TransferResult:
     lambda2: float
     alpha: float
     seed: int = 0
+    variant: str = "paper"
     rows: list[Scores] = field(default_factory=list)
     spread: dict[str, dict[str, float]] = field(default_factory=dict)
     other_source: str | None = None
@@ -160,7 +169,9 @@ class TransferResult:
         names = {r.model for r in self.rows}
         prop, ft_t = self.row("proposed"), self.row("θ_ftᵀ")
         out = [f"E-RMSE {prop.ermse:.3f} vs θ_ftᵀ {ft_t.ermse:.3f}; accuracy kept "
-               f"{prop.accuracy / max(ft_t.accuracy, 1e-12):.1%} of θ_ftᵀ"]
+               f"{prop.accuracy / max(ft_t.accuracy, 1e-12):.1%} of θ_ftᵀ",
+               f"image-specific E-RMSE {prop.ermse_img:.3f} vs θ_ftᵀ {ft_t.ermse_img:.3f} (a fixed spatial prior "
+               "scores 1; below 1 = image-specific explanation)"]
         for ctrl in (CONTROL_RANDOM, CONTROL_MEAN_S, CONTROL_OTHER, CONTROL_OTHER_RESCALED):
             if ctrl in names:
                 c = self.row(ctrl)
@@ -170,7 +181,7 @@ class TransferResult:
 
     def to_dict(self) -> dict:
         return {"source": self.source, "target": self.target, "lambda1": self.lambda1, "lambda2": self.lambda2,
-                "alpha": self.alpha, "seed": self.seed, "other_source": self.other_source,
+                "alpha": self.alpha, "seed": self.seed, "variant": self.variant, "other_source": self.other_source,
                 "n_random": self.n_random, "rows": [r.to_dict() for r in self.rows],
                 "spread": self.spread, "verdicts": self.verdicts()}
 
@@ -178,6 +189,7 @@ class TransferResult:
         """The study-table columns of this result: ``<metric><_suffix>`` per row, plus spreads."""
         out: dict = {"source": self.source, "target": self.target, "alpha": float(self.alpha),
                      "lambda1": float(self.lambda1), "lambda2": float(self.lambda2), "seed": int(self.seed),
+               "variant": self.variant,
                      "other_source": self.other_source, "n_random": int(self.n_random)}
         for r in self.rows:
             suffix = ROW_SUFFIX[r.model]
@@ -188,18 +200,20 @@ class TransferResult:
 
     def table(self) -> str:
         ks = self.rows[0].ks if self.rows else (1, 5, 10)
-        head = (f"{'model':38s} {'acc':>6s} {'E-RMSE':>7s} {'kendall':>8s} "
+        head = (f"{'model':38s} {'acc':>6s} {'E-RMSE':>7s} {'img':>6s} {'kendall':>8s} "
                 f"{'IoU@' + str(ks[0]):>7s} {'IoU@' + str(ks[1]):>7s} {'IoU@' + str(ks[2]):>7s}   paper acc/E-RMSE")
-        lines = [f"transfer {self.source} → {self.target}  (λ1={self.lambda1:g}, λ2={self.lambda2:g}, α={self.alpha:g}; "
+        lines = [f"transfer {self.source} → {self.target}  (λ1={self.lambda1:g}, λ2={self.lambda2:g}, α={self.alpha:g}, "
+                 f"seed {self.seed}, variant {self.variant}; "
                  f"IoU@K with K={ks}; the paper's K=1/5/10 at M=49 scaled to this grid)", head, "-" * len(head)]
         for r in self.rows:
             ref = PAPER_TABLE1.get(r.model)
             ref_s = f"   {ref[0]:.3f} / {ref[1]:.3f}" if ref else ""
             sd = self.spread.get(r.model)
             sd_s = f"   (± {sd['ermse_sd']:.3f} E-RMSE sd over {self.n_random} draws)" if sd else ""
-            lines.append(f"{r.model:38s} {r.accuracy:6.3f} {r.ermse:7.3f} {r.kendall:8.3f} "
+            lines.append(f"{r.model:38s} {r.accuracy:6.3f} {r.ermse:7.3f} {r.ermse_img:6.3f} {r.kendall:8.3f} "
                          f"{r.iou1:7.3f} {r.iou5:7.3f} {r.iou10:7.3f}{ref_s}{sd_s}")
-        lines.append("E-RMSE is per patch: unrelated z-scored maps score √2 ≈ 1.414. Paper: ViT-B/32, mean of 10 targets.")
+        lines.append("E-RMSE is per patch: unrelated z-scored maps score √2 ≈ 1.414. 'img': image-specific E-RMSE "
+                     "(maps minus their mean map; a fixed prior scores 1). Paper: ViT-B/32, mean of 10 targets.")
         lines += [f"- {v}" for v in self.verdicts()]
         return "\n".join(lines)
 
@@ -219,35 +233,41 @@ def _reference_rows(ws: Workspace, tset: TargetSet, source: str, target: str) ->
 
 
 def _mean_map_rows(ws: Workspace, tset: TargetSet, source: str, target: str, ft_accuracy: float) -> list[Scores]:
-    """The data-free mean-φ-map predictions of the source (control) and of the target (oracle)."""
+    """The data-free mean-φ-map predictions of the source (control) and of the target (oracle).
+
+    Both maps are of the workspace's seed; the image-specific E-RMSE of a constant map is 1.
+    """
     rows = []
     for name, domain in ((CONTROL_MEAN_S, source), (CONTROL_MEAN_T, target)):
         mean_map = ws.mean_map(domain)
         if mean_map.shape[0] != tset.phi.shape[1]:
             raise DataError(f"the mean φ map of '{domain}' has {mean_map.shape[0]} patches, the target "
                             f"'{target}' {tset.phi.shape[1]}: the two come from different grids")
-        rows.append(score(name, None, tset.y, mean_map.expand_as(tset.phi), tset.phi, accuracy=ft_accuracy))
+        # pred_mean = the map itself: its centred map is exactly 0, so its image-specific E-RMSE is 1
+        rows.append(score(name, None, tset.y, mean_map.expand_as(tset.phi), tset.phi, accuracy=ft_accuracy,
+                          true_mean=ws.mean_map(target), pred_mean=mean_map))
     return rows
 
 
-def _random_vectors(ws: Workspace, source: str, target: str, seed: int, n: int) -> list[TaskVector]:
-    """``n`` Gaussian vectors with τ*ˢ's per-tensor norms, draw k seeded by ``pair_seed(…, "random{k}")``."""
-    star = ws.vector(source, "star")
-    return [ws.cached(("random", source, target, seed, k, ws.alpha),
+def _random_vectors(ws: Workspace, source: str, target: str, n: int) -> list[TaskVector]:
+    """``n`` Gaussian vectors with τ*ˢ's per-tensor norms, draw k seeded by ``pair_seed(ws.seed, …, "random{k}")``."""
+    star, seed = ws.vector(source, "star"), ws.seed
+    return [ws.cached(("random", source, target, k, *ws.run),
                       lambda k=k: star.random_like(pair_seed(seed, source, target, f"random{k}"))) for k in range(n)]
 
 
 def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPER_LAMBDA1,
-                  lambda2s: Sequence[float] = (PAPER_LAMBDA2,), controls: bool = True, seed: int = 0,
+                  lambda2s: Sequence[float] = (PAPER_LAMBDA2,), controls: bool = True,
                   candidates: Sequence[str] = (), n_random: int = RANDOM_DRAWS) -> list[TransferResult]:
-    """Every Table-1 row, the proposed model and the controls of one pair, for each λ2.
+    """Every Table-1 row, the proposed model and the controls of one pair, for each λ2, of ``ws``'s run.
 
     Args:
-        ws: the workspace of the store (θ_base, vectors, image sets).
+        ws: the workspace of the store (θ_base, vectors, image sets) for one (α, seed, variant):
+            every vector and φ is that seed's, and the controls are seeded by :func:`pair_seed`
+            of (``ws.seed``, S, T).
         source, target: S and T (S ≠ T).
         lambda1: scale of τ_ftᵀ; lambda2s: scales of τ*ˢ (one result each).
         controls: add the random, other-source and mean-map rows.
-        seed: the pair's controls are seeded by :func:`pair_seed` of (seed, S, T).
         candidates: domains the "other source" is drawn from (S and T excluded); none → no such row.
         n_random: draws of the random control (≥ 2 for a spread).
 
@@ -265,13 +285,13 @@ def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPE
     tset = ws.target_set(target, "test")
     fixed = _reference_rows(ws, tset, source, target)
     ft_acc = next(r.accuracy for r in fixed if r.model == "θ_ftᵀ")
-    other = other_source(seed, source, target, [d for d in candidates if ws.has(d, "ftx")]) if controls else None
+    other = other_source(ws.seed, source, target, [d for d in candidates if ws.has(d, "ftx")]) if controls else None
     if controls:
         fixed += _mean_map_rows(ws, tset, source, target, ft_acc)
     ft_t, star_s = ws.vector(target, "ft"), ws.vector(source, "star")
     results = []
     for lam in lambda2s:
-        res = TransferResult(source, target, lambda1, lam, ws.alpha, seed, other_source=other)
+        res = TransferResult(source, target, lambda1, lam, ws.alpha, ws.seed, ws.variant, other_source=other)
         res.rows = fixed[:4] + [evaluate_state(ws, tset, transferred_state(ws, ft_t, star_s, lambda1, lam),
                                                "proposed")] + fixed[4:]
         if controls:
@@ -285,7 +305,7 @@ def _add_controls(ws: Workspace, res: TransferResult, tset: TargetSet, ft_t: Tas
     """Random-direction control (mean and sd over draws) and the other source's τ* (as is and rescaled)."""
     lam, l1 = res.lambda2, res.lambda1
     draws = [evaluate_state(ws, tset, transferred_state(ws, ft_t, r, l1, lam), CONTROL_RANDOM)
-             for r in _random_vectors(ws, res.source, res.target, res.seed, n_random)]
+             for r in _random_vectors(ws, res.source, res.target, n_random)]
     mean, spread = mean_scores(CONTROL_RANDOM, draws)
     res.rows.append(mean)
     res.spread[CONTROL_RANDOM] = spread
@@ -299,9 +319,17 @@ def _add_controls(ws: Workspace, res: TransferResult, tset: TargetSet, ft_t: Tas
 
 
 def transfer(store_or_ws, source: str, target: str, lambda1: float = PAPER_LAMBDA1,
-             lambda2: float = PAPER_LAMBDA2, alpha: float = PAPER_ALPHA, controls: bool = True, seed: int = 0,
-             data=None, candidates: Sequence[str] = ()) -> TransferResult:
-    """:func:`evaluate_pair` at one λ2 (a store is wrapped in a :class:`Workspace`)."""
-    ws = store_or_ws if isinstance(store_or_ws, Workspace) else Workspace(
-        store_or_ws, alpha, {target: data} if data else None)
-    return evaluate_pair(ws, source, target, lambda1, (lambda2,), controls, seed, candidates)[0]
+             lambda2: float = PAPER_LAMBDA2, alpha: float | None = None, controls: bool = True,
+             seed: int | None = None, data=None, candidates: Sequence[str] = (),
+             variant: str | None = None) -> TransferResult:
+    """:func:`evaluate_pair` at one λ2 for the run (α, seed, variant).
+
+    A store is wrapped in a :class:`Workspace` (defaults α = 0.8, seed 0, ``paper``); a
+    workspace is used for the run given (``None`` keeps the workspace's).
+    """
+    if isinstance(store_or_ws, Workspace):
+        ws = store_or_ws.for_run(alpha=alpha, seed=seed, variant=variant)
+    else:
+        ws = Workspace(store_or_ws, PAPER_ALPHA if alpha is None else alpha, {target: data} if data else None,
+                       seed=seed or 0, variant=variant or "paper")
+    return evaluate_pair(ws, source, target, lambda1, (lambda2,), controls, candidates)[0]

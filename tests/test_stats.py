@@ -197,8 +197,8 @@ def test_figures_write_png(tmp_path):
     assert _is_png(figures.figure6(df, tmp_path / "f6.png"))
     reps = correlate_appendix_c(df, n_boot=50, n_perm=50)
     assert _is_png(figures.figure6(df, tmp_path / "f6r.png", reports=reps))
-    controls = df.head(3).assign(variant="random_vector", ermse=1.6)
-    both = pd.concat([df.assign(variant="proposed"), controls], ignore_index=True)
+    controls = df.head(3).assign(row="random_vector", ermse=1.6)
+    both = pd.concat([df.assign(row="proposed"), controls], ignore_index=True)
     both["acc_norm_zeroshot"] = 0.5
     assert _is_png(figures.figure2(both, tmp_path / "f2.png"))
     lam = pd.DataFrame([{"target": t, "lambda2": l, "alpha": a, "ermse": 1.5 - 0.2 * l + 0.01 * a,

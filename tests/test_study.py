@@ -40,7 +40,9 @@ def test_table_shape_and_columns(study):
     # the predictor's tier-0 features and the figures' columns are there
     assert set(tier_features(df, 0)) >= {"cos_ft", "norm_star_source", "norm_ft_source", "norm_ft_target",
                                         "ermse_star_source", "accuracy_ft_source", "cos_ft.block.0"}
-    for col in ("variant", "iou10_ft_target", "ermse_norm", "acc_norm", "ermse_random", "ermse_random_sd",
+    assert (df["variant"] == "paper").all() and (df["seed"] == 0).all()
+    for col in ("variant", "seed", "ermse_img", "ermse_img_ft_target", "ermse_img_meanmap", "accuracy_val",
+                "accuracy_val_ft_target", "iou10_ft_target", "ermse_norm", "acc_norm", "ermse_random", "ermse_random_sd",
                 "ermse_meanmap", "accuracy_random", "ermse_other", "ermse_other_rescaled", "cos_star", "absent",
                 "base_hash", "tvdiag_version", "alpha", "pair_key"):
         assert col in df.columns, col
@@ -103,11 +105,11 @@ def test_cosines_and_norms_match_dense_float64(study):
     ft_s, ft_t = store.load_vector(s, "ft"), store.load_vector(t, "ft")
 
     def flat(d, kind):  # dense float64 reference; τ* = θ_ft* − θ_ft is the store's float32 difference
-        v = store.load_vector(d, kind, None if kind == "ft" else 0.8)
         if kind == "star":
             ft = store.load_vector(d, "ft")
             v = store.load_vector(d, "ftx", 0.8)
             return np.concatenate([(v.tensors[k] - ft.tensors[k]).double().ravel().numpy() for k in sorted(v.tensors)])
+        v = store.load_vector(d, kind, None if kind == "ft" else 0.8)
         return np.concatenate([v.tensors[k].double().ravel().numpy() for k in sorted(v.tensors)])
 
     def cos(a, b):
@@ -212,8 +214,8 @@ def test_table1_and_figure2_frame(study):
     with pytest.raises(UnknownNameError):
         table1(df, "nosuch")
     f2 = figure2_frame(df)
-    assert set(f2["variant"]) >= {"proposed", "random τ (τ*ˢ norms)", "mean φ map (source)"}
-    assert (f2.loc[f2["variant"] == "mean φ map (source)", "acc_norm"].dropna() == 1.0).all()
+    assert set(f2["row"]) >= {"proposed", "random τ (τ*ˢ norms)", "mean φ map (source)"}
+    assert (f2.loc[f2["row"] == "mean φ map (source)", "acc_norm"].dropna() == 1.0).all()
 
 
 def test_kernelshap_budget_reproduces_ground_truth(study):
@@ -253,6 +255,10 @@ def test_cli_study_correlate_similarity(study, capsys, tmp_path):
     assert code == 0, cap.err
     rep = json.loads(cap.out)
     assert rep["summary"]["n_pairs"] == 6 and rep["study"] == str(out)
+    (variant,) = rep["report"]["variants"]
+    assert variant["variant"] == "paper" and variant["seeds"] == [0] and variant["fixed_lambda2"]["n_pairs"]["mean"] == 6
+    # this run asked for λ2 = 0.7 only: no validation-chosen headline, and the report says why
+    assert variant["chosen_lambda2"] is None and any("--lambda-grid" in n for n in rep["report"]["notes"])
     assert (out / "figure2.png").stat().st_size > 0
 
     code, cap = _cli(capsys, "correlate", *_common(store), "--n-boot", "100", "--n-perm", "50", "--json")

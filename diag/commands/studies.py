@@ -1,4 +1,4 @@
-"""``diag similarity``, ``diag study`` and ``diag correlate``."""
+"""``diag similarity``, ``diag study``, ``diag ceilings`` and ``diag correlate``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from diag.context import add_common, context_from
 from diag.options import (ALPHA, LAMBDA, N_IMAGES, N_RESAMPLE, domain_name, emit_json, folder_path, seed,
                           writable_dir)
 from train.errors import DataError
+from train.store import VARIANTS
 
 
 def register(sub) -> None:
@@ -37,9 +38,22 @@ def register(sub) -> None:
                    help="also Figure 5: Kernel SHAP with P = 50 … 1000 vs the proposed model")
     p.add_argument("--ks-images", type=N_IMAGES, default=32, help="test images per target for --kernelshap-budget")
     p.add_argument("--ks-budgets", type=N_IMAGES, nargs="*", default=None, help="Kernel SHAP perturbation budgets")
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--seeds", type=seed, nargs="+", default=[0], metavar="SEED",
+                   help="training seeds (each: that seed's θ_ft, φ, θ_ft*; also seeds the controls); default 0")
+    p.add_argument("--variant", choices=VARIANTS, default="paper", help="θ_ft* variant (default paper)")
     p.add_argument("--out", type=writable_dir, default=None, help="study folder (default: <store>/studies/allpairs)")
     p.set_defaults(func=run_study_cmd)
+
+    g = sub.add_parser("ceilings", help="noise ceilings: cos τ*/τ_ft across seeds, Kernel SHAP run-to-run E-RMSE")
+    add_common(g)
+    g.add_argument("--domains", nargs="*", default=None, type=domain_name, help="default: the whole suite")
+    g.add_argument("--seeds", type=seed, nargs="+", default=[0], metavar="SEED", help="training seeds (default 0)")
+    g.add_argument("--variant", choices=VARIANTS, default="paper", help="θ_ft* variant of τ* (default paper)")
+    g.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
+    g.add_argument("--n-images", type=N_IMAGES, default=64, help="test images of the Kernel SHAP ceiling (≤ 64)")
+    g.add_argument("--shap-seeds", type=seed, nargs=2, default=[101, 202], metavar=("A", "B"),
+                   help="the two Kernel SHAP generator seeds (must differ)")
+    g.set_defaults(func=run_ceilings)
 
     c = sub.add_parser("correlate", help="Appendix C / Figure 6: correlations with bootstrap CIs and permutation p")
     add_common(c)
@@ -51,7 +65,10 @@ def register(sub) -> None:
     c.add_argument("--lambda2", type=LAMBDA, default=PAPER_LAMBDA2)
     c.add_argument("--n-boot", type=N_RESAMPLE, default=2000)
     c.add_argument("--n-perm", type=N_RESAMPLE, default=2000)
-    c.add_argument("--seed", type=seed, default=0)
+    c.add_argument("--seed", type=seed, default=0, help="seed of the bootstrap and permutations")
+    c.add_argument("--variant", choices=VARIANTS, default=None, help="θ_ft* variant of the rows (default paper)")
+    c.add_argument("--train-seed", type=seed, default=None,
+                   help="training seed of the rows (default: the smallest in the study); one run per analysis")
     c.set_defaults(func=run_correlate)
 
 
@@ -155,7 +172,7 @@ def run_study_cmd(args) -> int:
     from diag import figures
     from diag.constants import PAPER_LAMBDA2
     from diag.curvature.distributed import is_distributed, rank_and_world
-    from diag.summary import figure2_frame, summarize
+    from diag.summary import figure2_frame, study_report, summarize
     from diag.sweep import run_study
 
     ctx = context_from(args)
@@ -163,27 +180,32 @@ def run_study_cmd(args) -> int:
     if args.ks_images < 1:
         raise DataError(f"--ks-images must be positive, got {args.ks_images}")
     domains = _domains(ctx, args.domains)
-    store = ctx.ensure(domains, (alpha,))
+    seeds = list(dict.fromkeys(args.seeds))
+    store = ctx.ensure(domains, (alpha,), variants=(args.variant,), seeds=tuple(seeds))
     out = Path(args.out) if args.out else store.study_dir("allpairs")
     shard = shard or rank_and_world()
     rank, world = rank_and_world()
     merged_rank0 = is_distributed() and world > 1 and rank == 0
-    ws = ctx.workspace(alpha)
+    ws = ctx.workspace(alpha, seed=seeds[0], variant=args.variant)
     df = run_study(store, domains, alpha=alpha, lambda1=lambda1, lambda2s=lambda2s, out_dir=out, shard=shard,
                    resume=not args.fresh, curvature=not args.no_curvature, controls=not args.no_controls,
-                   progress=ctx.progress, data=ctx.data, seed=args.seed, workspace=ws)
+                   progress=ctx.progress, data=ctx.data, seeds=seeds, variant=args.variant, workspace=ws)
     if is_distributed() and not merged_rank0:
         return 0  # under torchrun only rank 0 (which merged every shard) reports
     if merged_rank0:
         shard = (0, 1)
-    report: dict = {"study": str(out), "shard": list(shard), "n_rows": int(len(df)), "figures": {}}
+    report: dict = {"study": str(out), "shard": list(shard), "n_rows": int(len(df)), "seeds": seeds,
+                    "variant": args.variant, "alpha": alpha, "figures": {}}
     main_l2 = PAPER_LAMBDA2 if PAPER_LAMBDA2 in lambda2s else lambda2s[0]
-    summary = summarize(df, main_l2)
+    first = df[df["seed"] == seeds[0]]
+    summary = summarize(first, main_l2)
     report["summary"] = summary.to_dict()
+    full = study_report(df, main_l2)
+    report["report"] = full.to_dict()
     if shard[1] == 1:
         report["figures"]["figure2"] = str(figures.figure2(figure2_frame(df, main_l2), out / "figure2.png"))
         if len(lambda2s) > 1:
-            report["figures"]["figure3"] = str(figures.figure3(df, out / "figure3.png", seed=args.seed))
+            report["figures"]["figure3"] = str(figures.figure3(first, out / "figure3.png", seed=seeds[0]))
     if args.kernelshap_budget:
         ks = _kernelshap_part(args, ws, domains, out, lambda1, main_l2, figures)
         report["figures"].update(ks.pop("figures"))
@@ -192,6 +214,8 @@ def run_study_cmd(args) -> int:
         emit_json(_clean(report))
         return 0
     _print_study(report, summary, out, alpha, lambda1, shard)
+    print()
+    print(full.table())
     return 0
 
 
@@ -204,16 +228,17 @@ def _kernelshap_part(args, ws, domains, out, lambda1, lambda2, figures) -> dict:
     source = "imagenette" if "imagenette" in domains else domains[0]
     budgets = args.ks_budgets or list(KS_BUDGETS)
     parts = [kernelshap_budget(ws, t, source, budgets, n_images=args.ks_images, lambda1=lambda1,
-                               lambda2=lambda2, seed=args.seed) for t in domains if t != source]
+                               lambda2=lambda2, seed=ws.seed) for t in domains if t != source]
     ks = pd.concat(parts, ignore_index=True)
     ks.to_csv(out / KS_FILE, index=False)
-    return {"figures": {"figure5": str(figures.figure5(ks, out / "figure5.png", seed=args.seed))},
+    return {"figures": {"figure5": str(figures.figure5(ks, out / "figure5.png", seed=ws.seed))},
             "kernelshap_budget": (ks.groupby(["method", "n_perturbations"], dropna=False)[["ermse", "iou1", "wall_s"]]
                                   .mean().reset_index().to_dict(orient="records"))}
 
 
 def _print_study(report: dict, s, out, alpha, lambda1, shard) -> None:
-    print(f"study {out}  ({s.n_pairs} pairs at λ2={s.lambda2:g}, α={alpha:g}, λ1={lambda1:g}"
+    print(f"study {out}  ({s.n_pairs} pairs at λ2={s.lambda2:g}, α={alpha:g}, λ1={lambda1:g}, "
+          f"variant {report['variant']}, seed {report['seeds'][0]} of {report['seeds']}"
           + (f", shard {shard[0]}/{shard[1]}" if shard[1] > 1 else "") + ")")
     print(f"  mean normalised E-RMSE {s.mean_ermse_norm:.3f} ± {s.mean_ermse_norm_se:.3f}, "
           f"mean normalised accuracy {s.mean_acc_norm:.3f} ± {s.mean_acc_norm_se:.3f} (÷ θ_ftᵀ; se over pairs)")
@@ -234,12 +259,35 @@ def _print_study(report: dict, s, out, alpha, lambda1, shard) -> None:
             print(f"    {r['method']:10s} {str(p):>5s} {r['ermse']:.3f} {r['iou1']:.3f} {r['wall_s']:.3g}")
 
 
+# ---------------------------------------------------------------------------- ceilings
+
+
+def run_ceilings(args) -> int:
+    """``diag ceilings``: cos τ*/τ_ft across seeds and the Kernel SHAP noise ceiling, per domain."""
+    from diag.ceilings import ceilings
+    from train.losses import check_alpha
+
+    ctx = context_from(args)
+    alpha = check_alpha(args.alpha)
+    domains = list(dict.fromkeys(ctx.check_domain(d) for d in (args.domains or ctx.domains())))
+    seeds = list(dict.fromkeys(args.seeds))
+    ctx.ensure(domains, (alpha,), variants=(args.variant,), seeds=tuple(seeds))
+    result = ceilings(ctx.workspace(alpha, seed=seeds[0], variant=args.variant), domains, seeds,
+                      n_images=args.n_images, shap_seeds=tuple(args.shap_seeds))
+    if args.json:
+        emit_json(_clean(result.to_dict()))
+    else:
+        print(result.table())
+    return 0
+
+
 # --------------------------------------------------------------------------- correlate
 
 
 def run_correlate(args) -> int:
     from diag import figures
     from diag.stats import correlate_appendix_c
+    from diag.summary import select_run
     from diag.pairs import PAIRS_FILE, at_lambda, load_study, merge_shards
     from diag.sweep import run_study
     from train.vectors import check_scale
@@ -253,15 +301,17 @@ def run_correlate(args) -> int:
         domains = _domains(ctx, args.domains)
         store = ctx.ensure(domains, (PAPER_ALPHA,))
         run_study(store, domains, lambda2s=(lambda2,), out_dir=out, progress=ctx.progress, data=ctx.data)
-    df = at_lambda(load_study(out), lambda2)
+    df = at_lambda(select_run(load_study(out), args.variant, args.train_seed), lambda2)
     reports = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.seed)
     fig = figures.figure6(df, out / "figure6.png", reports=reports)
     n_pairs = int(len(df[df["source"] != df["target"]]))
     if args.json:
         emit_json(_clean({"n_pairs": n_pairs, "lambda2": lambda2, "study": str(out / PAIRS_FILE),
+                          "variant": str(df["variant"].iloc[0]), "train_seed": int(df["seed"].iloc[0]),
                                  "figure": str(fig), "correlations": [r.to_dict() for r in reports]}))
         return 0
-    print(f"Appendix C correlations over {n_pairs} pairs (λ2={lambda2:g}; paper: 56 pairs, ViT-B/32)")
+    print(f"Appendix C correlations over {n_pairs} pairs (λ2={lambda2:g}, variant {df['variant'].iloc[0]}, "
+          f"training seed {df['seed'].iloc[0]}; paper: 56 pairs, ViT-B/32)")
     head = (f"{'x':10s} {'y':8s} {'r':>7s} {'p(naive)':>9s} {'rho':>7s} {'95% CI (src×tgt bootstrap)':>28s} "
             f"{'perm p':>8s} {'paper r':>8s}")
     print(head)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from diag.constants import PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.context import add_common, context_from
 from diag.options import ALPHA, LAMBDA, check_finite_result, domain_name, emit_json, seed
+from train.store import VARIANTS
 
 
 def register(sub) -> None:
@@ -16,7 +17,9 @@ def register(sub) -> None:
     p.add_argument("--lambda2", type=LAMBDA, default=PAPER_LAMBDA2)
     p.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
     p.add_argument("--no-controls", action="store_true", help="skip the control rows")
-    p.add_argument("--seed", type=seed, default=0, help="seeds the controls, per (seed, source, target)")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="training seed of the vectors and φ; also seeds the controls, per (seed, source, target)")
+    p.add_argument("--variant", choices=VARIANTS, default="paper", help="θ_ft* variant (default paper)")
     p.add_argument("--domains", nargs="*", default=None, type=domain_name,
                    help="domains the 'τ* of other source' control is drawn from (default: the suite); "
                         "the same list as a study's --domains gives that study's rows")
@@ -26,6 +29,9 @@ def register(sub) -> None:
     add_common(z)
     z.add_argument("--domains", nargs="*", default=None, type=domain_name)
     z.add_argument("--alpha", type=ALPHA, action="append", default=None, help="α of θ_ft* (repeatable; default 0.8)")
+    z.add_argument("--seeds", type=seed, nargs="+", default=[0], metavar="SEED", help="training seeds (default 0)")
+    z.add_argument("--variant", choices=VARIANTS, action="append", default=None,
+                   help="θ_ft* variant (repeatable; default paper)")
     z.set_defaults(func=run_zoo)
 
 
@@ -40,10 +46,10 @@ def run_transfer(args) -> int:
     check_scale("lambda2", args.lambda2)
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
     candidates = [ctx.check_domain(d) for d in args.domains] if args.domains is not None else ctx.domains()
-    ctx.ensure([source, target], (args.alpha,))
+    ctx.ensure([source, target], (args.alpha,), variants=(args.variant,), seeds=(args.seed,))
     # the "τ* of another source" control uses a domain already in the store (nothing extra is built)
-    result = transfer(ctx.workspace(args.alpha), source, target, args.lambda1, args.lambda2,
-                      controls=not args.no_controls, seed=args.seed, candidates=candidates)
+    result = transfer(ctx.workspace(args.alpha, seed=args.seed, variant=args.variant), source, target,
+                      args.lambda1, args.lambda2, controls=not args.no_controls, candidates=candidates)
     check_finite_result(result.to_dict(), "transfer result")
     emit_json(result.to_dict()) if args.json else print(result.table())
     return 0
@@ -55,8 +61,12 @@ def run_zoo(args) -> int:
     ctx = context_from(args)
     domains = [ctx.check_domain(d) for d in (args.domains or ctx.domains())]
     alphas = tuple(check_alpha(a) for a in (args.alpha or [PAPER_ALPHA]))
-    zoo = ctx.zoo()
-    times = zoo.build(domains, alphas)
+    variants = tuple(dict.fromkeys(args.variant or ["paper"]))
+    times: dict[str, float] = {}
+    for s in dict.fromkeys(args.seeds):
+        zoo = ctx.zoo(s)
+        built = zoo.build(domains, alphas, variants)
+        times.update(built if s == args.seeds[0] else {f"{k} (seed {s})": v for k, v in built.items()})
     zero_shot = {d: zoo.zero_shot_accuracy(d) for d in domains}
     if args.json:
         emit_json({"store": str(ctx.store.folder), "seconds": times, "zero_shot_accuracy": zero_shot})
