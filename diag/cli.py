@@ -43,13 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="full traceback on unexpected errors (any position)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"diag.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"diag.commands.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"diag.commands.{name}").register(sub)
     return parser
 
 

@@ -57,7 +57,8 @@ class Context:
     def store(self) -> Store:
         cfg = self.zoo_config()
         bid = cfg.backbone_id if self.preset == "default" else f"{cfg.backbone_id}-{self.preset}"
-        return Store(self.store_root, bid, rebuild=frozenset(self.rebuild), rebuild_before=self.started)
+        return Store(self.store_root, bid, rebuild=frozenset(self.rebuild), rebuild_before=self.started,
+                     supervision=cfg.supervision)
 
     def zoo(self, seed: int = 0):
         """The zoo of this invocation for training seed ``seed`` (one per seed; θ_base is shared)."""

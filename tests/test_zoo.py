@@ -144,5 +144,8 @@ def test_gradcam_supervision_shares_the_base(copy_store, tmp_path):
     phi = zoo.attributions("animals")
     assert phi["train"].shape == (cfg.max_train, 16) and phi["test"].shape == (cfg.shap_test, 16)
     assert torch.isfinite(phi["train"]).all() and phi["train"].min() >= 0
+    # stored under its own method name, never as Kernel SHAP
+    assert store.attribution_path("animals", "gradcam").is_file()
+    assert not store.attribution_path("animals", "kernelshap").exists()
     assert store.base_path().stat().st_mtime_ns == base_mtime  # the base was reused, not re-pretrained
     assert not (store.folder / "vectors" / "animals" / "ftx-a0.8.safetensors").exists()

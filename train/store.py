@@ -115,6 +115,9 @@ class Store:
     backbone_id: str = "tiny"
     rebuild: frozenset = frozenset()
     rebuild_before: float = 0.0
+    #: the explanation supervision this store's φ files hold (``kernelshap`` or ``gradcam``);
+    #: readers that do not name a method get this one.
+    supervision: str = "kernelshap"
 
     def __post_init__(self):
         if not _BACKBONE_ID.match(self.backbone_id) or ".." in self.backbone_id or len(self.backbone_id) > 128:
@@ -155,8 +158,9 @@ class Store:
         name = "ft" if kind == "ft" else f"ftx-{alpha_tag(alpha)}{VARIANT_SUFFIX[variant]}"
         return self._path("vectors", check_name(domain), seed_dir(seed), f"{name}.safetensors")
 
-    def attribution_path(self, domain: str, method: str = "kernelshap", *, seed: int = 0) -> Path:
-        """``attributions[/s<seed>]/<domain>-<method>`` (φ on the seed's θ_ft)."""
+    def attribution_path(self, domain: str, method: str | None = None, *, seed: int = 0) -> Path:
+        """``attributions[/s<seed>]/<domain>-<method>`` (φ on the seed's θ_ft; method: the store's supervision)."""
+        method = method or self.supervision
         return self._path("attributions", seed_dir(seed),
                           f"{check_name(domain)}-{check_name(method, 'method')}.safetensors")
 
@@ -287,7 +291,7 @@ class Store:
                                                          "seed": str(seed), "variant": variant})
 
     # ----------------------------------------------------------- attributions
-    def load_attributions(self, domain: str, method: str = "kernelshap", *, seed: int = 0) -> dict[str, torch.Tensor]:
+    def load_attributions(self, domain: str, method: str | None = None, *, seed: int = 0) -> dict[str, torch.Tensor]:
         tensors, _ = load_tensors(self.attribution_path(domain, method, seed=seed))
         return tensors
 

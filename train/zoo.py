@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -133,7 +133,8 @@ class Zoo:
 
     def __init__(self, store: Store, config: ZooConfig = ZooConfig(), progress: bool = True,
                  data: dict[str, str | Path] | None = None):
-        self.store = store
+        # φ files are named by the supervision method; the zoo's store reads and writes this one
+        self.store = store if store.supervision == config.supervision else replace(store, supervision=config.supervision)
         self.config = config
         self.progress = progress
         self.data = dict(data or {})
@@ -256,12 +257,12 @@ class Zoo:
         """φ on the θ_ft model (labelled class): every train image θ_ft trains on, val and test images.
 
         Keys ``train``, ``val``, ``test`` (N, M) and ``<split>_labels``, aligned with the first
-        images of each split. Stored under ``kernelshap`` whatever the method: that file is what
-        transfer evaluation reads, so a Grad-CAM zoo uses its own store folder.
+        images of each split. Stored under the supervision's own name (``<domain>-kernelshap`` or
+        ``<domain>-gradcam``); the store's ``supervision`` tells readers which one to read.
         """
         key = self._attr_key(name)
         seed = self.config.seed
-        path = self.store.attribution_path(name, "kernelshap", seed=seed)
+        path = self.store.attribution_path(name, self.config.supervision, seed=seed)
         if self.store.is_fresh(path, key):
             return load_tensors(path)[0]
         backbone, base_hash = self.base()
