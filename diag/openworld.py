@@ -93,9 +93,10 @@ class Source:
         return [f for f in (self.ft, self.star, self.ftx) if f is not None]
 
     def tau_star(self, key: str) -> torch.Tensor:
+        """τ*ˢ of one parameter: the star file's, else τ_ft* − τ_ft."""
         if self.star is not None:
-            return self.star.read(key).double()
-        return self.ftx.read(key).double() - self.ft.read(key).double()
+            return self.star.read(key).float()
+        return self.ftx.read(key).float() - self.ft.read(key).float()
 
 
 QUALITY_KEYS = ("ermse_star_source", "accuracy_ft_source")
@@ -163,64 +164,76 @@ class CardStream:
             self.offsets[name] = (off, off + n)
             off += n
 
-    def block(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(V rows (n, k), diag(H) (n,)) of parameter ``name``; diag(H) = r + Σ_i l_i v_i²."""
+    def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V rows (n, k), r (n,)) of parameter ``name`` in float32 (products summed per block by BLAS)."""
         rows = self.offsets[name]
-        V = self.file.read("eigvecs", rows).double()
-        r = self.file.read("residual_diag", rows).double()
-        return V, r + (V.pow(2) * self.eigvals).sum(1)
+        return self.file.read("eigvecs", rows).float(), self.file.read("residual_diag", rows).float()
 
 
 @dataclass
 class _Sums:
-    """Float64 running sums of one source."""
+    """Running sums of one source (each block's products in float32 BLAS, the sums over blocks in float64)."""
 
     dot: dict = field(default_factory=dict)     # group → τ_ftˢ·τ_ftᵀ
     ns: dict = field(default_factory=dict)      # group → ‖τ_ftˢ‖²
-    star2: float = 0.0
+    star2: float = 0.0                          # ‖τ*‖²
     proj: torch.Tensor | None = None            # Vᵀτ* (k,)
-    resid: float = 0.0                          # Σ r τ*²
-    diag: float = 0.0                           # Σ diag(H) τ*²
+    resid: float = 0.0                          # Σ r_j τ*_j²
+    v2: torch.Tensor | None = None              # (V²)ᵀ τ*² (k,): Σ diag(H)τ*² = resid + Σ_i l_i v2_i
 
 
-def stream_features(target: TensorFile, base: TensorFile, sources: list[Source], card: CardStream | None,
+def _add(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return x.double() if acc is None else acc + x.double()
+
+
+def stream_features(target, base: TensorFile, sources: list[Source], card: CardStream | None,
                     keys: list[str]) -> tuple[list[dict], float, float]:
-    """Per-source tier-0/1 features; also ‖τ_ftᵀ‖ and ‖θ_base‖, in one pass over the parameters."""
+    """Per-source tier-0/1 features; also ‖τ_ftᵀ‖ and ‖θ_base‖, in one pass over the parameters.
+
+    One parameter tensor at a time: τ_ftᵀ = θ_target − θ_base, then for every source the dot
+    products with τ_ftˢ and τ*ˢ and, with a card, Vᵀτ*, Σ r τ*² and (V²)ᵀτ*² on the card's rows
+    of that tensor. Memory: a few tensors of the largest parameter, whatever the model size.
+    """
     sums = [_Sums() for _ in sources]
     nt, nb = {}, 0.0
     for key in keys:
-        b = base.read(key).double()
-        t = target.read(key).double() - b
-        nb += float(b.pow(2).sum())
+        b = base.read(key).float().reshape(-1)
+        t = target.read(key).float().reshape(-1) - b
+        nb += float(torch.dot(b, b))
         g = block_group(key)
-        nt[g] = nt.get(g, 0.0) + float(t.pow(2).sum())
-        Vd = card.block(key) if card is not None and key in card.offsets else None
+        nt[g] = nt.get(g, 0.0) + float(torch.dot(t, t))
+        V = r = None
+        if card is not None and key in card.offsets:
+            V, r = card.rows(key)
+            V2 = V * V
         for src, s in zip(sources, sums):
             if src.ft is not None:
-                f = src.ft.read(key).double()
-                s.dot[g] = s.dot.get(g, 0.0) + float(torch.dot(f.reshape(-1), t.reshape(-1)))
-                s.ns[g] = s.ns.get(g, 0.0) + float(f.pow(2).sum())
+                f = src.ft.read(key).float().reshape(-1)
+                s.dot[g] = s.dot.get(g, 0.0) + float(torch.dot(f, t))
+                s.ns[g] = s.ns.get(g, 0.0) + float(torch.dot(f, f))
             star = src.tau_star(key).reshape(-1)
-            s.star2 += float(star.pow(2).sum())
-            if Vd is not None:
-                V, d = Vd
-                s.proj = V.T @ star if s.proj is None else s.proj + V.T @ star
-                sq = star.pow(2)
-                s.resid += float((d - (V.pow(2) * card.eigvals).sum(1)).mul(sq).sum())
-                s.diag += float(d.mul(sq).sum())
-    rows = []
-    for src, s in zip(sources, sums):
-        row = {"source": src.name, "norm_star_source": math.sqrt(s.star2), **src.quality}
-        if src.ft is not None:
-            row["cos_ft"] = _cos(sum(s.dot.values()), sum(s.ns.values()), sum(nt.values()))
-            row.update({f"cos_ft.{g}": _cos(s.dot[g], s.ns[g], nt[g]) for g in s.dot})
-            row["norm_ft_source"] = math.sqrt(sum(s.ns.values()))
-        row["norm_ft_target"] = math.sqrt(sum(nt.values()))
-        if card is not None:
-            top = float((card.eigvals * s.proj.pow(2)).sum()) if s.proj is not None else 0.0
-            row["risk_card"], row["risk_diag"] = top + s.resid, s.diag
-        rows.append(row)
-    return rows, math.sqrt(sum(nt.values())), math.sqrt(nb)
+            s.star2 += float(torch.dot(star, star))
+            if V is not None:
+                sq = star * star
+                s.proj = _add(s.proj, V.T @ star)
+                s.resid += float(torch.dot(r, sq))
+                s.v2 = _add(s.v2, V2.T @ sq)
+    return [_row(src, s, nt, card) for src, s in zip(sources, sums)], math.sqrt(sum(nt.values())), math.sqrt(nb)
+
+
+def _row(src: Source, s: _Sums, nt: dict, card: CardStream | None) -> dict:
+    """The features of one source from its sums (the names of :data:`diag.predictor.TIER_FEATURES`)."""
+    row = {"source": src.name, "norm_star_source": math.sqrt(s.star2), **src.quality,
+           "norm_ft_target": math.sqrt(sum(nt.values()))}
+    if src.ft is not None:
+        row["cos_ft"] = _cos(sum(s.dot.values()), sum(s.ns.values()), sum(nt.values()))
+        row.update({f"cos_ft.{g}": _cos(s.dot[g], s.ns[g], nt[g]) for g in s.dot})
+        row["norm_ft_source"] = math.sqrt(sum(s.ns.values()))
+    if card is not None:
+        top = float((card.eigvals * s.proj.pow(2)).sum()) if s.proj is not None else 0.0
+        curv = float((card.eigvals * s.v2).sum()) if s.v2 is not None else 0.0
+        row["risk_card"], row["risk_diag"] = top + s.resid, s.resid + curv
+    return row
 
 
 def _cos(dot: float, a2: float, b2: float) -> float:
