@@ -63,10 +63,10 @@ class TensorFile:
         if rows is not None:
             per = (hi - lo) // max(shape[0], 1)
             lo, hi, shape[0] = lo + rows[0] * per, lo + rows[1] * per, rows[1] - rows[0]
-        buf = bytearray(hi - lo)
-        if hi > lo and os.preadv(self._fd, [buf], self._start + lo) != hi - lo:
+        raw = torch.empty(hi - lo, dtype=torch.uint8)  # not zero-filled: every byte is read below
+        if hi > lo and os.preadv(self._fd, [raw.numpy()], self._start + lo) != hi - lo:
             raise ArtifactError(f"{self.path} is truncated (tensor '{name}')")
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape) if buf else torch.zeros(shape, dtype=dtype)
+        return raw.view(dtype).reshape(shape)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -202,22 +202,24 @@ def stream_features(target, base: TensorFile, sources: list[Source], card: CardS
         nb += float(torch.dot(b, b))
         g = block_group(key)
         nt[g] = nt.get(g, 0.0) + float(torch.dot(t, t))
-        V = r = None
+        V = M = None
         if card is not None and key in card.offsets:
             V, r = card.rows(key)
-            V2 = V * V
+            M = torch.cat([torch.ones_like(r)[:, None], r[:, None], V * V], dim=1)  # (n, k + 2)
         for src, s in zip(sources, sums):
             if src.ft is not None:
                 f = src.ft.read(key).float().reshape(-1)
                 s.dot[g] = s.dot.get(g, 0.0) + float(torch.dot(f, t))
                 s.ns[g] = s.ns.get(g, 0.0) + float(torch.dot(f, f))
             star = src.tau_star(key).reshape(-1)
-            s.star2 += float(torch.dot(star, star))
-            if V is not None:
-                sq = star * star
-                s.proj = _add(s.proj, V.T @ star)
-                s.resid += float(torch.dot(r, sq))
-                s.v2 = _add(s.v2, V2.T @ sq)
+            if M is None:
+                s.star2 += float(torch.dot(star, star))
+                continue
+            m = (M.T @ (star * star)).double()  # [Σ τ*², Σ r τ*², (V²)ᵀ τ*²]
+            s.star2 += float(m[0])
+            s.resid += float(m[1])
+            s.v2 = _add(s.v2, m[2:])
+            s.proj = _add(s.proj, V.T @ star)
     return [_row(src, s, nt, card) for src, s in zip(sources, sums)], math.sqrt(sum(nt.values())), math.sqrt(nb)
 
 
@@ -322,7 +324,7 @@ def candidate_features(inputs: RankInputs, alpha: float) -> tuple[pd.DataFrame, 
     try:
         rows, nt, nb = stream_features(target, base, sources, card, list(keys))
     finally:
-        for f in [base, target, *(card.file,) * (card is not None), *(g for s in sources for g in s.files())]:
+        for f in [base, target, *([card.file] if card is not None else []), *(g for s in sources for g in s.files())]:
             f.close()
     if nb > 0 and nt / nb > MAX_RELATIVE_DISTANCE:
         raise BaseMismatchError(f"--target-model is {nt / nb:.0%} of ‖θ_base‖ away from the store's base {base_hash}: "

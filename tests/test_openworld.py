@@ -126,6 +126,22 @@ def test_worked_example(world, tmp_path):
     cos = [s["cos_ft"] for s in ranking["sources"]]
     assert cos == sorted(cos, reverse=True)  # no suite study in this store: the cos(τ_ft) proxy
     assert any("proxy" in n for n in ranking["notes"])
+    # the streamed risk is the card's R_card(τ*) = Σ l (vᵀτ*)² + Σ r τ*² on the materialised vector
+    mnist = next(s for s in ranking["sources"] if s["source"] == "mnist")
+    expected = loaded.risk(st.explainability_vector("mnist", 0.8).tensors)
+    assert mnist["risk_card"] == pytest.approx(expected, rel=1e-4)
+
+    # tier 0 with the suite's predictor: the smoke study's known pairs (none involve 'pets')
+    from tests._smoke import smoke_study
+
+    _, study, _ = smoke_study()
+    code, out = _cli("rank-sources", "--target", "pets", "--target-model", str(tmp_path / "target.safetensors"),
+                     "--sources", str(root / BACKBONE_ID / "vectors"), "--study", str(study), "--json", *store)
+    assert code == 0, out
+    ranking = json.loads(out)
+    assert ranking["tier"] == 0 and ranking["n_training_pairs"] == 6
+    assert all(s["predicted_ermse"] is not None and s["risk_card"] is None for s in ranking["sources"])
+    assert any(n.startswith("predictor: ridge fitted on 6") for n in ranking["notes"])
 
 
 def _refused(root, *argv) -> str:
@@ -167,3 +183,27 @@ def test_refuses_other_base(world, tmp_path):
     assert "another base" in msg
     msg = _refused(root, "import", "--kind", "base", "--input", str(tmp_path / "other.safetensors"))
     assert "already holds base" in msg
+
+
+def test_vit_b32_shapes_check():
+    """ViT-B/32's tower passes the architecture check against itself (whole model or tower keys), not against tiny."""
+    from diag.bench_rank import vit_b32_shapes
+    from train.errors import BaseMismatchError
+    from train.imports import check_architecture, visual_part
+
+    shapes = vit_b32_shapes()
+    assert 87_000_000 < sum(int(np.prod(s)) for s in shapes.values()) < 89_000_000
+    base = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    tower = {k.removeprefix("visual."): v for k, v in base.items()}
+    check_architecture(visual_part(tower), base, "vit.safetensors")
+    tiny = {k: v for k, v in smoke_store().load_base()[0].clip.state_dict().items()}
+    with pytest.raises(BaseMismatchError, match="does not match the store's backbone"):
+        check_architecture(visual_part(tiny), base, "tiny.safetensors")
+
+
+def test_bench_rank_small():
+    from diag.bench_rank import bench_rank
+
+    out = bench_rank(n_params=200_000, n_sources=2, k=1)
+    assert out["n_params"] == 199_680 and out["n_sources"] == 2
+    assert out["seconds"] > 0 and 0 < out["peak_rss_gb"] < 4
