@@ -20,7 +20,7 @@ import warnings
 
 from train.errors import TvdiagError
 
-COMMAND_MODULES = ("transfer", "curvature", "studies", "decide")
+COMMAND_MODULES = ("transfer", "curvature", "studies", "decide", "openworld")
 
 
 class _ArgumentError(Exception):

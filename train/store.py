@@ -290,6 +290,45 @@ class Store:
         return TaskVector(star.tensors, star.base_hash, {"kind": "explainability", "domain": domain, "alpha": str(alpha),
                                                          "seed": str(seed), "variant": variant})
 
+    def register_imported(self, vector: TaskVector, domain: str, kind: str, alpha: float | None = None, *,
+                          seed: int = 0, variant: str = "paper") -> tuple[Path, bool]:
+        """Store an imported τ (:func:`train.imports.import_weights`) as ``domain``'s ``ft`` or ``ftx``; ``star`` too.
+
+        A bare explainability vector τ* (``kind="star"``) is stored as τ_ft* = τ_ft + τ* next to
+        the domain's τ_ft, so every reader finds τ* = τ_ft* − τ_ft. The file's ``key`` is the hash
+        of the imported file, its kind and the base, so :meth:`is_fresh` treats it as tvdiag's own.
+        Returns ``(path, written)``; re-importing the same file writes nothing.
+
+        Raises:
+            ArtifactError: ``star`` without the domain's τ_ft; the path already holds another
+                vector (pass ``--rebuild DOMAIN`` or delete it).
+        """
+        stored_kind = "ftx" if kind == "star" else kind
+        path = self.vector_path(domain, stored_kind, alpha, seed=seed, variant=variant)
+        prov = {**vector.provenance, "domain": check_name(domain), "seed": str(seed)}
+        parts = {"sha256": prov.get("sha256", ""), "kind": kind, "base": vector.base_hash, "alpha": alpha,
+                 "variant": variant}
+        tensors = dict(vector.tensors)
+        if kind == "star":
+            ft_path = self.vector_path(domain, "ft", seed=seed)
+            if not ft_path.is_file():
+                raise ArtifactError(f"{domain} has no τ_ft in the store ({ft_path}): import its θ_ft first "
+                                    "(diag import --kind ft), then the explainability vector")
+            ft = TaskVector.load(ft_path, expect_base=vector.base_hash)
+            ft._compatible(vector)
+            tensors = {k: ft.tensors[k] + v for k, v in vector.tensors.items()}
+            parts["ft"] = ft.provenance.get("key", "")
+            prov["stored_as"] = "tau_ft + tau_star"
+        if kind in ("ftx", "star"):
+            prov["alpha"] = str(alpha)
+        key = content_key(parts)
+        if self.is_fresh(path, key):
+            return path, False
+        if path.is_file() and not self._rebuilds(path):
+            raise self._refuse(path, f"already holds another vector (key {read_metadata(path).get('key')})")
+        TaskVector(tensors, vector.base_hash, {**prov, "key": key}).save(path)
+        return path, True
+
     # ----------------------------------------------------------- attributions
     def load_attributions(self, domain: str, method: str | None = None, *, seed: int = 0) -> dict[str, torch.Tensor]:
         tensors, _ = load_tensors(self.attribution_path(domain, method, seed=seed))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from diag.context import add_common, context_from
 from diag.options import (ALPHA, BATCH, CHECK_T, ITERS, K, LAMBDA, N_IMAGES, PROBES, REPEATS, domain_name,
                           check_finite_result, emit_json, finite_float, int_range, seed,
@@ -56,8 +58,11 @@ def register(sub) -> None:
     _curvature_options(r)
     r.set_defaults(func=run_risk)
 
-    b = sub.add_parser("bench", help="benchmarks: `diag bench curvature`")
-    b.add_argument("what", choices=("curvature",))
+    b = sub.add_parser("bench", help="benchmarks: `diag bench curvature`, `diag bench rank`")
+    b.add_argument("what", choices=("curvature", "rank"))
+    b.add_argument("--n-params", type=int, default=None, help="rank: synthetic size (default: the ViT-B/32 tower)")
+    b.add_argument("--n-sources", type=int, default=8, help="rank: source vectors")
+    b.add_argument("--k", type=int, default=2, help="rank: eigenpairs of the synthetic card (0: no card)")
     b.add_argument("--quick", action="store_true", help="small models and batches, < 1 minute on 2 cores")
     b.add_argument("--repeats", type=REPEATS, default=None)
     b.add_argument("--json", action="store_true")
@@ -275,6 +280,14 @@ def run_risk(args) -> int:
 
 def run_bench(args) -> int:
     from diag.curvature.bench import BENCH_MODELS, bench_main
+
+    if args.what == "rank":
+        from diag.bench_rank import bench_rank
+
+        out = bench_rank(args.n_params, args.n_sources, args.k)
+        print(json.dumps(out) if args.json else "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                          for k, v in out.items()))
+        return 0
 
     return bench_main(quick=args.quick, json_out=args.json, repeats=args.repeats or 3, probes=args.probes,
                       models=tuple(args.models) if args.models else BENCH_MODELS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA2
 from diag.context import add_common, context_from
@@ -40,6 +41,12 @@ def register(sub) -> None:
     r.add_argument("--model", default="ridge", choices=("ridge", "gbr"))
     r.add_argument("--evaluate", action="store_true", help="leave-one-target-out evaluation of the rankers")
     r.add_argument("--n-boot", type=N_RESAMPLE, default=1000)
+    r.add_argument("--target-model", type=Path, default=None,
+                   help="open world: the target's θ_ft checkpoint (no target images; tier 0, or 1 with --card)")
+    r.add_argument("--card", type=Path, default=None, help="open world: the target's Hessian card (diag card)")
+    r.add_argument("--sources", type=Path, default=None, help="open world: folder of source vectors, one sub-folder each")
+    r.add_argument("--max-loss-increase", type=FRACTION, default=0.05,
+                   help="open world with --card: cap λ2 so that ½ λ2² R_card stays within this target loss increase")
     _suite_options(r)
     r.set_defaults(func=run_rank)
 
@@ -85,6 +92,10 @@ def run_rank(args) -> int:
     from diag.ranking import evaluate_rankers, rank_cached
     from train.losses import check_alpha
 
+    if args.target_model is not None or args.sources is not None or args.card is not None:
+        from diag.commands.openworld import run_rank_folder
+
+        return run_rank_folder(args)
     ctx = context_from(args, default_domain=args.target)
     check_alpha(args.alpha)
     budget = _budget(args.max_acc_drop)

@@ -141,8 +141,11 @@ class HessianCard:
                 f"eigvals=[{top}{more}], trace={tr})")
 
     # -- storage ----------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, extra: Mapping[str, Tensor] | None = None) -> None:
         """Write the card as safetensors, atomically (temp file in the same folder, then rename).
+
+        ``extra`` tensors (e.g. the Hutchinson diagonal and its standard errors) are stored beside
+        the card's own; :meth:`load` ignores them.
 
         Raises:
             StoreError: the folder cannot be written.
@@ -153,6 +156,7 @@ class HessianCard:
             "eigvals": self.eigvals.detach().cpu().contiguous(),
             "eigvecs": self.eigvecs.detach().cpu().contiguous(),
             "residual_diag": self.residual_diag.detach().cpu().contiguous(),
+            **{k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()},
         }
         metadata = {
             "format": CARD_FORMAT,

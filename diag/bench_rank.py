@@ -1,0 +1,153 @@
+"""``diag bench rank``: time open-world ranking on synthetic vectors of a real model's size.
+
+Writes, tensor by tensor (never a whole vector in memory), a synthetic θ_base, a target model
+θ_base + δ, ``n_sources`` sources (``ft.safetensors`` + ``star.safetensors``) and a Hessian card
+with ``k`` eigenpairs into a temporary folder; then runs :func:`diag.openworld.rank_folder` in a
+fresh child process and reports its wall time and peak resident memory (``ru_maxrss`` of the
+child alone, so writing the inputs does not count). Default size: the ViT-B/32 vision tower.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_T0 = time.perf_counter()  # before torch: the child's "import_seconds" include it
+
+import torch
+
+BENCH_BASE_HASH = "benchbase0000000"
+_CODES = {torch.float32: "F32", torch.float64: "F64"}
+
+
+def vit_b32_shapes() -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the ViT-B/32 vision tower (built on the meta device: no memory)."""
+    from train.backbones import build_clip, load_config
+
+    with torch.device("meta"):
+        clip = build_clip(load_config("ViT-B-32"))
+    return {f"visual.{k}": tuple(v.shape) for k, v in clip.visual.state_dict().items()}
+
+
+def synthetic_shapes(n_params: int, width: int = 768) -> dict[str, tuple[int, ...]]:
+    """Transformer-block-like matrices (``width`` columns) totalling ``n_params`` parameters."""
+    rows_total = max(1, n_params // width)
+    per_block = max(1, min(rows_total, 3072))
+    shapes, i = {}, 0
+    while rows_total > 0:
+        r = min(per_block, rows_total)
+        shapes[f"visual.transformer.resblocks.{i}.mlp.c_fc.weight"] = (r, width)
+        rows_total -= r
+        i += 1
+    return shapes
+
+
+def write_streamed(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...], object]],
+                   metadata: dict[str, str]) -> None:
+    """A safetensors file whose tensors are produced chunk by chunk: ``entries`` = (name, dtype, shape, chunks())."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, dtype, shape, _ in entries:
+        n = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as fh:
+        fh.write(len(text).to_bytes(8, "little"))
+        fh.write(text)
+        for _, dtype, _, chunks in entries:
+            for chunk in chunks():
+                fh.write(chunk.to(dtype).contiguous().numpy().tobytes())
+
+
+def _randn(shape, seed: int, scale: float) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def write_inputs(folder: Path, shapes: dict[str, tuple[int, ...]], n_sources: int, k: int) -> dict[str, Path]:
+    """θ_base, target, sources and (k ≥ 1) a card in ``folder``; returns their paths."""
+    from diag.curvature.card import CARD_FORMAT
+
+    names = list(shapes)
+    meta = {"base_hash": BENCH_BASE_HASH}
+
+    def tensors(fn):
+        return [(n, torch.float32, shapes[n], (lambda n=n, i=i: [fn(n, i)])) for i, n in enumerate(names)]
+
+    write_streamed(folder / "base.safetensors", tensors(lambda n, i: _randn(shapes[n], i, 0.02)), meta)
+    write_streamed(folder / "target.safetensors",
+                   tensors(lambda n, i: _randn(shapes[n], i, 0.02) + _randn(shapes[n], 10_000 + i, 1e-3)), meta)
+    for s in range(n_sources):
+        sub = folder / "sources" / f"s{s}"
+        sub.mkdir(parents=True)
+        for kind, off in (("ft", 1), ("star", 2)):
+            write_streamed(sub / f"{kind}.safetensors",
+                           tensors(lambda n, i, s=s, off=off: _randn(shapes[n], 100_000 * (s + 1) + 10 * i + off, 1e-3)),
+                           {**meta, "kind": "task_vector"})
+    out = {"base": folder / "base.safetensors", "target": folder / "target.safetensors", "sources": folder / "sources"}
+    if k >= 1:
+        D = sum(math.prod(s) for s in shapes.values())
+        card_meta = {"format": CARD_FORMAT, "param_names": json.dumps(names),
+                     "param_shapes": json.dumps([list(shapes[n]) for n in names]), "trace": "null",
+                     "trace_stderr": "null", "provenance": json.dumps({"base_hash": BENCH_BASE_HASH})}
+        rows = [(n, math.prod(shapes[n]), i) for i, n in enumerate(names)]
+        entries = [("eigvals", torch.float64, (k,), lambda: [torch.linspace(10.0, 1.0, k)]),
+                   ("eigvecs", torch.float64, (D, k),
+                    lambda: (_randn((m, k), 7 * i, 1 / math.sqrt(D)) for _, m, i in rows)),
+                   ("residual_diag", torch.float64, (D,), lambda: (_randn((m,), 7 * i + 1, 1e-3).abs() for _, m, i in rows))]
+        write_streamed(folder / "card.safetensors", entries, card_meta)
+        out["card"] = folder / "card.safetensors"
+    return out
+
+
+def child(folder: str) -> None:
+    """Rank the bench folder once; print seconds and this process's peak RSS as JSON."""
+    import resource
+
+    from diag.openworld import RankInputs, rank_folder
+
+    import diag.decide  # noqa: F401  the imports are timed apart: "import_seconds"
+    import diag.predictor  # noqa: F401
+    import diag.ranking  # noqa: F401
+    import train.imports  # noqa: F401
+
+    imported = time.perf_counter()
+    folder = Path(folder)
+    card = folder / "card.safetensors"
+    inputs = RankInputs(folder / "base.safetensors", folder / "target.safetensors", folder / "sources",
+                        card if card.is_file() else None)
+    start = time.perf_counter()
+    ranking, _ = rank_folder(inputs, target="bench")
+    seconds = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": seconds, "import_seconds": imported - _T0, "peak_rss_gb": peak_kb / 2 ** 20,
+                      "n_ranked": len(ranking.rows)}))
+
+
+def bench_rank(n_params: int | None = None, n_sources: int = 8, k: int = 2, keep: Path | None = None) -> dict:
+    """Write the inputs, rank them in a child process; ``{"n_params", "n_sources", "k", "seconds", "peak_rss_gb"}``."""
+    shapes = vit_b32_shapes() if n_params is None else synthetic_shapes(n_params)
+    with tempfile.TemporaryDirectory(prefix="tvdiag-bench-rank-") as tmp:
+        folder = Path(keep) if keep is not None else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_inputs(folder, shapes, n_sources, k)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                         os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run([sys.executable, "-m", "diag.bench_rank", str(folder)], capture_output=True, text=True,
+                              env=env, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench child failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"n_params": sum(math.prod(s) for s in shapes.values()), "n_sources": n_sources, "k": k,
+            "seconds": res["seconds"], "import_seconds": res["import_seconds"], "peak_rss_gb": res["peak_rss_gb"],
+            "torch_threads": torch.get_num_threads()}
+
+
+if __name__ == "__main__":
+    child(sys.argv[1])

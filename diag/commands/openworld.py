@@ -1,0 +1,135 @@
+"""``diag import`` and ``diag card``: bringing your own weights, and a target owner's portable Hessian card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diag.constants import PAPER_ALPHA
+from diag.context import add_common, context_from
+from diag.options import ALPHA, BATCH, K, N_IMAGES, PROBES, domain_name, emit_json, writable_file
+from train.errors import ArtifactError, BaseMismatchError
+
+
+def register(sub) -> None:
+    from train.imports import KINDS, SUPPORTED
+
+    i = sub.add_parser("import", help="register externally trained weights (or an explainability vector) in the store",
+                       description=f"Supported: {SUPPORTED}.")
+    add_common(i)
+    i.add_argument("--kind", required=True, choices=KINDS,
+                   help="base: check θ_base; ft: θ_ft; ftx: θ_ft*; star: a bare explainability vector τ*")
+    i.add_argument("--domain", type=domain_name, default=None, help="the domain the weights belong to (not for base)")
+    i.add_argument("--input", required=True, type=Path, help="the checkpoint (.safetensors, or .pt/.bin state dict)")
+    i.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA, help="α of θ_ft* (ftx, star)")
+    i.add_argument("--variant", default="paper", choices=("paper", "from-ft"))
+    i.add_argument("--seed", type=int, default=0, help="training seed folder")
+    i.add_argument("--from-base", type=Path, default=None,
+                   help="the base checkpoint the weights were fine-tuned from (checked against the store's by hash)")
+    i.set_defaults(func=run_import)
+
+    c = sub.add_parser("card", help="portable Hessian card of a target's prediction-only model (no data leaves)")
+    add_common(c)
+    c.add_argument("--target", required=True, type=domain_name)
+    c.add_argument("--model", required=True, type=Path, help="θ_ftᵀ: an open_clip checkpoint fine-tuned from the base")
+    c.add_argument("--out", required=True, type=writable_file, help="the card (.safetensors)")
+    c.add_argument("--n-images", type=N_IMAGES, default=256)
+    c.add_argument("--batch-size", type=BATCH, default=128)
+    c.add_argument("--probes", type=PROBES, default=24, help="Hutchinson probes of diag(Hᵀ)")
+    c.add_argument("--k", type=K, default=8, help="top eigenpairs")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--split", default="train", choices=("train", "val"))
+    c.set_defaults(func=run_card)
+
+
+def _base(store):
+    from train.store import base_state
+
+    if not store.base_path().is_file():
+        raise ArtifactError(f"The store {store.folder} has no θ_base yet: build it first (any zoo command, e.g. "
+                            "`diag study`, with --backbone NAME [--checkpoint BASE])")
+    backbone, base_hash = store.load_base()
+    return base_state(backbone), base_hash
+
+
+def run_import(args) -> int:
+    from train.imports import file_sha256, import_weights, read_state_dict, visual_part
+    from train.backbones import state_hash
+
+    store = context_from(args).store
+    base, base_hash = _base(store)
+    if args.kind == "base":
+        state = visual_part(read_state_dict(args.input))
+        got = state_hash({k: v.float() for k, v in state.items()})
+        if got != base_hash:
+            raise BaseMismatchError(f"{args.input} is base {got}, the store already holds base {base_hash}; use "
+                                    "another --store (or --backbone/--checkpoint) for another base")
+        out = {"kind": "base", "path": str(store.base_path()), "written": False, "base_hash": base_hash,
+               "sha256": file_sha256(args.input), "note": "already the store's base"}
+    else:
+        if args.domain is None:
+            raise ArtifactError(f"--domain is required with --kind {args.kind}")
+        vector = import_weights(args.input, base, base_hash, args.kind, args.from_base)
+        store.check_writable()
+        alpha = args.alpha if args.kind in ("ftx", "star") else None
+        path, written = store.register_imported(vector, args.domain, args.kind, alpha, seed=args.seed,
+                                                variant=args.variant)
+        out = {"kind": args.kind, "domain": args.domain, "path": str(path), "written": written,
+               "base_hash": base_hash, "sha256": vector.provenance["sha256"], "norm": vector.norm(),
+               "n_params": vector.num_params}
+    if args.json:
+        emit_json(out)
+    else:
+        verb = "imported" if out["written"] else "already in the store"
+        print(f"{out['kind']} {out.get('domain', '')} {verb}: {out['path']} (sha256 {out['sha256'][:16]}, "
+              f"base {base_hash})")
+    return 0
+
+
+def run_card(args) -> int:
+    from diag.openworld import CardSettings, build_target_card
+
+    ctx = context_from(args, default_domain=args.target)
+    settings = CardSettings(n_images=args.n_images, batch_size=args.batch_size, probes=args.probes, k=args.k,
+                            seed=args.seed, split=args.split)
+    card, est = build_target_card(ctx.store, args.target, args.model, (ctx.data or {}).get(args.target), settings,
+                                  progress=ctx.progress)
+    card.save(args.out, extra={"hessian_diag": est.mean.double(), "hessian_diag_stderr": est.stderr.double()})
+    out = {"out": str(args.out), "k": card.k, "dim": card.dim, "trace": card.trace, "trace_stderr": card.trace_stderr,
+           "eigvals": [float(v) for v in card.eigvals], "provenance": card.provenance}
+    if args.json:
+        emit_json(out, nan_as_null=True)
+    else:
+        print(f"Hessian card of '{args.target}' written to {args.out}: {card!r}")
+        print(f"model sha256 {card.provenance['model_sha256'][:16]}, data {card.provenance['data_hash']}, "
+              f"{card.provenance['n_images_used']} images")
+    return 0
+
+
+def run_rank_folder(args) -> int:
+    """``diag rank-sources --target-model CKPT [--card CARD] --sources DIR``: no target images at all."""
+    from diag.openworld import RankInputs, rank_folder
+    from train.errors import TvdiagError
+    from train.losses import check_alpha
+
+    if args.target_model is None or args.sources is None:
+        raise TvdiagError("open-world ranking needs both --target-model CKPT and --sources DIR (--card optional)")
+    if args.tier != "auto":
+        raise TvdiagError("--tier is not used with --target-model: tier 0 without --card, tier 1 with it")
+    store = context_from(args).store
+    check_alpha(args.alpha)
+    if not store.base_path().is_file():
+        raise ArtifactError(f"The store {store.folder} has no θ_base: the vectors' base must be in the store")
+    study = args.study or store.study_dir("allpairs")
+    inputs = RankInputs(store.base_path(), args.target_model, args.sources, args.card, study)
+    ranking, facts = rank_folder(inputs, target=args.target or "target", alpha=args.alpha,
+                                 max_acc_drop=args.max_acc_drop, max_loss_increase=args.max_loss_increase,
+                                 model=args.model)
+    if args.json:
+        out = ranking.to_dict()
+        for s, (_, row) in zip(out["sources"], ranking.rows.iterrows()):
+            s["loss_increase_card"] = row.get("loss_increase_card")
+            s["norm_star_source"] = row.get("norm_star_source")
+        emit_json({**out, **facts}, nan_as_null=True)
+    else:
+        print(ranking.table())
+    return 0

@@ -1,0 +1,477 @@
+"""Open world: a target owner's card, and ranking a folder of source vectors with no target images.
+
+* :func:`build_target_card` — the portable Hessian card of a prediction-only model θ_ftᵀ given
+  as an open_clip checkpoint plus local images: Hutchinson diagonal (with standard errors), trace,
+  top-k eigenpairs; provenance names the model's sha256, the data's content hash and the settings.
+* :func:`rank_folder` — rank the sources of a folder for that model. Tier 0 (the model alone):
+  τ_ftᵀ = θ_target − θ_base gives cos(τ_ftˢ, τ_ftᵀ) globally and per block and the norms; tier 1
+  (+ a card): R_card = Σ l_i (v_iᵀτ*)² + Σ r_j τ*_j² and R_diag = Σ diag(H)_j τ*_j², hence the
+  quadratic loss increase ½λ²R and the largest λ2 of the grid within a loss budget.
+
+A source is a sub-folder ``DIR/<name>/`` holding ``ft.safetensors`` (τ_ftˢ; needed for cos_ft)
+and either ``star.safetensors`` (τ*ˢ) or ``ftx-a<α>.safetensors`` (τ_ft*ˢ; τ* = τ_ft* − τ_ft):
+the layout of a store's ``vectors/`` folder, so a store exports by copying. Tensors are read one
+at a time with ``pread`` (:class:`TensorFile`), never a whole vector: memory stays at a few
+blocks whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from diag.constants import PAPER_LAMBDA2
+from diag.similarity import block_group
+from train.errors import ArtifactError, BaseMismatchError, DataError
+from train.tensorio import read_metadata
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class TensorFile:
+    """A safetensors file read tensor by tensor with ``os.pread`` (no mmap, no whole-file read).
+
+    ``rename`` maps stored names to the names callers use (e.g. a visual tower's keys to ``visual.*``).
+    """
+
+    def __init__(self, path: str | Path, rename=None):
+        self.path = Path(path)
+        self.metadata = read_metadata(self.path)  # refuses pickles, truncated and corrupt files first
+        self._fd = os.open(self.path, os.O_RDONLY)
+        n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+        header = json.loads(os.pread(self._fd, n, 8))
+        header.pop("__metadata__", None)
+        self._start = 8 + n
+        rename = rename or (lambda k: k)
+        self.entries = {rename(k): v for k, v in header.items()}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``name`` (or rows ``[a, b)`` of its first axis), as stored."""
+        e = self.entries[name]
+        dtype, shape = _DTYPES[e["dtype"]], list(e["shape"])
+        lo, hi = e["data_offsets"]
+        if rows is not None:
+            per = (hi - lo) // max(shape[0], 1)
+            lo, hi, shape[0] = lo + rows[0] * per, lo + rows[1] * per, rows[1] - rows[0]
+        raw = torch.empty(hi - lo, dtype=torch.uint8)  # not zero-filled: every byte is read below
+        if hi > lo and os.preadv(self._fd, [raw.numpy()], self._start + lo) != hi - lo:
+            raise ArtifactError(f"{self.path} is truncated (tensor '{name}')")
+        return raw.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _checkpoint_rename(names) -> callable:
+    """Stored checkpoint names → ``visual.*``: strip ``module.``; a tower-only file gets the prefix."""
+    stripped = [k.removeprefix("module.") for k in names]
+    whole = any(k.startswith("visual.") for k in stripped)
+    return lambda k: k.removeprefix("module.") if whole else "visual." + k.removeprefix("module.")
+
+
+@dataclass
+class Source:
+    """One candidate: its τ_ft file (optional) and its τ* (``star``) or τ_ft* (``ftx``) file."""
+
+    name: str
+    ft: TensorFile | None
+    star: TensorFile | None = None
+    ftx: TensorFile | None = None
+    quality: dict[str, float] = field(default_factory=dict)
+
+    def files(self):
+        return [f for f in (self.ft, self.star, self.ftx) if f is not None]
+
+    def tau_star(self, key: str) -> torch.Tensor:
+        """τ*ˢ of one parameter: the star file's, else τ_ft* − τ_ft."""
+        if self.star is not None:
+            return self.star.read(key).float()
+        return self.ftx.read(key).float() - self.ft.read(key).float()
+
+
+QUALITY_KEYS = ("ermse_star_source", "accuracy_ft_source")
+
+
+def open_sources(folder: str | Path, alpha: float, base_hash: str, keys: dict[str, tuple]) -> tuple[list[Source], list[str]]:
+    """The usable sources of ``folder`` and one note per sub-folder that could not be used (and why)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--sources {folder} is not a folder")
+    sources, notes = [], []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = {"ft": sub / "ft.safetensors", "star": sub / "star.safetensors",
+                 "ftx": sub / f"ftx-a{float(alpha):g}.safetensors"}
+        opened = {k: TensorFile(p) for k, p in files.items() if p.is_file()}
+        why = _unusable(opened, base_hash, keys)
+        if why:
+            notes.append(f"source '{sub.name}' not used: {why}")
+            for f in opened.values():
+                f.close()
+            continue
+        quality = {}
+        for f in opened.values():
+            for q in QUALITY_KEYS:
+                if q in f.metadata:
+                    quality[q] = float(f.metadata[q])
+        sources.append(Source(sub.name, opened.get("ft"), opened.get("star"), opened.get("ftx"), quality))
+    if not sources:
+        raise DataError(f"no usable source vectors in {folder} (expected <name>/ft.safetensors with star.safetensors or "
+                        f"ftx-a{float(alpha):g}.safetensors){': ' + '; '.join(notes) if notes else ''}")
+    return sources, notes
+
+
+def _unusable(opened: dict[str, TensorFile], base_hash: str, keys: dict[str, tuple]) -> str | None:
+    if "star" not in opened and not ("ftx" in opened and "ft" in opened):
+        return "no star.safetensors, nor ftx-a<α>.safetensors with ft.safetensors"
+    for kind, f in opened.items():
+        if f.metadata.get("base_hash") != base_hash:
+            return f"{f.path.name} was taken from base {f.metadata.get('base_hash')}, not {base_hash}"
+        shapes = {k: tuple(e["shape"]) for k, e in f.entries.items()}
+        if shapes != keys:
+            bad = sorted(set(shapes.items()) ^ set(keys.items()))[:1]
+            return f"{f.path.name} does not match the backbone's parameters (e.g. {bad})"
+    return None
+
+
+class CardStream:
+    """A Hessian card read block by block: eigvals, and per parameter its rows of V and r."""
+
+    def __init__(self, path: str | Path):
+        from diag.curvature.card import CARD_FORMAT
+
+        self.file = TensorFile(path)
+        meta = self.file.metadata
+        if meta.get("format") != CARD_FORMAT:
+            raise ArtifactError(f"'{path}' is not a Hessian card (format {meta.get('format')!r})")
+        self.names = json.loads(meta["param_names"])
+        shapes = [tuple(s) for s in json.loads(meta["param_shapes"])]
+        self.shapes = dict(zip(self.names, shapes))
+        self.provenance = json.loads(meta.get("provenance", "{}"))
+        self.eigvals = self.file.read("eigvals").double()
+        self.offsets, off = {}, 0
+        for name, shape in zip(self.names, shapes):
+            n = math.prod(shape)
+            self.offsets[name] = (off, off + n)
+            off += n
+
+    def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V rows (n, k), r (n,)) of parameter ``name`` in float32 (products summed per block by BLAS)."""
+        rows = self.offsets[name]
+        return self.file.read("eigvecs", rows).float(), self.file.read("residual_diag", rows).float()
+
+
+@dataclass
+class _Sums:
+    """Running sums of one source (each block's products in float32 BLAS, the sums over blocks in float64)."""
+
+    dot: dict = field(default_factory=dict)     # group → τ_ftˢ·τ_ftᵀ
+    ns: dict = field(default_factory=dict)      # group → ‖τ_ftˢ‖²
+    star2: float = 0.0                          # ‖τ*‖²
+    proj: torch.Tensor | None = None            # Vᵀτ* (k,)
+    resid: float = 0.0                          # Σ r_j τ*_j²
+    v2: torch.Tensor | None = None              # (V²)ᵀ τ*² (k,): Σ diag(H)τ*² = resid + Σ_i l_i v2_i
+
+
+def _add(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return x.double() if acc is None else acc + x.double()
+
+
+def stream_features(target, base: TensorFile, sources: list[Source], card: CardStream | None,
+                    keys: list[str]) -> tuple[list[dict], float, float]:
+    """Per-source tier-0/1 features; also ‖τ_ftᵀ‖ and ‖θ_base‖, in one pass over the parameters.
+
+    One parameter tensor at a time: τ_ftᵀ = θ_target − θ_base, then for every source the dot
+    products with τ_ftˢ and τ*ˢ and, with a card, Vᵀτ*, Σ r τ*² and (V²)ᵀτ*² on the card's rows
+    of that tensor. Memory: a few tensors of the largest parameter, whatever the model size.
+    """
+    sums = [_Sums() for _ in sources]
+    nt, nb = {}, 0.0
+    for key in keys:
+        b = base.read(key).float().reshape(-1)
+        t = target.read(key).float().reshape(-1) - b
+        nb += float(torch.dot(b, b))
+        g = block_group(key)
+        nt[g] = nt.get(g, 0.0) + float(torch.dot(t, t))
+        V = M = None
+        if card is not None and key in card.offsets:
+            V, r = card.rows(key)
+            M = torch.cat([torch.ones_like(r)[:, None], r[:, None], V * V], dim=1)  # (n, k + 2)
+        for src, s in zip(sources, sums):
+            if src.ft is not None:
+                f = src.ft.read(key).float().reshape(-1)
+                s.dot[g] = s.dot.get(g, 0.0) + float(torch.dot(f, t))
+                s.ns[g] = s.ns.get(g, 0.0) + float(torch.dot(f, f))
+            star = src.tau_star(key).reshape(-1)
+            if M is None:
+                s.star2 += float(torch.dot(star, star))
+                continue
+            m = (M.T @ (star * star)).double()  # [Σ τ*², Σ r τ*², (V²)ᵀ τ*²]
+            s.star2 += float(m[0])
+            s.resid += float(m[1])
+            s.v2 = _add(s.v2, m[2:])
+            s.proj = _add(s.proj, V.T @ star)
+    return [_row(src, s, nt, card) for src, s in zip(sources, sums)], math.sqrt(sum(nt.values())), math.sqrt(nb)
+
+
+def _row(src: Source, s: _Sums, nt: dict, card: CardStream | None) -> dict:
+    """The features of one source from its sums (the names of :data:`diag.predictor.TIER_FEATURES`)."""
+    row = {"source": src.name, "norm_star_source": math.sqrt(s.star2), **src.quality,
+           "norm_ft_target": math.sqrt(sum(nt.values()))}
+    if src.ft is not None:
+        row["cos_ft"] = _cos(sum(s.dot.values()), sum(s.ns.values()), sum(nt.values()))
+        row.update({f"cos_ft.{g}": _cos(s.dot[g], s.ns[g], nt[g]) for g in s.dot})
+        row["norm_ft_source"] = math.sqrt(sum(s.ns.values()))
+    if card is not None:
+        top = float((card.eigvals * s.proj.pow(2)).sum()) if s.proj is not None else 0.0
+        curv = float((card.eigvals * s.v2).sum()) if s.v2 is not None else 0.0
+        row["risk_card"], row["risk_diag"] = top + s.resid, s.resid + curv
+    return row
+
+
+def _cos(dot: float, a2: float, b2: float) -> float:
+    return dot / math.sqrt(a2 * b2) if a2 > 0 and b2 > 0 else math.nan
+
+
+class _MemoryFile:
+    """A checkpoint that cannot be streamed (a torch file), held in memory behind :class:`TensorFile`'s API."""
+
+    def __init__(self, path: Path, tensors: dict):
+        self.path, self.tensors, self.metadata = path, tensors, {}
+        self.entries = {k: {"shape": list(v.shape)} for k, v in tensors.items()}
+
+    def read(self, name: str, rows=None) -> torch.Tensor:
+        return self.tensors[name]
+
+    def close(self) -> None:
+        pass
+
+
+def open_model(path: str | Path, keys: dict[str, tuple]):
+    """The vision tower of a checkpoint, streamed when it is safetensors; names and shapes checked.
+
+    Raises:
+        BaseMismatchError: names or shapes differ from the store's backbone.
+    """
+    from train.imports import _is_safetensors, read_state_dict, visual_part
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"Target model not found: {path}")
+    if _is_safetensors(path):
+        f = TensorFile(path)
+        ren = _checkpoint_rename(f.entries)
+        f.entries = {ren(k): v for k, v in f.entries.items() if ren(k).startswith("visual.")}
+    else:
+        f = _MemoryFile(path, visual_part(read_state_dict(path)))
+    shapes = {k: tuple(e["shape"]) for k, e in f.entries.items()}
+    if shapes != keys:
+        bad = sorted(set(shapes.items()) ^ set(keys.items()))[:2]
+        raise BaseMismatchError(f"{path} does not match the store's backbone (e.g. {bad})")
+    return f
+
+
+@dataclass
+class RankInputs:
+    """What :func:`rank_folder` reads: the store's base, the target model, the sources, the card, the suite."""
+
+    base: Path
+    target_model: Path
+    sources: Path
+    card: Path | None = None
+    study: Path | None = None
+
+
+def _base_keys(base: TensorFile) -> dict[str, tuple]:
+    return {k: tuple(e["shape"]) for k, e in base.entries.items() if k.startswith("visual.")}
+
+
+def _check_card(card: CardStream, base_hash: str, model_sha: str, keys: dict) -> None:
+    prov = card.provenance
+    if prov.get("base_hash", base_hash) != base_hash:
+        raise BaseMismatchError(f"{card.file.path} was built on base {prov.get('base_hash')}, not {base_hash}")
+    if prov.get("model_sha256", model_sha) != model_sha:
+        raise BaseMismatchError(f"{card.file.path} was built for model sha256 {prov['model_sha256'][:16]}, "
+                                f"not --target-model (sha256 {model_sha[:16]})")
+    bad = [n for n in card.names if keys.get(n) != card.shapes[n]]
+    if bad:
+        raise BaseMismatchError(f"{card.file.path} covers '{bad[0]}' with a shape the backbone does not have")
+
+
+def candidate_features(inputs: RankInputs, alpha: float) -> tuple[pd.DataFrame, list[str], dict]:
+    """One row of features per usable source, notes on what was not used, and facts of the run."""
+    from train.imports import MAX_RELATIVE_DISTANCE, file_sha256
+
+    base = TensorFile(inputs.base)
+    base_hash = base.metadata.get("base_hash", "")
+    keys = _base_keys(base)
+    target = open_model(inputs.target_model, keys)
+    card = CardStream(inputs.card) if inputs.card is not None else None
+    facts = {"target_model": str(inputs.target_model), "base_hash": base_hash}
+    if card is not None:
+        facts["model_sha256"] = file_sha256(inputs.target_model)
+        _check_card(card, base_hash, facts["model_sha256"], keys)
+    sources, notes = open_sources(inputs.sources, alpha, base_hash, keys)
+    try:
+        rows, nt, nb = stream_features(target, base, sources, card, list(keys))
+    finally:
+        for f in [base, target, *([card.file] if card is not None else []), *(g for s in sources for g in s.files())]:
+            f.close()
+    if nb > 0 and nt / nb > MAX_RELATIVE_DISTANCE:
+        raise BaseMismatchError(f"--target-model is {nt / nb:.0%} of ‖θ_base‖ away from the store's base {base_hash}: "
+                                "it was not fine-tuned from it")
+    for src in sources:
+        if src.ft is None:
+            notes.append(f"source '{src.name}' has no ft.safetensors: cos_ft and its blocks unknown for it")
+    return pd.DataFrame(rows), notes, facts
+
+
+def _suite_table(study: Path | None, target: str) -> pd.DataFrame | None:
+    """Known pairs of the suite study at λ2 = 0.7 without ``target`` (None when there is no study)."""
+    from diag.pairs import load_study
+    from diag.ranking import training_pairs
+
+    if study is None or not Path(study).is_dir():
+        return None
+    try:
+        table = load_study(study, lambda2=PAPER_LAMBDA2)
+    except ArtifactError:
+        return None
+    return training_pairs(table, target)
+
+
+def _predict(cands: pd.DataFrame, train: pd.DataFrame, tier: int, model: str, budget: float,
+             notes: list[str]) -> pd.DataFrame:
+    """Rank with the predictor fitted on the suite; λ2 from the predicted drop (quadratic model)."""
+    from diag.decide import lambda2_from_predicted_drop
+    from diag.predictor import fit_predictor, fit_source_model, rank_sources, tier_features
+
+    wanted = tier_features(train, tier)
+    features = [f for f in wanted if f in cands.columns and cands[f].notna().all()]
+    lacking = [f for f in wanted if f not in features]
+    if lacking:
+        notes.append(f"suite features the candidates lack, not used: {', '.join(lacking)}")
+    notes.append(f"predictor: {model} fitted on {len(train)} known pairs of the suite; features: {', '.join(features)}")
+    out = rank_sources(cands, fit_source_model(train, features, model=model))
+    out["predicted_ermse"] = fit_predictor(train, features, target="ermse", model=model).predict(out)
+    out["lambda2"] = [lambda2_from_predicted_drop(d, budget) for d in out["predicted_acc_drop"]]
+    return out
+
+
+def _proxy(cands: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
+    """Rank by cos(τ_ftˢ, τ_ftᵀ), the paper's proxy, when there is no suite to fit a predictor on."""
+    notes.append("no suite study with ≥ 4 known pairs in the store (run `diag study`): ranked by cos(τ_ft) alone, "
+                 "the paper's proxy; no predicted E-RMSE or accuracy drop")
+    key = cands["cos_ft"] if "cos_ft" in cands.columns else pd.Series(math.nan, index=cands.index)
+    out = cands.assign(_k=key.fillna(-math.inf)).sort_values("_k", ascending=False, kind="stable")
+    out = out.drop(columns="_k").reset_index(drop=True)
+    out.insert(0, "rank", range(1, len(out) + 1))
+    for col in ("predicted_ermse", "predicted_ermse_norm", "predicted_acc_drop", "lambda2"):
+        out[col] = math.nan
+    return out
+
+
+def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, max_acc_drop: float = 0.05,
+                max_loss_increase: float = 0.05, model: str = "ridge"):
+    """Rank the sources of ``inputs.sources`` for a target model known only by its weights (and card).
+
+    Tier 0 without a card, tier 1 with one. With a suite study the predictor fitted on its
+    known pairs gives predicted E-RMSE and accuracy drop, and λ2 from the predicted drop;
+    with a card, λ2 is also capped by the card: ½ λ2² R_card ≤ ``max_loss_increase``
+    (:func:`diag.decide.quadratic_lambda_max`). Returns a :class:`diag.ranking.SourceRanking`
+    whose notes say what could not be used, and the run's facts (hashes).
+    """
+    from diag.decide import grid_floor, quadratic_lambda_max, quadratic_loss_increase
+    from diag.ranking import SourceRanking
+
+    tier = 1 if inputs.card is not None else 0
+    cands, notes, facts = candidate_features(inputs, alpha)
+    train = _suite_table(inputs.study, target)
+    if train is not None and len(train) >= 4:
+        out = _predict(cands, train, tier, model, max_acc_drop, notes)
+        n_train = len(train)
+    else:
+        out, n_train = _proxy(cands, notes), 0
+    if tier == 1:
+        out["loss_increase_card"] = [quadratic_loss_increase(r, PAPER_LAMBDA2) for r in out["risk_card"]]
+        cap = [grid_floor(quadratic_lambda_max(max(r, 0.0), max_loss_increase)) for r in out["risk_card"]]
+        out["lambda2"] = [c if math.isnan(p) else min(p, c) for p, c in zip(out["lambda2"], cap)]
+        notes.append(f"λ2 capped by the card: ½ λ2² R_card ≤ {max_loss_increase:g} nats of target loss")
+    else:
+        notes.append("no --card: risks R(τ*ˢ; Hᵀ) and the curvature cap on λ2 not used (tier 0)")
+    notes.append("not used (need target images): risk_exact, the measured accuracy grid; never used: cos_star "
+                 "(needs target explanation labels)")
+    out["measured_acc_drop"] = math.nan
+    return SourceRanking(target, tier, max_acc_drop, out, n_train, notes), facts
+
+
+@dataclass(frozen=True)
+class CardSettings:
+    """How :func:`build_target_card` estimates Hᵀ (recorded in the card's provenance)."""
+
+    n_images: int = 256
+    batch_size: int = 128
+    probes: int = 24
+    k: int = 8
+    seed: int = 0
+    split: str = "train"
+
+
+def build_target_card(store, target: str, model_path: str | Path, data: str | Path | None,
+                      settings: CardSettings = CardSettings(), progress: bool = False):
+    """The Hessian card of a prediction-only model θ_ftᵀ (an open_clip checkpoint) on local target images.
+
+    H = ∇²_θ L_cls at θ_ftᵀ on the first ``n_images`` of ``split``; the head is the store's head of
+    ``target`` when it has one, else CLIP's zero-shot head of the data's class names with θ_base's
+    text tower. Hutchinson diagonal (``probes`` Rademacher probes: mean and standard error), trace
+    ± stderr, top-k eigenpairs (Lanczos), residual diag(H) − Σ l_i v_i².
+    """
+    import copy
+
+    from diag.curvature.card import build_card
+    from diag.curvature.estimators import hutchinson_diagonal
+    from diag.curvature.operators import HessianOperator
+    from train.datasets.inputs import domain_for, split_inputs
+    from train.imports import file_sha256, import_weights
+    from train.model import SelfExplainingCLIP, load_visual_state, text_head
+    from train.store import base_state
+    from train.tensorio import dumps
+
+    backbone, base_hash = store.load_base()
+    base = base_state(backbone)
+    theta = import_weights(model_path, base, base_hash, "ft").apply_to(base, base_hash=base_hash)
+    domain = domain_for(backbone.config, target, data)
+    if store.head_path(target).is_file():
+        head, scale = store.load_head(target)
+        head_from = "store head"
+    else:
+        head = text_head(backbone.clip, backbone.tokenizer, list(domain.classnames), list(domain.templates))
+        scale, head_from = float(backbone.clip.logit_scale.detach().exp().clamp(max=100)), "zero-shot head"
+    model = SelfExplainingCLIP(copy.deepcopy(backbone.clip.visual), head, scale)
+    load_visual_state(model, theta)
+    model.eval()
+    s = settings
+    x, y = split_inputs(backbone.config, domain, s.split, s.n_images)
+    batches = [(x[i:i + s.batch_size], y[i:i + s.batch_size]) for i in range(0, len(y), s.batch_size)]
+    op = HessianOperator(model, batches)
+    est = hutchinson_diagonal(op, num_matvecs=s.probes, seed=s.seed, progress=progress)
+    prov = {"target": target, "base_hash": base_hash, "model_sha256": file_sha256(model_path),
+            "model_file": Path(model_path).name, "data_hash": domain.content_hash, "data_source": domain.source,
+            "head": head_from, "settings": dumps(asdict(s)),
+            "n_images_used": len(y), "point": "theta_ft of the target"}
+    card = build_card(op, min(s.k, op.shape[0]), hessian_diag=est.mean.double(), trace=est.total,
+                      trace_stderr=est.total_stderr, provenance=prov, seed=s.seed)
+    return card, est
+
+
+__all__ = ["TensorFile", "CardStream", "Source", "RankInputs", "CardSettings", "open_sources", "open_model",
+           "stream_features", "candidate_features", "rank_folder", "build_target_card"]
