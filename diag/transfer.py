@@ -28,7 +28,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from diag.constants import PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2, PAPER_TABLE1, RANDOM_DRAWS
+from diag.constants import (DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2, PAPER_TABLE1,
+                            RANDOM_DRAWS)
 from diag.context import TargetSet, Workspace
 from diag.metrics import Scores, score
 from train.errors import DataError
@@ -41,6 +42,8 @@ CONTROL_OTHER = "control: τ* of other source"
 CONTROL_OTHER_RESCALED = "control: τ* of other source (‖τ*ˢ‖)"
 CONTROL_MEAN_S = "control: mean φ map (source)"
 CONTROL_MEAN_T = "oracle: mean φ map (target)"
+#: beside a curvature-aware method's "proposed" row: plain eq. 8 at the same λ2 (issue 10's reference)
+PLAIN_ROW = "plain eq. 8 (same λ2)"
 #: Metrics of every row; ``ermse_img`` is the image-specific E-RMSE (:func:`diag.metrics.ermse_image_specific`).
 METRICS = ("accuracy", "ermse", "ermse_img", "kendall", "iou1", "iou5", "iou10")
 #: Row label → column suffix of the study table ("" = the proposed model).
@@ -48,7 +51,7 @@ ROW_SUFFIX = {
     "zero-shot θ_base": "zeroshot", "θ_ftˢ": "ft_source_on_target", "θ_ft*ˢ": "ftx_source_on_target",
     "θ_ftᵀ": "ft_target", "proposed": "", "θ_ft*ᵀ (upper bound)": "ftx_target",
     CONTROL_RANDOM: "random", CONTROL_OTHER: "other", CONTROL_OTHER_RESCALED: "other_rescaled",
-    CONTROL_MEAN_S: "meanmap", CONTROL_MEAN_T: "meanmap_target",
+    CONTROL_MEAN_S: "meanmap", CONTROL_MEAN_T: "meanmap_target", PLAIN_ROW: "plain",
 }
 
 
@@ -157,6 +160,8 @@ class TransferResult:
     spread: dict[str, dict[str, float]] = field(default_factory=dict)
     other_source: str | None = None
     n_random: int = 0
+    method: str = "plain"
+    repair: dict = field(default_factory=dict)
 
     def row(self, model: str) -> Scores:
         for r in self.rows:
@@ -177,13 +182,28 @@ class TransferResult:
                 c = self.row(ctrl)
                 verb = "beats" if prop.ermse < c.ermse else "does NOT beat"
                 out.append(f"proposed {verb} '{ctrl}' on E-RMSE ({prop.ermse:.3f} vs {c.ermse:.3f})")
+        if PLAIN_ROW in names:
+            out += self._method_verdicts(prop, ft_t, self.row(PLAIN_ROW))
         return out
+
+    def _method_verdicts(self, prop: Scores, ft_t: Scores, plain: Scores) -> list[str]:
+        """Issue-10 statements: accuracy kept and E-RMSE reduction kept, against plain eq. 8."""
+        gain_plain, gain = ft_t.ermse - plain.ermse, ft_t.ermse - prop.ermse
+        kept = f"{gain / gain_plain:.0%}" if gain_plain > 0 else "n/a (plain eq. 8 does not reduce E-RMSE)"
+        r = self.repair
+        return [f"method '{self.method}' ({r.get('param')}, scale {r.get('scale', float('nan')):.3g}; chosen on the "
+                f"target's val split): accuracy kept {prop.accuracy / max(ft_t.accuracy, 1e-12):.1%} of θ_ftᵀ "
+                f"(plain {plain.accuracy / max(ft_t.accuracy, 1e-12):.1%}); E-RMSE reduction kept {kept} of plain's",
+                (f"predicted loss increase ½λ²R = {r['predicted_loss_increase']:.3g} ({r.get('risk_source')})"
+                 if r.get("predicted_loss_increase") is not None else "no curvature given: ½λ²R not predicted")
+                + f"; measured test accuracy change {prop.accuracy - ft_t.accuracy:+.3f}"]
 
     def to_dict(self) -> dict:
         return {"source": self.source, "target": self.target, "lambda1": self.lambda1, "lambda2": self.lambda2,
                 "alpha": self.alpha, "seed": self.seed, "variant": self.variant, "other_source": self.other_source,
                 "n_random": self.n_random, "rows": [r.to_dict() for r in self.rows],
-                "spread": self.spread, "verdicts": self.verdicts()}
+                "spread": self.spread, "verdicts": self.verdicts(),
+                **({"method": self.method, "repair": self.repair} if self.method != "plain" else {})}
 
     def to_row(self) -> dict:
         """The study-table columns of this result: ``<metric><_suffix>`` per row, plus spreads."""
@@ -196,6 +216,9 @@ class TransferResult:
             out.update({(f"{m}_{suffix}" if suffix else m): float(getattr(r, m)) for m in METRICS})
         for label, sds in self.spread.items():
             out.update({f"{k.removesuffix('_sd')}_{ROW_SUFFIX[label]}_sd": v for k, v in sds.items()})
+        if self.method != "plain":  # plain rows keep the study table's schema unchanged
+            out["method"] = self.method
+            out.update({f"repair_{k}": v for k, v in self.repair.items() if isinstance(v, (int, float))})
         return out
 
     def table(self) -> str:
@@ -258,8 +281,14 @@ def _random_vectors(ws: Workspace, source: str, target: str, n: int) -> list[Tas
 
 def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPER_LAMBDA1,
                   lambda2s: Sequence[float] = (PAPER_LAMBDA2,), controls: bool = True,
-                  candidates: Sequence[str] = (), n_random: int = RANDOM_DRAWS) -> list[TransferResult]:
+                  candidates: Sequence[str] = (), n_random: int = RANDOM_DRAWS, method: str = "plain",
+                  curvature=None, max_acc_drop: float = DEFAULT_MAX_ACC_DROP) -> list[TransferResult]:
     """Every Table-1 row, the proposed model and the controls of one pair, for each λ2, of ``ws``'s run.
+
+    With a curvature-aware ``method`` (:mod:`diag.repair`) the "proposed" row is that method's
+    vector, its hyper-parameter chosen on the target's ``val`` split only
+    (:func:`diag.repair_select.select_repair`), and plain eq. 8 at the same λ2 is scored beside
+    it (:data:`PLAIN_ROW`); the controls stay those of τ*ˢ.
 
     Args:
         ws: the workspace of the store (θ_base, vectors, image sets) for one (α, seed, variant):
@@ -270,6 +299,9 @@ def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPE
         controls: add the random, other-source and mean-map rows.
         candidates: domains the "other source" is drawn from (S and T excluded); none → no such row.
         n_random: draws of the random control (≥ 2 for a spread).
+        method: ``plain`` (eq. 8) or one of ``project``, ``precondition``, ``blocks``, ``mix``.
+        curvature: the target's curvature (needed by ``project``, ``precondition``, ``blocks``).
+        max_acc_drop: val-accuracy budget of the method's choice.
 
     Returns:
         One :class:`TransferResult` per λ2, in the order given.
@@ -292,12 +324,46 @@ def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPE
     results = []
     for lam in lambda2s:
         res = TransferResult(source, target, lambda1, lam, ws.alpha, ws.seed, ws.variant, other_source=other)
-        res.rows = fixed[:4] + [evaluate_state(ws, tset, transferred_state(ws, ft_t, star_s, lambda1, lam),
-                                               "proposed")] + fixed[4:]
+        plain = transferred_state(ws, ft_t, star_s, lambda1, lam)
+        if method == "plain":
+            res.rows = fixed[:4] + [evaluate_state(ws, tset, plain, "proposed")] + fixed[4:]
+        else:
+            state, res.method, res.repair = _repaired(ws, source, target, star_s, method, curvature, lambda1, lam,
+                                                      candidates, max_acc_drop)
+            res.rows = fixed[:4] + [evaluate_state(ws, tset, state, "proposed"),
+                                    evaluate_state(ws, tset, plain, PLAIN_ROW)] + fixed[4:]
         if controls:
             _add_controls(ws, res, tset, ft_t, star_s, n_random)
         results.append(res)
     return results
+
+
+def _repaired(ws: Workspace, source: str, target: str, star_s: TaskVector, method: str, curvature,
+              lambda1: float, lambda2: float, candidates: Sequence[str], max_acc_drop: float):
+    """(θ of the chosen repaired vector, method, summary) — every choice on the target's val split."""
+    from diag.repair_select import METHODS, mixtures, select_repair
+
+    if method not in METHODS:
+        from train.errors import unknown
+
+        raise unknown("method", method, METHODS)
+    mixes = None
+    if method == "mix":
+        pool = [d for d in candidates if d != target and ws.has(d, "ftx")]
+        if not pool:
+            raise DataError("method 'mix' needs other domains with θ_ft* (pass --domains)")
+        mixes = mixtures(ws, target, pool)
+    choice = select_repair(ws, target, star_s, method, curvature, lambda1, lambda2, mixes=mixes,
+                           max_acc_drop=max_acc_drop)
+    predicted = float(choice.predicted_loss_increase)
+    summary = {"param": choice.param if isinstance(choice.param, (int, float)) else str(choice.param),
+               "scale": float(choice.scale),
+               # without the target's curvature (plain, mix) there is no ½λ²R to predict: absent, not NaN
+               "predicted_loss_increase": predicted if math.isfinite(predicted) else None,
+               "risk_source": choice.risk_source, "size": float(choice.size),
+               "val_accuracy": float(choice.val_accuracy),
+               "val_accuracy_ft_target": float(choice.val_accuracy_ft_target), "safe": bool(choice.safe)}
+    return transferred_state(ws, ws.vector(target, "ft"), choice.vector, lambda1, choice.scale), method, summary
 
 
 def _add_controls(ws: Workspace, res: TransferResult, tset: TargetSet, ft_t: TaskVector, star_s: TaskVector,
@@ -321,8 +387,9 @@ def _add_controls(ws: Workspace, res: TransferResult, tset: TargetSet, ft_t: Tas
 def transfer(store_or_ws, source: str, target: str, lambda1: float = PAPER_LAMBDA1,
              lambda2: float = PAPER_LAMBDA2, alpha: float | None = None, controls: bool = True,
              seed: int | None = None, data=None, candidates: Sequence[str] = (),
-             variant: str | None = None) -> TransferResult:
-    """:func:`evaluate_pair` at one λ2 for the run (α, seed, variant).
+             variant: str | None = None, method: str = "plain", curvature=None,
+             max_acc_drop: float = DEFAULT_MAX_ACC_DROP) -> TransferResult:
+    """:func:`evaluate_pair` at one λ2 for the run (α, seed, variant), with a transfer ``method``.
 
     A store is wrapped in a :class:`Workspace` (defaults α = 0.8, seed 0, ``paper``); a
     workspace is used for the run given (``None`` keeps the workspace's).
@@ -332,4 +399,5 @@ def transfer(store_or_ws, source: str, target: str, lambda1: float = PAPER_LAMBD
     else:
         ws = Workspace(store_or_ws, PAPER_ALPHA if alpha is None else alpha, {target: data} if data else None,
                        seed=seed or 0, variant=variant or "paper")
-    return evaluate_pair(ws, source, target, lambda1, (lambda2,), controls, candidates)[0]
+    return evaluate_pair(ws, source, target, lambda1, (lambda2,), controls, candidates, method=method,
+                         curvature=curvature, max_acc_drop=max_acc_drop)[0]

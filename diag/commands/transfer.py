@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from diag.constants import PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
+from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.context import add_common, context_from
-from diag.options import ALPHA, LAMBDA, check_finite_result, domain_name, emit_json, seed
+from diag.options import ALPHA, FRACTION, LAMBDA, check_finite_result, domain_name, emit_json, seed
 from train.store import VARIANTS
 
 
@@ -23,6 +23,12 @@ def register(sub) -> None:
     p.add_argument("--domains", nargs="*", default=None, type=domain_name,
                    help="domains the 'τ* of other source' control is drawn from (default: the suite); "
                         "the same list as a study's --domains gives that study's rows")
+    p.add_argument("--method", default="plain", choices=("plain", "project", "precondition", "blocks", "mix"),
+                   help="plain: eq. 8; project / precondition / blocks: τ*ˢ changed by the target's curvature "
+                        "(Hᵀ on its train images); mix: uniform mix of the other domains' τ* — each method's "
+                        "hyper-parameter chosen on the target's val split")
+    p.add_argument("--max-acc-drop", type=FRACTION, default=DEFAULT_MAX_ACC_DROP,
+                   help="val-accuracy budget of the method's choice, relative to θ_ftᵀ")
     p.set_defaults(func=run_transfer)
 
     z = sub.add_parser("zoo", help="build (or resume) every artifact of the suite: θ_base, θ_ft, φ, θ_ft*")
@@ -48,8 +54,14 @@ def run_transfer(args) -> int:
     candidates = [ctx.check_domain(d) for d in args.domains] if args.domains is not None else ctx.domains()
     ctx.ensure([source, target], (args.alpha,), variants=(args.variant,), seeds=(args.seed,))
     # the "τ* of another source" control uses a domain already in the store (nothing extra is built)
-    result = transfer(ctx.workspace(args.alpha, seed=args.seed, variant=args.variant), source, target,
-                      args.lambda1, args.lambda2, controls=not args.no_controls, candidates=candidates)
+    ws = ctx.workspace(args.alpha, seed=args.seed, variant=args.variant)
+    curvature = None
+    if args.method in ("project", "precondition", "blocks"):
+        from diag.diagnostics import Diagnostics
+
+        curvature = Diagnostics(ws, progress=ctx.progress).curvature(target, need_operator=args.method == "blocks")
+    result = transfer(ws, source, target, args.lambda1, args.lambda2, controls=not args.no_controls,
+                      candidates=candidates, method=args.method, curvature=curvature, max_acc_drop=args.max_acc_drop)
     check_finite_result(result.to_dict(), "transfer result")
     emit_json(result.to_dict()) if args.json else print(result.table())
     return 0
