@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from diag.diagnostics import CurvatureSettings
 from diag.constants import PAPER_LAMBDA2
 from diag.similarity import block_group
 from train.errors import ArtifactError, BaseMismatchError, DataError
@@ -414,20 +415,8 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
     return SourceRanking(target, tier, max_acc_drop, out, n_train, notes), facts
 
 
-@dataclass(frozen=True)
-class CardSettings:
-    """How :func:`build_target_card` estimates Hᵀ (recorded in the card's provenance)."""
-
-    n_images: int = 256
-    batch_size: int = 128
-    probes: int = 24
-    k: int = 8
-    seed: int = 0
-    split: str = "train"
-
-
 def build_target_card(store, target: str, model_path: str | Path, data: str | Path | None,
-                      settings: CardSettings = CardSettings(), progress: bool = False):
+                      settings: CurvatureSettings = CurvatureSettings(), progress: bool = False):
     """The Hessian card of a prediction-only model θ_ftᵀ (an open_clip checkpoint) on local target images.
 
     H = ∇²_θ L_cls at θ_ftᵀ on the first ``n_images`` of ``split``; the head is the store's head of
@@ -473,5 +462,5 @@ def build_target_card(store, target: str, model_path: str | Path, data: str | Pa
     return card, est
 
 
-__all__ = ["TensorFile", "CardStream", "Source", "RankInputs", "CardSettings", "open_sources", "open_model",
+__all__ = ["TensorFile", "CardStream", "Source", "RankInputs", "open_sources", "open_model",
            "stream_features", "candidate_features", "rank_folder", "build_target_card"]

@@ -86,10 +86,11 @@ def run_import(args) -> int:
 
 
 def run_card(args) -> int:
-    from diag.openworld import CardSettings, build_target_card
+    from diag.diagnostics import CurvatureSettings
+    from diag.openworld import build_target_card
 
     ctx = context_from(args, default_domain=args.target)
-    settings = CardSettings(n_images=args.n_images, batch_size=args.batch_size, probes=args.probes, k=args.k,
+    settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, probes=args.probes, k=args.k,
                             seed=args.seed, split=args.split)
     card, est = build_target_card(ctx.store, args.target, args.model, (ctx.data or {}).get(args.target), settings,
                                   progress=ctx.progress)
