@@ -379,7 +379,7 @@ class StudyReport:
                 for key, label in _COUNT_LINES:
                     m, s = agg[key]
                     cells = "".join(f"  {c.flat()[key]:>8d}" for c in per)
-                    out.append(f"    {label:44s}{cells}   {m:.1f} ± {s:.1f}")
+                    out.append(f"    {label:44s}{cells}   {m:.1f} ± " + (f"{s:.1f}" if s == s else "— (one seed)"))
             if v.table1 is not None:
                 out.append(_format_table1(v.table1, self.source, len(v.runs)))
         out += [f"note: {n}" for n in self.notes]
