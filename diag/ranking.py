@@ -91,7 +91,7 @@ class SourceRanking:
                  f"{self.n_training_pairs} known pairs without '{self.target}'; budget: accuracy drop ≤ "
                  f"{self.max_acc_drop:.0%} of θ_ftᵀ", ""]
         head = f"{'rank':>4s}  {'source':12s} {'cos_ft':>7s} {'R_card':>9s} {'R_diag':>9s} {'R_exact':>9s} " \
-               f"{'pred E-RMSE':>11s} {'pred Δacc':>9s} {'λ2':>5s}"
+               f"{'pred E-RMSE÷θ_ftᵀ':>17s} {'pred Δacc':>9s} {'λ2':>5s}"
         lines += [head, "-" * len(head)]
 
         def fmt(v, w, p=3):
@@ -99,9 +99,9 @@ class SourceRanking:
 
         for s in self.to_dict()["sources"]:
             lines.append(f"{s['rank']:4d}  {s['source']:12s} {fmt(s['cos_ft'], 7)} {fmt(s['risk_card'], 9)} "
-                         f"{fmt(s['risk_diag'], 9)} {fmt(s['risk_exact'], 9)} {fmt(s['predicted_ermse'], 11)} "
+                         f"{fmt(s['risk_diag'], 9)} {fmt(s['risk_exact'], 9)} {fmt(s['predicted_ermse_norm'], 17)} "
                          f"{fmt(-s['predicted_acc_drop'] if s['predicted_acc_drop'] is not None else None, 9, 2)} "
-                         f"{fmt(s['lambda2'], 5, 2)}")
+                         + ("no safe transfer" if s["lambda2"] == 0 else fmt(s["lambda2"], 5, 2)))
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -169,11 +169,16 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
         cands["lambda2"] = [lambda2_from_predicted_drop(d, max_acc_drop) for d in cands["predicted_acc_drop"]]
         cands["measured_acc_drop"] = math.nan
         notes.append("λ2: from the predicted drop at λ2 = 0.7 scaled by the quadratic model (drop ∝ λ2²)")
+    # a source with no safe λ2 is listed last as "no safe transfer", never ranked above a safe one
+    cands = cands.assign(_unsafe=cands["lambda2"] <= 0).sort_values(["_unsafe", "rank"], kind="stable")
+    cands = cands.drop(columns="_unsafe").reset_index(drop=True)
+    cands["rank"] = range(1, len(cands) + 1)
+    notes.append("ranked by predicted E-RMSE ÷ θ_ftᵀ's (lower is better); sources without a safe λ2 last")
     notes.append("E-RMSE is per patch; unrelated z-scored maps score √2 ≈ 1.414")
     return SourceRanking(target, tier, max_acc_drop, cands, len(train), notes)
 
 
-RANKING_VERSION = 1
+RANKING_VERSION = 2
 
 
 def ranking_key(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
