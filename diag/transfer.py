@@ -341,13 +341,9 @@ def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPE
 def _repaired(ws: Workspace, source: str, target: str, star_s: TaskVector, method: str, curvature,
               lambda1: float, lambda2: float, candidates: Sequence[str], max_acc_drop: float):
     """(θ of the chosen repaired vector, method, summary) — every choice on the target's val split."""
-    from diag.repair_select import METHODS, mixtures, select_repair
+    from diag.repair_select import mixtures, select_repair
 
-    if method not in METHODS:
-        from train.errors import unknown
-
-        raise unknown("method", method, METHODS)
-    mixes = None
+    mixes = None  # an unknown method is refused by select_repair's candidates()
     if method == "mix":
         pool = [d for d in candidates if d != target and ws.has(d, "ftx")]
         if not pool:
