@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -96,8 +96,11 @@ def shap_samples(ws: Workspace, domain: str) -> int:
 
 
 def kernelshap_ceiling(ws: Workspace, domain: str, n_images: int = MAX_IMAGES,
-                       shap_seeds: tuple[int, int] = (101, 202)) -> tuple[float, float, int]:
+                       shap_seeds: tuple[int, int] = (101, 202), samples: int | None = None) -> tuple[float, float, int]:
     """E-RMSE between two Kernel SHAP runs on ``ws``'s θ_ft of ``domain`` (its first test images).
+
+    ``samples`` coalitions per image (default: the stored φ's own count); a larger count says how
+    much of the floor a denser φ would remove.
 
     Returns:
         (ceiling, standard error, images used).
@@ -115,7 +118,10 @@ def kernelshap_ceiling(ws: Workspace, domain: str, n_images: int = MAX_IMAGES,
         raise DataError(f"no test images of '{domain}' for the Kernel SHAP ceiling")
     model = ws.model(domain)
     load_visual_state(model, ws.state(ws.vector(domain, "ft")))
-    samples, patch = shap_samples(ws, domain), ws.backbone.config.patch_size
+    samples = shap_samples(ws, domain) if samples is None else int(samples)
+    if samples < 2:
+        raise DataError(f"the Kernel SHAP ceiling needs at least 2 samples per image, got {samples}")
+    patch = ws.backbone.config.patch_size
     parts, sizes = [], []
     with torch.no_grad():
         for g, start in enumerate(range(0, n, GROUP)):
@@ -140,6 +146,7 @@ class DomainCeiling:
     noise: dict[int, tuple[float, float]]
     samples: int
     n_images: int
+    noise_at: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         cs, cf = _mean_se(self.cos_star_seeds), _mean_se(self.cos_ft_seeds)
@@ -147,7 +154,8 @@ class DomainCeiling:
         return {"domain": self.domain, "cos_star_seeds": self.cos_star_seeds, "cos_star_mean": cs[0],
                 "cos_star_se": cs[1], "cos_ft_seeds": self.cos_ft_seeds, "cos_ft_mean": cf[0], "cos_ft_se": cf[1],
                 "kernelshap_noise": {str(s): {"ermse": v, "se": e} for s, (v, e) in self.noise.items()},
-                "kernelshap_noise_mean": nm[0], "kernelshap_samples": self.samples, "n_images": self.n_images}
+                "kernelshap_noise_mean": nm[0], "kernelshap_samples": self.samples, "n_images": self.n_images,
+                "kernelshap_noise_at_samples": {str(k): {"ermse": v, "se": e} for k, (v, e) in self.noise_at.items()}}
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,9 @@ class Ceilings:
             lines.append(f"{r['domain']:14s} {_pm(r['cos_star_mean'], r['cos_star_se']):>16s} "
                          f"{_pm(r['cos_ft_mean'], r['cos_ft_se']):>16s} {noise:>40s}   "
                          f"({r['kernelshap_samples']} samples, {r['n_images']} images)")
+            for k, v in r["kernelshap_noise_at_samples"].items():
+                lines.append(f"{'':14s} {'':>16s} {'':>16s} {v['ermse']:>29.3f}±{v['se']:.3f}   "
+                             f"(seed {self.seeds[0]}'s θ_ft at {k} samples per image)")
         lines.append(f"cross-domain cos τ* (mean over domain pairs): {_pm(cc['mean'], cc['sd_over_seeds'])} "
                      f"(± sd over seeds; per seed {', '.join(f'{v:.3f}' for v in cc['per_seed'])})")
         lines.append("cos over seed pairs: mean ± se over pairs (no se with one pair); cos τ* across seeds is the "
@@ -193,8 +204,12 @@ def _pm(m: float, s: float) -> str:
 
 
 def ceilings(ws: Workspace, domains: Sequence[str], seeds: Sequence[int], n_images: int = MAX_IMAGES,
-             shap_seeds: tuple[int, int] = (101, 202)) -> Ceilings:
-    """The :class:`Ceilings` of ``domains`` over ``seeds`` (``ws`` gives α, variant and θ_base)."""
+             shap_seeds: tuple[int, int] = (101, 202), ks_samples: Sequence[int] = ()) -> Ceilings:
+    """The :class:`Ceilings` of ``domains`` over ``seeds`` (``ws`` gives α, variant and θ_base).
+
+    ``ks_samples``: further Kernel SHAP sample counts at which the noise ceiling is measured on the
+    first seed's θ_ft (the preprint's density is ≈ 10 per patch), beside the stored φ's own count.
+    """
     domains, seeds = list(dict.fromkeys(domains)), [int(s) for s in seeds]
     if not domains or not seeds:
         raise DataError("ceilings need at least one domain and one seed")
@@ -206,6 +221,8 @@ def ceilings(ws: Workspace, domains: Sequence[str], seeds: Sequence[int], n_imag
         for s in dict.fromkeys(seeds):
             v, e, used = kernelshap_ceiling(ws.for_run(seed=s), d, n_images, shap_seeds)
             noise[s] = (v, e)
-        rows.append(DomainCeiling(d, cs[i], cf[i], noise, shap_samples(ws.for_run(seed=seeds[0]), d), used))
+        at = {int(k): kernelshap_ceiling(ws.for_run(seed=seeds[0]), d, n_images, shap_seeds, int(k))[:2]
+              for k in dict.fromkeys(ks_samples)}
+        rows.append(DomainCeiling(d, cs[i], cf[i], noise, shap_samples(ws.for_run(seed=seeds[0]), d), used, at))
     return Ceilings(seeds, ws.variant, ws.alpha, tuple(shap_seeds), rows,
                     cross_domain_cosines(g_star, len(domains), len(seeds)))

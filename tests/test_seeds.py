@@ -160,6 +160,8 @@ def test_ceilings(seeded, capsys):
         kernelshap_ceiling(ws, DOMAINS[0], 16, (5, 5))  # identical runs measure no noise: refused
     c1, se1, n = kernelshap_ceiling(ws, DOMAINS[0], 16, (1, 2))
     assert (c1, se1, n) == kernelshap_ceiling(ws, DOMAINS[0], 16, (1, 2)) and 0 < c1 < 2 and se1 > 0 and n == 16
+    dense, _, _ = kernelshap_ceiling(ws, DOMAINS[0], 16, (1, 2), samples=512)
+    assert dense < c1  # more coalitions per image: two runs agree better
     res = ceilings(ws, DOMAINS, SEEDS, n_images=16)
     d = res.to_dict()
     assert [r["domain"] for r in d["domains"]] == DOMAINS and len(d["cross_domain_cos_star"]["per_seed"]) == 2
@@ -169,7 +171,7 @@ def test_ceilings(seeded, capsys):
 
     capsys.readouterr()
     code = main(["ceilings", "--store", str(store.root), "--preset", "smoke", "--quiet", "--domains", *DOMAINS[:2],
-                 "--seeds", "0", "1", "--variant", VARIANT, "--n-images", "8"])
+                 "--seeds", "0", "1", "--variant", VARIANT, "--n-images", "8", "--ks-samples", "128"])
     cap = capsys.readouterr()
     assert code == 0, cap.err
-    assert "cross-domain cos τ*" in cap.out and "KS noise" in cap.out
+    assert "cross-domain cos τ*" in cap.out and "KS noise" in cap.out and "at 128 samples per image" in cap.out

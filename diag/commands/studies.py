@@ -7,7 +7,7 @@ from pathlib import Path
 
 from diag.constants import PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.context import add_common, context_from
-from diag.options import (ALPHA, LAMBDA, N_IMAGES, N_RESAMPLE, domain_name, emit_json, folder_path, seed,
+from diag.options import (ALPHA, LAMBDA, N_IMAGES, N_RESAMPLE, domain_name, emit_json, folder_path, positive_int, seed,
                           writable_dir)
 from train.errors import DataError
 from train.store import VARIANTS
@@ -53,6 +53,8 @@ def register(sub) -> None:
     g.add_argument("--n-images", type=N_IMAGES, default=64, help="test images of the Kernel SHAP ceiling (≤ 64)")
     g.add_argument("--shap-seeds", type=seed, nargs=2, default=[101, 202], metavar=("A", "B"),
                    help="the two Kernel SHAP generator seeds (must differ)")
+    g.add_argument("--ks-samples", type=positive_int(100_000), nargs="+", default=[], metavar="N",
+                   help="also measure the Kernel SHAP ceiling at N samples per image (first seed's θ_ft)")
     g.set_defaults(func=run_ceilings)
 
     c = sub.add_parser("correlate", help="Appendix C / Figure 6: correlations with bootstrap CIs and permutation p")
@@ -273,7 +275,7 @@ def run_ceilings(args) -> int:
     seeds = list(dict.fromkeys(args.seeds))
     ctx.ensure(domains, (alpha,), variants=(args.variant,), seeds=tuple(seeds))
     result = ceilings(ctx.workspace(alpha, seed=seeds[0], variant=args.variant), domains, seeds,
-                      n_images=args.n_images, shap_seeds=tuple(args.shap_seeds))
+                      n_images=args.n_images, shap_seeds=tuple(args.shap_seeds), ks_samples=args.ks_samples)
     if args.json:
         emit_json(_clean(result.to_dict()))
     else:
