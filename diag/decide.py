@@ -24,7 +24,7 @@ import pandas as pd
 
 from diag.constants import CHECK_IMAGES, CHOICE_SPLIT, LAMBDA_GRID, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.context import Workspace
-from diag.transfer import accuracy, transferred_state
+from diag.transfer import accuracy_and_loss, transferred_state
 from train.errors import DataError
 
 VERDICTS = ("go", "caution", "no-go")
@@ -87,19 +87,20 @@ def accuracy_grid(ws: Workspace, target: str, sources: Sequence[str], lambda1: f
     """Measured accuracy of eq. 8 over a λ2 grid on the target's labelled ``val`` images (tier 2).
 
     Returns:
-        Rows (source, lambda2, accuracy, acc_drop) with acc_drop = 1 − acc/acc(θ_ftᵀ);
+        Rows (source, lambda2, accuracy, acc_drop, loss_increase) with acc_drop = 1 − acc/acc(θ_ftᵀ)
+        and loss_increase the val cross-entropy minus θ_ftᵀ's (what ½λ²R predicts);
         ``attrs["accuracy_ft_target"]`` is θ_ftᵀ's accuracy on the same images.
     """
     images = ws.target_set(target, CHOICE_SPLIT, n_images)
     ft_t = ws.vector(target, "ft")
-    base_acc = accuracy(ws, target, ws.state(ft_t), images)
+    base_acc, base_loss = accuracy_and_loss(ws, target, ws.state(ft_t), images)
     rows = []
     for source in sources:
         star = ws.vector(source, "star")
         for lam in grid:
-            acc = accuracy(ws, target, transferred_state(ws, ft_t, star, lambda1, lam), images)
+            acc, loss = accuracy_and_loss(ws, target, transferred_state(ws, ft_t, star, lambda1, lam), images)
             rows.append({"source": source, "lambda2": float(lam), "accuracy": acc,
-                         "acc_drop": 1.0 - acc / max(base_acc, 1e-12)})
+                         "acc_drop": 1.0 - acc / max(base_acc, 1e-12), "loss_increase": loss - base_loss})
     out = pd.DataFrame(rows)
     out.attrs["accuracy_ft_target"] = base_acc
     return out
