@@ -73,3 +73,23 @@ def test_tradeoff_frame_one_point_per_method_and_pair():
     assert frame["pareto"].any()
     best = frame.loc[frame["pareto"]]
     assert (best["acc_norm"] >= 0.9).all()
+
+
+def test_study_with_two_methods_has_both_rows_per_pair():
+    """The smoke study with eq. 8 and the universal mix: one row per (pair, method), plain's references shared."""
+    from _smoke import METHOD_DOMAINS, smoke_method_study
+    from diag.pairs import load_study
+    from diag.sweep import run_study
+
+    store, out, df = smoke_method_study()
+    assert sorted(df.groupby(["source", "target"])["method"].apply(sorted).map(tuple).unique()) == [("mix", "plain")]
+    assert len(df) == 2 * len(METHOD_DOMAINS) * (len(METHOD_DOMAINS) - 1)
+    plain, mixed = (df[df["method"] == m].set_index(["source", "target"]).sort_index() for m in ("plain", "mix"))
+    for col in ("accuracy_ft_target", "ermse_ft_target", "ermse_meanmap", "ermse_random"):
+        assert mixed[col].equals(plain[col])  # the references and controls are the plain row's
+    assert mixed["ermse_plain"].equals(plain["ermse"])  # plain eq. 8 beside the method is plain's own row
+    assert mixed["repair_choice"].eq("universal").all() and mixed["pair_key"].ne(plain["pair_key"]).all()
+    assert len(load_study(out)) == len(plain) and len(load_study(out, method=None)) == len(df)
+    again = run_study(store, METHOD_DOMAINS, lambda2s=(0.7,), out_dir=out, curvature=False, progress=False,
+                      methods=("plain", "mix"))  # resumed: nothing recomputed, same rows
+    assert again["seconds"].tolist() == df["seconds"].tolist()
