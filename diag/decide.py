@@ -165,3 +165,22 @@ def screen_verdict(row, table: pd.DataFrame, target: str, lam: float, budget: fl
     else:
         verdict = "go"
     return verdict, reasons
+
+
+def method_verdict(row) -> tuple[str, list[str]]:
+    """go / caution / no-go for the source's recommended method (:mod:`diag.recommend`).
+
+    no-go: no safe recommendation, or no predicted explanation gain at it; caution: the gain's
+    band (± the predictor's residual sd) reaches 0; go otherwise.
+    """
+    src = "measured on labelled target val images" if bool(row["drop_measured"]) else "predicted"
+    gain, sd = float(row["predicted_gain"]), float(row["predicted_gain_sd"])
+    if not bool(row["safe"]):
+        return "no-go", [f"no method of the tier keeps the accuracy budget (best: {row['method']} "
+                         f"{row['method_param']}, drop {row['method_acc_drop']:.1%}, {src}): no safe transfer"]
+    reasons = [f"recommended: {row['method']} ({row['method_param']}) at scale {row['method_scale']:.3g}: accuracy "
+               f"drop {row['method_acc_drop']:.1%} ({src})",
+               f"predicted explanation gain at it {gain:+.3f} ± {sd:.3f} (1 − E-RMSE ÷ θ_ftᵀ, scaled by the size "
+               "transferred)"]
+    verdict = "no-go" if gain <= 0 else "caution" if gain - sd <= 0 else "go"
+    return verdict, reasons
