@@ -285,11 +285,11 @@ def test_selection_never_reads_test_split(smoke, monkeypatch, method):
     store, target, source, curv = smoke
     clean = _choose(store, target, source, curv, method)
     assert clean.table["val_accuracy"].between(0, 1).all() and len(clean.table) > 1
-    assert clean.risk_source == "exact" and clean.val_accuracy_ft_target > 0
+    assert clean.candidate.risk_source == "exact" and clean.val_accuracy_ft_target > 0
     with monkeypatch.context() as m:
         _poison(m, "test")
         poisoned = _choose(store, target, source, curv, method)
-    assert poisoned.param == clean.param
+    assert poisoned.candidate.param == clean.candidate.param and poisoned.summary() == clean.summary()
     pd_cols = ["param", "val_accuracy", "size", "predicted_loss_increase", "measured_loss_increase"]
     assert poisoned.table[pd_cols].equals(clean.table[pd_cols])
     with monkeypatch.context() as m:  # the same poison on val does change the measurements
@@ -303,8 +303,8 @@ def test_selection_rule_and_refusals(smoke):
     choice = _choose(store, target, source, curv, "plain", grid=(0.4, 0.7, 1.2))
     t = choice.table
     if choice.safe:
-        assert choice.size == pytest.approx(t[t["safe"]]["size"].max())
-        assert t[t["size"] <= choice.size]["keeps"].all()
+        assert choice.candidate.size == pytest.approx(t[t["safe"]]["size"].max())
+        assert t[t["size"] <= choice.candidate.size]["keeps"].all()
     else:
         assert choice.val_accuracy == pytest.approx(t["val_accuracy"].max())
     # plain's size is λ2·‖τ‖
@@ -334,7 +334,7 @@ def test_mixtures_exclude_the_target(smoke):
     assert torch.allclose(mixes["universal"].tensors[name].double(), mean, atol=1e-6)
     assert torch.equal(mixes["gain"].tensors[name], ws.vector("mnist", "star").tensors[name])
     choice = _choose(store, target, "mnist", curv, "mix", mixes=mixes, grid=(0.7,))
-    assert set(choice.table["param"]) == {"universal", "gain"} and choice.risk_source == "exact"
+    assert set(choice.table["param"]) == {"universal", "gain"} and choice.candidate.risk_source == "exact"
 
 
 def test_safe_needs_every_smaller_candidate_to_keep():
