@@ -24,7 +24,7 @@ import pandas as pd
 
 from diag.constants import CHECK_IMAGES, CHOICE_SPLIT, LAMBDA_GRID, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.context import Workspace
-from diag.transfer import accuracy, transferred_state
+from diag.transfer import accuracy_and_loss, transferred_state
 from train.errors import DataError
 
 VERDICTS = ("go", "caution", "no-go")
@@ -87,19 +87,20 @@ def accuracy_grid(ws: Workspace, target: str, sources: Sequence[str], lambda1: f
     """Measured accuracy of eq. 8 over a λ2 grid on the target's labelled ``val`` images (tier 2).
 
     Returns:
-        Rows (source, lambda2, accuracy, acc_drop) with acc_drop = 1 − acc/acc(θ_ftᵀ);
+        Rows (source, lambda2, accuracy, acc_drop, loss_increase) with acc_drop = 1 − acc/acc(θ_ftᵀ)
+        and loss_increase the val cross-entropy minus θ_ftᵀ's (what ½λ²R predicts);
         ``attrs["accuracy_ft_target"]`` is θ_ftᵀ's accuracy on the same images.
     """
     images = ws.target_set(target, CHOICE_SPLIT, n_images)
     ft_t = ws.vector(target, "ft")
-    base_acc = accuracy(ws, target, ws.state(ft_t), images)
+    base_acc, base_loss = accuracy_and_loss(ws, target, ws.state(ft_t), images)
     rows = []
     for source in sources:
         star = ws.vector(source, "star")
         for lam in grid:
-            acc = accuracy(ws, target, transferred_state(ws, ft_t, star, lambda1, lam), images)
+            acc, loss = accuracy_and_loss(ws, target, transferred_state(ws, ft_t, star, lambda1, lam), images)
             rows.append({"source": source, "lambda2": float(lam), "accuracy": acc,
-                         "acc_drop": 1.0 - acc / max(base_acc, 1e-12)})
+                         "acc_drop": 1.0 - acc / max(base_acc, 1e-12), "loss_increase": loss - base_loss})
     out = pd.DataFrame(rows)
     out.attrs["accuracy_ft_target"] = base_acc
     return out
@@ -163,4 +164,23 @@ def screen_verdict(row, table: pd.DataFrame, target: str, lam: float, budget: fl
         verdict = "caution"
     else:
         verdict = "go"
+    return verdict, reasons
+
+
+def method_verdict(row) -> tuple[str, list[str]]:
+    """go / caution / no-go for the source's recommended method (:mod:`diag.recommend`).
+
+    no-go: no safe recommendation, or no predicted explanation gain at it; caution: the gain's
+    band (± the predictor's residual sd) reaches 0; go otherwise.
+    """
+    src = "measured on labelled target val images" if bool(row["drop_measured"]) else "predicted"
+    gain, sd = float(row["predicted_gain"]), float(row["predicted_gain_sd"])
+    if not bool(row["safe"]):
+        return "no-go", [f"no method of the tier keeps the accuracy budget (best: {row['method']} "
+                         f"{row['method_param']}, drop {row['method_acc_drop']:.1%}, {src}): no safe transfer"]
+    reasons = [f"recommended: {row['method']} ({row['method_param']}) at scale {row['method_scale']:.3g}: accuracy "
+               f"drop {row['method_acc_drop']:.1%} ({src})",
+               f"predicted explanation gain at it {gain:+.3f} ± {sd:.3f} (1 − E-RMSE ÷ θ_ftᵀ, scaled by the size "
+               "transferred)"]
+    verdict = "no-go" if gain <= 0 else "caution" if gain - sd <= 0 else "go"
     return verdict, reasons

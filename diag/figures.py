@@ -5,6 +5,7 @@ suffix) and returns the path.
 
 * :func:`figure6` — Appendix C: cos(τ*) vs E-RMSE, cos(τ*) vs cos(τ_ft), cos(τ_ft) vs E-RMSE.
 * :func:`figure2` — normalised accuracy vs normalised E-RMSE per (source, target) pair.
+* :func:`pareto` — the same trade-off per transfer method (issue 10), the Pareto front marked.
 * :func:`figure3` — normalised E-RMSE, IoU@10 and accuracy over λ2, per target.
 * :func:`figure5` — Kernel SHAP E-RMSE and IoU@1 over the number of perturbations P against
   the proposed model's single forward pass, with wall times.
@@ -135,6 +136,38 @@ def figure2(df: pd.DataFrame, path: str | Path, variant_col: str = "row") -> Pat
     ax.set_ylabel(LABELS["acc_norm"] + r" ($\uparrow$)")
     if ax.get_legend() is not None:
         ax.legend(fontsize=6, ncol=2, loc="best")
+    return _save(fig, path)
+
+
+def pareto(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Normalised accuracy (y, ↑) vs normalised E-RMSE (x, ↓) per transfer method, Pareto front marked.
+
+    Args:
+        frame: :func:`diag.method_report.tradeoff_frame` — one point per (method, pair, seed) with
+            ``method``, ``acc_norm``, ``ermse_norm`` and ``pareto`` (non-dominated over every method).
+        path: output file.
+
+    Colour = method; front points are ringed in black and joined by a step line (the best
+    accuracy reachable at each E-RMSE); the red dotted lines mark θ_ftᵀ (both 1).
+    """
+    import seaborn as sns
+
+    _require(frame, ["method", "acc_norm", "ermse_norm", "pareto"], "pareto")
+    pts = frame.dropna(subset=["acc_norm", "ermse_norm"])
+    if pts.empty:
+        raise DataError("pareto: no point has both a normalised accuracy and a normalised E-RMSE")
+    fig, axes = _new_figure(1, width=6.4, height=4.8)
+    ax = axes[0]
+    sns.scatterplot(data=pts, x="ermse_norm", y="acc_norm", hue="method", s=36, alpha=0.8, ax=ax)
+    front = pts[pts["pareto"].astype(bool)].sort_values("ermse_norm")
+    ax.scatter(front["ermse_norm"], front["acc_norm"], s=90, facecolors="none", edgecolors="black", lw=1.2,
+               label="Pareto front")
+    ax.step(front["ermse_norm"], front["acc_norm"], where="post", color="black", lw=0.8)
+    ax.axhline(1.0, color="red", ls=":", lw=1.2)
+    ax.axvline(1.0, color="red", ls=":", lw=1.2, label=r"$\theta_{ft}^T$")
+    ax.set_xlabel(LABELS["ermse_norm"] + r" ($\downarrow$)")
+    ax.set_ylabel(LABELS["acc_norm"] + r" ($\uparrow$)")
+    ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 

@@ -35,13 +35,15 @@ DEFAULT_STUDY = "allpairs"
 PAIRS_FILE = "pairs.csv"
 STUDY_VERSION = 3
 CHECK_SUFFIX = ".check.json"
-#: What identifies a row besides its ``pair_key``: the pair, λ2 and the run.
-ROW_ID = ("source", "target", "lambda2", "alpha", "seed", "variant")
+#: What identifies a row besides its ``pair_key``: the pair, λ2, the run and the transfer method.
+ROW_ID = ("source", "target", "lambda2", "alpha", "seed", "variant", "method")
+#: The method of eq. 8 itself (rows of tables written before methods existed).
+PLAIN = "plain"
 #: Columns every row has, and those that must be finite numbers.
 REQUIRED = ("source", "target", "lambda2", "pair_key")
 FINITE = ("lambda2", "accuracy", "ermse", "accuracy_ft_target", "ermse_ft_target")
 TEXT = ("source", "target", "pair_key", "other_source", "base_hash", "backbone_id", "tvdiag_version", "ks",
-        "absent", "variant", "diagnostics")
+        "absent", "variant", "diagnostics", "method", "repair_choice")
 CONTROLS = ("random", "other", "other_rescaled", "meanmap", "meanmap_target")
 
 
@@ -242,12 +244,15 @@ def merge_shards(out_dir: str | Path, write: bool = True) -> pd.DataFrame:
     return merged
 
 
-def load_study(out_dir: str | Path, lambda2: float | None = None, latest: bool = True) -> pd.DataFrame:
+def load_study(out_dir: str | Path, lambda2: float | None = None, latest: bool = True,
+               method: str | None = PLAIN) -> pd.DataFrame:
     """The study table of ``out_dir`` (shards combined, read only), optionally only the rows at ``lambda2``.
 
     A folder can hold rows of several runs with different settings; with ``latest`` only the
-    last-written row of each (source, target, λ2, α, seed, variant) is kept, so every pair
-    counts once per run. Tables written before runs were keyed read as seed 0, ``paper``.
+    last-written row of each (source, target, λ2, α, seed, variant, method) is kept, so every pair
+    counts once per run and method. Tables written before runs were keyed read as seed 0,
+    ``paper``, method ``plain``. ``method`` keeps that method's rows (default eq. 8's, which
+    every paper analysis reads); None keeps every method's (the issue-10 report and figure).
 
     Raises:
         ArtifactError: no table in ``out_dir``, or a damaged one.
@@ -263,11 +268,21 @@ def load_study(out_dir: str | Path, lambda2: float | None = None, latest: bool =
         if dup.any():
             log.info("study %s: %d older rows of re-run pairs hidden (latest=False shows them)", out_dir, int(dup.sum()))
         df = df.loc[~dup].reset_index(drop=True)
+    if method is not None:
+        df = of_method(df, method)
     return add_normalised(at_lambda(df, lambda2) if lambda2 is not None else df)
 
 
+def of_method(df: pd.DataFrame, method: str = PLAIN) -> pd.DataFrame:
+    """The rows of one transfer method (a table without a ``method`` column holds only ``plain`` rows)."""
+    if "method" not in df.columns:
+        return df if method == PLAIN else df.iloc[0:0]
+    return df[df["method"].fillna(PLAIN) == method].reset_index(drop=True)
+
+
 def with_run_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with ``alpha``, ``seed`` and ``variant`` filled (older tables: α 0.8, seed 0, ``paper``)."""
+    """``df`` with ``alpha``, ``seed``, ``variant`` and ``method`` filled (older tables: α 0.8, seed 0, ``paper``,
+    ``plain``)."""
     from diag.constants import PAPER_ALPHA
 
     out = df.copy()
@@ -277,6 +292,7 @@ def with_run_columns(df: pd.DataFrame) -> pd.DataFrame:
     if "variant" not in out.columns:
         out["variant"] = "paper"
     out["variant"] = out["variant"].where(~out["variant"].isin(["proposed"]) & out["variant"].notna(), "paper")
+    out["method"] = out["method"].fillna(PLAIN) if "method" in out.columns else PLAIN
     return out
 
 

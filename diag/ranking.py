@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,11 @@ class SourceRanking:
                 "predicted_acc_drop": val(r.get("predicted_acc_drop")),
                 "measured_acc_drop": val(r.get("measured_acc_drop")),
                 "lambda2": val(r.get("lambda2")),
+                "method": r.get("method"), "method_param": r.get("method_param"),
+                "method_scale": val(r.get("method_scale")), "method_acc_drop": val(r.get("method_acc_drop")),
+                "drop_measured": None if r.get("drop_measured") is None else bool(r.get("drop_measured")),
+                "safe": None if r.get("safe") is None else bool(r.get("safe")),
+                "predicted_gain": val(r.get("predicted_gain")), "predicted_gain_sd": val(r.get("predicted_gain_sd")),
             })
         return {"target": self.target, "tier": self.tier, "tier_name": TIER_NAMES[self.tier],
                 "max_acc_drop": self.max_acc_drop, "n_training_pairs": self.n_training_pairs,
@@ -90,18 +96,26 @@ class SourceRanking:
         lines = [f"Sources for target '{self.target}' — {TIER_NAMES[self.tier]}; predictor fitted on "
                  f"{self.n_training_pairs} known pairs without '{self.target}'; budget: accuracy drop ≤ "
                  f"{self.max_acc_drop:.0%} of θ_ftᵀ", ""]
-        head = f"{'rank':>4s}  {'source':12s} {'cos_ft':>7s} {'R_card':>9s} {'R_diag':>9s} {'R_exact':>9s} " \
-               f"{'pred E-RMSE÷θ_ftᵀ':>17s} {'pred Δacc':>9s} {'λ2':>5s}"
+        head = (f"{'rank':>4s}  {'source':12s} {'cos_ft':>7s} {'R_card':>9s} {'R_exact':>9s} {'pred E-RMSE÷θ_ftᵀ':>17s} "
+                f"{'λ2 eq.8':>7s}  {'recommended (method, knob, scale)':34s} {'Δacc':>6s} {'pred gain ± sd':>15s}")
         lines += [head, "-" * len(head)]
 
         def fmt(v, w, p=3):
             return f"{'—':>{w}s}" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:{w}.{p}g}"
 
         for s in self.to_dict()["sources"]:
+            if s.get("method") is None:  # a ranking cached before recommendations existed
+                rec, gain = "", ""
+            elif not s["safe"]:
+                rec, gain = "no safe transfer", f"{'—':>15s}"
+            else:
+                rec = f"{s['method']}, {s['method_param']}, {s['method_scale']:.3g}"
+                gain = f"{s['predicted_gain']:+7.3f} ± {s['predicted_gain_sd']:.3f}"
+            drop = fmt(-s["method_acc_drop"] if s.get("method_acc_drop") is not None else None, 6, 2)
             lines.append(f"{s['rank']:4d}  {s['source']:12s} {fmt(s['cos_ft'], 7)} {fmt(s['risk_card'], 9)} "
-                         f"{fmt(s['risk_diag'], 9)} {fmt(s['risk_exact'], 9)} {fmt(s['predicted_ermse_norm'], 17)} "
-                         f"{fmt(-s['predicted_acc_drop'] if s['predicted_acc_drop'] is not None else None, 9, 2)} "
-                         + ("no safe transfer" if s["lambda2"] == 0 else fmt(s["lambda2"], 5, 2)))
+                         f"{fmt(s['risk_exact'], 9)} {fmt(s['predicted_ermse_norm'], 17)} "
+                         + ("   none" if s["lambda2"] == 0 else fmt(s["lambda2"], 7, 2))
+                         + f"  {rec:34s} {drop} {gain:>15s}")
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -137,12 +151,17 @@ def candidate_rows(diag: Diagnostics, table: pd.DataFrame, target: str, sources:
 
 def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
                     max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = "ridge",
-                    accuracy_check: bool | None = None, lambda1: float = PAPER_LAMBDA1) -> SourceRanking:
-    """Rank candidate sources for ``target`` with a predictor fitted on pairs without it.
+                    accuracy_check: bool | None = None, lambda1: float = PAPER_LAMBDA1,
+                    methods: Sequence[str] | None = None) -> SourceRanking:
+    """Rank candidate sources for ``target`` by the explanation gain predicted at each one's recommendation.
 
-    With the tier-2 accuracy check, θ_ftᵀ's accuracy and the measured λ2 grid come from the
-    target's ``val`` split (:func:`diag.decide.accuracy_grid`); otherwise λ2 follows from the
-    predicted drop by the quadratic model (:func:`diag.decide.lambda2_from_predicted_drop`).
+    A predictor fitted on pairs without the target predicts each source's normalised E-RMSE
+    and accuracy change at λ2 = 0.7. Per source, :mod:`diag.recommend` picks the method and
+    scale the tier allows (``methods`` restricts them) that transfer the most within the
+    accuracy budget — measured on the target's ``val`` split with the tier-2 accuracy check,
+    else predicted by the quadratic model; sources are ranked by the gain predicted at that
+    recommendation (± the predictor's residual sd, scaled alike), and a source with no safe
+    recommendation is listed last as "no safe transfer". ``lambda2`` stays plain eq. 8's λ2.
     """
     if not sources:
         raise DataError(f"No candidate source vectors for target '{target}'")
@@ -156,33 +175,69 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
         cands["accuracy_ft_target"] = grid.attrs["accuracy_ft_target"]
     features = [f for f in tier_features(train, tier) if f in cands.columns]
     notes = [f"features: {', '.join(features)}"]
-    cands = rank_sources(cands, fit_source_model(train, features, model=model))
+    source_model = fit_source_model(train, features, model=model)
+    cands = rank_sources(cands, source_model)
     cands["predicted_ermse"] = fit_predictor(train, features, target="ermse", model=model,
                                              name=f"{model} ermse").predict(cands)
     if grid is not None:
         per = {s: grid[grid["source"] == s] for s in sources}
         cands["lambda2"] = [recommend_lambda2(per[s], max_acc_drop) for s in cands["source"]]
         cands["measured_acc_drop"] = [drop_at(per[s], PAPER_LAMBDA2) for s in cands["source"]]
-        notes.append("λ2: largest grid value whose measured accuracy drop on labelled target val images is within "
-                     "budget")
+        notes.append("λ2 (plain eq. 8): largest grid value whose measured accuracy drop on labelled target val "
+                     "images is within budget")
     else:
         cands["lambda2"] = [lambda2_from_predicted_drop(d, max_acc_drop) for d in cands["predicted_acc_drop"]]
         cands["measured_acc_drop"] = math.nan
-        notes.append("λ2: from the predicted drop at λ2 = 0.7 scaled by the quadratic model (drop ∝ λ2²)")
-    # a source with no safe λ2 is listed last as "no safe transfer", never ranked above a safe one
-    cands = cands.assign(_unsafe=cands["lambda2"] <= 0).sort_values(["_unsafe", "rank"], kind="stable")
-    cands = cands.drop(columns="_unsafe").reset_index(drop=True)
-    cands["rank"] = range(1, len(cands) + 1)
-    notes.append("ranked by predicted E-RMSE ÷ θ_ftᵀ's (lower is better); sources without a safe λ2 last")
+        notes.append("λ2 (plain eq. 8): from the predicted drop at λ2 = 0.7 scaled by the quadratic model (drop ∝ λ2²)")
+    cands = _recommend(diag, cands, target, tier, max_acc_drop, grid, lambda1, methods, notes,
+                       source_model.ermse.train_rmse)
     notes.append("E-RMSE is per patch; unrelated z-scored maps score √2 ≈ 1.414")
     return SourceRanking(target, tier, max_acc_drop, cands, len(train), notes)
 
 
-RANKING_VERSION = 2
+def _recommend(diag: Diagnostics, cands: pd.DataFrame, target: str, tier: int, budget: float, grid, lambda1: float,
+               methods, notes: list[str], residual_sd: float) -> pd.DataFrame:
+    """Each source's recommendation (:mod:`diag.recommend`), its predicted gain ± sd, and the ranking by that gain."""
+    from diag import recommend
+
+    allowed = recommend.tier_methods(tier, methods)
+    curv = None
+    if tier >= 1 and len(allowed) > 1:
+        full = diag.curvature(target, need_operator=tier >= 2 and "blocks" in allowed)
+        curv = full if tier >= 2 else full.card  # tier 1: the card alone (its diagonal, its eigenvectors)
+    recs = []
+    for _, r in cands.iterrows():
+        s = r["source"]
+        if grid is not None:
+            rec = recommend.recommend_measured(diag.ws, target, s, grid[grid["source"] == s], budget, curv,
+                                               allowed if curv is not None else ("plain",), lambda1)
+        else:
+            tau = diag.vector(s, "star")
+            rec = recommend.recommend_predicted(s, float(r["predicted_acc_drop"]), budget, tau.norm(), curv, tau,
+                                                allowed)
+        gain, sd = recommend.predicted_gain(float(r["predicted_ermse_norm"]), rec["size_ratio"], residual_sd,
+                                            rec["safe"])
+        recs.append({**rec, "predicted_gain": gain, "predicted_gain_sd": sd})
+    cands = pd.concat([cands.reset_index(drop=True), pd.DataFrame(recs)], axis=1)
+    # a source with no safe recommendation is listed last as "no safe transfer", never ranked above a safe one
+    cands = cands.assign(_unsafe=~cands["safe"].astype(bool), _gain=-cands["predicted_gain"])
+    cands = cands.sort_values(["_unsafe", "_gain", "rank"], kind="stable").drop(columns=["_unsafe", "_gain"])
+    cands = cands.reset_index(drop=True)
+    cands["rank"] = range(1, len(cands) + 1)
+    how = "measured on the target's val split" if grid is not None else "predicted by the quadratic model"
+    notes.append(f"methods tried per source ({TIER_NAMES[tier]}): {', '.join(allowed)}; drop {how}; the recommendation "
+                 "transfers the largest size ⟨Δ, τ*ˢ⟩/‖τ*ˢ‖ within the budget")
+    notes.append("ranked by the explanation gain predicted at the recommendation: (1 − predicted E-RMSE ÷ θ_ftᵀ at "
+                 "λ2 = 0.7) × its size ÷ eq. 8's at 0.7, ± the predictor's residual sd scaled alike; sources without a "
+                 "safe recommendation last ('no safe transfer')")
+    return cands
+
+
+RANKING_VERSION = 3
 
 
 def ranking_key(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
-                max_acc_drop: float, model: str, lambda1: float) -> str:
+                max_acc_drop: float, model: str, lambda1: float, methods: Sequence[str] | None = None) -> str:
     """Content key of a ranking: every input it is computed from, read from file headers only.
 
     The known pairs (sha256 of the table rows), the content keys of θ_ft and θ_ft* of the
@@ -196,22 +251,24 @@ def ranking_key(diag: Diagnostics, table: pd.DataFrame, target: str, sources: li
     return content_key({"target": target, "sources": list(sources), "tier": int(tier), "budget": float(max_acc_drop),
                         "model": model, "lambda1": float(lambda1), "alpha": diag.alpha, "base": diag.base_hash,
                         "vectors": vectors, "table": rows, "curvature": asdict(diag.settings) if tier >= 1 else None,
-                        "data": str(diag.data.get(target, "")), "version": RANKING_VERSION})
+                        "data": str(diag.data.get(target, "")), "version": RANKING_VERSION,
+                        "methods": list(methods) if methods is not None else None})
 
 
 def rank_cached(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
                 max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = "ridge",
-                lambda1: float = PAPER_LAMBDA1) -> SourceRanking:
+                lambda1: float = PAPER_LAMBDA1, methods: Sequence[str] | None = None) -> SourceRanking:
     """:func:`rank_for_target`, cached in the store under its :func:`ranking_key` (``studies/rankings/``).
 
     A second call with the same inputs reads the stored ranking instead of reloading θ_base,
     recomputing the risks and the tier-2 accuracy grid.
     """
-    key = ranking_key(diag, table, target, sources, tier, max_acc_drop, model, lambda1)
+    key = ranking_key(diag, table, target, sources, tier, max_acc_drop, model, lambda1, methods)
     path = diag.store.study_dir("rankings") / f"{target}-tier{tier}-{key}.json"
     if path.is_file():
         return SourceRanking.from_json(path.read_text(), path)
-    ranking = rank_for_target(diag, table, target, sources, tier, max_acc_drop, model=model, lambda1=lambda1)
+    ranking = rank_for_target(diag, table, target, sources, tier, max_acc_drop, model=model, lambda1=lambda1,
+                              methods=methods)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(ranking.to_json())

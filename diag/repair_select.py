@@ -28,10 +28,9 @@ import torch
 
 from diag import repair
 from diag.constants import CHECK_IMAGES, CHOICE_SPLIT, DEFAULT_MAX_ACC_DROP, LAMBDA_GRID, PAPER_LAMBDA1, PAPER_LAMBDA2
-from diag.context import TargetSet, Workspace
+from diag.context import Workspace
 from diag.curvature.risk import risk_diagonal
-from diag.transfer import predict, transferred_state
-from train.model import load_visual_state
+from diag.transfer import accuracy_and_loss, transferred_state
 from train.errors import DataError, TvdiagError, unknown
 from train.vectors import TaskVector
 
@@ -47,7 +46,6 @@ __all__ = [
     "candidates",
     "RepairChoice",
     "select_repair",
-    "val_scores",
     "mixtures",
 ]
 
@@ -208,30 +206,36 @@ class RepairChoice:
     """The repair chosen on the target's ``val`` split.
 
     Attributes:
-        method, param, vector, scale, predicted_loss_increase, risk_source, size: of the chosen
-            :class:`Candidate` (add ``scale``·``vector`` with :func:`diag.transfer.transferred_state`).
+        target: the target domain.
+        candidate: the chosen :class:`Candidate` (add ``candidate.scale``·``candidate.vector``
+            with :func:`diag.transfer.transferred_state`).
         val_accuracy: its top-1 accuracy on the ``val`` images.
         val_accuracy_ft_target: θ_ftᵀ's accuracy on the same images.
+        measured_loss_increase: its val cross-entropy minus θ_ftᵀ's (what ½λ²R predicts).
         safe: it keeps ≥ (1 − max_acc_drop) of θ_ftᵀ's val accuracy, and so does every
             candidate of its grid (its mixture, for ``mix``) with a smaller size.
         table: every candidate (method, param, scale, predicted_loss_increase, risk_source,
-            measured_loss_increase (val cross-entropy minus θ_ftᵀ's), size, val_accuracy, acc_kept,
-            keeps, safe).
+            measured_loss_increase, size, val_accuracy, acc_kept, keeps, safe).
     """
 
     target: str
-    method: str
-    param: float | int | str
-    vector: TaskVector
-    scale: float
-    predicted_loss_increase: float
-    risk_source: str
-    size: float
+    candidate: Candidate
     val_accuracy: float
     val_accuracy_ft_target: float
+    measured_loss_increase: float
     safe: bool
     max_acc_drop: float
     table: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
+
+    def summary(self) -> dict:
+        """JSON-able numbers of the choice (``predicted_loss_increase`` None without a curvature, never NaN)."""
+        c = self.candidate
+        predicted = float(c.predicted_loss_increase)
+        return {"param": c.param if isinstance(c.param, (int, float)) else str(c.param), "scale": float(c.scale),
+                "predicted_loss_increase": predicted if math.isfinite(predicted) else None,
+                "measured_loss_increase": float(self.measured_loss_increase),
+                "risk_source": c.risk_source, "size": float(c.size), "val_accuracy": float(self.val_accuracy),
+                "val_accuracy_ft_target": float(self.val_accuracy_ft_target), "safe": bool(self.safe)}
 
 
 def select_repair(ws: Workspace, target: str, tau: TaskVector, method: str, curvature=None,
@@ -263,10 +267,10 @@ def select_repair(ws: Workspace, target: str, tau: TaskVector, method: str, curv
     if images.split != CHOICE_SPLIT or images.phi is not None or len(images.y) == 0:
         raise DataError(f"repair choices read only labelled '{CHOICE_SPLIT}' images of '{target}'")
     ft_t = ws.vector(target, "ft")
-    base_acc, base_loss = val_scores(ws, target, ws.state(ft_t), images)
+    base_acc, base_loss = accuracy_and_loss(ws, target, ws.state(ft_t), images)
     rows = []
     for c in cands:
-        acc, loss = val_scores(ws, target, transferred_state(ws, ft_t, c.vector, lambda1, c.scale), images)
+        acc, loss = accuracy_and_loss(ws, target, transferred_state(ws, ft_t, c.vector, lambda1, c.scale), images)
         kept = acc / base_acc if base_acc > 0 else math.nan
         rows.append({"method": c.method, "param": c.param, "scale": c.scale,
                      "predicted_loss_increase": c.predicted_loss_increase, "risk_source": c.risk_source,
@@ -274,22 +278,9 @@ def select_repair(ws: Workspace, target: str, tau: TaskVector, method: str, curv
                      "acc_kept": kept, "keeps": bool(acc >= (1 - max_acc_drop) * base_acc - 1e-12)})
     table = _mark_safe(pd.DataFrame(rows), by_param=method == "mix")
     best = _best(table)
-    c = cands[best]
-    return RepairChoice(target, c.method, c.param, c.vector, c.scale, c.predicted_loss_increase, c.risk_source,
-                        c.size, float(table.at[best, "val_accuracy"]), base_acc, bool(table.at[best, "safe"]),
-                        max_acc_drop, table)
-
-
-def val_scores(ws: Workspace, target: str, state: dict, images: TargetSet) -> tuple[float, float]:
-    """(top-1 accuracy, mean cross-entropy) of θ = ``state`` with ``target``'s head on ``images``.
-
-    The loss is the quantity the quadratic model ½λ²R predicts (its increase over θ_ftᵀ).
-    """
-    model = ws.model(target)
-    load_visual_state(model, state)
-    logits, _ = predict(model, images.x, images.y, explain=False)
-    loss = torch.nn.functional.cross_entropy(logits.double(), images.y)
-    return float((logits.argmax(dim=1) == images.y).double().mean()), float(loss)
+    return RepairChoice(target, cands[best], float(table.at[best, "val_accuracy"]), base_acc,
+                        float(table.at[best, "measured_loss_increase"]), bool(table.at[best, "safe"]), max_acc_drop,
+                        table)
 
 
 def _mark_safe(table: pd.DataFrame, by_param: bool) -> pd.DataFrame:

@@ -212,8 +212,8 @@ def table1(df: pd.DataFrame, source: str, lambda2: float = PAPER_LAMBDA2) -> pd.
     out = []
     for label, suffix in TABLE1_ROWS.items():
         cols = {m: (m if not suffix else f"{m}_{suffix}") for m in METRICS}
-        if not all(c in rows.columns for c in cols.values()):
-            continue
+        if not all(c in rows.columns for c in cols.values()) or rows[cols["ermse"]].isna().all():
+            continue  # e.g. the plain-eq.-8 row of a method's rows in a plain-only selection
         rec = {"model": label, "n_targets": int(rows[cols["ermse"]].notna().sum())}
         for m, c in cols.items():
             v = pd.to_numeric(rows[c], errors="coerce")

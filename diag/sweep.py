@@ -37,19 +37,25 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from diag.constants import LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2, RANDOM_DRAWS
+from diag.constants import DEFAULT_MAX_ACC_DROP, LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2, RANDOM_DRAWS
 from diag.context import Workspace
 from diag.decide import accuracy_grid
 from diag.diagnostics import CurvatureSettings, Diagnostics, pair_features
-from diag.pairs import (DEFAULT_STUDY, PAIRS_FILE, STUDY_VERSION, add_normalised, append_rows, check_shard, dedupe,
-                        default_shard, lam_key, merge_shards, ordered_pairs, pair_key, read_table, shard_file)
-from diag.transfer import evaluate_pair, evaluate_state
+from diag.pairs import (DEFAULT_STUDY, PAIRS_FILE, PLAIN, STUDY_VERSION, add_normalised, append_rows, check_shard,
+                        dedupe, default_shard, lam_key, merge_shards, ordered_pairs, pair_key, read_table, shard_file,
+                        with_run_columns)
+from diag.transfer import evaluate_pair, evaluate_state, with_method
 from train import __version__
-from train.errors import ArtifactError, DataError
+from train.errors import ArtifactError, DataError, unknown
 from train.store import Store
 from train.vectors import check_scale
 
 log = logging.getLogger(__name__)
+
+#: Transfer methods of a study (:mod:`diag.repair`); ``plain`` is eq. 8.
+METHODS = ("plain", "project", "precondition", "blocks", "mix")
+#: Methods that read the target's curvature (Hᵀ on its train images).
+CURVED_METHODS = ("project", "precondition", "blocks")
 
 
 @dataclass
@@ -68,13 +74,17 @@ class StudySettings:
     n_random: int = RANDOM_DRAWS
     curvature_settings: CurvatureSettings = field(default_factory=CurvatureSettings)
     variant: str = "paper"
+    max_acc_drop: float = DEFAULT_MAX_ACC_DROP
 
-    def key_payload(self) -> dict:
+    def key_payload(self, method: str = PLAIN) -> dict:
+        """The settings a ``method``'s rows depend on (``plain``'s payload is the pre-method one: old tables resume)."""
         out = {"alpha": float(self.alpha), "lambda1": float(self.lambda1), "controls": bool(self.controls),
                "curvature": bool(self.curvature), "seed": int(self.seed), "n_random": int(self.n_random),
                "variant": self.variant}
-        if self.curvature:
+        if self.curvature or method in CURVED_METHODS:
             out["curvature_settings"] = asdict(self.curvature_settings)
+        if method != PLAIN:
+            out.update(method=method, max_acc_drop=float(self.max_acc_drop))
         return out
 
 
@@ -90,8 +100,16 @@ def source_quality(ws: Workspace, source: str, cache: dict) -> dict:
 
 
 def pair_rows(diag: Diagnostics, source: str, target: str, settings: StudySettings, lambda2s: Sequence[float],
-              candidates: Sequence[str], key: str, quality: dict) -> list[dict]:
-    """The study rows of one pair, one per λ2: :func:`evaluate_pair` + :func:`pair_features` + provenance."""
+              candidates: Sequence[str], keys: dict[str, str], quality: dict,
+              done: set | frozenset = frozenset()) -> list[dict]:
+    """The study rows of one pair, one per (method, λ2) not in ``done``: :func:`evaluate_pair` +
+    :func:`pair_features` + provenance.
+
+    ``keys``: method → that method's ``pair_key`` (``plain`` always: its results — references,
+    controls and eq. 8 — are computed first and shared by every method's row, which adds only
+    its own vector: :func:`diag.transfer.with_method`). Each method's curvature is the target's
+    (:meth:`Diagnostics.curvature`, built once per target and run, cached in the store).
+    """
     start = time.perf_counter()
     ws = diag.ws
     results = evaluate_pair(ws, source, target, settings.lambda1, lambda2s, settings.controls, candidates,
@@ -102,10 +120,20 @@ def pair_rows(diag: Diagnostics, source: str, target: str, settings: StudySettin
     fixed = {**feats.values, "accuracy_val_ft_target": val.attrs["accuracy_ft_target"], "absent": feats.absent_text(),
              **source_quality(ws, source, quality), "base_hash": ws.base_hash,
              "backbone_id": ws.store.backbone_id, "tvdiag_version": __version__, "study_version": STUDY_VERSION,
-             "pair_key": key, "n_test": int(ft_t.n), "ks": ",".join(str(k) for k in ft_t.ks)}
+             "n_test": int(ft_t.n), "ks": ",".join(str(k) for k in ft_t.ks)}
+    rows = [{**r.to_row(), **fixed, "method": PLAIN, "pair_key": keys[PLAIN], "accuracy_val": float(acc),
+             "loss_increase_val": float(loss)}
+            for r, acc, loss in zip(results, val["accuracy"], val["loss_increase"])
+            if (keys[PLAIN], lam_key(r.lambda2)) not in done]
+    for method in (m for m in keys if m != PLAIN):
+        todo = [r for r in results if (keys[method], lam_key(r.lambda2)) not in done]
+        curv = diag.curvature(target, need_operator=method == "blocks") if method in CURVED_METHODS else None
+        for r in todo:
+            m = with_method(ws, r, method, curv, candidates, settings.max_acc_drop)
+            rows.append({**m.to_row(), **fixed, "pair_key": keys[method], "accuracy_val": m.repair["val_accuracy"],
+                         "loss_increase_val": m.repair["measured_loss_increase"]})
     seconds = time.perf_counter() - start
-    return [{**r.to_row(), **fixed, "accuracy_val": float(acc), "seconds": seconds}
-            for r, acc in zip(results, val["accuracy"])]
+    return [{**r, "seconds": seconds} for r in rows]
 
 
 def _check_domains(ws: Workspace, domains: Sequence[str]) -> list[str]:
@@ -142,7 +170,8 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
               shard: tuple[int, int] | None = None, resume: bool = True, curvature: bool = True,
               curvature_settings: CurvatureSettings | None = None, controls: bool = True, progress: bool = True,
               data: dict | None = None, seeds: Sequence[int] = (0,), variant: str = "paper",
-              name: str = DEFAULT_STUDY, workspace: Workspace | None = None) -> pd.DataFrame:
+              name: str = DEFAULT_STUDY, workspace: Workspace | None = None, methods: Sequence[str] = (PLAIN,),
+              max_acc_drop: float = DEFAULT_MAX_ACC_DROP) -> pd.DataFrame:
     """Score eq. 8, its controls and the pair features for every ordered pair of ``domains``, λ2 and seed.
 
     Args:
@@ -159,17 +188,26 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
             controls (:func:`diag.transfer.pair_seed`).
         variant: θ_ft* variant (``paper`` or ``from-ft``).
         workspace: a shared :class:`Workspace` (default: a new one on ``store``); θ_base is shared by all runs.
+        methods: transfer methods scored per (pair, λ2, seed) (:data:`METHODS`; ``plain`` is always
+            computed, its references and controls are shared by the others' rows, keyed by their own
+            ``pair_key`` and ``method`` column).
+        max_acc_drop: val-accuracy budget of each method's choice.
 
     Returns:
-        The rows of this run's pairs, λ2s and seeds (this shard's, when sharded), with normalised columns.
+        The rows of this run's pairs, λ2s, seeds and methods (this shard's, when sharded), with normalised columns.
 
     Raises:
         DataError: fewer than 2 domains, no λ2 or no seed. ArtifactError: a missing artifact or a damaged table.
+        UnknownNameError: a method not in :data:`METHODS`.
     """
     lambda2s = list(dict.fromkeys(lam_key(check_scale("lambda2", v)) for v in lambda2s))
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not lambda2s or not seeds:
         raise DataError(f"give at least one λ2 and one seed (got λ2 {lambda2s}, seeds {seeds})")
+    for m in methods:
+        if m not in METHODS:
+            raise unknown("study method", m, METHODS)
+    methods = list(dict.fromkeys([PLAIN, *methods]))
     root = workspace or Workspace(store, alpha, data)
     runs = [root.for_run(alpha=alpha, seed=s, variant=variant) for s in seeds]
     for ws in runs:
@@ -185,11 +223,13 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
     every: set[str] = set()  # every pair of every run: what rank 0 reports after merging the shards
     for ws in runs:
         settings = StudySettings(alpha, check_scale("lambda1", lambda1), controls, curvature, ws.seed,
-                                 curvature_settings=curvature_settings or CurvatureSettings(), variant=variant)
+                                 curvature_settings=curvature_settings or CurvatureSettings(), variant=variant,
+                                 max_acc_drop=max_acc_drop)
         dkeys: dict = {}
-        keys = {p: pair_key(store, p[0], p[1], settings.key_payload(), ws.base_hash, dkeys) for p in all_pairs}
-        wanted |= {keys[p] for p in pairs}
-        every |= set(keys.values())
+        keys = {p: {m: pair_key(store, p[0], p[1], settings.key_payload(m), ws.base_hash, dkeys) for m in methods}
+                for p in all_pairs}
+        wanted |= {k for p in pairs for k in keys[p].values()}
+        every |= {k for p in all_pairs for k in keys[p].values()}
         _run_pairs(ws, pairs, keys, settings, lambda2s, domains, path, done, progress)
     if shard[1] > 1 and _merge_distributed(out_dir):  # rank 0 under torch.distributed: pairs.csv has every shard
         path, wanted = out_dir / PAIRS_FILE, every
@@ -198,8 +238,9 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
 
 def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, lambda2s: list[float],
                domains: list[str], path: Path, done: set, progress: bool) -> None:
-    """Score and append the missing (pair, λ2) rows of one run (resumable pair by pair)."""
-    todo = [p for p in pairs if any((keys[p], l2) not in done for l2 in lambda2s)]
+    """Score and append the missing (pair, method, λ2) rows of one run (resumable pair by pair)."""
+    missing = {p: {(k, l2) for k in keys[p].values() for l2 in lambda2s} - done for p in pairs}
+    todo = [p for p in pairs if missing[p]]
     log.info("study seed %d variant %s: %d pairs in this shard, %d to compute", ws.seed, ws.variant,
              len(pairs), len(todo))
     if not todo:
@@ -209,10 +250,10 @@ def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, 
     bar = tqdm(todo, desc=f"study pairs (seed {ws.seed}, {ws.variant})", disable=not progress, unit="pair")
     for source, target in bar:
         bar.set_postfix_str(f"{source}→{target}")
-        missing = [l2 for l2 in lambda2s if (keys[(source, target)], l2) not in done]
-        append_rows(path, pair_rows(diag, source, target, settings, missing, domains, keys[(source, target)],
-                                    quality))
-        done.update((keys[(source, target)], l2) for l2 in missing)
+        lams = sorted({l2 for _, l2 in missing[(source, target)]})
+        append_rows(path, pair_rows(diag, source, target, settings, lams, domains, keys[(source, target)],
+                                    quality, done))
+        done.update(missing[(source, target)])
 
 
 def _collect(out_dir: Path, path: Path, wanted: set[str], lambda2s: list[float]) -> pd.DataFrame:
@@ -222,7 +263,7 @@ def _collect(out_dir: Path, path: Path, wanted: set[str], lambda2s: list[float])
         return pd.DataFrame()
     table = dedupe(pd.concat([read_table(f) for f in files], ignore_index=True))
     table = table[table["pair_key"].astype(str).isin(wanted) & table["lambda2"].map(lam_key).isin(lambda2s)]
-    return add_normalised(table.reset_index(drop=True))
+    return add_normalised(with_run_columns(table.reset_index(drop=True)))
 
 
 def _merge_distributed(out_dir: Path) -> bool:

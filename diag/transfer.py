@@ -103,12 +103,22 @@ def predict(model: SelfExplainingCLIP, x: torch.Tensor, y: torch.Tensor | None =
     return torch.cat(logits), (torch.cat(phis) if explain else None)
 
 
-def accuracy(ws: Workspace, domain: str, state: dict, images: TargetSet) -> float:
-    """Top-1 accuracy of θ = ``state`` with ``domain``'s head on ``images`` (no φ needed)."""
+def accuracy_and_loss(ws: Workspace, domain: str, state: dict, images: TargetSet) -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) of θ = ``state`` with ``domain``'s head on ``images`` (no φ needed).
+
+    The one labelled-accuracy loop (λ2 grids, the methods' val choices): the loss is the
+    quantity the quadratic model ½λ²R predicts the increase of.
+    """
     model = ws.model(domain)
     load_visual_state(model, state)
     logits, _ = predict(model, images.x, images.y, explain=False)
-    return float((logits.argmax(dim=1) == images.y).double().mean())
+    loss = torch.nn.functional.cross_entropy(logits.double(), images.y)
+    return float((logits.argmax(dim=1) == images.y).double().mean()), float(loss)
+
+
+def accuracy(ws: Workspace, domain: str, state: dict, images: TargetSet) -> float:
+    """Top-1 accuracy of θ = ``state`` with ``domain``'s head on ``images`` (:func:`accuracy_and_loss`)."""
+    return accuracy_and_loss(ws, domain, state, images)[0]
 
 
 def evaluate_state(ws: Workspace, tset: TargetSet, state: dict, name: str) -> Scores:
@@ -218,7 +228,10 @@ class TransferResult:
             out.update({f"{k.removesuffix('_sd')}_{ROW_SUFFIX[label]}_sd": v for k, v in sds.items()})
         if self.method != "plain":  # plain rows keep the study table's schema unchanged
             out["method"] = self.method
-            out.update({f"repair_{k}": v for k, v in self.repair.items() if isinstance(v, (int, float))})
+            out["repair_choice"] = str(self.repair.get("param"))
+            out.update({f"repair_{k}": float(v) for k, v in self.repair.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            out["repair_safe"] = float(bool(self.repair.get("safe")))
         return out
 
     def table(self) -> str:
@@ -325,22 +338,44 @@ def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPE
     for lam in lambda2s:
         res = TransferResult(source, target, lambda1, lam, ws.alpha, ws.seed, ws.variant, other_source=other)
         plain = transferred_state(ws, ft_t, star_s, lambda1, lam)
-        if method == "plain":
-            res.rows = fixed[:4] + [evaluate_state(ws, tset, plain, "proposed")] + fixed[4:]
-        else:
-            state, res.method, res.repair = _repaired(ws, source, target, star_s, method, curvature, lambda1, lam,
-                                                      candidates, max_acc_drop)
-            res.rows = fixed[:4] + [evaluate_state(ws, tset, state, "proposed"),
-                                    evaluate_state(ws, tset, plain, PLAIN_ROW)] + fixed[4:]
+        res.rows = fixed[:4] + [evaluate_state(ws, tset, plain, "proposed")] + fixed[4:]
         if controls:
             _add_controls(ws, res, tset, ft_t, star_s, n_random)
         results.append(res)
+    if method != "plain":
+        results = [with_method(ws, r, method, curvature, candidates, max_acc_drop) for r in results]
     return results
+
+
+def with_method(ws: Workspace, plain: TransferResult, method: str, curvature=None, candidates: Sequence[str] = (),
+                max_acc_drop: float = DEFAULT_MAX_ACC_DROP) -> TransferResult:
+    """``plain`` (eq. 8's result of a pair at one λ2) with a curvature-aware ``method``'s vector as "proposed".
+
+    Only the method's own vector is scored (its choice on the target's ``val`` split, then one
+    pass over the test set); every other row — the references and the controls of τ*ˢ — is
+    ``plain``'s, and plain's proposed row becomes :data:`PLAIN_ROW`. A ``mix`` does not
+    depend on the source: its choice and scores are computed once per (target, λ2, run) and shared.
+    """
+    lam, l1, target = plain.lambda2, plain.lambda1, plain.target
+
+    def make():
+        state, summary = _repaired(ws, plain.source, target, ws.vector(plain.source, "star"), method, curvature,
+                                   l1, lam, candidates, max_acc_drop)
+        return evaluate_state(ws, ws.target_set(target, "test"), state, "proposed"), summary
+    if method == "mix":
+        pool = tuple(sorted(d for d in candidates if d != target))
+        prop, summary = ws.cached(("repair-mix", target, lam, l1, max_acc_drop, pool, *ws.run), make)
+    else:
+        prop, summary = make()
+    rows = []
+    for r in plain.rows:
+        rows += [prop, replace(r, model=PLAIN_ROW)] if r.model == "proposed" else [r]
+    return replace(plain, rows=rows, spread=dict(plain.spread), method=method, repair=dict(summary))
 
 
 def _repaired(ws: Workspace, source: str, target: str, star_s: TaskVector, method: str, curvature,
               lambda1: float, lambda2: float, candidates: Sequence[str], max_acc_drop: float):
-    """(θ of the chosen repaired vector, method, summary) — every choice on the target's val split."""
+    """(θ of the chosen repaired vector, summary) — every choice on the target's val split."""
     from diag.repair_select import mixtures, select_repair
 
     mixes = None  # an unknown method is refused by select_repair's candidates()
@@ -351,15 +386,8 @@ def _repaired(ws: Workspace, source: str, target: str, star_s: TaskVector, metho
         mixes = mixtures(ws, target, pool)
     choice = select_repair(ws, target, star_s, method, curvature, lambda1, lambda2, mixes=mixes,
                            max_acc_drop=max_acc_drop)
-    predicted = float(choice.predicted_loss_increase)
-    summary = {"param": choice.param if isinstance(choice.param, (int, float)) else str(choice.param),
-               "scale": float(choice.scale),
-               # without the target's curvature (plain, mix) there is no ½λ²R to predict: absent, not NaN
-               "predicted_loss_increase": predicted if math.isfinite(predicted) else None,
-               "risk_source": choice.risk_source, "size": float(choice.size),
-               "val_accuracy": float(choice.val_accuracy),
-               "val_accuracy_ft_target": float(choice.val_accuracy_ft_target), "safe": bool(choice.safe)}
-    return transferred_state(ws, ws.vector(target, "ft"), choice.vector, lambda1, choice.scale), method, summary
+    return (transferred_state(ws, ws.vector(target, "ft"), choice.candidate.vector, lambda1, choice.candidate.scale),
+            choice.summary())
 
 
 def _add_controls(ws: Workspace, res: TransferResult, tset: TargetSet, ft_t: TaskVector, star_s: TaskVector,

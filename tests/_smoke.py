@@ -63,3 +63,22 @@ def smoke_study():
             df = run_study(store, DOMAINS, lambda2s=LAMBDAS, out_dir=out, curvature=False, progress=False)
         _CACHE["study"] = (store, out, df)
     return _CACHE["study"]
+
+
+#: The issue-10 smoke study: two domains, one λ2, eq. 8 and the universal mix (no curvature to build).
+METHOD_DOMAINS = ["mnist", "gtsrb"]
+METHODS = ("plain", "mix")
+
+
+def smoke_method_study():
+    """(store, study dir, table) of :data:`METHODS` over :data:`METHOD_DOMAINS` at λ2 = 0.7 (own folder)."""
+    if "methods" not in _CACHE:
+        from diag.sweep import run_study
+
+        store = smoke_store()
+        out = store.study_dir("methods")
+        with one_thread():
+            df = run_study(store, METHOD_DOMAINS, lambda2s=(0.7,), out_dir=out, curvature=False, progress=False,
+                           methods=METHODS)
+        _CACHE["methods"] = (store, out, df)
+    return _CACHE["methods"]

@@ -73,6 +73,9 @@ def test_rank_sources_tiers(root, capsys):
             assert key in s
         assert s["risk_exact"] is not None and s["risk_card"] is not None
         assert s["lambda2"] == 0.0 or 0.4 <= s["lambda2"] <= 1.2
+        assert s["method"] in ("plain", "project", "precondition", "blocks") and s["drop_measured"]
+        assert (s["predicted_gain"] == 0.0) if not s["safe"] else s["predicted_gain_sd"] >= 0
+    assert [s["safe"] for s in sources] == sorted((s["safe"] for s in sources), reverse=True)
     # a second identical call reads the ranking cached in the store (keyed by content): the same answer
     cached = list((smoke_store().study_dir("rankings")).glob("gtsrb-tier2-*.json"))
     assert len(cached) == 1
@@ -105,6 +108,8 @@ def test_screen_exit_code_matches_verdict(root, capsys):
     assert res["verdict"] in ("go", "caution", "no-go")
     assert code == (1 if res["verdict"] == "no-go" else 0)
     assert res["reasons"] and res["recommended_lambda2"] >= 0
+    assert res["method"] in ("plain", "project", "precondition", "blocks") and res["plain_verdict"] in (
+        "go", "caution", "no-go")
 
 
 def test_screen_bad_budget(root, capsys):
@@ -146,8 +151,9 @@ def test_choices_read_val_never_test(table, monkeypatch):
 
     def ranking():
         diag = Diagnostics(Workspace(store), settings=_settings())
-        r = rank_for_target(diag, df, "gtsrb", sources, tier=2)
-        return r.rows[["source", "rank", "lambda2", "measured_acc_drop", "predicted_ermse"]].to_numpy().tolist()
+        r = rank_for_target(diag, df, "gtsrb", sources, tier=2, methods=("plain", "precondition", "project"))
+        return r.rows[["source", "rank", "lambda2", "measured_acc_drop", "predicted_ermse", "method", "method_param",
+                       "method_scale", "method_acc_drop", "safe", "predicted_gain"]].to_numpy().tolist()
 
     clean = ranking()
     real_inputs, real_attr = datasets.model_inputs, Store.load_attributions
@@ -173,3 +179,6 @@ def test_choices_read_val_never_test(table, monkeypatch):
     assert "val" in splits and "test" not in splits
     assert poisoned == clean
     assert all(np.isfinite(r[3]) for r in clean)  # the measured drop at λ2 = 0.7 comes from val images
+    assert {r[5] for r in clean} <= {"plain", "precondition", "project"}
+    safe = [r[9] for r in clean]
+    assert safe == sorted(safe, reverse=True)  # no safe transfer is never ranked above a safe one

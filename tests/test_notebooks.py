@@ -11,15 +11,15 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-from _smoke import smoke_study  # noqa: E402
+from _smoke import smoke_method_study, smoke_study  # noqa: E402
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "analysis_notebooks"
-NAMES = ["appendix_c_correlations", "table1", "figure2_figure3"]
+NAMES = ["appendix_c_correlations", "table1", "figure2_figure3", "tradeoff_pareto"]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, tmp_path, monkeypatch):
-    store, study_dir, _ = smoke_study()
+    store, study_dir, _ = smoke_method_study() if name == "tradeoff_pareto" else smoke_study()
     monkeypatch.setenv("TVDIAG_STORE", str(store.root))
     monkeypatch.setenv("TVDIAG_STUDY_DIR", str(study_dir))
     monkeypatch.setenv("TVDIAG_NOTEBOOK_OUT", str(tmp_path))
@@ -37,7 +37,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     assert not errors
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     expected = {"appendix_c_correlations": ["figure6.png"], "table1": [],
-                "figure2_figure3": ["figure2.png", "figure3.png"]}[name]
+                "figure2_figure3": ["figure2.png", "figure3.png"], "tradeoff_pareto": ["pareto.png"]}[name]
     assert pngs == expected
     if name == "table1":
         assert len(list(tmp_path.glob("table1-*.csv"))) == 1

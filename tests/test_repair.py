@@ -285,11 +285,11 @@ def test_selection_never_reads_test_split(smoke, monkeypatch, method):
     store, target, source, curv = smoke
     clean = _choose(store, target, source, curv, method)
     assert clean.table["val_accuracy"].between(0, 1).all() and len(clean.table) > 1
-    assert clean.risk_source == "exact" and clean.val_accuracy_ft_target > 0
+    assert clean.candidate.risk_source == "exact" and clean.val_accuracy_ft_target > 0
     with monkeypatch.context() as m:
         _poison(m, "test")
         poisoned = _choose(store, target, source, curv, method)
-    assert poisoned.param == clean.param
+    assert poisoned.candidate.param == clean.candidate.param and poisoned.summary() == clean.summary()
     pd_cols = ["param", "val_accuracy", "size", "predicted_loss_increase", "measured_loss_increase"]
     assert poisoned.table[pd_cols].equals(clean.table[pd_cols])
     with monkeypatch.context() as m:  # the same poison on val does change the measurements
@@ -303,8 +303,8 @@ def test_selection_rule_and_refusals(smoke):
     choice = _choose(store, target, source, curv, "plain", grid=(0.4, 0.7, 1.2))
     t = choice.table
     if choice.safe:
-        assert choice.size == pytest.approx(t[t["safe"]]["size"].max())
-        assert t[t["size"] <= choice.size]["keeps"].all()
+        assert choice.candidate.size == pytest.approx(t[t["safe"]]["size"].max())
+        assert t[t["size"] <= choice.candidate.size]["keeps"].all()
     else:
         assert choice.val_accuracy == pytest.approx(t["val_accuracy"].max())
     # plain's size is λ2·‖τ‖
@@ -334,7 +334,7 @@ def test_mixtures_exclude_the_target(smoke):
     assert torch.allclose(mixes["universal"].tensors[name].double(), mean, atol=1e-6)
     assert torch.equal(mixes["gain"].tensors[name], ws.vector("mnist", "star").tensors[name])
     choice = _choose(store, target, "mnist", curv, "mix", mixes=mixes, grid=(0.7,))
-    assert set(choice.table["param"]) == {"universal", "gain"} and choice.risk_source == "exact"
+    assert set(choice.table["param"]) == {"universal", "gain"} and choice.candidate.risk_source == "exact"
 
 
 def test_safe_needs_every_smaller_candidate_to_keep():
@@ -370,3 +370,32 @@ def test_candidates_predict_half_lambda_squared_risk_on_a_known_hessian():
     assert blocks[0].size < blocks[1].size
     pre = candidates("precondition", tv, curv, grid=(0.0,))[0]
     assert torch.equal(pre.vector.tensors["visual.proj"], tv.tensors["visual.proj"])
+
+
+def test_tier1_recommendation_is_the_largest_safe_size_on_a_known_hessian():
+    """Tier 1 (a card only): drop(candidate) = drop(eq. 8 at 0.7)·½s²R(candidate)/(½·0.49·R(τ)); largest safe size wins."""
+    from diag.recommend import predicted_gain, recommend_predicted
+    from diag.repair_select import RepairCurvature, candidates
+
+    H, lam, Q = spd()
+    layout = ParamLayout(("visual.proj", "visual.transformer.resblocks.0.mlp.c_fc.bias"), ((4,), (8,)))
+    tau_flat = Q[:, 0] * 3.0 + vec() * 0.1  # most of τ along the most curved direction
+    tv = TaskVector(layout.unflatten(tau_flat.clone()), "b0")
+    card = HessianCard(lam[:4], Q[:, :4], torch.zeros(D, dtype=torch.float64), layout.names, layout.shapes)
+    curv = RepairCurvature.of(card)
+    ref = 0.5 * 0.49 * card.risk(tau_flat)
+    norm = float(tau_flat.norm())
+    # eq. 8 at 0.7 drops 20 %: plain's quadratic λ2 is 0.7·√(0.05/0.2) = 0.35 < 0.4, no plain λ2 is safe
+    rec = recommend_predicted("s", 0.2, 0.05, norm, card, tv, ("plain", "precondition", "project"))
+    safe = [(c.size / (0.7 * norm), c.method) for m in ("precondition", "project")
+            for c in candidates(m, tv, curv, 0.7) if 0.2 * c.predicted_loss_increase / ref <= 0.05 + 1e-9]
+    assert safe and rec["safe"] and rec["method"] != "plain" and not rec["drop_measured"]
+    assert rec["size_ratio"] == pytest.approx(max(safe)[0]) and rec["method_acc_drop"] <= 0.05 + 1e-9
+    # nothing safe: plain's row, flagged, and it transfers no predicted gain
+    none = recommend_predicted("s", 50.0, 0.05, norm, card, tv, ("plain", "precondition"))
+    assert (none["method"], none["safe"]) == ("plain", False)
+    assert predicted_gain(0.8, none["size_ratio"], 0.1, none["safe"]) == (0.0, 0.0)
+    assert predicted_gain(0.8, 0.5, 0.1, True) == pytest.approx((0.1, 0.05))
+    # tier 0: plain only, λ2 from the quadratic model
+    t0 = recommend_predicted("s", 0.02, 0.05, norm)
+    assert (t0["method"], float(t0["method_param"])) == ("plain", 1.1)  # 0.7·√(0.05/0.02) = 1.107 → 1.1

@@ -47,6 +47,8 @@ def register(sub) -> None:
     r.add_argument("--sources", type=Path, default=None, help="open world: folder of source vectors, one sub-folder each")
     r.add_argument("--max-loss-increase", type=FRACTION, default=0.05,
                    help="open world with --card: cap λ2 so that ½ λ2² R_card stays within this target loss increase")
+    r.add_argument("--methods", nargs="+", default=None, choices=("plain", "project", "precondition", "blocks"),
+                   help="transfer methods a recommendation may use (default: all the tier allows)")
     _suite_options(r)
     r.set_defaults(func=run_rank)
 
@@ -68,7 +70,7 @@ def _suite(ctx, args) -> list[str]:
 def _study_table(ctx, args):
     """The all-pairs study of the suite at λ2 = 0.7: a given ``--study`` is read; the store's is run or resumed."""
     from diag.constants import PAPER_LAMBDA2
-    from diag.pairs import at_lambda, load_study
+    from diag.pairs import at_lambda, load_study, of_method
     from diag.sweep import run_study
 
     domains = _suite(ctx, args)
@@ -78,7 +80,7 @@ def _study_table(ctx, args):
         return store, ws, load_study(args.study, lambda2=PAPER_LAMBDA2)
     table = run_study(store, domains, alpha=args.alpha, progress=ctx.progress, data=ctx.data,
                       curvature_settings=_settings(args), out_dir=args.study, workspace=ws)
-    return store, ws, at_lambda(table)
+    return store, ws, at_lambda(of_method(table))  # the predictor learns eq. 8's pairs
 
 
 def _budget(value: float) -> float:
@@ -123,13 +125,13 @@ def run_rank(args) -> int:
     tier = 2 if args.tier == "auto" else int(args.tier)
     sources = [d for d in _suite(ctx, args) if d != target]
     diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress)
-    ranking = rank_cached(diag, table, target, sources, tier, budget, model=args.model)
+    ranking = rank_cached(diag, table, target, sources, tier, budget, model=args.model, methods=args.methods)
     emit_json(ranking.to_dict(), nan_as_null=True) if args.json else print(ranking.table())
     return 0
 
 
 def run_screen(args) -> int:
-    from diag.decide import quadratic_loss_increase, screen_verdict
+    from diag.decide import method_verdict, quadratic_loss_increase, screen_verdict
     from diag.diagnostics import Diagnostics
     from diag.ranking import rank_for_target
     from train.losses import check_alpha
@@ -148,8 +150,13 @@ def run_screen(args) -> int:
     diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress)
     ranking = rank_for_target(diag, table, target, [source], 2, budget)
     row = ranking.rows.iloc[0]
-    verdict, reasons = screen_verdict(row, table, target, lam, budget)
+    plain_verdict, plain_reasons = screen_verdict(row, table, target, lam, budget)
+    verdict, reasons = method_verdict(row)  # the verdict is the recommended method's; eq. 8 at --lambda2 beside it
+    reasons += [f"plain eq. 8 at λ2={lam:g}: {plain_verdict}"] + [f"plain eq. 8: {r}" for r in plain_reasons]
     out = {"source": source, "target": target, "lambda2": lam, "max_acc_drop": budget, "verdict": verdict,
+           "plain_verdict": plain_verdict, "method": row["method"], "method_param": row["method_param"],
+           "method_scale": float(row["method_scale"]), "method_acc_drop": float(row["method_acc_drop"]),
+           "predicted_gain": float(row["predicted_gain"]), "predicted_gain_sd": float(row["predicted_gain_sd"]),
            "reasons": reasons, "recommended_lambda2": float(row["lambda2"]),
            "risk_exact": float(row.get("risk_exact", math.nan)),
            "predicted_loss_increase": quadratic_loss_increase(float(row.get("risk_exact", math.nan)), lam),
@@ -158,7 +165,7 @@ def run_screen(args) -> int:
     if args.json:
         emit_json(out, nan_as_null=True)
     else:
-        print(f"screen {source} → {target} at λ2={lam:g}: {verdict.upper()}")
+        print(f"screen {source} → {target}, recommended {row['method']} ({row['method_param']}): {verdict.upper()}")
         for reason in reasons:
             print(f"  - {reason}")
     return 1 if verdict == "no-go" else 0

@@ -42,6 +42,10 @@ def register(sub) -> None:
                    help="training seeds (each: that seed's θ_ft, φ, θ_ft*; also seeds the controls); default 0")
     p.add_argument("--variant", choices=VARIANTS, default="paper", help="θ_ft* variant (default paper)")
     p.add_argument("--out", type=writable_dir, default=None, help="study folder (default: <store>/studies/allpairs)")
+    p.add_argument("--methods", nargs="+", default=["plain"], metavar="METHOD",
+                   choices=("plain", "project", "precondition", "blocks", "mix"),
+                   help="transfer methods per pair (issue 10; default plain = eq. 8); each method's knob is chosen "
+                        "on the target's val split; several → pareto.png and the issue-10 report")
     p.set_defaults(func=run_study_cmd)
 
     g = sub.add_parser("ceilings", help="noise ceilings: cos τ*/τ_ft across seeds, Kernel SHAP run-to-run E-RMSE")
@@ -174,6 +178,7 @@ def run_study_cmd(args) -> int:
     from diag import figures
     from diag.constants import PAPER_LAMBDA2
     from diag.curvature.distributed import is_distributed, rank_and_world
+    from diag.pairs import of_method
     from diag.summary import figure2_frame, study_report, summarize
     from diag.sweep import run_study
 
@@ -191,7 +196,8 @@ def run_study_cmd(args) -> int:
     ws = ctx.workspace(alpha, seed=seeds[0], variant=args.variant)
     df = run_study(store, domains, alpha=alpha, lambda1=lambda1, lambda2s=lambda2s, out_dir=out, shard=shard,
                    resume=not args.fresh, curvature=not args.no_curvature, controls=not args.no_controls,
-                   progress=ctx.progress, data=ctx.data, seeds=seeds, variant=args.variant, workspace=ws)
+                   progress=ctx.progress, data=ctx.data, seeds=seeds, variant=args.variant, workspace=ws,
+                   methods=args.methods)
     if is_distributed() and not merged_rank0:
         return 0  # under torchrun only rank 0 (which merged every shard) reports
     if merged_rank0:
@@ -199,6 +205,7 @@ def run_study_cmd(args) -> int:
     report: dict = {"study": str(out), "shard": list(shard), "n_rows": int(len(df)), "seeds": seeds,
                     "variant": args.variant, "alpha": alpha, "figures": {}}
     main_l2 = PAPER_LAMBDA2 if PAPER_LAMBDA2 in lambda2s else lambda2s[0]
+    every, df = df, of_method(df)
     first = df[df["seed"] == seeds[0]]
     summary = summarize(first, main_l2)
     report["summary"] = summary.to_dict()
@@ -208,6 +215,7 @@ def run_study_cmd(args) -> int:
         report["figures"]["figure2"] = str(figures.figure2(figure2_frame(df, main_l2), out / "figure2.png"))
         if len(lambda2s) > 1:
             report["figures"]["figure3"] = str(figures.figure3(first, out / "figure3.png", seed=seeds[0]))
+    methods = _methods_part(every, main_l2, out, report, shard)
     if args.kernelshap_budget:
         ks = _kernelshap_part(args, ws, domains, out, lambda1, main_l2, figures)
         report["figures"].update(ks.pop("figures"))
@@ -218,7 +226,24 @@ def run_study_cmd(args) -> int:
     _print_study(report, summary, out, alpha, lambda1, shard)
     print()
     print(full.table())
+    if methods is not None:
+        print()
+        print(methods.table())
     return 0
+
+
+def _methods_part(df, lambda2, out, report, shard):
+    """With several methods in the table: the issue-10 report and (unsharded) pareto.png beside the table."""
+    from diag import figures
+    from diag.method_report import method_report, tradeoff_frame
+
+    if df["method"].nunique() < 2:
+        return None
+    rep = method_report(df, lambda2)
+    report["methods"] = rep.to_dict()
+    if shard[1] == 1:
+        report["figures"]["pareto"] = str(figures.pareto(tradeoff_frame(df, lambda2), out / "pareto.png"))
+    return rep
 
 
 def _kernelshap_part(args, ws, domains, out, lambda1, lambda2, figures) -> dict:
