@@ -10,8 +10,9 @@ the ≈ 88M-parameter vision tower, no download) as a self-explaining model with
   SHAP at 500 coalitions per image (paired; + ∅ and N = 502 forwards per image), with
   ``kernelshap_forward_ratio`` = forward rate ÷ SHAP rate (≈ 502 when SHAP is forward-bound);
 * ``hvp_over_grad`` — one Hessian-vector product of L_cls over every parameter of the tower
-  (:class:`diag.curvature.operators.HessianOperator`, fp32, warm: after a first product) over
-  one gradient of the same loss on the same batch (medians of 3);
+  (:class:`diag.curvature.operators.HessianOperator`, fp32, its engine chosen by timing, warm:
+  after a first product) over one gradient of the same loss on the same batch in the same
+  attention mode (medians of 3);
 * ``peak_memory_gb`` — peak CUDA memory allocated (peak RSS on the CPU).
 
 Without CUDA it prints one JSON line saying so and exits 0. ``--cpu-smoke`` runs the same
@@ -109,13 +110,19 @@ def _forward_and_shap_rates(model, x, y, patch: int, size: CheckSize, device, bf
 
 
 def _hvp_and_grad_seconds(model, x, y, device) -> tuple[float, float, int, str]:
-    """Median seconds of one warm HVP and of one gradient of L_cls over every tower parameter."""
+    """Median seconds of one warm HVP and of one gradient of L_cls over every tower parameter.
+
+    The gradient runs in the operator's own attention mode (math SDPA kernel, eval), so the
+    ratio measures the product, not the attention kernel.
+    """
+    from diag.curvature.attention import curvature_mode
     from diag.curvature.operators import HessianOperator
 
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grad():
-        torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        with curvature_mode():
+            torch.autograd.grad(F.cross_entropy(model(x), y), params)
 
     grad()
     grads = [_timed(grad, device) for _ in range(3)]
