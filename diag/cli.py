@@ -18,6 +18,8 @@ import sys
 import traceback
 import warnings
 
+from diag.options import add_device_options
+from train.devices import check_bf16, hold_notices, resolve_device
 from train.errors import TvdiagError
 
 COMMAND_MODULES = ("transfer", "curvature", "studies", "decide", "openworld")
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"diag.commands.{name}").register(sub)
+    for command in sub.choices.values():
+        add_device_options(command)
     return parser
 
 
@@ -86,11 +90,13 @@ def _run(argv: list[str] | None) -> int:
     command = next((a for a in argv if not a.startswith("-")), "")
     buffer = _LogBuffer()
     logging.getLogger().addHandler(buffer)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, hold_notices() as notices:
         warnings.simplefilter("default")
         try:
             args = build_parser().parse_args(argv)
             command = args.command
+            args.device = resolve_device(args.device)
+            check_bf16(args.device, args.bf16)
             code = int(args.func(args) or 0)
         except SystemExit as exc:  # --help, or a command that exits itself
             return exc.code if isinstance(exc.code, int) else 0
@@ -107,7 +113,7 @@ def _run(argv: list[str] | None) -> int:
                          + ("" if debug else " (rerun with --debug for the traceback)"), 3)
         finally:
             logging.getLogger().removeHandler(buffer)
-    for line in [*(f"warning: {_one_line(w.message)}" for w in caught), *buffer.lines]:
+    for line in [*notices, *(f"warning: {_one_line(w.message)}" for w in caught), *buffer.lines]:
         print(line, file=sys.stderr)  # success: warnings and log lines come after the output
     return code
 

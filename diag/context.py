@@ -25,6 +25,7 @@ import torch
 
 from diag.constants import PAPER_ALPHA
 from train.datasets import MINISUITE
+from train.devices import check_bf16, resolve_device
 from diag.options import domain_name
 from train.errors import ArtifactError, unknown
 from train.store import Store, base_state, check_name, check_variant, default_root, seed_dir
@@ -33,7 +34,11 @@ from train.tensorio import read_metadata
 
 @dataclass
 class Context:
-    """Store location, zoo preset and backbone choice of one CLI invocation."""
+    """Store location, zoo preset, backbone and device choice of one CLI invocation.
+
+    ``device`` (``auto`` when None) is resolved once here (:func:`train.devices.resolve_device`)
+    and passed to the zoo and every workspace; ``bf16`` (CUDA only) to the zoo's forwards.
+    """
 
     store_root: Path
     preset: str = "default"
@@ -44,6 +49,12 @@ class Context:
     progress: bool = True
     rebuild: tuple[str, ...] = ()
     started: float = field(default_factory=time.time)
+    device: str | torch.device | None = None
+    bf16: bool = False
+
+    def __post_init__(self):
+        self.device = resolve_device(self.device)
+        check_bf16(self.device, self.bf16)
 
     def zoo_config(self):
         from train.zoo import preset
@@ -67,7 +78,7 @@ class Context:
         zoos = self.__dict__.setdefault("_zoos", {})
         if seed not in zoos:
             zoos[seed] = Zoo(self.store, replace(self.zoo_config(), seed=int(seed)), progress=self.progress,
-                             data=self.data)
+                             data=self.data, device=self.device, bf16=self.bf16)
         return zoos[seed]
 
     def ensure(self, domains: list[str], alphas: tuple[float, ...] = (PAPER_ALPHA,), explain: bool = True, *,
@@ -95,7 +106,7 @@ class Context:
 
     def workspace(self, alpha: float = PAPER_ALPHA, *, seed: int = 0, variant: str = "paper") -> "Workspace":
         """The :class:`Workspace` of this invocation's store for one (α, seed, variant) (θ_base loaded once)."""
-        return Workspace(self.store, alpha, self.data, seed=seed, variant=variant)
+        return Workspace(self.store, alpha, self.data, seed=seed, variant=variant, device=self.device)
 
     def check_domain(self, name: str) -> str:
         from train.datasets import available_domains
@@ -137,7 +148,7 @@ def context_from(args: argparse.Namespace, default_domain: str | None = None) ->
         data[check_name(name)] = path
     return Context(store_root=args.store or default_root(), preset=args.preset, backbone=args.backbone,
                    pretrained=args.pretrained, checkpoint=args.checkpoint, data=data, progress=not args.quiet,
-                   rebuild=tuple(args.rebuild))
+                   rebuild=tuple(args.rebuild), device=getattr(args, "device", None), bf16=getattr(args, "bf16", False))
 
 
 
@@ -195,11 +206,15 @@ class Workspace:
         max_sets: image sets (and their models) kept in memory.
         seed: training seed of θ_ft, φ and θ_ft* (and the seed of the controls).
         variant: variant of θ_ft* (:data:`train.store.VARIANTS`).
+        device: where models and target images live (:func:`train.devices.resolve_device`; default
+            ``auto``); results of :func:`diag.transfer.predict` come back on the CPU.
     """
 
     def __init__(self, store: Store, alpha: float = PAPER_ALPHA, data: dict | None = None,
-                 max_vectors: int | None = None, max_sets: int = 8, *, seed: int = 0, variant: str = "paper"):
+                 max_vectors: int | None = None, max_sets: int = 8, *, seed: int = 0, variant: str = "paper",
+                 device: str | torch.device | None = None):
         self.store = store
+        self.device = resolve_device(device)
         self.alpha = float(alpha)
         self.data = dict(data or {})
         self.seed = int(seed)
@@ -298,7 +313,7 @@ class Workspace:
     def model(self, domain: str):
         """The self-explaining model with ``domain``'s head (one per domain; θ is loaded per use)."""
         if domain not in self._models:
-            self._models[domain] = self.store.model(domain, None, backbone=self.backbone)
+            self._models[domain] = self.store.model(domain, None, backbone=self.backbone).to(self.device)
         return self._models[domain]
 
     # ------------------------------------------------------------------- data

@@ -111,7 +111,7 @@ class Diagnostics:
 
         s = self.settings
         model = self.store.model(target, self.vector(target, "ft").apply_to(self.base, base_hash=self.base_hash),
-                                 backbone=self.backbone)
+                                 backbone=self.backbone).to(self.ws.device)
         x, y = model_inputs(self.backbone.config, target, s.split, s.n_images, self.data.get(target))
         n = len(y)
         batches = [(x[i:i + s.batch_size], y[i:i + s.batch_size]) for i in range(0, n, s.batch_size)]
@@ -156,7 +156,7 @@ class Diagnostics:
             s = self.settings
             op = self.operator(target)
             est = hutchinson_diagonal(op, num_matvecs=s.probes, seed=s.seed, progress=self.progress)
-            diag, stderr = est.mean.double(), est.stderr.double()
+            diag, stderr = est.mean.double().cpu(), est.stderr.double().cpu()
             card = build_card(op, s.k, hessian_diag=diag, trace=est.total, trace_stderr=est.total_stderr,
                               provenance={"key": key, "target": target, "base_hash": self.base_hash,
                                           "point": "theta_ft of the target", "n_images": s.n_images,
@@ -165,6 +165,8 @@ class Diagnostics:
                          {"key": key, "target": target, "base_hash": self.base_hash, "trace": est.total,
                           "trace_stderr": est.total_stderr, "probes": s.probes})
             card.save(self.card_path(target))
+            if op.device.type != "cpu":  # the cached card, like every result, lives on the CPU
+                card = HessianCard.load(self.card_path(target))
         if need_operator and op is None:
             op = self.operator(target)
         self._curv[target] = TargetCurvature(target, diag, stderr, card, op)

@@ -416,7 +416,8 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
 
 
 def build_target_card(store, target: str, model_path: str | Path, data: str | Path | None,
-                      settings: CurvatureSettings = CurvatureSettings(), progress: bool = False):
+                      settings: CurvatureSettings = CurvatureSettings(), progress: bool = False, *,
+                      device: str | torch.device | None = None):
     """The Hessian card of a prediction-only model θ_ftᵀ (an open_clip checkpoint) on local target images.
 
     H = ∇²_θ L_cls at θ_ftᵀ on the first ``n_images`` of ``split``; the head is the store's head of
@@ -432,6 +433,7 @@ def build_target_card(store, target: str, model_path: str | Path, data: str | Pa
     from train.datasets.inputs import domain_for, split_inputs
     from train.imports import file_sha256, import_weights
     from train.model import SelfExplainingCLIP, load_visual_state, text_head
+    from train.devices import resolve_device
     from train.store import base_state
     from train.tensorio import dumps
 
@@ -447,7 +449,7 @@ def build_target_card(store, target: str, model_path: str | Path, data: str | Pa
         scale, head_from = float(backbone.clip.logit_scale.detach().exp().clamp(max=100)), "zero-shot head"
     model = SelfExplainingCLIP(copy.deepcopy(backbone.clip.visual), head, scale)
     load_visual_state(model, theta)
-    model.eval()
+    model.to(resolve_device(device)).eval()  # the products run on ``device``; the card is written from the CPU
     s = settings
     x, y = split_inputs(backbone.config, domain, s.split, s.n_images)
     batches = [(x[i:i + s.batch_size], y[i:i + s.batch_size]) for i in range(0, len(y), s.batch_size)]

@@ -208,3 +208,18 @@ K = positive_int(1_000)
 ITERS = positive_int(10_000)
 N_RESAMPLE = positive_int(10_000_000)       # --n-boot, --n-perm
 REPEATS = positive_int(1_000)
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--bf16``, added to every subcommand (:func:`diag.cli.build_parser`).
+
+    The CLI resolves ``--device`` once, before the command runs (:func:`train.devices.resolve_device`),
+    so ``args.device`` is a ``torch.device`` in every command.
+    """
+    from train.devices import DEVICE_CHOICES
+
+    parser.add_argument("--device", default="auto", metavar="|".join(DEVICE_CHOICES),
+                        help="where models and batches run (auto: CUDA, then MPS, then the CPU; named and "
+                             "missing is an error)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast of fine-tuning and Kernel SHAP forwards (CUDA only; curvature stays fp32)")

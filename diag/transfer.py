@@ -33,6 +33,7 @@ from diag.constants import (DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PA
 from diag.context import TargetSet, Workspace
 from diag.metrics import Scores, score
 from train.errors import DataError
+from train.devices import module_device
 from train.model import SelfExplainingCLIP, load_visual_state
 from train.vectors import TaskVector, check_scale
 
@@ -92,14 +93,15 @@ def predict(model: SelfExplainingCLIP, x: torch.Tensor, y: torch.Tensor | None =
     checks and the Kernel SHAP budget all call it.
     """
     logits, phis = [], []
+    device = module_device(model)  # batches go to the model's device, results come back on the CPU
     for start in range(0, len(x), batch):
         if not explain:
-            logits.append(model(x[start:start + batch]))
+            logits.append(model(x[start:start + batch].to(device)).cpu())
             continue
-        lg, ph = model.explain(x[start:start + batch])
-        yy = y[start:start + batch]
-        logits.append(lg)
-        phis.append(ph.gather(1, yy[:, None, None].expand(-1, 1, ph.shape[-1])).squeeze(1))
+        lg, ph = model.explain(x[start:start + batch].to(device))
+        yy = y[start:start + batch].to(device)
+        logits.append(lg.cpu())
+        phis.append(ph.gather(1, yy[:, None, None].expand(-1, 1, ph.shape[-1])).squeeze(1).cpu())
     return torch.cat(logits), (torch.cat(phis) if explain else None)
 
 

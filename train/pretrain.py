@@ -34,8 +34,12 @@ class PretrainConfig:
 
 
 def pretrain(backbone: Backbone, domains: list[Domain], cfg: PretrainConfig = PretrainConfig(), seed: int = 0,
-             progress: bool = True) -> FitHistory:
-    """Contrastively train both towers of ``backbone`` in place on the pool splits of ``domains``."""
+             progress: bool = True, device: torch.device | str = "cpu") -> FitHistory:
+    """Contrastively train both towers of ``backbone`` in place on the pool splits of ``domains``.
+
+    The batches are drawn on the CPU (one generator) and trained on ``device``; the backbone
+    is back on the CPU afterwards.
+    """
     images, groups, caption_ids, caption_tokens = [], [], [], []
     names: dict[str, int] = {}
     offset = 0
@@ -62,17 +66,18 @@ def pretrain(backbone: Backbone, domains: list[Domain], cfg: PretrainConfig = Pr
     steps_per_epoch = max(1, len(x_all) // cfg.batch_size)
     optim = OptimConfig(steps=cfg.epochs * steps_per_epoch, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         warmup=max(1, steps_per_epoch), batch_size=cfg.batch_size)
-    clip = backbone.clip
+    device = torch.device(device)
+    clip = backbone.clip.to(device)
     clip.train()
 
     def step_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
         tpl = (torch.rand(cfg.batch_size, generator=gen) * n_templates[idx]).long()
-        x = random_shift(x_all[idx], cfg.max_shift, gen)
+        x = random_shift(x_all[idx], cfg.max_shift, gen).to(device)
         img = clip.encode_image(x)
-        txt = clip.encode_text(tokens[c_all[idx] + tpl])
-        return multi_positive_contrastive(img, txt, g_all[idx], clip.logit_scale.exp().clamp(max=100))
+        txt = clip.encode_text(tokens[c_all[idx] + tpl].to(device))
+        return multi_positive_contrastive(img, txt, g_all[idx].to(device), clip.logit_scale.exp().clamp(max=100))
 
     history = fit(clip.parameters(), step_loss, optim, desc="pretrain θ_base", progress=progress)
-    clip.eval()
+    clip.to("cpu").eval()
     return history

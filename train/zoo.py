@@ -36,6 +36,7 @@ from train import __version__
 from train.augment import roll_patches
 from train.backbones import Backbone, create_backbone, read_checkpoint, state_hash
 from train.datasets import MINISUITE, Domain, domain_for, split_inputs
+from train.devices import autocast, check_bf16, cpu_state, resolve_device
 from train.errors import TvdiagError
 from train.explain.kernelshap import kernel_shap, samples_for
 from train.loop import OptimConfig, batch_plan, fit
@@ -132,7 +133,12 @@ class Zoo:
     """Builds (or reuses) the artifacts of one backbone in one store."""
 
     def __init__(self, store: Store, config: ZooConfig = ZooConfig(), progress: bool = True,
-                 data: dict[str, str | Path] | None = None):
+                 data: dict[str, str | Path] | None = None, *, device: str | torch.device | None = None,
+                 bf16: bool = False):
+        """``device`` (default ``auto``) runs pretraining, fine-tuning and φ; artifacts are written from
+        CPU tensors. ``bf16`` autocasts their forwards (CUDA only) and is part of the artifacts' keys."""
+        self.device = resolve_device(device)
+        self.bf16 = check_bf16(self.device, bf16)
         # φ files are named by the supervision method; the zoo's store reads and writes this one
         self.store = store if store.supervision == config.supervision else replace(store, supervision=config.supervision)
         self.config = config
@@ -186,7 +192,8 @@ class Zoo:
                       "checkpoint": cfg.checkpoint or "", "seed": cfg.base_seed}
         if not (cfg.checkpoint or cfg.pretrained):
             domains = [self.domain(d) for d in MINISUITE]
-            history = pretrain(backbone, domains, cfg.pretrain, seed=cfg.base_seed, progress=self.progress)
+            history = pretrain(backbone, domains, cfg.pretrain, seed=cfg.base_seed, progress=self.progress,
+                               device=self.device)
             provenance.update(pretrain=dumps(asdict(cfg.pretrain)), pretrain_loss=f"{history.final():.4f}",
                               data=dumps({d.name: d.content_hash for d in domains}))
         self.store.save_base(backbone, provenance)
@@ -218,7 +225,11 @@ class Zoo:
         cfg = self.config
         return content_key({"base": base_hash, "data": self.domain(name).content_hash, "alpha": 1.0,
                             "optim": asdict(cfg.ft), "patch_shift": cfg.patch_shift, "seed": cfg.seed,
-                            "max_train": cfg.max_train, "pair": 2})
+                            "max_train": cfg.max_train, "pair": 2, **self._precision()})
+
+    def _precision(self) -> dict:
+        """The key entry of bf16 forwards (none for fp32, so fp32 keys are the same on every device)."""
+        return {"autocast": "bf16"} if self.bf16 else {}
 
     def ft(self, name: str) -> TaskVector:
         """τ_ft = θ_ft − θ_base: the pair's α = 1 run (classification only) on the train split."""
@@ -251,7 +262,8 @@ class Zoo:
             return content_key({"ft": self._ft_key(name), "method": "gradcam", **limits,
                                 "layer": "last resblock ln_1"})
         return content_key({"ft": self._ft_key(name), "method": "kernelshap", "samples": self.shap_samples(),
-                            **limits, "baseline": 0.0, "seed": cfg.seed, "output": "logit", "paired": True})
+                            **limits, "baseline": 0.0, "seed": cfg.seed, "output": "logit", "paired": True,
+                            **self._precision()})
 
     def attributions(self, name: str) -> dict[str, torch.Tensor]:
         """φ on the θ_ft model (labelled class): every train image θ_ft trains on, val and test images.
@@ -266,7 +278,7 @@ class Zoo:
         if self.store.is_fresh(path, key):
             return load_tensors(path)[0]
         backbone, base_hash = self.base()
-        model = self.model(name, self.ft(name).apply_to(base_state(backbone), base_hash=base_hash))
+        model = self.model(name, self.ft(name).apply_to(base_state(backbone), base_hash=base_hash)).to(self.device)
         out: dict[str, torch.Tensor] = {}
         limits = {"train": self.config.max_train, "val": self.config.max_val, "test": self.config.shap_test}
         for split, limit in limits.items():
@@ -294,7 +306,7 @@ class Zoo:
         with torch.no_grad():
             for start in tqdm(range(0, len(x), chunk), desc=desc, disable=not self.progress, leave=False, unit="batch"):
                 parts.append(kernel_shap(model, x[start:start + chunk], y[start:start + chunk], patch_size=patch,
-                                         n_samples=self.shap_samples(), generator=gen))
+                                         n_samples=self.shap_samples(), generator=gen, bf16=self.bf16))
         return torch.cat(parts).float()
 
     # ----------------------------------------------------------------- θ_ft*
@@ -345,7 +357,7 @@ class Zoo:
             raise TvdiagError(f"{name}: no training images")
         backbone, base_hash = self.base()
         cfg = self.config
-        model = self.model(name, init)
+        model = self.model(name, init).to(self.device)
         model.train()
         torch.manual_seed(cfg.seed)
         plan = batch_plan(len(y), optim.batch_size, optim.steps, cfg.seed, cfg.patch_shift)
@@ -356,10 +368,12 @@ class Zoo:
             xb, phib = x[batch.index], None if phi is None else phi[batch.index]
             if batch.shifts is not None:
                 xb, phib = roll_patches(xb, phib, batch.shifts, patch)
-            if phi is None:
-                return alpha_loss(model(xb), None, y[batch.index], None, alpha)
-            logits, phi_pred = model.explain(xb)
-            return alpha_loss(logits, phi_pred, y[batch.index], phib, alpha)
+            xb, yb, phib = xb.to(self.device), y[batch.index].to(self.device), None if phib is None else phib.to(self.device)
+            with autocast(self.device, self.bf16):
+                if phi is None:
+                    return alpha_loss(model(xb).float(), None, yb, None, alpha)
+                logits, phi_pred = model.explain(xb)
+                return alpha_loss(logits.float(), phi_pred.float(), yb, phib, alpha)
 
         history = fit(model.visual.parameters(), step_loss, optim, desc=desc, progress=self.progress)
         model.eval()
@@ -371,16 +385,16 @@ class Zoo:
                       "alpha": alpha, "steps": optim.steps, "lr": optim.lr, "optim": dumps(asdict(optim)),
                       "patch_shift": cfg.patch_shift, "n_images": len(y), "supervision": supervision,
                       "final_loss": f"{history.final():.4f}", "tvdiag_version": __version__}
-        return TaskVector.between(base_state(backbone), visual_state(model), base_hash, provenance)
+        return TaskVector.between(base_state(backbone), cpu_state(visual_state(model)), base_hash, provenance)
 
     @torch.no_grad()
     def zero_shot_accuracy(self, name: str) -> float:
         """Accuracy of θ_base with the domain's text head on its test split (CLIP zero-shot)."""
-        model = self.model(name)
+        model = self.model(name).to(self.device)
         x, y = self.images(name, "test", self.config.max_test)
-        correct = 0
-        for start in range(0, len(y), self.config.eval_batch):
-            correct += int((model(x[start:start + self.config.eval_batch]).argmax(1) == y[start:start + self.config.eval_batch]).sum())
+        correct, step = 0, self.config.eval_batch
+        for start in range(0, len(y), step):
+            correct += int((model(x[start:start + step].to(self.device)).argmax(1).cpu() == y[start:start + step]).sum())
         return correct / max(len(y), 1)
 
     # ------------------------------------------------------------------ build

@@ -77,11 +77,11 @@ def _diagnostics(args, ctx, domains, explain):
     from train.losses import check_alpha
 
     check_alpha(args.alpha)
-    store = ctx.ensure(domains, (args.alpha,), explain=explain)
+    ctx.ensure(domains, (args.alpha,), explain=explain)
     settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, seed=args.seed,
                                  engine=args.engine, params=tuple(args.params) if args.params else None,
                                  probes=getattr(args, "probes", None) or 24, k=getattr(args, "k", 8))
-    return Diagnostics(store, args.alpha, settings, data=ctx.data, progress=ctx.progress)
+    return Diagnostics(ctx.workspace(args.alpha), settings=settings, progress=ctx.progress)
 
 
 def run_hessian(args) -> int:

@@ -93,7 +93,7 @@ def run_card(args) -> int:
     settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, probes=args.probes, k=args.k,
                             seed=args.seed, split=args.split)
     card, est = build_target_card(ctx.store, args.target, args.model, (ctx.data or {}).get(args.target), settings,
-                                  progress=ctx.progress)
+                                  progress=ctx.progress, device=ctx.device)
     card.save(args.out, extra={"hessian_diag": est.mean.double(), "hessian_diag_stderr": est.stderr.double()})
     out = {"out": str(args.out), "k": card.k, "dim": card.dim, "trace": card.trace, "trace_stderr": card.trace_stderr,
            "eigvals": [float(v) for v in card.eigvals], "provenance": card.provenance}

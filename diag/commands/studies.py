@@ -327,7 +327,8 @@ def run_correlate(args) -> int:
     if merge_shards(out, write=False).empty and (args.study is None or args.extend):
         domains = _domains(ctx, args.domains)
         store = ctx.ensure(domains, (PAPER_ALPHA,))
-        run_study(store, domains, lambda2s=(lambda2,), out_dir=out, progress=ctx.progress, data=ctx.data)
+        run_study(store, domains, lambda2s=(lambda2,), out_dir=out, progress=ctx.progress, data=ctx.data,
+                  workspace=ctx.workspace())
     df = at_lambda(select_run(load_study(out), args.variant, args.train_seed), lambda2)
     reports = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.seed)
     fig = figures.figure6(df, out / "figure6.png", reports=reports)

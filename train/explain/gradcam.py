@@ -83,6 +83,8 @@ def gradcam_patches(model: nn.Module, images: Tensor, targets: Tensor,
         (B, M) float32 attributions in [0, 1] (each map is min-max scaled by
         pytorch-grad-cam before patch averaging), patches row-major.
 
+    Runs on the model's device (pytorch-grad-cam moves each batch there); the attributions
+    come back on the images' device.
     The model's training flag and parameters' ``requires_grad`` are restored afterwards;
     parameter gradients are not touched (parameters are frozen during the call).
     """

@@ -47,6 +47,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from train.devices import autocast, module_device
 from train.errors import TvdiagError
 from train.explain.masking import coalition_values, patch_grid
 
@@ -222,8 +223,28 @@ def kernel_shap_estimate(predict: Callable[[Tensor], Tensor], images: Tensor, ta
                          patch_size: int, n_samples: int = 128, baseline: float | Tensor = 0.0,
                          batch_size: int = 2048, paired: bool = True,
                          generator: torch.Generator | None = None,
-                         output: str = "logit") -> KernelShapEstimate:
-    """Kernel SHAP over patches with standard errors; see :func:`kernel_shap`."""
+                         output: str = "logit", bf16: bool = False) -> KernelShapEstimate:
+    """Kernel SHAP over patches with standard errors; see :func:`kernel_shap`.
+
+    When ``predict`` is a module, the images go to its device and the estimate comes back on
+    the images' own device; coalitions are drawn on the generator's device either way, so the
+    sample does not depend on where the forwards run.
+    """
+    home = images.device
+    if isinstance(predict, torch.nn.Module):
+        device = module_device(predict)
+        images, targets = images.to(device), torch.as_tensor(targets).to(device)
+    with autocast(images.device, bf16):
+        est = _estimate(predict, images, targets, patch_size, n_samples, baseline, batch_size, paired, generator,
+                        output)
+    return est if home == images.device else dataclasses.replace(
+        est, **{f.name: getattr(est, f.name).to(home) for f in dataclasses.fields(est)
+                if isinstance(getattr(est, f.name), Tensor)})
+
+
+def _estimate(predict, images, targets, patch_size, n_samples, baseline, batch_size, paired, generator,
+              output) -> KernelShapEstimate:
+    """The estimate on the images' own device (the body of :func:`kernel_shap_estimate`)."""
     gh, gw = patch_grid(images, patch_size)
     m = gh * gw
     if not isinstance(n_samples, int) or n_samples < 2:
@@ -254,7 +275,7 @@ def kernel_shap_estimate(predict: Callable[[Tensor], Tensor], images: Tensor, ta
 def kernel_shap(predict: Callable[[Tensor], Tensor], images: Tensor, targets: Tensor,
                 patch_size: int, n_samples: int = 128, baseline: float | Tensor = 0.0,
                 batch_size: int = 2048, paired: bool = True,
-                generator: torch.Generator | None = None, output: str = "logit") -> Tensor:
+                generator: torch.Generator | None = None, output: str = "logit", bf16: bool = False) -> Tensor:
     """Kernel SHAP patch attributions of a batch of images.
 
     ``v(S)`` is the target logit (or softmax probability) of ``predict`` on the image with
@@ -277,15 +298,17 @@ def kernel_shap(predict: Callable[[Tensor], Tensor], images: Tensor, targets: Te
         paired: add the complement of each sampled coalition.
         generator: makes the sampling deterministic.
         output: ``"logit"`` or ``"prob"``.
+        bf16: run the forwards under bf16 autocast (CUDA only, :func:`train.devices.autocast`);
+            the least squares stay float64.
 
     Returns:
-        (B, M) float32 attributions.
+        (B, M) float32 attributions, on the images' device (forwards run on a module's device).
 
     Raises:
         TvdiagError: bad shapes, odd ``n_samples`` with pairing, unknown ``output``.
     """
     est = kernel_shap_estimate(predict, images, targets, patch_size, n_samples, baseline,
-                               batch_size, paired, generator, output)
+                               batch_size, paired, generator, output, bf16)
     return est.values.float()
 
 
