@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from diag.curvature.distributed import barrier, gather_json, rank_and_world
+from diag.curvature.distributed import barrier, gather_json, is_distributed, rank_and_world
 
 __all__ = ["build_curvatures", "build_domains", "shared_start_time"]
 
@@ -83,10 +83,14 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
 def build_curvatures(diag, targets: Sequence[str]) -> None:
     """Hᵀ of ``targets`` in the store, target ``i`` computed by rank ``i % world`` alone; then a barrier.
 
+    A no-op outside torch.distributed.
+
     ``diag`` must be a non-data-parallel :class:`diag.diagnostics.Diagnostics`: each rank
     computes its targets on all their images, the result a single process would get.
     """
+    if not is_distributed():
+        return  # one process: the pairs build each target's Hᵀ when first needed
     rank, world = rank_and_world()
-    for target in list(targets)[rank::world]:
+    for target in list(dict.fromkeys(targets))[rank::world]:
         diag.curvature(target)
     barrier()

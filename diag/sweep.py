@@ -43,6 +43,7 @@ from diag.decide import accuracy_grid
 from diag.diagnostics import CurvatureSettings, Diagnostics, pair_features
 from diag.pairs import (DEFAULT_STUDY, PAIRS_FILE, STUDY_VERSION, add_normalised, append_rows, check_shard, dedupe,
                         default_shard, lam_key, merge_shards, ordered_pairs, pair_key, read_table, shard_file)
+from diag.shards import build_curvatures
 from diag.transfer import evaluate_pair, evaluate_state
 from train import __version__
 from train.errors import ArtifactError, DataError
@@ -190,6 +191,8 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
         keys = {p: pair_key(store, p[0], p[1], settings.key_payload(), ws.base_hash, dkeys) for p in all_pairs}
         wanted |= {keys[p] for p in pairs}
         every |= set(keys.values())
+        if curvature:  # under torchrun each target's Hᵀ is built by one rank before the pairs are split
+            build_curvatures(Diagnostics(ws, settings=settings.curvature_settings, data_parallel=False), domains)
         _run_pairs(ws, pairs, keys, settings, lambda2s, domains, path, done, progress)
     if shard[1] > 1 and _merge_distributed(out_dir):  # rank 0 under torch.distributed: pairs.csv has every shard
         path, wanted = out_dir / PAIRS_FILE, every
@@ -204,7 +207,7 @@ def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, 
              len(pairs), len(todo))
     if not todo:
         return
-    diag = Diagnostics(ws, settings=settings.curvature_settings, progress=progress)
+    diag = Diagnostics(ws, settings=settings.curvature_settings, progress=progress, data_parallel=False)
     quality: dict = {}
     bar = tqdm(todo, desc=f"study pairs (seed {ws.seed}, {ws.variant})", disable=not progress, unit="pair")
     for source, target in bar:
