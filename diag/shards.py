@@ -80,17 +80,19 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
             "built": [p["built"] for p in parts]}
 
 
-def build_curvatures(diag, targets: Sequence[str]) -> None:
+def build_curvatures(diag, targets: Sequence[str]) -> list[str]:
     """Hᵀ of ``targets`` in the store, target ``i`` computed by rank ``i % world`` alone; then a barrier.
 
-    A no-op outside torch.distributed.
+    A no-op outside torch.distributed. Returns the targets this rank computed (or read from the cache).
 
     ``diag`` must be a non-data-parallel :class:`diag.diagnostics.Diagnostics`: each rank
     computes its targets on all their images, the result a single process would get.
     """
     if not is_distributed():
-        return  # one process: the pairs build each target's Hᵀ when first needed
+        return []  # one process: the pairs build each target's Hᵀ when first needed
     rank, world = rank_and_world()
-    for target in list(dict.fromkeys(targets))[rank::world]:
+    mine = list(dict.fromkeys(targets))[rank::world]
+    for target in mine:
         diag.curvature(target)
     barrier()
+    return mine

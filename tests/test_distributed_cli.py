@@ -109,3 +109,54 @@ def test_hessian_trace_all_reduced_equals_one_process(runs, capsys):
     for key in ("trace", "hutchpp"):
         for field in ("value", "stderr"):
             assert out[key][field] == pytest.approx(ref[key][field], rel=1e-5), (key, field)
+
+
+def _curvature_worker(rank: int, init_file: str, store_root: str, out_dir: str) -> None:
+    """One rank of the study's curvature step: its targets' Hᵀ into the store, then every target's card read."""
+    from diag.context import Context
+    from diag.diagnostics import Diagnostics
+    from diag.shards import build_curvatures
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        diag = Diagnostics(Context(Path(store_root), preset="smoke").workspace(), settings=_curvature_settings(),
+                           data_parallel=False)
+        mine = build_curvatures(diag, DOMAINS)
+        fresh = [diag.store.is_fresh(diag.diag_path(t), diag._curvature_key(t)) for t in DOMAINS]
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"mine": mine, "fresh": fresh}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _curvature_settings():
+    from diag.diagnostics import CurvatureSettings
+
+    return CurvatureSettings(n_images=8, batch_size=8, probes=2, k=1, params=("visual.transformer.resblocks.0.mlp.*",))
+
+
+def test_study_curvature_one_rank_per_target_equals_one_process(runs, tmp_path):
+    """Before the study splits its pairs, each target's Hᵀ is computed by one rank alone, as one process would."""
+    import torch.multiprocessing as mp
+
+    from diag.context import Context
+    from diag.diagnostics import Diagnostics
+
+    settings = _curvature_settings()
+    mp.spawn(_curvature_worker, args=(str(tmp_path / "init"), str(runs["dist"]), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["mine"] for r in ranks] == [["gtsrb"], ["mnist"]]
+    assert all(r["fresh"] == [True, True] for r in ranks)  # after the barrier every rank reads every card
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = Diagnostics(Context(runs["single"], preset="smoke").workspace(), settings=settings)
+        for t in DOMAINS:
+            ref.curvature(t)
+    finally:
+        torch.set_num_threads(threads)
+    dist_ws = Diagnostics(Context(runs["dist"], preset="smoke").workspace(), settings=settings)
+    for t in DOMAINS:
+        for path in (dist_ws.card_path(t), dist_ws.diag_path(t)):
+            other = runs["single"] / path.relative_to(runs["dist"])
+            assert path.read_bytes() == other.read_bytes(), f"{path.name} of {t} differs from one process"

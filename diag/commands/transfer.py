@@ -82,8 +82,8 @@ def run_zoo(args) -> int:
         emit_json({"store": str(ctx.store.folder), "seconds": times, "zero_shot_accuracy": zero_shot,
                    "rank_of": report["rank_of"], "built": report["built"]})
         return 0
-    print(f"zoo ready in {ctx.store.folder}" + (f" ({len(report['built'])} processes)" if len(report["built"]) > 1
-                                                 else ""))
+    n_procs = len(report["built"])
+    print(f"zoo ready in {ctx.store.folder}" + (f" (domains split over {n_procs} processes)" if n_procs > 1 else ""))
     for k, v in times.items():
         print(f"  {k:12s} {v:8.1f} s")
     print("zero-shot accuracy of θ_base (test split; chance = 1/classes):")
