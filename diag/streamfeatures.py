@@ -11,8 +11,9 @@ For each parameter tensor (a *block*), with τ_ftᵀ = θ_target − θ_base on 
 All sources of a block are stacked (S × n) and multiplied at once, so the card's rows are read
 from memory once per block rather than once per source. Products within a block are float32 BLAS;
 sums over blocks are float64. The next block is read (``pread``, which releases the GIL) by a
-helper thread while this one is multiplied, so disk and arithmetic overlap; at most two blocks
-are in memory.
+helper thread while this one is multiplied, so disk and arithmetic overlap. The blocks live in
+two sets of buffers sized for the largest parameter, allocated once: memory is a few blocks
+whatever the model size, and no fresh page is faulted in per block.
 """
 
 from __future__ import annotations
@@ -61,17 +62,26 @@ def _read(f, key: str, out: torch.Tensor) -> None:
         out.copy_(f.read(key).reshape(-1))
 
 
-def _load(key: str, target, base, sources, card) -> _Block:
-    """Every tensor of block ``key`` (in the reading thread)."""
+class _Slot:
+    """Reusable float32 buffers for one block (fresh pages cost a page fault each: allocated once, not per block)."""
+
+    def __init__(self, n_max: int, n_ft: int, n_sources: int):
+        self.base, self.target = torch.empty(n_max), torch.empty(n_max)
+        self.ft = torch.empty(n_ft, n_max) if n_ft else None
+        self.star = torch.empty(n_sources, n_max)
+
+
+def _load(key: str, slot: _Slot, target, base, sources, card) -> _Block:
+    """Every tensor of block ``key``, read into ``slot``'s buffers (in the reading thread)."""
     n = math.prod(base.shape(key))
-    b, t = torch.empty(n), torch.empty(n)
+    b, t = slot.base[:n], slot.target[:n]
     _read(base, key, b)
     _read(target, key, t)
     with_ft = [s for s in sources if s.ft is not None]
-    ft = torch.empty(len(with_ft), n) if with_ft else None
+    ft = slot.ft[:, :n] if with_ft else None
     for i, s in enumerate(with_ft):
         _read(s.ft, key, ft[i])
-    star = torch.empty(len(sources), n)
+    star = slot.star[:, :n]
     for i, s in enumerate(sources):
         if s.star is not None:
             _read(s.star, key, star[i])
@@ -86,7 +96,7 @@ def _load(key: str, target, base, sources, card) -> _Block:
 
 def _accumulate(blk: _Block, sources, sums: list[_Sums], nt: dict) -> float:
     """Add block ``blk``'s products to the sums; returns ‖θ_base‖² of the block."""
-    t = blk.target - blk.base
+    t = blk.target.sub_(blk.base)  # τ_ftᵀ, in place
     g = block_group(blk.key)
     nt[g] = nt.get(g, 0.0) + float(torch.dot(t, t))
     if blk.ft is not None:
@@ -128,13 +138,18 @@ def stream_features(target, base, sources: list, card, keys: list[str]) -> tuple
     sums = [_Sums() for _ in sources]
     nt: dict = {}
     nb = 0.0
+    if not keys:
+        return [_row(src, s, nt, card) for src, s in zip(sources, sums)], 0.0, 0.0
+    n_max = max(math.prod(base.shape(k)) for k in keys)
+    slots = [_Slot(n_max, sum(s.ft is not None for s in sources), len(sources)) for _ in range(2)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvdiag-read") as pool:
-        pending = pool.submit(_load, keys[0], target, base, sources, card) if keys else None
+        # block i is read into slot i % 2 while block i − 1 is multiplied from the other slot
+        pending = pool.submit(_load, keys[0], slots[0], target, base, sources, card)
         for i in range(len(keys)):
             blk = pending.result()
-            pending = pool.submit(_load, keys[i + 1], target, base, sources, card) if i + 1 < len(keys) else None
+            if i + 1 < len(keys):
+                pending = pool.submit(_load, keys[i + 1], slots[(i + 1) % 2], target, base, sources, card)
             nb += _accumulate(blk, sources, sums, nt)
-            del blk
     return [_row(src, s, nt, card) for src, s in zip(sources, sums)], math.sqrt(sum(nt.values())), math.sqrt(nb)
 
 
