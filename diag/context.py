@@ -85,19 +85,14 @@ class Context:
                variants: tuple[str, ...] = ("paper",), seeds: tuple[int, ...] = (0,)) -> Store:
         """Build whatever is missing for ``domains`` (head, θ_ft, φ, θ_ft* of each α, variant and seed).
 
+        Under torchrun the domains are split over the ranks (:func:`diag.shards.build_domains`).
+
         Returns:
             The store.
         """
-        for seed in seeds:
-            zoo = self.zoo(seed)
-            for name in domains:
-                zoo.head(name)
-                zoo.ft(name)
-                if explain:
-                    zoo.attributions(name)
-                    for variant in variants:
-                        for alpha in alphas:
-                            zoo.ftx(name, alpha, variant)
+        from diag.shards import build_domains
+
+        build_domains(self, domains, alphas, explain, variants, seeds)
         return self.store
 
     def domains(self) -> list[str]:
@@ -146,9 +141,16 @@ def context_from(args: argparse.Namespace, default_domain: str | None = None) ->
                 raise TvdiagError("--data needs DOMAIN=PATH here")
             name, path = default_domain, item
         data[check_name(name)] = path
-    return Context(store_root=args.store or default_root(), preset=args.preset, backbone=args.backbone,
-                   pretrained=args.pretrained, checkpoint=args.checkpoint, data=data, progress=not args.quiet,
-                   rebuild=tuple(args.rebuild), device=getattr(args, "device", None), bf16=getattr(args, "bf16", False))
+    ctx = Context(store_root=args.store or default_root(), preset=args.preset, backbone=args.backbone,
+                  pretrained=args.pretrained, checkpoint=args.checkpoint, data=data, progress=not args.quiet,
+                  rebuild=tuple(args.rebuild), device=getattr(args, "device", None), bf16=getattr(args, "bf16", False))
+    from diag.curvature.distributed import is_distributed
+
+    if is_distributed():  # torchrun: --rebuild spares whatever any rank of this run wrote
+        from diag.shards import shared_start_time
+
+        ctx.started = shared_start_time(ctx.started)
+    return ctx
 
 
 

@@ -73,17 +73,21 @@ class Diagnostics:
         settings: how each target's Hᵀ is estimated (part of the curvature cache key).
         data: domain → local dataset path.
         progress: progress bars for curvature builds.
+        data_parallel: under torch.distributed, split each target's batches over the ranks and
+            all-reduce the products (default: whenever a process group is up). False when the
+            ranks work on different targets (the study's sharded pairs).
     """
 
     def __init__(self, store: Store | Workspace, alpha: float = PAPER_ALPHA,
                  settings: CurvatureSettings = CurvatureSettings(), data: dict[str, str | Path] | None = None,
-                 progress: bool = False):
+                 progress: bool = False, data_parallel: bool | None = None):
         self.ws = store if isinstance(store, Workspace) else Workspace(store, alpha, data)
         self.store = self.ws.store
         self.alpha = self.ws.alpha
         self.settings = settings
         self.data = self.ws.data
         self.progress = progress
+        self.data_parallel = data_parallel
         self._curv: dict[str, TargetCurvature] = {}
 
     @property
@@ -117,9 +121,10 @@ class Diagnostics:
         batches = [(x[i:i + s.batch_size], y[i:i + s.batch_size]) for i in range(0, n, s.batch_size)]
         from diag.curvature.distributed import is_distributed
 
-        # under torchrun each rank takes every world-th batch and products are all-reduced
+        # data-parallel under torchrun: each rank takes every world-th batch and products are all-reduced
+        dp = is_distributed() if self.data_parallel is None else self.data_parallel and is_distributed()
         return HessianOperator(model, batches, params=list(s.params) if s.params else None, engine=s.engine,
-                               shard=is_distributed())
+                               shard=dp, data_parallel=dp)
 
     def _curvature_key(self, target: str) -> str:
         from dataclasses import asdict
@@ -155,7 +160,10 @@ class Diagnostics:
         else:
             s = self.settings
             op = self.operator(target)
-            est = hutchinson_diagonal(op, num_matvecs=s.probes, seed=s.seed, progress=self.progress)
+            # probes never split over ranks: the operator is data-parallel (all ranks, same probes) or the
+            # ranks work on different targets (the study)
+            est = hutchinson_diagonal(op, num_matvecs=s.probes, seed=s.seed, progress=self.progress,
+                                      split_probes=False)
             diag, stderr = est.mean.double().cpu(), est.stderr.double().cpu()
             card = build_card(op, s.k, hessian_diag=diag, trace=est.total, trace_stderr=est.total_stderr,
                               provenance={"key": key, "target": target, "base_hash": self.base_hash,

@@ -28,7 +28,7 @@ import torch
 
 from diag.diagnostics import CurvatureSettings
 from diag.constants import PAPER_LAMBDA2
-from diag.similarity import block_group
+from diag.streamfeatures import stream_features
 from train.errors import ArtifactError, BaseMismatchError, DataError
 from train.tensorio import read_metadata
 
@@ -68,6 +68,18 @@ class TensorFile:
         if hi > lo and os.preadv(self._fd, [raw.numpy()], self._start + lo) != hi - lo:
             raise ArtifactError(f"{self.path} is truncated (tensor '{name}')")
         return raw.view(dtype).reshape(shape)
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Tensor ``name`` flattened into the contiguous float32 ``out`` (pread straight into it when stored F32)."""
+        e = self.entries[name]
+        lo, hi = e["data_offsets"]
+        if e["dtype"] != "F32":
+            out.copy_(self.read(name).reshape(-1))
+            return
+        if out.numel() * 4 != hi - lo:
+            raise ArtifactError(f"{self.path}: tensor '{name}' has {(hi - lo) // 4} values, expected {out.numel()}")
+        if hi > lo and os.preadv(self._fd, [out.numpy().view("uint8")], self._start + lo) != hi - lo:
+            raise ArtifactError(f"{self.path} is truncated (tensor '{name}')")
 
     def close(self) -> None:
         os.close(self._fd)
@@ -169,78 +181,6 @@ class CardStream:
         """(V rows (n, k), r (n,)) of parameter ``name`` in float32 (products summed per block by BLAS)."""
         rows = self.offsets[name]
         return self.file.read("eigvecs", rows).float(), self.file.read("residual_diag", rows).float()
-
-
-@dataclass
-class _Sums:
-    """Running sums of one source (each block's products in float32 BLAS, the sums over blocks in float64)."""
-
-    dot: dict = field(default_factory=dict)     # group → τ_ftˢ·τ_ftᵀ
-    ns: dict = field(default_factory=dict)      # group → ‖τ_ftˢ‖²
-    star2: float = 0.0                          # ‖τ*‖²
-    proj: torch.Tensor | None = None            # Vᵀτ* (k,)
-    resid: float = 0.0                          # Σ r_j τ*_j²
-    v2: torch.Tensor | None = None              # (V²)ᵀ τ*² (k,): Σ diag(H)τ*² = resid + Σ_i l_i v2_i
-
-
-def _add(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return x.double() if acc is None else acc + x.double()
-
-
-def stream_features(target, base: TensorFile, sources: list[Source], card: CardStream | None,
-                    keys: list[str]) -> tuple[list[dict], float, float]:
-    """Per-source tier-0/1 features; also ‖τ_ftᵀ‖ and ‖θ_base‖, in one pass over the parameters.
-
-    One parameter tensor at a time: τ_ftᵀ = θ_target − θ_base, then for every source the dot
-    products with τ_ftˢ and τ*ˢ and, with a card, Vᵀτ*, Σ r τ*² and (V²)ᵀτ*² on the card's rows
-    of that tensor. Memory: a few tensors of the largest parameter, whatever the model size.
-    """
-    sums = [_Sums() for _ in sources]
-    nt, nb = {}, 0.0
-    for key in keys:
-        b = base.read(key).float().reshape(-1)
-        t = target.read(key).float().reshape(-1) - b
-        nb += float(torch.dot(b, b))
-        g = block_group(key)
-        nt[g] = nt.get(g, 0.0) + float(torch.dot(t, t))
-        V = M = None
-        if card is not None and key in card.offsets:
-            V, r = card.rows(key)
-            M = torch.cat([torch.ones_like(r)[:, None], r[:, None], V * V], dim=1)  # (n, k + 2)
-        for src, s in zip(sources, sums):
-            if src.ft is not None:
-                f = src.ft.read(key).float().reshape(-1)
-                s.dot[g] = s.dot.get(g, 0.0) + float(torch.dot(f, t))
-                s.ns[g] = s.ns.get(g, 0.0) + float(torch.dot(f, f))
-            star = src.tau_star(key).reshape(-1)
-            if M is None:
-                s.star2 += float(torch.dot(star, star))
-                continue
-            m = (M.T @ (star * star)).double()  # [Σ τ*², Σ r τ*², (V²)ᵀ τ*²]
-            s.star2 += float(m[0])
-            s.resid += float(m[1])
-            s.v2 = _add(s.v2, m[2:])
-            s.proj = _add(s.proj, V.T @ star)
-    return [_row(src, s, nt, card) for src, s in zip(sources, sums)], math.sqrt(sum(nt.values())), math.sqrt(nb)
-
-
-def _row(src: Source, s: _Sums, nt: dict, card: CardStream | None) -> dict:
-    """The features of one source from its sums (the names of :data:`diag.predictor.TIER_FEATURES`)."""
-    row = {"source": src.name, "norm_star_source": math.sqrt(s.star2), **src.quality,
-           "norm_ft_target": math.sqrt(sum(nt.values()))}
-    if src.ft is not None:
-        row["cos_ft"] = _cos(sum(s.dot.values()), sum(s.ns.values()), sum(nt.values()))
-        row.update({f"cos_ft.{g}": _cos(s.dot[g], s.ns[g], nt[g]) for g in s.dot})
-        row["norm_ft_source"] = math.sqrt(sum(s.ns.values()))
-    if card is not None:
-        top = float((card.eigvals * s.proj.pow(2)).sum()) if s.proj is not None else 0.0
-        curv = float((card.eigvals * s.v2).sum()) if s.v2 is not None else 0.0
-        row["risk_card"], row["risk_diag"] = top + s.resid, s.resid + curv
-    return row
-
-
-def _cos(dot: float, a2: float, b2: float) -> float:
-    return dot / math.sqrt(a2 * b2) if a2 > 0 and b2 > 0 else math.nan
 
 
 class _MemoryFile:

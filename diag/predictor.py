@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
-
 from diag.stats import pair_bootstrap_ci, pearson, with_normalised
+from diag.stats.correlation import rankdata
 from train.errors import DataError, unknown
 
 log = logging.getLogger(__name__)

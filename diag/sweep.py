@@ -44,6 +44,7 @@ from diag.diagnostics import CurvatureSettings, Diagnostics, pair_features
 from diag.pairs import (DEFAULT_STUDY, PAIRS_FILE, PLAIN, STUDY_VERSION, add_normalised, append_rows, check_shard,
                         dedupe, default_shard, lam_key, merge_shards, ordered_pairs, pair_key, read_table, shard_file,
                         with_run_columns)
+from diag.shards import build_curvatures
 from diag.transfer import evaluate_pair, evaluate_state, with_method
 from train import __version__
 from train.errors import ArtifactError, DataError, unknown
@@ -230,6 +231,8 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
                 for p in all_pairs}
         wanted |= {k for p in pairs for k in keys[p].values()}
         every |= {k for p in all_pairs for k in keys[p].values()}
+        if curvature:  # under torchrun each target's Hᵀ is built by one rank before the pairs are split
+            build_curvatures(Diagnostics(ws, settings=settings.curvature_settings, data_parallel=False), domains)
         _run_pairs(ws, pairs, keys, settings, lambda2s, domains, path, done, progress)
     if shard[1] > 1 and _merge_distributed(out_dir):  # rank 0 under torch.distributed: pairs.csv has every shard
         path, wanted = out_dir / PAIRS_FILE, every
@@ -245,7 +248,7 @@ def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, 
              len(pairs), len(todo))
     if not todo:
         return
-    diag = Diagnostics(ws, settings=settings.curvature_settings, progress=progress)
+    diag = Diagnostics(ws, settings=settings.curvature_settings, progress=progress, data_parallel=False)
     quality: dict = {}
     bar = tqdm(todo, desc=f"study pairs (seed {ws.seed}, {ws.variant})", disable=not progress, unit="pair")
     for source, target in bar:

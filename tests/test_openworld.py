@@ -209,4 +209,5 @@ def test_bench_rank_small():
 
     out = bench_rank(n_params=200_000, n_sources=2, k=1)
     assert out["n_params"] == 199_680 and out["n_sources"] == 2
-    assert out["seconds"] > 0 and 0 < out["peak_rss_gb"] < 4
+    assert 0 < out["seconds"] < out["process_seconds"] and 0 < out["import_seconds"] < out["process_seconds"]
+    assert 0 < out["peak_rss_gb"] < 4

@@ -18,15 +18,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import open_clip
 import torch
-from open_clip.model import CLIP
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from train.errors import ArtifactError, UnknownNameError, unknown
+
+if TYPE_CHECKING:  # open_clip costs seconds to import: loaded on first use (a cached decision never needs it)
+    from open_clip.model import CLIP
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -78,6 +79,8 @@ def local_configs() -> list[str]:
 
 def available_backbones() -> list[str]:
     """Every name :func:`load_config` accepts: tvdiag's own configs and open_clip's."""
+    import open_clip
+
     return local_configs() + sorted(open_clip.list_models())
 
 
@@ -91,6 +94,8 @@ def load_config(name: str) -> BackboneConfig:
     if path.is_file():
         raw = json.loads(path.read_text())
     else:
+        import open_clip
+
         raw = open_clip.get_model_config(name)
         if raw is None:
             shown = local_configs() + [n for n in open_clip.list_models() if n.startswith("ViT")][:12]
@@ -139,6 +144,8 @@ def build_clip(config: BackboneConfig) -> CLIP:
     text = {k: v for k, v in config.text_cfg.items() if k not in ("hf_model_name", "hf_tokenizer_name")}
     if config.text_cfg.get("hf_model_name"):
         raise UnknownNameError(f"Backbone '{config.name}' uses a Hugging Face text tower; only open_clip text towers are supported")
+    from open_clip.model import CLIP
+
     return CLIP(embed_dim=config.embed_dim, vision_cfg=vision, text_cfg=text)
 
 
@@ -244,6 +251,8 @@ def create_backbone(name: str, *, pretrained: str | None = None, checkpoint: str
         UnknownNameError: unknown backbone name.
         ArtifactError: unreadable checkpoint or one that does not match the architecture.
     """
+    import open_clip
+
     config = load_config(name)
     torch.manual_seed(seed)
     if pretrained is not None and checkpoint is None:

@@ -146,6 +146,7 @@ class Zoo:
         self.data = dict(data or {})
         self._domains: dict[str, Domain] = {}
         self._backbone: tuple[Backbone, str] | None = None
+        self.built: list[Path] = []  # artifacts this object wrote (a sharded build checks each is written once)
 
     # ------------------------------------------------------------------ data
     def domain(self, name: str) -> Domain:
@@ -197,6 +198,7 @@ class Zoo:
             provenance.update(pretrain=dumps(asdict(cfg.pretrain)), pretrain_loss=f"{history.final():.4f}",
                               data=dumps({d.name: d.content_hash for d in domains}))
         self.store.save_base(backbone, provenance)
+        self.built.append(path)
         self._backbone = self.store.load_base()
         return self._backbone
 
@@ -211,6 +213,7 @@ class Zoo:
             scale = float(backbone.clip.logit_scale.detach().exp().clamp(max=100))
             self.store.save_head(name, head, scale, {"key": key, "base_hash": base_hash, "domain": name,
                                                        "dataset_hash": domain.content_hash})
+            self.built.append(path)
         return self.store.load_head(name)
 
     def model(self, name: str, state: dict[str, torch.Tensor] | None = None) -> SelfExplainingCLIP:
@@ -240,6 +243,7 @@ class Zoo:
             return TaskVector.load(path, expect_base=base_hash)
         vector = self.train_ft(name, key)
         vector.save(path)
+        self.built.append(path)
         return vector
 
     def train_ft(self, name: str, key: str = "") -> TaskVector:
@@ -292,6 +296,7 @@ class Zoo:
         if method == "kernelshap":
             meta.update(samples=self.shap_samples(), baseline=SHAP_BASELINE, paired="true")
         save_tensors(path, out, meta)
+        self.built.append(path)
         return out
 
     def _explain(self, model: SelfExplainingCLIP, x: torch.Tensor, y: torch.Tensor, desc: str) -> torch.Tensor:
@@ -325,6 +330,7 @@ class Zoo:
             return TaskVector.load(path, expect_base=base_hash)
         vector = self.train_ftx(name, alpha, variant, key)
         vector.save(path)
+        self.built.append(path)
         return vector
 
     def train_ftx(self, name: str, alpha: float, variant: str = "paper", key: str = "") -> TaskVector:

@@ -68,25 +68,25 @@ def run_transfer(args) -> int:
 
 
 def run_zoo(args) -> int:
+    """``diag zoo``: build or resume every artifact; under torchrun the domains are split over the ranks."""
+    from diag.shards import build_domains
     from train.losses import check_alpha
 
     ctx = context_from(args)
-    domains = [ctx.check_domain(d) for d in (args.domains or ctx.domains())]
+    domains = list(dict.fromkeys(ctx.check_domain(d) for d in (args.domains or ctx.domains())))
     alphas = tuple(check_alpha(a) for a in (args.alpha or [PAPER_ALPHA]))
     variants = tuple(dict.fromkeys(args.variant or ["paper"]))
-    times: dict[str, float] = {}
-    for s in dict.fromkeys(args.seeds):
-        zoo = ctx.zoo(s)
-        built = zoo.build(domains, alphas, variants)
-        times.update(built if s == args.seeds[0] else {f"{k} (seed {s})": v for k, v in built.items()})
-    zero_shot = {d: zoo.zero_shot_accuracy(d) for d in domains}
+    report = build_domains(ctx, domains, alphas, True, variants, args.seeds, zero_shot=True)
+    times, zero_shot = report["seconds"], report["zero_shot_accuracy"]
     if args.json:
-        emit_json({"store": str(ctx.store.folder), "seconds": times, "zero_shot_accuracy": zero_shot})
-    else:
-        print(f"zoo ready in {ctx.store.folder}")
-        for k, v in times.items():
-            print(f"  {k:12s} {v:8.1f} s")
-        print("zero-shot accuracy of θ_base (test split; chance = 1/classes):")
-        for d, acc in zero_shot.items():
-            print(f"  {d:12s} {acc:.3f}   (chance {1 / zoo.domain(d).num_classes:.3f})")
+        emit_json({"store": str(ctx.store.folder), "seconds": times, "zero_shot_accuracy": zero_shot,
+                   "rank_of": report["rank_of"], "built": report["built"]})
+        return 0
+    n_procs = len(report["built"])
+    print(f"zoo ready in {ctx.store.folder}" + (f" (domains split over {n_procs} processes)" if n_procs > 1 else ""))
+    for k, v in times.items():
+        print(f"  {k:12s} {v:8.1f} s")
+    print("zero-shot accuracy of θ_base (test split; chance = 1/classes):")
+    for d, acc in zero_shot.items():
+        print(f"  {d:12s} {acc:.3f}   (chance {1 / ctx.zoo(args.seeds[0]).domain(d).num_classes:.3f})")
     return 0

@@ -4,6 +4,8 @@ Every rank computes a partial *sum* over its own batches (products and sample
 counts); :func:`all_reduce_sum` adds them so that all ranks hold the same total,
 and the caller divides by the total count. Backends: gloo on CPU, nccl on GPU
 (nccl needs CUDA tensors; :func:`all_reduce_sum` moves them when necessary).
+:func:`barrier` and :func:`gather_json` coordinate work sharded by rank (zoo domains,
+study pairs; :mod:`diag.shards`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "broadcast", "default_backend", "is_distributed", "rank_and_world", "shard_batches"]
+__all__ = ["all_gather_tensor", "all_reduce_sum", "barrier", "broadcast", "default_backend", "gather_json",
+           "is_distributed", "rank_and_world", "shard_batches"]
 
 T = TypeVar("T")
 
@@ -30,6 +33,43 @@ def rank_and_world() -> tuple[int, int]:
     if not is_distributed():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside torch.distributed)."""
+    if is_distributed() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def gather_json(obj):
+    """Every rank's ``obj`` (JSON-serialisable: names, numbers, lists, dicts), indexed by rank, on every rank.
+
+    ``[obj]`` outside torch.distributed. Sent as UTF-8 JSON in a byte tensor (no pickling, unlike
+    ``all_gather_object``): lengths are gathered first, then the zero-padded payloads.
+    """
+    import json
+
+    if not is_distributed() or dist.get_world_size() == 1:
+        return [obj]
+    payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    world = dist.get_world_size()
+    n = all_gather_tensor(torch.tensor([payload.numel()], dtype=torch.int64))
+    width = int(max(int(x) for x in n)) or 1
+    padded = torch.zeros(width, dtype=torch.uint8)
+    padded[:payload.numel()] = payload
+    rows = all_gather_tensor(padded)
+    return [json.loads(bytes(rows[r][:int(n[r])].tolist()).decode()) for r in range(world)]
+
+
+def all_gather_tensor(t: Tensor) -> list[Tensor]:
+    """``t`` of every rank (same shape and dtype on all), indexed by rank, on ``t``'s device."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return [t]
+    dev = _comm_device()
+    buf = t.contiguous() if dev is None else t.to(dev)
+    out = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, buf)
+    return [o.to(t.device) for o in out]
 
 
 def default_backend(device: torch.device | str) -> str:

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor, nn
 
 from diag.curvature.operators import CurvatureOperator, HessianOperator
@@ -259,4 +258,6 @@ def rank_agreement(exact: Sequence[float], approx: Sequence[float]) -> dict:
         raise BaseMismatchError(f"exact and approx must be equal-length lists, got {e.shape} and {a.shape}.")
     if e.size < 2 or np.ptp(e) == 0 or np.ptp(a) == 0:
         return {"spearman": float("nan"), "kendall": float("nan")}
+    from scipy import stats  # seconds to import: only here
+
     return {"spearman": float(stats.spearmanr(e, a).statistic), "kendall": float(stats.kendalltau(e, a).statistic)}

@@ -7,9 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
-
-from diag.stats.correlation import _check_method, _check_n, _grid, _pearson_r, complete_pairs
+from diag.stats.correlation import _check_method, _check_n, _grid, _pearson_r, complete_pairs, rankdata
 from train.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -13,14 +13,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import special
-from scipy.stats import rankdata
-
 from train.errors import DataError, unknown
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
+
+def rankdata(x) -> np.ndarray:
+    """Average ranks (ties share their mean rank), 1-based: ``scipy.stats.rankdata``.
+
+    scipy.stats takes seconds to import, so it is loaded on the first call, not with the package.
+    """
+    from scipy.stats import rankdata as _rankdata
+
+    return _rankdata(x)
 
 #: Appendix C of the preprint, 56 pairs, Pearson r with naive p < 0.01:
 #: (x column, y column, paper's r).  Figure 6(a) plots cos(tau*^S, tau*^T) against E-RMSE,
@@ -87,6 +92,8 @@ def _t_pvalue(r: float, n: int) -> float:
     """
     if abs(r) >= 1.0:
         return 0.0
+    from scipy import special
+
     return float(special.betainc((n - 2) / 2.0, 0.5, 1.0 - r * r))
 
 

@@ -8,11 +8,15 @@
 from __future__ import annotations
 
 import numpy as np
+from typing import TYPE_CHECKING
+
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
 from train.errors import TvdiagError
+
+if TYPE_CHECKING:  # scipy.sparse takes a second to import: loaded by to_scipy only
+    from scipy.sparse.linalg import LinearOperator
 
 __all__ = ["MAX_DENSE_DIM", "CurvatureOperator", "DenseOperator"]
 
@@ -79,6 +83,8 @@ class CurvatureOperator:
 
     def to_scipy(self) -> LinearOperator:
         """A :class:`scipy.sparse.linalg.LinearOperator` (float64 numpy in and out)."""
+        from scipy.sparse.linalg import LinearOperator
+
         D = self.shape[0]
 
         def mv(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,98 @@
+"""Work split across ``torchrun`` ranks: zoo domains and the study's target curvatures.
+
+Outside torch.distributed every function here runs the whole job in this process. Under
+``torchrun`` (the process group is joined once, in :func:`diag.cli.main`):
+
+* :func:`build_domains` — θ_base is built (or checked) by rank 0 alone while the others wait;
+  then domain ``domains[i]`` goes to rank ``i % world`` with all its seeds (its head, θ_ft, φ
+  and θ_ft* of every α and variant), so each artifact is written by exactly one process
+  (atomically, :func:`train.tensorio.save_tensors`). A final barrier means every rank may
+  read every domain afterwards.
+* :func:`build_curvatures` — before the study's pairs are sharded, target ``i`` 's Hᵀ (diagonal
+  and card, cached in the store) is computed by rank ``i % world`` alone on all its images,
+  exactly as one process would; the pairs then read it from the store.
+
+Every rank must call these functions in the same order (they hold barriers).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from diag.curvature.distributed import barrier, gather_json, is_distributed, rank_and_world
+
+__all__ = ["build_curvatures", "build_domains", "shared_start_time"]
+
+
+def shared_start_time(started: float) -> float:
+    """The earliest ``started`` of all ranks (``--rebuild`` then spares what any rank of this run wrote)."""
+    return min(gather_json(started))
+
+
+def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain: bool = True,
+                  variants: Sequence[str] = ("paper",), seeds: Sequence[int] = (0,),
+                  zero_shot: bool = False) -> dict:
+    """Build whatever is missing for ``domains`` (θ_base first), sharded by domain over the ranks.
+
+    Args:
+        ctx: the :class:`diag.context.Context` of this invocation (its zoos build).
+        domains, alphas, variants, seeds: what to build; ``explain=False`` stops after θ_ft.
+        zero_shot: also measure θ_base's zero-shot test accuracy of each domain (on its rank).
+
+    Returns:
+        On every rank: ``{"seconds": {"base", <domain>..., "total"}, "zero_shot_accuracy":
+        {domain: acc}, "rank_of": {domain: rank}, "built": [[paths written by rank r], ...]}``.
+        Seconds of a domain are its owner's wall time over all seeds.
+    """
+    rank, world = rank_and_world()
+    domains, seeds = list(dict.fromkeys(domains)), list(dict.fromkeys(seeds))
+    start = time.perf_counter()
+    if rank == 0:
+        ctx.zoo(seeds[0]).base()
+    barrier()  # θ_base exists before any other rank reads it
+    times: dict[str, float] = {"base": time.perf_counter() - start}
+    mine = domains[rank::world]
+    accuracy: dict[str, float] = {}
+    for name in mine:
+        t0 = time.perf_counter()
+        for seed in seeds:
+            zoo = ctx.zoo(seed)
+            zoo.head(name)
+            zoo.ft(name)
+            if explain:
+                zoo.attributions(name)
+                for variant in variants:
+                    for alpha in alphas:
+                        zoo.ftx(name, alpha, variant)
+        if zero_shot:
+            accuracy[name] = ctx.zoo(seeds[0]).zero_shot_accuracy(name)
+        times[name] = time.perf_counter() - t0
+    built = sorted({str(p) for s in seeds for p in ctx.zoo(s).built})
+    parts = gather_json({"seconds": times, "zero_shot_accuracy": accuracy, "built": built})  # also a barrier
+    merged: dict[str, float] = {"base": parts[0]["seconds"]["base"]}
+    for d in domains:  # the caller's order
+        merged[d] = next(p["seconds"][d] for p in parts if d in p["seconds"])
+    merged["total"] = time.perf_counter() - start
+    acc = {d: next(p["zero_shot_accuracy"][d] for p in parts if d in p["zero_shot_accuracy"])
+           for d in domains} if zero_shot else {}
+    return {"seconds": merged, "zero_shot_accuracy": acc, "rank_of": {d: i % world for i, d in enumerate(domains)},
+            "built": [p["built"] for p in parts]}
+
+
+def build_curvatures(diag, targets: Sequence[str]) -> list[str]:
+    """Hᵀ of ``targets`` in the store, target ``i`` computed by rank ``i % world`` alone; then a barrier.
+
+    A no-op outside torch.distributed. Returns the targets this rank computed (or read from the cache).
+
+    ``diag`` must be a non-data-parallel :class:`diag.diagnostics.Diagnostics`: each rank
+    computes its targets on all their images, the result a single process would get.
+    """
+    if not is_distributed():
+        return []  # one process: the pairs build each target's Hᵀ when first needed
+    rank, world = rank_and_world()
+    mine = list(dict.fromkeys(targets))[rank::world]
+    for target in mine:
+        diag.curvature(target)
+    barrier()
+    return mine

@@ -1,0 +1,162 @@
+"""The ``diag`` CLI under torchrun with 2 gloo processes equals one process.
+
+``diag zoo`` splits the domains over the ranks (θ_base by rank 0): every artifact is written
+by exactly one process and is byte-identical to a one-process build (same seeds, one thread
+in both, a byte-reproducible writer). ``diag study`` splits the pairs: the merged table equals
+the one-process table in every column but the wall time. ``diag hessian`` all-reduces the
+Hessian-vector products over the ranks' halves of the batches: the Hutchinson trace equals
+the one-process value to float32 summation-order tolerance (the same probes; only the order
+in which per-batch float32 products are added differs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+
+from diag.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DOMAINS = ["gtsrb", "mnist"]
+COMMON = ["--preset", "smoke", "--quiet", "--json"]
+HESSIAN = ["hessian", "--domain", "gtsrb", "--n-images", "24", "--batch-size", "8", "--probes", "4"]
+STUDY = ["study", "--domains", *DOMAINS, "--no-curvature"]
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+
+
+def _torchrun(store: Path, *args: str) -> dict:
+    """``python -m torch.distributed.run --nproc_per_node 2 -m diag.cli ARGS`` (gloo, a free port); its JSON."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", "localhost:0", "-m", "diag.cli", *args, "--store", str(store), *COMMON]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)  # only rank 0 prints: anything from rank 1 would break the JSON
+
+
+def _single(store: Path, capsys, *args: str) -> dict:
+    """The same command in this process (no process group), on one thread like each torchrun rank."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        capsys.readouterr()
+        assert main([*args, "--store", str(store), *COMMON]) == 0
+        return json.loads(capsys.readouterr().out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Both stores: (torchrun outputs, store) and (one-process outputs, store); filled by the tests in order."""
+    return {"dist": tmp_path_factory.mktemp("dist"), "single": tmp_path_factory.mktemp("single")}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def test_zoo_sharded_by_domain_equals_one_process(runs, capsys):
+    out = _torchrun(runs["dist"], "zoo", "--domains", *DOMAINS)
+    ref = _single(runs["single"], capsys, "zoo", "--domains", *DOMAINS)
+    folder = Path(out["store"])
+    assert out["rank_of"] == {"gtsrb": 0, "mnist": 1}
+    written = [p for rank in out["built"] for p in rank]
+    assert len(out["built"]) == 2 and len(written) == len(set(written))  # each artifact built exactly once
+    assert set(written) == {str(p) for p in folder.rglob("*.safetensors")}
+    assert str(folder / "base.safetensors") in out["built"][0]
+    for rank, paths in enumerate(out["built"]):
+        for p in paths:
+            rel = Path(p).relative_to(folder)
+            if rel.name != "base.safetensors":
+                owner = next(d for d in DOMAINS if d in str(rel))
+                assert out["rank_of"][owner] == rank, p
+    dist_files, single_files = _files(folder), _files(Path(ref["store"]))
+    assert sorted(dist_files) == sorted(single_files) and len(dist_files) == 1 + 4 * len(DOMAINS)
+    for name, data in dist_files.items():
+        assert data == single_files[name], f"{name} differs from the one-process build"
+    assert out["zero_shot_accuracy"] == ref["zero_shot_accuracy"]
+
+
+def test_study_sharded_by_pair_equals_one_process(runs, capsys):
+    out = _torchrun(runs["dist"], *STUDY)
+    ref = _single(runs["single"], capsys, *STUDY)
+    assert out["n_rows"] == ref["n_rows"] == 2 and out["shard"] == [0, 1]
+    study = Path(out["study"])
+    shards = [pd.read_csv(study / f"pairs-shard{r}of2.csv") for r in range(2)]
+    assert [len(s) for s in shards] == [1, 1]  # one pair per rank
+    a, b = (pd.read_csv(Path(o["study"]) / "pairs.csv").sort_values(["source", "target"]).reset_index(drop=True)
+            for o in (out, ref))
+    assert list(a.columns) == list(b.columns)
+    cols = [c for c in a.columns if c != "seconds"]  # wall time is the only column allowed to differ
+    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)
+
+
+def test_hessian_trace_all_reduced_equals_one_process(runs, capsys):
+    out = _torchrun(runs["dist"], *HESSIAN)
+    ref = _single(runs["single"], capsys, *HESSIAN)
+    assert out["dim"] == ref["dim"] and out["trace"]["n_probes"] == ref["trace"]["n_probes"] == 4
+    for key in ("trace", "hutchpp"):
+        for field in ("value", "stderr"):
+            assert out[key][field] == pytest.approx(ref[key][field], rel=1e-5), (key, field)
+
+
+def _curvature_worker(rank: int, init_file: str, store_root: str, out_dir: str) -> None:
+    """One rank of the study's curvature step: its targets' Hᵀ into the store, then every target's card read."""
+    from diag.context import Context
+    from diag.diagnostics import Diagnostics
+    from diag.shards import build_curvatures
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        diag = Diagnostics(Context(Path(store_root), preset="smoke").workspace(), settings=_curvature_settings(),
+                           data_parallel=False)
+        mine = build_curvatures(diag, DOMAINS)
+        fresh = [diag.store.is_fresh(diag.diag_path(t), diag._curvature_key(t)) for t in DOMAINS]
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"mine": mine, "fresh": fresh}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _curvature_settings():
+    from diag.diagnostics import CurvatureSettings
+
+    return CurvatureSettings(n_images=8, batch_size=8, probes=2, k=1, params=("visual.transformer.resblocks.0.mlp.*",))
+
+
+def test_study_curvature_one_rank_per_target_equals_one_process(runs, tmp_path):
+    """Before the study splits its pairs, each target's Hᵀ is computed by one rank alone, as one process would."""
+    import torch.multiprocessing as mp
+
+    from diag.context import Context
+    from diag.diagnostics import Diagnostics
+
+    settings = _curvature_settings()
+    mp.spawn(_curvature_worker, args=(str(tmp_path / "init"), str(runs["dist"]), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["mine"] for r in ranks] == [["gtsrb"], ["mnist"]]
+    assert all(r["fresh"] == [True, True] for r in ranks)  # after the barrier every rank reads every card
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = Diagnostics(Context(runs["single"], preset="smoke").workspace(), settings=settings)
+        for t in DOMAINS:
+            ref.curvature(t)
+    finally:
+        torch.set_num_threads(threads)
+    dist_ws = Diagnostics(Context(runs["dist"], preset="smoke").workspace(), settings=settings)
+    for t in DOMAINS:
+        for path in (dist_ws.card_path(t), dist_ws.diag_path(t)):
+            other = runs["single"] / path.relative_to(runs["dist"])
+            assert path.read_bytes() == other.read_bytes(), f"{path.name} of {t} differs from one process"
