@@ -182,7 +182,7 @@ def test_batched_second_backward_equals_one_by_one(case):
     loop = HessianOperator(model, data, params=params, engine="double-backward", batch_tangents=False)
     batched = HessianOperator(model, data, params=params, engine="double-backward", batch_tangents=True,
                               keep_graphs=len(data))
-    assert not loop.batch_tangents and batched.batch_tangents  # CPU default: one by one
+    assert not loop.batch_tangents and batched.batch_tangents  # default: one by one
     assert not HessianOperator(model, data, params=params, engine="double-backward").batch_tangents
     V = torch.randn(loop.shape[0], 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     for _ in range(2):  # builds the kept graphs, then reuses them

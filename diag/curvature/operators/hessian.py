@@ -69,9 +69,9 @@ class HessianOperator(_ModelOperator):
             (``autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the
             tangents) instead of ``k`` second backwards on the retained graph. Same
             numbers (a test checks it in float64); ``k``-fold memory of one second
-            backward. ``None`` (default): batched on CUDA, where the wider kernels pay;
-            one by one on CPU, where one thread gains nothing from them (``diag bench
-            curvature`` measures both).
+            backward. Default off: on one CPU thread it gains nothing (equal time when
+            the machine is idle, 3.5x slower when it is busy); on a GPU it is unmeasured
+            yet — ``diag bench curvature`` reports both (``block8_*per_probe_s``).
 
     Attributes:
         engine: The engine in use.
@@ -94,7 +94,7 @@ class HessianOperator(_ModelOperator):
                  loss: str = "ce", engine: str = "auto", point: Mapping[str, Tensor] | None = None,
                  dtype: torch.dtype | None = None, shard: bool = False,
                  data_parallel: bool | None = None, keep_graphs: int = DEFAULT_KEEP_GRAPHS,
-                 batch_tangents: bool | None = None) -> None:
+                 batch_tangents: bool = False) -> None:
         super().__init__(model, data, params=params, loss=loss, point=point, dtype=dtype, shard=shard,
                          data_parallel=data_parallel)
         if engine not in ENGINES + ("auto",):
@@ -102,7 +102,7 @@ class HessianOperator(_ModelOperator):
         if int(keep_graphs) < 0:
             raise ValueError(f"keep_graphs={keep_graphs}; must be >= 0")
         self.keep_graphs = int(keep_graphs)
-        self.batch_tangents = (self.device.type == "cuda") if batch_tangents is None else bool(batch_tangents)
+        self.batch_tangents = bool(batch_tangents)
         self._graphs: dict[int, _FirstOrder] = {}
         self.engine_timings: dict[str, float] = {}
         self.engine_errors: dict[str, str] = {}
