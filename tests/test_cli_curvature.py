@@ -114,6 +114,13 @@ def test_bench_curvature_quick_runs_every_path(capsys):
     assert set(r["ratios"]) == set(RATIOS) and r["threads"] >= 1 and r["block8_batched_per_probe_s"] > 0
     assert r["ratios"]["block8_over_grad"] == pytest.approx(
         min(r["block8_per_probe_s"], r["block8_batched_per_probe_s"]) / r["grad_s"])
+    if r.get("pyhessian_trace_s") is not None:  # 3 products: one Hutch++ probe, no stderr, no equal-accuracy ratio
+        assert r["ratios"]["pyhessian_over_ours_trace_equal_accuracy"] is None
+    from diag.curvature.bench import _bench_estimators, _build
+
+    model, x, y, params, _ = _build("tiny-vit", True, torch.device("cpu"))
+    r = _bench_estimators(model, x[:4], y[:4], params, [n for n, _ in model.named_parameters()], 6,
+                          torch.device("cpu"), repeats=1)
     if r.get("pyhessian_trace_s") is not None:  # equal accuracy: Hutch++'s time scaled by its variance ratio
         want = r["pyhessian_trace_s"] / r["hutchpp_s"] * (r["pyhessian_trace_stderr"] / r["hutchpp_stderr"]) ** 2
-        assert r["ratios"]["pyhessian_over_ours_trace_equal_accuracy"] == pytest.approx(want)
+        assert r["pyhessian_over_ours_trace_equal_accuracy"] == pytest.approx(want)

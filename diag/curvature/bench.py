@@ -327,8 +327,9 @@ def _bench_estimators(model: nn.Module, x: Tensor, y: Tensor, params, names: lis
                 "pyhessian_trace_stderr": statistics.stdev(vals) / math.sqrt(len(vals)),
                 "pyhessian_eig_s": t["pyhessian_eig"], "pyhessian_top_eig": float(lam[0])})
     out["pyhessian_over_ours_trace"] = out["pyhessian_trace_s"] / out["trace_s"]
-    out["pyhessian_over_ours_trace_equal_accuracy"] = (out["pyhessian_trace_s"] / out["hutchpp_s"]) * (
-        out["pyhessian_trace_stderr"] / out["hutchpp_stderr"]) ** 2
+    se_ratio = out["pyhessian_trace_stderr"] / out["hutchpp_stderr"] if out["hutchpp_stderr"] > 0 else math.nan
+    out["pyhessian_over_ours_trace_equal_accuracy"] = ((out["pyhessian_trace_s"] / out["hutchpp_s"]) * se_ratio ** 2
+                                                       if math.isfinite(se_ratio) else None)  # None: < 6 products
     out["pyhessian_over_ours_eig"] = out["pyhessian_eig_s"] / out["eig_s"]
     out["top_eig_rel_diff"] = abs(out["top_eig"] - out["pyhessian_top_eig"]) / abs(out["pyhessian_top_eig"])
     return out
