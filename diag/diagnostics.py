@@ -7,7 +7,9 @@ L(θ_ftᵀ + λ τ) − L(θ_ftᵀ) ≈ ½ λ² R. Three estimates by data-acces
 * ``risk_exact``: one Hessian-vector product on target images (tier 2);
 * ``risk_card``: from the target's published :class:`~diag.curvature.card.HessianCard`
   (top-k eigenpairs + residual diagonal), no target data (tier 1);
-* ``risk_diag``: Σ diag(Hᵀ)_i τ_i² with a Hutchinson diagonal (tier 1).
+* ``risk_diag``: Σ diag(Hᵀ)_i τ_i² with a Hutchinson diagonal (tier 1), and ``risk_diag_se``,
+  its standard error from the probes: probe k's diagonal d_k = v_k ⊙ Hᵀv_k gives
+  r_k = Σ_i d_k,i τ_i², and se = sd(r_k)/√n (kept per target as the probes' diagonals).
 
 The target curvature (operator, diagonal, card) is built once per target and cached in
 the store (``curvature/<target>/``), so a study over n domains costs n curvature builds
@@ -36,7 +38,7 @@ if TYPE_CHECKING:  # the curvature core loads on first use: a cached decision ne
 
 log = logging.getLogger(__name__)
 
-RISK_COLUMNS = ("risk_exact", "risk_diag", "risk_card")
+RISK_COLUMNS = ("risk_exact", "risk_diag", "risk_diag_se", "risk_card")
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,18 @@ class CurvatureSettings:
 
 @dataclass
 class TargetCurvature:
-    """Hᵀ at θ_ftᵀ: the operator (when target data is at hand), its diagonal and its card."""
+    """Hᵀ at θ_ftᵀ: the operator (when target data is at hand), its diagonal and its card.
+
+    ``diag_probes`` holds the ``(n, D)`` per-probe diagonals ``v_k ⊙ Hᵀ v_k`` (float32),
+    from which any ``Σ_i diag_i τ_i²`` gets its standard error.
+    """
 
     target: str
     diag: torch.Tensor
     diag_stderr: torch.Tensor
     card: HessianCard
     operator: HessianOperator | None = None
+    diag_probes: torch.Tensor | None = None
 
 
 class Diagnostics:
@@ -141,44 +148,54 @@ class Diagnostics:
         return self.store.curvature_path(target, "diag", {"key": self._curvature_key(target)})
 
     def curvature(self, target: str, need_operator: bool = False) -> TargetCurvature:
-        """Diagonal + card of Hᵀ (cached in the store); the operator too when asked."""
-        from diag.curvature.card import HessianCard, build_card
-        from diag.curvature.estimators import hutchinson_diagonal
+        """Diagonal (with per-probe diagonals) + card of Hᵀ (cached in the store); the operator too when asked.
+
+        A cached diagonal without per-probe diagonals (written before they were kept) is
+        recomputed with the same probes; a fresh card is reused.
+        """
+        from diag.curvature.card import HessianCard
 
         if target in self._curv and (self._curv[target].operator is not None or not need_operator):
             return self._curv[target]
         key = self._curvature_key(target)
-        op = None
-        card = None
-        if self.store.is_fresh(self.diag_path(target), key) and self.card_path(target).is_file():
+        card = diag = None
+        if self.card_path(target).is_file():
             card = HessianCard.load(self.card_path(target))
             if card.provenance.get("key") != key:
                 card = None
-        if card is not None:
+        if card is not None and self.store.is_fresh(self.diag_path(target), key):
             tensors, _ = load_tensors(self.diag_path(target))
-            diag, stderr = tensors["diag"], tensors["stderr"]
-        else:
-            s = self.settings
-            op = self.operator(target)
-            # probes never split over ranks: the operator is data-parallel (all ranks, same probes) or the
-            # ranks work on different targets (the study)
-            est = hutchinson_diagonal(op, num_matvecs=s.probes, seed=s.seed, progress=self.progress,
-                                      split_probes=False)
-            diag, stderr = est.mean.double().cpu(), est.stderr.double().cpu()
-            card = build_card(op, s.k, hessian_diag=diag, trace=est.total, trace_stderr=est.total_stderr,
+            if "probe_diagonals" in tensors:
+                diag = tensors["diag"], tensors["stderr"], tensors["probe_diagonals"]
+        op = self.operator(target) if (diag is None or need_operator) else None
+        if diag is None:
+            diag, card = self._build_diagonal(op, target, key, card)
+        self._curv[target] = TargetCurvature(target, diag[0], diag[1], card, op, diag[2])
+        return self._curv[target]
+
+    def _build_diagonal(self, op: HessianOperator, target: str, key: str, card: HessianCard | None):
+        """Hutchinson diagonal of Hᵀ with its per-probe diagonals (saved), and the card when ``card`` is None."""
+        from diag.curvature.card import HessianCard, build_card
+        from diag.curvature.estimators import hutchinson_diagonal
+
+        s = self.settings
+        # probes never split over ranks: the operator is data-parallel (all ranks, same probes) or the
+        # ranks work on different targets (the study)
+        est = hutchinson_diagonal(op, num_matvecs=s.probes, seed=s.seed, progress=self.progress, keep_probes=True,
+                                  split_probes=False)
+        diag = est.mean.double().cpu(), est.stderr.double().cpu(), est.probe_diagonals.float().cpu()
+        if card is None:
+            card = build_card(op, s.k, hessian_diag=diag[0], trace=est.total, trace_stderr=est.total_stderr,
                               provenance={"key": key, "target": target, "base_hash": self.base_hash,
                                           "point": "theta_ft of the target", "n_images": s.n_images,
                                           "probes": s.probes}, method="auto", seed=s.seed)
-            save_tensors(self.diag_path(target), {"diag": diag, "stderr": stderr},
-                         {"key": key, "target": target, "base_hash": self.base_hash, "trace": est.total,
-                          "trace_stderr": est.total_stderr, "probes": s.probes})
             card.save(self.card_path(target))
             if op.device.type != "cpu":  # the cached card, like every result, lives on the CPU
                 card = HessianCard.load(self.card_path(target))
-        if need_operator and op is None:
-            op = self.operator(target)
-        self._curv[target] = TargetCurvature(target, diag, stderr, card, op)
-        return self._curv[target]
+        save_tensors(self.diag_path(target), {"diag": diag[0], "stderr": diag[1], "probe_diagonals": diag[2]},
+                     {"key": key, "target": target, "base_hash": self.base_hash, "trace": est.total,
+                      "trace_stderr": est.total_stderr, "probes": s.probes})
+        return diag, card
 
     # ------------------------------------------------------------------ pairs
     def cosines(self, source: str, target: str) -> PairFeatures:
@@ -202,12 +219,14 @@ class Diagnostics:
         return out
 
     def risks(self, source: str, target: str, exact: bool = True) -> dict[str, float]:
-        """R(τ*ˢ; Hᵀ) from the card and the diagonal, and exact (one HVP) when ``exact``."""
-        from diag.curvature.risk import risk_diagonal, risk_exact
+        """R(τ*ˢ; Hᵀ) from the card and the diagonal (with ``risk_diag_se`` from the probes), and exact
+        (one HVP) when ``exact``."""
+        from diag.curvature.risk import risk_diagonal, risk_diagonal_stderr, risk_exact
 
         curv = self.curvature(target, need_operator=exact)
         tau = curv.card.layout.flatten(self.vector(source, "star").tensors, dtype=torch.float64)
-        out = {"risk_card": curv.card.risk(tau), "risk_diag": risk_diagonal(curv.diag, tau)}
+        out = {"risk_card": curv.card.risk(tau), "risk_diag": risk_diagonal(curv.diag, tau),
+               "risk_diag_se": risk_diagonal_stderr(curv.diag_probes, tau)}
         if exact:
             out["risk_exact"] = risk_exact(curv.operator, tau.to(curv.operator.dtype))
         return out

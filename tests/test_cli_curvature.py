@@ -50,8 +50,18 @@ def test_hessian_diagonal_totals(root, capsys):
 def test_risk_exact_matches_direct_double_backward(root, capsys):
     res = run_json(capsys, "risk", "--source", "animals", "--target", "mnist", "--probes", "4", "--k", "2",
                    "--check", "0.5", "--store", root, *SMALL)
-    for key in ("risk_exact", "risk_card", "risk_diag", "quadratic_check", "eigvals"):
+    for key in ("risk_exact", "risk_card", "risk_diag", "risk_diag_se", "quadratic_check", "eigvals"):
         assert key in res
+    assert 0 < res["risk_diag_se"] < float("inf") and "risk_diag_se" not in res["predicted_loss_increase"]
+    # pair_features writes the same numbers as columns (the study's and rank-sources' one feature function)
+    from diag.context import Workspace
+    from diag.diagnostics import CurvatureSettings, Diagnostics
+
+    diag = Diagnostics(Workspace(smoke_store(), 0.8), 0.8, CurvatureSettings(
+        n_images=32, batch_size=16, probes=4, k=2, engine="double-backward"))
+    feats = diag.pair("animals", "mnist", exact=False).values
+    assert feats["risk_diag"] == pytest.approx(res["risk_diag"], rel=1e-9)
+    assert feats["risk_diag_se"] == pytest.approx(res["risk_diag_se"], rel=1e-6)
     assert len(res["eigvals"]) == 2 and res["eigvals"][0] >= res["eigvals"][1]
     # independent reference: τᵀ H τ by plain autograd on the same 32 images
     from train.data import to_model_input
@@ -99,3 +109,18 @@ def test_bench_curvature_quick_runs_every_path(capsys):
     if r.get("pyhessian_top_eig") is not None:  # the same top eigenvalue by Lanczos and by power iteration
         assert r["top_eig"] == pytest.approx(r["pyhessian_top_eig"], rel=2e-2)
     assert set(r["goals"]) >= {"hvp_over_grad", "hvp_kept_over_grad", "pyhessian_over_ours_trace"}
+    from diag.curvature.bench import RATIOS
+
+    assert set(r["ratios"]) == set(RATIOS) and r["threads"] >= 1 and r["block8_batched_per_probe_s"] > 0
+    assert r["ratios"]["block8_over_grad"] == pytest.approx(
+        min(r["block8_per_probe_s"], r["block8_batched_per_probe_s"]) / r["grad_s"])
+    if r.get("pyhessian_trace_s") is not None:  # 3 products: one Hutch++ probe, no stderr, no equal-accuracy ratio
+        assert r["ratios"]["pyhessian_over_ours_trace_equal_accuracy"] is None
+    from diag.curvature.bench import _bench_estimators, _build
+
+    model, x, y, params, _ = _build("tiny-vit", True, torch.device("cpu"))
+    r = _bench_estimators(model, x[:4], y[:4], params, [n for n, _ in model.named_parameters()], 6,
+                          torch.device("cpu"), repeats=1)
+    if r.get("pyhessian_trace_s") is not None:  # equal accuracy: Hutch++'s time scaled by its variance ratio
+        want = r["pyhessian_trace_s"] / r["hutchpp_s"] * (r["pyhessian_trace_stderr"] / r["hutchpp_stderr"]) ** 2
+        assert r["pyhessian_over_ours_trace_equal_accuracy"] == pytest.approx(want)

@@ -83,6 +83,64 @@ def test_risk_diagonal_stderr_covers_at_nominal_rate():
         risk_diagonal_estimate(est, torch.ones(3))
 
 
+def test_risk_diag_se_matches_the_spread_over_probe_seeds(problem):
+    """On a real (MLP) Hessian, the se of R_diag from one run's probes matches the sd of R_diag
+    over 20 independent probe seeds within a factor 2; risk_diagonal_stderr = risk_diagonal_estimate's."""
+    from diag.curvature import hutchinson_diagonal, risk_diagonal_estimate, risk_diagonal_stderr
+
+    model, data, op, H = problem
+    tau = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    values, ses = [], []
+    for seed in range(20):
+        est = hutchinson_diagonal(op, num_matvecs=16, seed=seed, keep_probes=True)
+        r = risk_diagonal_estimate(est, tau)
+        assert risk_diagonal_stderr(est.probe_diagonals, tau) == pytest.approx(r.stderr, rel=1e-12)
+        values.append(r.value)
+        ses.append(r.stderr)
+    spread = float(torch.tensor(values).std())
+    typical = math.sqrt(sum(se * se for se in ses) / len(ses))
+    assert 0.5 <= typical / spread <= 2.0, (typical, spread)
+    exact = risk_diagonal(torch.diagonal(H), tau)
+    assert abs(sum(values) / 20 - exact) <= 4 * typical / math.sqrt(20)
+
+
+class _OneWeightPerSample(nn.Module):
+    """Sample i = (j_i, x_i) has logits (w_{j_i} x_i, 0): each CE term depends on one weight, so
+    H is diagonal with H_jj = (1/N) Σ_{i: j_i = j} x_i² p_i (1 − p_i), p_i = σ(w_j x_i)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x):
+        z = self.w[x[:, 0].long()] * x[:, 1]
+        return torch.stack([z, torch.zeros_like(z)], dim=1)
+
+
+def test_risk_diag_se_is_zero_on_a_closed_form_diagonal_hessian():
+    """Every ±1 probe gives v ⊙ Hv = diag(H) exactly when H is diagonal: R_diag is exact and its se 0."""
+    from diag.curvature import exact_diagonal, hutchinson_diagonal, risk_diagonal_estimate, risk_diagonal_stderr
+
+    g = torch.Generator().manual_seed(0)
+    D, N = 7, 40
+    model = _OneWeightPerSample(torch.randn(D, generator=g, dtype=torch.float64))
+    j = torch.arange(N) % D
+    x = torch.stack([j.double(), torch.randn(N, generator=g, dtype=torch.float64)], dim=1)
+    y = torch.randint(0, 2, (N,), generator=g)
+    p = torch.sigmoid(model.w.detach()[j] * x[:, 1])
+    closed = torch.zeros(D, dtype=torch.float64).index_add_(0, j, x[:, 1] ** 2 * p * (1 - p)) / N
+    op = HessianOperator(model, [(x[:25], y[:25]), (x[25:], y[25:])], engine="double-backward")
+    tau = torch.randn(D, generator=g, dtype=torch.float64)
+    want = float((closed * tau ** 2).sum())
+    est = hutchinson_diagonal(op, num_matvecs=12, seed=5, keep_probes=True)
+    torch.testing.assert_close(est.mean, closed, rtol=1e-12, atol=1e-15)
+    r = risk_diagonal_estimate(est, tau)
+    assert r.value == pytest.approx(want, rel=1e-12)
+    assert r.stderr <= 1e-14 * want and risk_diagonal_stderr(est.probe_diagonals, tau) <= 1e-14 * want
+    ex = risk_diagonal_estimate(exact_diagonal(op), tau)
+    assert ex.value == pytest.approx(want, rel=1e-12) and ex.stderr == 0.0
+
+
 def test_eigen_contributions_sum_to_risk(problem):
     model, data, op, H = problem
     vals, vecs = torch.linalg.eigh(H)

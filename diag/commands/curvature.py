@@ -255,7 +255,8 @@ def run_risk(args) -> int:
                              op=curv.operator) if args.check else []
     lam = args.lambda2
     out = {"source": source, "target": target, "alpha": args.alpha, "lambda2": lam, **risks,
-           "predicted_loss_increase": predicted_loss_increase(risks, lam),
+           "predicted_loss_increase": predicted_loss_increase({k: v for k, v in risks.items() if k != "risk_diag_se"},
+                                                              lam),
            "eigen_contributions": contrib.tolist(), "eigvals": curv.card.eigvals.tolist(),
            "quadratic_check": [c.to_dict() for c in checks]}
     check_finite_result({k: out[k] for k in ("predicted_loss_increase", "eigen_contributions")}, "risk")
@@ -264,7 +265,9 @@ def run_risk(args) -> int:
         return 0
     print(f"R(τ*ˢ; Hᵀ) for {source} → {target} (Hᵀ at θ_ftᵀ, {args.n_images} target train images)")
     for name in ("risk_exact", "risk_card", "risk_diag"):
-        print(f"  {name:11s} {risks[name]: .6g}   ½λ2²R at λ2={lam:g}: {0.5 * lam ** 2 * risks[name]: .4g}")
+        se, half = risks.get(f"{name}_se"), 0.5 * lam ** 2
+        pm, half_pm = ("", "") if se is None else (f" ± {se:.2g}", f" ± {half * se:.2g}")
+        print(f"  {name:11s} {risks[name]: .6g}{pm}   ½λ2²R at λ2={lam:g}: {half * risks[name]: .4g}{half_pm}")
     print("  eigen-contributions λ_i a_i² on the card's top eigenpairs:")
     for i, (ev, c) in enumerate(zip(curv.card.eigvals.tolist(), contrib.tolist())):
         print(f"    λ{i + 1}={ev:.4g}: {c:.4g}")

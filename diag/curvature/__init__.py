@@ -36,6 +36,7 @@ from diag.curvature.risk import (
     rank_agreement,
     risk_diagonal,
     risk_diagonal_estimate,
+    risk_diagonal_stderr,
     risk_exact,
 )
 
@@ -73,6 +74,7 @@ __all__ = [
     "rank_and_world",
     "risk_diagonal",
     "risk_diagonal_estimate",
+    "risk_diagonal_stderr",
     "risk_exact",
     "select_params",
     "shard_batches",

@@ -36,7 +36,8 @@ def _orthogonalize(w: Tensor, B: Tensor) -> Tensor:
 
 
 def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | None = None,
-                    stop: callable | None = None, random_start: bool = True) -> tuple[Tensor, Tensor, Tensor, int]:
+                    stop: callable | None = None, random_start: bool = True,
+                    products: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
     """Run ``num_iters`` Lanczos steps with full re-orthogonalisation from ``q0``.
 
     On breakdown (``β_j ≈ 0``: the Krylov space is invariant) the run restarts from a
@@ -55,6 +56,9 @@ def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | 
         generator: CPU generator for restart vectors.
         stop: Optional ``stop(alpha, beta) -> bool`` checked after each step.
         random_start: ``q0`` is a random vector (not one chosen by the caller).
+        products: Optional ``(m, D)`` float64 buffer; row ``j`` receives the product
+            ``A q_j`` (before orthogonalisation), so that ``A Q s = productsᵀ s`` costs
+            no further product (``D · m`` more float64 numbers).
 
     Returns:
         ``(alpha (m,), beta (m-1,), Q (D, m), n_matvecs)``, float64.
@@ -73,6 +77,8 @@ def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | 
         B[j] = q
         w = _matmul(A, q)
         n_mv += 1
+        if products is not None:
+            products[j] = w
         alpha[j] = q @ w
         w = _orthogonalize(w, B[:j + 1])
         if j == m - 1:
@@ -153,9 +159,10 @@ def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: fl
 
     Ritz pairs ``(θ_i, Q s_i)`` from ``T = Qᵀ A Q = S Θ Sᵀ``. The run stops early once
     the Lanczos residual bounds ``|β_m s_{m,i}|`` of the wanted ``k`` Ritz values are
-    below ``tol · max|θ|``. Residuals ``‖A y_i − θ_i y_i‖`` are then computed with ``k``
-    real products (one ``(D, k)`` block), so they are trustworthy whatever happened in
-    floating point.
+    below ``tol · max|θ|``. Residuals ``‖A y_i − θ_i y_i‖`` are computed from the real
+    products the run made (``A y_i = Σ_j s_ji A q_j`` with the kept ``A q_j``), not from
+    the recurrence, so they are trustworthy whatever happened in floating point — and
+    cost no further product (memory: ``2 · D · m`` float64 numbers, basis and products).
 
     Args:
         A: Symmetric operator ``(D, D)``.
@@ -188,17 +195,19 @@ def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: fl
     q0 = torch.randn(D, generator=g, dtype=torch.float64) if v0 is None else v0.reshape(-1).double()
 
     rule = _converged_rule(k, tol, which, value_tol)
+    W = torch.empty(m, D, dtype=torch.float64, device=A.device)
     alpha, beta, Q, n_mv = lanczos_tridiag(A, q0, m, generator=g, stop=rule,
-                                           random_start=v0 is None)
+                                           random_start=v0 is None, products=W)
     theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
     if theta.shape[0] < k:  # breakdown without restart cannot happen with a generator; be safe
         raise RuntimeError(f"Lanczos found only {theta.shape[0]} Ritz values, wanted {k}")
     idx = _order(theta, which)[:k]
     vals = theta[idx]
-    vecs = Q @ S[:, idx].to(Q.device)
-    AV = _matmul(A, vecs)
+    s_k = S[:, idx].to(Q.device)
+    vecs = Q @ s_k
+    AV = W[: Q.shape[1]].T @ s_k
     res = (AV - vecs * vals.to(vecs.device)).norm(dim=0).cpu()
-    return EigenResult(vals.cpu(), vecs, res, n_mv + k, "lanczos", int(alpha.shape[0]))
+    return EigenResult(vals.cpu(), vecs, res, n_mv, "lanczos", int(alpha.shape[0]))
 
 
 def slq_density(A, num_probes: int = 8, num_iters: int = 30, seed: int = 0, grid: Tensor | None = None,

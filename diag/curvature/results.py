@@ -196,7 +196,8 @@ class EigenResult:
         residuals: ``(k,)`` explicit residual norms ``‖A v_i − λ_i v_i‖₂`` (computed with
             real products, not the Lanczos bound). ``λ_i`` lies within ``residuals_i``
             of an eigenvalue of ``A``.
-        n_matvecs: Products with ``A`` spent (including the residual check).
+        n_matvecs: Products with ``A`` spent (Lanczos: the residuals reuse its products;
+            PyHessian: plus one per residual).
         method: ``"lanczos"``, ``"pyhessian-power"``, ...
         n_iters: Krylov dimension / iterations used.
     """

@@ -42,6 +42,7 @@ __all__ = [
     "rank_agreement",
     "risk_diagonal",
     "risk_diagonal_estimate",
+    "risk_diagonal_stderr",
     "risk_exact",
 ]
 
@@ -114,10 +115,32 @@ def risk_diagonal_estimate(est: DiagonalEstimate, tau: Tensor) -> TraceEstimate:
     if est.probe_diagonals is None:
         raise TvdiagError("This diagonal estimate has no per-probe diagonals; run hutchinson_diagonal(..., "
                           "keep_probes=True) to get a standard error of R_diag.")
-    r = est.probe_diagonals.double() @ t2.to(est.probe_diagonals.device)
+    r = _probe_risks(est.probe_diagonals, tau)
     n = int(r.shape[0])
     se = float(r.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
     return TraceEstimate(float(r.mean()), se, est.n_matvecs, "diag-risk", n, r.cpu(), est.seed)
+
+
+def _probe_risks(probe_diagonals: Tensor, tau: Tensor) -> Tensor:
+    """``r_k = Σ_i d_k,i τ_i²`` for each probe's diagonal ``d_k`` (rows of ``probe_diagonals``), float64."""
+    t2 = tau.reshape(-1).double().pow(2)
+    if probe_diagonals.ndim != 2 or probe_diagonals.shape[1] != t2.shape[0]:
+        raise BaseMismatchError(f"probe diagonals have shape {tuple(probe_diagonals.shape)}, tau has length "
+                                f"{t2.shape[0]}.")
+    return probe_diagonals.double() @ t2.to(probe_diagonals.device)
+
+
+def risk_diagonal_stderr(probe_diagonals: Tensor, tau: Tensor) -> float:
+    """Standard error ``s_r / √n`` of ``R_diag = Σ_i diag_i τ_i²`` from the ``n`` per-probe diagonals.
+
+    As in :func:`risk_diagonal_estimate`: probe ``k``'s risk ``r_k = Σ_i d_k,i τ_i²``
+    (``d_k = v_k ⊙ A v_k``, ``(n, D)`` rows of ``probe_diagonals``), ``s_r`` their sample
+    standard deviation. Zero when every probe gives the same diagonal (a diagonal ``A``:
+    ``v ⊙ A v = diag(A)`` for every ±1 vector); NaN with one probe.
+    """
+    r = _probe_risks(probe_diagonals, tau)
+    n = int(r.shape[0])
+    return float(r.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
 
 
 def eigen_contributions(eigvals: Tensor, eigvecs: Tensor, tau: Tensor) -> tuple[Tensor, float]:

@@ -59,7 +59,8 @@ class CurvatureOperator:
     def __matmul__(self, v: Tensor) -> Tensor:
         """``A @ v`` for ``v`` of shape ``(D,)`` or ``(D, k)``; returns the same shape.
 
-        The result has the operator's dtype and device.
+        The result has the operator's dtype and the input's device (a CPU vector gets a CPU
+        product from a GPU operator).
         """
         if isinstance(v, np.ndarray):
             v = torch.from_numpy(v)
@@ -67,10 +68,11 @@ class CurvatureOperator:
             return NotImplemented
         if v.ndim not in (1, 2) or v.shape[0] != self.shape[1]:
             raise ValueError(f"Expected a ({self.shape[1]},) vector or ({self.shape[1]}, k) block, got {tuple(v.shape)}.")
+        home = v.device
         v = v.detach().to(dtype=self.dtype, device=self.device)
         with torch.no_grad():
             out = self._matvec(v) if v.ndim == 1 else self._matmat(v)
-        return out.detach()
+        return out.detach().to(home)
 
     def matvec(self, v: Tensor) -> Tensor:
         """Alias of ``self @ v``."""
