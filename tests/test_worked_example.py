@@ -1,6 +1,7 @@
 """The README's worked example runs as written (scripts/worked_example.sh: random ViT-B/32 weights, 20 images)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_readme_worked_example_runs(tmp_path):
+    try:
+        _run_and_check(tmp_path)
+    finally:  # ~8 GB of weights, vectors and card: not left for pytest's kept temp folders
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _run_and_check(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(REPO / "scripts" / "worked_example.sh"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=900)
