@@ -239,6 +239,9 @@ def test_import_base_into_empty_store(world, tmp_path):
     empty.mkdir()
     msg = _refused(empty, "import", "--kind", "base", "--input", str(tmp_path / "tower.safetensors"))
     assert "does not match backbone 'tiny'" in msg
+    msg = _refused(empty, "import", "--kind", "base", "--input", str(tmp_path / "base.safetensors"),
+                   "--checkpoint", str(tmp_path / "src_ft.safetensors"))
+    assert "are different weights" in msg
 
 
 def test_card_refuses_krylov_below_k(world, tmp_path):
