@@ -116,8 +116,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     """Options every subcommand accepts."""
     parser.add_argument("--store", type=Path, default=None, help="artifact store (default: $TVDIAG_STORE or ~/.cache/tvdiag)")
     parser.add_argument("--preset", default="default",
-                        help="zoo settings: default | smoke (tiny, for tests) | dense (Kernel SHAP at ≈ 10 samples "
-                             "per patch) | gradcam (Grad-CAM supervision)")
+                        help="zoo settings: default | smoke (tiny, for tests) | vitb-smoke (ViT-B/32 at 224 px, a few "
+                             "images and steps) | dense (Kernel SHAP at ≈ 10 samples per patch) | gradcam (Grad-CAM "
+                             "supervision)")
     parser.add_argument("--backbone", default="tiny", help="tiny, or an open_clip name such as ViT-B-32")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag already in its cache")
     parser.add_argument("--checkpoint", default=None, help="local weights file (safetensors or legacy .pt)")

@@ -357,13 +357,14 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
 
 def build_target_card(store, target: str, model_path: str | Path, data: str | Path | None,
                       settings: CurvatureSettings = CurvatureSettings(), progress: bool = False, *,
-                      device: str | torch.device | None = None):
+                      device: str | torch.device | None = None, lanczos_iters: int | None = None):
     """The Hessian card of a prediction-only model θ_ftᵀ (an open_clip checkpoint) on local target images.
 
     H = ∇²_θ L_cls at θ_ftᵀ on the first ``n_images`` of ``split``; the head is the store's head of
     ``target`` when it has one, else CLIP's zero-shot head of the data's class names with θ_base's
     text tower. Hutchinson diagonal (``probes`` Rademacher probes: mean and standard error), trace
-    ± stderr, top-k eigenpairs (Lanczos), residual diag(H) − Σ l_i v_i².
+    ± stderr, top-k eigenpairs (Lanczos; ``lanczos_iters``: its Krylov dimension, None = its
+    default), residual diag(H) − Σ l_i v_i².
     """
     import copy
 
@@ -397,10 +398,11 @@ def build_target_card(store, target: str, model_path: str | Path, data: str | Pa
     est = hutchinson_diagonal(op, num_matvecs=s.probes, seed=s.seed, progress=progress)
     prov = {"target": target, "base_hash": base_hash, "model_sha256": file_sha256(model_path),
             "model_file": Path(model_path).name, "data_hash": domain.content_hash, "data_source": domain.source,
-            "head": head_from, "settings": dumps(asdict(s)),
+            "head": head_from, "settings": dumps({**asdict(s), "lanczos_iters": lanczos_iters}),
             "n_images_used": len(y), "point": "theta_ft of the target"}
     card = build_card(op, min(s.k, op.shape[0]), hessian_diag=est.mean.double(), trace=est.total,
-                      trace_stderr=est.total_stderr, provenance=prov, seed=s.seed)
+                      trace_stderr=est.total_stderr, provenance=prov, seed=s.seed,
+                      **({} if lanczos_iters is None else {"num_iters": lanczos_iters}))
     return card, est
 
 

@@ -211,3 +211,42 @@ def test_bench_rank_small():
     assert out["n_params"] == 199_680 and out["n_sources"] == 2
     assert 0 < out["seconds"] < out["process_seconds"] and 0 < out["import_seconds"] < out["process_seconds"]
     assert 0 < out["peak_rss_gb"] < 4
+
+
+def test_import_base_into_empty_store(world, tmp_path):
+    """`diag import --kind base` starts a store named by `--checkpoint BASE`; later imports and the zoo reuse it."""
+    _, whole = world
+    save_file({k: v.contiguous() for k, v in whole.items()}, tmp_path / "base.safetensors")
+    save_file(_finetuned(whole, 7), tmp_path / "src_ft.safetensors")
+    root = tmp_path / "fresh"
+    opts = ["--backbone", "tiny", "--checkpoint", str(tmp_path / "base.safetensors"), "--store", str(root), "--quiet"]
+    code, out = _cli("import", "--kind", "base", "--input", str(tmp_path / "base.safetensors"), "--json", *opts[2:])
+    assert code == 0, out
+    rec = json.loads(out)
+    assert rec["written"] and Path(rec["store"]) == root / "tiny-ckpt-base"
+    code, out = _cli("import", "--kind", "ft", "--domain", "src", "--input", str(tmp_path / "src_ft.safetensors"),
+                     "--json", *opts)
+    assert code == 0 and json.loads(out)["base_hash"] == rec["base_hash"]
+    from train.store import Store
+    from train.zoo import Zoo, preset
+
+    cfg = preset("default").__class__(backbone="tiny", checkpoint=str(tmp_path / "base.safetensors"))
+    assert Zoo(Store(root, "tiny-ckpt-base"), cfg, progress=False).base()[1] == rec["base_hash"]  # reused
+    code, out = _cli("import", "--kind", "base", "--input", str(tmp_path / "base.safetensors"), "--json", *opts)
+    assert code == 0 and json.loads(out)["written"] is False
+    # a visual tower alone cannot be θ_base (the heads need its text tower): refused, nothing written
+    save_file({k: v.contiguous() for k, v in whole.items() if k.startswith("visual.")}, tmp_path / "tower.safetensors")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    msg = _refused(empty, "import", "--kind", "base", "--input", str(tmp_path / "tower.safetensors"))
+    assert "does not match backbone 'tiny'" in msg
+    msg = _refused(empty, "import", "--kind", "base", "--input", str(tmp_path / "base.safetensors"),
+                   "--checkpoint", str(tmp_path / "src_ft.safetensors"))
+    assert "are different weights" in msg
+
+
+def test_card_refuses_krylov_below_k(world, tmp_path):
+    root, _ = world
+    msg = _refused(root, "card", "--target", "pets", "--model", str(tmp_path / "m.safetensors"), "--out",
+                   str(tmp_path / "card.safetensors"), "--k", "3", "--lanczos-iters", "2")
+    assert "--lanczos-iters 2 is below --k 3" in msg

@@ -118,6 +118,13 @@ PRESETS: dict[str, ZooConfig] = {
         from_ft=OptimConfig(steps=4, lr=3e-4, warmup=1, batch_size=32),
         shap_samples=32, shap_test=24, max_train=64, max_val=24, max_test=24, eval_batch=64,
     ),
+    # Smoke at real size (ViT-B/32, 224 px, M = 49) on CPU: a few images and steps, a chain in ~2 min.
+    "vitb-smoke": ZooConfig(
+        backbone="ViT-B-32",
+        ft=OptimConfig(steps=2, lr=1e-4, warmup=1, batch_size=4),
+        from_ft=OptimConfig(steps=1, lr=3e-5, warmup=1, batch_size=4),
+        shap_samples=4, shap_test=2, max_train=4, max_val=2, max_test=2, eval_batch=8,
+    ),
 }
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from diag.constants import PAPER_ALPHA
 from diag.context import add_common, context_from
 from diag.options import ALPHA, BATCH, K, N_IMAGES, PROBES, domain_name, emit_json, writable_file
-from train.errors import ArtifactError, BaseMismatchError
+from train.errors import ArtifactError, BaseMismatchError, TvdiagError
 
 
 def register(sub) -> None:
@@ -36,6 +36,9 @@ def register(sub) -> None:
     c.add_argument("--batch-size", type=BATCH, default=128)
     c.add_argument("--probes", type=PROBES, default=24, help="Hutchinson probes of diag(Hᵀ)")
     c.add_argument("--k", type=K, default=8, help="top eigenpairs")
+    c.add_argument("--lanczos-iters", type=K, default=None,
+                   help="Krylov dimension of the eigenpairs (default max(4k, 40); its basis holds that many "
+                        "float64 copies of θ: fewer for a large model on a small machine, at some accuracy)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--split", default="train", choices=("train", "val"))
     c.set_defaults(func=run_card)
@@ -45,8 +48,8 @@ def _base(store):
     from train.store import base_state
 
     if not store.base_path().is_file():
-        raise ArtifactError(f"The store {store.folder} has no θ_base yet: build it first (any zoo command, e.g. "
-                            "`diag study`, with --backbone NAME [--checkpoint BASE])")
+        raise ArtifactError(f"The store {store.folder} has no θ_base yet: import it first (`diag import --kind base "
+                            "--input BASE --backbone NAME --checkpoint BASE`) or build it (`diag zoo`)")
     backbone, base_hash = store.load_base()
     return base_state(backbone), base_hash
 
@@ -55,9 +58,15 @@ def run_import(args) -> int:
     from train.imports import file_sha256, import_weights, read_state_dict, visual_part
     from train.backbones import state_hash
 
-    store = context_from(args).store
-    base, base_hash = _base(store)
-    if args.kind == "base":
+    ctx = context_from(args)
+    if args.kind == "base" and args.checkpoint is None and not ctx.store.base_path().is_file():
+        args.checkpoint = str(args.input)  # a new base goes to the store later commands name with --checkpoint BASE
+        ctx = context_from(args)
+    store = ctx.store
+    if args.kind == "base" and not store.base_path().is_file():
+        out = _import_new_base(ctx, args)
+    elif args.kind == "base":
+        base, base_hash = _base(store)
         state = visual_part(read_state_dict(args.input))
         got = state_hash({k: v.float() for k, v in state.items()})
         if got != base_hash:
@@ -68,6 +77,7 @@ def run_import(args) -> int:
     else:
         if args.domain is None:
             raise ArtifactError(f"--domain is required with --kind {args.kind}")
+        base, base_hash = _base(store)
         vector = import_weights(args.input, base, base_hash, args.kind, args.from_base)
         store.check_writable()
         alpha = args.alpha if args.kind in ("ftx", "star") else None
@@ -81,8 +91,27 @@ def run_import(args) -> int:
     else:
         verb = "imported" if out["written"] else "already in the store"
         print(f"{out['kind']} {out.get('domain', '')} {verb}: {out['path']} (sha256 {out['sha256'][:16]}, "
-              f"base {base_hash})")
+              f"base {out['base_hash']})")
     return 0
+
+
+def _import_new_base(ctx, args) -> dict:
+    """θ_base into an empty store: the whole open_clip model of ``--input`` (text tower too: it builds the heads).
+
+    The store is the one ``--backbone NAME --checkpoint INPUT`` names, and θ_base is written with
+    the zoo's content key, so later commands given the same two options reuse it.
+    """
+    from train.backbones import read_checkpoint, state_hash
+    from train.imports import file_sha256
+
+    if Path(args.checkpoint).resolve() != Path(args.input).resolve() and (
+            state_hash(read_checkpoint(args.checkpoint)) != state_hash(read_checkpoint(args.input))):
+        raise BaseMismatchError(f"--input {args.input} and --checkpoint {args.checkpoint} are different weights; "
+                                "θ_base is the --checkpoint of every later command: pass the same file")
+    _, base_hash = ctx.zoo().base()
+    return {"kind": "base", "path": str(ctx.store.base_path()), "written": True, "base_hash": base_hash,
+            "sha256": file_sha256(args.input), "store": str(ctx.store.folder),
+            "note": f"later commands: --backbone {args.backbone} --checkpoint {args.checkpoint}"}
 
 
 def run_card(args) -> int:
@@ -90,10 +119,13 @@ def run_card(args) -> int:
     from diag.openworld import build_target_card
 
     ctx = context_from(args, default_domain=args.target)
+    if args.lanczos_iters is not None and args.lanczos_iters < args.k:
+        raise TvdiagError(f"--lanczos-iters {args.lanczos_iters} is below --k {args.k}: the Krylov space must hold "
+                          "the k eigenvectors")
     settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, probes=args.probes, k=args.k,
                             seed=args.seed, split=args.split)
     card, est = build_target_card(ctx.store, args.target, args.model, (ctx.data or {}).get(args.target), settings,
-                                  progress=ctx.progress, device=ctx.device)
+                                  progress=ctx.progress, device=ctx.device, lanczos_iters=args.lanczos_iters)
     card.save(args.out, extra={"hessian_diag": est.mean.double(), "hessian_diag_stderr": est.stderr.double()})
     out = {"out": str(args.out), "k": card.k, "dim": card.dim, "trace": card.trace, "trace_stderr": card.trace_stderr,
            "eigvals": [float(v) for v in card.eigvals], "provenance": card.provenance}
@@ -109,7 +141,6 @@ def run_card(args) -> int:
 def run_rank_folder(args) -> int:
     """``diag rank-sources --target-model CKPT [--card CARD] --sources DIR``: no target images at all."""
     from diag.openworld import RankInputs, rank_folder
-    from train.errors import TvdiagError
     from train.losses import check_alpha
 
     if args.target_model is None or args.sources is None:
