@@ -9,8 +9,8 @@ For each parameter tensor (a *block*), with τ_ftᵀ = θ_target − θ_base on 
   R_diag = Σ r_j τ*_j² + Σ_i l_i ((V²)ᵀτ*²)_i.
 
 All sources of a block are stacked (S × n) and multiplied at once, so the card's rows are read
-from memory once per block rather than once per source. Products within a block are float32 BLAS;
-sums over blocks are float64. The next block is read (``pread``, which releases the GIL) by a
+from memory once per block rather than once per source. Cosine products are float64; the card's
+products within a block are float32 BLAS; sums over blocks are float64. The next block is read (``pread``, which releases the GIL) by a
 helper thread while this one is multiplied, so disk and arithmetic overlap. The blocks live in
 two sets of buffers sized for the largest parameter, allocated once: memory is a few blocks
 whatever the model size, and no fresh page is faulted in per block.
@@ -98,10 +98,12 @@ def _accumulate(blk: _Block, sources, sums: list[_Sums], nt: dict) -> float:
     """Add block ``blk``'s products to the sums; returns ‖θ_base‖² of the block."""
     t = blk.target.sub_(blk.base)  # τ_ftᵀ, in place
     g = block_group(blk.key)
-    nt[g] = nt.get(g, 0.0) + float(torch.dot(t, t))
-    if blk.ft is not None:
-        dots = (blk.ft @ t).double()
-        norms = torch.linalg.vector_norm(blk.ft, dim=1).double().pow(2)
+    t64 = t.double()
+    nt[g] = nt.get(g, 0.0) + float(torch.dot(t64, t64))
+    if blk.ft is not None:  # cosines accumulate in float64: float32 BLAS sums at 88M can put |cos| above 1
+        ft64 = blk.ft.double()
+        dots = ft64 @ t64
+        norms = (ft64 * ft64).sum(dim=1)
         for j, s in enumerate(s for s, src in zip(sums, sources) if src.ft is not None):
             s.dot[g] = s.dot.get(g, 0.0) + float(dots[j])
             s.ns[g] = s.ns.get(g, 0.0) + float(norms[j])
