@@ -3,8 +3,9 @@
 Writes, tensor by tensor (never a whole vector in memory), a synthetic θ_base, a target model
 θ_base + δ, ``n_sources`` sources (``ft.safetensors`` + ``star.safetensors``) and a Hessian card
 with ``k`` eigenpairs into a temporary folder; then runs :func:`diag.openworld.rank_folder` in a
-fresh child process and reports its peak resident memory (``ru_maxrss`` of the child alone, so
-writing the inputs does not count) and three times:
+fresh child process and reports its peak resident memory (the child's own ``VmHWM``, so
+writing the inputs does not count: ``ru_maxrss`` would not do, since Linux carries the parent's
+high-water mark across fork and exec) and three times:
 
 * ``seconds`` — :func:`~diag.openworld.rank_folder` inside the child (reading and ranking only);
 * ``import_seconds`` — the child's imports (torch, pandas, the ranking modules), from before
@@ -115,10 +116,20 @@ def write_inputs(folder: Path, shapes: dict[str, tuple[int, ...]], n_sources: in
     return out
 
 
-def child(folder: str) -> None:
-    """Rank the bench folder once; print seconds and this process's peak RSS as JSON."""
+def _peak_rss_kb() -> int:
+    """This process image's peak resident set in KiB (``VmHWM``; ``ru_maxrss`` off Linux)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def child(folder: str) -> None:
+    """Rank the bench folder once; print seconds and this process's peak RSS as JSON."""
     from diag.openworld import RankInputs, rank_folder
 
     import diag.decide  # noqa: F401  the imports are timed apart: "import_seconds"
@@ -134,7 +145,7 @@ def child(folder: str) -> None:
     start = time.perf_counter()
     ranking, _ = rank_folder(inputs, target="bench")
     seconds = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = _peak_rss_kb()
     print(json.dumps({"seconds": seconds, "import_seconds": imported - _T0, "peak_rss_gb": peak_kb / 2 ** 20,
                       "n_ranked": len(ranking.rows)}))
 
