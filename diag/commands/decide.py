@@ -8,8 +8,9 @@ from pathlib import Path
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA2
 from diag.context import add_common, context_from
 from diag.options import (ALPHA, FRACTION, K, LAMBDA, N_IMAGES, N_RESAMPLE, PROBES, domain_name, emit_json,
-                          folder_path)
+                          folder_path, seed)
 from train.errors import TvdiagError
+from train.store import VARIANTS
 
 
 def _suite_options(p) -> None:
@@ -41,6 +42,10 @@ def register(sub) -> None:
     r.add_argument("--model", default="ridge", choices=("ridge", "gbr"))
     r.add_argument("--evaluate", action="store_true", help="leave-one-target-out evaluation of the rankers")
     r.add_argument("--n-boot", type=N_RESAMPLE, default=1000)
+    r.add_argument("--variant", choices=VARIANTS, default=None,
+                   help="--evaluate with --study: the θ_ft* variant of the rows (default paper)")
+    r.add_argument("--train-seed", type=seed, default=None,
+                   help="--evaluate with --study: the training seed of the rows (default the smallest)")
     r.add_argument("--target-model", type=Path, default=None,
                    help="open world: the target's θ_ft checkpoint (no target images; tier 0, or 1 with --card)")
     r.add_argument("--card", type=Path, default=None, help="open world: the target's Hessian card (diag card)")
@@ -76,8 +81,12 @@ def _study_table(ctx, args):
     domains = _suite(ctx, args)
     store = ctx.ensure(domains, (args.alpha,))
     ws = ctx.workspace(args.alpha)
-    if args.study and not args.extend:
-        return store, ws, load_study(args.study, lambda2=PAPER_LAMBDA2)
+    if args.study and not args.extend:  # one run (variant, seed): a pair counted once
+        from diag.summary import select_run
+
+        run = select_run(load_study(args.study, lambda2=PAPER_LAMBDA2), getattr(args, "variant", None),
+                         getattr(args, "train_seed", None))
+        return store, ws, run
     table = run_study(store, domains, alpha=args.alpha, progress=ctx.progress, data=ctx.data,
                       curvature_settings=_settings(args), out_dir=args.study, workspace=ws)
     return store, ws, at_lambda(of_method(table))  # the predictor learns eq. 8's pairs
