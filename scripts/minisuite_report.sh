@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every number of the README's "Results on the mini-suite", from command output only.
+#   bash scripts/minisuite_report.sh [OUT]     (hours on 2 CPU cores; resumes where it stopped)
+# Studies and logs go to OUT (default ./minisuite-report); the store is $TVDIAG_STORE or ~/.cache/tvdiag.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+D=${DIAG:-"$REPO/.venv/bin/diag"}
+OUT=${1:-minisuite-report}
+mkdir -p "$OUT"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+Q="--quiet"
+# 1. the zoo: three training seeds, both θ_ft* variants (α = 0.8), then α = 0.5 and 0.95 (paper) for seeds 0 and 1
+$D zoo --seeds 0 1 2 --variant paper --variant from-ft $Q
+$D zoo --seeds 0 1 --variant paper --alpha 0.5 --alpha 0.95 $Q
+# 2. issue 9: every ordered pair on the λ2 grid (λ2 chosen on val), both variants, three seeds
+for V in paper from-ft; do
+  $D study --seeds 0 1 2 --variant $V --lambda-grid --no-curvature --out "$OUT/issue9" $Q > "$OUT/study-$V.txt"
+  for s in 0 1 2; do
+    $D correlate --study "$OUT/issue9" --variant $V --train-seed $s $Q > "$OUT/correlate-$V-s$s.txt"
+    $D rank-sources --evaluate --study "$OUT/issue9" --variant $V --train-seed $s $Q > "$OUT/loto-$V-s$s.txt"
+  done
+done
+$D ceilings --seeds 0 1 2 --variant paper --ks-samples 160 $Q > "$OUT/ceilings-paper.txt"
+$D ceilings --seeds 0 1 2 --variant from-ft $Q > "$OUT/ceilings-from-ft.txt"
+# 3. α = 0.5 and 0.95 (paper variant) at λ2 = 0.7
+for A in 0.5 0.95; do
+  $D study --seeds 0 1 --variant paper --alpha $A --no-curvature --out "$OUT/alpha$A" $Q > "$OUT/study-alpha$A.txt"
+done
+# 4. issue 10: every method on every pair (knobs chosen on val), the trade-off figure and the goals
+$D study --seeds 0 --methods plain project precondition blocks mix --out "$OUT/issue10" $Q > "$OUT/study-methods.txt"
+echo "report in $OUT"
