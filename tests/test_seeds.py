@@ -175,3 +175,23 @@ def test_ceilings(seeded, capsys):
     cap = capsys.readouterr()
     assert code == 0, cap.err
     assert "cross-domain cos τ*" in cap.out and "KS noise" in cap.out and "at 128 samples per image" in cap.out
+
+
+def test_rank_evaluate_reads_one_run_of_a_multi_seed_study(seeded, capsys):
+    """`rank-sources --evaluate --study`: the rows of one (variant, seed), never a pair once per seed.
+
+    With 3 domains a leave-one-target-out fold of one run has (3 − 1)·(3 − 2) = 2 training pairs,
+    too few to fit (refused, naming the count); rows of both seeds mixed would give it 4.
+    """
+    from diag.cli import main
+
+    store, out, _ = seeded
+    base = ["rank-sources", "--evaluate", "--store", str(store.root), "--preset", "smoke", "--quiet", "--json",
+            "--domains", *DOMAINS, "--study", str(out), "--variant", VARIANT]
+    capsys.readouterr()
+    for s in SEEDS:
+        code = main([*base, "--train-seed", str(s)])
+        err = capsys.readouterr().err
+        assert code == 2 and "need at least 3 pairs" in err and "got 2" in err, err
+    code = main([*base, "--train-seed", "7"])
+    assert code == 2 and "seed" in capsys.readouterr().err  # a seed the study does not hold: refused
