@@ -38,6 +38,7 @@ import pandas as pd
 
 from diag.constants import PAPER_LAMBDA2
 from diag.pairs import PLAIN, add_normalised, at_lambda, with_run_columns
+from diag.summary import _mean_sd
 from train.errors import DataError
 
 #: Accuracy kept (÷ θ_ftᵀ) and share of plain's E-RMSE reduction kept of goal (a).
@@ -148,11 +149,6 @@ def quadratic_check(rows: pd.DataFrame) -> dict:
             "holds": float(((ratio >= (1 - 1e-9) / HOLDS) & (ratio <= HOLDS * (1 + 1e-9))).mean()),
             "median_ratio_small": float(ratio[small].median()),
             "median_ratio_large": float(ratio[~small].median()) if (~small).any() else math.nan}
-
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    v = pd.Series(values, dtype=float)
-    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else math.nan)
 
 
 @dataclass(frozen=True)
