@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -27,6 +28,7 @@ from diag.constants import PAPER_ALPHA
 from train.datasets import MINISUITE
 from train.devices import check_bf16, resolve_device
 from diag.options import domain_name
+from diag.workers import parse_workers, resolve_workers
 from train.errors import ArtifactError, unknown
 from train.store import Store, base_state, check_name, check_variant, default_root, seed_dir
 from train.tensorio import read_metadata
@@ -38,6 +40,7 @@ class Context:
 
     ``device`` (``auto`` when None) is resolved once here (:func:`train.devices.resolve_device`)
     and passed to the zoo and every workspace; ``bf16`` (CUDA only) to the zoo's forwards.
+    ``workers`` (``auto`` when None): local processes of the long builds (:mod:`diag.workers`).
     """
 
     store_root: Path
@@ -51,10 +54,12 @@ class Context:
     started: float = field(default_factory=time.time)
     device: str | torch.device | None = None
     bf16: bool = False
+    workers: int | None = 1
 
     def __post_init__(self):
         self.device = resolve_device(self.device)
         check_bf16(self.device, self.bf16)
+        self.workers = resolve_workers(self.workers, self.device)
 
     def zoo_config(self):
         from train.zoo import preset
@@ -128,6 +133,10 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="rebuild DOMAIN's artifacts even if present or not written by tvdiag ('all': every one)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--workers", default=os.environ.get("TVDIAG_WORKERS", "auto"), metavar="auto|N",
+                        help="local processes that build missing zoo domains and study pairs in parallel, sharing "
+                             "this process's threads (auto: one per core, at most 4; 1 on a GPU; default "
+                             "$TVDIAG_WORKERS or auto)")
 
 
 def context_from(args: argparse.Namespace, default_domain: str | None = None) -> Context:
@@ -144,7 +153,8 @@ def context_from(args: argparse.Namespace, default_domain: str | None = None) ->
         data[check_name(name)] = path
     ctx = Context(store_root=args.store or default_root(), preset=args.preset, backbone=args.backbone,
                   pretrained=args.pretrained, checkpoint=args.checkpoint, data=data, progress=not args.quiet,
-                  rebuild=tuple(args.rebuild), device=getattr(args, "device", None), bf16=getattr(args, "bf16", False))
+                  rebuild=tuple(args.rebuild), device=getattr(args, "device", None), bf16=getattr(args, "bf16", False),
+                  workers=parse_workers(getattr(args, "workers", "1")))
     from diag.curvature.distributed import is_distributed
 
     if is_distributed():  # torchrun: --rebuild spares whatever any rank of this run wrote

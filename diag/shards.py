@@ -13,6 +13,10 @@ Outside torch.distributed every function here runs the whole job in this process
   exactly as one process would; the pairs then read it from the store.
 
 Every rank must call these functions in the same order (they hold barriers).
+
+Outside torch.distributed, a context with ``workers > 1`` (``--workers``) runs
+:func:`build_domains` in that many local processes when more than one domain has work left
+(:mod:`diag.workers`), θ_base first in this process.
 """
 
 from __future__ import annotations
@@ -45,8 +49,19 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
         {domain: acc}, "rank_of": {domain: rank}, "built": [[paths written by rank r], ...]}``.
         Seconds of a domain are its owner's wall time over all seeds.
     """
-    rank, world = rank_and_world()
     domains, seeds = list(dict.fromkeys(domains)), list(dict.fromkeys(seeds))
+    if not is_distributed() and getattr(ctx, "workers", 1) > 1:
+        pending = _pending(ctx, domains, alphas, explain, variants, seeds)
+        if len(pending) > 1:  # θ_base exists now (built with every thread); the domains go to the workers
+            from diag.workers import run_workers
+
+            workers = min(ctx.workers, len(pending))
+            report = run_workers(build_domains, ctx, (domains, alphas, explain, variants, seeds, zero_shot), workers)
+            mine = {str(p) for s in seeds for p in ctx.zoo(s).built}  # θ_base, when this process built it
+            report["built"][0] = sorted(set(report["built"][0]) | mine)
+            report["workers"] = workers
+            return report
+    rank, world = rank_and_world()
     start = time.perf_counter()
     if rank == 0:
         ctx.zoo(seeds[0]).base()
@@ -78,6 +93,12 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
            for d in domains} if zero_shot else {}
     return {"seconds": merged, "zero_shot_accuracy": acc, "rank_of": {d: i % world for i, d in enumerate(domains)},
             "built": [p["built"] for p in parts]}
+
+
+def _pending(ctx, domains: Sequence[str], alphas, explain: bool, variants, seeds) -> list[str]:
+    """Domains with something to train or explain for some seed (θ_base built first, in this process)."""
+    return [d for d in domains
+            if any(ctx.zoo(s).pending(d, tuple(alphas), tuple(variants), explain) for s in seeds)]
 
 
 def build_curvatures(diag, targets: Sequence[str]) -> list[str]:

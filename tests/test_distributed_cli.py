@@ -59,7 +59,8 @@ def _single(store: Path, capsys, *args: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Both stores: (torchrun outputs, store) and (one-process outputs, store); filled by the tests in order."""
-    return {"dist": tmp_path_factory.mktemp("dist"), "single": tmp_path_factory.mktemp("single")}
+    return {"dist": tmp_path_factory.mktemp("dist"), "single": tmp_path_factory.mktemp("single"),
+            "workers": tmp_path_factory.mktemp("workers")}
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -160,3 +161,28 @@ def test_study_curvature_one_rank_per_target_equals_one_process(runs, tmp_path):
         for path in (dist_ws.card_path(t), dist_ws.diag_path(t)):
             other = runs["single"] / path.relative_to(runs["dist"])
             assert path.read_bytes() == other.read_bytes(), f"{path.name} of {t} differs from one process"
+
+
+def test_zoo_in_local_workers_equals_one_process(runs, capsys):
+    """``--workers 2`` (spawned gloo processes, no torchrun) writes the one-process artifacts, byte for byte."""
+    out = _single(runs["workers"], capsys, "zoo", "--domains", *DOMAINS, "--workers", "2")
+    assert out["workers"] == 2 and out["rank_of"] == {"gtsrb": 0, "mnist": 1}
+    written = [p for rank in out["built"] for p in rank]
+    assert len(written) == len(set(written)) == 1 + 4 * len(DOMAINS)
+    assert str(Path(out["store"]) / "base.safetensors") in out["built"][0]  # built by this process, before the split
+    mine, single = _files(Path(out["store"])), _files(runs["single"] / "tiny-smoke")
+    assert sorted(mine) == sorted(single)
+    for name, data in mine.items():
+        assert data == single[name], f"{name} differs from the one-process build"
+    again = _single(runs["workers"], capsys, "zoo", "--domains", *DOMAINS, "--workers", "2")
+    assert again["workers"] == 1 and again["built"] == [[]]  # nothing left: no workers are started
+
+
+def test_study_in_local_workers_equals_one_process(runs, capsys):
+    out = _single(runs["workers"], capsys, *STUDY, "--workers", "2")
+    study = Path(out["study"])
+    assert sorted(p.name for p in study.glob("pairs-shard*of2.csv")) == ["pairs-shard0of2.csv", "pairs-shard1of2.csv"]
+    a, b = (pd.read_csv(Path(f) / "pairs.csv").sort_values(["source", "target"]).reset_index(drop=True)
+            for f in (study, runs["single"] / "tiny-smoke" / "studies" / "allpairs"))
+    cols = [c for c in a.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)

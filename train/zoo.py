@@ -321,6 +321,24 @@ class Zoo:
                                          n_samples=self.shap_samples(), generator=gen, bf16=self.bf16))
         return torch.cat(parts).float()
 
+    def pending(self, name: str, alphas: tuple[float, ...] = (0.8,), variants: tuple[str, ...] = ("paper",),
+                explain: bool = True) -> bool:
+        """Whether building ``name`` for this seed would train or explain anything (θ_base is built first).
+
+        Checks θ_ft, then (``explain``) φ and θ_ft* of every α and variant against their content
+        keys, as :meth:`ft`, :meth:`attributions` and :meth:`ftx` would; the head is cheap and not counted.
+        """
+        store, seed = self.store, self.config.seed
+        if not store.is_fresh(store.vector_path(name, "ft", seed=seed), self._ft_key(name)):
+            return True
+        if not explain:
+            return False
+        if not store.is_fresh(store.attribution_path(name, self.config.supervision, seed=seed), self._attr_key(name)):
+            return True
+        return any(not store.is_fresh(store.vector_path(name, "ftx", check_alpha(a), seed=seed, variant=v),
+                                      self._ftx_key(name, check_alpha(a), check_variant(v)))
+                   for a in alphas for v in variants)
+
     # ----------------------------------------------------------------- θ_ft*
     def _ftx_key(self, name: str, alpha: float, variant: str) -> str:
         optim = self.config.ft if variant == "paper" else self.config.from_ft

@@ -181,6 +181,7 @@ def run_study_cmd(args) -> int:
     from diag.pairs import of_method
     from diag.summary import figure2_frame, study_report, summarize
     from diag.sweep import run_study
+    from diag.workers import parallel_study
 
     ctx = context_from(args)
     alpha, lambda1, lambda2s, shard = _study_settings(args, ctx)
@@ -194,6 +195,10 @@ def run_study_cmd(args) -> int:
     rank, world = rank_and_world()
     merged_rank0 = is_distributed() and world > 1 and rank == 0
     ws = ctx.workspace(alpha, seed=seeds[0], variant=args.variant)
+    if args.shard is None and args.fresh is False:
+        parallel_study(ctx, domains, alpha=alpha, seeds=seeds, variant=args.variant, out_dir=out, lambda1=lambda1,
+                       lambda2s=lambda2s, curvature=not args.no_curvature, controls=not args.no_controls,
+                       methods=args.methods)
     df = run_study(store, domains, alpha=alpha, lambda1=lambda1, lambda2s=lambda2s, out_dir=out, shard=shard,
                    resume=not args.fresh, curvature=not args.no_curvature, controls=not args.no_controls,
                    progress=ctx.progress, data=ctx.data, seeds=seeds, variant=args.variant, workspace=ws,

@@ -80,9 +80,9 @@ def run_zoo(args) -> int:
     times, zero_shot = report["seconds"], report["zero_shot_accuracy"]
     if args.json:
         emit_json({"store": str(ctx.store.folder), "seconds": times, "zero_shot_accuracy": zero_shot,
-                   "rank_of": report["rank_of"], "built": report["built"]})
+                   "rank_of": report["rank_of"], "built": report["built"], "workers": report.get("workers", 1)})
         return 0
-    n_procs = len(report["built"])
+    n_procs = len(report["built"])  # torchrun ranks or --workers processes
     print(f"zoo ready in {ctx.store.folder}" + (f" (domains split over {n_procs} processes)" if n_procs > 1 else ""))
     for k, v in times.items():
         print(f"  {k:12s} {v:8.1f} s")

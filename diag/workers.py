@@ -1,0 +1,178 @@
+"""Local worker processes for the long builds on a multi-core CPU (``--workers``).
+
+On a CPU, one process with ``c`` threads uses the cores poorly on the tiny backbone (its
+matrices are small), while ``c`` single-threaded processes on different domains keep every
+core busy. So when the zoo or the study has work left and ``--workers`` is above 1, the
+command spawns that many processes, joins them in a gloo group (a file rendezvous in a
+temporary folder: no port, nothing leaves the machine) and runs the same sharded code as
+under ``torchrun`` (:mod:`diag.shards`, :func:`diag.sweep.run_study`): each domain, target
+curvature and pair is computed by one process, exactly as one process with the same thread
+count would. The parent then reads everything from the store. θ_base is pretrained before
+the split, in the parent, with all its threads.
+
+``auto`` is this process's thread count (the cores, or ``OMP_NUM_THREADS``; at most
+:data:`MAX_AUTO_WORKERS`) on a CPU and 1 on CUDA or MPS, where processes would share one
+device. The workers share this process's threads: each runs ``threads // workers``.
+Only worker 0 shows progress bars (of its own share of the work).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+from train.errors import TvdiagError
+
+__all__ = ["MAX_AUTO_WORKERS", "parallel_study", "parse_workers", "resolve_workers", "run_workers", "study_pending"]
+
+#: ``--workers auto`` never starts more processes than this (memory: each holds its models and data).
+MAX_AUTO_WORKERS = 4
+
+
+def parse_workers(text: str) -> int | None:
+    """``--workers`` value: ``auto`` (None) or a positive count."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise TvdiagError(f"--workers must be 'auto' or a positive integer, got {text!r}")
+    return value
+
+
+def resolve_workers(workers: int | None, device) -> int:
+    """The worker count of ``--workers`` (None = ``auto``) on ``device`` (a :class:`torch.device`).
+
+    ``auto``: 1 on CUDA or MPS; on a CPU one per thread this process may use (``torch`` 's
+    intra-op threads, which follow ``OMP_NUM_THREADS`` and the cores), at most :data:`MAX_AUTO_WORKERS`.
+    """
+    if workers is not None:
+        return workers
+    if getattr(device, "type", "cpu") != "cpu":
+        return 1
+    import torch
+
+    return max(1, min(torch.get_num_threads(), MAX_AUTO_WORKERS))
+
+
+def run_workers(fn: Callable[..., Any], ctx, args: tuple, workers: int) -> Any:
+    """Run ``fn(ctx, *args)`` in ``workers`` spawned processes of one gloo group; worker 0's result.
+
+    ``fn`` must be a module-level function whose result is JSON-serialisable (worker 0's is
+    returned). Each worker gets a copy of the context with one process's share of the threads,
+    progress bars on worker 0 only, and ``workers = 1`` (no nesting). The workers' warnings are
+    raised again here, each distinct message once.
+
+    Raises:
+        TvdiagError: a worker failed with a tvdiag error (its message), or any other failure
+            (its exception type and message; the traceback went to stderr).
+    """
+    import torch
+    import torch.multiprocessing as mp
+
+    threads = max(1, torch.get_num_threads() // workers)
+    with tempfile.TemporaryDirectory(prefix="tvdiag-workers-") as tmp:
+        try:
+            mp.spawn(_entry, args=(workers, threads, tmp, fn, replace(ctx, workers=1), args), nprocs=workers,
+                     join=True)
+        except mp.ProcessRaisedException as err:
+            messages = sorted(Path(tmp).glob("error-*.txt"))
+            if messages:
+                raise TvdiagError(messages[0].read_text()) from None
+            raise TvdiagError(f"a worker process failed: {str(err).strip().splitlines()[-1]}") from None
+        except mp.ProcessExitedException as err:
+            raise TvdiagError(f"a worker process died ({err}); rerun with --workers 1 to see it in this process") \
+                from None
+        seen: list[str] = []
+        for path in sorted(Path(tmp).glob("warnings-*.json")):  # once each, in this process (the CLI prints them)
+            seen += [m for m in json.loads(path.read_text()) if m not in seen]
+        for message in seen:
+            warnings.warn(message, stacklevel=2)
+        result = Path(tmp) / "result.json"
+        return json.loads(result.read_text()) if result.is_file() else None
+
+
+def _entry(rank: int, world: int, threads: int, tmp: str, fn: Callable[..., Any], ctx, args: tuple) -> None:
+    """One worker: threads, the gloo group, ``fn``; worker 0 writes the result, a failing worker its message."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
+                            timeout=timedelta(hours=12))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            result = fn(replace(ctx, progress=ctx.progress and rank == 0), *args)
+        (Path(tmp) / f"warnings-{rank}.json").write_text(json.dumps([str(w.message) for w in caught]))
+        if rank == 0:
+            (Path(tmp) / "result.json").write_text(json.dumps(result))
+    except TvdiagError as err:
+        (Path(tmp) / f"error-{rank}.txt").write_text(str(err))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def study_pending(out_dir: Path, domains: list[str], seeds, variant: str, alpha: float) -> bool:
+    """Whether the study folder lacks a plain row of some ordered pair of ``domains`` for a seed of this run.
+
+    A cheap look at ``pairs.csv`` (pairs only: rows of stale settings count as present, and the
+    study itself recomputes them in one process).
+    """
+    path = Path(out_dir) / "pairs.csv"
+    wanted = {(s, t, int(seed)) for s in domains for t in domains if s != t for seed in seeds}
+    if not path.is_file():
+        return bool(wanted)
+    import pandas as pd
+
+    cols = ["source", "target", "seed", "variant", "alpha", "method"]
+    try:
+        df = pd.read_csv(path, usecols=lambda c: c in cols)
+    except (ValueError, pd.errors.EmptyDataError):
+        return True
+    if "method" in df.columns:
+        df = df[df["method"] == "plain"]
+    if "variant" in df.columns:
+        df = df[df["variant"] == variant]
+    if "alpha" in df.columns:
+        df = df[(df["alpha"] - alpha).abs() < 1e-9]
+    have = {(s, t, int(seed)) for s, t, seed in zip(df["source"], df["target"], df.get("seed", 0))}
+    return bool(wanted - have)
+
+
+def parallel_study(ctx, domains: list[str], *, alpha: float, seeds=(0,), variant: str = "paper",
+                   out_dir: Path | None = None, **study_kwargs) -> int:
+    """Compute the study's missing pairs in ``ctx.workers`` processes first; the worker count used (1: none).
+
+    Nothing happens under torch.distributed, with one worker, or when :func:`study_pending` finds
+    every pair; otherwise :func:`diag.sweep.run_study` runs sharded in the workers (each target's
+    Hᵀ by one of them, then the pairs split), worker 0 merges the shards, and the caller's own
+    ``run_study`` then reads every row. The zoo must be complete (``ctx.ensure``) before.
+    """
+    from diag.curvature.distributed import is_distributed
+
+    if is_distributed() or ctx.workers <= 1:
+        return 1
+    out = Path(out_dir) if out_dir is not None else ctx.store.study_dir(study_kwargs.get("name", "allpairs"))
+    if not study_pending(out, list(domains), seeds, variant, alpha):
+        return 1
+    workers = min(ctx.workers, len(domains))
+    run_workers(_study_worker, ctx, (list(domains), alpha, list(seeds), variant, out, study_kwargs), workers)
+    return workers
+
+
+def _study_worker(ctx, domains: list[str], alpha: float, seeds: list[int], variant: str, out: Path,
+                  kwargs: dict) -> None:
+    """One worker's share of :func:`diag.sweep.run_study` (sharded by its rank)."""
+    from diag.sweep import run_study
+
+    run_study(ctx.store, domains, alpha=alpha, seeds=seeds, variant=variant, out_dir=out, progress=ctx.progress,
+              data=ctx.data, workspace=ctx.workspace(alpha, seed=seeds[0], variant=variant), **kwargs)
