@@ -94,7 +94,7 @@ class SourceRanking:
         try:
             d = json.loads(text)
             rows = pd.DataFrame(d["rows"], columns=d["columns"]).fillna(math.nan)
-            mixes = pd.DataFrame(d["mixes"], columns=d["mix_columns"]).fillna(math.nan)
+            mixes = pd.DataFrame(d.get("mixes", []), columns=d.get("mix_columns", [])).fillna(math.nan)
             return cls(d["target"], int(d["tier"]), float(d["max_acc_drop"]), rows, int(d["n_training_pairs"]),
                        list(d["notes"]), mixes)
         except (ValueError, KeyError, TypeError) as exc:
@@ -225,14 +225,16 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
 def _band(train: pd.DataFrame, features: list[str], model: str, source_model, notes: list[str]) -> float:
     """The sd of a predicted gain's band: the leave-one-target-out residual of the E-RMSE predictor.
 
-    :func:`diag.recommend.loto_residual_sd` on the known pairs; when no target of them can be
-    held out (too few domains) the in-sample residual stands in, and the notes say so.
+    :func:`diag.recommend.loto_residual_sd` on the known pairs (each pair held out in turn when no
+    target can be); with fewer than 4 pairs the in-sample residual stands in, and the notes say so.
     """
     from diag.recommend import loto_residual_sd
 
-    sd = loto_residual_sd(train, features, model)
+    sd, how = loto_residual_sd(train, features, model)
     if math.isfinite(sd):
-        notes.append(f"band: ± the predictor's leave-one-target-out residual sd of E-RMSE ÷ θ_ftᵀ ({sd:.3g})")
+        notes.append(f"band: ± the predictor's {how} residual sd of E-RMSE ÷ θ_ftᵀ on the known pairs ({sd:.3g})"
+                     + ("; too few domains to hold a target out, so it is optimistic" if how != "leave-one-target-out"
+                        else ""))
         return sd
     sd = source_model.ermse.train_rmse
     notes.append(f"band: ± the predictor's in-sample residual sd ({sd:.3g}; too few known pairs to hold a target "

@@ -15,8 +15,16 @@ What each tier allows (never the target's explanations, never its ``test`` split
 Among the safe candidates of every allowed method (drop within budget, and for measured grids
 every smaller candidate too) the recommendation is the one transferring the largest size
 ⟨Δ, τ⟩/‖τ‖ (:class:`diag.repair_select.Candidate`); ``size_ratio`` is that size over plain eq. 8's
-at λ2 = 0.7, 0.7‖τ‖. The universal mix is per target, not per source: it is scored by
-``diag transfer --method mix`` and the study, not ranked here.
+at λ2 = 0.7, 0.7‖τ‖.
+
+Beside the sources, :func:`recommend_mixes` lists the multi-source candidates of the target —
+the universal vector (uniform over the sources) and the mix weighted by the ranker's predicted
+gain (:func:`mix_weights`) — each with its λ2 within the budget, so that a user sees whether a
+mix beats the top single source (the study's measured comparison: :mod:`diag.method_report` (c)).
+
+The band of every predicted gain (:func:`predicted_gain`) is measured, not assumed: the
+leave-one-target-out RMS residual of the E-RMSE predictor on the known pairs
+(:func:`loto_residual_sd`), scaled like the gain.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from diag.constants import PAPER_LAMBDA1, PAPER_LAMBDA2
@@ -126,8 +135,11 @@ def predicted_gain(ermse_norm: float, size_ratio: float, residual_sd: float, saf
     """(gain, sd) of the explanation at a recommendation: (1 − predicted E-RMSE ÷ θ_ftᵀ at λ2 = 0.7)·size_ratio.
 
     The predictor is fitted on eq. 8 at λ2 = 0.7; the gain is taken linear in the size transferred
-    along τ*ˢ (first order in the added vector), and so is the band: the predictor's residual sd
-    times the same ratio. An unsafe recommendation transfers nothing: (0, 0).
+    along τ*ˢ (first order in the added vector), and so is the band: ``residual_sd`` times the same
+    ratio. ``residual_sd`` is the spread the ranking measures, the predictor's leave-one-target-out
+    RMS residual of E-RMSE ÷ θ_ftᵀ (:func:`loto_residual_sd`; leave-one-pair-out when no target can
+    be held out, the in-sample one below 4 pairs — the ranking's notes say which): about 68 % of
+    held-out pairs fall within ± one band if the residuals are roughly normal. An unsafe recommendation transfers nothing: (0, 0).
     """
     if not safe or not math.isfinite(ermse_norm):
         return 0.0, 0.0
@@ -199,29 +211,38 @@ def study_gains(folder, target: str, seed: int | None = None, variant: str | Non
     return ranker_gains(select_run(load_study(path, lambda2=lambda2), variant, seed), target)
 
 
-def loto_residual_sd(train: pd.DataFrame, features: Sequence[str], model: str = "ridge") -> float:
-    """Leave-one-target-out RMS residual of the normalised-E-RMSE predictor on the known pairs.
+def loto_residual_sd(train: pd.DataFrame, features: Sequence[str], model: str = "ridge") -> tuple[float, str]:
+    """(sd, how): the out-of-sample RMS residual of the normalised-E-RMSE predictor on the known pairs.
 
-    For each target T of ``train``: fit on the pairs involving T neither as target nor as source,
-    predict T's pairs, and keep the residuals (predicted − measured E-RMSE ÷ θ_ftᵀ). The band of
-    a recommendation's gain is this spread: what the predictor misses on a target it has not
-    seen, as a new target's ranking does (the in-sample residual would understate it). NaN when
-    no target can be held out (fewer than 3 pairs left to fit).
+    ``leave-one-target-out`` (how = ``"leave-one-target-out"``): for each target T of ``train``, fit
+    on the pairs involving T neither as target nor as source, predict T's pairs, and keep the
+    residuals (predicted − measured E-RMSE ÷ θ_ftᵀ) — what the predictor misses on a target it has
+    not seen, as a new target's ranking does (the in-sample residual understates it). When no
+    target can be held out (fewer than 3 pairs would remain: a suite of 4 domains), each pair is
+    held out in turn instead (``"leave-one-pair-out"``: its training pairs may share its domains, so
+    this one is optimistic). NaN (how ``"none"``) with fewer than 4 pairs.
     """
-    from diag.predictor import fit_predictor
     from diag.stats import with_normalised
 
-    train = with_normalised(train)
-    res = []
-    for t in sorted(train["target"].unique()):
-        rest = train[(train["target"] != t) & (train["source"] != t)]
-        held = train[train["target"] == t]
-        if len(rest) < 3 or pd.to_numeric(rest["ermse_norm"], errors="coerce").notna().sum() < 3:
-            continue
-        pred = fit_predictor(rest, features, "ermse_norm", model).predict(held)
-        res += (pred - held["ermse_norm"].to_numpy(dtype=float)).tolist()
-    res = [r for r in res if math.isfinite(r)]
-    return float(math.sqrt(sum(r * r for r in res) / len(res))) if res else math.nan
+    train = with_normalised(train).reset_index(drop=True)
+    train = train[pd.to_numeric(train["ermse_norm"], errors="coerce").notna()]
+    folds = [((train["target"] != t) & (train["source"] != t), train["target"] == t)
+             for t in sorted(train["target"].unique())]
+    folds = [(fit, held) for fit, held in folds if fit.sum() >= 3]
+    how = "leave-one-target-out"
+    if not folds:
+        folds = [(train.index != i, train.index == i) for i in train.index] if len(train) >= 4 else []
+        how = "leave-one-pair-out"
+    res = np.concatenate([_residuals(train[fit], train[held], features, model) for fit, held in folds]) \
+        if folds else np.array([])
+    res = res[np.isfinite(res)]
+    return (float(np.sqrt(np.mean(res ** 2))), how) if res.size else (math.nan, "none")
+
+
+def _residuals(fit: pd.DataFrame, held: pd.DataFrame, features: Sequence[str], model: str) -> np.ndarray:
+    from diag.predictor import fit_predictor
+
+    return fit_predictor(fit, features, "ermse_norm", model).predict(held) - held["ermse_norm"].to_numpy(float)
 
 
 def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measured: bool, curvature,

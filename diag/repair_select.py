@@ -1,8 +1,9 @@
 """Choosing a repair's hyper-parameter on the target's ``val`` split (issue 10, tier 2).
 
 Each repair of :mod:`diag.repair` has one knob: k eigen-directions removed (``project``), the
-strength c (``precondition``), the loss budget of the per-block λ (``blocks``), the mixture
-(``mix``), or λ2 itself (``plain``, eq. 8). :func:`candidates` builds the repaired vectors of a
+strength c (``precondition``), the loss budget of the per-block λ (``blocks``), the λ2 of a
+mixture (``mix``: the universal vector; ``mix-ranked``: weighted by the ranker's predicted gain,
+:func:`method_mixes`), or λ2 itself (``plain``, eq. 8). :func:`candidates` builds the repaired vectors of a
 grid, each with its predicted loss increase ½λ²R (exact with an operator, else the card,
 else the diagonal). :func:`select_repair` measures each candidate's top-1 accuracy on the
 target's labelled ``val`` images (:data:`~diag.constants.CHOICE_SPLIT`; never ``test``, never

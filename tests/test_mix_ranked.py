@@ -79,12 +79,17 @@ def test_too_few_pairs_fall_back_to_the_cos_proxy():
 def test_loto_band_is_out_of_sample():
     from diag.predictor import fit_predictor
 
-    assert loto_residual_sd(_table(), ["cos_ft"]) < 0.02  # the linear truth is recovered on every held-out target
+    sd, how = loto_residual_sd(_table(), ["cos_ft"])
+    assert how == "leave-one-target-out" and sd < 0.02  # the linear truth is recovered on every held-out target
     noisy = _table(noise=0.1)
-    sd = loto_residual_sd(noisy, ["cos_ft", "norm_star_source"])
-    assert 0.05 < sd < 0.2 and sd > fit_predictor(noisy, ["cos_ft", "norm_star_source"], "ermse_norm").train_rmse
-    assert math.isnan(loto_residual_sd(_table()[lambda d: d["source"].isin(["a", "b"])
-                                                & d["target"].isin(["a", "b"])], ["cos_ft"]))
+    feats = ["cos_ft", "norm_star_source"]
+    sd, _ = loto_residual_sd(noisy, feats)
+    assert 0.05 < sd < 0.2 and sd > fit_predictor(noisy, feats, "ermse_norm").train_rmse
+    # 3 domains: no target can be held out (2 pairs would remain): each of the 6 pairs is, in turn
+    three = noisy[noisy["source"].isin(["a", "b", "c"]) & noisy["target"].isin(["a", "b", "c"])]
+    sd, how = loto_residual_sd(three, feats)
+    assert how == "leave-one-pair-out" and sd > fit_predictor(three, feats, "ermse_norm").train_rmse
+    assert math.isnan(loto_residual_sd(three.iloc[:3], feats)[0])
 
 
 # ------------------------------------------------------------------------------ smoke store
