@@ -233,14 +233,16 @@ class RepairChoice:
     table: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
 
     def summary(self) -> dict:
-        """JSON-able numbers of the choice (``predicted_loss_increase`` None without a curvature, never NaN)."""
+        """JSON-able numbers of the choice (``predicted_loss_increase`` None without a curvature, never NaN),
+        and ``vector``: how the chosen vector was made (a mix's weights, e.g. ``mix of a:0.6, b:0.4``)."""
         c = self.candidate
         predicted = float(c.predicted_loss_increase)
         return {"param": c.param if isinstance(c.param, (int, float)) else str(c.param), "scale": float(c.scale),
                 "predicted_loss_increase": predicted if math.isfinite(predicted) else None,
                 "measured_loss_increase": float(self.measured_loss_increase),
                 "risk_source": c.risk_source, "size": float(c.size), "val_accuracy": float(self.val_accuracy),
-                "val_accuracy_ft_target": float(self.val_accuracy_ft_target), "safe": bool(self.safe)}
+                "val_accuracy_ft_target": float(self.val_accuracy_ft_target), "safe": bool(self.safe),
+                "vector": str(c.vector.provenance.get("derived", ""))}
 
 
 def select_repair(ws: Workspace, target: str, tau: TaskVector, method: str, curvature=None,

@@ -122,6 +122,9 @@ def test_transfer_mix_ranked_weights_the_sources_by_the_study_ranker(capsys):
     plain = load_study(out, lambda2=0.7)
     assert how == "cos_ft proxy" and set(gains) == {"mnist", "gtsrb"}
     assert gains["gtsrb"] == float(plain[(plain["source"] == "gtsrb") & (plain["target"] == "animals")]["cos_ft"].iloc[0])
+    w = mix_weights(gains, "animals")
+    assert res["repair"]["vector"] == ("mix of " + ", ".join(f"{d}:{w[d]:.3g}" for d in sorted(w) if w[d] > 0)
+                                       if w else "no positive predicted gain")
     code, _, err = _cli(capsys, *common, "--method", "mix-ranked", "--study", str(out.parent / "none"))
     assert code == 2 and "mix-ranked needs a study of known pairs" in err
 
