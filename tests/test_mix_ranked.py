@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -129,7 +130,7 @@ def test_transfer_mix_ranked_weights_the_sources_by_the_study_ranker(capsys):
     assert code == 2 and "mix-ranked needs a study of known pairs" in err
 
 
-def test_study_mix_ranked_is_a_second_pass_over_the_plain_rows():
+def test_study_mix_ranked_is_a_second_pass_over_the_plain_rows(tmp_path):
     """Resuming the two-domain method study with mix-ranked: plain and mix rows kept, one ranked row per pair.
 
     With one other domain the ranked mix is that source's τ* alone (weight 1) when its cos_ft is
@@ -138,7 +139,9 @@ def test_study_mix_ranked_is_a_second_pass_over_the_plain_rows():
     from _smoke import METHOD_DOMAINS, one_thread, smoke_method_study
     from diag.sweep import run_study
 
-    store, out, df = smoke_method_study()
+    store, shared, df = smoke_method_study()
+    out = tmp_path / "methods"  # a copy: the shared study keeps its two methods for the other tests
+    shutil.copytree(shared, out)
     with one_thread():
         again = run_study(store, METHOD_DOMAINS, lambda2s=(0.7,), out_dir=out, curvature=False, progress=False,
                           methods=("plain", "mix", "mix-ranked"))
