@@ -13,11 +13,12 @@ over seeds), :func:`method_report` counts
     to keep and the pair counts when g_method ≥ 0 (``n_plain_reduces`` says how many pairs that is);
 (b) ``beats_prior``: pairs whose E-RMSE *and* image-specific E-RMSE are below the source's
     mean-φ map's (a constant prior; its image-specific E-RMSE is 1);
-(c) ``universal`` vs the ranker's single source: per target, the universal vector (``mix`` rows,
-    the uniform mix of every other domain's τ*, which does not depend on the source) against
-    plain eq. 8 from the source the ranker picks for that target (a ridge predictor on the
-    tier-0 features fitted on the pairs without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy when
-    fewer than 4 such pairs exist): targets where the universal E-RMSE is lower;
+(c) the mixes vs the ranker's single source: per target, the universal vector (``mix`` rows,
+    the uniform mix of every other domain's τ*, which does not depend on the source) and the
+    ranker-weighted mix (``mix-ranked`` rows, Σ wₛτ*ˢ with wₛ ∝ the ranker's positive predicted
+    gain) against plain eq. 8 from the source the ranker picks for that target (a ridge predictor
+    on the tier-0 features fitted on the pairs without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy
+    when fewer than 4 such pairs exist): targets where each mix's E-RMSE is lower, and which wins;
 (d) the quadratic model: the measured val cross-entropy increase over θ_ftᵀ against the
     predicted ½λ²R (method rows: the chosen vector's; plain rows: ½λ2²·R(τ*ˢ), exact risk
     when present, else card, else diagonal): median ratio measured ÷ predicted, the share of
@@ -97,34 +98,47 @@ def method_counts(rows: pd.DataFrame, keep: float = KEEP, kept_gain: float = KEP
 def ranker_pick(plain: pd.DataFrame, target: str) -> tuple[str, str]:
     """(source the ranker picks for ``target``, how) from the plain rows of one run, never reading the target's pairs.
 
-    Ridge on the tier-0 features (:func:`diag.predictor.tier_features`) fitted on pairs without
-    the target, predicting normalised E-RMSE; with fewer than 4 such pairs the largest
-    cos(τ_ftˢ, τ_ftᵀ) (the paper's proxy).
+    The source of largest predicted gain (:func:`diag.recommend.ranker_gains`: ridge on the
+    tier-0 features fitted on the pairs without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy when
+    fewer than 4 such pairs exist) — the same ranker whose gains weight ``mix-ranked``.
     """
-    from diag.predictor import fit_predictor, tier_features
+    from diag.recommend import ranker_gains
 
-    cands = plain[plain["target"] == target]
-    train = plain[(plain["target"] != target) & (plain["source"] != target)]
-    feats = [f for f in tier_features(train, 0) if f in cands.columns] if len(train) >= 4 else []
-    if feats:
-        pred = fit_predictor(train, feats, "ermse_norm", "ridge").predict(cands)
-        return str(cands["source"].iloc[int(np.nanargmin(pred))]), "ridge (tier 0)"
-    if "cos_ft" not in cands.columns:
-        raise DataError("the ranker needs the 'cos_ft' column of the study table")
-    return str(cands.sort_values("cos_ft", ascending=False, kind="stable")["source"].iloc[0]), "cos_ft proxy"
+    gains, how = ranker_gains(plain, target)
+    return max(gains, key=gains.get), how  # ties: the first candidate row
+
+
+#: (c)'s contenders: the method rows compared with the ranker's single source, and their labels.
+MIXES = {"mix": "universal", "mix-ranked": "ranked"}
 
 
 def universal_vs_ranker(run: pd.DataFrame) -> dict:
-    """(c) on one run at one λ2: per target the universal mix's E-RMSE against the ranker's source's."""
-    plain, mixed = run[run["method"] == PLAIN], run[run["method"] == "mix"]
+    """(c) on one run at one λ2: per target, the mixes' E-RMSE against plain eq. 8 from the ranker's source.
+
+    Contenders: ``universal`` (``mix`` rows), ``ranked`` (``mix-ranked`` rows, weighted by the same
+    ranker's gains) and ``source`` (the ranker's top single source). Counts: ``universal_wins``,
+    ``ranked_wins`` (lower E-RMSE than the source), ``ranked_beats_universal``, and ``winner``
+    per target (lowest E-RMSE among the contenders present).
+    """
+    plain = run[run["method"] == PLAIN]
+    present = {label: run[run["method"] == m] for m, label in MIXES.items() if (run["method"] == m).any()}
+    targets = sorted(set(plain["target"]).intersection(*(set(d["target"]) for d in present.values())))
     per = {}
-    for target in sorted(set(mixed["target"]) & set(plain["target"])):
+    for target in targets:
         source, how = ranker_pick(plain, target)
-        single = float(plain[(plain["target"] == target) & (plain["source"] == source)]["ermse"].iloc[0])
-        universal = float(mixed[mixed["target"] == target]["ermse"].mean())
-        per[target] = {"source": source, "how": how, "ermse_source": single, "ermse_universal": universal}
-    return {"n_targets": len(per), "universal_wins": sum(v["ermse_universal"] < v["ermse_source"] for v in per.values()),
-            "per_target": per}
+        v = {"source": source, "how": how,
+             "ermse_source": float(plain[(plain["target"] == target) & (plain["source"] == source)]["ermse"].iloc[0])}
+        for label, rows in present.items():  # a mix does not depend on the source: one value per target
+            v[f"ermse_{label}"] = float(rows[rows["target"] == target]["ermse"].mean())
+        scores = {k.removeprefix("ermse_"): x for k, x in v.items() if k.startswith("ermse_")}
+        v["winner"] = min(scores, key=scores.get)
+        per[target] = v
+    out = {"n_targets": len(per), "per_target": per}
+    for label in present:
+        out[f"{label}_wins"] = sum(v[f"ermse_{label}"] < v["ermse_source"] for v in per.values())
+    if len(present) == 2:
+        out["ranked_beats_universal"] = sum(v["ermse_ranked"] < v["ermse_universal"] for v in per.values())
+    return out
 
 
 def quadratic_check(rows: pd.DataFrame) -> dict:
@@ -181,11 +195,14 @@ class MethodReport:
             out.append(f"  {m:14s} {n[m]:6.0f} {ms(*d['keeps']):>16s} {ms(*d['n_plain_reduces']):>16s} "
                        f"{ms(*d['beats_prior']):>16s}")
         if self.universal:
-            wins = [u["universal_wins"] for u in self.universal.values()]
-            tot = [u["n_targets"] for u in self.universal.values()]
-            how = sorted({v["how"] for u in self.universal.values() for v in u["per_target"].values()})
-            out.append(f"  (c) universal vector beats the ranker's single source ({', '.join(how)}) on "
-                       f"{ms(*_mean_sd(wins))} of {tot[0]} targets")
+            runs = list(self.universal.values())
+            how = sorted({v["how"] for u in runs for v in u["per_target"].values()})
+            for key, text in (("universal_wins", "universal vector beats the ranker's single source"),
+                              ("ranked_wins", "ranker-weighted mix beats the ranker's single source"),
+                              ("ranked_beats_universal", "ranker-weighted mix beats the universal vector")):
+                if key in runs[0]:
+                    out.append(f"  (c) {text} ({', '.join(how)}) on {ms(*_mean_sd([u[key] for u in runs]))} "
+                               f"of {runs[0]['n_targets']} targets")
         out.append("  (d) measured val loss increase ÷ predicted ½λ²R: median (within [½, 2]; small / large predicted)")
         for m, q in self.quadratic.items():
             if q["n"]:
@@ -209,14 +226,14 @@ def method_report(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, keep: float 
     if variant not in variants:
         raise DataError(f"the study has no variant '{variant}'; it has {variants}")
     rows = rows[rows["variant"] == variant]
-    methods = [m for m in ("plain", "project", "precondition", "blocks", "mix") if m in set(rows["method"])]
+    methods = [m for m in ("plain", "project", "precondition", "blocks", *MIXES) if m in set(rows["method"])]
     methods += sorted(set(rows["method"]) - set(methods))
     per_seed: dict = {m: {} for m in methods}
     universal: dict = {}
     for seed, run in rows.groupby("seed", sort=True):
         for m in methods:
             per_seed[m][int(seed)] = method_counts(run[run["method"] == m], keep, kept_gain)
-        if "mix" in methods:
+        if any(m in methods for m in MIXES):
             universal[int(seed)] = universal_vs_ranker(run)
     mean_sd = {m: {k: _mean_sd([c[k] for c in per_seed[m].values()]) for k in COUNTS} for m in methods}
     quadratic = {m: quadratic_check(rows[rows["method"] == m]) for m in methods}

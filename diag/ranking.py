@@ -48,6 +48,8 @@ class SourceRanking:
     rows: pd.DataFrame
     n_training_pairs: int
     notes: list[str] = field(default_factory=list)
+    #: Multi-source candidates beside the sources (:func:`diag.recommend.recommend_mixes`), empty if none.
+    mixes: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def to_dict(self) -> dict:
         def val(v):
@@ -71,24 +73,30 @@ class SourceRanking:
                 "safe": None if r.get("safe") is None else bool(r.get("safe")),
                 "predicted_gain": val(r.get("predicted_gain")), "predicted_gain_sd": val(r.get("predicted_gain_sd")),
             })
+        mixes = [{k: (val(v) if isinstance(v, float) else v) for k, v in r.items()}
+                 for r in self.mixes.to_dict(orient="records")]
         return {"target": self.target, "tier": self.tier, "tier_name": TIER_NAMES[self.tier],
                 "max_acc_drop": self.max_acc_drop, "n_training_pairs": self.n_training_pairs,
-                "sources": sources, "notes": self.notes}
+                "sources": sources, "mixes": mixes, "notes": self.notes}
 
     def to_json(self) -> str:
         """Everything needed to rebuild this ranking (rows as records; NaN as null)."""
-        rows = self.rows.astype(object).where(self.rows.notna(), None).to_dict(orient="records")
+        def records(df):
+            return df.astype(object).where(df.notna(), None).to_dict(orient="records")
+
         return json.dumps({"target": self.target, "tier": self.tier, "max_acc_drop": self.max_acc_drop,
                            "n_training_pairs": self.n_training_pairs, "notes": self.notes,
-                           "columns": list(self.rows.columns), "rows": rows}, allow_nan=False)
+                           "columns": list(self.rows.columns), "rows": records(self.rows),
+                           "mix_columns": list(self.mixes.columns), "mixes": records(self.mixes)}, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str, path: Path) -> "SourceRanking":
         try:
             d = json.loads(text)
             rows = pd.DataFrame(d["rows"], columns=d["columns"]).fillna(math.nan)
+            mixes = pd.DataFrame(d.get("mixes", []), columns=d.get("mix_columns", [])).fillna(math.nan)
             return cls(d["target"], int(d["tier"]), float(d["max_acc_drop"]), rows, int(d["n_training_pairs"]),
-                       list(d["notes"]))
+                       list(d["notes"]), mixes)
         except (ValueError, KeyError, TypeError) as exc:
             raise ArtifactError(f"cached ranking {path} is damaged ({exc}); delete it to recompute") from None
 
@@ -116,8 +124,27 @@ class SourceRanking:
                          f"{fmt(s['risk_exact'], 9)} {fmt(s['predicted_ermse_norm'], 17)} "
                          + ("   none" if s["lambda2"] == 0 else fmt(s["lambda2"], 7, 2))
                          + f"  {rec:34s} {drop} {gain:>15s}")
+        lines += self._mix_lines()
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _mix_lines(self) -> list[str]:
+        """The multi-source candidates beside the top single source (same columns as the sources)."""
+        if self.mixes.empty:
+            return []
+        out = ["", "multi-source candidates (never the target's τ*; weights from this ranking's predicted gains):"]
+        for m in self.to_dict()["mixes"]:
+            rec = (f"{m['method']}, {m['method_param']}, {m['method_scale']:.3g}" if m["safe"]
+                   else f"no safe transfer ({m['method_param']})")
+            gain = f"{m['predicted_gain']:+7.3f} ± {m['predicted_gain_sd']:.3f}" if m["safe"] else "—"
+            drop = "—" if m["method_acc_drop"] is None else f"{-m['method_acc_drop']:.2g}"
+            out.append(f"      {m['candidate']:14s} {rec:40s} Δacc {drop:>6s}  gain {gain:>15s}   weights "
+                       f"{m['weights'] or '—'}")
+        top = self.rows.iloc[0]
+        if bool(top.get("safe", False)):
+            out.append(f"      top single source {top['source']}: gain {float(top['predicted_gain']):+7.3f} ± "
+                       f"{float(top['predicted_gain_sd']):.3f}")
+        return out
 
 
 def _source_quality(table: pd.DataFrame) -> pd.DataFrame:
@@ -189,15 +216,36 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
         cands["lambda2"] = [lambda2_from_predicted_drop(d, max_acc_drop) for d in cands["predicted_acc_drop"]]
         cands["measured_acc_drop"] = math.nan
         notes.append("λ2 (plain eq. 8): from the predicted drop at λ2 = 0.7 scaled by the quadratic model (drop ∝ λ2²)")
-    cands = _recommend(diag, cands, target, tier, max_acc_drop, grid, lambda1, methods, notes,
-                       source_model.ermse.train_rmse)
+    band = _band(train, features, model, source_model, notes)
+    cands, mixes = _recommend(diag, cands, target, tier, max_acc_drop, grid, lambda1, methods, notes, band)
     notes.append("E-RMSE is per patch; unrelated z-scored maps score √2 ≈ 1.414")
-    return SourceRanking(target, tier, max_acc_drop, cands, len(train), notes)
+    return SourceRanking(target, tier, max_acc_drop, cands, len(train), notes, mixes)
+
+
+def _band(train: pd.DataFrame, features: list[str], model: str, source_model, notes: list[str]) -> float:
+    """The sd of a predicted gain's band: the leave-one-target-out residual of the E-RMSE predictor.
+
+    :func:`diag.recommend.loto_residual_sd` on the known pairs (each pair held out in turn when no
+    target can be); with fewer than 4 pairs the in-sample residual stands in, and the notes say so.
+    """
+    from diag.recommend import loto_residual_sd
+
+    sd, how = loto_residual_sd(train, features, model)
+    if math.isfinite(sd):
+        notes.append(f"band: ± the predictor's {how} residual sd of E-RMSE ÷ θ_ftᵀ on the known pairs ({sd:.3g})"
+                     + ("; too few domains to hold a target out, so it is optimistic" if how != "leave-one-target-out"
+                        else ""))
+        return sd
+    sd = source_model.ermse.train_rmse
+    notes.append(f"band: ± the predictor's in-sample residual sd ({sd:.3g}; too few known pairs to hold a target "
+                 "out — it understates the error on a new target)")
+    return sd
 
 
 def _recommend(diag: Diagnostics, cands: pd.DataFrame, target: str, tier: int, budget: float, grid, lambda1: float,
-               methods, notes: list[str], residual_sd: float) -> pd.DataFrame:
-    """Each source's recommendation (:mod:`diag.recommend`), its predicted gain ± sd, and the ranking by that gain."""
+               methods, notes: list[str], residual_sd: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each source's recommendation (:mod:`diag.recommend`), its predicted gain ± sd, the ranking by that
+    gain, and (two sources or more) the multi-source candidates beside them."""
     from diag import recommend
 
     allowed = recommend.tier_methods(tier, methods)
@@ -230,10 +278,14 @@ def _recommend(diag: Diagnostics, cands: pd.DataFrame, target: str, tier: int, b
     notes.append("ranked by the explanation gain predicted at the recommendation: (1 − predicted E-RMSE ÷ θ_ftᵀ at "
                  "λ2 = 0.7) × its size ÷ eq. 8's at 0.7, ± the predictor's residual sd scaled alike; sources without a "
                  "safe recommendation last ('no safe transfer')")
-    return cands
+    mixes = pd.DataFrame()
+    if len(cands) >= 2:
+        mixes = recommend.recommend_mixes(diag.ws, target, cands, budget, grid is not None,
+                                          curv if tier >= 1 else None, residual_sd, lambda1)
+    return cands, mixes
 
 
-RANKING_VERSION = 3
+RANKING_VERSION = 4
 
 
 def ranking_key(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,

@@ -15,20 +15,30 @@ What each tier allows (never the target's explanations, never its ``test`` split
 Among the safe candidates of every allowed method (drop within budget, and for measured grids
 every smaller candidate too) the recommendation is the one transferring the largest size
 ⟨Δ, τ⟩/‖τ‖ (:class:`diag.repair_select.Candidate`); ``size_ratio`` is that size over plain eq. 8's
-at λ2 = 0.7, 0.7‖τ‖. The universal mix is per target, not per source: it is scored by
-``diag transfer --method mix`` and the study, not ranked here.
+at λ2 = 0.7, 0.7‖τ‖.
+
+Beside the sources, :func:`recommend_mixes` lists the multi-source candidates of the target —
+the universal vector (uniform over the sources) and the mix weighted by the ranker's predicted
+gain (:func:`mix_weights`) — each with its λ2 within the budget, so that a user sees whether a
+mix beats the top single source (the study's measured comparison: :mod:`diag.method_report` (c)).
+
+The band of every predicted gain (:func:`predicted_gain`) is measured, not assumed: the
+leave-one-target-out RMS residual of the E-RMSE predictor on the known pairs
+(:func:`loto_residual_sd`), scaled like the gain.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from diag.constants import PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.decide import lambda2_from_predicted_drop
-from train.errors import unknown
+from train.errors import ArtifactError, DataError, unknown
 
 #: Methods each tier may recommend.
 TIER_METHODS = {0: ("plain",), 1: ("plain", "precondition", "project"),
@@ -125,9 +135,164 @@ def predicted_gain(ermse_norm: float, size_ratio: float, residual_sd: float, saf
     """(gain, sd) of the explanation at a recommendation: (1 − predicted E-RMSE ÷ θ_ftᵀ at λ2 = 0.7)·size_ratio.
 
     The predictor is fitted on eq. 8 at λ2 = 0.7; the gain is taken linear in the size transferred
-    along τ*ˢ (first order in the added vector), and so is the band: the predictor's residual sd
-    times the same ratio. An unsafe recommendation transfers nothing: (0, 0).
+    along τ*ˢ (first order in the added vector), and so is the band: ``residual_sd`` times the same
+    ratio. ``residual_sd`` is the spread the ranking measures, the predictor's leave-one-target-out
+    RMS residual of E-RMSE ÷ θ_ftᵀ (:func:`loto_residual_sd`; leave-one-pair-out when no target can
+    be held out, the in-sample one below 4 pairs — the ranking's notes say which): about 68 % of
+    held-out pairs fall within ± one band if the residuals are roughly normal. An unsafe recommendation transfers nothing: (0, 0).
     """
     if not safe or not math.isfinite(ermse_norm):
         return 0.0, 0.0
     return (1.0 - ermse_norm) * size_ratio, residual_sd * size_ratio
+
+
+# --------------------------------------------------------------- the ranker's gains and mixes
+
+#: Fewest known pairs without the target to fit the ranker (below: the cos(τ_ftˢ, τ_ftᵀ) proxy).
+MIN_TRAINING_PAIRS = 4
+
+
+def ranker_gains(plain: pd.DataFrame, target: str, tier: int = 0, model: str = "ridge") -> tuple[dict, str]:
+    """({source: predicted E-RMSE gain for ``target``}, how) from the plain eq. 8 rows of one run at one λ2.
+
+    The ranker is a predictor of normalised E-RMSE (E-RMSE ÷ θ_ftᵀ's) on the tier's features
+    (:func:`diag.predictor.tier_features`; tier 0 by default: cosines, norms, the sources' own
+    quality), fitted leave-one-target-out: only on pairs that involve the target neither as
+    target nor as source (:func:`diag.ranking.training_pairs`). The rows (s, target) are read for
+    their features only — never their outcomes (E-RMSE, accuracy: the target's test split) —
+    so the gains are what a target owner without explanations could compute. The gain is
+    gₛ = 1 − predicted E-RMSE ÷ θ_ftᵀ (> 0: the source is predicted to lower the target's E-RMSE).
+    With fewer than :data:`MIN_TRAINING_PAIRS` training pairs (or no usable feature) the paper's
+    proxy stands in, gₛ = cos(τ_ftˢ, τ_ftᵀ) (a score in the same direction, not an E-RMSE gain).
+
+    Raises:
+        DataError: no candidate row (s, target), or no ``cos_ft`` column for the proxy.
+    """
+    from diag.predictor import fit_predictor, tier_features
+
+    cands = plain[(plain["target"] == target) & (plain["source"] != target)]
+    if cands.empty:
+        raise DataError(f"no known pair (source, '{target}') to rank sources for '{target}'")
+    train = plain[(plain["target"] != target) & (plain["source"] != target)]
+    feats = [f for f in tier_features(train, tier) if f in cands.columns] if len(train) >= MIN_TRAINING_PAIRS else []
+    if feats:
+        pred = fit_predictor(train, feats, "ermse_norm", model).predict(cands)
+        return dict(zip(cands["source"].astype(str), (1.0 - pred).tolist())), f"{model} (tier {tier})"
+    if "cos_ft" not in cands.columns:
+        raise DataError("the ranker's proxy needs the 'cos_ft' column of the study table")
+    return dict(zip(cands["source"].astype(str), cands["cos_ft"].astype(float).tolist())), "cos_ft proxy"
+
+
+def mix_weights(gains: Mapping[str, float], target: str) -> dict[str, float]:
+    """wₛ = max(gₛ, 0) / Σ max(g, 0) over the sources other than ``target``; ``{}`` when no gain is positive.
+
+    The weights of the ranker-weighted mix τ*mix = Σ wₛ τ*ˢ: nonnegative, summing to 1, 0 for a
+    source without a predicted gain (gₛ ≤ 0 or not finite), and never the target's.
+    """
+    pos = {s: float(g) for s, g in gains.items() if s != target and math.isfinite(float(g)) and float(g) > 0}
+    total = sum(pos.values())
+    return {s: pos.get(s, 0.0) / total for s in gains if s != target} if total > 0 else {}
+
+
+def study_gains(folder, target: str, seed: int | None = None, variant: str | None = None,
+                lambda2: float = PAPER_LAMBDA2) -> tuple[dict, str]:
+    """:func:`ranker_gains` for ``target`` from one run (variant, training seed) of a study folder's plain rows.
+
+    Raises:
+        ArtifactError: no study table in ``folder`` (run ``diag study`` over the suite first).
+    """
+    from diag.pairs import load_study
+    from diag.summary import select_run
+
+    path = Path(folder)
+    if not path.is_dir() or not any(path.glob("*.csv")):
+        raise ArtifactError(f"mix-ranked needs a study of known pairs in {path} (run `diag study` over the suite "
+                            "first, or pass --study)")
+    return ranker_gains(select_run(load_study(path, lambda2=lambda2), variant, seed), target)
+
+
+def loto_residual_sd(train: pd.DataFrame, features: Sequence[str], model: str = "ridge") -> tuple[float, str]:
+    """(sd, how): the out-of-sample RMS residual of the normalised-E-RMSE predictor on the known pairs.
+
+    ``leave-one-target-out`` (how = ``"leave-one-target-out"``): for each target T of ``train``, fit
+    on the pairs involving T neither as target nor as source, predict T's pairs, and keep the
+    residuals (predicted − measured E-RMSE ÷ θ_ftᵀ) — what the predictor misses on a target it has
+    not seen, as a new target's ranking does (the in-sample residual understates it). When no
+    target can be held out (fewer than 3 pairs would remain: a suite of 4 domains), each pair is
+    held out in turn instead (``"leave-one-pair-out"``: its training pairs may share its domains, so
+    this one is optimistic). NaN (how ``"none"``) with fewer than 4 pairs.
+    """
+    from diag.stats import with_normalised
+
+    train = with_normalised(train).reset_index(drop=True)
+    train = train[pd.to_numeric(train["ermse_norm"], errors="coerce").notna()]
+    folds = [((train["target"] != t) & (train["source"] != t), train["target"] == t)
+             for t in sorted(train["target"].unique())]
+    folds = [(fit, held) for fit, held in folds if fit.sum() >= 3]
+    how = "leave-one-target-out"
+    if not folds:
+        folds = [(train.index != i, train.index == i) for i in train.index] if len(train) >= 4 else []
+        how = "leave-one-pair-out"
+    res = np.concatenate([_residuals(train[fit], train[held], features, model) for fit, held in folds]) \
+        if folds else np.array([])
+    res = res[np.isfinite(res)]
+    return (float(np.sqrt(np.mean(res ** 2))), how) if res.size else (math.nan, "none")
+
+
+def _residuals(fit: pd.DataFrame, held: pd.DataFrame, features: Sequence[str], model: str) -> np.ndarray:
+    from diag.predictor import fit_predictor
+
+    return fit_predictor(fit, features, "ermse_norm", model).predict(held) - held["ermse_norm"].to_numpy(float)
+
+
+def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measured: bool, curvature,
+                    residual_sd: float, lambda1: float = PAPER_LAMBDA1) -> pd.DataFrame:
+    """The multi-source candidates of a ranking: the universal and the ranker-weighted mix, each with its λ2.
+
+    Weights: uniform over ``cands``' sources, and :func:`mix_weights` of the ranking's own gains
+    gₛ = 1 − predicted E-RMSE ÷ θ_ftᵀ (its predictor never saw the target's pairs). λ2 within the
+    budget: tier 2 (``measured``) by :func:`diag.repair_select.select_repair` on the target's
+    ``val`` split over the λ2 grid; tier 1 by the quadratic model with the card's R, the drop per
+    unit predicted loss increase taken as the median over the sources of predicted drop ÷ ½·0.7²·R(τ*ˢ);
+    tier 0 has no bound on a mix's drop (no curvature, no images): not recommended.
+    The predicted gain is first order in the added vector, Σₛ wₛgₛ · λ2/0.7 (so a mix gains over
+    the top source only by allowing a larger λ2), ± the residual sd scaled alike.
+    """
+    from diag import repair
+    from diag.repair_select import RepairCurvature, candidates, select_repair
+
+    sources = [str(s) for s in cands["source"]]
+    gains = dict(zip(sources, (1.0 - cands["predicted_ermse_norm"].astype(float)).tolist()))
+    vectors = {s: ws.vector(s, "star") for s in sources}
+    weightings = {"universal": ("mix", {s: 1.0 / len(sources) for s in sources}),
+                  "ranked": ("mix-ranked", mix_weights(gains, target))}
+    curv = RepairCurvature.of(curvature) if curvature is not None and not measured else None
+    per_unit = math.nan
+    if curv is not None:
+        ref = [candidates("plain", vectors[s], curv, grid=(PAPER_LAMBDA2,))[0].predicted_loss_increase for s in sources]
+        ratios = [d / r for d, r in zip(cands["predicted_acc_drop"].astype(float), ref) if r > 0]
+        per_unit = float(pd.Series(ratios).median()) if ratios else math.nan
+    rows = []
+    for name, (method, w) in weightings.items():
+        row = {"candidate": f"{name} mix", "method": method, "weights": ", ".join(f"{s}:{v:.3g}" for s, v in w.items())}
+        if not w:
+            rows.append({**row, **_row(method, "no positive predicted gain", 0.0, 0.0, math.nan, False, False),
+                         "predicted_gain": 0.0, "predicted_gain_sd": 0.0})
+            continue
+        vec = repair.mix(vectors, w, target)
+        if measured:
+            choice = select_repair(ws, target, vec, "mix", curvature, lambda1, mixes={name: vec}, max_acc_drop=budget)
+            lam, safe = choice.candidate.scale, choice.safe
+            drop = 1.0 - choice.val_accuracy / max(choice.val_accuracy_ft_target, 1e-12)
+        elif curv is not None and math.isfinite(per_unit):
+            drop07 = per_unit * candidates("plain", vec, curv, grid=(PAPER_LAMBDA2,))[0].predicted_loss_increase
+            lam = lambda2_from_predicted_drop(drop07, budget)
+            safe, drop = lam > 0, drop07 * (lam / PAPER_LAMBDA2) ** 2
+        else:
+            lam, safe, drop = 0.0, False, math.nan
+            name = "no bound on its drop without a card or val images"
+        g = sum(w[s] * gains[s] for s in w)
+        gain, sd = predicted_gain(1.0 - g, lam / PAPER_LAMBDA2, residual_sd, safe)
+        rows.append({**row, **_row(method, name, lam, lam / PAPER_LAMBDA2, drop, measured, safe),
+                     "predicted_gain": gain, "predicted_gain_sd": sd})
+    return pd.DataFrame(rows)

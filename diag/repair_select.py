@@ -1,8 +1,9 @@
 """Choosing a repair's hyper-parameter on the target's ``val`` split (issue 10, tier 2).
 
 Each repair of :mod:`diag.repair` has one knob: k eigen-directions removed (``project``), the
-strength c (``precondition``), the loss budget of the per-block λ (``blocks``), the mixture
-(``mix``), or λ2 itself (``plain``, eq. 8). :func:`candidates` builds the repaired vectors of a
+strength c (``precondition``), the loss budget of the per-block λ (``blocks``), the λ2 of a
+mixture (``mix``: the universal vector; ``mix-ranked``: weighted by the ranker's predicted gain,
+:func:`method_mixes`), or λ2 itself (``plain``, eq. 8). :func:`candidates` builds the repaired vectors of a
 grid, each with its predicted loss increase ½λ²R (exact with an operator, else the card,
 else the diagonal). :func:`select_repair` measures each candidate's top-1 accuracy on the
 target's labelled ``val`` images (:data:`~diag.constants.CHOICE_SPLIT`; never ``test``, never
@@ -34,12 +35,15 @@ from diag.transfer import accuracy_and_loss, transferred_state
 from train.errors import DataError, TvdiagError, unknown
 from train.vectors import TaskVector
 
-METHODS = ("plain", "project", "precondition", "blocks", "mix")
+METHODS = ("plain", "project", "precondition", "blocks", "mix", "mix-ranked")
+#: Multi-source methods: ``mix`` the uniform (universal) mix, ``mix-ranked`` weighted by the ranker's predicted gain.
+MIX_METHODS = ("mix", "mix-ranked")
 #: Budgets of ``blocks`` as fractions of plain eq. 8's predicted loss increase ½λ2²R(τ).
 BUDGET_FRACTIONS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
 
 __all__ = [
     "METHODS",
+    "MIX_METHODS",
     "BUDGET_FRACTIONS",
     "RepairCurvature",
     "Candidate",
@@ -47,6 +51,7 @@ __all__ = [
     "RepairChoice",
     "select_repair",
     "mixtures",
+    "method_mixes",
 ]
 
 
@@ -171,9 +176,9 @@ def candidates(method: str, tau: TaskVector, curvature, lambda2: float = PAPER_L
                 for c in (grid or repair.PRECONDITION_GRID)]
     if method == "blocks":
         return _block_candidates(tau, flat, curv, lambda2, grid or BUDGET_FRACTIONS, lam_max)
-    if method == "mix":
+    if method in MIX_METHODS:
         if not mixes:
-            raise TvdiagError("--method mix needs at least one mixture (e.g. diag.repair.universal)")
+            raise TvdiagError(f"--method {method} needs at least one mixture (e.g. diag.repair.universal)")
         return [_candidate(method, name, vec, lam, vec, curv) for name, vec in mixes.items()
                 for lam in (grid or LAMBDA_GRID)]
     raise unknown("repair method", method, METHODS)
@@ -228,14 +233,16 @@ class RepairChoice:
     table: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
 
     def summary(self) -> dict:
-        """JSON-able numbers of the choice (``predicted_loss_increase`` None without a curvature, never NaN)."""
+        """JSON-able numbers of the choice (``predicted_loss_increase`` None without a curvature, never NaN),
+        and ``vector``: how the chosen vector was made (a mix's weights, e.g. ``mix of a:0.6, b:0.4``)."""
         c = self.candidate
         predicted = float(c.predicted_loss_increase)
         return {"param": c.param if isinstance(c.param, (int, float)) else str(c.param), "scale": float(c.scale),
                 "predicted_loss_increase": predicted if math.isfinite(predicted) else None,
                 "measured_loss_increase": float(self.measured_loss_increase),
                 "risk_source": c.risk_source, "size": float(c.size), "val_accuracy": float(self.val_accuracy),
-                "val_accuracy_ft_target": float(self.val_accuracy_ft_target), "safe": bool(self.safe)}
+                "val_accuracy_ft_target": float(self.val_accuracy_ft_target), "safe": bool(self.safe),
+                "vector": str(c.vector.provenance.get("derived", ""))}
 
 
 def select_repair(ws: Workspace, target: str, tau: TaskVector, method: str, curvature=None,
@@ -247,7 +254,7 @@ def select_repair(ws: Workspace, target: str, tau: TaskVector, method: str, curv
     Args:
         ws: workspace of the store (θ_base, τ_ftᵀ, the target's head and val images).
         target: target domain.
-        tau: the source's τ*ˢ (ignored by ``mix``, whose vectors come in ``mixes``).
+        tau: the source's τ*ˢ (ignored by ``mix`` / ``mix-ranked``, whose vectors come in ``mixes``).
         method: one of :data:`METHODS`.
         curvature: the target's curvature (TargetCurvature, HessianCard or operator); for
             ``plain`` and ``mix`` it only predicts ½λ²R and may be None.
@@ -276,7 +283,7 @@ def select_repair(ws: Workspace, target: str, tau: TaskVector, method: str, curv
                      "predicted_loss_increase": c.predicted_loss_increase, "risk_source": c.risk_source,
                      "measured_loss_increase": loss - base_loss, "size": c.size, "val_accuracy": acc,
                      "acc_kept": kept, "keeps": bool(acc >= (1 - max_acc_drop) * base_acc - 1e-12)})
-    table = _mark_safe(pd.DataFrame(rows), by_param=method == "mix")
+    table = _mark_safe(pd.DataFrame(rows), by_param=method in MIX_METHODS)
     best = _best(table)
     return RepairChoice(target, cands[best], float(table.at[best, "val_accuracy"]), base_acc,
                         float(table.at[best, "measured_loss_increase"]), bool(table.at[best, "safe"]), max_acc_drop,
@@ -345,3 +352,31 @@ def mixtures(ws: Workspace, target: str, sources: Sequence[str],
     if predicted_gain and any(float(predicted_gain.get(s, 0.0)) > 0 for s in vectors):
         out["gain"] = repair.weighted_by_gain(vectors, predicted_gain, target)
     return out
+
+
+def method_mixes(method: str, ws: Workspace, target: str, sources: Sequence[str],
+                 predicted_gain: Mapping[str, float] | None = None) -> dict[str, TaskVector]:
+    """The mixtures of a multi-source method: ``mix`` → ``{"universal"}``; ``mix-ranked`` → ``{"ranked"}``.
+
+    ``ranked`` is Σ wₛ τ*ˢ with wₛ = :func:`diag.recommend.mix_weights` of ``predicted_gain``
+    (the ranker's gains for ``target``, fitted without the target's pairs). When no source has a
+    positive predicted gain the ranker says "transfer nothing": ``ranked`` is then the zero vector
+    (the transferred model is θ_ftᵀ itself, whatever λ2).
+
+    Raises:
+        DataError: ``mix-ranked`` without gains.
+    """
+    if method == "mix":
+        return {"universal": mixtures(ws, target, sources)["universal"]}
+    if method != "mix-ranked":
+        raise unknown("multi-source method", method, MIX_METHODS)
+    if predicted_gain is None:
+        raise DataError(f"mix-ranked needs the ranker's predicted gains for '{target}'")
+    from diag.recommend import mix_weights
+
+    vectors = {s: ws.vector(s, "star") for s in sources if s != target}
+    w = mix_weights({s: predicted_gain.get(s, 0.0) for s in vectors}, target)
+    if not w:
+        zero = 0.0 * next(iter(vectors.values()))
+        return {"ranked": TaskVector(dict(zero.tensors), zero.base_hash, {"derived": "no positive predicted gain"})}
+    return {"ranked": repair.mix(vectors, w, target)}

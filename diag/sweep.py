@@ -54,7 +54,9 @@ from train.vectors import check_scale
 log = logging.getLogger(__name__)
 
 #: Transfer methods of a study (:mod:`diag.repair`); ``plain`` is eq. 8.
-METHODS = ("plain", "project", "precondition", "blocks", "mix")
+METHODS = ("plain", "project", "precondition", "blocks", "mix", "mix-ranked")
+#: The mix weighted by the ranker's predicted gain: scored after every plain row of the run (its ranker learns them).
+RANKED = "mix-ranked"
 #: Methods that read the target's curvature (Hᵀ on its train images).
 CURVED_METHODS = ("project", "precondition", "blocks")
 
@@ -102,7 +104,7 @@ def source_quality(ws: Workspace, source: str, cache: dict) -> dict:
 
 def pair_rows(diag: Diagnostics, source: str, target: str, settings: StudySettings, lambda2s: Sequence[float],
               candidates: Sequence[str], keys: dict[str, str], quality: dict,
-              done: set | frozenset = frozenset()) -> list[dict]:
+              done: set | frozenset = frozenset(), gains: dict | None = None) -> list[dict]:
     """The study rows of one pair, one per (method, λ2) not in ``done``: :func:`evaluate_pair` +
     :func:`pair_features` + provenance.
 
@@ -110,6 +112,7 @@ def pair_rows(diag: Diagnostics, source: str, target: str, settings: StudySettin
     controls and eq. 8 — are computed first and shared by every method's row, which adds only
     its own vector: :func:`diag.transfer.with_method`). Each method's curvature is the target's
     (:meth:`Diagnostics.curvature`, built once per target and run, cached in the store).
+    ``gains``: target → the ranker's predicted gain per source (``mix-ranked``, :func:`ranked_gains`).
     """
     start = time.perf_counter()
     ws = diag.ws
@@ -130,7 +133,8 @@ def pair_rows(diag: Diagnostics, source: str, target: str, settings: StudySettin
         todo = [r for r in results if (keys[method], lam_key(r.lambda2)) not in done]
         curv = diag.curvature(target, need_operator=method == "blocks") if method in CURVED_METHODS else None
         for r in todo:
-            m = with_method(ws, r, method, curv, candidates, settings.max_acc_drop)
+            m = with_method(ws, r, method, curv, candidates, settings.max_acc_drop,
+                            (gains or {}).get(target) if method == RANKED else None)
             rows.append({**m.to_row(), **fixed, "pair_key": keys[method], "accuracy_val": m.repair["val_accuracy"],
                          "loss_increase_val": m.repair["measured_loss_increase"]})
     seconds = time.perf_counter() - start
@@ -233,14 +237,20 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
         every |= {k for p in all_pairs for k in keys[p].values()}
         if curvature:  # under torchrun each target's Hᵀ is built by one rank before the pairs are split
             build_curvatures(Diagnostics(ws, settings=settings.curvature_settings, data_parallel=False), domains)
-        _run_pairs(ws, pairs, keys, settings, lambda2s, domains, path, done, progress)
+        _run_pairs(ws, pairs, {p: {m: k for m, k in keys[p].items() if m != RANKED} for p in pairs}, settings,
+                   lambda2s, domains, path, done, progress)
+        if RANKED in methods and any((keys[p][RANKED], lam) not in done for p in pairs for lam in lambda2s):
+            # second pass: the ranker learns the plain rows of every pair of the run
+            gains = ranked_gains(out_dir, path, {keys[p][PLAIN] for p in all_pairs}, len(all_pairs))
+            _run_pairs(ws, pairs, {p: {PLAIN: keys[p][PLAIN], RANKED: keys[p][RANKED]} for p in pairs}, settings,
+                       lambda2s, domains, path, done, progress, gains)
     if shard[1] > 1 and _merge_distributed(out_dir):  # rank 0 under torch.distributed: pairs.csv has every shard
         path, wanted = out_dir / PAIRS_FILE, every
     return _collect(out_dir, path, wanted, lambda2s)
 
 
 def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, lambda2s: list[float],
-               domains: list[str], path: Path, done: set, progress: bool) -> None:
+               domains: list[str], path: Path, done: set, progress: bool, gains: dict | None = None) -> None:
     """Score and append the missing (pair, method, λ2) rows of one run (resumable pair by pair)."""
     missing = {p: {(k, l2) for k in keys[p].values() for l2 in lambda2s} - done for p in pairs}
     todo = [p for p in pairs if missing[p]]
@@ -255,8 +265,34 @@ def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, 
         bar.set_postfix_str(f"{source}→{target}")
         lams = sorted({l2 for _, l2 in missing[(source, target)]})
         append_rows(path, pair_rows(diag, source, target, settings, lams, domains, keys[(source, target)],
-                                    quality, done))
+                                    quality, done, gains))
         done.update(missing[(source, target)])
+
+
+def ranked_gains(out_dir: Path, path: Path, plain_keys: set[str], n_pairs: int) -> dict[str, dict]:
+    """target → the ranker's predicted gain per source (:func:`diag.recommend.ranker_gains`), from this run's plain rows.
+
+    The rows at λ2 = 0.7 (else the λ2 nearest to it) of every pair of the run are read from the
+    study's tables; for each target the ranker is fitted on the pairs without it and reads only
+    the features of its own pairs. ``mix-ranked`` rows are therefore computed after the plain
+    rows, re-scoring each pair's references and controls (one more :func:`evaluate_pair`).
+
+    Raises:
+        DataError: some pair of the run has no plain row here (a shard sees only its own pairs:
+            run the study with the other methods first, merge, then resume with ``mix-ranked``).
+    """
+    from diag.recommend import ranker_gains
+
+    files = [f for f in dict.fromkeys([out_dir / PAIRS_FILE, path]) if f.is_file()]
+    table = dedupe(pd.concat([read_table(f) for f in files], ignore_index=True)) if files else pd.DataFrame()
+    plain = table[table["pair_key"].astype(str).isin(plain_keys)] if len(table) else table
+    if plain.empty or plain[["source", "target"]].drop_duplicates().shape[0] < n_pairs:
+        have = 0 if plain.empty else plain[["source", "target"]].drop_duplicates().shape[0]
+        raise DataError(f"{RANKED} needs the plain rows of all {n_pairs} pairs of the run, found {have}: run the "
+                        "study without it first (and merge the shards), then resume with it")
+    lams = plain["lambda2"].astype(float)
+    plain = plain[lams == lams.iloc[(lams - PAPER_LAMBDA2).abs().argmin()]]
+    return {t: ranker_gains(plain, t)[0] for t in sorted(plain["target"].unique())}
 
 
 def _collect(out_dir: Path, path: Path, wanted: set[str], lambda2s: list[float]) -> pd.DataFrame:

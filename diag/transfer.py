@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -297,7 +297,8 @@ def _random_vectors(ws: Workspace, source: str, target: str, n: int) -> list[Tas
 def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPER_LAMBDA1,
                   lambda2s: Sequence[float] = (PAPER_LAMBDA2,), controls: bool = True,
                   candidates: Sequence[str] = (), n_random: int = RANDOM_DRAWS, method: str = "plain",
-                  curvature=None, max_acc_drop: float = DEFAULT_MAX_ACC_DROP) -> list[TransferResult]:
+                  curvature=None, max_acc_drop: float = DEFAULT_MAX_ACC_DROP,
+                  gains: Mapping[str, float] | None = None) -> list[TransferResult]:
     """Every Table-1 row, the proposed model and the controls of one pair, for each λ2, of ``ws``'s run.
 
     With a curvature-aware ``method`` (:mod:`diag.repair`) the "proposed" row is that method's
@@ -314,9 +315,11 @@ def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPE
         controls: add the random, other-source and mean-map rows.
         candidates: domains the "other source" is drawn from (S and T excluded); none → no such row.
         n_random: draws of the random control (≥ 2 for a spread).
-        method: ``plain`` (eq. 8) or one of ``project``, ``precondition``, ``blocks``, ``mix``.
+        method: ``plain`` (eq. 8) or one of ``project``, ``precondition``, ``blocks``, ``mix``, ``mix-ranked``.
         curvature: the target's curvature (needed by ``project``, ``precondition``, ``blocks``).
         max_acc_drop: val-accuracy budget of the method's choice.
+        gains: ``mix-ranked``: the ranker's predicted gain per source for ``target``
+            (:func:`diag.recommend.ranker_gains`).
 
     Returns:
         One :class:`TransferResult` per λ2, in the order given.
@@ -345,28 +348,30 @@ def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPE
             _add_controls(ws, res, tset, ft_t, star_s, n_random)
         results.append(res)
     if method != "plain":
-        results = [with_method(ws, r, method, curvature, candidates, max_acc_drop) for r in results]
+        results = [with_method(ws, r, method, curvature, candidates, max_acc_drop, gains) for r in results]
     return results
 
 
 def with_method(ws: Workspace, plain: TransferResult, method: str, curvature=None, candidates: Sequence[str] = (),
-                max_acc_drop: float = DEFAULT_MAX_ACC_DROP) -> TransferResult:
+                max_acc_drop: float = DEFAULT_MAX_ACC_DROP, gains: Mapping[str, float] | None = None) -> TransferResult:
     """``plain`` (eq. 8's result of a pair at one λ2) with a curvature-aware ``method``'s vector as "proposed".
 
     Only the method's own vector is scored (its choice on the target's ``val`` split, then one
     pass over the test set); every other row — the references and the controls of τ*ˢ — is
     ``plain``'s, and plain's proposed row becomes :data:`PLAIN_ROW`. A ``mix`` does not
-    depend on the source: its choice and scores are computed once per (target, λ2, run) and shared.
+    depend on the source: its choice and scores are computed once per (target, λ2, run) and shared
+    (``mix-ranked``: per gains too).
     """
     lam, l1, target = plain.lambda2, plain.lambda1, plain.target
 
     def make():
         state, summary = _repaired(ws, plain.source, target, ws.vector(plain.source, "star"), method, curvature,
-                                   l1, lam, candidates, max_acc_drop)
+                                   l1, lam, candidates, max_acc_drop, gains)
         return evaluate_state(ws, ws.target_set(target, "test"), state, "proposed"), summary
-    if method == "mix":
+    if method in ("mix", "mix-ranked"):
         pool = tuple(sorted(d for d in candidates if d != target))
-        prop, summary = ws.cached(("repair-mix", target, lam, l1, max_acc_drop, pool, *ws.run), make)
+        how = tuple(sorted((gains or {}).items())) if method == "mix-ranked" else ()
+        prop, summary = ws.cached(("repair-" + method, target, lam, l1, max_acc_drop, pool, how, *ws.run), make)
     else:
         prop, summary = make()
     rows = []
@@ -376,16 +381,16 @@ def with_method(ws: Workspace, plain: TransferResult, method: str, curvature=Non
 
 
 def _repaired(ws: Workspace, source: str, target: str, star_s: TaskVector, method: str, curvature,
-              lambda1: float, lambda2: float, candidates: Sequence[str], max_acc_drop: float):
+              lambda1: float, lambda2: float, candidates: Sequence[str], max_acc_drop: float, gains=None):
     """(θ of the chosen repaired vector, summary) — every choice on the target's val split."""
-    from diag.repair_select import mixtures, select_repair
+    from diag.repair_select import method_mixes, select_repair
 
     mixes = None  # an unknown method is refused by select_repair's candidates()
-    if method == "mix":
+    if method in ("mix", "mix-ranked"):
         pool = [d for d in candidates if d != target and ws.has(d, "ftx")]
         if not pool:
-            raise DataError("method 'mix' needs other domains with θ_ft* (pass --domains)")
-        mixes = mixtures(ws, target, pool)
+            raise DataError(f"method '{method}' needs other domains with θ_ft* (pass --domains)")
+        mixes = method_mixes(method, ws, target, pool, gains)
     choice = select_repair(ws, target, star_s, method, curvature, lambda1, lambda2, mixes=mixes,
                            max_acc_drop=max_acc_drop)
     return (transferred_state(ws, ws.vector(target, "ft"), choice.candidate.vector, lambda1, choice.candidate.scale),
@@ -414,7 +419,7 @@ def transfer(store_or_ws, source: str, target: str, lambda1: float = PAPER_LAMBD
              lambda2: float = PAPER_LAMBDA2, alpha: float | None = None, controls: bool = True,
              seed: int | None = None, data=None, candidates: Sequence[str] = (),
              variant: str | None = None, method: str = "plain", curvature=None,
-             max_acc_drop: float = DEFAULT_MAX_ACC_DROP) -> TransferResult:
+             max_acc_drop: float = DEFAULT_MAX_ACC_DROP, gains: Mapping[str, float] | None = None) -> TransferResult:
     """:func:`evaluate_pair` at one λ2 for the run (α, seed, variant), with a transfer ``method``.
 
     A store is wrapped in a :class:`Workspace` (defaults α = 0.8, seed 0, ``paper``); a
@@ -426,4 +431,4 @@ def transfer(store_or_ws, source: str, target: str, lambda1: float = PAPER_LAMBD
         ws = Workspace(store_or_ws, PAPER_ALPHA if alpha is None else alpha, {target: data} if data else None,
                        seed=seed or 0, variant=variant or "paper")
     return evaluate_pair(ws, source, target, lambda1, (lambda2,), controls, candidates, method=method,
-                         curvature=curvature, max_acc_drop=max_acc_drop)[0]
+                         curvature=curvature, max_acc_drop=max_acc_drop, gains=gains)[0]

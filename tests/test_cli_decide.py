@@ -59,6 +59,8 @@ def run(capsys, *argv):
 
 
 def test_rank_sources_tiers(root, capsys):
+    from diag.constants import LAMBDA_GRID
+
     code, out, err = run(capsys, "rank-sources", "--target", "gtsrb", "--json", "--store", root, *SUITE, *SMALL)
     assert code == 0, err
     res = json.loads(out)
@@ -76,6 +78,15 @@ def test_rank_sources_tiers(root, capsys):
         assert s["method"] in ("plain", "project", "precondition", "blocks") and s["drop_measured"]
         assert (s["predicted_gain"] == 0.0) if not s["safe"] else s["predicted_gain_sd"] >= 0
     assert [s["safe"] for s in sources] == sorted((s["safe"] for s in sources), reverse=True)
+    # the universal and the ranker-weighted mix beside the sources, each with its λ2 measured on val
+    mixes = {m["method"]: m for m in res["mixes"]}
+    assert set(mixes) == {"mix", "mix-ranked"} and all(m["drop_measured"] for m in mixes.values())
+    assert "gtsrb" not in mixes["mix"]["weights"] and mixes["mix"]["weights"].count(":0.333") == 3
+    for m in mixes.values():
+        assert any(abs(m["method_scale"] - g) < 1e-9 for g in LAMBDA_GRID) or not m["safe"]
+        assert (m["predicted_gain"] == 0.0) if not m["safe"] else m["predicted_gain_sd"] > 0
+    # the band is measured out of sample: 6 known pairs among 3 domains hold no target out, so each pair is
+    assert any("leave-one-pair-out residual sd" in n for n in res["notes"])
     # a second identical call reads the ranking cached in the store (keyed by content): the same answer
     cached = list((smoke_store().study_dir("rankings")).glob("gtsrb-tier2-*.json"))
     assert len(cached) == 1
@@ -88,7 +99,7 @@ def test_rank_sources_tiers(root, capsys):
     assert res0["tier"] == 0 and all(s["risk_card"] is None and s["risk_exact"] is None for s in res0["sources"])
     # the human table names the tier
     code, out, _ = run(capsys, "rank-sources", "--target", "gtsrb", "--tier", "1", "--store", root, *SUITE, *SMALL)
-    assert code == 0 and "tier 1" in out
+    assert code == 0 and "tier 1" in out and "multi-source candidates" in out and "universal mix" in out
 
 
 def test_rank_sources_evaluate(root, capsys):

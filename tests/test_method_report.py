@@ -93,3 +93,23 @@ def test_study_with_two_methods_has_both_rows_per_pair():
     again = run_study(store, METHOD_DOMAINS, lambda2s=(0.7,), out_dir=out, curvature=False, progress=False,
                       methods=("plain", "mix"))  # resumed: nothing recomputed, same rows
     assert again["seconds"].tolist() == df["seconds"].tolist()
+
+
+RANKED_ERMSE = {0: {"A": 0.7, "B": 0.78, "C": 0.9}, 1: {"A": 0.9, "B": 0.9, "C": 0.9}}
+
+
+def test_method_report_universal_vs_ranked_mix_vs_ranked_source():
+    """(c) with both mixes: wins against the ranker's source and against each other, per seed, mean ± sd."""
+    rows = [_row("mix-ranked", seed, k, accuracy=0.97, ermse=RANKED_ERMSE[seed][PAIRS[k][1]], ermse_img=0.99)
+            for seed in (0, 1) for k in range(6)]
+    rep = method_report(pd.concat([_table(), pd.DataFrame(rows)], ignore_index=True), 0.7)
+    u0, u1 = rep.universal[0], rep.universal[1]
+    assert (u0["universal_wins"], u0["ranked_wins"], u0["ranked_beats_universal"]) == (2, 2, 2)
+    assert (u1["universal_wins"], u1["ranked_wins"], u1["ranked_beats_universal"]) == (2, 0, 0)
+    assert {t: v["winner"] for t, v in u0["per_target"].items()} == {"A": "ranked", "B": "ranked", "C": "universal"}
+    assert {t: v["winner"] for t, v in u1["per_target"].items()} == {"A": "universal", "B": "source",
+                                                                     "C": "universal"}
+    assert "mix-ranked" in rep.per_seed
+    text = rep.table()
+    assert "ranker-weighted mix beats the ranker's single source (cos_ft proxy) on 1.0 ± 1.4 of 3" in text
+    assert "ranker-weighted mix beats the universal vector" in text

@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--variant", choices=VARIANTS, default="paper", help="θ_ft* variant (default paper)")
     p.add_argument("--out", type=writable_dir, default=None, help="study folder (default: <store>/studies/allpairs)")
     p.add_argument("--methods", nargs="+", default=["plain"], metavar="METHOD",
-                   choices=("plain", "project", "precondition", "blocks", "mix"),
+                   choices=("plain", "project", "precondition", "blocks", "mix", "mix-ranked"),
                    help="transfer methods per pair (issue 10; default plain = eq. 8); each method's knob is chosen "
                         "on the target's val split; several → pareto.png and the issue-10 report")
     p.set_defaults(func=run_study_cmd)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.context import add_common, context_from
-from diag.options import ALPHA, FRACTION, LAMBDA, check_finite_result, domain_name, emit_json, seed
+from diag.options import ALPHA, FRACTION, LAMBDA, check_finite_result, domain_name, emit_json, folder_path, seed
 from train.store import VARIANTS
 
 
@@ -23,10 +23,15 @@ def register(sub) -> None:
     p.add_argument("--domains", nargs="*", default=None, type=domain_name,
                    help="domains the 'τ* of other source' control is drawn from (default: the suite); "
                         "the same list as a study's --domains gives that study's rows")
-    p.add_argument("--method", default="plain", choices=("plain", "project", "precondition", "blocks", "mix"),
+    p.add_argument("--method", default="plain",
+                   choices=("plain", "project", "precondition", "blocks", "mix", "mix-ranked"),
                    help="plain: eq. 8; project / precondition / blocks: τ*ˢ changed by the target's curvature "
-                        "(Hᵀ on its train images); mix: uniform mix of the other domains' τ* — each method's "
-                        "hyper-parameter chosen on the target's val split")
+                        "(Hᵀ on its train images); mix: uniform mix of the other domains' τ*; mix-ranked: their mix "
+                        "weighted by the ranker's predicted gain (fitted on --study without the target) — each "
+                        "method's hyper-parameter chosen on the target's val split")
+    p.add_argument("--study", default=None, type=folder_path,
+                   help="mix-ranked: study folder of the known pairs the ranker learns from (default the store's "
+                        "'allpairs')")
     p.add_argument("--max-acc-drop", type=FRACTION, default=DEFAULT_MAX_ACC_DROP,
                    help="val-accuracy budget of the method's choice, relative to θ_ftᵀ")
     p.set_defaults(func=run_transfer)
@@ -60,8 +65,14 @@ def run_transfer(args) -> int:
         from diag.diagnostics import Diagnostics
 
         curvature = Diagnostics(ws, progress=ctx.progress).curvature(target, need_operator=args.method == "blocks")
+    gains = None
+    if args.method == "mix-ranked":
+        from diag.recommend import study_gains
+
+        gains, _ = study_gains(args.study or ctx.store.study_dir("allpairs"), target, args.seed, args.variant)
     result = transfer(ws, source, target, args.lambda1, args.lambda2, controls=not args.no_controls,
-                      candidates=candidates, method=args.method, curvature=curvature, max_acc_drop=args.max_acc_drop)
+                      candidates=candidates, method=args.method, curvature=curvature, max_acc_drop=args.max_acc_drop,
+                      gains=gains)
     check_finite_result(result.to_dict(), "transfer result")
     emit_json(result.to_dict()) if args.json else print(result.table())
     return 0

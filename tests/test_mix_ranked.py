@@ -1,0 +1,157 @@
+"""The ranker-weighted mix (issue 10): weights from the ranker's predicted gain, never the target's pairs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diag.recommend import loto_residual_sd, mix_weights, ranker_gains
+
+DOMAINS = ["a", "b", "c", "d", "e", "f"]
+OUTCOMES = ("ermse", "ermse_ft_target", "ermse_norm", "accuracy", "accuracy_ft_target", "ermse_img")
+
+
+def _table(noise: float = 0.0, seed: int = 0) -> pd.DataFrame:
+    """Every ordered pair of 6 domains with tier-0 features; E-RMSE ÷ θ_ftᵀ = 1.1 − 0.5·cos_ft (+ noise)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in DOMAINS:
+        for t in DOMAINS:
+            if s != t:
+                cos = rng.uniform(-0.2, 0.8)
+                rows.append({"source": s, "target": t, "cos_ft": cos, "norm_star_source": 1.0 + DOMAINS.index(s),
+                             "ermse_ft_target": 1.0, "ermse": 1.1 - 0.5 * cos + noise * rng.normal(),
+                             "accuracy": 0.9, "accuracy_ft_target": 0.95, "ermse_img": 1.0})
+    df = pd.DataFrame(rows)
+    return df.assign(ermse_norm=df["ermse"] / df["ermse_ft_target"])
+
+
+def test_mix_weights_are_normalised_nonnegative_and_never_the_target():
+    w = mix_weights({"a": 0.3, "b": 0.1, "c": -0.2, "t": 5.0, "d": math.nan}, target="t")
+    assert set(w) == {"a", "b", "c", "d"}  # the target gets no weight, not even a zero
+    assert w == pytest.approx({"a": 0.75, "b": 0.25, "c": 0.0, "d": 0.0})
+    assert sum(w.values()) == pytest.approx(1.0)
+    assert mix_weights({"a": -0.1, "b": 0.0}, target="t") == {}  # no positive gain: nothing to mix
+
+
+def test_ranker_gains_follow_the_prediction_and_ignore_the_target():
+    df = _table()
+    gains, how = ranker_gains(df, "a")
+    assert how == "ridge (tier 0)" and set(gains) == {"b", "c", "d", "e", "f"}
+    cands = df[df["target"] == "a"].set_index("source")
+    # noise-free linear truth: the gain is 0.5·cos_ft − 0.1 up to ridge shrinkage
+    for s, g in gains.items():
+        assert g == pytest.approx(0.5 * cands.at[s, "cos_ft"] - 0.1, abs=0.02)
+    w = mix_weights(gains, "a")
+    order = sorted(gains, key=gains.get)
+    assert [w[s] for s in order] == sorted(w.values())  # a higher predicted gain gets more weight
+    assert all(w[s] == 0 for s in gains if gains[s] <= 0)
+
+
+def test_poisoning_the_target_outcomes_does_not_change_the_weights():
+    """The target's measured outcomes (its test split) and every pair with it as source are never read."""
+    df = _table(noise=0.05)
+    before = ranker_gains(df, "c")[0]
+    poisoned = df.copy()
+    hit = (poisoned["target"] == "c") | (poisoned["source"] == "c")
+    rng = np.random.default_rng(1)
+    for col in OUTCOMES:
+        poisoned.loc[hit, col] = rng.uniform(-5, 5, hit.sum())
+    assert ranker_gains(poisoned, "c")[0] == before
+    # control: the same poison on a pair the ranker does learn from changes the weights (the test can fail)
+    other = df.copy()
+    other.loc[(other["target"] == "d") & (other["source"] == "e"), ["ermse", "ermse_norm"]] = 40.0
+    assert ranker_gains(other, "c")[0] != before
+
+
+def test_too_few_pairs_fall_back_to_the_cos_proxy():
+    df = _table()
+    few = df[df["source"].isin(["a", "b", "c"]) & df["target"].isin(["a", "b", "c"])]
+    gains, how = ranker_gains(few, "a")
+    assert how == "cos_ft proxy"
+    assert gains == dict(zip(few[few["target"] == "a"]["source"], few[few["target"] == "a"]["cos_ft"]))
+
+
+def test_loto_band_is_out_of_sample():
+    from diag.predictor import fit_predictor
+
+    sd, how = loto_residual_sd(_table(), ["cos_ft"])
+    assert how == "leave-one-target-out" and sd < 0.02  # the linear truth is recovered on every held-out target
+    noisy = _table(noise=0.1)
+    feats = ["cos_ft", "norm_star_source"]
+    sd, _ = loto_residual_sd(noisy, feats)
+    assert 0.05 < sd < 0.2 and sd > fit_predictor(noisy, feats, "ermse_norm").train_rmse
+    # 3 domains: no target can be held out (2 pairs would remain): each of the 6 pairs is, in turn
+    three = noisy[noisy["source"].isin(["a", "b", "c"]) & noisy["target"].isin(["a", "b", "c"])]
+    sd, how = loto_residual_sd(three, feats)
+    assert how == "leave-one-pair-out" and sd > fit_predictor(three, feats, "ermse_norm").train_rmse
+    assert math.isnan(loto_residual_sd(three.iloc[:3], feats)[0])
+
+
+# ------------------------------------------------------------------------------ smoke store
+
+
+def _cli(capsys, *argv):
+    from _smoke import one_thread
+    from diag.cli import main
+
+    with one_thread():
+        code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_transfer_mix_ranked_weights_the_sources_by_the_study_ranker(capsys):
+    """`diag transfer --method mix-ranked` on the smoke study (3 domains: the cos_ft proxy ranks)."""
+    from _smoke import DOMAINS as SMOKE, smoke_study
+    from diag.pairs import load_study
+    from diag.recommend import study_gains
+
+    store, out, _ = smoke_study()
+    common = ["transfer", "--preset", "smoke", "--store", str(store.root), "--source", "mnist", "--target", "animals",
+              "--domains", *SMOKE, "--json", "--quiet"]
+    code, text, err = _cli(capsys, *common, "--method", "mix-ranked")
+    assert code == 0, err
+    res = json.loads(text)
+    assert res["method"] == "mix-ranked" and res["repair"]["param"] == "ranked"
+    gains, how = study_gains(out, "animals")
+    plain = load_study(out, lambda2=0.7)
+    assert how == "cos_ft proxy" and set(gains) == {"mnist", "gtsrb"}
+    assert gains["gtsrb"] == float(plain[(plain["source"] == "gtsrb") & (plain["target"] == "animals")]["cos_ft"].iloc[0])
+    w = mix_weights(gains, "animals")
+    assert res["repair"]["vector"] == ("mix of " + ", ".join(f"{d}:{w[d]:.3g}" for d in sorted(w) if w[d] > 0)
+                                       if w else "no positive predicted gain")
+    code, _, err = _cli(capsys, *common, "--method", "mix-ranked", "--study", str(out.parent / "none"))
+    assert code == 2 and "mix-ranked needs a study of known pairs" in err
+
+
+def test_study_mix_ranked_is_a_second_pass_over_the_plain_rows(tmp_path):
+    """Resuming the two-domain method study with mix-ranked: plain and mix rows kept, one ranked row per pair.
+
+    With one other domain the ranked mix is that source's τ* alone (weight 1) when its cos_ft is
+    positive, and the zero vector (θ_ftᵀ, 'transfer nothing') otherwise.
+    """
+    from _smoke import METHOD_DOMAINS, one_thread, smoke_method_study
+    from diag.sweep import run_study
+
+    store, shared, df = smoke_method_study()
+    out = tmp_path / "methods"  # a copy: the shared study keeps its two methods for the other tests
+    shutil.copytree(shared, out)
+    with one_thread():
+        again = run_study(store, METHOD_DOMAINS, lambda2s=(0.7,), out_dir=out, curvature=False, progress=False,
+                          methods=("plain", "mix", "mix-ranked"))
+    old = again[again["method"] != "mix-ranked"].sort_values(["source", "target", "method"])
+    assert old["seconds"].tolist() == df.sort_values(["source", "target", "method"])["seconds"].tolist()
+    ranked = again[again["method"] == "mix-ranked"].set_index(["source", "target"]).sort_index()
+    plain = again[again["method"] == "plain"].set_index(["source", "target"]).sort_index()
+    assert len(ranked) == len(plain) == 2 and ranked["repair_choice"].eq("ranked").all()
+    for (s, t), r in ranked.iterrows():
+        if plain.at[(s, t), "cos_ft"] > 0:  # τ*ˢ itself at the λ2 chosen on val
+            assert r["repair_size"] == pytest.approx(r["repair_scale"] * plain.at[(s, t), "norm_star_source"], rel=1e-6)
+        else:
+            assert r["repair_size"] == 0 and r["ermse"] == pytest.approx(r["ermse_ft_target"])
