@@ -10,9 +10,9 @@
 
 A source is a sub-folder ``DIR/<name>/`` holding ``ft.safetensors`` (τ_ftˢ; needed for cos_ft)
 and either ``star.safetensors`` (τ*ˢ) or ``ftx-a<α>.safetensors`` (τ_ft*ˢ; τ* = τ_ft* − τ_ft):
-the layout of a store's ``vectors/`` folder, so a store exports by copying. Tensors are read one
-at a time with ``pread`` (:class:`TensorFile`), never a whole vector: memory stays at a few
-blocks whatever the model size.
+the layout of a store's ``vectors/`` folder, so a store exports by copying. Files are memory-mapped
+(:class:`TensorFile`) and read one parameter at a time, whose pages are dropped once used, never a
+whole vector: memory stays at a few blocks whatever the model size.
 """
 
 from __future__ import annotations
