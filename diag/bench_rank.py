@@ -136,7 +136,7 @@ def _peak_rss_kb() -> int:
 
 def child(folder: str) -> None:
     """Rank the bench folder once; print seconds and this process's peak RSS as JSON."""
-    from diag.openworld import RankInputs, rank_folder
+    from diag.openworld import RankInputs, rank_folder, skip_exit_collection
 
     import diag.decide  # noqa: F401  the imports are timed apart: "import_seconds"
     import diag.predictor  # noqa: F401
@@ -150,6 +150,7 @@ def child(folder: str) -> None:
                         card if card.is_file() else None)
     start, cpu = time.perf_counter(), time.process_time()
     ranking, _ = rank_folder(inputs, target="bench")
+    skip_exit_collection()  # as `diag rank-sources` does
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak_kb = _peak_rss_kb()
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "import_seconds": imported - _T0,
