@@ -8,13 +8,15 @@ For each parameter tensor (a *block*), with τ_ftᵀ = θ_target − θ_base on 
   Vᵀτ*, Σ r τ*² and (V²)ᵀτ*², so that R_card = Σ l_i (v_iᵀτ*)² + Σ r_j τ*_j² and
   R_diag = Σ r_j τ*_j² + Σ_i l_i ((V²)ᵀτ*²)_i.
 
-Every product is float64 (float32 sums at 88M parameters put cos(τ, τ) at 1.0001). A block is
+Every product is float64: float32 sums at 88M parameters put cos(τ, τ) at 1.0001, and float32
+card products within a block put R_card 0.19 % off an exact sum (float64: 2e-15). A block is
 taken :data:`CHUNK` values at a time: the rows of all sources are copied from the memory-mapped
 files (:meth:`diag.openworld.TensorFile.view`, no read buffer) into float64 buffers allocated
-once, and multiplied at once — S × m times m (F·t), m × k (Vᵀτ*) —, so each value is read from
-the page cache once and converted once, and no page is faulted in per block. After a block its
-file pages are dropped (:meth:`~diag.openworld.TensorFile.release`): the resident set is the
-buffers plus one block, whatever the model size.
+once (fresh buffers per block cost a page fault per 4 kB), then multiplied at once — F·t for the
+stacked S × m rows, and τ*'s rows against each column of V —, so each value is read from the
+page cache once and converted once. After a block its file pages are dropped
+(:meth:`~diag.openworld.TensorFile.release`): the resident set is the buffers plus one block per
+worker, whatever the model size.
 """
 
 from __future__ import annotations

@@ -125,3 +125,18 @@ def test_cosine_of_a_vector_with_itself_is_one(world, tmp_path):
     rows, _, _ = stream_features(target, base, [same], None, list(SHAPES))
     assert rows[0]["cos_ft"] == pytest.approx(1.0, abs=1e-12)
     assert "risk_card" not in rows[0]
+
+
+def test_tensorfile_views(tmp_path):
+    """Views of a misaligned float64 tensor (after 3 float32 values) are its values; released pages read back."""
+    from diag.bench_rank import write_streamed
+
+    a, b = torch.arange(3, dtype=torch.float32), torch.linspace(0, 1, 5, dtype=torch.float64)
+    write_streamed(tmp_path / "m.safetensors", [("a", torch.float32, (3,), lambda: [a]),
+                                                ("b", torch.float64, (5,), lambda: [b])], {})
+    f = TensorFile(tmp_path / "m.safetensors")
+    assert torch.equal(f.view("a"), a) and torch.equal(f.view("b"), b) and torch.equal(f.view("b", 1, 3), b[1:3])
+    f.release("a")
+    f.release("b", 1, 3)
+    assert torch.equal(f.read("b"), b) and torch.equal(f.read("a", rows=(1, 3)), a[1:3])
+    f.close()
