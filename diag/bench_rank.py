@@ -2,16 +2,20 @@
 
 Writes, tensor by tensor (never a whole vector in memory), a synthetic θ_base, a target model
 θ_base + δ, ``n_sources`` sources (``ft.safetensors`` + ``star.safetensors``) and a Hessian card
-with ``k`` eigenpairs into a temporary folder; then runs :func:`diag.openworld.rank_folder` in a
-fresh child process and reports its peak resident memory (the child's own ``VmHWM``, so
-writing the inputs does not count: ``ru_maxrss`` would not do, since Linux carries the parent's
-high-water mark across fork and exec) and three times:
+with ``k`` eigenpairs into a content-keyed cache folder (:func:`cached_inputs`: written once, reused
+by later runs with the same arguments); then runs :func:`diag.openworld.rank_folder` in a fresh
+child process and reports its peak resident memory (the child's own ``VmHWM``, so writing the
+inputs does not count: ``ru_maxrss`` would not do, since Linux carries the parent's high-water
+mark across fork and exec) and these times (also in the output's ``"what"``):
 
-* ``seconds`` — :func:`~diag.openworld.rank_folder` inside the child (reading and ranking only);
+* ``seconds`` — :func:`~diag.openworld.rank_folder` inside the child (reading and ranking only),
+  wall clock; ``cpu_seconds`` — the CPU time of the child's threads over the same span, which
+  other jobs on a shared machine do not inflate as much;
 * ``import_seconds`` — the child's imports (torch, pandas, the ranking modules), from before
-  ``import torch`` to the start of the ranking;
+  ``import torch`` to the start of the ranking (the interpreter's own start is not in it);
 * ``process_seconds`` — end to end, measured by the parent: interpreter start, imports, ranking
-  and exit of the child, what a user waits for.
+  and exit of the child, what a user waits for;
+* ``inputs_written_seconds`` — writing the inputs this run (0 when cached); in none of the above.
 
 Default size: the ViT-B/32 vision tower. The inputs are read from the page cache when it holds
 them (a second run); otherwise ``seconds`` includes reading them from disk.
@@ -19,9 +23,11 @@ them (a second run); otherwise ``seconds`` includes reading them from disk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -130,7 +136,7 @@ def _peak_rss_kb() -> int:
 
 def child(folder: str) -> None:
     """Rank the bench folder once; print seconds and this process's peak RSS as JSON."""
-    from diag.openworld import RankInputs, rank_folder
+    from diag.openworld import RankInputs, rank_folder, skip_exit_collection
 
     import diag.decide  # noqa: F401  the imports are timed apart: "import_seconds"
     import diag.predictor  # noqa: F401
@@ -142,39 +148,85 @@ def child(folder: str) -> None:
     card = folder / "card.safetensors"
     inputs = RankInputs(folder / "base.safetensors", folder / "target.safetensors", folder / "sources",
                         card if card.is_file() else None)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ranking, _ = rank_folder(inputs, target="bench")
-    seconds = time.perf_counter() - start
+    skip_exit_collection()  # as `diag rank-sources` does
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak_kb = _peak_rss_kb()
-    print(json.dumps({"seconds": seconds, "import_seconds": imported - _T0, "peak_rss_gb": peak_kb / 2 ** 20,
-                      "n_ranked": len(ranking.rows)}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "import_seconds": imported - _T0,
+                      "peak_rss_gb": peak_kb / 2 ** 20, "n_ranked": len(ranking.rows)}))
 
 
-def bench_rank(n_params: int | None = None, n_sources: int = 8, k: int = 2, keep: Path | None = None) -> dict:
-    """Write the inputs, rank them in a child process.
+WHAT = {"seconds": "rank_folder in the child, wall clock (reading the inputs and ranking)",
+        "cpu_seconds": "CPU time of the child's threads during rank_folder",
+        "import_seconds": "the child's imports (torch, pandas, ranking modules), before the ranking",
+        "process_seconds": "the child end to end as the parent waits: interpreter, imports, ranking, exit",
+        "inputs_written_seconds": "writing the synthetic inputs this run (0 when cached); in none of the others",
+        "peak_rss_gb": "the child's peak resident set (VmHWM), GiB"}
+INPUTS_VERSION = 1  # bump when write_inputs changes what it writes: the cache key changes with it
+
+
+def cache_root() -> Path:
+    """Where bench inputs are kept between runs: ``$TVDIAG_BENCH_CACHE``, else ``<tmp>/tvdiag-bench-rank``."""
+    return Path(os.environ.get("TVDIAG_BENCH_CACHE") or Path(tempfile.gettempdir()) / "tvdiag-bench-rank")
+
+
+def cached_inputs(shapes: dict[str, tuple[int, ...]], n_sources: int, k: int, root: Path | None = None) -> Path:
+    """The folder of :func:`write_inputs` for these arguments, written once and reused after.
+
+    The inputs are a deterministic function of (shapes, n_sources, k, :data:`INPUTS_VERSION`), so the
+    folder is named by the sha256 of those: a later run with the same arguments ranks the same bytes
+    without writing 8 GB again. Written into a temporary sibling and renamed, so an interrupted write
+    is never reused.
+    """
+    key = json.dumps({"v": INPUTS_VERSION, "shapes": sorted((n, list(s)) for n, s in shapes.items()),
+                      "n_sources": n_sources, "k": k}, separators=(",", ":"))
+    root = cache_root() if root is None else Path(root)
+    folder = root / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (folder / "inputs.json").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".partial-", dir=root))
+    try:
+        write_inputs(tmp, shapes, n_sources, k)
+        (tmp / "inputs.json").write_text(key)
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "inputs.json").is_file():  # not another run's finished copy: a real failure
+            raise
+    return folder
+
+
+def bench_rank(n_params: int | None = None, n_sources: int = 8, k: int = 2, cache: Path | None = None) -> dict:
+    """Rank cached synthetic inputs (:func:`cached_inputs`) in a child process.
+
+    Args:
+        cache: the cache root (default :func:`cache_root`).
 
     Returns:
-        ``{"n_params", "n_sources", "k", "seconds", "import_seconds", "process_seconds", "peak_rss_gb",
-        "torch_threads"}`` (module docstring).
+        ``{"n_params", "n_sources", "k", "seconds", "cpu_seconds", "import_seconds", "process_seconds",
+        "peak_rss_gb", "torch_threads", "inputs", "inputs_written_seconds", "what"}`` (module docstring;
+        ``"what"`` says what each time is).
     """
     shapes = vit_b32_shapes() if n_params is None else synthetic_shapes(n_params)
-    with tempfile.TemporaryDirectory(prefix="tvdiag-bench-rank-") as tmp:
-        folder = Path(keep) if keep is not None else Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_inputs(folder, shapes, n_sources, k)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                                         os.environ.get("PYTHONPATH")]))}
-        started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "diag.bench_rank", str(folder)], capture_output=True, text=True,
-                              env=env, check=False)
-        process_seconds = time.perf_counter() - started
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench child failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
+    t0 = time.perf_counter()
+    folder = cached_inputs(shapes, n_sources, k, cache)
+    written = time.perf_counter() - t0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "diag.bench_rank", str(folder)], capture_output=True, text=True,
+                          env=env, check=False)
+    process_seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"n_params": sum(math.prod(s) for s in shapes.values()), "n_sources": n_sources, "k": k,
-            "seconds": res["seconds"], "import_seconds": res["import_seconds"],
+            "seconds": res["seconds"], "cpu_seconds": res["cpu_seconds"], "import_seconds": res["import_seconds"],
             "process_seconds": process_seconds, "peak_rss_gb": res["peak_rss_gb"],
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "inputs": str(folder), "inputs_written_seconds": written,
+            "what": WHAT}
 
 
 if __name__ == "__main__":

@@ -204,13 +204,19 @@ def test_vit_b32_shapes_check():
         check_architecture(visual_part(tiny), base, "tiny.safetensors")
 
 
-def test_bench_rank_small():
-    from diag.bench_rank import bench_rank
+def test_bench_rank_small(tmp_path):
+    """The bench writes its inputs once (content-keyed) and ranks the cached copy on the next run."""
+    from diag.bench_rank import bench_rank, cached_inputs, synthetic_shapes
 
-    out = bench_rank(n_params=200_000, n_sources=2, k=1)
+    out = bench_rank(n_params=200_000, n_sources=2, k=1, cache=tmp_path)
     assert out["n_params"] == 199_680 and out["n_sources"] == 2
     assert 0 < out["seconds"] < out["process_seconds"] and 0 < out["import_seconds"] < out["process_seconds"]
-    assert 0 < out["peak_rss_gb"] < 4
+    assert 0 < out["cpu_seconds"] and 0 < out["peak_rss_gb"] < 4
+    assert set(out["what"]) >= {"seconds", "cpu_seconds", "import_seconds", "process_seconds"}
+    again = bench_rank(n_params=200_000, n_sources=2, k=1, cache=tmp_path)
+    assert again["inputs"] == out["inputs"] and again["inputs_written_seconds"] < out["inputs_written_seconds"]
+    assert [p.name for p in tmp_path.iterdir()] == [Path(out["inputs"]).name]  # no partial folder left
+    assert cached_inputs(synthetic_shapes(200_000), 3, 1, tmp_path) != Path(out["inputs"])
 
 
 def test_import_base_into_empty_store(world, tmp_path):

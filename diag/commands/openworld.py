@@ -140,7 +140,7 @@ def run_card(args) -> int:
 
 def run_rank_folder(args) -> int:
     """``diag rank-sources --target-model CKPT [--card CARD] --sources DIR``: no target images at all."""
-    from diag.openworld import RankInputs, rank_folder
+    from diag.openworld import RankInputs, rank_folder, skip_exit_collection
     from train.losses import check_alpha
 
     if args.target_model is None or args.sources is None:
@@ -156,6 +156,7 @@ def run_rank_folder(args) -> int:
     ranking, facts = rank_folder(inputs, target=args.target or "target", alpha=args.alpha,
                                  max_acc_drop=args.max_acc_drop, max_loss_increase=args.max_loss_increase,
                                  model=args.model)
+    skip_exit_collection()
     if args.json:
         out = ranking.to_dict()
         for s, (_, row) in zip(out["sources"], ranking.rows.iterrows()):
