@@ -35,11 +35,13 @@ anyway); every further one holds another batch's activations for the operator's 
 
 
 class _FirstOrder(NamedTuple):
-    """A first-order graph: leaf parameters, the gradients that depend on them, their positions."""
+    """A first-order graph: leaf parameters, the gradients that depend on them, their positions,
+    and every parameter's gradient (``None`` where unused)."""
 
     leaves: list[Tensor]
     grads: list[Tensor]
     keep: list[int]
+    values: tuple[Tensor | None, ...]
 
 
 def _sync(device: torch.device) -> None:
@@ -133,10 +135,22 @@ class HessianOperator(_ModelOperator):
             loss = self._loss_sum(dict(zip(names, leaves)), x, y)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        fo = _FirstOrder(leaves, [grads[i] for i in keep], keep)
+        fo = _FirstOrder(leaves, [grads[i] for i in keep], keep, grads)
         if keep_it:
             self._graphs[index] = fo
         return fo, keep_it
+
+    def mean_gradient(self) -> Tensor:
+        """Flat mean gradient ``∇L(θ) = (1/N) Σ_b ∇ Σ_{i∈b} CE_i``, read off the first-order graphs.
+
+        With kept graphs (double backward) this costs no pass of its own when products
+        follow: the graphs it builds are kept for them (batches past ``keep_graphs`` pay
+        one gradient each). Otherwise it is :meth:`gradient`.
+        """
+        if not self.reuses_graphs:
+            return self.gradient()
+        like = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        return self._reduce(lambda x, y, i: self._flat(self._first_order(x, y, i)[0].values), like, indexed=True)
 
     # -- engines --------------------------------------------------------------------
     def _flat(self, parts: Sequence[Tensor | None]) -> Tensor:
