@@ -4,6 +4,7 @@ Every method runs once per round, in turn, ``repeats`` rounds (round ``r`` uses 
 ``r`` everywhere), so a busy machine slows all of them alike; a ratio is the median of
 the per-round ratios of times measured back to back. Every timing includes building
 the first-order graph (a fresh operator per call; PyHessian's ``hessian(...)``).
+On a CPU device the times are the process's CPU seconds (:func:`clock`).
 
 * Trace, same probes: :func:`hutchinson_trace` (blocks of 8) against PyHessian's
   ``trace(maxIter=probes, tol=-inf)`` (exactly ``probes`` probes: its own stop rule
@@ -46,18 +47,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock(device: torch.device) -> Callable[[], float]:
+    """The clock of :func:`rounds`: the process's CPU time on a CPU device, else wall time.
+
+    With one thread CPU time equals wall time on an idle machine, and on a busy one it
+    leaves out the time spent waiting for a core, which wall time charges at random to
+    whichever method was running. On a GPU the host waits in ``synchronize``: wall time.
+    """
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
 def time_once(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """Seconds of one call of ``fn`` and its output."""
+    """Seconds of one call of ``fn`` by :func:`clock`, and its output."""
+    now = clock(device)
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = now()
     out = fn()
     _sync(device)
-    return time.perf_counter() - t0, out
+    return now() - t0, out
 
 
 def rounds(fns: dict[str, Callable[[int, dict[str, list]], Any]], repeats: int,
            device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
-    """Seconds and outputs of ``fns[name](r, outs)`` for rounds ``r = 0..repeats-1``.
+    """Seconds (:func:`clock`) and outputs of ``fns[name](r, outs)`` for rounds ``r = 0..repeats-1``.
 
     Each round calls every method once, in the order of ``fns``; ``outs`` holds the
     outputs so far, so a method may read an earlier method's output of the same round.
