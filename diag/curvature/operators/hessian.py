@@ -71,9 +71,11 @@ class HessianOperator(_ModelOperator):
             (``autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the
             tangents) instead of ``k`` second backwards on the retained graph. Same
             numbers (a test checks it in float64); ``k``-fold memory of one second
-            backward. Default off: on one CPU thread it gains nothing (equal time when
-            the machine is idle, 3.5x slower when it is busy); on a GPU it is unmeasured
-            yet — ``diag bench curvature`` reports both (``block8_*per_probe_s``).
+            backward. Default off: on one CPU thread it is slower (a block of 8 on the
+            tiny model, 64 images: 1.37x the CPU time of 8 one-by-one products, median
+            of 5 back-to-back rounds; the second backward is matmul-bound, so batching
+            saves no flops); on a GPU it is unmeasured yet — ``diag bench curvature``
+            reports both (``block8_*per_probe_s``, ``block8_batched_over_loop``).
 
     Attributes:
         engine: The engine in use.
