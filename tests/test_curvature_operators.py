@@ -196,6 +196,35 @@ def test_batched_second_backward_equals_one_by_one(case):
     assert c.value == pytest.approx(d.value, rel=1e-10) and c.stderr == pytest.approx(d.stderr, rel=1e-8)
 
 
+def test_mean_gradient_is_read_off_the_kept_graphs(case):
+    """The mean gradient from the first-order graphs equals torch.func.grad's; the graphs stay for the products."""
+    name, model, data, params, H = case
+    op = HessianOperator(model, data, params=params, engine="double-backward", keep_graphs=len(data))
+    g = op.mean_gradient()
+    torch.testing.assert_close(g, op.gradient(), rtol=RTOL, atol=ATOL)
+    assert len(op._graphs) == len(data)
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    torch.testing.assert_close(op @ v, H @ v, rtol=RTOL, atol=ATOL)
+    part = HessianOperator(model, data, params=params, engine="fwd-rev")  # no kept graphs: gradient()
+    torch.testing.assert_close(part.mean_gradient(), g, rtol=RTOL, atol=ATOL)
+
+
+def test_gradient_start_gives_the_exact_top_eigenvalue(case):
+    """Lanczos from ĝ + r̂ (r̂: lanczos_topk's own random start) finds eigvalsh's top eigenvalue."""
+    from diag.curvature import gradient_start, lanczos_topk
+
+    name, model, data, params, H = case
+    op = HessianOperator(model, data, params=params, engine="double-backward")
+    v0 = gradient_start(op, seed=3)
+    r = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    g = op.gradient()
+    torch.testing.assert_close(v0, r / r.norm() + g / g.norm(), rtol=RTOL, atol=ATOL)
+    top = lanczos_topk(op, 1, v0=v0, tol=1e-10)
+    assert float(top.eigvals[0]) == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-9)
+    with pytest.raises(TvdiagError, match="HessianOperator"):
+        gradient_start(DenseOperator(H))
+
+
 class _Reiterable:
     def __init__(self, batches):
         self.batches = batches

@@ -16,7 +16,7 @@ from diag.curvature.estimators import (
     hutchinson_trace,
     hutchpp_trace,
 )
-from diag.curvature.lanczos import lanczos_topk, slq_density
+from diag.curvature.lanczos import gradient_start, lanczos_topk, slq_density
 from diag.curvature.operators import (
     CurvatureOperator,
     DenseOperator,
@@ -63,6 +63,7 @@ __all__ = [
     "exact_ggn_diagonal",
     "exact_trace",
     "finite_difference_check",
+    "gradient_start",
     "hutchinson_diagonal",
     "hutchinson_trace",
     "hutchpp_trace",

@@ -35,11 +35,13 @@ anyway); every further one holds another batch's activations for the operator's 
 
 
 class _FirstOrder(NamedTuple):
-    """A first-order graph: leaf parameters, the gradients that depend on them, their positions."""
+    """A first-order graph: leaf parameters, the gradients that depend on them, their positions,
+    and every parameter's gradient (``None`` where unused)."""
 
     leaves: list[Tensor]
     grads: list[Tensor]
     keep: list[int]
+    values: tuple[Tensor | None, ...]
 
 
 def _sync(device: torch.device) -> None:
@@ -69,9 +71,11 @@ class HessianOperator(_ModelOperator):
             (``autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the
             tangents) instead of ``k`` second backwards on the retained graph. Same
             numbers (a test checks it in float64); ``k``-fold memory of one second
-            backward. Default off: on one CPU thread it gains nothing (equal time when
-            the machine is idle, 3.5x slower when it is busy); on a GPU it is unmeasured
-            yet — ``diag bench curvature`` reports both (``block8_*per_probe_s``).
+            backward. Default off: on one CPU thread it is slower (a block of 8 on the
+            tiny model, 64 images: 1.37x the CPU time of 8 one-by-one products, median
+            of 5 back-to-back rounds; the second backward is matmul-bound, so batching
+            saves no flops); on a GPU it is unmeasured yet — ``diag bench curvature``
+            reports both (``block8_*per_probe_s``, ``block8_batched_over_loop``).
 
     Attributes:
         engine: The engine in use.
@@ -133,10 +137,22 @@ class HessianOperator(_ModelOperator):
             loss = self._loss_sum(dict(zip(names, leaves)), x, y)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        fo = _FirstOrder(leaves, [grads[i] for i in keep], keep)
+        fo = _FirstOrder(leaves, [grads[i] for i in keep], keep, grads)
         if keep_it:
             self._graphs[index] = fo
         return fo, keep_it
+
+    def mean_gradient(self) -> Tensor:
+        """Flat mean gradient ``∇L(θ) = (1/N) Σ_b ∇ Σ_{i∈b} CE_i``, read off the first-order graphs.
+
+        With kept graphs (double backward) this costs no pass of its own when products
+        follow: the graphs it builds are kept for them (batches past ``keep_graphs`` pay
+        one gradient each). Otherwise it is :meth:`gradient`.
+        """
+        if not self.reuses_graphs:
+            return self.gradient()
+        like = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        return self._reduce(lambda x, y, i: self._flat(self._first_order(x, y, i)[0].values), like, indexed=True)
 
     # -- engines --------------------------------------------------------------------
     def _flat(self, parts: Sequence[Tensor | None]) -> Tensor:
