@@ -236,7 +236,8 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
         wanted |= {k for p in pairs for k in keys[p].values()}
         every |= {k for p in all_pairs for k in keys[p].values()}
         if curvature:  # under torchrun each target's Hᵀ is built by one rank before the pairs are split
-            build_curvatures(Diagnostics(ws, settings=settings.curvature_settings, data_parallel=False), domains)
+            build_curvatures(Diagnostics(ws, settings=settings.curvature_settings, progress=progress,
+                                         data_parallel=False), domains)
         _run_pairs(ws, pairs, {p: {m: k for m, k in keys[p].items() if m != RANKED} for p in pairs}, settings,
                    lambda2s, domains, path, done, progress)
         if RANKED in methods and any((keys[p][RANKED], lam) not in done for p in pairs for lam in lambda2s):
