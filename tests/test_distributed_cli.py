@@ -170,7 +170,9 @@ def test_zoo_in_local_workers_equals_one_process(runs, capsys):
     written = [p for rank in out["built"] for p in rank]
     assert len(written) == len(set(written)) == 1 + 4 * len(DOMAINS)
     assert str(Path(out["store"]) / "base.safetensors") in out["built"][0]  # built by this process, before the split
-    mine, single = _files(Path(out["store"])), _files(runs["single"] / "tiny-smoke")
+    mine = _files(Path(out["store"]))
+    single = {k: v for k, v in _files(runs["single"] / "tiny-smoke").items()
+              if not k.startswith("curvature")}  # the earlier curvature tests also wrote into that store
     assert sorted(mine) == sorted(single)
     for name, data in mine.items():
         assert data == single[name], f"{name} differs from the one-process build"
