@@ -158,10 +158,11 @@ def parallel_study(ctx, domains: list[str], *, alpha: float, seeds=(0,), variant
     ``run_study`` then reads every row. The zoo must be complete (``ctx.ensure``) before.
     """
     from diag.curvature.distributed import is_distributed
+    from diag.pairs import DEFAULT_STUDY
 
     if is_distributed() or ctx.workers <= 1:
         return 1
-    out = Path(out_dir) if out_dir is not None else ctx.store.study_dir(study_kwargs.get("name", "allpairs"))
+    out = Path(out_dir) if out_dir is not None else ctx.store.study_dir(study_kwargs.get("name", DEFAULT_STUDY))
     if not study_pending(out, list(domains), seeds, variant, alpha):
         return 1
     workers = min(ctx.workers, len(domains))

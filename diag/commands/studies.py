@@ -195,7 +195,7 @@ def run_study_cmd(args) -> int:
     rank, world = rank_and_world()
     merged_rank0 = is_distributed() and world > 1 and rank == 0
     ws = ctx.workspace(alpha, seed=seeds[0], variant=args.variant)
-    if args.shard is None and args.fresh is False:
+    if args.shard is None and not args.fresh:
         parallel_study(ctx, domains, alpha=alpha, seeds=seeds, variant=args.variant, out_dir=out, lambda1=lambda1,
                        lambda2s=lambda2s, curvature=not args.no_curvature, controls=not args.no_controls,
                        methods=args.methods)
