@@ -288,8 +288,13 @@ def run_bench(args) -> int:
         from diag.bench_rank import bench_rank
 
         out = bench_rank(args.n_params, args.n_sources, args.k)
-        print(json.dumps(out) if args.json else "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                          for k, v in out.items()))
+        if args.json:
+            print(json.dumps(out))
+            return 0
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in out.items() if not isinstance(v, dict)))
+        for name, text in out.get("what", {}).items():  # what each time covers, one line each
+            print(f"  {name}: {text}")
         return 0
 
     return bench_main(quick=args.quick, json_out=args.json, repeats=args.repeats or 3, probes=args.probes,
