@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from diag.context import Workspace
-from diag.similarity import VectorSpec, gram_streamed
+from diag.similarity import VectorSpec, cosine_from, gram_streamed
+from diag.summary import mean_se
 from diag.transfer import pair_seed
 from train.errors import ArtifactError, DataError
 from train.model import load_visual_state
@@ -42,15 +43,7 @@ GROUP = 8
 
 
 def _cos(G: np.ndarray, i: int, j: int) -> float:
-    den = math.sqrt(G[i, i] * G[j, j])
-    return float(G[i, j] / den) if den > 0 else float("nan")
-
-
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan"))
+    return cosine_from(G[i, j], G[i, i], G[j, j])
 
 
 def seed_gram(ws: Workspace, domains: Sequence[str], seeds: Sequence[int], kind: str) -> np.ndarray:
@@ -149,8 +142,8 @@ class DomainCeiling:
     noise_at: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        cs, cf = _mean_se(self.cos_star_seeds), _mean_se(self.cos_ft_seeds)
-        nm = _mean_se([v for v, _ in self.noise.values()])
+        cs, cf = mean_se(self.cos_star_seeds), mean_se(self.cos_ft_seeds)
+        nm = mean_se([v for v, _ in self.noise.values()])
         return {"domain": self.domain, "cos_star_seeds": self.cos_star_seeds, "cos_star_mean": cs[0],
                 "cos_star_se": cs[1], "cos_ft_seeds": self.cos_ft_seeds, "cos_ft_mean": cf[0], "cos_ft_se": cf[1],
                 "kernelshap_noise": {str(s): {"ermse": v, "se": e} for s, (v, e) in self.noise.items()},

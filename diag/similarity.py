@@ -122,8 +122,9 @@ class GroupSimilarity:
                 "numel": self.numel}
 
 
-def _cos(dot: float, na2: float, nb2: float) -> float:
-    den = np.sqrt(na2) * np.sqrt(nb2)
+def cosine_from(dot: float, na2: float, nb2: float) -> float:
+    """``dot / (‖a‖ ‖b‖)`` from a dot product and two squared norms; NaN when a norm is 0."""
+    den = np.sqrt(na2 * nb2)  # one root: a vector with itself gives exactly 1
     return float(dot / den) if den > 0 else float("nan")
 
 
@@ -322,7 +323,7 @@ def vector_similarity(a, b, by: str = "global") -> "SimilarityResult":
 
 
 def _result_from_gram(G: np.ndarray, numel: int) -> GroupSimilarity:
-    return GroupSimilarity(cosine=_cos(G[0, 1], G[0, 0], G[1, 1]), dot=float(G[0, 1]),
+    return GroupSimilarity(cosine=cosine_from(G[0, 1], G[0, 0], G[1, 1]), dot=float(G[0, 1]),
                            norm_a=float(np.sqrt(G[0, 0])), norm_b=float(np.sqrt(G[1, 1])), numel=int(numel))
 
 

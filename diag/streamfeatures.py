@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diag.similarity import block_group
+from diag.similarity import block_group, cosine_from
 
 __all__ = ["stream_features", "CHUNK"]
 
@@ -190,15 +190,11 @@ def _row(src, s: _Sums, i: int, with_ft: list, card) -> dict:
         j = next(j for j, f in enumerate(with_ft) if f is src)
         dot = {g: float(v[j]) for g, v in s.dot.items()}
         ns = {g: float(v[j]) for g, v in s.ns.items()}
-        row["cos_ft"] = _cos(sum(dot.values()), sum(ns.values()), nt)
-        row.update({f"cos_ft.{g}": _cos(dot[g], ns[g], s.nt[g]) for g in dot})
+        row["cos_ft"] = cosine_from(sum(dot.values()), sum(ns.values()), nt)
+        row.update({f"cos_ft.{g}": cosine_from(dot[g], ns[g], s.nt[g]) for g in dot})
         row["norm_ft_source"] = math.sqrt(sum(ns.values()))
     if card is not None:
         resid = float(s.resid[i])
         row["risk_card"] = float((card.eigvals * s.proj[i].pow(2)).sum()) + resid
         row["risk_diag"] = resid + float((card.eigvals * s.v2[i]).sum())
     return row
-
-
-def _cos(dot: float, a2: float, b2: float) -> float:
-    return dot / math.sqrt(a2 * b2) if a2 > 0 and b2 > 0 else math.nan

@@ -124,8 +124,9 @@ class StudySummary:
         return d
 
 
-def _mean_se(v: pd.Series) -> tuple[float, float]:
-    v = pd.to_numeric(v, errors="coerce").dropna()
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error (sd with ddof 1 over √n) of the numeric, non-missing values; NaN when undefined."""
+    v = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").dropna()
     if v.empty:
         return float("nan"), float("nan")
     se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
@@ -157,10 +158,10 @@ def summarize(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, keep: float = KE
     """Headline counts of one run at ``lambda2`` (see :class:`StudySummary`); ``keep`` is the accuracy fraction."""
     rows = add_normalised(at_lambda(df, lambda2) if "lambda2" in df.columns else df)
     c = headline_counts(rows, keep=keep)
-    ctrl_means = {ctrl: (_mean_se(rows[f"ermse_norm_{ctrl}"])[0] if f"ermse_norm_{ctrl}" in rows else float("nan"))
+    ctrl_means = {ctrl: (mean_se(rows[f"ermse_norm_{ctrl}"])[0] if f"ermse_norm_{ctrl}" in rows else float("nan"))
                   for ctrl in CONTROLS if f"ermse_{ctrl}" in rows.columns}
-    e_mean, e_se = _mean_se(rows["ermse_norm"])
-    a_mean, a_se = _mean_se(rows["acc_norm"])
+    e_mean, e_se = mean_se(rows["ermse_norm"])
+    a_mean, a_se = mean_se(rows["acc_norm"])
     return StudySummary(n_pairs=len(rows), lambda2=float(lambda2), n_better_keep90=c.better_keep90,
                         n_lower_ermse=c.lower_ermse, n_keep90=c.keep90, n_beat_random=c.wins["random"],
                         n_beat_meanmap=c.wins["meanmap"], n_beat_other=c.wins["other"],
