@@ -170,6 +170,20 @@ def parallel_study(ctx, domains: list[str], *, alpha: float, seeds=(0,), variant
     return workers
 
 
+def complete_study(ctx, domains: list[str], *, workspace, shard: tuple[int, int] | None = None, resume: bool = True,
+                   **study):
+    """The study of ``domains`` with every pair present: the missing pairs in workers first
+    (:func:`parallel_study`, unless a ``shard`` is given or ``resume`` is off), then
+    :func:`diag.sweep.run_study` here with the same ``study`` settings, which reads them (its table).
+    """
+    from diag.sweep import run_study
+
+    if shard is None and resume:
+        parallel_study(ctx, list(domains), **study)
+    return run_study(ctx.store, domains, shard=shard, resume=resume, progress=ctx.progress, data=ctx.data,
+                     workspace=workspace, **study)
+
+
 def _study_worker(ctx, domains: list[str], alpha: float, seeds: list[int], variant: str, out: Path,
                   kwargs: dict) -> None:
     """One worker's share of :func:`diag.sweep.run_study` (sharded by its rank)."""

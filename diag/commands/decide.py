@@ -76,8 +76,7 @@ def _study_table(ctx, args):
     """The all-pairs study of the suite at λ2 = 0.7: a given ``--study`` is read; the store's is run or resumed."""
     from diag.constants import PAPER_LAMBDA2
     from diag.pairs import at_lambda, load_study, of_method
-    from diag.sweep import run_study
-    from diag.workers import parallel_study
+    from diag.workers import complete_study
 
     domains = _suite(ctx, args)
     store = ctx.ensure(domains, (args.alpha,))
@@ -88,9 +87,8 @@ def _study_table(ctx, args):
         run = select_run(load_study(args.study, lambda2=PAPER_LAMBDA2), getattr(args, "variant", None),
                          getattr(args, "train_seed", None))
         return store, ws, run
-    parallel_study(ctx, domains, alpha=args.alpha, out_dir=args.study, curvature_settings=_settings(args))
-    table = run_study(store, domains, alpha=args.alpha, progress=ctx.progress, data=ctx.data,
-                      curvature_settings=_settings(args), out_dir=args.study, workspace=ws)
+    table = complete_study(ctx, domains, workspace=ws, alpha=args.alpha, out_dir=args.study,
+                           curvature_settings=_settings(args))
     return store, ws, at_lambda(of_method(table))  # the predictor learns eq. 8's pairs
 
 

@@ -180,8 +180,8 @@ def run_study_cmd(args) -> int:
     from diag.curvature.distributed import is_distributed, rank_and_world
     from diag.pairs import of_method
     from diag.summary import figure2_frame, study_report, summarize
-    from diag.sweep import run_study
-    from diag.workers import parallel_study
+    from diag.pairs import DEFAULT_STUDY
+    from diag.workers import complete_study
 
     ctx = context_from(args)
     alpha, lambda1, lambda2s, shard = _study_settings(args, ctx)
@@ -190,19 +190,14 @@ def run_study_cmd(args) -> int:
     domains = _domains(ctx, args.domains)
     seeds = list(dict.fromkeys(args.seeds))
     store = ctx.ensure(domains, (alpha,), variants=(args.variant,), seeds=tuple(seeds))
-    out = Path(args.out) if args.out else store.study_dir("allpairs")
-    shard = shard or rank_and_world()
+    out = Path(args.out) if args.out else store.study_dir(DEFAULT_STUDY)
     rank, world = rank_and_world()
     merged_rank0 = is_distributed() and world > 1 and rank == 0
     ws = ctx.workspace(alpha, seed=seeds[0], variant=args.variant)
-    if args.shard is None and not args.fresh:
-        parallel_study(ctx, domains, alpha=alpha, seeds=seeds, variant=args.variant, out_dir=out, lambda1=lambda1,
-                       lambda2s=lambda2s, curvature=not args.no_curvature, controls=not args.no_controls,
-                       methods=args.methods)
-    df = run_study(store, domains, alpha=alpha, lambda1=lambda1, lambda2s=lambda2s, out_dir=out, shard=shard,
-                   resume=not args.fresh, curvature=not args.no_curvature, controls=not args.no_controls,
-                   progress=ctx.progress, data=ctx.data, seeds=seeds, variant=args.variant, workspace=ws,
-                   methods=args.methods)
+    df = complete_study(ctx, domains, workspace=ws, shard=shard, resume=not args.fresh, alpha=alpha,
+                        lambda1=lambda1, lambda2s=lambda2s, out_dir=out, curvature=not args.no_curvature,
+                        controls=not args.no_controls, seeds=seeds, variant=args.variant, methods=args.methods)
+    shard = shard or (rank, world)  # what run_study used
     if is_distributed() and not merged_rank0:
         return 0  # under torchrun only rank 0 (which merged every shard) reports
     if merged_rank0:
