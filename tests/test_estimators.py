@@ -187,6 +187,23 @@ def test_lanczos_top5_matches_eigh():
     torch.testing.assert_close(lm.eigvals.abs(), evals.abs().sort(descending=True).values[:3], rtol=1e-9, atol=1e-9)
 
 
+def test_lanczos_residuals_without_kept_products():
+    """When the products do not fit, the residuals come from k more products, equal to the kept ones'."""
+    from diag.curvature.lanczos import keeps_products
+
+    H = sym(80, seed=3)
+    kept = lanczos_topk(DenseOperator(H), k=4, num_iters=30, seed=1, tol=0.0, keep_products=True)
+    lean = lanczos_topk(DenseOperator(H), k=4, num_iters=30, seed=1, tol=0.0, keep_products=False)
+    assert torch.equal(lean.eigvals, kept.eigvals) and torch.equal(lean.eigvecs, kept.eigvecs)
+    assert lean.n_matvecs == kept.n_matvecs + 4
+    torch.testing.assert_close(lean.residuals, kept.residuals, rtol=1e-6, atol=1e-12)
+    manual = (H @ lean.eigvecs - lean.eigvecs * lean.eigvals).norm(dim=0)
+    torch.testing.assert_close(lean.residuals, manual, rtol=1e-9, atol=1e-13)
+    # ViT-B/32 size, 40 steps: basis + products = 56 GB, kept only with ≥ 112 GB free
+    assert not keeps_products(40, 88_000_000, "cpu", free_bytes=24 * 2**30)
+    assert keeps_products(40, 88_000_000, "cpu", free_bytes=120 * 2**30)
+
+
 def test_lanczos_early_stop_residuals_are_honest():
     H = torch.diag(torch.tensor([100.0, 50.0] + [1.0] * 198, dtype=torch.float64))
     r = lanczos_topk(DenseOperator(H), k=2, num_iters=50, tol=1e-10)

@@ -3,9 +3,10 @@
 Lanczos builds an orthonormal Krylov basis ``Q_m`` of ``span{q, Aq, …, A^{m-1}q}`` and
 the tridiagonal ``T_m = Q_mᵀ A Q_m`` (diagonal ``α``, off-diagonal ``β``). The basis is
 kept in float64 and fully re-orthogonalised (two Gram–Schmidt passes per step), so
-Ritz pairs stay accurate without ghost eigenvalues. Memory: ``D · m`` float64 numbers
-(86M parameters × 100 iterations = 69 GB — restrict to a parameter subset for big
-models).
+Ritz pairs stay accurate without ghost eigenvalues. Memory: ``D · m`` float64 numbers for
+the basis (88M parameters × 40 iterations = 28 GB), and as many again for the kept products
+when they fit (:func:`keeps_products`; else the residuals cost ``k`` more products). Fewer
+iterations or a parameter subset hold less.
 """
 
 from __future__ import annotations
@@ -22,6 +23,39 @@ from diag.curvature.results import EigenResult, SpectralDensity
 __all__ = ["gradient_start", "lanczos_topk", "lanczos_tridiag", "slq_density"]
 
 log = logging.getLogger(__name__)
+
+#: Share of the free memory (RAM on a CPU, the device's on a GPU) the kept products may take.
+PRODUCTS_MEMORY_SHARE = 0.5
+
+
+def free_memory_bytes(device: torch.device | str) -> int:
+    """Free memory where tensors of ``device`` live: the GPU's free bytes, else the host's
+    ``MemAvailable`` (Linux; without ``/proc/meminfo`` the total from ``sysconf``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def keeps_products(m: int, D: int, device: torch.device | str, free_bytes: int | None = None) -> bool:
+    """Whether :func:`lanczos_topk` keeps the ``m`` products ``A q_j`` (``m · D`` float64 numbers).
+
+    Kept, the residuals ``‖A y_i − θ_i y_i‖`` cost no product; dropped, they cost ``k`` more.
+    They are kept when basis and products together take at most :data:`PRODUCTS_MEMORY_SHARE`
+    of ``free_bytes`` (default :func:`free_memory_bytes` of ``device``): at ViT-B/32 size
+    (D = 88M, m = 40) the two take 56 GB, which a 24 GB machine does not have.
+    """
+    free = free_memory_bytes(device) if free_bytes is None else free_bytes
+    return 2 * m * D * 8 <= PRODUCTS_MEMORY_SHARE * free
 
 _WHICH = ("LA", "LM", "SA")
 
@@ -154,15 +188,17 @@ def _converged_rule(k: int, tol: float, which: str, value_tol: float | None = No
 
 
 def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: float = 1e-8,
-                 which: str = "LA", v0: Tensor | None = None, value_tol: float | None = None) -> EigenResult:
+                 which: str = "LA", v0: Tensor | None = None, value_tol: float | None = None,
+                 keep_products: bool | None = None) -> EigenResult:
     """Top-``k`` eigenpairs of a symmetric operator by Lanczos with full re-orthogonalisation.
 
     Ritz pairs ``(θ_i, Q s_i)`` from ``T = Qᵀ A Q = S Θ Sᵀ``. The run stops early once
     the Lanczos residual bounds ``|β_m s_{m,i}|`` of the wanted ``k`` Ritz values are
     below ``tol · max|θ|``. Residuals ``‖A y_i − θ_i y_i‖`` are computed from the real
-    products the run made (``A y_i = Σ_j s_ji A q_j`` with the kept ``A q_j``), not from
-    the recurrence, so they are trustworthy whatever happened in floating point — and
-    cost no further product (memory: ``2 · D · m`` float64 numbers, basis and products).
+    products, not from the recurrence, so they are trustworthy whatever happened in
+    floating point: with the kept ``A q_j`` (``A y_i = Σ_j s_ji A q_j``, no further product;
+    memory ``2 · D · m`` float64 numbers, basis and products) or, when those do not fit, by
+    ``k`` more products ``A y_i`` (memory ``D · m``; :func:`keeps_products`).
 
     Args:
         A: Symmetric operator ``(D, D)``.
@@ -177,9 +213,12 @@ def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: fl
             ``r_i² / δ_i`` are below ``value_tol · |θ_i|`` (see :func:`_converged_rule`):
             the accuracy of the eigenvalues, not of the vectors, e.g. ``1e-3`` to match
             PyHessian's power iteration (relative change ``< 1e-3``) in far fewer products.
+        keep_products: keep every product for the residuals (True), or compute the ``k``
+            residual products at the end (False); None decides by memory (:func:`keeps_products`).
 
     Returns:
-        :class:`EigenResult` with eigenvalues in the chosen order.
+        :class:`EigenResult` with eigenvalues in the chosen order; ``n_matvecs`` counts the
+        residual products when they were made.
     """
     D = _dim(A)
     if which not in _WHICH:
@@ -195,7 +234,12 @@ def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: fl
     q0 = torch.randn(D, generator=g, dtype=torch.float64) if v0 is None else v0.reshape(-1).double()
 
     rule = _converged_rule(k, tol, which, value_tol)
-    W = torch.empty(m, D, dtype=torch.float64, device=A.device)
+    if keep_products is None:
+        keep_products = keeps_products(m, D, A.device)
+        if not keep_products:
+            log.info("lanczos_topk: %d x %d products do not fit in memory; the residuals cost %d more products",
+                     m, D, k)
+    W = torch.empty(m, D, dtype=torch.float64, device=A.device) if keep_products else None
     alpha, beta, Q, n_mv = lanczos_tridiag(A, q0, m, generator=g, stop=rule,
                                            random_start=v0 is None, products=W)
     theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
@@ -205,7 +249,12 @@ def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: fl
     vals = theta[idx]
     s_k = S[:, idx].to(Q.device)
     vecs = Q @ s_k
-    AV = W[: Q.shape[1]].T @ s_k
+    del Q  # the basis is not needed any more: room for the residual products
+    if W is not None:
+        AV = W[: alpha.shape[0]].T @ s_k
+    else:
+        AV = _matmul(A, vecs)
+        n_mv += k
     res = (AV - vecs * vals.to(vecs.device)).norm(dim=0).cpu()
     return EigenResult(vals.cpu(), vecs, res, n_mv, "lanczos", int(alpha.shape[0]))
 
