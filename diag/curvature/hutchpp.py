@@ -13,8 +13,9 @@ from diag.curvature.results import TraceEstimate
 __all__ = ["hutchpp_trace"]
 
 
-def _apply_blocks(A, V: Tensor, block_size: int) -> Tensor:
-    return torch.cat([_matmul(A, V[:, s:s + block_size]) for s in range(0, V.shape[1], block_size)], dim=1)
+def _probe_block(D: int, seed: int, first: int, count: int, device) -> Tensor:
+    """Probes ``first .. first+count-1`` of stream ``seed`` as the columns of a ``(D, count)`` block."""
+    return torch.stack([rademacher(D, seed, first + i) for i in range(count)], dim=1).to(device)
 
 
 def hutchpp_trace(A, num_matvecs: int, seed: int = 0, block_size: int = 8) -> TraceEstimate:
@@ -26,6 +27,11 @@ def hutchpp_trace(A, num_matvecs: int, seed: int = 0, block_size: int = 8) -> Tr
     error is that of the Hutchinson part, ``s/√k`` (conditional on ``Q``, where the
     estimator is unbiased). For PSD ``A`` it needs O(1/ε) products for relative error
     ε instead of Hutchinson's O(1/ε²).
+
+    Memory: the probes are drawn ``block_size`` at a time and every product is used as
+    it comes, so the run holds the sketch ``A S`` and its ``Q`` (two ``(D, k)`` float64
+    matrices, while the QR runs; then ``Q`` alone) plus one block — 88M parameters × 33
+    sketch columns is 23 GB per matrix, so size ``num_matvecs`` to the machine.
 
     Args:
         A: Symmetric operator ``(D, D)``.
@@ -42,12 +48,20 @@ def hutchpp_trace(A, num_matvecs: int, seed: int = 0, block_size: int = 8) -> Tr
     if k < 1:
         raise ValueError(f"hutchpp_trace needs num_matvecs >= 3, got {num_matvecs}")
     k_sketch = min(k, D)
-    S = torch.stack([rademacher(D, seed, i) for i in range(k_sketch)], dim=1).to(A.device)
-    G = torch.stack([rademacher(D, seed, k + i) for i in range(k)], dim=1).to(A.device)
-    Q, _ = torch.linalg.qr(_apply_blocks(A, S, block_size))
-    low = float(torch.einsum("ij,ij->", Q, _apply_blocks(A, Q, block_size)))
-    Gp = G - Q @ (Q.T @ G)
-    x = torch.einsum("ij,ij->j", Gp, _apply_blocks(A, Gp, block_size)).cpu()
+    starts = range(0, k_sketch, block_size)
+    Q = torch.empty(D, k_sketch, dtype=torch.float64, device=A.device)
+    for s in starts:  # the sketch A S, one block of probes at a time
+        b = min(block_size, k_sketch - s)
+        Q[:, s:s + b] = _matmul(A, _probe_block(D, seed, s, b, A.device))
+    Q = torch.linalg.qr(Q).Q
+    low = sum(float(torch.einsum("ij,ij->", Q[:, s:s + block_size], _matmul(A, Q[:, s:s + block_size])))
+              for s in starts)
+    parts = []
+    for s in range(0, k, block_size):  # the deflated Hutchinson part, one block of fresh probes at a time
+        G = _probe_block(D, seed, k + s, min(block_size, k - s), A.device)
+        G = G - Q @ (Q.T @ G)
+        parts.append(torch.einsum("ij,ij->j", G, _matmul(A, G)).cpu())
+    x = torch.cat(parts)
     sd = float(x.std(unbiased=True)) if k > 1 else math.nan
     return TraceEstimate(low + float(x.mean()), sd / math.sqrt(k) if k > 1 else math.nan,
                          2 * k_sketch + k, "hutch++", k, low + x, seed)
