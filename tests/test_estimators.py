@@ -171,6 +171,22 @@ def test_trace_with_data_variance_separates_sources():
         trace_with_data_variance(DenseOperator, [H], num_matvecs=4)
 
 
+def test_hutchpp_block_fits_memory():
+    """The block shrinks to fit the memory, the estimate does not change; too little memory is a clear error."""
+    from diag.curvature.hutchpp import fitting_block
+    from train.errors import TvdiagError
+
+    H = sym(40, seed=5)
+    wide = hutchpp_trace(DenseOperator(H), num_matvecs=30, seed=2, block_size=8)
+    narrow = hutchpp_trace(DenseOperator(H), num_matvecs=30, seed=2, block_size=1)
+    assert narrow.value == pytest.approx(wide.value, rel=1e-12) and narrow.stderr == pytest.approx(wide.stderr)
+    gib = 2**30
+    assert fitting_block(88_000_000, 8, 8, 64 * gib) == 8       # ViT-B/32, 24 probes: 8 + 3·8 columns of 0.66 GiB fit in half of 64 GiB
+    assert fitting_block(88_000_000, 8, 8, 24 * gib) == 3       # half of 24 GiB holds 18 columns: 8 + 3·3
+    with pytest.raises(TvdiagError, match="fewer probes"):
+        fitting_block(88_000_000, 33, 8, 24 * gib)            # 100 probes: the sketch alone does not fit
+
+
 # ------------------------------------------------------------------ Lanczos and SLQ
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from diag.curvature.lanczos import free_memory_bytes
 from diag.curvature.probes import _dim, _matmul, rademacher
 from diag.curvature.results import TraceEstimate
 
@@ -16,6 +17,25 @@ __all__ = ["hutchpp_trace"]
 def _probe_block(D: int, seed: int, first: int, count: int, device) -> Tensor:
     """Probes ``first .. first+count-1`` of stream ``seed`` as the columns of a ``(D, count)`` block."""
     return torch.stack([rademacher(D, seed, first + i) for i in range(count)], dim=1).to(device)
+
+
+def fitting_block(D: int, k: int, block_size: int, free_bytes: int, share: float = 0.5) -> int:
+    """The largest block (at most ``block_size``) with which Hutch++ holds ``Q`` and one block's
+    three ``(D, b)`` temporaries — ``(k + 3b) · D`` float64 numbers, and ``2k · D`` during the
+    QR of the sketch — within ``share · free_bytes``.
+
+    Raises:
+        TvdiagError: when even ``b = 1`` does not fit (names the memory needed and the fix).
+    """
+    columns = int(share * free_bytes // (8 * D))
+    b = min(block_size, (columns - k) // 3)
+    if b < 1 or 2 * k > columns:
+        from train.errors import TvdiagError
+
+        raise TvdiagError(f"Hutch++ with {k} sketch probes over {D:,} parameters needs "
+                          f"{max(k + 3, 2 * k) * D * 8 / 2**30:.1f} GiB, more than {share:.0%} of the "
+                          f"{free_bytes / 2**30:.1f} GiB free: use fewer probes (3 per sketch column) or Hutchinson")
+    return b
 
 
 def hutchpp_trace(A, num_matvecs: int, seed: int = 0, block_size: int = 8) -> TraceEstimate:
@@ -31,7 +51,9 @@ def hutchpp_trace(A, num_matvecs: int, seed: int = 0, block_size: int = 8) -> Tr
     Memory: the probes are drawn ``block_size`` at a time and every product is used as
     it comes, so the run holds the sketch ``A S`` and its ``Q`` (two ``(D, k)`` float64
     matrices, while the QR runs; then ``Q`` alone) plus one block — 88M parameters × 33
-    sketch columns is 23 GB per matrix, so size ``num_matvecs`` to the machine.
+    sketch columns is 23 GB per matrix, so size ``num_matvecs`` to the machine. The block
+    shrinks when ``Q`` and a block's temporaries would not fit in half the free memory
+    (:func:`fitting_block`; same estimate, other blocking).
 
     Args:
         A: Symmetric operator ``(D, D)``.
@@ -48,6 +70,7 @@ def hutchpp_trace(A, num_matvecs: int, seed: int = 0, block_size: int = 8) -> Tr
     if k < 1:
         raise ValueError(f"hutchpp_trace needs num_matvecs >= 3, got {num_matvecs}")
     k_sketch = min(k, D)
+    block_size = fitting_block(D, k_sketch, block_size, free_memory_bytes(A.device))
     starts = range(0, k_sketch, block_size)
     Q = torch.empty(D, k_sketch, dtype=torch.float64, device=A.device)
     for s in starts:  # the sketch A S, one block of probes at a time
@@ -59,7 +82,7 @@ def hutchpp_trace(A, num_matvecs: int, seed: int = 0, block_size: int = 8) -> Tr
     parts = []
     for s in range(0, k, block_size):  # the deflated Hutchinson part, one block of fresh probes at a time
         G = _probe_block(D, seed, k + s, min(block_size, k - s), A.device)
-        G = G - Q @ (Q.T @ G)
+        G -= Q @ (Q.T @ G)
         parts.append(torch.einsum("ij,ij->j", G, _matmul(A, G)).cpu())
     x = torch.cat(parts)
     sd = float(x.std(unbiased=True)) if k > 1 else math.nan
