@@ -27,11 +27,11 @@ for A in 0.5 0.95; do
   $D study --seeds 0 1 --variant paper --alpha $A --no-curvature --out "$OUT/alpha$A" $Q > "$OUT/study-alpha$A.txt"
 done
 # 4. issue 10: every method on every pair (knobs chosen on val), the trade-off figure and the goals
-$D study --seeds 0 1 --methods plain project precondition blocks mix mix-ranked --out "$OUT/issue10" $Q > "$OUT/study-methods.txt"
-# 5. issue 9 at the preprint's Kernel SHAP density (160 samples per image at M = 16), seed 0, both variants
-$D zoo --preset dense --seeds 0 --variant paper --variant from-ft $Q
+$D study --seeds 0 1 2 --methods plain project precondition blocks mix mix-ranked --out "$OUT/issue10" $Q > "$OUT/study-methods.txt"
+# 5. issue 9 at the preprint's Kernel SHAP density (160 samples per image at M = 16), seeds 0 and 1, both variants
+$D zoo --preset dense --seeds 0 1 --variant paper --variant from-ft $Q
 for V in paper from-ft; do
-  $D study --preset dense --seeds 0 --variant $V --lambda-grid --no-curvature --out "$OUT/issue9-dense" $Q \
+  $D study --preset dense --seeds 0 1 --variant $V --lambda-grid --no-curvature --out "$OUT/issue9-dense" $Q \
     > "$OUT/study-dense-$V.txt"
 done
 echo "report in $OUT"
