@@ -148,7 +148,15 @@ QUALITY_KEYS = ("ermse_star_source", "accuracy_ft_source")
 
 
 def open_sources(folder: str | Path, alpha: float, base_hash: str, keys: dict[str, tuple]) -> tuple[list[Source], list[str]]:
-    """The usable sources of ``folder`` and one note per sub-folder that could not be used (and why)."""
+    """The usable sources of ``folder`` and one note per sub-folder that could not be used (and why).
+
+    A sub-folder is not used when it lacks the files of a τ*, or a file was taken from another base
+    or has other parameters than ``keys`` (name → shape).
+
+    Raises:
+        DataError: ``folder`` is not a folder, or no sub-folder is usable.
+        ArtifactError: a file is pickled, truncated or corrupt (never skipped silently).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"--sources {folder} is not a folder")
@@ -307,9 +315,8 @@ def candidate_features(inputs: RankInputs, alpha: float) -> tuple[pd.DataFrame, 
         ``base_hash`` and, with a card, ``model_sha256``.
 
     Raises:
-        BaseMismatchError: the target model or the card does not belong to the store's base, or
-            ‖τ_ftᵀ‖ / ‖θ_base‖ exceeds :data:`train.imports.MAX_RELATIVE_DISTANCE`.
-        DataError: no usable source in ``inputs.sources``.
+        BaseMismatchError: the model or card is not of the store's base, or ‖τ_ftᵀ‖/‖θ_base‖ exceeds
+            :data:`train.imports.MAX_RELATIVE_DISTANCE`.
     """
     from train.imports import MAX_RELATIVE_DISTANCE, file_sha256
 
@@ -338,17 +345,17 @@ def candidate_features(inputs: RankInputs, alpha: float) -> tuple[pd.DataFrame, 
 
 
 def _suite_table(study: Path | None, target: str) -> pd.DataFrame | None:
-    """Known pairs of the suite study at λ2 = 0.7 without ``target`` (None when there is no study)."""
-    from diag.pairs import load_study
+    """Known pairs of the suite study at λ2 = 0.7 without ``target`` (None when there is no study table).
+
+    Raises:
+        ArtifactError: a study table that is damaged (never taken for no study).
+    """
+    from diag.pairs import load_study, table_files
     from diag.ranking import training_pairs
 
-    if study is None or not Path(study).is_dir():
+    if study is None or not Path(study).is_dir() or not table_files(Path(study)):
         return None
-    try:
-        table = load_study(study, lambda2=PAPER_LAMBDA2)
-    except ArtifactError:
-        return None
-    return training_pairs(table, target)
+    return training_pairs(load_study(study, lambda2=PAPER_LAMBDA2), target)
 
 
 def _predict(cands: pd.DataFrame, train: pd.DataFrame, tier: int, model: str, budget: float,
@@ -439,17 +446,8 @@ def build_target_card(store, target: str, model_path: str | Path, data: str | Pa
     text tower. Hutchinson diagonal (``probes`` Rademacher probes: mean and standard error), trace
     ± stderr, top-k eigenpairs (Lanczos; ``lanczos_iters``: its Krylov dimension, None = its
     default), residual diag(H) − Σ l_i v_i². ``split``, ``n_images``, ``batch_size``, ``probes``,
-    ``k`` and ``seed`` are those of ``settings``; k is capped at the parameter count.
-
-    Args:
-        store: the store holding θ_base (and maybe ``target``'s head).
-        target: the target domain's name.
-        model_path: the target's checkpoint (open_clip; safetensors or a torch file).
-        data: the target's images, as :func:`train.datasets.load_domain`'s ``data``.
-        settings: the curvature settings.
-        progress: show the probes' progress.
-        device: where the products run.
-        lanczos_iters: Krylov dimension of the Lanczos run (None: its default).
+    ``k`` (capped at the parameter count) and ``seed`` come from ``settings``; ``data`` is
+    :func:`train.datasets.load_domain`'s; ``device`` runs the products.
 
     Returns:
         (card, estimate): the :class:`diag.curvature.card.HessianCard` and the Hutchinson diagonal's

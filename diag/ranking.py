@@ -239,7 +239,8 @@ def _band(train: pd.DataFrame, features: list[str], model: str, source_model, no
     """The sd of a predicted gain's band: the leave-one-target-out residual of the E-RMSE predictor.
 
     :func:`diag.recommend.loto_residual_sd` on the known pairs (each pair held out in turn when no
-    target can be); with fewer than 4 pairs the in-sample residual stands in, and the notes say so.
+    target can be); when that is NaN (fewer than 4 pairs, or no finite residual) the E-RMSE model's
+    in-sample residual stands in, and the notes say so.
     """
     from diag.recommend import loto_residual_sd
 

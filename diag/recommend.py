@@ -215,11 +215,11 @@ def study_gains(folder, target: str, seed: int | None = None, variant: str | Non
     Raises:
         ArtifactError: no study table in ``folder`` (run ``diag study`` over the suite first).
     """
-    from diag.pairs import load_study
+    from diag.pairs import load_study, table_files
     from diag.summary import select_run
 
     path = Path(folder)
-    if not path.is_dir() or not any(path.glob("*.csv")):
+    if not path.is_dir() or not table_files(path):
         raise ArtifactError(f"mix-ranked needs a study of known pairs in {path} (run `diag study` over the suite "
                             "first, or pass --study)")
     return ranker_gains(select_run(load_study(path, lambda2=lambda2), variant, seed), target)
@@ -234,7 +234,7 @@ def loto_residual_sd(train: pd.DataFrame, features: Sequence[str], model: str = 
     not seen, as a new target's ranking does (the in-sample residual understates it). When no
     target can be held out (fewer than 3 pairs would remain: a suite of 4 domains), each pair is
     held out in turn instead (``"leave-one-pair-out"``: its training pairs may share its domains, so
-    this one is optimistic). NaN (how ``"none"``) with fewer than 4 pairs.
+    this one is optimistic). NaN (how ``"none"``) with fewer than 4 pairs or no finite residual.
     """
     from diag.stats import with_normalised
 

@@ -159,3 +159,14 @@ def test_damaged_card_names_what_it_lacks(tmp_path):
         "format": _card_format(), "param_names": "[]", "param_shapes": "[]"})
     with pytest.raises(ArtifactError, match="lacks eigvecs, residual_diag"):
         CardStream(tmp_path / "card.st")
+
+
+def test_a_damaged_suite_study_is_an_error_not_no_study(tmp_path):
+    """rank-sources' suite: no table → None (the cos proxy); a truncated table → ArtifactError, not the proxy."""
+    from diag.openworld import _suite_table
+    from train.errors import ArtifactError
+
+    assert _suite_table(tmp_path, "t") is None and _suite_table(None, "t") is None
+    (tmp_path / "pairs.csv").write_text("source,target\na,b")  # last line incomplete
+    with pytest.raises(ArtifactError, match="truncated"):
+        _suite_table(tmp_path, "t")
