@@ -36,6 +36,7 @@ from diag.recommend import MIN_TRAINING_PAIRS
 from diag.streamfeatures import stream_features
 from train.errors import ArtifactError, BaseMismatchError, DataError
 from train.tensorio import _DTYPES as _CODES
+from train.store import alpha_tag
 from train.tensorio import read_metadata
 
 _DTYPES = {code: dtype for dtype, code in _CODES.items()}  # safetensors dtype code → torch dtype
@@ -163,7 +164,7 @@ def open_sources(folder: str | Path, alpha: float, base_hash: str, keys: dict[st
     sources, notes = [], []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         files = {"ft": sub / "ft.safetensors", "star": sub / "star.safetensors",
-                 "ftx": sub / f"ftx-a{float(alpha):g}.safetensors"}
+                 "ftx": sub / f"ftx-{alpha_tag(alpha)}.safetensors"}
         opened = {k: TensorFile(p) for k, p in files.items() if p.is_file()}
         why = _unusable(opened, base_hash, keys)
         if why:
@@ -179,7 +180,7 @@ def open_sources(folder: str | Path, alpha: float, base_hash: str, keys: dict[st
         sources.append(Source(sub.name, opened.get("ft"), opened.get("star"), opened.get("ftx"), quality))
     if not sources:
         raise DataError(f"no usable source vectors in {folder} (expected <name>/ft.safetensors with star.safetensors or "
-                        f"ftx-a{float(alpha):g}.safetensors){': ' + '; '.join(notes) if notes else ''}")
+                        f"ftx-{alpha_tag(alpha)}.safetensors){': ' + '; '.join(notes) if notes else ''}")
     return sources, notes
 
 
