@@ -223,7 +223,7 @@ class CardStream:
             off += n
 
     def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(V rows (n, k), r (n,)) of parameter ``name``, as stored (float64): views of the mapped file."""
+        """(V rows (n, k), r (n,)) of parameter ``name``: views of the mapped file, as stored (build_card: float64)."""
         lo, hi = self.offsets[name]
         k = len(self.eigvals)
         return self.file.view("eigvecs", lo * k, hi * k).view(hi - lo, k), self.file.view("residual_diag", lo, hi)
