@@ -22,6 +22,7 @@ import gc
 import json
 import math
 import mmap
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,12 +32,14 @@ import torch
 
 from diag.diagnostics import CurvatureSettings
 from diag.constants import PAPER_LAMBDA2
+from diag.recommend import MIN_TRAINING_PAIRS
 from diag.streamfeatures import stream_features
 from train.errors import ArtifactError, BaseMismatchError, DataError
+from train.tensorio import _DTYPES as _CODES
+from train.store import alpha_tag
 from train.tensorio import read_metadata
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+_DTYPES = {code: dtype for dtype, code in _CODES.items()}  # safetensors dtype code → torch dtype
 
 
 class TensorFile:
@@ -62,6 +65,9 @@ class TensorFile:
         self._bytes = np.frombuffer(self._map, dtype=np.uint8) if self._map is not None else np.empty(0, np.uint8)
         if len(self._bytes) < end:
             raise ArtifactError(f"{self.path} is truncated ({len(self._bytes)} bytes, tensors end at {end})")
+        odd = sorted({e["dtype"] for e in header.values()} - set(_DTYPES))
+        if odd:
+            raise ArtifactError(f"{self.path} holds tensors of dtype {odd[0]}; readable: {', '.join(sorted(_DTYPES))}")
         rename = rename or (lambda k: k)
         self.entries = {rename(k): v for k, v in header.items()}
 
@@ -118,7 +124,7 @@ def skip_exit_collection() -> None:
     atexit.register(gc.freeze)
 
 
-def _checkpoint_rename(names) -> callable:
+def _checkpoint_rename(names) -> Callable[[str], str]:
     """Stored checkpoint names → ``visual.*``: strip ``module.``; a tower-only file gets the prefix."""
     stripped = [k.removeprefix("module.") for k in names]
     whole = any(k.startswith("visual.") for k in stripped)
@@ -143,14 +149,22 @@ QUALITY_KEYS = ("ermse_star_source", "accuracy_ft_source")
 
 
 def open_sources(folder: str | Path, alpha: float, base_hash: str, keys: dict[str, tuple]) -> tuple[list[Source], list[str]]:
-    """The usable sources of ``folder`` and one note per sub-folder that could not be used (and why)."""
+    """The usable sources of ``folder`` and one note per sub-folder that could not be used (and why).
+
+    A sub-folder is not used when it lacks the files of a τ*, or a file was taken from another base
+    or has other parameters than ``keys`` (name → shape).
+
+    Raises:
+        DataError: ``folder`` is not a folder, or no sub-folder is usable.
+        ArtifactError: a file is pickled, truncated or corrupt (never skipped silently).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"--sources {folder} is not a folder")
     sources, notes = [], []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         files = {"ft": sub / "ft.safetensors", "star": sub / "star.safetensors",
-                 "ftx": sub / f"ftx-a{float(alpha):g}.safetensors"}
+                 "ftx": sub / f"ftx-{alpha_tag(alpha)}.safetensors"}
         opened = {k: TensorFile(p) for k, p in files.items() if p.is_file()}
         why = _unusable(opened, base_hash, keys)
         if why:
@@ -166,7 +180,7 @@ def open_sources(folder: str | Path, alpha: float, base_hash: str, keys: dict[st
         sources.append(Source(sub.name, opened.get("ft"), opened.get("star"), opened.get("ftx"), quality))
     if not sources:
         raise DataError(f"no usable source vectors in {folder} (expected <name>/ft.safetensors with star.safetensors or "
-                        f"ftx-a{float(alpha):g}.safetensors){': ' + '; '.join(notes) if notes else ''}")
+                        f"ftx-{alpha_tag(alpha)}.safetensors){': ' + '; '.join(notes) if notes else ''}")
     return sources, notes
 
 
@@ -193,6 +207,10 @@ class CardStream:
         meta = self.file.metadata
         if meta.get("format") != CARD_FORMAT:
             raise ArtifactError(f"'{path}' is not a Hessian card (format {meta.get('format')!r})")
+        lacking = [k for k in ("param_names", "param_shapes") if k not in meta] + \
+            [k for k in ("eigvals", "eigvecs", "residual_diag") if k not in self.file.entries]
+        if lacking:
+            raise ArtifactError(f"Hessian card '{path}' is damaged: it lacks {', '.join(lacking)}")
         self.names = json.loads(meta["param_names"])
         shapes = [tuple(s) for s in json.loads(meta["param_shapes"])]
         self.shapes = dict(zip(self.names, shapes))
@@ -205,7 +223,7 @@ class CardStream:
             off += n
 
     def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(V rows (n, k), r (n,)) of parameter ``name``, as stored (float64): views of the mapped file."""
+        """(V rows (n, k), r (n,)) of parameter ``name``: views of the mapped file, as stored (build_card: float64)."""
         lo, hi = self.offsets[name]
         k = len(self.eigvals)
         return self.file.view("eigvecs", lo * k, hi * k).view(hi - lo, k), self.file.view("residual_diag", lo, hi)
@@ -290,7 +308,17 @@ def _check_card(card: CardStream, base_hash: str, model_sha: str, keys: dict) ->
 
 
 def candidate_features(inputs: RankInputs, alpha: float) -> tuple[pd.DataFrame, list[str], dict]:
-    """One row of features per usable source, notes on what was not used, and facts of the run."""
+    """One row of features per usable source, notes on what was not used, and facts of the run.
+
+    Returns:
+        (features, notes, facts): the rows of :func:`diag.streamfeatures.stream_features`; one note
+        per sub-folder not used and per source without ``ft.safetensors``; ``target_model``,
+        ``base_hash`` and, with a card, ``model_sha256``.
+
+    Raises:
+        BaseMismatchError: the model or card is not of the store's base, or ‖τ_ftᵀ‖/‖θ_base‖ exceeds
+            :data:`train.imports.MAX_RELATIVE_DISTANCE`.
+    """
     from train.imports import MAX_RELATIVE_DISTANCE, file_sha256
 
     base = TensorFile(inputs.base)
@@ -318,17 +346,17 @@ def candidate_features(inputs: RankInputs, alpha: float) -> tuple[pd.DataFrame, 
 
 
 def _suite_table(study: Path | None, target: str) -> pd.DataFrame | None:
-    """Known pairs of the suite study at λ2 = 0.7 without ``target`` (None when there is no study)."""
-    from diag.pairs import load_study
+    """Known pairs of the suite study at λ2 = 0.7 without ``target`` (None when there is no study table).
+
+    Raises:
+        ArtifactError: a study table that is damaged (never taken for no study).
+    """
+    from diag.pairs import load_study, table_files
     from diag.ranking import training_pairs
 
-    if study is None or not Path(study).is_dir():
+    if study is None or not Path(study).is_dir() or not table_files(Path(study)):
         return None
-    try:
-        table = load_study(study, lambda2=PAPER_LAMBDA2)
-    except ArtifactError:
-        return None
-    return training_pairs(table, target)
+    return training_pairs(load_study(study, lambda2=PAPER_LAMBDA2), target)
 
 
 def _predict(cands: pd.DataFrame, train: pd.DataFrame, tier: int, model: str, budget: float,
@@ -351,7 +379,7 @@ def _predict(cands: pd.DataFrame, train: pd.DataFrame, tier: int, model: str, bu
 
 def _proxy(cands: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
     """Rank by cos(τ_ftˢ, τ_ftᵀ), the paper's proxy, when there is no suite to fit a predictor on."""
-    notes.append("no suite study with ≥ 4 known pairs in the store (run `diag study`): ranked by cos(τ_ft) alone, "
+    notes.append(f"no suite study with ≥ {MIN_TRAINING_PAIRS} known pairs in the store (run `diag study`): ranked by cos(τ_ft) alone, "
                  "the paper's proxy; no predicted E-RMSE or accuracy drop")
     key = cands["cos_ft"] if "cos_ft" in cands.columns else pd.Series(math.nan, index=cands.index)
     out = cands.assign(_k=key.fillna(-math.inf)).sort_values("_k", ascending=False, kind="stable")
@@ -369,8 +397,21 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
     Tier 0 without a card, tier 1 with one. With a suite study the predictor fitted on its
     known pairs gives predicted E-RMSE and accuracy drop, and λ2 from the predicted drop;
     with a card, λ2 is also capped by the card: ½ λ2² R_card ≤ ``max_loss_increase``
-    (:func:`diag.decide.quadratic_lambda_max`). Returns a :class:`diag.ranking.SourceRanking`
-    whose notes say what could not be used, and the run's facts (hashes).
+    (:func:`diag.decide.quadratic_lambda_max`), rounded down to the λ2 grid. Without a study of at
+    least :data:`diag.recommend.MIN_TRAINING_PAIRS` known pairs the sources are ranked by
+    cos(τ_ftˢ, τ_ftᵀ) alone, with no predictions and no λ2 from a drop.
+
+    Args:
+        inputs: the files to read (:class:`RankInputs`).
+        target: the target's name in the ranking (and the domain left out of the suite's pairs).
+        alpha: α of the sources' ``ftx-a<α>.safetensors`` files.
+        max_acc_drop: budget on the predicted relative accuracy drop.
+        max_loss_increase: budget on the card's quadratic loss increase ½ λ2² R_card, in nats.
+        model: predictor model (:func:`diag.predictor.fit_predictor`).
+
+    Returns:
+        (ranking, facts): a :class:`diag.ranking.SourceRanking` whose notes say what could not be
+        used, and the run's facts (:func:`candidate_features`).
     """
     from diag.decide import grid_floor, quadratic_lambda_max, quadratic_loss_increase
     from diag.ranking import SourceRanking
@@ -378,7 +419,7 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
     tier = 1 if inputs.card is not None else 0
     cands, notes, facts = candidate_features(inputs, alpha)
     train = _suite_table(inputs.study, target)
-    if train is not None and len(train) >= 4:
+    if train is not None and len(train) >= MIN_TRAINING_PAIRS:
         out = _predict(cands, train, tier, model, max_acc_drop, notes)
         n_train = len(train)
     else:
@@ -405,7 +446,13 @@ def build_target_card(store, target: str, model_path: str | Path, data: str | Pa
     ``target`` when it has one, else CLIP's zero-shot head of the data's class names with θ_base's
     text tower. Hutchinson diagonal (``probes`` Rademacher probes: mean and standard error), trace
     ± stderr, top-k eigenpairs (Lanczos; ``lanczos_iters``: its Krylov dimension, None = its
-    default), residual diag(H) − Σ l_i v_i².
+    default), residual diag(H) − Σ l_i v_i². ``split``, ``n_images``, ``batch_size``, ``probes``,
+    ``k`` (capped at the parameter count) and ``seed`` come from ``settings``; ``data`` is
+    :func:`train.datasets.load_domain`'s; ``device`` runs the products.
+
+    Returns:
+        (card, estimate): the :class:`diag.curvature.card.HessianCard` and the Hutchinson diagonal's
+        estimate (``mean``, ``stderr``, ``total``, ``total_stderr``).
     """
     import copy
 

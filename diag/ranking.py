@@ -30,6 +30,7 @@ from diag.decide import accuracy_grid, drop_at, lambda2_from_predicted_drop, rec
 from diag.diagnostics import Diagnostics, pair_features
 from diag.pairs import artifact_key
 from diag.predictor import evaluate_loto, fit_predictor, fit_source_model, rank_sources, tier_features
+from diag.recommend import MIN_TRAINING_PAIRS
 from train.errors import ArtifactError, DataError
 from train.store import content_key
 
@@ -52,6 +53,7 @@ class SourceRanking:
     mixes: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def to_dict(self) -> dict:
+        """The ranking as plain values: one dict per source (NaN as None; risks beyond the tier as None)."""
         def val(v):
             return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
 
@@ -93,6 +95,8 @@ class SourceRanking:
     def from_json(cls, text: str, path: Path) -> "SourceRanking":
         try:
             d = json.loads(text)
+            if int(d["tier"]) not in TIER_NAMES:
+                raise ValueError(f"tier {d['tier']!r} is none of {sorted(TIER_NAMES)}")
             rows = pd.DataFrame(d["rows"], columns=d["columns"]).fillna(math.nan)
             mixes = pd.DataFrame(d.get("mixes", []), columns=d.get("mix_columns", [])).fillna(math.nan)
             return cls(d["target"], int(d["tier"]), float(d["max_acc_drop"]), rows, int(d["n_training_pairs"]),
@@ -101,6 +105,7 @@ class SourceRanking:
             raise ArtifactError(f"cached ranking {path} is damaged ({exc}); delete it to recompute") from None
 
     def table(self) -> str:
+        """The ranking as text: one line per source, the multi-source candidates, then the notes."""
         lines = [f"Sources for target '{self.target}' — {TIER_NAMES[self.tier]}; predictor fitted on "
                  f"{self.n_training_pairs} known pairs without '{self.target}'; budget: accuracy drop ≤ "
                  f"{self.max_acc_drop:.0%} of θ_ftᵀ", ""]
@@ -189,12 +194,20 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
     else predicted by the quadratic model; sources are ranked by the gain predicted at that
     recommendation (± the predictor's residual sd, scaled alike), and a source with no safe
     recommendation is listed last as "no safe transfer". ``lambda2`` stays plain eq. 8's λ2.
+
+    ``accuracy_check`` (default: ``tier >= 2``) measures plain eq. 8's accuracy over the λ2 grid on
+    the target's ``val`` images (:func:`diag.decide.accuracy_grid`).
+
+    Raises:
+        DataError: no source, or fewer than :data:`diag.recommend.MIN_TRAINING_PAIRS` known pairs
+            without the target.
     """
     if not sources:
         raise DataError(f"No candidate source vectors for target '{target}'")
     train = training_pairs(table, target)
-    if len(train) < 4:
-        raise DataError(f"Only {len(train)} known pairs without '{target}'; need at least 4 to fit a predictor")
+    if len(train) < MIN_TRAINING_PAIRS:
+        raise DataError(f"Only {len(train)} known pairs without '{target}'; need at least {MIN_TRAINING_PAIRS} to fit "
+                        "a predictor")
     cands = candidate_rows(diag, table, target, sources, tier)
     check = tier >= 2 if accuracy_check is None else accuracy_check
     grid = accuracy_grid(diag.ws, target, sources, lambda1) if check else None
@@ -226,7 +239,8 @@ def _band(train: pd.DataFrame, features: list[str], model: str, source_model, no
     """The sd of a predicted gain's band: the leave-one-target-out residual of the E-RMSE predictor.
 
     :func:`diag.recommend.loto_residual_sd` on the known pairs (each pair held out in turn when no
-    target can be); with fewer than 4 pairs the in-sample residual stands in, and the notes say so.
+    target can be); when that is NaN (fewer than 4 pairs, or no finite residual) the E-RMSE model's
+    in-sample residual stands in, and the notes say so.
     """
     from diag.recommend import loto_residual_sd
 
@@ -329,7 +343,16 @@ def rank_cached(diag: Diagnostics, table: pd.DataFrame, target: str, sources: li
 
 
 def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """Leave-one-target-out evaluation of the tier predictors, the paper's cos(τ_ft) proxy and random."""
+    """Leave-one-target-out evaluation of the tier predictors, the paper's cos(τ_ft) proxy and random.
+
+    :func:`diag.predictor.evaluate_loto` on E-RMSE with each tier's features (a tier whose features
+    equal a lower tier's is skipped); the proxy and random appear once, under the first tier.
+
+    Returns:
+        One dict per ranker: ``name`` (``"<model> (tier t)"``, or the proxy's or ``random``),
+        ``tier``, ``mean_spearman``, ``ci95``, ``mean_top1_regret``, ``random_top1_regret``,
+        ``pooled_r``, ``pooled_ci95``.
+    """
     out = []
     seen = set()
     for tier in (0, 1, 2):
@@ -338,11 +361,10 @@ def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
             continue
         seen.add(tuple(feats))
         for ev in evaluate_loto(table, feats, target="ermse", n_boot=n_boot, seed=seed):
-            d = {"name": ev.name if ev.name in ("cos_ft proxy", "random", "proxy") or "proxy" in ev.name
-                 or ev.name == "random" else f"{ev.name} (tier {tier})",
+            d = {"name": ev.name if "proxy" in ev.name or ev.name == "random" else f"{ev.name} (tier {tier})",
                  "tier": tier, "mean_spearman": ev.mean_spearman, "ci95": list(ev.ci95),
                  "mean_top1_regret": ev.mean_top1_regret, "random_top1_regret": ev.random_top1_regret,
-                 "pooled_r": getattr(ev, "pooled_r", None), "pooled_ci95": list(getattr(ev, "pooled_ci95", []) or [])}
+                 "pooled_r": ev.pooled_r, "pooled_ci95": list(ev.pooled_ci95)}
             if d["name"] in {o["name"] for o in out}:
                 continue
             out.append(d)

@@ -48,13 +48,21 @@ COLUMNS = ("method", "method_param", "method_scale", "size_ratio", "method_acc_d
 
 
 def tier_methods(tier: int, methods: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The methods of ``tier`` (restricted to ``methods`` when given; ``plain`` always stays)."""
-    allowed = TIER_METHODS[int(tier)]
+    """The methods of ``tier`` (restricted to ``methods`` when given; ``plain`` always stays).
+
+    ``mix`` is accepted in ``methods`` and dropped: the mixes are listed apart (:func:`recommend_mixes`).
+
+    Raises:
+        UnknownNameError: a tier outside :data:`TIER_METHODS`, or an unknown method.
+    """
+    if tier not in TIER_METHODS:
+        raise unknown("tier", str(tier), [str(t) for t in TIER_METHODS])
+    allowed = TIER_METHODS[tier]
     if methods is None:
         return allowed
     for m in methods:
         if m not in TIER_METHODS[2] + ("mix",):
-            raise unknown("recommendation method", m, TIER_METHODS[2])
+            raise unknown("recommendation method", m, TIER_METHODS[2] + ("mix",))
     return tuple(m for m in allowed if m in methods or m == "plain")
 
 
@@ -80,7 +88,12 @@ def recommend_predicted(source: str, predicted_drop: float, budget: float, tau_n
         tau_norm: ‖τ*ˢ‖.
         curvature: the target's card (tier 1; :class:`diag.repair_select.RepairCurvature` or a card).
         tau: τ*ˢ (tier 1).
-        methods: methods allowed besides plain (tier 1: ``precondition``, ``project``).
+        methods: methods allowed (``plain`` is always tried; tier 1 adds ``precondition``, ``project``).
+
+    Returns:
+        The chosen row (:data:`COLUMNS`): the safe candidate of largest ``size_ratio``, else plain
+        eq. 8's (unsafe). A method's drop is ``predicted_drop`` times its predicted loss increase
+        over plain eq. 8's at λ2 = 0.7 (plain's own: ``predicted_drop`` · (λ2/0.7)²).
     """
     lam = lambda2_from_predicted_drop(predicted_drop, budget)
     rows = [_row("plain", lam, lam, lam / PAPER_LAMBDA2, predicted_drop * (lam / PAPER_LAMBDA2) ** 2, False, lam > 0)]
@@ -96,8 +109,8 @@ def recommend_predicted(source: str, predicted_drop: float, budget: float, tau_n
             continue
         for c in candidates(m, tau, curv, PAPER_LAMBDA2):
             drop = predicted_drop * c.predicted_loss_increase / ref if ref > 0 else predicted_drop
-            rows.append(_row(m, c.param, c.scale, c.size / (PAPER_LAMBDA2 * tau_norm), drop, False,
-                             drop <= budget + 1e-9))
+            rows.append(_row(m, c.param, c.scale, c.size / (PAPER_LAMBDA2 * tau_norm) if tau_norm > 0 else 0.0,
+                             drop, False, drop <= budget + 1e-9))
     return _best(rows)
 
 
@@ -169,11 +182,12 @@ def ranker_gains(plain: pd.DataFrame, target: str, tier: int = 0, model: str = "
         DataError: no candidate row (s, target), or no ``cos_ft`` column for the proxy.
     """
     from diag.predictor import fit_predictor, tier_features
+    from diag.ranking import training_pairs
 
     cands = plain[(plain["target"] == target) & (plain["source"] != target)]
     if cands.empty:
         raise DataError(f"no known pair (source, '{target}') to rank sources for '{target}'")
-    train = plain[(plain["target"] != target) & (plain["source"] != target)]
+    train = training_pairs(plain, target)
     feats = [f for f in tier_features(train, tier) if f in cands.columns] if len(train) >= MIN_TRAINING_PAIRS else []
     if feats:
         pred = fit_predictor(train, feats, "ermse_norm", model).predict(cands)
@@ -201,11 +215,11 @@ def study_gains(folder, target: str, seed: int | None = None, variant: str | Non
     Raises:
         ArtifactError: no study table in ``folder`` (run ``diag study`` over the suite first).
     """
-    from diag.pairs import load_study
+    from diag.pairs import load_study, table_files
     from diag.summary import select_run
 
     path = Path(folder)
-    if not path.is_dir() or not any(path.glob("*.csv")):
+    if not path.is_dir() or not table_files(path):
         raise ArtifactError(f"mix-ranked needs a study of known pairs in {path} (run `diag study` over the suite "
                             "first, or pass --study)")
     return ranker_gains(select_run(load_study(path, lambda2=lambda2), variant, seed), target)
@@ -220,7 +234,7 @@ def loto_residual_sd(train: pd.DataFrame, features: Sequence[str], model: str = 
     not seen, as a new target's ranking does (the in-sample residual understates it). When no
     target can be held out (fewer than 3 pairs would remain: a suite of 4 domains), each pair is
     held out in turn instead (``"leave-one-pair-out"``: its training pairs may share its domains, so
-    this one is optimistic). NaN (how ``"none"``) with fewer than 4 pairs.
+    this one is optimistic). NaN (how ``"none"``) with fewer than 4 pairs or no finite residual.
     """
     from diag.stats import with_normalised
 
@@ -257,6 +271,11 @@ def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measure
     tier 0 has no bound on a mix's drop (no curvature, no images): not recommended.
     The predicted gain is first order in the added vector, Σₛ wₛgₛ · λ2/0.7 (so a mix gains over
     the top source only by allowing a larger λ2), ± the residual sd scaled alike.
+
+    Returns:
+        One row per mix (``universal``, ``ranked``): ``candidate``, ``method`` (``mix`` or
+        ``mix-ranked``), ``weights`` (text), the :data:`COLUMNS` (``method_param``: the mix's name, or
+        why it has no λ2) and ``predicted_gain``, ``predicted_gain_sd``.
     """
     from diag import repair
     from diag.repair_select import RepairCurvature, candidates, select_repair
@@ -279,7 +298,7 @@ def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measure
             rows.append({**row, **_row(method, "no positive predicted gain", 0.0, 0.0, math.nan, False, False),
                          "predicted_gain": 0.0, "predicted_gain_sd": 0.0})
             continue
-        vec = repair.mix(vectors, w, target)
+        vec, param = repair.mix(vectors, w, target), name
         if measured:
             choice = select_repair(ws, target, vec, "mix", curvature, lambda1, mixes={name: vec}, max_acc_drop=budget)
             lam, safe = choice.candidate.scale, choice.safe
@@ -290,9 +309,9 @@ def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measure
             safe, drop = lam > 0, drop07 * (lam / PAPER_LAMBDA2) ** 2
         else:
             lam, safe, drop = 0.0, False, math.nan
-            name = "no bound on its drop without a card or val images"
+            param = "no bound on its drop without a card or val images"
         g = sum(w[s] * gains[s] for s in w)
         gain, sd = predicted_gain(1.0 - g, lam / PAPER_LAMBDA2, residual_sd, safe)
-        rows.append({**row, **_row(method, name, lam, lam / PAPER_LAMBDA2, drop, measured, safe),
+        rows.append({**row, **_row(method, param, lam, lam / PAPER_LAMBDA2, drop, measured, safe),
                      "predicted_gain": gain, "predicted_gain_sd": sd})
     return pd.DataFrame(rows)

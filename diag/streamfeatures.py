@@ -6,7 +6,8 @@ For each parameter tensor (a *block*), with τ_ftᵀ = θ_target − θ_base on 
   τ_ftˢ rows F (sources × n);
 * ‖τ*ˢ‖² and, with a card (top-k eigenpairs V, l and residual diagonal r),
   Vᵀτ*, Σ r τ*² and (V²)ᵀτ*², so that R_card = Σ l_i (v_iᵀτ*)² + Σ r_j τ*_j² and
-  R_diag = Σ r_j τ*_j² + Σ_i l_i ((V²)ᵀτ*²)_i.
+  R_diag = Σ r_j τ*_j² + Σ_i l_i ((V²)ᵀτ*²)_i. A parameter the card does not cover adds to
+  ‖τ*ˢ‖² only (its rows of V and r count as zero).
 
 Every product is float64: float32 sums at 88M parameters put cos(τ, τ) at 1.0001, and float32
 card products within a block put R_card 0.19 % off an exact sum (float64: 2e-15). A block is
@@ -161,8 +162,11 @@ def stream_features(target, base, sources: list, card, keys: list[str]) -> tuple
         keys: parameter names, in reading order.
 
     Returns:
-        (one feature row per source — the names of :data:`diag.predictor.TIER_FEATURES` —,
-        ‖τ_ftᵀ‖, ‖θ_base‖).
+        (rows, ‖τ_ftᵀ‖, ‖θ_base‖): one dict per source, in the order of ``sources``, with ``source``,
+        ``norm_star_source`` (‖τ*ˢ‖), ``norm_ft_target`` (‖τ_ftᵀ‖), the source's quality metadata
+        (:data:`diag.openworld.QUALITY_KEYS` present in its files); with a τ_ft file also ``cos_ft``,
+        ``cos_ft.<group>`` per block group (:func:`diag.similarity.block_group`) and ``norm_ft_source``;
+        with a card also ``risk_card`` and ``risk_diag`` (module docstring).
     """
     sizes = {key: math.prod(base.shape(key)) for key in keys}
     threads = torch.get_num_threads()
@@ -177,7 +181,8 @@ def stream_features(target, base, sources: list, card, keys: list[str]) -> tuple
     finally:
         torch.set_num_threads(threads)
     sums = _merge(parts)
-    rows = [_row(src, sums, i, [src for src in sources if src.ft is not None], card) for i, src in enumerate(sources)]
+    with_ft = [src for src in sources if src.ft is not None]
+    rows = [_row(src, sums, i, with_ft, card) for i, src in enumerate(sources)]
     return rows, math.sqrt(sum(sums.nt.values())), math.sqrt(sums.nb)
 
 

@@ -128,3 +128,13 @@ def test_bench_curvature_quick_runs_every_path(capsys):
     if r.get("pyhessian_trace_s") is not None:  # equal accuracy: Hutch++'s time scaled by its variance ratio
         want = r["pyhessian_trace_s"] / r["hutchpp_s"] * (r["pyhessian_trace_stderr"] / r["hutchpp_stderr"]) ** 2
         assert r["pyhessian_over_ours_trace_equal_accuracy"] == pytest.approx(want)
+
+
+def test_bench_estimators_refuses_one_probe():
+    """One probe has no standard error: refused by name before any product."""
+    from diag.curvature.bench_estimators import bench_estimators
+    from train.errors import TvdiagError
+
+    with pytest.raises(TvdiagError, match="--probes 1: .*at least 2"):
+        bench_estimators(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), [], [], 1,
+                         torch.device("cpu"))

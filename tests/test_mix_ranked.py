@@ -93,6 +93,26 @@ def test_loto_band_is_out_of_sample():
     assert math.isnan(loto_residual_sd(three.iloc[:3], feats)[0])
 
 
+def test_bad_tier_and_method_are_named_with_the_choices():
+    """tier_methods and a cached ranking with an unknown tier raise tvdiag errors, not a KeyError."""
+    from pathlib import Path
+
+    from diag.ranking import SourceRanking
+    from diag.recommend import tier_methods
+    from train.errors import ArtifactError, UnknownNameError
+
+    assert tier_methods(1, ["project", "mix"]) == ("plain", "project")
+    with pytest.raises(UnknownNameError, match="Unknown tier '3'. Available: 0, 1, 2"):
+        tier_methods(3)
+    with pytest.raises(UnknownNameError, match="Unknown recommendation method 'blox'. Available: .*mix"):
+        tier_methods(2, ["blox"])
+    ranking = SourceRanking("t", 0, 0.05, pd.DataFrame({"source": ["a"], "rank": [1]}), 4)
+    assert SourceRanking.from_json(ranking.to_json(), Path("r.json")).rows.equals(ranking.rows)
+    damaged = json.loads(ranking.to_json()) | {"tier": 7}
+    with pytest.raises(ArtifactError, match="tier 7 is none of"):
+        SourceRanking.from_json(json.dumps(damaged), Path("r.json"))
+
+
 # ------------------------------------------------------------------------------ smoke store
 
 

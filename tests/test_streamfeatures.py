@@ -140,3 +140,33 @@ def test_tensorfile_views(tmp_path):
     f.release("b", 1, 3)
     assert torch.equal(f.read("b"), b) and torch.equal(f.read("a", rows=(1, 3)), a[1:3])
     f.close()
+
+
+def test_tensorfile_refuses_a_dtype_it_cannot_view(tmp_path):
+    """A float8 tensor is named with the readable dtypes (not a KeyError at the first view)."""
+    from train.errors import ArtifactError
+
+    save_file({"x": torch.zeros(4, dtype=torch.float8_e4m3fn)}, str(tmp_path / "f8.st"))
+    with pytest.raises(ArtifactError, match="dtype F8_E4M3; readable: .*F32"):
+        TensorFile(tmp_path / "f8.st")
+
+
+def test_damaged_card_names_what_it_lacks(tmp_path):
+    """A card file with the format tag but no eigenvectors is refused by name (not a KeyError)."""
+    from train.errors import ArtifactError
+
+    save_file({"eigvals": torch.ones(1, dtype=torch.float64)}, str(tmp_path / "card.st"), metadata={
+        "format": _card_format(), "param_names": "[]", "param_shapes": "[]"})
+    with pytest.raises(ArtifactError, match="lacks eigvecs, residual_diag"):
+        CardStream(tmp_path / "card.st")
+
+
+def test_a_damaged_suite_study_is_an_error_not_no_study(tmp_path):
+    """rank-sources' suite: no table → None (the cos proxy); a truncated table → ArtifactError, not the proxy."""
+    from diag.openworld import _suite_table
+    from train.errors import ArtifactError
+
+    assert _suite_table(tmp_path, "t") is None and _suite_table(None, "t") is None
+    (tmp_path / "pairs.csv").write_text("source,target\na,b")  # last line incomplete
+    with pytest.raises(ArtifactError, match="truncated"):
+        _suite_table(tmp_path, "t")
