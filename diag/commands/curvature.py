@@ -66,7 +66,7 @@ def register(sub) -> None:
     b.add_argument("--quick", action="store_true", help="small models and batches, < 1 minute on 2 cores")
     b.add_argument("--repeats", type=REPEATS, default=None)
     b.add_argument("--json", action="store_true")
-    b.add_argument("--probes", type=int, default=None,
+    b.add_argument("--probes", type=int_range(2, 100_000), default=None,
                    help="also time an N-probe Hutchinson trace and the top eigenvalue against PyHessian's")
     b.add_argument("--models", nargs="+", default=None, help="bench models (default: all)")
     b.set_defaults(func=run_bench)

@@ -151,7 +151,9 @@ def run_rank_folder(args) -> int:
     check_alpha(args.alpha)
     if not store.base_path().is_file():
         raise ArtifactError(f"The store {store.folder} has no θ_base: the vectors' base must be in the store")
-    study = args.study or store.study_dir("allpairs")
+    from diag.pairs import DEFAULT_STUDY
+
+    study = args.study or store.study_dir(DEFAULT_STUDY)
     inputs = RankInputs(store.base_path(), args.target_model, args.sources, args.card, study)
     ranking, facts = rank_folder(inputs, target=args.target or "target", alpha=args.alpha,
                                  max_acc_drop=args.max_acc_drop, max_loss_increase=args.max_loss_increase,

@@ -178,9 +178,8 @@ def run_study_cmd(args) -> int:
     from diag import figures
     from diag.constants import PAPER_LAMBDA2
     from diag.curvature.distributed import is_distributed, rank_and_world
-    from diag.pairs import of_method
+    from diag.pairs import DEFAULT_STUDY, of_method
     from diag.summary import figure2_frame, study_report, summarize
-    from diag.pairs import DEFAULT_STUDY
     from diag.workers import complete_study
 
     ctx = context_from(args)
@@ -315,7 +314,7 @@ def run_correlate(args) -> int:
     from diag import figures
     from diag.stats import correlate_appendix_c
     from diag.summary import select_run
-    from diag.pairs import PAIRS_FILE, at_lambda, load_study, merge_shards
+    from diag.pairs import DEFAULT_STUDY, PAIRS_FILE, at_lambda, load_study, merge_shards
     from diag.sweep import run_study
     from train.vectors import check_scale
 
@@ -323,7 +322,7 @@ def run_correlate(args) -> int:
     lambda2 = check_scale("lambda2", args.lambda2)
     if args.n_boot < 1 or args.n_perm < 1:
         raise DataError("--n-boot and --n-perm must be positive")
-    out = Path(args.study) if args.study else ctx.store.study_dir("allpairs")
+    out = Path(args.study) if args.study else ctx.store.study_dir(DEFAULT_STUDY)
     if merge_shards(out, write=False).empty and (args.study is None or args.extend):
         domains = _domains(ctx, args.domains)
         store = ctx.ensure(domains, (PAPER_ALPHA,))

@@ -67,9 +67,10 @@ def run_transfer(args) -> int:
         curvature = Diagnostics(ws, progress=ctx.progress).curvature(target, need_operator=args.method == "blocks")
     gains = None
     if args.method == "mix-ranked":
+        from diag.pairs import DEFAULT_STUDY
         from diag.recommend import study_gains
 
-        gains, _ = study_gains(args.study or ctx.store.study_dir("allpairs"), target, args.seed, args.variant)
+        gains, _ = study_gains(args.study or ctx.store.study_dir(DEFAULT_STUDY), target, args.seed, args.variant)
     result = transfer(ws, source, target, args.lambda1, args.lambda2, controls=not args.no_controls,
                       candidates=candidates, method=args.method, curvature=curvature, max_acc_drop=args.max_acc_drop,
                       gains=gains)

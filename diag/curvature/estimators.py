@@ -32,7 +32,7 @@ from diag.curvature.distributed import all_reduce_sum
 from diag.curvature.hutchpp import hutchpp_trace
 from diag.curvature.probes import _dim, _matmul, _progress_bar, _split, _stderr, probe_seed, rademacher
 from diag.curvature.results import DiagonalEstimate, TraceEstimate
-from train.errors import TvdiagError
+from train.errors import DataError, TvdiagError
 
 __all__ = [
     "exact_diagonal",
@@ -136,13 +136,13 @@ def _welford_update(state: ProbeState, x: float) -> None:
 def _check_probe_args(block_size: int, num_matvecs: int | None, rel_stderr: float | None) -> int | None:
     """Validate the loop settings; returns ``num_matvecs`` (64 when neither stop rule is given)."""
     if block_size < 1:
-        raise ValueError(f"block_size={block_size}; must be >= 1")
+        raise DataError(f"block_size={block_size}; must be >= 1")
     if num_matvecs is None and rel_stderr is None:
         num_matvecs = DEFAULT_NUM_MATVECS
     if num_matvecs is not None and num_matvecs < 1:
-        raise ValueError(f"num_matvecs={num_matvecs}; must be >= 1")
+        raise DataError(f"num_matvecs={num_matvecs}; must be >= 1")
     if rel_stderr is not None and rel_stderr <= 0:
-        raise ValueError(f"rel_stderr={rel_stderr}; must be > 0")
+        raise DataError(f"rel_stderr={rel_stderr}; must be > 0")
     return num_matvecs
 
 
