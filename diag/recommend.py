@@ -310,7 +310,7 @@ def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measure
         else:
             lam, safe, drop = 0.0, False, math.nan
             param = "no bound on its drop without a card or val images"
-        g = sum(w[s] * gains[s] for s in w)
+        g = sum(w[s] * gains[s] for s in w if w[s] > 0)  # a zero weight never turns a NaN gain into NaN
         gain, sd = predicted_gain(1.0 - g, lam / PAPER_LAMBDA2, residual_sd, safe)
         rows.append({**row, **_row(method, param, lam, lam / PAPER_LAMBDA2, drop, measured, safe),
                      "predicted_gain": gain, "predicted_gain_sd": sd})
