@@ -92,6 +92,8 @@ def _run(argv: list[str] | None) -> int:
     logging.getLogger().addHandler(buffer)
     with warnings.catch_warnings(record=True) as caught, hold_notices() as notices:
         warnings.simplefilter("default")
+        # timm's import-time @torch.jit.script decorators (open_clip imports timm): nothing a user can act on
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
         try:
             args = build_parser().parse_args(argv)
             command = args.command
