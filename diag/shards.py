@@ -21,6 +21,7 @@ Outside torch.distributed, a context with ``workers > 1`` (``--workers``) runs
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 
@@ -50,6 +51,7 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
         Seconds of a domain are its owner's wall time over all seeds.
     """
     domains, seeds = list(dict.fromkeys(domains)), list(dict.fromkeys(seeds))
+    _announce_first_build(ctx, domains, seeds)
     if not is_distributed() and getattr(ctx, "workers", 1) > 1:
         pending = _pending(ctx, domains, alphas, explain, variants, seeds)
         if len(pending) > 1:  # θ_base exists now (built with every thread); the domains go to the workers
@@ -93,6 +95,19 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
            for d in domains} if zero_shot else {}
     return {"seconds": merged, "zero_shot_accuracy": acc, "rank_of": {d: i % world for i, d in enumerate(domains)},
             "built": [p["built"] for p in parts]}
+
+
+def _announce_first_build(ctx, domains: list[str], seeds: list[int]) -> None:
+    """On a store without θ_base, say once (stderr, before the progress bars) what is built and how long it takes."""
+    if not getattr(ctx, "progress", False) or rank_and_world()[0] != 0 or ctx.store.base_path().is_file():
+        return
+    cfg = ctx.zoo_config()
+    base = "θ_base by contrastive pretraining" if not (cfg.checkpoint or cfg.pretrained) else "θ_base"
+    cost = (" — the mini-suite's first run took 22 min on 2 CPU cores" if cfg.backbone == "tiny"
+            and ctx.preset == "default" else "")
+    print(f"tvdiag: first use of the store {ctx.store.folder}: building {base}, then θ_ft, φ and θ_ft* of "
+          f"{len(domains)} domain(s) for seed(s) {', '.join(map(str, seeds))}{cost}; an interrupted build resumes "
+          "where it stopped", file=sys.stderr, flush=True)
 
 
 def _pending(ctx, domains: Sequence[str], alphas, explain: bool, variants, seeds) -> list[str]:
