@@ -136,7 +136,8 @@ def _peak_rss_kb() -> int:
 
 def child(folder: str) -> None:
     """Rank the bench folder once; print seconds and this process's peak RSS as JSON."""
-    from diag.openworld import RankInputs, rank_folder, skip_exit_collection
+    from diag.mapped import skip_exit_collection
+    from diag.openworld import RankInputs, rank_folder
 
     import diag.decide  # noqa: F401  the imports are timed apart: "import_seconds"
     import diag.predictor  # noqa: F401

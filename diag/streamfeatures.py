@@ -12,11 +12,11 @@ For each parameter tensor (a *block*), with τ_ftᵀ = θ_target − θ_base on 
 Every product is float64: float32 sums at 88M parameters put cos(τ, τ) at 1.0001, and float32
 card products within a block put R_card 0.19 % off an exact sum (float64: 2e-15). A block is
 taken :data:`CHUNK` values at a time: the rows of all sources are copied from the memory-mapped
-files (:meth:`diag.openworld.TensorFile.view`, no read buffer) into float64 buffers allocated
+files (:meth:`diag.mapped.TensorFile.view`, no read buffer) into float64 buffers allocated
 once (fresh buffers per block cost a page fault per 4 kB), then multiplied at once — F·t for the
 stacked S × m rows, and τ*'s rows against each column of V —, so each value is read from the
 page cache once and converted once. After a block its file pages are dropped
-(:meth:`~diag.openworld.TensorFile.release`): the resident set is the buffers plus one block per
+(:meth:`~diag.mapped.TensorFile.release`): the resident set is the buffers plus one block per
 worker, whatever the model size.
 """
 
@@ -156,9 +156,9 @@ def stream_features(target, base, sources: list, card, keys: list[str]) -> tuple
     only in its last bits.
 
     Args:
-        target, base: the target model (a :class:`diag.openworld.TensorFile` or an in-memory file) and θ_base (a TensorFile).
+        target, base: the target model (a :class:`diag.mapped.TensorFile` or an in-memory file) and θ_base (a TensorFile).
         sources: :class:`diag.openworld.Source` objects (``ft``, ``star`` or ``ftx`` files).
-        card: a :class:`diag.openworld.CardStream` or None (tier 0).
+        card: a :class:`diag.mapped.CardStream` or None (tier 0).
         keys: parameter names, in reading order.
 
     Returns:

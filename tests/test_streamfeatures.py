@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diag.openworld import CardStream, Source, TensorFile
+from diag.mapped import CardStream, TensorFile
+from diag.openworld import Source
 from diag.similarity import block_group
 from diag.streamfeatures import stream_features
 

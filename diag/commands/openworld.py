@@ -140,7 +140,8 @@ def run_card(args) -> int:
 
 def run_rank_folder(args) -> int:
     """``diag rank-sources --target-model CKPT [--card CARD] --sources DIR``: no target images at all."""
-    from diag.openworld import RankInputs, rank_folder, skip_exit_collection
+    from diag.mapped import skip_exit_collection
+    from diag.openworld import RankInputs, rank_folder
     from train.losses import check_alpha
 
     if args.target_model is None or args.sources is None:
