@@ -155,7 +155,8 @@ def parallel_study(ctx, domains: list[str], *, alpha: float, seeds=(0,), variant
     Nothing happens under torch.distributed, with one worker, or when :func:`study_pending` finds
     every pair; otherwise :func:`diag.sweep.run_study` runs sharded in the workers (each target's
     Hᵀ by one of them, then the pairs split), worker 0 merges the shards, and the caller's own
-    ``run_study`` then reads every row. The zoo must be complete (``ctx.ensure``) before.
+    ``run_study`` then reads every row. ``mix-ranked`` is left to that call: its ranker learns
+    the plain rows of every pair, which no shard holds. The zoo must be complete (``ctx.ensure``) before.
     """
     from diag.curvature.distributed import is_distributed
     from diag.pairs import DEFAULT_STUDY
@@ -166,6 +167,10 @@ def parallel_study(ctx, domains: list[str], *, alpha: float, seeds=(0,), variant
     if not study_pending(out, list(domains), seeds, variant, alpha):
         return 1
     workers = min(ctx.workers, len(domains))
+    from diag.sweep import RANKED
+
+    if RANKED in (study_kwargs.get("methods") or ()):
+        study_kwargs = {**study_kwargs, "methods": [m for m in study_kwargs["methods"] if m != RANKED]}
     run_workers(_study_worker, ctx, (list(domains), alpha, list(seeds), variant, out, study_kwargs), workers)
     return workers
 

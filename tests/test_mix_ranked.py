@@ -175,3 +175,19 @@ def test_study_mix_ranked_is_a_second_pass_over_the_plain_rows(tmp_path):
             assert r["repair_size"] == pytest.approx(r["repair_scale"] * plain.at[(s, t), "norm_star_source"], rel=1e-6)
         else:
             assert r["repair_size"] == 0 and r["ermse"] == pytest.approx(r["ermse_ft_target"])
+
+
+def test_study_mix_ranked_in_local_workers(tmp_path, capsys):
+    """`study --methods plain mix-ranked --workers 2`: the workers score the plain rows (a shard each), the
+    parent then the ranked mix, whose ranker needs every pair's plain row (no shard has them all)."""
+    from _smoke import METHOD_DOMAINS, smoke_method_study
+
+    store, _, _ = smoke_method_study()
+    out = tmp_path / "study"
+    code, _, err = _cli(capsys, "study", "--preset", "smoke", "--store", str(store.root), "--domains",
+                        *METHOD_DOMAINS, "--no-curvature", "--methods", "plain", "mix-ranked", "--workers", "2",
+                        "--out", str(out), "--quiet", "--json")
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("pairs-shard*of2.csv")) == ["pairs-shard0of2.csv", "pairs-shard1of2.csv"]
+    table = pd.read_csv(out / "pairs.csv")
+    assert table.groupby("method").size().to_dict() == {"mix-ranked": 2, "plain": 2}
