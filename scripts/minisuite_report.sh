@@ -28,6 +28,8 @@ for A in 0.5 0.95; do
 done
 # 4. issue 10: every method on every pair (knobs chosen on val), the trade-off figure and the goals
 $D study --seeds 0 1 2 --methods plain project precondition blocks mix mix-ranked --out "$OUT/issue10" $Q > "$OUT/study-methods.txt"
+$D study --seeds 0 1 2 --variant from-ft --methods plain project precondition blocks mix mix-ranked --out "$OUT/issue10-fromft" $Q \
+  > "$OUT/study-methods-fromft.txt"
 # 5. issue 9 at the preprint's Kernel SHAP density (160 samples per image at M = 16), seeds 0 and 1, both variants
 $D zoo --preset dense --seeds 0 1 --variant paper --variant from-ft $Q
 for V in paper from-ft; do
