@@ -30,7 +30,7 @@ from torch import Tensor
 from diag.curvature.checkpoint import ProbeCheckpoint, ProbeState, load_state, save_state
 from diag.curvature.distributed import all_reduce_sum
 from diag.curvature.hutchpp import hutchpp_trace
-from diag.curvature.probes import _dim, _matmul, _progress_bar, _split, _stderr, probe_seed, rademacher
+from diag.curvature.probes import _dim, _matmul, _progress_bar, _split, _stderr, probe_block, probe_seed, rademacher
 from diag.curvature.results import DiagonalEstimate, TraceEstimate
 from train.errors import DataError, TvdiagError
 
@@ -169,7 +169,7 @@ def _probe_round(A, D: int, seed: int, first: int, R: int, rank: int, world: int
     vals = torch.zeros(R, dtype=torch.float64)
     P = None
     if pos:
-        V = torch.stack([rademacher(D, seed, first + j, A.dtype, "cpu") for j in pos], dim=1).to(A.device)
+        V = probe_block(D, seed, [first + j for j in pos], A.dtype, A.device)
         P = V.to(torch.float64) * _matmul(A, V)
         vals[pos] = P.sum(dim=0).cpu()
     if world > 1:

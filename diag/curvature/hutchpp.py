@@ -5,21 +5,15 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
 
-from diag.curvature.lanczos import free_memory_bytes
-from diag.curvature.probes import _dim, _matmul, rademacher
+from diag.curvature.probes import MEMORY_SHARE, _dim, _matmul, free_memory_bytes, probe_block
 from diag.curvature.results import TraceEstimate
+from train.errors import TvdiagError
 
 __all__ = ["hutchpp_trace"]
 
 
-def _probe_block(D: int, seed: int, first: int, count: int, device) -> Tensor:
-    """Probes ``first .. first+count-1`` of stream ``seed`` as the columns of a ``(D, count)`` block."""
-    return torch.stack([rademacher(D, seed, first + i) for i in range(count)], dim=1).to(device)
-
-
-def fitting_block(D: int, k: int, block_size: int, free_bytes: int, share: float = 0.5) -> int:
+def fitting_block(D: int, k: int, block_size: int, free_bytes: int, share: float = MEMORY_SHARE) -> int:
     """The largest block (at most ``block_size``) with which Hutch++ holds ``Q`` and one block's
     three ``(D, b)`` temporaries — ``(k + 3b) · D`` float64 numbers, and ``2k · D`` during the
     QR of the sketch — within ``share · free_bytes``.
@@ -30,8 +24,6 @@ def fitting_block(D: int, k: int, block_size: int, free_bytes: int, share: float
     columns = int(share * free_bytes // (8 * D))
     b = min(block_size, (columns - k) // 3)
     if b < 1 or 2 * k > columns:
-        from train.errors import TvdiagError
-
         raise TvdiagError(f"Hutch++ with {k} sketch probes over {D:,} parameters needs "
                           f"{max(k + 3, 2 * k) * D * 8 / 2**30:.1f} GiB, more than {share:.0%} of the "
                           f"{free_bytes / 2**30:.1f} GiB free: use fewer probes (3 per sketch column) or Hutchinson")
@@ -52,7 +44,8 @@ def hutchpp_trace(A, num_matvecs: int, seed: int = 0, block_size: int = 8) -> Tr
     it comes, so the run holds the sketch ``A S`` and its ``Q`` (two ``(D, k)`` float64
     matrices, while the QR runs; then ``Q`` alone) plus one block — 88M parameters × 33
     sketch columns is 23 GB per matrix, so size ``num_matvecs`` to the machine. The block
-    shrinks when ``Q`` and a block's temporaries would not fit in half the free memory
+    shrinks when ``Q`` and a block's temporaries would not fit in
+    :data:`~diag.curvature.probes.MEMORY_SHARE` of the free memory
     (:func:`fitting_block`; same estimate, other blocking).
 
     Args:
@@ -75,13 +68,13 @@ def hutchpp_trace(A, num_matvecs: int, seed: int = 0, block_size: int = 8) -> Tr
     Q = torch.empty(D, k_sketch, dtype=torch.float64, device=A.device)
     for s in starts:  # the sketch A S, one block of probes at a time
         b = min(block_size, k_sketch - s)
-        Q[:, s:s + b] = _matmul(A, _probe_block(D, seed, s, b, A.device))
+        Q[:, s:s + b] = _matmul(A, probe_block(D, seed, range(s, s + b), device=A.device))
     Q = torch.linalg.qr(Q).Q
     low = sum(float(torch.einsum("ij,ij->", Q[:, s:s + block_size], _matmul(A, Q[:, s:s + block_size])))
               for s in starts)
     parts = []
     for s in range(0, k, block_size):  # the deflated Hutchinson part, one block of fresh probes at a time
-        G = _probe_block(D, seed, k + s, min(block_size, k - s), A.device)
+        G = probe_block(D, seed, range(k + s, k + min(s + block_size, k)), device=A.device)
         G -= Q @ (Q.T @ G)
         parts.append(torch.einsum("ij,ij->j", G, _matmul(A, G)).cpu())
     x = torch.cat(parts)

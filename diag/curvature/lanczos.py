@@ -17,45 +17,25 @@ import math
 import torch
 from torch import Tensor
 
-from diag.curvature.probes import _dim, _matmul, rademacher
+from diag.curvature.probes import MEMORY_SHARE, _dim, _matmul, free_memory_bytes, rademacher
 from diag.curvature.results import EigenResult, SpectralDensity
 
 __all__ = ["gradient_start", "lanczos_topk", "lanczos_tridiag", "slq_density"]
 
 log = logging.getLogger(__name__)
 
-#: Share of the free memory (RAM on a CPU, the device's on a GPU) the kept products may take.
-PRODUCTS_MEMORY_SHARE = 0.5
-
-
-def free_memory_bytes(device: torch.device | str) -> int:
-    """Free memory where tensors of ``device`` live: the GPU's free bytes, else the host's
-    ``MemAvailable`` (Linux; without ``/proc/meminfo`` the total from ``sysconf``)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
 
 def keeps_products(m: int, D: int, device: torch.device | str, free_bytes: int | None = None) -> bool:
     """Whether :func:`lanczos_topk` keeps the ``m`` products ``A q_j`` (``m · D`` float64 numbers).
 
     Kept, the residuals ``‖A y_i − θ_i y_i‖`` cost no product; dropped, they cost ``k`` more.
-    They are kept when basis and products together take at most :data:`PRODUCTS_MEMORY_SHARE`
+    They are kept when basis and products together take at most :data:`~diag.curvature.probes.MEMORY_SHARE`
     of ``free_bytes`` (default :func:`free_memory_bytes` of ``device``): at ViT-B/32 size
     (D = 88M, m = 40) the two take 56 GB, which a 24 GB machine does not have.
     """
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
-    return 2 * m * D * 8 <= PRODUCTS_MEMORY_SHARE * free
+    return 2 * m * D * 8 <= MEMORY_SHARE * free
+
 
 _WHICH = ("LA", "LM", "SA")
 

@@ -8,13 +8,14 @@ anywhere and can be split across processes.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
 
 from diag.curvature.distributed import is_distributed, rank_and_world
 
-__all__ = ["probe_seed", "rademacher"]
+__all__ = ["probe_block", "probe_seed", "rademacher"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -46,6 +47,33 @@ def rademacher(dim: int, seed: int, index: int, dtype: torch.dtype = torch.float
     bits = torch.randint(0, 2, (dim,), generator=g, dtype=torch.int8)
     return (bits.to(dtype) * 2 - 1).to(device)
 
+
+def probe_block(dim: int, seed: int, indices, dtype: torch.dtype = torch.float64,
+                device: torch.device | str = "cpu") -> Tensor:
+    """Probes ``indices`` of stream ``seed`` as the columns of a ``(dim, len(indices))`` block on ``device``."""
+    return torch.stack([rademacher(dim, seed, i, dtype, "cpu") for i in indices], dim=1).to(device)
+
+
+
+#: Share of the free memory (RAM on a CPU, the device's on a GPU) an estimator's buffers may take
+#: (Lanczos' kept products, Hutch++'s sketch and blocks).
+MEMORY_SHARE = 0.5
+
+
+def free_memory_bytes(device: torch.device | str) -> int:
+    """Free memory where tensors of ``device`` live: the GPU's free bytes, else the host's
+    ``MemAvailable`` (Linux; without ``/proc/meminfo`` the total from ``sysconf``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _dim(A) -> int:
