@@ -99,13 +99,16 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
 
 def _announce_first_build(ctx, domains: list[str], seeds: list[int]) -> None:
     """On a store without θ_base, say once (stderr, before the progress bars) what is built and how long it takes."""
-    if not getattr(ctx, "progress", False) or rank_and_world()[0] != 0 or ctx.store.base_path().is_file():
+    if not getattr(ctx, "progress", False) or rank_and_world()[0] != 0:
+        return
+    store = ctx.store
+    if store.base_path().is_file():
         return
     cfg = ctx.zoo_config()
     base = "θ_base by contrastive pretraining" if not (cfg.checkpoint or cfg.pretrained) else "θ_base"
     cost = (" — the mini-suite's first run took 22 min on 2 CPU cores" if cfg.backbone == "tiny"
             and ctx.preset == "default" else "")
-    print(f"tvdiag: first use of the store {ctx.store.folder}: building {base}, then θ_ft, φ and θ_ft* of "
+    print(f"tvdiag: first use of the store {store.folder}: building {base}, then θ_ft, φ and θ_ft* of "
           f"{len(domains)} domain(s) for seed(s) {', '.join(map(str, seeds))}{cost}; an interrupted build resumes "
           "where it stopped", file=sys.stderr, flush=True)
 

@@ -160,6 +160,7 @@ def parallel_study(ctx, domains: list[str], *, alpha: float, seeds=(0,), variant
     """
     from diag.curvature.distributed import is_distributed
     from diag.pairs import DEFAULT_STUDY
+    from diag.sweep import RANKED
 
     if is_distributed() or ctx.workers <= 1:
         return 1
@@ -167,8 +168,6 @@ def parallel_study(ctx, domains: list[str], *, alpha: float, seeds=(0,), variant
     if not study_pending(out, list(domains), seeds, variant, alpha):
         return 1
     workers = min(ctx.workers, len(domains))
-    from diag.sweep import RANKED
-
     if RANKED in (study_kwargs.get("methods") or ()):
         study_kwargs = {**study_kwargs, "methods": [m for m in study_kwargs["methods"] if m != RANKED]}
     run_workers(_study_worker, ctx, (list(domains), alpha, list(seeds), variant, out, study_kwargs), workers)
