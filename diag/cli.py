@@ -51,35 +51,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _maybe_init_distributed() -> int:
-    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPU).
+def _maybe_init_distributed() -> bool:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPU); whether it did.
 
     Curvature products are then averaged over the ranks' data shards and probes split
-    across ranks; only rank 0 prints. Returns this process's rank.
+    across ranks; only rank 0 prints.
     """
-    import os
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0
-    import torch
-    import torch.distributed as dist
+        return False
+    from diag.curvature.distributed import init_group, is_distributed
 
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank()
+    if is_distributed():
+        return False  # a caller's group: the caller leaves it
+    init_group("env://")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 a 'no-go' verdict, 2 bad input, 3 an internal error)."""
-    logging.getLogger().setLevel(logging.WARNING)
-    if _maybe_init_distributed() != 0:
-        import io
-        import contextlib
+    """Run the CLI; returns the exit code (0 ok, 1 a 'no-go' verdict, 2 bad input, 3 an internal error).
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            return _run(argv)
-    return _run(argv)
+    Under ``torchrun`` the group joined here is left here too (:func:`diag.curvature.distributed.close_group`):
+    with a barrier when this rank's command succeeded (exit 0 or 1), at once when it failed.
+    """
+    logging.getLogger().setLevel(logging.WARNING)
+    joined = _maybe_init_distributed()
+    from diag.curvature.distributed import close_group, rank_and_world
+
+    code = 3
+    try:
+        if rank_and_world()[0] != 0:
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                code = _run(argv)
+        else:
+            code = _run(argv)
+        return code
+    finally:
+        if joined:
+            close_group(ok=code in (0, 1))
 
 
 def _run(argv: list[str] | None) -> int:

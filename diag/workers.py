@@ -33,6 +33,9 @@ __all__ = ["MAX_AUTO_WORKERS", "parallel_study", "parse_workers", "resolve_worke
 #: ``--workers auto`` never starts more processes than this (memory: each holds its models and data).
 MAX_AUTO_WORKERS = 4
 
+#: Seconds the other workers get to exit by themselves after one failed, before they are terminated.
+STOP_GRACE_S = 30.0
+
 
 def parse_workers(text: str) -> int | None:
     """``--workers`` value: ``auto`` (None) or a positive count."""
@@ -80,8 +83,12 @@ def run_workers(fn: Callable[..., Any], ctx, args: tuple, workers: int) -> Any:
     threads = max(1, torch.get_num_threads() // workers)
     with tempfile.TemporaryDirectory(prefix="tvdiag-workers-") as tmp:
         try:
-            mp.spawn(_entry, args=(workers, threads, tmp, fn, replace(ctx, workers=1), args), nprocs=workers,
-                     join=True)
+            context = mp.spawn(_entry, args=(workers, threads, tmp, fn, replace(ctx, workers=1), args),
+                               nprocs=workers, join=False)
+            # a failed worker leaves the group at once; its peers' collectives then fail and they exit
+            # on their own within the grace period (only a peer stuck elsewhere is stopped by a signal)
+            while not context.join(grace_period=STOP_GRACE_S):
+                pass
         except mp.ProcessRaisedException as err:
             messages = sorted(Path(tmp).glob("error-*.txt"))
             if messages:
@@ -100,25 +107,29 @@ def run_workers(fn: Callable[..., Any], ctx, args: tuple, workers: int) -> Any:
 
 
 def _entry(rank: int, world: int, threads: int, tmp: str, fn: Callable[..., Any], ctx, args: tuple) -> None:
-    """One worker: threads, the gloo group, ``fn``; worker 0 writes the result, a failing worker its message."""
+    """One worker: threads, the gloo group, ``fn``; worker 0 writes the result, a failing worker its message.
+
+    The group is left through :func:`diag.curvature.distributed.process_group`: a barrier when
+    every rank succeeded, none when this one failed (the parent then stops the others, and the
+    message it reports is the failing worker's own).
+    """
     import torch
-    import torch.distributed as dist
+
+    from diag.curvature.distributed import process_group
 
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
-                            timeout=timedelta(hours=12))
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("default")
-            result = fn(replace(ctx, progress=ctx.progress and rank == 0), *args)
-        (Path(tmp) / f"warnings-{rank}.json").write_text(json.dumps([str(w.message) for w in caught]))
-        if rank == 0:
-            (Path(tmp) / "result.json").write_text(json.dumps(result))
-    except TvdiagError as err:
-        (Path(tmp) / f"error-{rank}.txt").write_text(str(err))
-        raise
-    finally:
-        dist.destroy_process_group()
+    with process_group(f"file://{tmp}/rendezvous", rank=rank, world_size=world, backend="gloo",
+                       timeout=timedelta(hours=12)):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default")
+                result = fn(replace(ctx, progress=ctx.progress and rank == 0), *args)
+            (Path(tmp) / f"warnings-{rank}.json").write_text(json.dumps([str(w.message) for w in caught]))
+            if rank == 0:
+                (Path(tmp) / "result.json").write_text(json.dumps(result))
+        except TvdiagError as err:
+            (Path(tmp) / f"error-{rank}.txt").write_text(str(err))
+            raise
 
 
 def study_pending(out_dir: Path, domains: list[str], seeds, variant: str, alpha: float) -> bool:

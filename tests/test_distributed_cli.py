@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from diag.cli import main
+from diag.curvature.distributed import process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ["gtsrb", "mnist"]
@@ -119,15 +120,12 @@ def _curvature_worker(rank: int, init_file: str, store_root: str, out_dir: str) 
     from diag.shards import build_curvatures
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with process_group(f"file://{init_file}", rank=rank, world_size=2, backend="gloo"):
         diag = Diagnostics(Context(Path(store_root), preset="smoke").workspace(), settings=_curvature_settings(),
                            data_parallel=False)
         mine = build_curvatures(diag, DOMAINS)
         fresh = [diag.store.is_fresh(diag.diag_path(t), diag._curvature_key(t)) for t in DOMAINS]
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"mine": mine, "fresh": fresh}))
-    finally:
-        dist.destroy_process_group()
 
 
 def _curvature_settings():

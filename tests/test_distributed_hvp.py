@@ -3,12 +3,12 @@
 import os
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diag.curvature import GGNOperator, HessianOperator, rank_and_world
+from diag.curvature.distributed import process_group
 
 WORLD = 2
 
@@ -26,8 +26,7 @@ def make_problem():
 
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with process_group(f"file://{init_file}", rank=rank, world_size=WORLD, backend="gloo"):
         model, data, v = make_problem()
         assert rank_and_world() == (rank, WORLD)
         sharded = HessianOperator(model, data, engine="fwd-rev", shard=True)
@@ -43,8 +42,6 @@ def _worker(rank, init_file, out_dir):
             "dp": torch.tensor([int(sharded.data_parallel), int(local.data_parallel)]),
         }
         save_file(out, os.path.join(out_dir, f"rank{rank}.safetensors"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_process_hvp_equals_single_process(tmp_path):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diag.curvature.estimators import exact_diagonal, hutchinson_diagonal, hutchinson_trace
+from diag.curvature.distributed import process_group
 from diag.curvature.operators import DenseOperator
 
 D, N_PROBES, SEED = 24, 13, 4  # 13 probes: the last round is split unevenly
@@ -25,8 +26,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with process_group(f"file://{init_file}", rank=rank, world_size=world, backend="gloo"):
         A = DenseOperator(_matrix())
         t = hutchinson_trace(A, num_matvecs=N_PROBES, seed=SEED, block_size=2)
         d = hutchinson_diagonal(A, num_matvecs=N_PROBES, seed=SEED, block_size=2)
@@ -35,8 +35,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                    "probe_values": t.probe_values, "diag_mean": d.mean, "diag_stderr": d.stderr,
                    "diag_total": torch.tensor([d.total, d.total_stderr], dtype=torch.float64),
                    "exact": e.mean}, os.path.join(out_dir, f"rank{rank}.safetensors"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
