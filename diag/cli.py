@@ -1,6 +1,6 @@
 """The ``diag`` command line: ``main(argv)`` dispatches to the subcommands in :mod:`diag.commands`.
 
-Human tables by default, ``--json`` for machines (strict JSON, see :mod:`diag.options`),
+Human tables by default, ``--json`` for machines (strict JSON, see :mod:`diag.commands.options`),
 progress bars on long work. Bad input (unknown or unsafe names, corrupt or unsafe files,
 out-of-range values, an unwritable store) gives exactly one line on stderr and exit code 2;
 an unexpected exception gives a one-line summary and exit code 3 (the traceback with
@@ -18,7 +18,8 @@ import sys
 import traceback
 import warnings
 
-from diag.options import add_device_options
+from diag.commands.options import add_device_options
+from diag.runtime.distributed import close_group, init_group, is_distributed, rank_and_world
 from train.devices import check_bf16, hold_notices, resolve_device
 from train.errors import TvdiagError
 
@@ -27,7 +28,6 @@ COMMAND_MODULES = ("transfer", "curvature", "studies", "decide", "openworld")
 
 class _ArgumentError(Exception):
     """argparse found a bad command line; the message is one line."""
-
     def __init__(self, prog: str, message: str):
         super().__init__(message)
         self.prog = prog
@@ -35,7 +35,6 @@ class _ArgumentError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage block) and exit code 2."""
-
     def error(self, message: str):
         raise _ArgumentError(self.prog, " ".join(message.split()))
 
@@ -60,7 +59,6 @@ def _maybe_init_distributed() -> bool:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return False
-    from diag.curvature.distributed import init_group, is_distributed
 
     if is_distributed():
         return False  # a caller's group: the caller leaves it
@@ -71,12 +69,11 @@ def _maybe_init_distributed() -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 a 'no-go' verdict, 2 bad input, 3 an internal error).
 
-    Under ``torchrun`` the group joined here is left here too (:func:`diag.curvature.distributed.close_group`):
+    Under ``torchrun`` the group joined here is left here too (:func:`diag.runtime.distributed.close_group`):
     with a barrier when this rank's command succeeded (exit 0 or 1), at once when it failed.
     """
     logging.getLogger().setLevel(logging.WARNING)
     joined = _maybe_init_distributed()
-    from diag.curvature.distributed import close_group, rank_and_world
 
     code = 3
     try:
@@ -134,7 +131,6 @@ def _run(argv: list[str] | None) -> int:
 
 class _LogBuffer(logging.Handler):
     """Holds WARNING+ log lines of a run: shown after a success, dropped with a one-line failure."""
-
     def __init__(self):
         super().__init__(logging.WARNING)
         self.lines: list[str] = []

@@ -4,7 +4,7 @@
 * eq. 8 defaults: λ1 = 1 (the target's own task vector at full strength), λ2 = 0.7;
 * α = 0.8 of L_α = α·L_cls + (1 − α)·L_exp (eq. 4) for θ_ft*;
 * IoU@K with K = 1, 5, 10 at M = 49 patches (ViT-B/32 at 224 px), scaled to other grids
-  by :func:`diag.metrics.scaled_ks`;
+  by :func:`diag.transfer.metrics.scaled_ks`;
 * Table 1 of the preprint (ViT-B/32, ImageNet+X source, mean over 10 targets).
 
 Decision defaults that are not the paper's but shared by every command also live here:

@@ -11,7 +11,7 @@
 A source is a sub-folder ``DIR/<name>/`` holding ``ft.safetensors`` (τ_ftˢ; needed for cos_ft)
 and either ``star.safetensors`` (τ*ˢ) or ``ftx-a<α>.safetensors`` (τ_ft*ˢ; τ* = τ_ft* − τ_ft):
 the layout of a store's ``vectors/`` folder, so a store exports by copying. Files are memory-mapped
-(:class:`diag.mapped.TensorFile`) and read one parameter at a time, whose pages are dropped once used, never a
+(:class:`diag.features.mapped.TensorFile`) and read one parameter at a time, whose pages are dropped once used, never a
 whole vector: memory stays at a few blocks whatever the model size.
 """
 
@@ -26,12 +26,25 @@ import pandas as pd
 import torch
 
 from diag.constants import PAPER_LAMBDA2
-from diag.diagnostics import CurvatureSettings
-from diag.mapped import CardStream, TensorFile, _MemoryFile
-from diag.recommend import MIN_TRAINING_PAIRS
-from diag.streamfeatures import stream_features
+from diag.curvature.card import build_card
+from diag.curvature.hutchinson import hutchinson_diagonal
+from diag.curvature.operators import HessianOperator
+from diag.decide.predictor import (fit_predictor, fit_source_model, MIN_TRAINING_PAIRS, rank_sources, tier_features,
+                                   training_pairs)
+from diag.decide.ranking import SourceRanking
+from diag.decide.rules import grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max, quadratic_loss_increase
+from diag.features.mapped import _MemoryFile, CardStream, TensorFile
+from diag.features.pair_features import CurvatureSettings
+from diag.features.streamed import stream_features
+from diag.table import load_study, table_files
+from train.datasets.inputs import domain_for, split_inputs
+from train.devices import resolve_device
 from train.errors import ArtifactError, BaseMismatchError, DataError
-from train.store import alpha_tag
+from train.imports import (_is_safetensors, file_sha256, import_weights, MAX_RELATIVE_DISTANCE, read_state_dict,
+                           visual_part)
+from train.model import load_visual_state, SelfExplainingCLIP, text_head
+from train.store import alpha_tag, base_state
+from train.tensorio import dumps
 
 
 def _checkpoint_rename(names) -> Callable[[str], str]:
@@ -44,7 +57,6 @@ def _checkpoint_rename(names) -> Callable[[str], str]:
 @dataclass
 class Source:
     """One candidate: its τ_ft file (optional) and its τ* (``star``) or τ_ft* (``ftx``) file."""
-
     name: str
     ft: TensorFile | None
     star: TensorFile | None = None
@@ -113,7 +125,6 @@ def open_model(path: str | Path, keys: dict[str, tuple]):
     Raises:
         BaseMismatchError: names or shapes differ from the store's backbone.
     """
-    from train.imports import _is_safetensors, read_state_dict, visual_part
 
     path = Path(path)
     if not path.is_file():
@@ -134,7 +145,6 @@ def open_model(path: str | Path, keys: dict[str, tuple]):
 @dataclass
 class RankInputs:
     """What :func:`rank_folder` reads: the store's base, the target model, the sources, the card, the suite."""
-
     base: Path
     target_model: Path
     sources: Path
@@ -162,7 +172,7 @@ def candidate_features(inputs: RankInputs, alpha: float) -> tuple[pd.DataFrame, 
     """One row of features per usable source, notes on what was not used, and facts of the run.
 
     Returns:
-        (features, notes, facts): the rows of :func:`diag.streamfeatures.stream_features`; one note
+        (features, notes, facts): the rows of :func:`diag.features.streamed.stream_features`; one note
         per sub-folder not used and per source without ``ft.safetensors``; ``target_model``,
         ``base_hash`` and, with a card, ``model_sha256``.
 
@@ -170,7 +180,6 @@ def candidate_features(inputs: RankInputs, alpha: float) -> tuple[pd.DataFrame, 
         BaseMismatchError: the model or card is not of the store's base, or ‖τ_ftᵀ‖/‖θ_base‖ exceeds
             :data:`train.imports.MAX_RELATIVE_DISTANCE`.
     """
-    from train.imports import MAX_RELATIVE_DISTANCE, file_sha256
 
     base = TensorFile(inputs.base)
     base_hash = base.metadata.get("base_hash", "")
@@ -202,8 +211,6 @@ def _suite_table(study: Path | None, target: str) -> pd.DataFrame | None:
     Raises:
         ArtifactError: a study table that is damaged (never taken for no study).
     """
-    from diag.pairs import load_study, table_files
-    from diag.ranking import training_pairs
 
     if study is None or not Path(study).is_dir() or not table_files(Path(study)):
         return None
@@ -213,9 +220,6 @@ def _suite_table(study: Path | None, target: str) -> pd.DataFrame | None:
 def _predict(cands: pd.DataFrame, train: pd.DataFrame, tier: int, model: str, budget: float,
              notes: list[str]) -> pd.DataFrame:
     """Rank with the predictor fitted on the suite; λ2 from the predicted drop (quadratic model)."""
-    from diag.decide import lambda2_from_predicted_drop
-    from diag.predictor import fit_predictor, fit_source_model, rank_sources, tier_features
-
     wanted = tier_features(train, tier)
     features = [f for f in wanted if f in cands.columns and cands[f].notna().all()]
     lacking = [f for f in wanted if f not in features]
@@ -248,8 +252,8 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
     Tier 0 without a card, tier 1 with one. With a suite study the predictor fitted on its
     known pairs gives predicted E-RMSE and accuracy drop, and λ2 from the predicted drop;
     with a card, λ2 is also capped by the card: ½ λ2² R_card ≤ ``max_loss_increase``
-    (:func:`diag.decide.quadratic_lambda_max`), rounded down to the λ2 grid. Without a study of at
-    least :data:`diag.recommend.MIN_TRAINING_PAIRS` known pairs the sources are ranked by
+    (:func:`diag.decide.rules.quadratic_lambda_max`), rounded down to the λ2 grid. Without a study of at
+    least :data:`diag.decide.recommend.MIN_TRAINING_PAIRS` known pairs the sources are ranked by
     cos(τ_ftˢ, τ_ftᵀ) alone, with no predictions and no λ2 from a drop.
 
     Args:
@@ -258,14 +262,12 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
         alpha: α of the sources' ``ftx-a<α>.safetensors`` files.
         max_acc_drop: budget on the predicted relative accuracy drop.
         max_loss_increase: budget on the card's quadratic loss increase ½ λ2² R_card, in nats.
-        model: predictor model (:func:`diag.predictor.fit_predictor`).
+        model: predictor model (:func:`diag.decide.predictor.fit_predictor`).
 
     Returns:
-        (ranking, facts): a :class:`diag.ranking.SourceRanking` whose notes say what could not be
+        (ranking, facts): a :class:`diag.decide.ranking.SourceRanking` whose notes say what could not be
         used, and the run's facts (:func:`candidate_features`).
     """
-    from diag.decide import grid_floor, quadratic_lambda_max, quadratic_loss_increase
-    from diag.ranking import SourceRanking
 
     tier = 1 if inputs.card is not None else 0
     cands, notes, facts = candidate_features(inputs, alpha)
@@ -307,15 +309,6 @@ def build_target_card(store, target: str, model_path: str | Path, data: str | Pa
     """
     import copy
 
-    from diag.curvature.card import build_card
-    from diag.curvature.estimators import hutchinson_diagonal
-    from diag.curvature.operators import HessianOperator
-    from train.datasets.inputs import domain_for, split_inputs
-    from train.imports import file_sha256, import_weights
-    from train.model import SelfExplainingCLIP, load_visual_state, text_head
-    from train.devices import resolve_device
-    from train.store import base_state
-    from train.tensorio import dumps
 
     backbone, base_hash = store.load_base()
     base = base_state(backbone)

@@ -55,7 +55,7 @@ def smoke_store():
 def smoke_study():
     """(store, study dir, table) of the study over :data:`DOMAINS` at :data:`LAMBDAS`, no curvature."""
     if "study" not in _CACHE:
-        from diag.sweep import run_study
+        from diag.study.run import run_study
 
         store = smoke_store()
         out = store.study_dir("allpairs")
@@ -73,7 +73,7 @@ METHODS = ("plain", "mix")
 def smoke_method_study():
     """(store, study dir, table) of :data:`METHODS` over :data:`METHOD_DOMAINS` at λ2 = 0.7 (own folder)."""
     if "methods" not in _CACHE:
-        from diag.sweep import run_study
+        from diag.study.run import run_study
 
         store = smoke_store()
         out = store.study_dir("methods")

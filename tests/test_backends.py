@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diag.curvature.backends import CurvlinopsHessian, pyhessian_trace_and_top_eig
-from diag.curvature.estimators import exact_trace
+from diag.curvature.exact import exact_trace
 from diag.curvature.lanczos import lanczos_topk
 from diag.curvature.operators import HessianOperator
 
@@ -20,7 +20,6 @@ pytest.importorskip("curvlinops")
 
 class Headed(nn.Module):
     """A tiny open_clip ViT with a fixed random cosine head (logits = 10 cos)."""
-
     def __init__(self, classes: int = 5):
         super().__init__()
         from open_clip.model import CLIP
@@ -101,7 +100,6 @@ def test_curvlinops_hvp_equals_ours(case, vit):
 
 class LayerNormNet(nn.Module):
     """x -> LayerNorm -> Linear -> LayerNorm -> fixed head: the smallest case of the jacrev bug."""
-
     def __init__(self):
         super().__init__()
         self.ln1, self.lin, self.ln2 = nn.LayerNorm(6), nn.Linear(6, 6), nn.LayerNorm(6)

@@ -53,7 +53,7 @@ def test_transfer_json_schema_and_invariants(store, capsys):
     for r in res["rows"]:
         assert {"model", "accuracy", "ermse", "kendall", "iou1", "iou5", "iou10"} <= set(r)
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["ermse"] <= 2.0 + 1e-9 and -1 <= r["kendall"] <= 1
-        assert r["ks"] == [1, 1, 3]  # K = floor(k·M/49) at M = 16 (diag.metrics.scaled_ks)
+        assert r["ks"] == [1, 1, 3]  # K = floor(k·M/49) at M = 16 (diag.transfer.metrics.scaled_ks)
     # λ2 = 0 and λ1 = 1: the proposed model is θ_ftᵀ itself
     code, out, _ = run(capsys, "transfer", "--source", "mnist", "--target", "gtsrb", "--lambda2", "0", "--json",
                        "--no-controls", *common(store.root))

@@ -54,8 +54,8 @@ def test_risk_exact_matches_direct_double_backward(root, capsys):
         assert key in res
     assert 0 < res["risk_diag_se"] < float("inf") and "risk_diag_se" not in res["predicted_loss_increase"]
     # pair_features writes the same numbers as columns (the study's and rank-sources' one feature function)
-    from diag.context import Workspace
-    from diag.diagnostics import CurvatureSettings, Diagnostics
+    from diag.runtime.context import Workspace
+    from diag.features.pair_features import CurvatureSettings, Diagnostics
 
     diag = Diagnostics(Workspace(smoke_store(), 0.8), 0.8, CurvatureSettings(
         n_images=32, batch_size=16, probes=4, k=2, engine="double-backward"))
@@ -112,15 +112,15 @@ def test_bench_curvature_quick_runs_every_path(capsys):
     if r.get("pyhessian_top_eig") is not None:  # the same top eigenvalue by Lanczos and by power iteration
         assert r["top_eig"] == pytest.approx(r["pyhessian_top_eig"], rel=2e-2)
     assert set(r["goals"]) >= {"hvp_over_grad", "hvp_kept_over_grad", "pyhessian_over_ours_trace"}
-    from diag.curvature.bench import RATIOS
+    from diag.bench.curvature import RATIOS
 
     assert set(r["ratios"]) == set(RATIOS) and r["threads"] >= 1 and r["block8_batched_per_probe_s"] > 0
     assert r["ratios"]["block8_over_grad"] == pytest.approx(
         min(r["block8_per_probe_s"], r["block8_batched_per_probe_s"]) / r["grad_s"])
     if r.get("pyhessian_trace_s") is not None:  # 3 products: one Hutch++ probe, no stderr, no equal-accuracy ratio
         assert r["ratios"]["pyhessian_over_ours_trace_equal_accuracy"] is None
-    from diag.curvature.bench import _build
-    from diag.curvature.bench_estimators import bench_estimators
+    from diag.bench.curvature import _build
+    from diag.bench.estimators import bench_estimators
 
     model, x, y, params, _ = _build("tiny-vit", True, torch.device("cpu"))
     r = bench_estimators(model, x[:4], y[:4], params, [n for n, _ in model.named_parameters()], 6,
@@ -132,7 +132,7 @@ def test_bench_curvature_quick_runs_every_path(capsys):
 
 def test_bench_estimators_refuses_one_probe():
     """One probe has no standard error: refused by name before any product."""
-    from diag.curvature.bench_estimators import bench_estimators
+    from diag.bench.estimators import bench_estimators
     from train.errors import TvdiagError
 
     with pytest.raises(TvdiagError, match="--probes 1: .*at least 2"):

@@ -21,7 +21,7 @@ DOMAINS = SUITE[1:]
 
 
 def _settings():
-    from diag.diagnostics import CurvatureSettings
+    from diag.features.pair_features import CurvatureSettings
 
     return CurvatureSettings(n_images=32, probes=4, k=2)
 
@@ -41,8 +41,8 @@ def root():
 def table(root):
     """The 4-domain study with curvature, as `rank-sources --study STUDY --extend` computes it."""
     from diag.constants import PAPER_LAMBDA2
-    from diag.pairs import at_lambda
-    from diag.sweep import run_study
+    from diag.table import at_lambda
+    from diag.study.run import run_study
     from tests._smoke import smoke_store as st
     from train.zoo import Zoo, preset
 
@@ -131,9 +131,9 @@ def test_screen_bad_budget(root, capsys):
 
 def test_rank_sources_features_equal_study_features(table):
     """One feature function: a candidate's features are the study's features of the same pair, exactly."""
-    from diag.context import Workspace
-    from diag.diagnostics import Diagnostics
-    from diag.ranking import candidate_rows
+    from diag.runtime.context import Workspace
+    from diag.features.pair_features import Diagnostics
+    from diag.decide.ranking import candidate_rows
 
     store, df = table
     target, sources = "gtsrb", ["mnist", "fashion", "dtd"]
@@ -152,9 +152,9 @@ def test_choices_read_val_never_test(table, monkeypatch):
     import torch
 
     import train.datasets as datasets
-    from diag.context import Workspace
-    from diag.diagnostics import Diagnostics
-    from diag.ranking import rank_for_target
+    from diag.runtime.context import Workspace
+    from diag.features.pair_features import Diagnostics
+    from diag.decide.ranking import rank_for_target
     from train.store import Store
 
     store, df = table

@@ -125,7 +125,7 @@ def test_zoo_refuses_bf16_on_cpu(tmp_path):
 
 
 def test_device_check_cpu_smoke_prints_one_json_line(capsys):
-    from diag.device_check import main as check
+    from diag.bench.device_check import main as check
 
     with one_thread():
         assert check(["--cpu-smoke"]) == 0
@@ -148,7 +148,7 @@ def _tiny_visual_params():
 
 @no_cuda
 def test_device_check_without_gpu_says_so_and_exits_0(capsys):
-    from diag.device_check import main as check
+    from diag.bench.device_check import main as check
 
     assert check([]) == 0
     record = json.loads(capsys.readouterr().out)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from diag.cli import main
-from diag.curvature.distributed import process_group
+from diag.runtime.distributed import process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ["gtsrb", "mnist"]
@@ -115,9 +115,9 @@ def test_hessian_trace_all_reduced_equals_one_process(runs, capsys):
 
 def _curvature_worker(rank: int, init_file: str, store_root: str, out_dir: str) -> None:
     """One rank of the study's curvature step: its targets' Hᵀ into the store, then every target's card read."""
-    from diag.context import Context
-    from diag.diagnostics import Diagnostics
-    from diag.shards import build_curvatures
+    from diag.runtime.context import Context
+    from diag.features.pair_features import Diagnostics
+    from diag.runtime.shards import build_curvatures
 
     torch.set_num_threads(1)
     with process_group(f"file://{init_file}", rank=rank, world_size=2, backend="gloo"):
@@ -129,7 +129,7 @@ def _curvature_worker(rank: int, init_file: str, store_root: str, out_dir: str) 
 
 
 def _curvature_settings():
-    from diag.diagnostics import CurvatureSettings
+    from diag.features.pair_features import CurvatureSettings
 
     return CurvatureSettings(n_images=8, batch_size=8, probes=2, k=1, params=("visual.transformer.resblocks.0.mlp.*",))
 
@@ -138,8 +138,8 @@ def test_study_curvature_one_rank_per_target_equals_one_process(runs, tmp_path):
     """Before the study splits its pairs, each target's Hᵀ is computed by one rank alone, as one process would."""
     import torch.multiprocessing as mp
 
-    from diag.context import Context
-    from diag.diagnostics import Diagnostics
+    from diag.runtime.context import Context
+    from diag.features.pair_features import Diagnostics
 
     settings = _curvature_settings()
     mp.spawn(_curvature_worker, args=(str(tmp_path / "init"), str(runs["dist"]), str(tmp_path)), nprocs=2, join=True)

@@ -7,8 +7,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diag.curvature import GGNOperator, HessianOperator, rank_and_world
-from diag.curvature.distributed import process_group
+from diag.curvature import GGNOperator, HessianOperator
+from diag.runtime.distributed import process_group, rank_and_world
 
 WORLD = 2
 

@@ -9,9 +9,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from diag.curvature.estimators import exact_diagonal, hutchinson_diagonal, hutchinson_trace
-from diag.curvature.distributed import process_group
+from diag.curvature.exact import exact_diagonal
+from diag.curvature.hutchinson import hutchinson_diagonal, hutchinson_trace
 from diag.curvature.operators import DenseOperator
+from diag.runtime.distributed import process_group
 
 D, N_PROBES, SEED = 24, 13, 4  # 13 probes: the last round is split unevenly
 

@@ -1,7 +1,7 @@
 """Leaving a process group: a failing worker ends the command with its own error, and never leaves a peer waiting.
 
 The healthy path (barrier, then destroy) is what every other multi-process test runs through
-:func:`diag.curvature.distributed.process_group`; ``scripts/stress_distributed.sh`` repeats
+:func:`diag.runtime.distributed.process_group`; ``scripts/stress_distributed.sh`` repeats
 them under load to show that teardown never aborts.
 """
 
@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from diag.context import Context
-from diag.curvature.distributed import barrier, is_distributed, rank_and_world
-from diag.workers import run_workers
+from diag.runtime.context import Context
+from diag.runtime.distributed import barrier, is_distributed, rank_and_world
+from diag.runtime.workers import run_workers
 from train.errors import TvdiagError
 
 ROOT = Path(__file__).resolve().parents[1]

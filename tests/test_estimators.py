@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from diag.curvature.checkpoint import ProbeCheckpoint
-from diag.curvature.estimators import (exact_diagonal, exact_trace, hutchinson_diagonal, hutchinson_trace,
-                                       hutchpp_trace, probe_seed, rademacher, trace_with_data_variance)
+from diag.curvature.data_variance import trace_with_data_variance
+from diag.curvature.exact import exact_diagonal, exact_trace
+from diag.curvature.hutchinson import hutchinson_diagonal, hutchinson_trace
+from diag.curvature.hutchpp import hutchpp_trace
 from diag.curvature.lanczos import lanczos_topk, slq_density
 from diag.curvature.operators import DenseOperator, HessianOperator
+from diag.curvature.probes import probe_seed, rademacher
 from train.errors import ArtifactError, DataError
 
 

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from diag.method_report import method_report, pareto_front, tradeoff_frame
+from diag.study.methods_report import method_report, pareto_front, tradeoff_frame
 
 PAIRS = [("B", "A"), ("C", "A"), ("A", "B"), ("C", "B"), ("A", "C"), ("B", "C")]
 PLAIN_ERMSE = [1.1, 0.8, 0.8, 0.8, 0.8, 0.8]  # plain does not reduce E-RMSE on B→A only
@@ -78,8 +78,8 @@ def test_tradeoff_frame_one_point_per_method_and_pair():
 def test_study_with_two_methods_has_both_rows_per_pair():
     """The smoke study with eq. 8 and the universal mix: one row per (pair, method), plain's references shared."""
     from _smoke import METHOD_DOMAINS, smoke_method_study
-    from diag.pairs import load_study
-    from diag.sweep import run_study
+    from diag.table import load_study
+    from diag.study.run import run_study
 
     store, out, df = smoke_method_study()
     assert sorted(df.groupby(["source", "target"])["method"].apply(sorted).map(tuple).unique()) == [("mix", "plain")]

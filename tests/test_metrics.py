@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
-from diag.metrics import ermse, ermse_image_specific, iou_at_k, iou_chance, kendall_tau, scaled_ks, score
+from diag.transfer.metrics import ermse, ermse_image_specific, iou_at_k, iou_chance, kendall_tau, scaled_ks, score
 from train.losses import alpha_loss, explanation_loss, zscore
 
 

@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diag.recommend import loto_residual_sd, mix_weights, ranker_gains
+from diag.decide.predictor import loto_residual_sd
+from diag.decide.recommend import ranker_gains
+from diag.transfer.mixing import mix_weights
 
 DOMAINS = ["a", "b", "c", "d", "e", "f"]
 OUTCOMES = ("ermse", "ermse_ft_target", "ermse_norm", "accuracy", "accuracy_ft_target", "ermse_img")
@@ -78,7 +80,7 @@ def test_too_few_pairs_fall_back_to_the_cos_proxy():
 
 
 def test_loto_band_is_out_of_sample():
-    from diag.predictor import fit_predictor
+    from diag.decide.predictor import fit_predictor
 
     sd, how = loto_residual_sd(_table(), ["cos_ft"])
     assert how == "leave-one-target-out" and sd < 0.02  # the linear truth is recovered on every held-out target
@@ -97,8 +99,8 @@ def test_bad_tier_and_method_are_named_with_the_choices():
     """tier_methods and a cached ranking with an unknown tier raise tvdiag errors, not a KeyError."""
     from pathlib import Path
 
-    from diag.ranking import SourceRanking
-    from diag.recommend import tier_methods
+    from diag.decide.ranking import SourceRanking
+    from diag.decide.recommend import tier_methods
     from train.errors import ArtifactError, UnknownNameError
 
     assert tier_methods(1, ["project", "mix"]) == ("plain", "project")
@@ -129,8 +131,8 @@ def _cli(capsys, *argv):
 def test_transfer_mix_ranked_weights_the_sources_by_the_study_ranker(capsys):
     """`diag transfer --method mix-ranked` on the smoke study (3 domains: the cos_ft proxy ranks)."""
     from _smoke import DOMAINS as SMOKE, smoke_study
-    from diag.pairs import load_study
-    from diag.recommend import study_gains
+    from diag.table import load_study
+    from diag.decide.recommend import study_gains
 
     store, out, _ = smoke_study()
     common = ["transfer", "--preset", "smoke", "--store", str(store.root), "--source", "mnist", "--target", "animals",
@@ -157,7 +159,7 @@ def test_study_mix_ranked_is_a_second_pass_over_the_plain_rows(tmp_path):
     positive, and the zero vector (θ_ftᵀ, 'transfer nothing') otherwise.
     """
     from _smoke import METHOD_DOMAINS, one_thread, smoke_method_study
-    from diag.sweep import run_study
+    from diag.study.run import run_study
 
     store, shared, df = smoke_method_study()
     out = tmp_path / "methods"  # a copy: the shared study keeps its two methods for the other tests

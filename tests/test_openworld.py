@@ -190,7 +190,7 @@ def test_refuses_other_base(world, tmp_path):
 
 def test_vit_b32_shapes_check():
     """ViT-B/32's tower passes the architecture check against itself (whole model or tower keys), not against tiny."""
-    from diag.bench_rank import vit_b32_shapes
+    from diag.bench.ranking import vit_b32_shapes
     from train.errors import BaseMismatchError
     from train.imports import check_architecture, visual_part
 
@@ -206,7 +206,7 @@ def test_vit_b32_shapes_check():
 
 def test_bench_rank_small(tmp_path):
     """The bench writes its inputs once (content-keyed) and ranks the cached copy on the next run."""
-    from diag.bench_rank import bench_rank, cached_inputs, synthetic_shapes
+    from diag.bench.ranking import bench_rank, cached_inputs, synthetic_shapes
 
     out = bench_rank(n_params=200_000, n_sources=2, k=1, cache=tmp_path)
     assert out["n_params"] == 199_680 and out["n_sources"] == 2

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diag.decide import (grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max, quadratic_loss_increase,
-                         recommend_lambda2)
-from diag.predictor import PredictorWarning, evaluate_loto, fit_predictor, fit_source_model, rank_sources, tier_features
+from diag.decide.evaluation import evaluate_loto
+from diag.decide.predictor import fit_predictor, fit_source_model, PredictorWarning, rank_sources, tier_features
+from diag.decide.rules import grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max, quadratic_loss_increase
+from diag.transfer.budget import recommend_lambda2
 from train.errors import DataError, UnknownNameError
 
 

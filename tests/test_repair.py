@@ -1,5 +1,5 @@
-"""Curvature-aware repairs (diag/repair.py) on a quadratic loss with a known Hessian, and the
-val-only choice of their hyper-parameter (diag/repair_select.py) on the smoke store."""
+"""Curvature-aware repairs (diag/transfer/repair.py) on a quadratic loss with a known Hessian, and the
+val-only choice of their hyper-parameter (diag/transfer/select.py) on the smoke store."""
 
 from __future__ import annotations
 
@@ -12,23 +12,16 @@ import torch
 
 from diag.curvature.card import HessianCard
 from diag.curvature.operators import DenseOperator
-from diag.repair import (
+from diag.transfer.blocks import (
     apply_block_coefficients,
     block_coefficients,
     block_masks,
     block_risk_matrix,
     block_sizes,
-    card_diagonal,
-    choose_k_by_share,
-    flat_of,
-    mix,
     parameter_blocks,
-    precondition,
-    project,
-    universal,
-    weighted_by_gain,
-    with_flat,
 )
+from diag.transfer.mixing import mix, universal, weighted_by_gain
+from diag.transfer.repair import card_diagonal, choose_k_by_share, flat_of, precondition, project, with_flat
 from diag.curvature.params import ParamLayout
 from train.errors import DataError
 from train.vectors import TaskVector
@@ -231,10 +224,10 @@ SUBSET = ["visual.proj", "visual.ln_post.*", "visual.transformer.resblocks.3.mlp
 @pytest.fixture(scope="module")
 def smoke():
     """(store, target, source, curvature of Hᵀ on 16 target train images over a parameter subset)."""
-    from diag.context import Workspace
+    from diag.runtime.context import Workspace
     from diag.curvature.card import build_card
     from diag.curvature.operators import HessianOperator
-    from diag.repair_select import RepairCurvature
+    from diag.transfer.select import RepairCurvature
     from tests._smoke import one_thread, smoke_store
     from train.datasets import model_inputs
 
@@ -250,8 +243,8 @@ def smoke():
 
 
 def _choose(store, target, source, curv, method, **kwargs):
-    from diag.context import Workspace
-    from diag.repair_select import select_repair
+    from diag.runtime.context import Workspace
+    from diag.transfer.select import select_repair
     from tests._smoke import one_thread
 
     ws = Workspace(store)
@@ -308,11 +301,11 @@ def test_selection_rule_and_refusals(smoke):
     else:
         assert choice.val_accuracy == pytest.approx(t["val_accuracy"].max())
     # plain's size is λ2·‖τ‖
-    from diag.context import Workspace
+    from diag.runtime.context import Workspace
 
     norm = Workspace(store).vector(source, "star").norm()
     assert t["size"].tolist() == pytest.approx([lam * norm for lam in t["param"]], rel=1e-6)
-    from diag.repair_select import RepairCurvature, select_repair
+    from diag.transfer.select import RepairCurvature, select_repair
 
     other = RepairCurvature(curv.layout, curv.diag, curv.card)
     with pytest.raises(DataError, match="built for 'gtsrb'"):
@@ -321,8 +314,8 @@ def test_selection_rule_and_refusals(smoke):
 
 
 def test_mixtures_exclude_the_target(smoke):
-    from diag.context import Workspace
-    from diag.repair_select import mixtures
+    from diag.runtime.context import Workspace
+    from diag.transfer.select import mixtures
     from tests._smoke import DOMAINS
 
     store, target, _, curv = smoke
@@ -338,7 +331,7 @@ def test_mixtures_exclude_the_target(smoke):
 
 
 def test_safe_needs_every_smaller_candidate_to_keep():
-    from diag.repair_select import _best, _mark_safe
+    from diag.transfer.select import _best, _mark_safe
 
     t = pd.DataFrame({"param": [0.4, 0.7, 1.0, 1.2], "size": [1.0, 2.0, 3.0, 4.0],
                       "keeps": [True, True, False, True], "predicted_loss_increase": [1.0, 2.0, 3.0, 4.0],
@@ -351,7 +344,7 @@ def test_safe_needs_every_smaller_candidate_to_keep():
 
 
 def test_candidates_predict_half_lambda_squared_risk_on_a_known_hessian():
-    from diag.repair_select import RepairCurvature, candidates
+    from diag.transfer.select import RepairCurvature, candidates
 
     H, lam, Q = spd()
     layout = ParamLayout(("visual.proj", "visual.transformer.resblocks.0.mlp.c_fc.bias"), ((4,), (8,)))
@@ -374,8 +367,8 @@ def test_candidates_predict_half_lambda_squared_risk_on_a_known_hessian():
 
 def test_tier1_recommendation_is_the_largest_safe_size_on_a_known_hessian():
     """Tier 1 (a card only): drop(candidate) = drop(eq. 8 at 0.7)·½s²R(candidate)/(½·0.49·R(τ)); largest safe size wins."""
-    from diag.recommend import predicted_gain, recommend_predicted
-    from diag.repair_select import RepairCurvature, candidates
+    from diag.decide.recommend import predicted_gain, recommend_predicted
+    from diag.transfer.select import RepairCurvature, candidates
 
     H, lam, Q = spd()
     layout = ParamLayout(("visual.proj", "visual.transformer.resblocks.0.mlp.c_fc.bias"), ((4,), (8,)))

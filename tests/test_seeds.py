@@ -29,7 +29,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
     """(store, study folder, table) of a from-ft study over seeds 0 and 1 at λ2 0.4 and 0.7."""
-    from diag.sweep import run_study
+    from diag.study.run import run_study
     from train.zoo import Zoo, preset
 
     store = smoke_store()
@@ -60,7 +60,7 @@ def test_rows_per_seed_and_runs_differ(seeded):
 
 
 def test_report_mean_sd_equals_hand_computation(seeded):
-    from diag.summary import study_report
+    from diag.study.summary import study_report
 
     _, _, df = seeded
     rep = study_report(df)
@@ -109,7 +109,7 @@ def test_meanmap_control_image_specific_ermse_is_one(seeded):
 def test_transfer_json_equals_study_row_for_seed1_fromft(seeded, capsys):
     """`diag transfer --seed 1 --variant from-ft --json` gives the study row's numbers, byte for byte."""
     from diag.cli import main
-    from diag.transfer import CONTROL_RANDOM, METRICS, ROW_SUFFIX
+    from diag.transfer.evaluate import CONTROL_RANDOM, METRICS, ROW_SUFFIX
 
     store, _, df = seeded
     source, target = DOMAINS[2], DOMAINS[0]
@@ -132,8 +132,8 @@ def test_transfer_json_equals_study_row_for_seed1_fromft(seeded, capsys):
 
 def test_resume_is_per_run(seeded):
     """A rerun computes nothing; a new seed list only adds the missing run's rows."""
-    from diag.pairs import read_table
-    from diag.sweep import run_study
+    from diag.table import read_table
+    from diag.study.run import run_study
 
     store, out, df = seeded
     before = (out / "pairs.csv").read_bytes()
@@ -144,9 +144,9 @@ def test_resume_is_per_run(seeded):
 
 
 def test_ceilings(seeded, capsys):
-    from diag.ceilings import ceilings, kernelshap_ceiling, seed_cosines, seed_gram
-    from diag.context import Workspace
-    from diag.similarity import cosine_streamed
+    from diag.study.ceilings import ceilings, kernelshap_ceiling, seed_cosines, seed_gram
+    from diag.runtime.context import Workspace
+    from diag.features.similarity import cosine_streamed
     from train.errors import DataError
 
     store, _, _ = seeded

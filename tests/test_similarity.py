@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diag.similarity import (UnverifiedBaseWarning, VectorSpec, block_group, cosine_streamed, gram_streamed,
+from diag.features.similarity import (UnverifiedBaseWarning, VectorSpec, block_group, cosine_streamed, gram_streamed,
                              plot_similarity_heatmap, similarity_matrices, similarity_matrix)
 from train.errors import ArtifactError, BaseMismatchError, UnknownNameError
 
@@ -159,7 +159,7 @@ def test_similarity_matrix_and_heatmap(tmp_path, shapes):
 
 def test_vector_similarity_in_memory_matches_streamed_and_dense(shapes, tmp_path):
     """The in-memory path (pair features) and the streamed path (heatmaps) share one float64 routine."""
-    from diag.similarity import vector_similarity
+    from diag.features.similarity import vector_similarity
     from train.vectors import TaskVector
 
     a = make_vector(tmp_path / "a.safetensors", shapes, 1)

@@ -170,7 +170,7 @@ def test_with_normalised():
     assert "ermse_norm" not in df
 
 
-# ---- figures (diag/figures.py): each writes a real PNG from a small synthetic frame ----
+# ---- figures (diag/study/figures.py): each writes a real PNG from a small synthetic frame ----
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -191,7 +191,7 @@ def _study_table():
 
 
 def test_figures_write_png(tmp_path):
-    from diag import figures
+    from diag.study import figures
 
     df = _study_table()
     assert _is_png(figures.figure6(df, tmp_path / "f6.png"))

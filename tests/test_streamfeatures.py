@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diag.mapped import CardStream, TensorFile
+from diag.features.mapped import CardStream, TensorFile
 from diag.openworld import Source
-from diag.similarity import block_group
-from diag.streamfeatures import stream_features
+from diag.features.similarity import block_group
+from diag.features.streamed import stream_features
 
 SHAPES = {"visual.conv1.weight": (6, 3, 2, 2), "visual.class_embedding": (6,),
           "visual.transformer.resblocks.0.attn.in_proj_weight": (18, 6),
@@ -97,9 +97,9 @@ def _dense(truth) -> tuple[list[dict], float, float]:
 @pytest.mark.parametrize("chunk, threads", [(4096, 1), (1 << 19, 1), (4096, 3)])
 def test_stream_features_equal_dense_float64(world, chunk, threads, monkeypatch):
     """Whole blocks, blocks taken 4096 values at a time (the larger ones in several chunks), and three workers."""
-    import diag.streamfeatures
+    import diag.features.streamed
 
-    monkeypatch.setattr(diag.streamfeatures, "CHUNK", chunk)
+    monkeypatch.setattr(diag.features.streamed, "CHUNK", chunk)
     target, base, sources, card, truth = world
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -130,7 +130,7 @@ def test_cosine_of_a_vector_with_itself_is_one(world, tmp_path):
 
 def test_tensorfile_views(tmp_path):
     """Views of a misaligned float64 tensor (after 3 float32 values) are its values; released pages read back."""
-    from diag.bench_rank import write_streamed
+    from diag.bench.ranking import write_streamed
 
     a, b = torch.arange(3, dtype=torch.float32), torch.linspace(0, 1, 5, dtype=torch.float64)
     write_streamed(tmp_path / "m.safetensors", [("a", torch.float32, (3,), lambda: [a]),

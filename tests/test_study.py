@@ -1,4 +1,4 @@
-"""The all-pairs study (diag.sweep), its table (diag.pairs), summaries, the Kernel SHAP budget, and the CLI."""
+"""The all-pairs study (diag.study.run), its table (diag.table), summaries, the Kernel SHAP budget, and the CLI."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_table_shape_and_columns(study):
     assert len(df) == n * (n - 1) * len(LAMBDAS)
     assert (df["source"] != df["target"]).all()
     assert not df.duplicated(["source", "target", "lambda2"]).any()
-    from diag.predictor import tier_features
+    from diag.decide.predictor import tier_features
 
     # the predictor's tier-0 features and the figures' columns are there
     assert set(tier_features(df, 0)) >= {"cos_ft", "norm_star_source", "norm_ft_source", "norm_ft_target",
@@ -63,8 +63,8 @@ def test_table_shape_and_columns(study):
 
 def test_transfer_json_rows_equal_study_rows(study, capsys):
     """`diag transfer --json` and the study table give byte-identical numbers for the same pair, seed and λ."""
-    from diag.pairs import read_table
-    from diag.transfer import CONTROL_RANDOM, METRICS, PLAIN_ROW, ROW_SUFFIX
+    from diag.table import read_table
+    from diag.transfer.evaluate import CONTROL_RANDOM, METRICS, PLAIN_ROW, ROW_SUFFIX
 
     store, out, _ = study
     table = read_table(out / "pairs.csv")
@@ -87,7 +87,7 @@ def test_transfer_json_rows_equal_study_rows(study, capsys):
 
 
 def test_control_seeding_is_per_pair(study):
-    from diag.transfer import other_source, pair_seed
+    from diag.transfer.evaluate import other_source, pair_seed
 
     assert pair_seed(0, "a", "b") == pair_seed(0, "a", "b")
     assert len({pair_seed(0, "a", "b"), pair_seed(0, "b", "a"), pair_seed(1, "a", "b"),
@@ -129,8 +129,8 @@ def test_cosines_and_norms_match_dense_float64(study):
 
 
 def test_resume_skips_done_pairs_and_fills_gaps(study, tmp_path):
-    from diag.pairs import read_table, write_table
-    from diag.sweep import run_study
+    from diag.table import read_table, write_table
+    from diag.study.run import run_study
 
     store, out, df = study
     work = tmp_path / "study"
@@ -151,15 +151,15 @@ def test_resume_skips_done_pairs_and_fills_gaps(study, tmp_path):
     # other settings are other rows, not a skip; load_study shows each pair once (the latest)
     run_study(store, DOMAINS[:2], lambda2s=(0.7,), out_dir=work, curvature=False, controls=False, progress=False)
     assert len(pd.read_csv(work / "pairs.csv")) == len(df) + 2
-    from diag.pairs import load_study
+    from diag.table import load_study
 
     latest = load_study(work, lambda2=0.7)
     assert len(latest) == 6 and latest["ermse_random"].isna().sum() == 2
 
 
 def test_shards_partition_pairs_and_merge(study, tmp_path, monkeypatch):
-    from diag.pairs import default_shard, load_study, merge_shards, parse_shard
-    from diag.sweep import run_study
+    from diag.table import default_shard, load_study, merge_shards, parse_shard
+    from diag.study.run import run_study
 
     store, _, df = study
     parts = [run_study(store, DOMAINS, lambda2s=(0.7,), out_dir=tmp_path, shard=(i, 2), curvature=False,
@@ -183,7 +183,7 @@ def test_shards_partition_pairs_and_merge(study, tmp_path, monkeypatch):
 
 
 def test_summary_counts_handmade():
-    from diag.summary import summarize
+    from diag.study.summary import summarize
 
     df = pd.DataFrame({
         "source": ["a", "a", "b", "b"], "target": ["b", "c", "a", "c"], "lambda2": 0.7,
@@ -202,7 +202,7 @@ def test_summary_counts_handmade():
 
 
 def test_table1_and_figure2_frame(study):
-    from diag.summary import figure2_frame, table1
+    from diag.study.summary import figure2_frame, table1
     from train.errors import UnknownNameError
 
     _, _, df = study
@@ -219,7 +219,7 @@ def test_table1_and_figure2_frame(study):
 
 
 def test_kernelshap_budget_reproduces_ground_truth(study):
-    from diag.kernelshap_budget import kernelshap_budget
+    from diag.study.kernelshap_budget import kernelshap_budget
     from train.errors import DataError
     from train.zoo import preset
 
@@ -301,7 +301,7 @@ def test_cli_bad_input_exits_2(study, capsys, tmp_path):
 
 
 def _damaged(out, tmp_path, how):
-    from diag.pairs import check_path, read_table, write_table
+    from diag.table import check_path, read_table, write_table
 
     work = tmp_path / "damaged"
     shutil.copytree(out, work)
@@ -328,8 +328,8 @@ def _damaged(out, tmp_path, how):
 
 @pytest.mark.parametrize("how", ["truncated", "edited", "half-row", "columns", "nan", "check"])
 def test_damaged_table_is_refused_and_never_extended(study, tmp_path, how):
-    from diag.pairs import load_study
-    from diag.sweep import run_study
+    from diag.table import load_study
+    from diag.study.run import run_study
     from train.errors import ArtifactError
 
     store, out, _ = study
@@ -355,7 +355,7 @@ def test_cli_refuses_damaged_table_and_reads_given_study(study, capsys, tmp_path
 
 def test_kill_between_check_and_table_leaves_a_readable_table(study, tmp_path):
     """write_table replaces the check file first; the old table it names as 'previous' still reads."""
-    from diag.pairs import check_path, read_table, write_table
+    from diag.table import check_path, read_table, write_table
 
     _, out, _ = study
     path = tmp_path / "pairs.csv"

@@ -147,7 +147,7 @@ def test_study_and_rank(chain):
 def test_vit_l14_shapes_without_weights():
     """ViT-L/14: a 16 × 16 grid at 224 px, a 304M-parameter tower; layout, blocks and import checks accept it."""
     from diag.curvature.params import layout_for, select_params
-    from diag.similarity import block_group
+    from diag.features.similarity import block_group
     from train.backbones import build_clip, load_config
     from train.imports import check_architecture, visual_part
 

@@ -18,7 +18,7 @@ def zscore(u: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
 def explanation_loss(phi_pred: torch.Tensor, phi_true: torch.Tensor) -> torch.Tensor:
     """L_exp (eq. 5, scaled as §6.1): mean over images *and patches* of (Norm(Φ̃_y) − Norm(φ))².
 
-    So E-RMSE = sqrt(L_exp) exactly (:func:`diag.metrics` averages per patch too). A sum over
+    So E-RMSE = sqrt(L_exp) exactly (:func:`diag.transfer.metrics` averages per patch too). A sum over
     the M patches would weigh explanations M times more, and α = 0.8 would act like a
     per-patch α of 0.2 at M = 16.
 

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import json
 
-from diag.context import add_common, context_from
-from diag.options import (ALPHA, BATCH, CHECK_T, ITERS, K, LAMBDA, N_IMAGES, PROBES, REPEATS, domain_name,
-                          check_finite_result, emit_json, finite_float, int_range, seed,
-                          writable_file)
+from diag.bench.curvature import bench_main, BENCH_MODELS
+from diag.bench.ranking import bench_rank
+from diag.commands.options import (add_common, ALPHA, BATCH, check_finite_result, CHECK_T, context_from, domain_name,
+                                   emit_json, finite_float, int_range, ITERS, K, LAMBDA, N_IMAGES, PROBES, REPEATS,
+                                   seed, writable_file)
+from diag.curvature.backends import pyhessian_trace_and_top_eig
+from diag.curvature.hutchinson import hutchinson_diagonal, hutchinson_trace
+from diag.curvature.hutchpp import hutchpp_trace
+from diag.curvature.lanczos import lanczos_topk, slq_density
+from diag.curvature.risk import eigen_contributions, quadratic_check
+from diag.decide.rules import predicted_loss_increase
+from diag.features.pair_features import CurvatureSettings, Diagnostics
+from train.errors import TvdiagError
+from train.losses import check_alpha
+from train.tensorio import save_tensors
 
 
 def _curvature_options(p) -> None:
@@ -73,8 +84,6 @@ def register(sub) -> None:
 
 
 def _diagnostics(args, ctx, domains, explain):
-    from diag.diagnostics import CurvatureSettings, Diagnostics
-    from train.losses import check_alpha
 
     check_alpha(args.alpha)
     ctx.ensure(domains, (args.alpha,), explain=explain)
@@ -86,8 +95,6 @@ def _diagnostics(args, ctx, domains, explain):
 
 def run_hessian(args) -> int:
     """``diag hessian``: trace, diagonal or card of the Hessian of L_cls at a domain's θ_ft."""
-    from train.errors import TvdiagError
-
     ctx = context_from(args, default_domain=args.domain)
     domain = ctx.check_domain(args.domain)
     if args.probes is None and args.rel_stderr is None:
@@ -120,8 +127,6 @@ def _settings_key(args) -> dict:
 
 def _hessian_estimates(args, ctx, diag, domain: str, op) -> dict:
     """Hutchinson (and Hutch++) trace, or the Hutchinson diagonal saved to the store."""
-    from diag.curvature.estimators import hutchinson_diagonal, hutchinson_trace, hutchpp_trace
-
     out: dict = {"dim": op.shape[0], "engine": op.engine}
     ckpt = None
     if args.resume:
@@ -133,7 +138,6 @@ def _hessian_estimates(args, ctx, diag, domain: str, op) -> dict:
         n_hpp = max(12, 3 * ((args.probes or 24) // 3))
         out["hutchpp"] = hutchpp_trace(op, num_matvecs=n_hpp, seed=args.seed).to_dict()
         return out
-    from train.tensorio import save_tensors
 
     est = hutchinson_diagonal(op, **kwargs)
     path = diag.store.curvature_path(domain, "diag-hutchinson", {**_settings_key(args), "n_probes": est.n_probes})
@@ -149,9 +153,6 @@ def _hessian_estimates(args, ctx, diag, domain: str, op) -> dict:
 
 def _pyhessian_side_by_side(args, diag, domain: str, op) -> dict:
     """PyHessian's trace and top eigenvalue on the first batch, and ours on the same batch."""
-    from diag.curvature.backends import pyhessian_trace_and_top_eig
-    from diag.curvature.estimators import hutchinson_trace
-
     x, y = op.data[0]
     model = diag.store.model(domain, diag.vector(domain, "ft").apply_to(diag.base, base_hash=diag.base_hash),
                              backbone=diag.backbone)
@@ -191,7 +192,6 @@ def _print_hessian(out: dict, domain: str, n_images: int) -> None:
 
 
 def run_spectrum(args) -> int:
-    from diag.curvature.lanczos import lanczos_topk, slq_density
 
     ctx = context_from(args, default_domain=args.domain)
     domain = ctx.check_domain(args.domain)
@@ -241,8 +241,6 @@ def _plot_density(dens, eig, path, domain) -> None:
 
 
 def run_risk(args) -> int:
-    from diag.curvature.risk import eigen_contributions, quadratic_check
-    from diag.decide import predicted_loss_increase
 
     ctx = context_from(args, default_domain=args.target)
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
@@ -282,10 +280,8 @@ def run_risk(args) -> int:
 
 
 def run_bench(args) -> int:
-    from diag.curvature.bench import BENCH_MODELS, bench_main
 
     if args.what == "rank":
-        from diag.bench_rank import bench_rank
 
         out = bench_rank(args.n_params, args.n_sources, args.k)
         if args.json:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from diag.commands.openworld import run_rank_folder
+from diag.commands.options import (add_common, ALPHA, context_from, domain_name, emit_json, folder_path, FRACTION, K,
+                                   LAMBDA, N_IMAGES, N_RESAMPLE, PROBES, seed)
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA2
-from diag.context import add_common, context_from
-from diag.options import (ALPHA, FRACTION, K, LAMBDA, N_IMAGES, N_RESAMPLE, PROBES, domain_name, emit_json,
-                          folder_path, seed)
+from diag.decide.ranking import evaluate_rankers, rank_cached, rank_for_target
+from diag.decide.rules import method_verdict, quadratic_loss_increase, screen_verdict
+from diag.features.pair_features import CurvatureSettings, Diagnostics
+from diag.study.parallel import complete_study
+from diag.table import at_lambda, load_study, of_method, select_run
 from train.errors import TvdiagError
+from train.losses import check_alpha
 from train.store import VARIANTS
+from train.vectors import check_scale
 
 
 def _suite_options(p) -> None:
@@ -25,7 +32,6 @@ def _suite_options(p) -> None:
 
 
 def _settings(args):
-    from diag.diagnostics import CurvatureSettings
 
     return CurvatureSettings(n_images=args.n_images, probes=args.probes, k=args.k)
 
@@ -74,15 +80,10 @@ def _suite(ctx, args) -> list[str]:
 
 def _study_table(ctx, args):
     """The all-pairs study of the suite at λ2 = 0.7: a given ``--study`` is read; the store's is run or resumed."""
-    from diag.constants import PAPER_LAMBDA2
-    from diag.pairs import at_lambda, load_study, of_method
-    from diag.workers import complete_study
-
     domains = _suite(ctx, args)
     store = ctx.ensure(domains, (args.alpha,))
     ws = ctx.workspace(args.alpha)
     if args.study and not args.extend:  # one run (variant, seed): a pair counted once
-        from diag.summary import select_run
 
         run = select_run(load_study(args.study, lambda2=PAPER_LAMBDA2), getattr(args, "variant", None),
                          getattr(args, "train_seed", None))
@@ -99,12 +100,8 @@ def _budget(value: float) -> float:
 
 
 def run_rank(args) -> int:
-    from diag.diagnostics import Diagnostics
-    from diag.ranking import evaluate_rankers, rank_cached
-    from train.losses import check_alpha
 
     if args.target_model is not None or args.sources is not None or args.card is not None:
-        from diag.commands.openworld import run_rank_folder
 
         return run_rank_folder(args)
     ctx = context_from(args, default_domain=args.target)
@@ -140,11 +137,6 @@ def run_rank(args) -> int:
 
 
 def run_screen(args) -> int:
-    from diag.decide import method_verdict, quadratic_loss_increase, screen_verdict
-    from diag.diagnostics import Diagnostics
-    from diag.ranking import rank_for_target
-    from train.losses import check_alpha
-    from train.vectors import check_scale
 
     ctx = context_from(args, default_domain=args.target)
     check_alpha(args.alpha)

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diag.commands.options import (add_common, ALPHA, BATCH, context_from, domain_name, emit_json, K, N_IMAGES,
+                                   PROBES, writable_file)
 from diag.constants import PAPER_ALPHA
-from diag.context import add_common, context_from
-from diag.options import ALPHA, BATCH, K, N_IMAGES, PROBES, domain_name, emit_json, writable_file
+from diag.features.mapped import skip_exit_collection
+from diag.features.pair_features import CurvatureSettings
+from diag.openworld import build_target_card, rank_folder, RankInputs
+from diag.table import DEFAULT_STUDY
+from train.backbones import read_checkpoint, state_hash
 from train.errors import ArtifactError, BaseMismatchError, TvdiagError
+from train.imports import file_sha256, import_weights, KINDS, read_state_dict, SUPPORTED, visual_part
+from train.losses import check_alpha
+from train.store import base_state
 
 
 def register(sub) -> None:
-    from train.imports import KINDS, SUPPORTED
 
     i = sub.add_parser("import", help="register externally trained weights (or an explainability vector) in the store",
                        description=f"Supported: {SUPPORTED}.")
@@ -45,7 +52,6 @@ def register(sub) -> None:
 
 
 def _base(store):
-    from train.store import base_state
 
     if not store.base_path().is_file():
         raise ArtifactError(f"The store {store.folder} has no θ_base yet: import it first (`diag import --kind base "
@@ -55,8 +61,6 @@ def _base(store):
 
 
 def run_import(args) -> int:
-    from train.imports import file_sha256, import_weights, read_state_dict, visual_part
-    from train.backbones import state_hash
 
     ctx = context_from(args)
     if args.kind == "base" and args.checkpoint is None and not ctx.store.base_path().is_file():
@@ -101,8 +105,6 @@ def _import_new_base(ctx, args) -> dict:
     The store is the one ``--backbone NAME --checkpoint INPUT`` names, and θ_base is written with
     the zoo's content key, so later commands given the same two options reuse it.
     """
-    from train.backbones import read_checkpoint, state_hash
-    from train.imports import file_sha256
 
     if Path(args.checkpoint).resolve() != Path(args.input).resolve() and (
             state_hash(read_checkpoint(args.checkpoint)) != state_hash(read_checkpoint(args.input))):
@@ -115,8 +117,6 @@ def _import_new_base(ctx, args) -> dict:
 
 
 def run_card(args) -> int:
-    from diag.diagnostics import CurvatureSettings
-    from diag.openworld import build_target_card
 
     ctx = context_from(args, default_domain=args.target)
     if args.lanczos_iters is not None and args.lanczos_iters < args.k:
@@ -140,10 +140,6 @@ def run_card(args) -> int:
 
 def run_rank_folder(args) -> int:
     """``diag rank-sources --target-model CKPT [--card CARD] --sources DIR``: no target images at all."""
-    from diag.mapped import skip_exit_collection
-    from diag.openworld import RankInputs, rank_folder
-    from train.losses import check_alpha
-
     if args.target_model is None or args.sources is None:
         raise TvdiagError("open-world ranking needs both --target-model CKPT and --sources DIR (--card optional)")
     if args.tier != "auto":
@@ -152,7 +148,6 @@ def run_rank_folder(args) -> int:
     check_alpha(args.alpha)
     if not store.base_path().is_file():
         raise ArtifactError(f"The store {store.folder} has no θ_base: the vectors' base must be in the store")
-    from diag.pairs import DEFAULT_STUDY
 
     study = args.study or store.study_dir(DEFAULT_STUDY)
     inputs = RankInputs(store.base_path(), args.target_model, args.sources, args.card, study)

@@ -5,12 +5,26 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from diag.constants import PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
-from diag.context import add_common, context_from
-from diag.options import (ALPHA, LAMBDA, N_IMAGES, N_RESAMPLE, domain_name, emit_json, folder_path, positive_int, seed,
-                          writable_dir)
+from diag.commands.options import (add_common, ALPHA, context_from, domain_name, emit_json, folder_path, LAMBDA,
+                                   N_IMAGES, N_RESAMPLE, positive_int, seed, writable_dir)
+from diag.constants import LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
+from diag.features.similarity import plot_similarity_heatmap, similarity_matrices, VectorSpec
+from diag.runtime.distributed import is_distributed, rank_and_world
+from diag.stats import correlate_appendix_c
+from diag.study import figures
+from diag.study.ceilings import ceilings
+from diag.study.kernelshap_budget import kernelshap_budget, KS_BUDGETS, KS_FILE
+from diag.study.methods_report import method_report, tradeoff_frame
+from diag.study.parallel import complete_study
+from diag.study.report import study_report
+from diag.study.run import run_study
+from diag.study.summary import figure2_frame, summarize
+from diag.table import (at_lambda, DEFAULT_STUDY, load_study, merge_shards, of_method, PAIRS_FILE, parse_shard,
+                        select_run)
 from train.errors import DataError
+from train.losses import check_alpha
 from train.store import VARIANTS
+from train.vectors import check_scale
 
 
 def register(sub) -> None:
@@ -121,8 +135,6 @@ def _clean(obj):
 
 
 def run_similarity(args) -> int:
-    from diag.similarity import VectorSpec, plot_similarity_heatmap, similarity_matrices
-    from train.losses import check_alpha
 
     ctx = context_from(args)
     alpha = check_alpha(args.alpha)
@@ -160,10 +172,6 @@ def run_similarity(args) -> int:
 
 
 def _study_settings(args, ctx):
-    from diag.constants import LAMBDA_GRID, PAPER_LAMBDA2
-    from diag.pairs import parse_shard
-    from train.losses import check_alpha
-    from train.vectors import check_scale
 
     alpha = check_alpha(args.alpha)
     lambda1 = check_scale("lambda1", args.lambda1)
@@ -175,12 +183,6 @@ def _study_settings(args, ctx):
 
 
 def run_study_cmd(args) -> int:
-    from diag import figures
-    from diag.constants import PAPER_LAMBDA2
-    from diag.curvature.distributed import is_distributed, rank_and_world
-    from diag.pairs import DEFAULT_STUDY, of_method
-    from diag.summary import figure2_frame, study_report, summarize
-    from diag.workers import complete_study
 
     ctx = context_from(args)
     alpha, lambda1, lambda2s, shard = _study_settings(args, ctx)
@@ -233,9 +235,6 @@ def run_study_cmd(args) -> int:
 
 def _methods_part(df, lambda2, out, report, shard):
     """With several methods in the table: the issue-10 report and (unsharded) pareto.png beside the table."""
-    from diag import figures
-    from diag.method_report import method_report, tradeoff_frame
-
     if df["method"].nunique() < 2:
         return None
     rep = method_report(df, lambda2)
@@ -249,7 +248,6 @@ def _kernelshap_part(args, ws, domains, out, lambda1, lambda2, figures) -> dict:
     """Figure 5 over every target with imagenette (else the first domain) as source."""
     import pandas as pd
 
-    from diag.kernelshap_budget import KS_BUDGETS, KS_FILE, kernelshap_budget
 
     source = "imagenette" if "imagenette" in domains else domains[0]
     budgets = args.ks_budgets or list(KS_BUDGETS)
@@ -274,7 +272,7 @@ def _print_study(report: dict, s, out, alpha, lambda1, shard) -> None:
         print(f"  - {v}")
     print("  paper (ViT-B/32, Fig. 2): E-RMSE below θ_ftᵀ in most of 56 pairs at ~θ_ftᵀ accuracy")
     if shard[1] > 1:
-        print(f"  shard table written; merge with diag.pairs.merge_shards({str(out)!r})")
+        print(f"  shard table written; merge with diag.table.merge_shards({str(out)!r})")
     for name, path in report["figures"].items():
         print(f"  {name}: {path}")
     if "kernelshap_budget" in report:
@@ -290,9 +288,6 @@ def _print_study(report: dict, s, out, alpha, lambda1, shard) -> None:
 
 def run_ceilings(args) -> int:
     """``diag ceilings``: cos τ*/τ_ft across seeds and the Kernel SHAP noise ceiling, per domain."""
-    from diag.ceilings import ceilings
-    from train.losses import check_alpha
-
     ctx = context_from(args)
     alpha = check_alpha(args.alpha)
     domains = list(dict.fromkeys(ctx.check_domain(d) for d in (args.domains or ctx.domains())))
@@ -311,12 +306,6 @@ def run_ceilings(args) -> int:
 
 
 def run_correlate(args) -> int:
-    from diag import figures
-    from diag.stats import correlate_appendix_c
-    from diag.summary import select_run
-    from diag.pairs import DEFAULT_STUDY, PAIRS_FILE, at_lambda, load_study, merge_shards
-    from diag.sweep import run_study
-    from train.vectors import check_scale
 
     ctx = context_from(args)
     lambda2 = check_scale("lambda2", args.lambda2)

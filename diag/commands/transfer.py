@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from diag.commands.options import (add_common, ALPHA, check_finite_result, context_from, domain_name, emit_json,
+                                   folder_path, FRACTION, LAMBDA, seed)
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
-from diag.context import add_common, context_from
-from diag.options import ALPHA, FRACTION, LAMBDA, check_finite_result, domain_name, emit_json, folder_path, seed
+from diag.decide.recommend import study_gains
+from diag.features.pair_features import Diagnostics
+from diag.runtime.shards import build_domains
+from diag.table import DEFAULT_STUDY
+from diag.transfer.evaluate import transfer
+from train.losses import check_alpha
 from train.store import VARIANTS
+from train.vectors import check_scale
 
 
 def register(sub) -> None:
@@ -47,9 +54,6 @@ def register(sub) -> None:
 
 
 def run_transfer(args) -> int:
-    from diag.transfer import transfer
-    from train.losses import check_alpha
-    from train.vectors import check_scale
 
     ctx = context_from(args, default_domain=args.target)
     check_alpha(args.alpha)
@@ -62,13 +66,10 @@ def run_transfer(args) -> int:
     ws = ctx.workspace(args.alpha, seed=args.seed, variant=args.variant)
     curvature = None
     if args.method in ("project", "precondition", "blocks"):
-        from diag.diagnostics import Diagnostics
 
         curvature = Diagnostics(ws, progress=ctx.progress).curvature(target, need_operator=args.method == "blocks")
     gains = None
     if args.method == "mix-ranked":
-        from diag.pairs import DEFAULT_STUDY
-        from diag.recommend import study_gains
 
         gains, _ = study_gains(args.study or ctx.store.study_dir(DEFAULT_STUDY), target, args.seed, args.variant)
     result = transfer(ws, source, target, args.lambda1, args.lambda2, controls=not args.no_controls,
@@ -81,9 +82,6 @@ def run_transfer(args) -> int:
 
 def run_zoo(args) -> int:
     """``diag zoo``: build or resume every artifact; under torchrun the domains are split over the ranks."""
-    from diag.shards import build_domains
-    from train.losses import check_alpha
-
     ctx = context_from(args)
     domains = list(dict.fromkeys(ctx.check_domain(d) for d in (args.domains or ctx.domains())))
     alphas = tuple(check_alpha(a) for a in (args.alpha or [PAPER_ALPHA]))

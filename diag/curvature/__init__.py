@@ -5,40 +5,19 @@ parameter subset; risk ``R(tau; H) = tau^T H tau`` (paper eq. 12, 16-19); the
 publishable :class:`HessianCard`.
 """
 
-from diag.curvature.attention import curvature_mode
-from diag.curvature.card import HessianCard, build_card
+from diag.curvature.card import build_card, HessianCard
 from diag.curvature.data_variance import trace_with_data_variance
-from diag.curvature.distributed import all_reduce_sum, broadcast, is_distributed, rank_and_world, shard_batches
-from diag.curvature.estimators import (
-    exact_diagonal,
-    exact_trace,
-    hutchinson_diagonal,
-    hutchinson_trace,
-    hutchpp_trace,
-)
+from diag.curvature.exact import exact_diagonal, exact_trace
+from diag.curvature.hutchinson import hutchinson_diagonal, hutchinson_trace
+from diag.curvature.hutchpp import hutchpp_trace
 from diag.curvature.lanczos import gradient_start, lanczos_topk, slq_density
-from diag.curvature.operators import (
-    CurvatureOperator,
-    DenseOperator,
-    EmpiricalFisherOperator,
-    GGNOperator,
-    HessianOperator,
-    exact_ggn_diagonal,
-    finite_difference_check,
-)
-from diag.curvature.params import ParamLayout, layout_for, select_params
+from diag.curvature.operators import (CurvatureOperator, DenseOperator, EmpiricalFisherOperator, exact_ggn_diagonal,
+                                      finite_difference_check, GGNOperator, HessianOperator)
+from diag.curvature.operators.attention import curvature_mode
+from diag.curvature.params import layout_for, ParamLayout, select_params
 from diag.curvature.results import DiagonalEstimate, EigenResult, SpectralDensity, TraceEstimate
-from diag.curvature.risk import (
-    QuadraticCheckRow,
-    RiskResult,
-    eigen_contributions,
-    quadratic_check,
-    rank_agreement,
-    risk_diagonal,
-    risk_diagonal_estimate,
-    risk_diagonal_stderr,
-    risk_exact,
-)
+from diag.curvature.risk import (eigen_contributions, quadratic_check, QuadraticCheckRow, rank_agreement,
+                                 risk_diagonal, risk_diagonal_estimate, risk_diagonal_stderr, risk_exact, RiskResult)
 
 __all__ = [
     "CurvatureOperator",
@@ -54,8 +33,6 @@ __all__ = [
     "RiskResult",
     "SpectralDensity",
     "TraceEstimate",
-    "all_reduce_sum",
-    "broadcast",
     "build_card",
     "curvature_mode",
     "eigen_contributions",
@@ -67,18 +44,15 @@ __all__ = [
     "hutchinson_diagonal",
     "hutchinson_trace",
     "hutchpp_trace",
-    "is_distributed",
     "lanczos_topk",
     "layout_for",
     "quadratic_check",
     "rank_agreement",
-    "rank_and_world",
     "risk_diagonal",
     "risk_diagonal_estimate",
     "risk_diagonal_stderr",
     "risk_exact",
     "select_params",
-    "shard_batches",
     "slq_density",
     "trace_with_data_variance",
 ]

@@ -1,7 +1,7 @@
 """External curvature backends behind our types: PyHessian 0.1 and curvlinops 3.
 
 * :func:`pyhessian_trace_and_top_eig` runs PyHessian's Hutchinson trace and power
-  iteration inside :func:`~diag.curvature.attention.curvature_mode` (its double
+  iteration inside :func:`~diag.curvature.operators.attention.curvature_mode` (its double
   backward fails on fused attention kernels otherwise) on a parameter subset, on CPU
   or CUDA, and returns a :class:`~diag.curvature.results.BackendResult`. PyHessian's
   trace draws Rademacher probes from the global RNG and stops as soon as the running
@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from diag.curvature.attention import curvature_mode
+from diag.curvature.operators.attention import curvature_mode
 from diag.curvature.params import select_params
 from diag.curvature.results import BackendResult, EigenResult, TraceEstimate
 from train.errors import TvdiagError, unknown

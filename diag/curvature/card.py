@@ -25,9 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diag import __version__
+from diag.curvature.lanczos import lanczos_topk
 from diag.curvature.operators import CurvatureOperator
 from diag.curvature.params import ParamLayout
 from train.errors import ArtifactError, BaseMismatchError, TvdiagError
+from train.tensorio import save_tensors
 
 __all__ = ["CARD_FORMAT", "HessianCard", "build_card"]
 
@@ -150,7 +153,6 @@ class HessianCard:
         Raises:
             StoreError: the folder cannot be written.
         """
-        from train.tensorio import save_tensors
 
         tensors = {
             "eigvals": self.eigvals.detach().cpu().contiguous(),
@@ -231,21 +233,15 @@ def _topk_eigs(op: CurvatureOperator, k: int, method: str, seed: int, tol: float
         order = torch.argsort(vals, descending=True)[:k]
         return vals[order], vecs[:, order], H, "dense-eigh"
     if method == "lanczos":
-        try:
-            from diag.curvature.lanczos import lanczos_topk
-        except ImportError:
-            log.info("diag.curvature.lanczos.lanczos_topk not available; using scipy eigsh")
-            method = "eigsh"
-        else:
-            res = lanczos_topk(op, k, **lanczos_kwargs)
-            vals = torch.as_tensor(np.asarray(res.eigvals) if not isinstance(res.eigvals, Tensor) else res.eigvals)
-            vecs = torch.as_tensor(np.asarray(res.eigvecs) if not isinstance(res.eigvecs, Tensor) else res.eigvecs)
-            vals, vecs = vals.double().cpu(), vecs.double().cpu()
-            order = torch.argsort(vals, descending=True)
-            residuals = getattr(res, "residuals", None)
-            if residuals is not None and len(residuals):
-                log.info("lanczos_topk: max eigen-residual %.3g", float(torch.as_tensor(residuals).max()))
-            return vals[order], vecs[:, order], None, "lanczos"
+        res = lanczos_topk(op, k, **lanczos_kwargs)
+        vals = torch.as_tensor(np.asarray(res.eigvals) if not isinstance(res.eigvals, Tensor) else res.eigvals)
+        vecs = torch.as_tensor(np.asarray(res.eigvecs) if not isinstance(res.eigvecs, Tensor) else res.eigvecs)
+        vals, vecs = vals.double().cpu(), vecs.double().cpu()
+        order = torch.argsort(vals, descending=True)
+        residuals = getattr(res, "residuals", None)
+        if residuals is not None and len(residuals):
+            log.info("lanczos_topk: max eigen-residual %.3g", float(torch.as_tensor(residuals).max()))
+        return vals[order], vecs[:, order], None, "lanczos"
     if method == "eigsh":
         from scipy.sparse.linalg import eigsh
 
@@ -293,12 +289,7 @@ def _provenance(op: CurvatureOperator, used: str, k: int, resid_kind: str) -> di
     for attr in ("engine", "num_samples", "loss_name"):
         if getattr(op, attr, None) is not None:
             prov[attr] = str(getattr(op, attr))
-    try:
-        from diag import __version__
-
-        prov["tvdiag_version"] = __version__
-    except ImportError:  # pragma: no cover
-        pass
+    prov["tvdiag_version"] = __version__
     return prov
 
 

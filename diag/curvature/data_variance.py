@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from diag.curvature.estimators import hutchinson_trace
+from diag.curvature.hutchinson import hutchinson_trace
 from diag.curvature.probes import probe_seed
 from diag.curvature.results import DataVarianceTrace
 from train.errors import DataError

@@ -17,8 +17,9 @@ import math
 import torch
 from torch import Tensor
 
-from diag.curvature.probes import MEMORY_SHARE, _dim, _matmul, free_memory_bytes, rademacher
+from diag.curvature.probes import _dim, _matmul, free_memory_bytes, MEMORY_SHARE, rademacher
 from diag.curvature.results import EigenResult, SpectralDensity
+from train.errors import TvdiagError, unknown
 
 __all__ = ["gradient_start", "lanczos_topk", "lanczos_tridiag", "slq_density"]
 
@@ -202,7 +203,6 @@ def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: fl
     """
     D = _dim(A)
     if which not in _WHICH:
-        from train.errors import unknown
 
         raise unknown("eigenvalue order", which, _WHICH)
     if not 1 <= k <= D:
@@ -255,7 +255,6 @@ def gradient_start(A, seed: int = 0) -> Tensor:
         TvdiagError: if ``A`` has no ``mean_gradient`` (not a model Hessian operator).
     """
     if not hasattr(A, "mean_gradient"):
-        from train.errors import TvdiagError
 
         raise TvdiagError(f"gradient_start needs a HessianOperator (with mean_gradient), got {type(A).__name__}.")
     r = torch.randn(_dim(A), generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)

@@ -13,7 +13,8 @@ import os
 import torch
 from torch import Tensor
 
-from diag.curvature.distributed import is_distributed, rank_and_world
+from diag.curvature.operators import _ModelOperator
+from diag.runtime.distributed import is_distributed, rank_and_world
 
 __all__ = ["probe_block", "probe_seed", "rademacher"]
 
@@ -100,7 +101,6 @@ def _split(A, split_probes: bool | None) -> tuple[int, int]:
     if split_probes is None:
         data_parallel = getattr(A, "data_parallel", None)
         if data_parallel is None:  # tvdiag's model operators all-reduce every product
-            from diag.curvature.operators import _ModelOperator
 
             data_parallel = isinstance(A, _ModelOperator)
         split_probes = is_distributed() and not data_parallel

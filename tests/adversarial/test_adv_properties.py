@@ -9,7 +9,7 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from diag.options import ALPHA, LAMBDA, K, seed
+from diag.commands.options import ALPHA, LAMBDA, K, seed
 from tests.adversarial._helpers import run, tree_hash
 from train.errors import TvdiagError
 from train.store import NAME_PATTERN, Store, check_name

@@ -6,7 +6,7 @@ batches,
     L(theta) = (1/N) sum_i CE(f(theta, x_i), y_i),      N = total sample count,
 
 so the operator of the whole dataset is the sample-count-weighted average of the
-per-batch operators. Products run inside :func:`~diag.curvature.attention.curvature_mode`
+per-batch operators. Products run inside :func:`~diag.curvature.operators.attention.curvature_mode`
 with the model in eval mode (both restored afterwards); the module's parameters are
 never modified (the operator evaluates at its own detached copy of the point, through
 ``torch.func.functional_call``). Under ``torch.distributed`` each rank sums over its
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from diag.curvature.attention import curvature_mode
-from diag.curvature.distributed import all_reduce_sum, is_distributed, shard_batches
+from diag.curvature.operators.attention import curvature_mode
+from diag.runtime.distributed import all_reduce_sum, is_distributed, shard_batches
 from diag.curvature.operators.base import CurvatureOperator
 from diag.curvature.params import ParamLayout, layout_for, select_params
 from train.errors import BaseMismatchError, DataError, TvdiagError, UnknownNameError, unknown

@@ -1,0 +1,257 @@
+"""Curvature bench, estimator part: trace and top eigenvalue, ours against PyHessian's.
+
+Every method runs once per round, in turn, ``repeats`` rounds (round ``r`` uses seed
+``r`` everywhere), so a busy machine slows all of them alike; a ratio is the median of
+the per-round ratios of times measured back to back. Every timing includes building
+the first-order graph (a fresh operator per call; PyHessian's ``hessian(...)``).
+On a CPU device the times are the process's CPU seconds (:func:`clock`).
+
+* Trace, same probes: :func:`hutchinson_trace` (blocks of 8) against PyHessian's
+  ``trace(maxIter=probes, tol=-inf)`` (exactly ``probes`` probes: its own stop rule
+  divides by the signed trace). Same estimator, same accuracy by construction.
+* Trace, equal accuracy: :func:`hutchpp_trace` with ``probes`` products; its variance
+  falls as ``1/products``, so it reaches PyHessian's standard error with
+  ``(se_hpp / se_pyh)²`` of its products: ratio ``(t_pyh / t_hpp) · (se_pyh / se_hpp)²``.
+* Top eigenvalue, equal accuracy: a reference ``λ*`` (Lanczos to ``r²/gap <= 1e-10 ·
+  λ`` or 60 steps, untimed); PyHessian's ``eigenvalues(top_n=1)`` with its defaults (power
+  iteration from a random vector, relative change ``< 1e-3``, at most 100 products)
+  reaches the relative error ``e_pyh = |λ_pyh − λ*| / λ*``; ours,
+  :func:`lanczos_topk` (k = 1), stops by its own rule (eigenvalue error estimate
+  ``r²/gap``) at ``value_tol = e_pyh`` of the same round — from a random start
+  (``eig``) and from :func:`gradient_start` (``eig_gradient_start``). Both report
+  their products and reached errors; ``*_equal_accuracy_rounds`` counts the rounds
+  where ours is at least as accurate as PyHessian's. Without PyHessian installed, ours runs
+  alone at ``value_tol = 1e-3`` and no ratio is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diag.curvature.backends import _count_pyhessian_hvps, _keep_training_flag, _only_requires_grad
+from diag.curvature.hutchinson import hutchinson_trace
+from diag.curvature.hutchpp import hutchpp_trace
+from diag.curvature.lanczos import gradient_start, lanczos_topk
+from diag.curvature.operators import HessianOperator
+from diag.curvature.operators.attention import curvature_mode
+from train.errors import TvdiagError
+
+__all__ = ["bench_estimators", "format_estimator_lines", "median_ratio", "rounds"]
+
+VALUE_TOL_FLOOR = 1e-9
+"""Smallest eigenvalue tolerance ours is asked for (PyHessian may land closer by chance)."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: torch.device) -> Callable[[], float]:
+    """The clock of :func:`rounds`: the process's CPU time on a CPU device, else wall time.
+
+    With one thread CPU time equals wall time on an idle machine, and on a busy one it
+    leaves out the time spent waiting for a core, which wall time charges at random to
+    whichever method was running. On a GPU the host waits in ``synchronize``: wall time.
+    """
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
+def time_once(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Seconds of one call of ``fn`` by :func:`clock`, and its output."""
+    now = clock(device)
+    _sync(device)
+    t0 = now()
+    out = fn()
+    _sync(device)
+    return now() - t0, out
+
+
+def rounds(fns: dict[str, Callable[[int, dict[str, list]], Any]], repeats: int,
+           device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
+    """Seconds (:func:`clock`) and outputs of ``fns[name](r, outs)`` for rounds ``r = 0..repeats-1``.
+
+    Each round calls every method once, in the order of ``fns``; ``outs`` holds the
+    outputs so far, so a method may read an earlier method's output of the same round.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    outs: dict[str, list[Any]] = {k: [] for k in fns}
+    for r in range(repeats):
+        for k, fn in fns.items():
+            t, out = time_once(lambda fn=fn: fn(r, outs), device)
+            times[k].append(t)
+            outs[k].append(out)
+    return times, outs
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of ``num[r] / den[r]``."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def _pyhessian_runner(model: nn.Module, x: Tensor, y: Tensor, names: list[str], device: torch.device):
+    """``run(fn, seed)``: ``fn(hessian(...))`` with PyHessian's products counted; ``None`` without PyHessian."""
+    try:
+        from pyhessian import hessian
+    except ImportError:
+        return None
+
+    def run(fn, seed: int):
+        with _keep_training_flag(model), _only_requires_grad(model, names), curvature_mode(), \
+                torch.random.fork_rng(), _count_pyhessian_hvps() as count:
+            torch.manual_seed(seed)
+            out = fn(hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=device.type == "cuda"))
+        return out, count[0]
+
+    return run
+
+
+def _trace_part(op, probes: int, ph) -> dict[str, Callable]:
+
+    fns: dict[str, Callable] = {"trace": lambda r, o: hutchinson_trace(op(), num_matvecs=probes, seed=r),
+                                "hutchpp": lambda r, o: hutchpp_trace(op(), num_matvecs=probes, seed=r)}
+    if ph is not None:
+        fns["pyhessian_trace"] = lambda r, o: ph(lambda c: c.trace(maxIter=probes, tol=-math.inf), r)
+    return fns
+
+
+def _rel_err(lam: float, lam_ref: float) -> float:
+    """|λ − λ*| / |λ*|."""
+    return abs(lam - lam_ref) / abs(lam_ref)
+
+
+def _eig_part(op, lam_ref: float, ph) -> dict[str, Callable]:
+
+    def tol(o: dict[str, list]) -> float:
+        if ph is None:
+            return 1e-3
+        (lam, _), _ = o["pyhessian_eig"][-1]
+        return max(_rel_err(lam[0], lam_ref), VALUE_TOL_FLOOR)
+
+    def grad_start(r: int, o: dict[str, list]):
+        A = op()
+        return lanczos_topk(A, 1, seed=r, value_tol=tol(o), v0=gradient_start(A, r))
+
+    fns: dict[str, Callable] = {}
+    if ph is not None:  # first: ours reads its reached error
+        fns["pyhessian_eig"] = lambda r, o: ph(lambda c: c.eigenvalues(top_n=1), r)
+    fns["eig"] = lambda r, o: lanczos_topk(op(), 1, seed=r, value_tol=tol(o))
+    fns["eig_gradient_start"] = grad_start
+    return fns
+
+
+def _trace_numbers(t: dict[str, list[float]], outs: dict[str, list], probes: int) -> dict[str, Any]:
+    tr, hpp = outs["trace"][-1], outs["hutchpp"][-1]
+    out: dict[str, Any] = {"est_probes": probes, "trace_s": statistics.median(t["trace"]), "trace": tr.value,
+                           "trace_stderr": tr.stderr, "hutchpp_s": statistics.median(t["hutchpp"]),
+                           "hutchpp": hpp.value, "hutchpp_stderr": hpp.stderr}
+    if "pyhessian_trace" not in outs:
+        return out
+    ses = [statistics.stdev(v) / math.sqrt(len(v)) for v, _ in outs["pyhessian_trace"]]
+    vals, n = outs["pyhessian_trace"][-1]
+    out.update({"pyhessian_trace_s": statistics.median(t["pyhessian_trace"]),
+                "pyhessian_trace": float(statistics.mean(vals)), "pyhessian_trace_stderr": ses[-1],
+                "pyhessian_trace_matvecs": n,
+                "pyhessian_over_ours_trace": median_ratio(t["pyhessian_trace"], t["trace"])})
+    hpp_se = [h.stderr for h in outs["hutchpp"]]
+    out["pyhessian_over_ours_trace_equal_accuracy"] = (  # None: Hutch++ with one probe has no stderr
+        statistics.median((tp / th) * (sp / sh) ** 2 for tp, th, sp, sh in zip(
+            t["pyhessian_trace"], t["hutchpp"], ses, hpp_se)) if all(s > 0 for s in hpp_se) else None)
+    return out
+
+
+def _eig_numbers(t: dict[str, list[float]], outs: dict[str, list], lam_ref: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("eig", "eig_gradient_start"):
+        res = outs[key]
+        out.update({f"{key}_s": statistics.median(t[key]), f"{key}_matvecs": [r.n_matvecs for r in res],
+                    f"{key}_rel_err": [_rel_err(float(r.eigvals[0]), lam_ref) for r in res]})
+    eig = outs["eig"][-1]
+    out.update({"top_eig": float(eig.eigvals[0]), "top_eig_residual": float(eig.residuals[0])})
+    if "pyhessian_eig" not in outs:
+        return out
+    ph_err = [_rel_err(lam[0], lam_ref) for (lam, _), _ in outs["pyhessian_eig"]]
+    out.update({"pyhessian_eig_s": statistics.median(t["pyhessian_eig"]),
+                "pyhessian_top_eig": float(outs["pyhessian_eig"][-1][0][0][0]),
+                "pyhessian_eig_matvecs": [n for _, n in outs["pyhessian_eig"]], "pyhessian_eig_rel_err": ph_err})
+    out["top_eig_rel_diff"] = abs(out["top_eig"] - out["pyhessian_top_eig"]) / abs(out["pyhessian_top_eig"])
+    for key, suffix in (("eig", ""), ("eig_gradient_start", "_gradient_start")):
+        out[f"pyhessian_over_ours_eig{suffix}"] = median_ratio(t["pyhessian_eig"], t[key])
+        out[f"{key}_equal_accuracy_rounds"] = sum(
+            e <= p * (1 + 1e-6) for e, p in zip(out[f"{key}_rel_err"], ph_err))
+    return out
+
+
+def bench_estimators(model: nn.Module, x: Tensor, y: Tensor, params, names: list[str], probes: int,
+                     device: torch.device, repeats: int = 3) -> dict[str, Any]:
+    """Trace and top eigenvalue, ours against PyHessian's (see the module docstring).
+
+    Args:
+        model: the classifier (cross-entropy loss on ``(x, y)``).
+        x, y: one batch of inputs and labels.
+        params: the parameters of our Hessian operator (:class:`diag.curvature.operators.HessianOperator`'s ``params``).
+        names: the names of the same parameters (the only ones PyHessian differentiates).
+        probes: Hutchinson probes of each trace estimate (and Hutch++'s products); at least 2.
+        device: where ``model`` and the batch are (sets the clock, :func:`clock`).
+        repeats: rounds.
+
+    Returns:
+        Seconds (medians over rounds), estimates, per-round products and reached
+        eigenvalue errors, and the ratios ``pyhessian_over_ours_trace``,
+        ``pyhessian_over_ours_trace_equal_accuracy``, ``pyhessian_over_ours_eig`` and
+        ``pyhessian_over_ours_eig_gradient_start`` (medians of per-round ratios).
+
+    Raises:
+        TvdiagError: ``probes`` below 2 (PyHessian's trace has no standard error from one probe).
+    """
+    if probes < 2:
+        raise TvdiagError(f"--probes {probes}: the estimator bench needs at least 2 probes (a standard error)")
+
+    def op() -> HessianOperator:
+        return HessianOperator(model, [(x, y)], params=params, engine="double-backward")
+
+    ref = lanczos_topk(op(), 1, num_iters=60, value_tol=1e-10)
+    lam_ref = float(ref.eigvals[0])
+    ph = _pyhessian_runner(model, x, y, names, device)
+    t, outs = rounds({**_trace_part(op, probes, ph), **_eig_part(op, lam_ref, ph)}, repeats, device)
+    return {"est_repeats": repeats, "top_eig_reference": lam_ref, "top_eig_reference_matvecs": ref.n_matvecs,
+            "top_eig_reference_residual": float(ref.residuals[0]),
+            **_trace_numbers(t, outs, probes), **_eig_numbers(t, outs, lam_ref)}
+
+
+def _f(x: Any, fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _errs(xs: list[float] | None) -> str:
+    return "-" if xs is None else "/".join(f"{e:.1g}" for e in xs)
+
+
+def format_estimator_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Two lines per model with the estimator timings of :func:`bench_estimators`."""
+    lines = []
+    for r in rows:
+        if "trace_s" not in r:
+            continue
+        lines.append(
+            f"{r['model']}: {r['est_probes']}-probe trace ours {r['trace_s']:.2f} s ({r['trace']:.6g} ± "
+            f"{r['trace_stderr']:.2g}) vs PyHessian {_f(r.get('pyhessian_trace_s'), '.2f')} s "
+            f"({_f(r.get('pyhessian_trace'), '.6g')} ± {_f(r.get('pyhessian_trace_stderr'), '.2g')}): "
+            f"x{_f(r.get('pyhessian_over_ours_trace'), '.2f')}; Hutch++ {r['hutchpp_s']:.2f} s "
+            f"({r['hutchpp']:.6g} ± {r['hutchpp_stderr']:.2g}; at PyHessian's accuracy "
+            f"x{_f(r.get('pyhessian_over_ours_trace_equal_accuracy'), '.2f')})")
+        lines.append(
+            f"{r['model']}: top eigenvalue (reference {r['top_eig_reference']:.6g}) at PyHessian's accuracy: "
+            f"PyHessian {_f(r.get('pyhessian_eig_s'), '.2f')} s, products {r.get('pyhessian_eig_matvecs', '-')}, "
+            f"errors {_errs(r.get('pyhessian_eig_rel_err'))}; ours random start {r['eig_s']:.2f} s, products "
+            f"{r['eig_matvecs']}, errors {_errs(r['eig_rel_err'])}: x{_f(r.get('pyhessian_over_ours_eig'), '.2f')}; "
+            f"gradient start {r['eig_gradient_start_s']:.2f} s, products {r['eig_gradient_start_matvecs']}, errors "
+            f"{_errs(r['eig_gradient_start_rel_err'])}: x{_f(r.get('pyhessian_over_ours_eig_gradient_start'), '.2f')}")
+    return lines

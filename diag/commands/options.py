@@ -1,0 +1,270 @@
+"""Command-line options: validators of values (argparse ``type=`` functions), the options every
+subcommand shares (:func:`add_common`) and the :class:`~diag.runtime.context.Context` they make
+(:func:`context_from`), and the one strict JSON printer.
+
+Every numeric option is checked at the boundary: finite and in its range, so a value such
+as ``--lambda2 nan`` or ``--k 0`` is one clear line and exit code 2 instead of a traceback
+or NaN results. :func:`emit_json` prints with a strict encoder: a non-finite result is an
+error, never bare ``NaN`` in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from diag.runtime.context import Context
+from diag.runtime.distributed import is_distributed
+from diag.runtime.shards import shared_start_time
+from diag.runtime.workers import parse_workers
+from train.devices import DEVICE_CHOICES
+from train.errors import TvdiagError
+from train.store import check_name, default_root
+from train.tensorio import check_writable
+
+SEED_MAX = 2 ** 63
+
+
+def _number(text: str, kind: type):
+    try:
+        return kind(text)
+    except (TypeError, ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+
+
+def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False):
+    """argparse type: a finite float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+    def parse(text: str) -> float:
+        value = _number(text, float)
+        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+        if not math.isfinite(value) or low_bad or (hi is not None and value > hi):
+            left = "(" if lo_open else "["
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number in {left}{lo}, {hi}]")
+        return value
+
+    parse.__name__ = "finite_float"
+    return parse
+
+
+def int_range(lo: int, hi: int):
+    """argparse type: an integer in ``[lo, hi]`` (written as digits; ``1e9`` is refused)."""
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer in [{lo}, {hi}]")
+        return value
+
+    parse.__name__ = "int_range"
+    return parse
+
+
+def positive_int(hi: int = 10 ** 6):
+    """argparse type: an integer in ``[1, hi]``."""
+    return int_range(1, hi)
+
+
+seed = int_range(0, SEED_MAX - 1)
+"""argparse type: a seed, 0 ≤ seed < 2**63 (what torch generators accept)."""
+
+
+def domain_name(text: str) -> str:
+    """argparse type: a domain (or other user-given) name, ``[a-z0-9][a-z0-9_-]*``."""
+    try:
+        return check_name(text)
+    except TvdiagError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _first_non_finite(obj, where: str = "") -> str | None:
+    """JSON path of the first NaN/Inf float in a nested dict/list (None when all are finite)."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (where or "<value>")
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def check_finite_result(obj, what: str = "result") -> None:
+    """Raise :class:`TvdiagError` naming the first non-finite number in ``obj``."""
+    bad = _first_non_finite(obj)
+    if bad is not None:
+        raise TvdiagError(f"The {what} is not finite at '{bad}' (NaN or Inf): the settings are outside the "
+                          "range where the computation is meaningful")
+
+
+def _json_default(value):
+    """numpy / torch scalars as floats (ints stay ints), paths and other objects as strings."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):  # a multi-element array or tensor
+            return value.tolist()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def dumps_strict(obj, **kwargs) -> str:
+    """``json.dumps`` that refuses NaN/Inf (a :class:`TvdiagError` naming where it is)."""
+    kwargs.setdefault("indent", 2)
+    kwargs.setdefault("default", _json_default)
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        check_finite_result(json.loads(json.dumps(obj, default=kwargs["default"])))
+        raise
+
+
+def _nan_to_null(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_null(v) for v in obj]
+    return obj
+
+
+def emit_json(obj, *, nan_as_null: bool = False, **kwargs) -> None:
+    """Print ``obj`` as strict JSON on stdout (nothing is printed when it is not finite).
+
+    Args:
+        nan_as_null: for tables where NaN means "not available" (a statistic undefined on
+            too few pairs, a column of a lower tier): write ``null`` instead of failing.
+    """
+    if nan_as_null:
+        obj = _nan_to_null(json.loads(json.dumps(obj, default=kwargs.get("default", _json_default))))
+    text = dumps_strict(obj, **kwargs)
+    sys.stdout.write(text + "\n")
+
+
+def _writable_target(text: str, folder: bool) -> Path:
+
+    path = Path(text).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")
+    if not folder and path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file path")
+    if not folder and path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not writable")
+    try:
+        check_writable(path if folder else path.parent, "Folder")
+        _probe_write(path if folder else path.parent)
+    except TvdiagError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be written: {err}") from None
+    return path
+
+
+def _probe_write(folder: Path) -> None:
+    """Create and delete a temporary file in ``folder``'s nearest existing ancestor (access() lies for root)."""
+    import tempfile
+
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise TvdiagError(f"{probe} is not writable ({err.strerror or err})") from None
+
+
+def folder_path(text: str) -> Path:
+    """argparse type: a folder to read (it may not exist yet, but must not be a file)."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    return path
+
+
+def writable_file(text: str) -> Path:
+    """argparse type: an output file whose folder exists writable or can be created (checked before compute)."""
+    return _writable_target(text, folder=False)
+
+
+def writable_dir(text: str) -> Path:
+    """argparse type: an output folder that is writable or can be created (checked before compute)."""
+    return _writable_target(text, folder=True)
+
+
+# ranges shared by the commands' options
+LAMBDA = finite_float(-10.0, 10.0)          # λ1, λ2 (the paper's grid is 0.4 … 1.2)
+ALPHA = finite_float(0.0, 1.0)              # α of L_α (eq. 4)
+FRACTION = finite_float(0.0, 1.0)           # budgets such as --max-acc-drop
+CHECK_T = finite_float(0.0, 10.0, lo_open=True)   # t of the quadratic-model check
+PROBES = positive_int(100_000)
+N_IMAGES = positive_int(10_000_000)
+BATCH = positive_int(65_536)
+K = positive_int(1_000)
+ITERS = positive_int(10_000)
+N_RESAMPLE = positive_int(10_000_000)       # --n-boot, --n-perm
+REPEATS = positive_int(1_000)
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--bf16``, added to every subcommand (:func:`diag.cli.build_parser`).
+
+    The CLI resolves ``--device`` once, before the command runs (:func:`train.devices.resolve_device`),
+    so ``args.device`` is a ``torch.device`` in every command.
+    """
+
+    parser.add_argument("--device", default="auto", metavar="|".join(DEVICE_CHOICES),
+                        help="where models and batches run (auto: CUDA, then MPS, then the CPU; named and "
+                             "missing is an error)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast of fine-tuning and Kernel SHAP forwards (CUDA only; curvature stays fp32)")
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """Options every subcommand accepts."""
+    parser.add_argument("--store", type=Path, default=None, help="artifact store (default: $TVDIAG_STORE or ~/.cache/tvdiag)")
+    parser.add_argument("--preset", default="default",
+                        help="zoo settings: default | smoke (tiny, for tests) | vitb-smoke (ViT-B/32 at 224 px, a few "
+                             "images and steps) | dense (Kernel SHAP at ≈ 10 samples per patch) | gradcam (Grad-CAM "
+                             "supervision)")
+    parser.add_argument("--backbone", default="tiny", help="tiny, or an open_clip name such as ViT-B-32")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag already in its cache")
+    parser.add_argument("--checkpoint", default=None, help="local weights file (safetensors or legacy .pt)")
+    parser.add_argument("--data", action="append", default=[], metavar="[DOMAIN=]PATH",
+                        help="local copy of a dataset (ImageFolder or torchvision-style root); repeatable")
+    parser.add_argument("--rebuild", action="append", default=[], metavar="DOMAIN", type=domain_name,
+                        help="rebuild DOMAIN's artifacts even if present or not written by tvdiag ('all': every one)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--workers", default=os.environ.get("TVDIAG_WORKERS", "auto"), metavar="auto|N",
+                        help="local processes that build missing zoo domains and study pairs in parallel, sharing "
+                             "this process's threads (auto: one per core, at most 4; 1 on a GPU; default "
+                             "$TVDIAG_WORKERS or auto)")
+
+
+def context_from(args: argparse.Namespace, default_domain: str | None = None) -> Context:
+    """The :class:`Context` of a parsed command line (``--data`` entries without ``DOMAIN=`` go to ``default_domain``)."""
+    data: dict[str, str] = {}
+    for item in args.data:
+        if "=" in item:
+            name, path = item.split("=", 1)
+        else:
+            if default_domain is None:
+                raise TvdiagError("--data needs DOMAIN=PATH here")
+            name, path = default_domain, item
+        data[check_name(name)] = path
+    ctx = Context(store_root=args.store or default_root(), preset=args.preset, backbone=args.backbone,
+                  pretrained=args.pretrained, checkpoint=args.checkpoint, data=data, progress=not args.quiet,
+                  rebuild=tuple(args.rebuild), device=getattr(args, "device", None), bf16=getattr(args, "bf16", False),
+                  workers=parse_workers(getattr(args, "workers", "1")))
+    if is_distributed():  # torchrun: --rebuild spares whatever any rank of this run wrote
+        ctx.started = shared_start_time(ctx.started)
+    return ctx

@@ -1,0 +1,133 @@
+"""Decisions before deploying an explainability vector: λ2, the quadratic model, the verdict.
+
+One module for every choice ``rank-sources``, ``screen`` and ``risk`` make; the CLI only
+parses and prints.
+
+* The quadratic model (paper eq. 12): at θ_ftᵀ (gradient ≈ 0) adding λτ raises the target
+  loss by L(θ_ftᵀ + λτ) − L(θ_ftᵀ) ≈ ½ λ² R with R = τᵀ Hᵀ τ; so the largest λ within a
+  budget b is λ_max = sqrt(2b / R) (:func:`quadratic_lambda_max`). The same model in
+  accuracy-drop units (drop(λ) = drop(λ_ref)·(λ/λ_ref)², i.e. R = 2·drop(λ_ref)/λ_ref²)
+  turns a predicted drop at λ2 = 0.7 into a λ2 (:func:`lambda2_from_predicted_drop`).
+* Measured λ2 (tier 2) is :mod:`diag.transfer.budget`: the λ grid on the target's ``val``
+  images and the one rule that picks λ2 from it.
+* The verdict (:func:`screen_verdict`): go / caution / no-go from the drop, the predicted
+  E-RMSE and where cos(τ_ftˢ, τ_ftᵀ) falls among the known pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+
+from diag.constants import LAMBDA_GRID, PAPER_LAMBDA2
+from train.errors import DataError
+
+VERDICTS = ("go", "caution", "no-go")
+
+
+# ------------------------------------------------------------------------- quadratic model
+
+
+def quadratic_loss_increase(risk: float, lam: float) -> float:
+    """Quadratic-model loss increase L(θ + λτ) − L(θ) ≈ ½ λ² R with R = τᵀHτ (gradient ≈ 0 at θ_ftᵀ)."""
+    return 0.5 * lam * lam * risk
+
+
+def quadratic_lambda_max(risk: float, max_loss_increase: float) -> float:
+    """Largest λ with ½ λ² R ≤ budget under the quadratic model: λ_max = sqrt(2·budget / R).
+
+    Returns ``inf`` when R ≤ 0 (the quadratic model predicts no increase).
+
+    >>> quadratic_lambda_max(2.0, 0.01)
+    0.1
+
+    Raises:
+        DataError: negative or non-finite budget, non-finite R.
+    """
+    if not math.isfinite(max_loss_increase) or max_loss_increase < 0:
+        raise DataError(f"max_loss_increase must be a finite number >= 0, got {max_loss_increase}")
+    if not math.isfinite(risk):
+        raise DataError(f"risk must be finite, got {risk}")
+    if risk <= 0:
+        return math.inf
+    return math.sqrt(2.0 * max_loss_increase / risk)
+
+
+def grid_floor(lam_max: float, grid: Sequence[float] = LAMBDA_GRID) -> float:
+    """The largest grid value ≤ ``lam_max`` (0.0: none, i.e. do not add τ*)."""
+    ok = [g for g in grid if g <= lam_max + 1e-12]
+    return max(ok) if ok else 0.0
+
+
+def lambda2_from_predicted_drop(drop_at_ref: float, budget: float, reference: float = PAPER_LAMBDA2,
+                                grid: Sequence[float] = LAMBDA_GRID) -> float:
+    """λ2 on the grid from a predicted accuracy drop at λ2 = ``reference`` (quadratic model).
+
+    drop(λ) = drop(ref)·(λ/ref)² is ½λ²R with R = 2·drop(ref)/ref², so λ_max = ref·sqrt(budget/drop(ref)).
+    A predicted drop ≤ 0 allows the whole grid.
+    """
+    return grid_floor(quadratic_lambda_max(2.0 * drop_at_ref / reference ** 2, budget), grid)
+
+
+def predicted_loss_increase(risks: dict[str, float], lam: float) -> dict[str, float]:
+    """½ λ² R for every risk estimate (``risk_exact``, ``risk_card``, ``risk_diag``)."""
+    return {name: quadratic_loss_increase(value, lam) for name, value in risks.items()}
+
+
+# -------------------------------------------------------------------------------- verdict
+
+
+def screen_verdict(row, table: pd.DataFrame, target: str, lam: float, budget: float) -> tuple[str, list[str]]:
+    """go / caution / no-go from the measured and predicted consequences of adding τ*ˢ at ``lam``.
+
+    no-go: no λ2 within budget, a drop over twice the budget, or no predicted E-RMSE gain;
+    caution: a drop over budget, a recommended λ2 below ``lam``, or cos_ft in the bottom
+    quarter of the known pairs; go otherwise.
+    """
+    reasons = []
+    known = table[(table["target"] != target) & (table["source"] != target)]
+    pct = float((known["cos_ft"] < row["cos_ft"]).mean() * 100) if len(known) else math.nan
+    reasons.append(f"cos(τ_ftˢ, τ_ftᵀ) = {row['cos_ft']:.3f}, percentile {pct:.0f} among {len(known)} known pairs")
+    risk = float(row.get("risk_exact", math.nan))
+    if math.isfinite(risk):
+        grid = ", ".join(f"λ2={g:g}: {quadratic_loss_increase(risk, g):.3g}" for g in (LAMBDA_GRID[0], PAPER_LAMBDA2, 1.0, LAMBDA_GRID[-1]))
+        reasons.append(f"R(τ*ˢ; Hᵀ) = {risk:.4g}; quadratic-model loss increase ½λ2²R: {grid}")
+    measured = float(row.get("measured_acc_drop", math.nan))
+    scaled = not math.isfinite(measured) or abs(lam - PAPER_LAMBDA2) > 1e-9
+    drop = measured if math.isfinite(measured) else float(row["predicted_acc_drop"])
+    drop_lam = drop * (lam / PAPER_LAMBDA2) ** 2 if scaled else drop
+    src = "measured on labelled target val images" if math.isfinite(measured) else "predicted"
+    note = ", scaled quadratically from λ2=0.7" if abs(lam - PAPER_LAMBDA2) > 1e-9 else ""
+    reasons.append(f"accuracy drop at λ2={lam:g}: {drop_lam:.1%} ({src}{note}); budget {budget:.0%}")
+    reasons.append(f"predicted E-RMSE {row['predicted_ermse']:.3f} (normalised by θ_ftᵀ: "
+                   f"{row['predicted_ermse_norm']:.3f}; < 1 means better explanations)")
+    rec = float(row["lambda2"])
+    reasons.append(f"largest λ2 within the budget: {rec:g}" if rec > 0 else "no λ2 of the grid stays within the budget")
+    if rec <= 0 or drop_lam > 2 * budget or row["predicted_ermse_norm"] >= 1.0:
+        verdict = "no-go"
+    elif drop_lam > budget or rec + 1e-9 < lam or (math.isfinite(pct) and pct < 25):
+        verdict = "caution"
+    else:
+        verdict = "go"
+    return verdict, reasons
+
+
+def method_verdict(row) -> tuple[str, list[str]]:
+    """go / caution / no-go for the source's recommended method (:mod:`diag.decide.recommend`).
+
+    no-go: no safe recommendation, or no predicted explanation gain at it; caution: the gain's
+    band (± the predictor's residual sd) reaches 0; go otherwise.
+    """
+    src = "measured on labelled target val images" if bool(row["drop_measured"]) else "predicted"
+    gain, sd = float(row["predicted_gain"]), float(row["predicted_gain_sd"])
+    if not bool(row["safe"]):
+        return "no-go", [f"no method of the tier keeps the accuracy budget (best: {row['method']} "
+                         f"{row['method_param']}, drop {row['method_acc_drop']:.1%}, {src}): no safe transfer"]
+    reasons = [f"recommended: {row['method']} ({row['method_param']}) at scale {row['method_scale']:.3g}: accuracy "
+               f"drop {row['method_acc_drop']:.1%} ({src})",
+               f"predicted explanation gain at it {gain:+.3f} ± {sd:.3f} (1 − E-RMSE ÷ θ_ftᵀ, scaled by the size "
+               "transferred)"]
+    verdict = "no-go" if gain <= 0 else "caution" if gain - sd <= 0 else "go"
+    return verdict, reasons

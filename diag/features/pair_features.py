@@ -1,0 +1,266 @@
+"""Per-pair diagnostics of a candidate transfer: cosines, norms and the risk R(τ*ˢ; Hᵀ).
+
+The risk (paper eq. 12, 16–19) is the curvature of the target's classification loss at
+θ_ftᵀ along the explainability vector: R = τ*ˢᵀ Hᵀ τ*ˢ, with the quadratic model
+L(θ_ftᵀ + λ τ) − L(θ_ftᵀ) ≈ ½ λ² R. Three estimates by data-access tier:
+
+* ``risk_exact``: one Hessian-vector product on target images (tier 2);
+* ``risk_card``: from the target's published :class:`~diag.curvature.card.HessianCard`
+  (top-k eigenpairs + residual diagonal), no target data (tier 1);
+* ``risk_diag``: Σ diag(Hᵀ)_i τ_i² with a Hutchinson diagonal (tier 1), and ``risk_diag_se``,
+  its standard error from the probes: probe k's diagonal d_k = v_k ⊙ Hᵀv_k gives
+  r_k = Σ_i d_k,i τ_i², and se = sd(r_k)/√n (kept per target as the probes' diagonals).
+
+The target curvature (operator, diagonal, card) is built once per target and cached in
+the store (``curvature/<target>/``), so a study over n domains costs n curvature builds
+plus n² cheap evaluations.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diag.constants import PAPER_ALPHA
+from diag.curvature.card import build_card, HessianCard
+from diag.curvature.hutchinson import hutchinson_diagonal
+from diag.curvature.operators import HessianOperator
+from diag.curvature.risk import risk_diagonal, risk_diagonal_stderr, risk_exact
+from diag.features.similarity import vector_similarity
+from diag.runtime.context import Workspace
+from diag.runtime.distributed import is_distributed
+from train.datasets import model_inputs
+from train.store import content_key, Store
+from train.tensorio import load_tensors, save_tensors
+from train.vectors import TaskVector
+
+log = logging.getLogger(__name__)
+
+RISK_COLUMNS = ("risk_exact", "risk_diag", "risk_diag_se", "risk_card")
+
+
+@dataclass(frozen=True)
+class CurvatureSettings:
+    """How a target's curvature is estimated (part of the cache key)."""
+    n_images: int = 256
+    batch_size: int = 128
+    probes: int = 24
+    k: int = 8
+    seed: int = 0
+    engine: str = "auto"
+    split: str = "train"
+    params: tuple[str, ...] | None = None
+
+
+@dataclass
+class TargetCurvature:
+    """Hᵀ at θ_ftᵀ: the operator (when target data is at hand), its diagonal and its card.
+
+    ``diag_probes`` holds the ``(n, D)`` per-probe diagonals ``v_k ⊙ Hᵀ v_k`` (float32),
+    from which any ``Σ_i diag_i τ_i²`` gets its standard error.
+    """
+
+    target: str
+    diag: torch.Tensor
+    diag_stderr: torch.Tensor
+    card: HessianCard
+    operator: HessianOperator | None = None
+    diag_probes: torch.Tensor | None = None
+
+
+class Diagnostics:
+    """Computes and caches curvature per target and diagnostics per pair, on a shared :class:`Workspace`.
+
+    Args:
+        store: a :class:`~train.store.Store` or a :class:`~diag.runtime.context.Workspace` (shared θ_base and vectors).
+        alpha: α of τ* (taken from the workspace when one is given).
+        settings: how each target's Hᵀ is estimated (part of the curvature cache key).
+        data: domain → local dataset path.
+        progress: progress bars for curvature builds.
+        data_parallel: under torch.distributed, split each target's batches over the ranks and
+            all-reduce the products (default: whenever a process group is up). False when the
+            ranks work on different targets (the study's sharded pairs).
+    """
+
+    def __init__(self, store: Store | Workspace, alpha: float = PAPER_ALPHA,
+                 settings: CurvatureSettings = CurvatureSettings(), data: dict[str, str | Path] | None = None,
+                 progress: bool = False, data_parallel: bool | None = None):
+        self.ws = store if isinstance(store, Workspace) else Workspace(store, alpha, data)
+        self.store = self.ws.store
+        self.alpha = self.ws.alpha
+        self.settings = settings
+        self.data = self.ws.data
+        self.progress = progress
+        self.data_parallel = data_parallel
+        self._curv: dict[str, TargetCurvature] = {}
+
+    @property
+    def backbone(self):
+        return self.ws.backbone
+
+    @property
+    def base_hash(self) -> str:
+        return self.ws.base_hash
+
+    @property
+    def base(self) -> dict:
+        return self.ws.base
+
+    # ---------------------------------------------------------------- vectors
+    def vector(self, domain: str, kind: str) -> TaskVector:
+        """τ_ft (``ft``), τ_ft* (``ftx``) or τ* (``star``) of a domain, from the workspace."""
+        return self.ws.vector(domain, kind)
+
+    # -------------------------------------------------------------- curvature
+    def operator(self, target: str) -> HessianOperator:
+        """Hessian of L_cls at θ_ftᵀ on the first ``n_images`` target images."""
+        s = self.settings
+        model = self.store.model(target, self.vector(target, "ft").apply_to(self.base, base_hash=self.base_hash),
+                                 backbone=self.backbone).to(self.ws.device)
+        x, y = model_inputs(self.backbone.config, target, s.split, s.n_images, self.data.get(target))
+        n = len(y)
+        batches = [(x[i:i + s.batch_size], y[i:i + s.batch_size]) for i in range(0, n, s.batch_size)]
+
+        # data-parallel under torchrun: each rank takes every world-th batch and products are all-reduced
+        dp = is_distributed() if self.data_parallel is None else self.data_parallel and is_distributed()
+        return HessianOperator(model, batches, params=list(s.params) if s.params else None, engine=s.engine,
+                               shard=dp, data_parallel=dp)
+
+    def _curvature_key(self, target: str) -> str:
+        from dataclasses import asdict
+
+        ft_meta = self.vector(target, "ft").provenance
+        return content_key({"base": self.base_hash, "ft": ft_meta.get("key", ""), "settings": asdict(self.settings)})
+
+    def card_path(self, target: str) -> Path:
+        """The target's Hessian card, keyed by θ_ftᵀ and the curvature settings (:meth:`Store.curvature_path`)."""
+        return self.store.curvature_path(target, "card", {"key": self._curvature_key(target)})
+
+    def diag_path(self, target: str) -> Path:
+        """The target's Hutchinson diagonal with standard errors, keyed like :meth:`card_path`."""
+        return self.store.curvature_path(target, "diag", {"key": self._curvature_key(target)})
+
+    def curvature(self, target: str, need_operator: bool = False) -> TargetCurvature:
+        """Diagonal (with per-probe diagonals) + card of Hᵀ (cached in the store); the operator too when asked.
+
+        A cached diagonal without per-probe diagonals (written before they were kept) is
+        recomputed with the same probes; a fresh card is reused.
+        """
+
+        if target in self._curv and (self._curv[target].operator is not None or not need_operator):
+            return self._curv[target]
+        key = self._curvature_key(target)
+        card = diag = None
+        if self.card_path(target).is_file():
+            card = HessianCard.load(self.card_path(target))
+            if card.provenance.get("key") != key:
+                card = None
+        if card is not None and self.store.is_fresh(self.diag_path(target), key):
+            tensors, _ = load_tensors(self.diag_path(target))
+            if "probe_diagonals" in tensors:
+                diag = tensors["diag"], tensors["stderr"], tensors["probe_diagonals"]
+        op = self.operator(target) if (diag is None or need_operator) else None
+        if diag is None:
+            diag, card = self._build_diagonal(op, target, key, card)
+        self._curv[target] = TargetCurvature(target, diag[0], diag[1], card, op, diag[2])
+        return self._curv[target]
+
+    def _build_diagonal(self, op: HessianOperator, target: str, key: str, card: HessianCard | None):
+        """Hutchinson diagonal of Hᵀ with its per-probe diagonals (saved), and the card when ``card`` is None."""
+        s = self.settings
+        # probes never split over ranks: the operator is data-parallel (all ranks, same probes) or the
+        # ranks work on different targets (the study)
+        est = hutchinson_diagonal(op, num_matvecs=s.probes, seed=s.seed, progress=self.progress, keep_probes=True,
+                                  split_probes=False)
+        diag = est.mean.double().cpu(), est.stderr.double().cpu(), est.probe_diagonals.float().cpu()
+        if card is None:
+            card = build_card(op, s.k, hessian_diag=diag[0], trace=est.total, trace_stderr=est.total_stderr,
+                              provenance={"key": key, "target": target, "base_hash": self.base_hash,
+                                          "point": "theta_ft of the target", "n_images": s.n_images,
+                                          "probes": s.probes}, method="auto", seed=s.seed)
+            card.save(self.card_path(target))
+            if op.device.type != "cpu":  # the cached card, like every result, lives on the CPU
+                card = HessianCard.load(self.card_path(target))
+        save_tensors(self.diag_path(target), {"diag": diag[0], "stderr": diag[1], "probe_diagonals": diag[2]},
+                     {"key": key, "target": target, "base_hash": self.base_hash, "trace": est.total,
+                      "trace_stderr": est.total_stderr, "probes": s.probes})
+        return diag, card
+
+    # ------------------------------------------------------------------ pairs
+    def cosines(self, source: str, target: str) -> PairFeatures:
+        """Tier-0 features: cos(τ_ftˢ, τ_ftᵀ) globally and per block, cos(τ*ˢ, τ*ᵀ), and norms.
+
+        All from :func:`diag.features.similarity.vector_similarity` (float64 accumulation) on the
+        workspace's vectors. ``cos_star`` needs τ*ᵀ, i.e. the target's explanation labels: it is
+        absent (with the reason) when the store has no θ_ft*ᵀ.
+        """
+        ft = vector_similarity(self.vector(source, "ft"), self.vector(target, "ft"), by="block")
+        out = PairFeatures({"cos_ft": ft.cosine, **{f"cos_ft.{g}": c for g, c in ft.group_cosines().items()},
+                            "norm_ft_source": ft.norm_a, "norm_ft_target": ft.norm_b})
+        star_s = self.vector(source, "star")
+        if self.ws.has(target, "ftx"):
+            star = vector_similarity(star_s, self.vector(target, "star"), by="global")
+            out.values["cos_star"] = star.cosine
+            out.values["norm_star_source"] = star.norm_a
+        else:
+            out.absent["cos_star"] = f"the store has no θ_ft* of '{target}' (needs its explanation labels)"
+            out.values["norm_star_source"] = star_s.norm()
+        return out
+
+    def risks(self, source: str, target: str, exact: bool = True) -> dict[str, float]:
+        """R(τ*ˢ; Hᵀ) from the card and the diagonal (with ``risk_diag_se`` from the probes), and exact
+        (one HVP) when ``exact``."""
+
+        curv = self.curvature(target, need_operator=exact)
+        tau = curv.card.layout.flatten(self.vector(source, "star").tensors, dtype=torch.float64)
+        out = {"risk_card": curv.card.risk(tau), "risk_diag": risk_diagonal(curv.diag, tau),
+               "risk_diag_se": risk_diagonal_stderr(curv.diag_probes, tau)}
+        if exact:
+            out["risk_exact"] = risk_exact(curv.operator, tau.to(curv.operator.dtype))
+        return out
+
+    def pair(self, source: str, target: str, curvature: bool = True, exact: bool = True) -> PairFeatures:
+        """:func:`pair_features` on this object's caches."""
+        return pair_features(self, source, target, curvature=curvature, exact=exact)
+
+
+@dataclass
+class PairFeatures:
+    """Diagnostics of one (source, target) pair.
+
+    Attributes:
+        values: feature name → value (``cos_ft``, ``cos_ft.<group>``, ``cos_star``, ``norm_*``, ``risk_*``).
+        absent: feature name → why it does not apply to this pair (never a silent NaN).
+    """
+
+    values: dict[str, float]
+    absent: dict[str, str] = field(default_factory=dict)
+
+    def update(self, other: "PairFeatures") -> None:
+        self.values.update(other.values)
+        self.absent.update(other.absent)
+
+    def absent_text(self) -> str:
+        """``name: reason; …`` (the study table's ``absent`` column)."""
+        return "; ".join(f"{k}: {v}" for k, v in sorted(self.absent.items()))
+
+
+def pair_features(diag: Diagnostics, source: str, target: str, curvature: bool = True,
+                  exact: bool = True) -> PairFeatures:
+    """The features of a (source, target) pair, for the study's rows and rank-sources' candidates alike.
+
+    Cosines and norms always (:meth:`Diagnostics.cosines`); the risks R(τ*ˢ; Hᵀ) card and
+    diagonal with ``curvature``, and the exact one (target images) with ``exact`` too.
+    Errors propagate; a feature that does not apply is in ``absent`` with its reason.
+    """
+    out = diag.cosines(source, target)
+    if curvature:
+        out.values.update(diag.risks(source, target, exact=exact))
+        if not exact:
+            out.absent["risk_exact"] = "needs labelled target images (tier 2)"
+    else:
+        out.absent.update({k: "curvature not requested" for k in RISK_COLUMNS})
+    return out

@@ -1,0 +1,239 @@
+"""The issue-10 report of a study with several transfer methods, and its trade-off frame.
+
+A study run with ``--methods`` holds, per (pair, λ2, seed), one row per method (column
+``method``; :mod:`diag.study.run`). Every method row carries the pair's θ_ftᵀ scores, plain eq. 8
+at the same λ2 (``*_plain``) and the mean-φ-map control of the source (``*_meanmap``); every
+choice inside a method (k, c, budget, mixture, λ2 of a mix) was made on the target's ``val``
+split, and the numbers below are the ``test`` scores. Per method and seed (then mean ± sd
+over seeds), :func:`method_report` counts
+
+(a) ``keeps``: pairs keeping ≥ ``keep`` (95 %) of θ_ftᵀ's accuracy while keeping ≥ ``kept_gain``
+    (80 %) of plain eq. 8's E-RMSE reduction at the same λ2, i.e. with g = E-RMSE(θ_ftᵀ) − E-RMSE,
+    g_method ≥ 0.8·g_plain; where plain does not reduce E-RMSE (g_plain ≤ 0) there is no reduction
+    to keep and the pair counts when g_method ≥ 0 (``n_plain_reduces`` says how many pairs that is);
+(b) ``beats_prior``: pairs whose E-RMSE *and* image-specific E-RMSE are below the source's
+    mean-φ map's (a constant prior; its image-specific E-RMSE is 1);
+(c) the mixes vs the ranker's single source: per target, the universal vector (``mix`` rows,
+    the uniform mix of every other domain's τ*, which does not depend on the source) and the
+    ranker-weighted mix (``mix-ranked`` rows, Σ wₛτ*ˢ with wₛ ∝ the ranker's positive predicted
+    gain) against plain eq. 8 from the source the ranker picks for that target (a ridge predictor
+    on the tier-0 features fitted on the pairs without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy
+    when fewer than 4 such pairs exist): targets where each mix's E-RMSE is lower, and which wins;
+(d) the quadratic model: the measured val cross-entropy increase over θ_ftᵀ against the
+    predicted ½λ²R (method rows: the chosen vector's; plain rows: ½λ2²·R(τ*ˢ), exact risk
+    when present, else card, else diagonal): median ratio measured ÷ predicted, the share of
+    rows where it lies within [½, 2] ("holds"), and the median ratio in the lower and upper half
+    of the predicted increase (where it holds).
+
+:func:`pareto_front` marks the non-dominated points of normalised accuracy (up) against
+normalised E-RMSE (down); :func:`tradeoff_frame` gives the points, one per (method, pair).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from diag.constants import PAPER_LAMBDA2
+from diag.decide.recommend import ranker_gains
+from diag.study.summary import mean_sd
+from diag.table import add_normalised, at_lambda, PLAIN, with_run_columns
+from train.errors import DataError
+
+#: Accuracy kept (÷ θ_ftᵀ) and share of plain's E-RMSE reduction kept of goal (a).
+KEEP = 0.95
+KEPT_GAIN = 0.8
+#: The quadratic model "holds" on a row when measured ÷ predicted lies in [1/HOLDS, HOLDS].
+HOLDS = 2.0
+COUNTS = ("n_pairs", "keeps", "n_plain_reduces", "beats_prior")
+
+
+def pareto_front(df: pd.DataFrame, x: str = "ermse_norm", y: str = "acc_norm") -> pd.Series:
+    """Boolean mask of the rows on the Pareto front of minimising ``x`` while maximising ``y``.
+
+    A row is dominated when another row has x ≤ its x and y ≥ its y with at least one strict;
+    rows with a NaN coordinate are never on the front. Exact ties are all kept.
+    """
+    pts = df[[x, y]].to_numpy(dtype=np.float64)
+    ok = np.isfinite(pts).all(axis=1)
+    front = np.zeros(len(df), dtype=bool)
+    for i in np.flatnonzero(ok):
+        others = pts[ok]
+        dominated = ((others[:, 0] <= pts[i, 0]) & (others[:, 1] >= pts[i, 1])
+                     & ((others[:, 0] < pts[i, 0]) | (others[:, 1] > pts[i, 1]))).any()
+        front[i] = not dominated
+    return pd.Series(front, index=df.index, name="pareto")
+
+
+def tradeoff_frame(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2) -> pd.DataFrame:
+    """One point per (method, pair, seed) at ``lambda2``: ``acc_norm``, ``ermse_norm`` and ``pareto``."""
+    rows = add_normalised(with_run_columns(at_lambda(df, lambda2) if "lambda2" in df.columns else df))
+    out = rows[["method", "source", "target", "seed", "acc_norm", "ermse_norm"]].copy()
+    out["pareto"] = pareto_front(out)
+    return out.reset_index(drop=True)
+
+
+def _gain_kept(rows: pd.DataFrame, kept_gain: float) -> tuple[pd.Series, pd.Series]:
+    """(E-RMSE reduction kept per row, plain reduces E-RMSE per row) — see (a) of the module doc."""
+    gain = rows["ermse_ft_target"] - rows["ermse"]
+    plain_ermse = rows["ermse_plain"].fillna(rows["ermse"]) if "ermse_plain" in rows else rows["ermse"]
+    plain = rows["ermse_ft_target"] - plain_ermse  # a plain row is its own reference
+    reduces = plain > 0
+    return gain.where(~reduces, gain - kept_gain * plain) >= -1e-12, reduces
+
+
+def method_counts(rows: pd.DataFrame, keep: float = KEEP, kept_gain: float = KEPT_GAIN) -> dict[str, int]:
+    """(a) and (b) over the rows of one method and run (one row per pair)."""
+    kept_acc = rows["accuracy"] >= keep * rows["accuracy_ft_target"] - 1e-12
+    kept, reduces = _gain_kept(rows, kept_gain)
+    prior = pd.Series(False, index=rows.index)
+    if {"ermse_meanmap", "ermse_img_meanmap"} <= set(rows.columns):
+        prior = (rows["ermse"] < rows["ermse_meanmap"]) & (rows["ermse_img"] < rows["ermse_img_meanmap"])
+    return {"n_pairs": int(len(rows)), "keeps": int((kept_acc & kept).sum()), "n_plain_reduces": int(reduces.sum()),
+            "beats_prior": int(prior.sum())}
+
+
+def ranker_pick(plain: pd.DataFrame, target: str) -> tuple[str, str]:
+    """(source the ranker picks for ``target``, how) from the plain rows of one run, never reading the target's pairs.
+
+    The source of largest predicted gain (:func:`diag.decide.recommend.ranker_gains`: ridge on the
+    tier-0 features fitted on the pairs without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy when
+    fewer than 4 such pairs exist) — the same ranker whose gains weight ``mix-ranked``.
+    """
+
+    gains, how = ranker_gains(plain, target)
+    return max(gains, key=gains.get), how  # ties: the first candidate row
+
+
+#: (c)'s contenders: the method rows compared with the ranker's single source, and their labels.
+MIXES = {"mix": "universal", "mix-ranked": "ranked"}
+
+
+def universal_vs_ranker(run: pd.DataFrame) -> dict:
+    """(c) on one run at one λ2: per target, the mixes' E-RMSE against plain eq. 8 from the ranker's source.
+
+    Contenders: ``universal`` (``mix`` rows), ``ranked`` (``mix-ranked`` rows, weighted by the same
+    ranker's gains) and ``source`` (the ranker's top single source). Counts: ``universal_wins``,
+    ``ranked_wins`` (lower E-RMSE than the source), ``ranked_beats_universal``, and ``winner``
+    per target (lowest E-RMSE among the contenders present).
+    """
+    plain = run[run["method"] == PLAIN]
+    present = {label: run[run["method"] == m] for m, label in MIXES.items() if (run["method"] == m).any()}
+    targets = sorted(set(plain["target"]).intersection(*(set(d["target"]) for d in present.values())))
+    per = {}
+    for target in targets:
+        source, how = ranker_pick(plain, target)
+        v = {"source": source, "how": how,
+             "ermse_source": float(plain[(plain["target"] == target) & (plain["source"] == source)]["ermse"].iloc[0])}
+        for label, rows in present.items():  # a mix does not depend on the source: one value per target
+            v[f"ermse_{label}"] = float(rows[rows["target"] == target]["ermse"].mean())
+        scores = {k.removeprefix("ermse_"): x for k, x in v.items() if k.startswith("ermse_")}
+        v["winner"] = min(scores, key=scores.get)
+        per[target] = v
+    out = {"n_targets": len(per), "per_target": per}
+    for label in present:
+        out[f"{label}_wins"] = sum(v[f"ermse_{label}"] < v["ermse_source"] for v in per.values())
+    if len(present) == 2:
+        out["ranked_beats_universal"] = sum(v["ermse_ranked"] < v["ermse_universal"] for v in per.values())
+    return out
+
+
+def quadratic_check(rows: pd.DataFrame) -> dict:
+    """(d): measured ÷ predicted loss increase over the rows of one method (any runs, one λ2)."""
+    measured = pd.to_numeric(rows.get("loss_increase_val", pd.Series(np.nan, index=rows.index)), errors="coerce")
+    if not rows["method"].eq(PLAIN).all():
+        predicted = pd.to_numeric(rows.get("repair_predicted_loss_increase", pd.Series(np.nan, index=rows.index)),
+                                  errors="coerce")
+    else:
+        risk = pd.Series(np.nan, index=rows.index)
+        for col in ("risk_diag", "risk_card", "risk_exact"):  # the best estimate present wins
+            if col in rows:
+                risk = pd.to_numeric(rows[col], errors="coerce").where(lambda v: v.notna(), risk)
+        predicted = 0.5 * rows["lambda2"] ** 2 * risk
+    ok = measured.notna() & predicted.notna() & (predicted > 0)
+    ratio = (measured[ok] / predicted[ok]).astype(float)
+    if ratio.empty:
+        return {"n": 0, "median_ratio": math.nan, "holds": math.nan, "median_ratio_small": math.nan,
+                "median_ratio_large": math.nan}
+    small = predicted[ok] <= predicted[ok].median()
+    return {"n": int(len(ratio)), "median_ratio": float(ratio.median()),
+            "holds": float(((ratio >= (1 - 1e-9) / HOLDS) & (ratio <= HOLDS * (1 + 1e-9))).mean()),
+            "median_ratio_small": float(ratio[small].median()),
+            "median_ratio_large": float(ratio[~small].median()) if (~small).any() else math.nan}
+
+
+@dataclass(frozen=True)
+class MethodReport:
+    """Issue-10 counts per method: ``per_seed[method][seed]`` and ``mean_sd[method][count]`` = (mean, sd)."""
+    lambda2: float
+    keep: float
+    kept_gain: float
+    per_seed: dict
+    mean_sd: dict
+    universal: dict
+    quadratic: dict
+
+    def to_dict(self) -> dict:
+        return {"lambda2": self.lambda2, "keep": self.keep, "kept_gain": self.kept_gain, "per_seed": self.per_seed,
+                "mean_sd": {m: {k: list(v) for k, v in d.items()} for m, d in self.mean_sd.items()},
+                "universal_vs_ranker": self.universal, "quadratic_model": self.quadratic}
+
+    def table(self) -> str:
+        def ms(m, s, p=1):
+            return f"{m:.{p}f} ± " + (f"{s:.{p}f}" if s == s else "— (one seed)")
+
+        n = {m: self.mean_sd[m]["n_pairs"][0] for m in self.mean_sd}
+        out = [f"issue 10 at λ2 = {self.lambda2:g} (test split; every choice on val), mean ± sd over seeds",
+               f"  (a) keeps ≥ {self.keep:.0%} of θ_ftᵀ's accuracy and ≥ {self.kept_gain:.0%} of plain eq. 8's "
+               "E-RMSE reduction; (b) E-RMSE and image-specific E-RMSE below the source's mean-φ map",
+               f"  {'method':14s} {'pairs':>6s} {'(a) keeps':>16s} {'plain reduces':>16s} {'(b) beats prior':>16s}"]
+        for m, d in self.mean_sd.items():
+            out.append(f"  {m:14s} {n[m]:6.0f} {ms(*d['keeps']):>16s} {ms(*d['n_plain_reduces']):>16s} "
+                       f"{ms(*d['beats_prior']):>16s}")
+        if self.universal:
+            runs = list(self.universal.values())
+            how = sorted({v["how"] for u in runs for v in u["per_target"].values()})
+            for key, text in (("universal_wins", "universal vector beats the ranker's single source"),
+                              ("ranked_wins", "ranker-weighted mix beats the ranker's single source"),
+                              ("ranked_beats_universal", "ranker-weighted mix beats the universal vector")):
+                if key in runs[0]:
+                    out.append(f"  (c) {text} ({', '.join(how)}) on {ms(*mean_sd([u[key] for u in runs]))} "
+                               f"of {runs[0]['n_targets']} targets")
+        out.append("  (d) measured val loss increase ÷ predicted ½λ²R: median (within [½, 2]; small / large predicted)")
+        for m, q in self.quadratic.items():
+            if q["n"]:
+                out.append(f"      {m:14s} {q['median_ratio']:.3g} ({q['holds']:.0%} of {q['n']} rows; "
+                           f"{q['median_ratio_small']:.3g} / {q['median_ratio_large']:.3g})")
+            else:
+                out.append(f"      {m:14s} — (no predicted ½λ²R: no curvature for this method's rows)")
+        return "\n".join(out)
+
+
+def method_report(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, keep: float = KEEP,
+                  kept_gain: float = KEPT_GAIN, variant: str | None = None) -> MethodReport:
+    """:class:`MethodReport` of a study table with a ``method`` column, at one λ2 and one θ_ft* variant.
+
+    Raises:
+        DataError: no rows at ``lambda2``, or a variant the table does not hold.
+    """
+    rows = add_normalised(with_run_columns(at_lambda(df, lambda2)))
+    variants = sorted(rows["variant"].unique())
+    variant = variant or ("paper" if "paper" in variants else variants[0])
+    if variant not in variants:
+        raise DataError(f"the study has no variant '{variant}'; it has {variants}")
+    rows = rows[rows["variant"] == variant]
+    methods = [m for m in ("plain", "project", "precondition", "blocks", *MIXES) if m in set(rows["method"])]
+    methods += sorted(set(rows["method"]) - set(methods))
+    per_seed: dict = {m: {} for m in methods}
+    universal: dict = {}
+    for seed, run in rows.groupby("seed", sort=True):
+        for m in methods:
+            per_seed[m][int(seed)] = method_counts(run[run["method"] == m], keep, kept_gain)
+        if any(m in methods for m in MIXES):
+            universal[int(seed)] = universal_vs_ranker(run)
+    mean_sd = {m: {k: mean_sd([c[k] for c in per_seed[m].values()]) for k in COUNTS} for m in methods}
+    quadratic = {m: quadratic_check(rows[rows["method"] == m]) for m in methods}
+    return MethodReport(float(lambda2), keep, kept_gain, per_seed, mean_sd, universal, quadratic)
