@@ -334,12 +334,12 @@ def test_safe_needs_every_smaller_candidate_to_keep():
     from diag.transfer.select import _best, _mark_safe
 
     t = pd.DataFrame({"param": [0.4, 0.7, 1.0, 1.2], "size": [1.0, 2.0, 3.0, 4.0],
-                      "keeps": [True, True, False, True], "predicted_loss_increase": [1.0, 2.0, 3.0, 4.0],
+                      "acc_drop": [0.01, 0.04, 0.08, 0.02], "predicted_loss_increase": [1.0, 2.0, 3.0, 4.0],
                       "val_accuracy": [0.9, 0.9, 0.8, 0.9]})
-    marked = _mark_safe(t, by_param=False)
+    marked = _mark_safe(t, by_param=False, budget=0.05)
     assert marked["safe"].tolist() == [True, True, False, False]
     assert _best(marked) == 1
-    mixed = _mark_safe(t.assign(param=["u", "u", "g", "g"]), by_param=True)
+    mixed = _mark_safe(t.assign(param=["u", "u", "g", "g"]), by_param=True, budget=0.05)
     assert mixed["safe"].tolist() == [True, True, False, False]
 
 

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from diag.features.similarity import (UnverifiedBaseWarning, VectorSpec, block_group, cosine_streamed, gram_streamed,
-                             plot_similarity_heatmap, similarity_matrices, similarity_matrix)
+                                      similarity_matrices)
+from diag.study import figures
 from train.errors import ArtifactError, BaseMismatchError, UnknownNameError
 
 
@@ -139,7 +140,7 @@ def test_similarity_matrix_and_heatmap(tmp_path, shapes):
     paths = {n: tmp_path / f"{n}.safetensors" for n in vecs}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        C = similarity_matrix(paths)
+        C = similarity_matrices(paths, by="global")["global"]
     assert isinstance(C, pd.DataFrame) and list(C.index) == ["d0", "d1", "d2"]
     np.testing.assert_allclose(np.diag(C), 1.0, rtol=1e-12)
     np.testing.assert_allclose(C.to_numpy(), C.to_numpy().T, rtol=0, atol=0)
@@ -152,7 +153,7 @@ def test_similarity_matrix_and_heatmap(tmp_path, shapes):
     np.testing.assert_allclose(mats["global"].to_numpy(), C.to_numpy(), rtol=1e-12)
     G, groups, numel = gram_streamed(list(paths.values()), by="block")
     np.testing.assert_allclose(G, sum(groups.values()), rtol=1e-12)
-    out = plot_similarity_heatmap(C, tmp_path / "fig" / "heat.png", title="tau_ft")
+    out = figures.plot_similarity_heatmap(C, tmp_path / "fig" / "heat.png", title="tau_ft")
     assert out.exists() and out.stat().st_size > 1000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

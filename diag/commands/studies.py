@@ -8,7 +8,7 @@ from pathlib import Path
 from diag.commands.options import (add_common, ALPHA, context_from, domain_name, emit_json, folder_path, LAMBDA,
                                    N_IMAGES, N_RESAMPLE, positive_int, seed, writable_dir)
 from diag.constants import LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
-from diag.features.similarity import plot_similarity_heatmap, similarity_matrices, VectorSpec
+from diag.features.similarity import similarity_matrices, VectorSpec
 from diag.runtime.distributed import is_distributed, rank_and_world
 from diag.stats import correlate_appendix_c
 from diag.study import figures
@@ -144,16 +144,16 @@ def run_similarity(args) -> int:
     ft = similarity_matrices({d: VectorSpec(store.vector_path(d, "ft")) for d in domains}, by=args.by)
     star = similarity_matrices({d: VectorSpec(store.vector_path(d, "ftx", alpha), store.vector_path(d, "ft"))
                                 for d in domains}, by=args.by)
-    figures = []
+    written = []
     for kind, mats, label in (("ft", ft, "cos(τ_ftˢ, τ_ftᵀ)"), ("star", star, f"cos(τ*ˢ, τ*ᵀ), α={alpha:g}")):
         for group, df in mats.items():
             name = f"cos_{kind}.png" if group == "global" else f"blocks/cos_{kind}_{group}.png"
             title = label if group == "global" else f"{label} — {group}"
-            figures.append(str(plot_similarity_heatmap(df, Path(out) / name, title=title)))
+            written.append(str(figures.plot_similarity_heatmap(df, Path(out) / name, title=title)))
     if args.json:
         emit_json({"domains": domains, "by": args.by, "alpha": alpha,
                           "ft": {g: _matrix_json(m) for g, m in ft.items()},
-                          "star": {g: _matrix_json(m) for g, m in star.items()}, "figures": figures})
+                          "star": {g: _matrix_json(m) for g, m in star.items()}, "figures": written})
         return 0
     print(_fmt_matrix(ft["global"], "cos(τ_ftˢ, τ_ftᵀ) — global"))
     print()

@@ -249,3 +249,25 @@ def figure5(df_ks: pd.DataFrame, path: str | Path, seed: int = 0) -> Path:
         ax.set_title(f"({letter})")
         ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
+
+
+def plot_similarity_heatmap(df: pd.DataFrame, path: str | Path, title: str | None = None, fmt: str = ".2f") -> Path:
+    """Annotated seaborn heatmap of a similarity matrix, saved to ``path`` (PNG/PDF by suffix)."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = max(len(df.index), 1)
+    fig = Figure(figsize=(1.5 + 0.75 * n, 0.8 + 0.65 * n))  # no pyplot: no global figure state
+    ax = fig.subplots()
+    vals = df.to_numpy(dtype=float)
+    off = vals[~np.eye(*vals.shape, dtype=bool)] if vals.shape[0] == vals.shape[1] else vals.ravel()
+    off = off[np.isfinite(off)]
+    vmax = max(float(np.max(np.abs(off))) if off.size else 1.0, 1e-6)  # colour scale from off-diagonal cosines
+    sns.heatmap(df.astype(float), annot=True, fmt=fmt, cmap="vlag", center=0.0, vmin=-vmax, vmax=vmax,
+                square=True, cbar_kws={"label": "cosine similarity"}, ax=ax, annot_kws={"fontsize": 8})
+    ax.set_title(title or "cosine similarity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
