@@ -152,6 +152,8 @@ def test_choices_read_val_never_test(table, monkeypatch):
     import torch
 
     import train.datasets as datasets
+    from diag.features import pair_features
+    from diag.runtime import context
     from diag.runtime.context import Workspace
     from diag.features.pair_features import Diagnostics
     from diag.decide.ranking import rank_for_target
@@ -184,7 +186,8 @@ def test_choices_read_val_never_test(table, monkeypatch):
         out["test_labels"] = out["test_labels"].flip(0)
         return out
 
-    monkeypatch.setattr(datasets, "model_inputs", poisoned_inputs)
+    for module in (datasets, context, pair_features):  # every module that reads images through it
+        monkeypatch.setattr(module, "model_inputs", poisoned_inputs)
     monkeypatch.setattr(Store, "load_attributions", poisoned_attr)
     poisoned = ranking()
     assert "val" in splits and "test" not in splits

@@ -255,6 +255,8 @@ def _choose(store, target, source, curv, method, **kwargs):
 def _poison(monkeypatch, split):
     """Replace ``split``'s images by noise and its labels by class 0 (every domain), and every stored φ by noise."""
     import train.datasets as datasets
+    from diag.features import pair_features
+    from diag.runtime import context
     from train.store import Store
 
     real_inputs, real_attr = datasets.model_inputs, Store.load_attributions
@@ -269,7 +271,8 @@ def _poison(monkeypatch, split):
     def attributions(self, domain):
         return {k: torch.randn(v.shape) if v.is_floating_point() else v for k, v in real_attr(self, domain).items()}
 
-    monkeypatch.setattr(datasets, "model_inputs", inputs)
+    for module in (datasets, context, pair_features):  # every module that reads images through it
+        monkeypatch.setattr(module, "model_inputs", inputs)
     monkeypatch.setattr(Store, "load_attributions", attributions)
 
 

@@ -137,11 +137,6 @@ def _peak_rss_kb() -> int:
 
 def child(folder: str) -> None:
     """Rank the bench folder once; print seconds and this process's peak RSS as JSON."""
-    import diag.decide.rules  # noqa: F401  the imports are timed apart: "import_seconds"
-    import diag.decide.predictor  # noqa: F401
-    import diag.decide.ranking  # noqa: F401
-    import train.imports  # noqa: F401
-
     imported = time.perf_counter()
     folder = Path(folder)
     card = folder / "card.safetensors"

@@ -38,6 +38,9 @@ def trace_with_data_variance(make_operator: Callable[[Any], Any], batches: Itera
     sample variance ``s²`` of the ``t_b``, the data variance is
     ``max(0, s² − mean_b e_b²)``.
 
+    Long because the per-batch estimates, their weights and the variance split are one
+    computation whose intermediate sums are all reported in the result.
+
     Args:
         make_operator: ``batch -> operator``.
         batches: At least two batches.

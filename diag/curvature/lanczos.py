@@ -64,6 +64,9 @@ def lanczos_tridiag(A, q0: Tensor, num_iters: int, generator: torch.Generator | 
     vector may sit in a small invariant subspace with larger eigenvalues outside it, so
     the run restarts instead.
 
+    Long because the three-term recurrence, full re-orthogonalisation, breakdown restarts
+    and the stop test share the loop state; split, each would pass it all around.
+
     Args:
         A: Symmetric operator ``(D, D)``.
         q0: Start vector (normalised here), float64.
@@ -180,6 +183,9 @@ def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: fl
     floating point: with the kept ``A q_j`` (``A y_i = Σ_j s_ji A q_j``, no further product;
     memory ``2 · D · m`` float64 numbers, basis and products) or, when those do not fit, by
     ``k`` more products ``A y_i`` (memory ``D · m``; :func:`keeps_products`).
+
+    Long because argument checks, the run, the Ritz extraction and the residuals from real
+    products are one algorithm read top to bottom (each step is commented).
 
     Args:
         A: Symmetric operator ``(D, D)``.

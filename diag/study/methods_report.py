@@ -234,6 +234,6 @@ def method_report(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, keep: float 
             per_seed[m][int(seed)] = method_counts(run[run["method"] == m], keep, kept_gain)
         if any(m in methods for m in MIXES):
             universal[int(seed)] = universal_vs_ranker(run)
-    mean_sd = {m: {k: mean_sd([c[k] for c in per_seed[m].values()]) for k in COUNTS} for m in methods}
+    over_seeds = {m: {k: mean_sd([c[k] for c in per_seed[m].values()]) for k in COUNTS} for m in methods}
     quadratic = {m: quadratic_check(rows[rows["method"] == m]) for m in methods}
-    return MethodReport(float(lambda2), keep, kept_gain, per_seed, mean_sd, universal, quadratic)
+    return MethodReport(float(lambda2), keep, kept_gain, per_seed, over_seeds, universal, quadratic)

@@ -70,6 +70,9 @@ def gradcam_patches(model: nn.Module, images: Tensor, targets: Tensor,
                     batch_size: int = 256) -> Tensor:
     """Grad-CAM attributions of the target class averaged within each patch.
 
+    Long because the hooks, the batched forward/backward and the patch pooling share the hook
+    state and must be removed in the same ``finally``.
+
     Args:
         model: maps images (B, C, H, W) to logits (B, K); contains an open_clip
             ``VisionTransformer`` unless ``target_layer`` and ``grid`` are given.
