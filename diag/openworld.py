@@ -40,7 +40,7 @@ from diag.table import load_study, table_files
 from train.datasets.inputs import domain_for, split_inputs
 from train.devices import resolve_device
 from train.errors import ArtifactError, BaseMismatchError, DataError
-from train.imports import (_is_safetensors, file_sha256, import_weights, MAX_RELATIVE_DISTANCE, read_state_dict,
+from train.external_weights import (_is_safetensors, file_sha256, import_weights, MAX_RELATIVE_DISTANCE, read_state_dict,
                            visual_part)
 from train.model import load_visual_state, SelfExplainingCLIP, text_head
 from train.store import alpha_tag, base_state
@@ -178,7 +178,7 @@ def candidate_features(inputs: RankInputs, alpha: float) -> tuple[pd.DataFrame, 
 
     Raises:
         BaseMismatchError: the model or card is not of the store's base, or ‖τ_ftᵀ‖/‖θ_base‖ exceeds
-            :data:`train.imports.MAX_RELATIVE_DISTANCE`.
+            :data:`train.external_weights.MAX_RELATIVE_DISTANCE`.
     """
 
     base = TensorFile(inputs.base)

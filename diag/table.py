@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from diag.runtime.distributed import rank_and_world
 from diag.stats import with_normalised
 from train.errors import ArtifactError, DataError, TvdiagError, unknown
 from train.store import content_key, Store
-from train.tensorio import read_metadata
+from train.tensorio import atomic_write_bytes, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +139,7 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
         old = path.read_bytes()
         check["previous"] = {"rows": old.count(b"\n") - 1, "sha256": hashlib.sha256(old).hexdigest()}
     for target, payload in ((check_path(path), json.dumps(check).encode()), (path, data)):
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(payload)
-        os.replace(tmp, target)
+        atomic_write_bytes(target, payload)
 
 
 def _checked_rows(path: Path, data: bytes) -> int | None:
@@ -252,7 +249,7 @@ def load_study(out_dir: str | Path, lambda2: float | None = None, latest: bool =
     last-written row of each (source, target, λ2, α, seed, variant, method) is kept, so every pair
     counts once per run and method. Tables written before runs were keyed read as seed 0,
     ``paper``, method ``plain``. ``method`` keeps that method's rows (default eq. 8's, which
-    every paper analysis reads); None keeps every method's (the issue-10 report and figure).
+    every paper analysis reads); None keeps every method's (the method study report and figure).
 
     Raises:
         ArtifactError: no table in ``out_dir``, or a damaged one.

@@ -12,7 +12,7 @@ Q="--quiet"
 # 1. the zoo: three training seeds, both θ_ft* variants (α = 0.8), then α = 0.5 and 0.95 (paper) for seeds 0 and 1
 $D zoo --seeds 0 1 2 --variant paper --variant from-ft $Q
 $D zoo --seeds 0 1 --variant paper --alpha 0.5 --alpha 0.95 $Q
-# 2. issue 9: every ordered pair on the λ2 grid (λ2 chosen on val), both variants, three seeds
+# 2. the all-pairs study: every ordered pair on the λ2 grid (λ2 chosen on val), both variants, three seeds
 for V in paper from-ft; do
   $D study --seeds 0 1 2 --variant $V --lambda-grid --no-curvature --out "$OUT/issue9" $Q > "$OUT/study-$V.txt"
   for s in 0 1 2; do
@@ -26,11 +26,11 @@ $D ceilings --seeds 0 1 2 --variant from-ft $Q > "$OUT/ceilings-from-ft.txt"
 for A in 0.5 0.95; do
   $D study --seeds 0 1 --variant paper --alpha $A --no-curvature --out "$OUT/alpha$A" $Q > "$OUT/study-alpha$A.txt"
 done
-# 4. issue 10: every method on every pair (knobs chosen on val), the trade-off figure and the goals
+# 4. the method study: every method on every pair (knobs chosen on val), the trade-off figure and the goals
 $D study --seeds 0 1 2 --methods plain project precondition blocks mix mix-ranked --out "$OUT/issue10" $Q > "$OUT/study-methods.txt"
 $D study --seeds 0 1 2 --variant from-ft --methods plain project precondition blocks mix mix-ranked --out "$OUT/issue10-fromft" $Q \
   > "$OUT/study-methods-fromft.txt"
-# 5. issue 9 at the preprint's Kernel SHAP density (160 samples per image at M = 16), seeds 0 and 1, both variants
+# 5. the all-pairs study at the preprint's Kernel SHAP density (160 samples per image at M = 16), seeds 0 and 1, both variants
 $D zoo --preset dense --seeds 0 1 --variant paper --variant from-ft $Q
 for V in paper from-ft; do
   $D study --preset dense --seeds 0 1 --variant $V --lambda-grid --no-curvature --out "$OUT/issue9-dense" $Q \

@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from train.backbones import create_backbone
-from train.templates import EUROSAT_FOLDERS
+from train.datasets.templates import EUROSAT_FOLDERS
 
 base = create_backbone("ViT-B-32", seed=0).clip.state_dict()
 

@@ -65,7 +65,7 @@ def smoke_study():
     return _CACHE["study"]
 
 
-#: The issue-10 smoke study: two domains, one λ2, eq. 8 and the universal mix (no curvature to build).
+#: The method study smoke run: two domains, one λ2, eq. 8 and the universal mix (no curvature to build).
 METHOD_DOMAINS = ["mnist", "gtsrb"]
 METHODS = ("plain", "mix")
 

@@ -64,7 +64,7 @@ def test_risk_exact_matches_direct_double_backward(root, capsys):
     assert feats["risk_diag_se"] == pytest.approx(res["risk_diag_se"], rel=1e-6)
     assert len(res["eigvals"]) == 2 and res["eigvals"][0] >= res["eigvals"][1]
     # independent reference: τᵀ H τ by plain autograd on the same 32 images
-    from train.data import to_model_input
+    from train.datasets.pixels import to_model_input
     from train.datasets import load_domain
     from train.store import base_state
 

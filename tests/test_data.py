@@ -1,11 +1,11 @@
-"""Model-input conversion and batching (train/data.py)."""
+"""Model-input conversion and batching (train/datasets/pixels.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from train.data import CLIP_MEAN, CLIP_STD, iterate_batches, resize_uint8, to_model_input
+from train.datasets.pixels import CLIP_MEAN, CLIP_STD, iterate_batches, resize_uint8, to_model_input
 from train.datasets import Split
 from train.errors import DataError
 
@@ -70,13 +70,13 @@ def test_iterate_batches():
 
 
 def test_data_does_not_import_datasets():
-    """train.data sits below train.datasets (which imports it): no import back, even for typing."""
+    """train.datasets.pixels sits below train.datasets (which imports it): no import back, even for typing."""
     import ast
     from pathlib import Path
 
-    import train.data
+    import train.datasets.pixels
 
-    tree = ast.parse(Path(train.data.__file__).read_text())
+    tree = ast.parse(Path(train.datasets.pixels.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert imported and not any(m.startswith("train.") and m != "train.errors" for m in imported), imported

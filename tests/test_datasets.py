@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train import templates as T
+from train.datasets import templates as T
 from train.datasets import (
     MINISUITE,
     PACKAGE_MINISUITE,
@@ -415,7 +415,7 @@ def test_validation_is_carved_from_train_disjoint_stratified_and_seed_stable():
     assert torch.equal(again.split("val").labels, val.labels)
 
 
-# ---------------------------------------------------------------------------- bad inputs (issue 8)
+# ---------------------------------------------------------------------------- bad inputs
 
 
 def test_one_class_imagefolder_is_refused(tmp_path):
@@ -475,7 +475,7 @@ def test_split_inputs_follow_the_backbone_config_only():
     import dataclasses
 
     from train.backbones import load_config
-    from train.data import to_model_input
+    from train.datasets.pixels import to_model_input
     from train.datasets import domain_for, model_inputs, split_inputs
 
     assert model_inputs is split_inputs

@@ -1,4 +1,4 @@
-"""The issue-10 report and the Pareto front on hand-made tables (exact counts)."""
+"""The method study report and the Pareto front on hand-made tables (exact counts)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ranker-weighted mix (issue 10): weights from the ranker's predicted gain, never the target's pairs."""
+"""The ranker-weighted mix: weights from the ranker's predicted gain, never the target's pairs."""
 
 from __future__ import annotations
 

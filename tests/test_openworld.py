@@ -192,7 +192,7 @@ def test_vit_b32_shapes_check():
     """ViT-B/32's tower passes the architecture check against itself (whole model or tower keys), not against tiny."""
     from diag.bench.ranking import vit_b32_shapes
     from train.errors import BaseMismatchError
-    from train.imports import check_architecture, visual_part
+    from train.external_weights import check_architecture, visual_part
 
     shapes = vit_b32_shapes()
     assert 87_000_000 < sum(int(np.prod(s)) for s in shapes.values()) < 89_000_000

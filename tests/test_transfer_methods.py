@@ -1,4 +1,4 @@
-"""``diag transfer --method``: a curvature-aware or multi-source vector beside plain eq. 8 (issue 10)."""
+"""``diag transfer --method``: a curvature-aware or multi-source vector beside plain eq. 8."""
 
 from __future__ import annotations
 

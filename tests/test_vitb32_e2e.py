@@ -149,7 +149,7 @@ def test_vit_l14_shapes_without_weights():
     from diag.curvature.params import layout_for, select_params
     from diag.features.similarity import block_group
     from train.backbones import build_clip, load_config
-    from train.imports import check_architecture, visual_part
+    from train.external_weights import check_architecture, visual_part
 
     cfg = load_config("ViT-L-14")
     assert (cfg.image_size, cfg.patch_size, cfg.num_patches) == (224, 14, 256)

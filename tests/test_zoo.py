@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests._smoke import BACKBONE_ID, one_thread, smoke_store
-from train.augment import roll_patches
+from train.datasets.augment import roll_patches
 from train.errors import UnknownNameError
 from train.explain.masking import patch_means
 from train.loop import OptimConfig, batch_plan

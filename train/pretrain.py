@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from train.augment import random_shift
+from train.datasets.augment import random_shift
 from train.backbones import Backbone
-from train.data import to_model_input
+from train.datasets.pixels import to_model_input
 from train.datasets import Domain
 from train.errors import DataError
 from train.loop import FitHistory, OptimConfig, fit

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from train.backbones import Backbone, BackboneConfig, build_clip
-from train.errors import ArtifactError, StoreError, TvdiagError
-from train.model import SelfExplainingCLIP, load_visual_state, visual_state
+from train.errors import ArtifactError, StoreError, TvdiagError, unknown
+from train.model import load_visual_state, SelfExplainingCLIP, visual_state
 from train.tensorio import check_writable, dumps, load_tensors, read_metadata, save_tensors, sweep_stale_tmp
 from train.vectors import TaskVector
 
@@ -88,7 +88,6 @@ VARIANT_SUFFIX = {"paper": "", "from-ft": "-fromft"}
 def check_variant(variant: str) -> str:
     """``variant`` when it is one of :data:`VARIANTS`."""
     if variant not in VARIANTS:
-        from train.errors import unknown
 
         raise unknown("variant", variant, VARIANTS)
     return variant
@@ -292,7 +291,7 @@ class Store:
 
     def register_imported(self, vector: TaskVector, domain: str, kind: str, alpha: float | None = None, *,
                           seed: int = 0, variant: str = "paper") -> tuple[Path, bool]:
-        """Store an imported τ (:func:`train.imports.import_weights`) as ``domain``'s ``ft`` or ``ftx``; ``star`` too.
+        """Store an imported τ (:func:`train.external_weights.import_weights`) as ``domain``'s ``ft`` or ``ftx``; ``star`` too.
 
         A bare explainability vector τ* (``kind="star"``) is stored as τ_ft* = τ_ft + τ* next to
         the domain's τ_ft, so every reader finds τ* = τ_ft* − τ_ft. The file's ``key`` is the hash

@@ -121,9 +121,20 @@ def _write_safetensors(fh: BinaryIO, tensors: Mapping[str, torch.Tensor], meta: 
             fh.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Run ``write(fh)`` into a temporary beside ``path`` and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+def atomic_write(path: Path, write) -> None:
+    """Run ``write(fh)`` into a temporary beside ``path``, fsync it and rename it over ``path``.
+
+    The one atomic writer of tvdiag (tensors, probe checkpoints, study tables, rankings): the
+    temporary is ``.<name>.<pid>.<random>.tmp``, the name :func:`sweep_stale_tmp` parses, so a
+    killed writer's leftover is recognised and removed. A failed write leaves ``path`` as it was.
+
+    Raises:
+        StoreError: the folder cannot be written (``path`` unchanged, no temporary left).
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise StoreError(f"Cannot write {path}: {err.strerror or err}") from err
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -136,6 +147,11 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """:func:`atomic_write` of ``data``."""
+    atomic_write(Path(path), lambda fh: fh.write(data))
 
 
 def timings_path(path: Path) -> Path:
@@ -166,10 +182,10 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
     except OSError as err:
         raise StoreError(f"Store folder {path.parent} cannot be created: {err.strerror or err}") from err
     sweep_stale_tmp(path.parent)
-    _atomic_write(path, lambda fh: _write_safetensors(fh, tensors, meta))
+    atomic_write(path, lambda fh: _write_safetensors(fh, tensors, meta))
     if timings:
         text = json.dumps(timings, sort_keys=True, indent=1).encode()
-        _atomic_write(timings_path(path), lambda fh: fh.write(text))
+        atomic_write(timings_path(path), lambda fh: fh.write(text))
     return path
 
 

@@ -60,7 +60,7 @@ BENCH_MODELS = ("tiny-vit", "vit-b-32")
 GOALS = {"hvp_over_grad": 2.5, "hvp_kept_over_grad": 2.5, "block8_over_grad": 2.5, "pyhessian_over_ours": 1.5,
          "peak_mem_over_grad": 2.5, "pyhessian_over_ours_trace": 1.5, "pyhessian_over_ours_trace_equal_accuracy": 1.5,
          "pyhessian_over_ours_eig": 1.5, "pyhessian_over_ours_eig_gradient_start": 1.5}
-"""Goals of issue 11: ratios ``*_over_grad`` at most, ``pyhessian_over_*`` at least these values."""
+"""Goals of the curvature benchmark: ratios ``*_over_grad`` at most, ``pyhessian_over_*`` at least these values."""
 RATIOS = ("hvp_over_grad", "hvp_kept_over_grad", "block8_over_grad", "block8_batched_over_loop", "pyhessian_over_ours",
           "curvlinops_over_ours", "peak_mem_over_grad", "pyhessian_over_ours_trace",
           "pyhessian_over_ours_trace_equal_accuracy", "pyhessian_over_ours_eig", "pyhessian_over_ours_eig_gradient_start",

@@ -13,7 +13,7 @@ from diag.openworld import build_target_card, rank_folder, RankInputs
 from diag.table import DEFAULT_STUDY
 from train.backbones import read_checkpoint, state_hash
 from train.errors import ArtifactError, BaseMismatchError, TvdiagError
-from train.imports import file_sha256, import_weights, KINDS, read_state_dict, SUPPORTED, visual_part
+from train.external_weights import file_sha256, import_weights, KINDS, read_state_dict, SUPPORTED, visual_part
 from train.losses import check_alpha
 from train.store import base_state
 

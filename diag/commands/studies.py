@@ -58,8 +58,8 @@ def register(sub) -> None:
     p.add_argument("--out", type=writable_dir, default=None, help="study folder (default: <store>/studies/allpairs)")
     p.add_argument("--methods", nargs="+", default=["plain"], metavar="METHOD",
                    choices=("plain", "project", "precondition", "blocks", "mix", "mix-ranked"),
-                   help="transfer methods per pair (issue 10; default plain = eq. 8); each method's knob is chosen "
-                        "on the target's val split; several → pareto.png and the issue-10 report")
+                   help="transfer methods per pair (default plain = eq. 8); each method's knob is chosen "
+                        "on the target's val split; several → pareto.png and the method study report")
     p.set_defaults(func=run_study_cmd)
 
     g = sub.add_parser("ceilings", help="noise ceilings: cos τ*/τ_ft across seeds, Kernel SHAP run-to-run E-RMSE")
@@ -234,7 +234,7 @@ def run_study_cmd(args) -> int:
 
 
 def _methods_part(df, lambda2, out, report, shard):
-    """With several methods in the table: the issue-10 report and (unsharded) pareto.png beside the table."""
+    """With several methods in the table: the method study report and (unsharded) pareto.png beside the table."""
     if df["method"].nunique() < 2:
         return None
     rep = method_report(df, lambda2)

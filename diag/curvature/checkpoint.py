@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from train.errors import ArtifactError
+from train.errors import ArtifactError, StoreError
+from train.tensorio import atomic_write_bytes
 
 __all__ = ["ProbeCheckpoint", "ProbeState", "load_state", "save_state"]
 
@@ -87,7 +88,7 @@ def save_state(path: str | os.PathLike, state: ProbeState, meta: dict[str, str])
     Raises:
         ArtifactError: the folder cannot be created or written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     tensors = {
@@ -100,16 +101,11 @@ def save_state(path: str | os.PathLike, state: ProbeState, meta: dict[str, str])
         tensors["vec_mean"] = state.vec_mean.detach().to("cpu", torch.float64).contiguous()
         tensors["vec_m2"] = state.vec_m2.detach().to("cpu", torch.float64).contiguous()
     metadata = {"format": FORMAT, **{k: str(v) for k, v in meta.items()}}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as e:
+        atomic_write_bytes(path, save(tensors, metadata=metadata))
+    except StoreError as e:
         raise ArtifactError(f"Cannot write probe checkpoint '{path}': {e}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_state(path: str | os.PathLike, meta: dict[str, str]) -> ProbeState | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from diag.table import artifact_key
 from diag.transfer.budget import accuracy_grid, drop_at, recommend_lambda2
 from train.errors import ArtifactError, DataError
 from train.store import content_key
+from train.tensorio import atomic_write_bytes
 
 TIER_NAMES = {0: "tier 0 (weights only)", 1: "tier 1 (published Hessian card)", 2: "tier 2 (labelled target images)"}
 #: Features that need the target's explanation labels: never an input of a ranking.
@@ -331,9 +331,7 @@ def rank_cached(diag: Diagnostics, table: pd.DataFrame, target: str, sources: li
     ranking = rank_for_target(diag, table, target, sources, tier, max_acc_drop, model=model, lambda1=lambda1,
                               methods=methods)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(ranking.to_json())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, ranking.to_json().encode())
     return ranking
 
 

@@ -1,4 +1,4 @@
-"""Per source, the transfer method and scale to deploy within an accuracy budget, by data-access tier (issue 10).
+"""Per source, the transfer method and scale to deploy within an accuracy budget, by data-access tier.
 
 What each tier allows (never the target's explanations, never its ``test`` split):
 

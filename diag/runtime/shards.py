@@ -74,14 +74,7 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
     for name in mine:
         t0 = time.perf_counter()
         for seed in seeds:
-            zoo = ctx.zoo(seed)
-            zoo.head(name)
-            zoo.ft(name)
-            if explain:
-                zoo.attributions(name)
-                for variant in variants:
-                    for alpha in alphas:
-                        zoo.ftx(name, alpha, variant)
+            ctx.zoo(seed).build_domain(name, tuple(alphas), tuple(variants), explain)
         if zero_shot:
             accuracy[name] = ctx.zoo(seeds[0]).zero_shot_accuracy(name)
         times[name] = time.perf_counter() - t0
@@ -106,8 +99,8 @@ def _announce_first_build(ctx, domains: list[str], seeds: list[int]) -> None:
         return
     cfg = ctx.zoo_config()
     base = "θ_base by contrastive pretraining" if not (cfg.checkpoint or cfg.pretrained) else "θ_base"
-    cost = (" — the mini-suite's first run took 22 min on 2 CPU cores" if cfg.backbone == "tiny"
-            and ctx.preset == "default" else "")
+    cost = (" — on a CPU the mini-suite's first build takes tens of minutes (the README gives a measured figure)"
+            if cfg.backbone == "tiny" and ctx.preset == "default" else "")
     print(f"tvdiag: first use of the store {store.folder}: building {base}, then θ_ft, φ and θ_ft* of "
           f"{len(domains)} domain(s) for seed(s) {', '.join(map(str, seeds))}{cost}; an interrupted build resumes "
           "where it stopped", file=sys.stderr, flush=True)

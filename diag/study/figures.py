@@ -5,7 +5,7 @@ suffix) and returns the path.
 
 * :func:`figure6` — Appendix C: cos(τ*) vs E-RMSE, cos(τ*) vs cos(τ_ft), cos(τ_ft) vs E-RMSE.
 * :func:`figure2` — normalised accuracy vs normalised E-RMSE per (source, target) pair.
-* :func:`pareto` — the same trade-off per transfer method (issue 10), the Pareto front marked.
+* :func:`pareto` — the same trade-off per transfer method, the Pareto front marked.
 * :func:`figure3` — normalised E-RMSE, IoU@10 and accuracy over λ2, per target.
 * :func:`figure5` — Kernel SHAP E-RMSE and IoU@1 over the number of perturbations P against
   the proposed model's single forward pass, with wall times.

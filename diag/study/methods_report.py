@@ -1,4 +1,4 @@
-"""The issue-10 report of a study with several transfer methods, and its trade-off frame.
+"""The method study report: a study with several transfer methods, and its trade-off frame.
 
 A study run with ``--methods`` holds, per (pair, λ2, seed), one row per method (column
 ``method``; :mod:`diag.study.run`). Every method row carries the pair's θ_ftᵀ scores, plain eq. 8
@@ -167,7 +167,7 @@ def quadratic_check(rows: pd.DataFrame) -> dict:
 
 @dataclass(frozen=True)
 class MethodReport:
-    """Issue-10 counts per method: ``per_seed[method][seed]`` and ``mean_sd[method][count]`` = (mean, sd)."""
+    """The method study's counts per method: ``per_seed[method][seed]`` and ``mean_sd[method][count]`` = (mean, sd)."""
     lambda2: float
     keep: float
     kept_gain: float
@@ -186,7 +186,7 @@ class MethodReport:
             return f"{m:.{p}f} ± " + (f"{s:.{p}f}" if s == s else "— (one seed)")
 
         n = {m: self.mean_sd[m]["n_pairs"][0] for m in self.mean_sd}
-        out = [f"issue 10 at λ2 = {self.lambda2:g} (test split; every choice on val), mean ± sd over seeds",
+        out = [f"method study at λ2 = {self.lambda2:g} (test split; every choice on val), mean ± sd over seeds",
                f"  (a) keeps ≥ {self.keep:.0%} of θ_ftᵀ's accuracy and ≥ {self.kept_gain:.0%} of plain eq. 8's "
                "E-RMSE reduction; (b) E-RMSE and image-specific E-RMSE below the source's mean-φ map",
                f"  {'method':14s} {'pairs':>6s} {'(a) keeps':>16s} {'plain reduces':>16s} {'(b) beats prior':>16s}"]

@@ -40,7 +40,7 @@ _COUNT_LINES = (("better_keep90", "E-RMSE < θ_ftᵀ and acc ≥ 90 % (headline)
 
 @dataclass(frozen=True)
 class StudyReport:
-    """The issue-9 summary of a study table: per variant, per seed, then mean ± sd over seeds.
+    """The summary of a study table: per variant, per seed, then mean ± sd over seeds.
 
     Attributes:
         variants: one :class:`VariantSummary` per (variant, α) in the table.

@@ -227,7 +227,7 @@ def table1(df: pd.DataFrame, source: str, lambda2: float = PAPER_LAMBDA2) -> pd.
     return pd.DataFrame(out).set_index("model")
 
 
-# --------------------------------------------------------------------- the issue-9 report
+# --------------------------------------------------------------------- the study report
 
 
 def chosen_lambda2(run: pd.DataFrame, budget: float = DEFAULT_MAX_ACC_DROP) -> pd.Series:

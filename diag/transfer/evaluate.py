@@ -39,7 +39,7 @@ CONTROL_OTHER = "control: τ* of other source"
 CONTROL_OTHER_RESCALED = "control: τ* of other source (‖τ*ˢ‖)"
 CONTROL_MEAN_S = "control: mean φ map (source)"
 CONTROL_MEAN_T = "oracle: mean φ map (target)"
-#: beside a curvature-aware method's "proposed" row: plain eq. 8 at the same λ2 (issue 10's reference)
+#: beside a curvature-aware method's "proposed" row: plain eq. 8 at the same λ2 (the methods' reference)
 PLAIN_ROW = "plain eq. 8 (same λ2)"
 #: Row label → column suffix of the study table ("" = the proposed model).
 ROW_SUFFIX = {
@@ -104,7 +104,7 @@ class TransferResult:
         return out
 
     def _method_verdicts(self, prop: Scores, ft_t: Scores, plain: Scores) -> list[str]:
-        """Issue-10 statements: accuracy kept and E-RMSE reduction kept, against plain eq. 8."""
+        """The method study's statements: accuracy kept and E-RMSE reduction kept, against plain eq. 8."""
         gain_plain, gain = ft_t.ermse - plain.ermse, ft_t.ermse - prop.ermse
         kept = f"{gain / gain_plain:.0%}" if gain_plain > 0 else "n/a (plain eq. 8 does not reduce E-RMSE)"
         r = self.repair

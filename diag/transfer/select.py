@@ -1,4 +1,4 @@
-"""Choosing a repair's hyper-parameter on the target's ``val`` split (issue 10, tier 2).
+"""Choosing a repair's hyper-parameter on the target's ``val`` split (tier 2).
 
 Each repair of :mod:`diag.transfer.repair` has one knob: k eigen-directions removed (``project``), the
 strength c (``precondition``), the loss budget of the per-block λ (``blocks``), the λ2 of a

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import templates as T
+from train.datasets import templates as T
 from train.datasets.domain import Domain, Split
 from train.datasets.registry import (
     DEFAULT_IMAGE_SIZE,

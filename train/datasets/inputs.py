@@ -7,7 +7,7 @@ The rule: every preprocessing constant comes from the backbone's
   (:func:`domain_for`): the mini-suite's 32-px npz is resized (bilinear, antialiased, uint8) only
   when ``S != 32``; a folder is centre-cropped and resized (bicubic) straight to ``S``. A
   :class:`Domain` already loaded at another size is resized to ``S`` (bilinear, antialiased,
-  float) by :func:`~train.data.to_model_input`.
+  float) by :func:`~train.datasets.pixels.to_model_input`.
 * values: ``x = (u / 255 - config.mean) / config.std`` per channel, grayscale repeated to three
   channels.
 """
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from train.data import to_model_input
+from train.datasets.pixels import to_model_input
 from train.datasets.domain import Domain
 from train.datasets.load import load_domain
 from train.errors import DataError
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover  (for typing only: deferred, the datasets never load the model code)
     from train.backbones import BackboneConfig
 
 

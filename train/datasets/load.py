@@ -6,7 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from train import templates as T
+from train.datasets import templates as T
 from train.datasets.domain import Domain
 from train.datasets.imagefolder import load_folder, require_folder
 from train.datasets.minisuite import load_minisuite, manifest_dir, minisuite_dir, read_manifest

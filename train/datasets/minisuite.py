@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import templates as T
+from train.datasets import templates as T
 from train.datasets.domain import Domain, Split
 from train.datasets.registry import ENV_VAR, PACKAGE_MINISUITE, SPLIT_ORDER
 from train.datasets.splits import cap_and_resize

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from train import templates as T
+from train.datasets import templates as T
 from train.errors import UnknownNameError, unknown
 
 MINISUITE: tuple[str, ...] = ("mnist", "fashion", "animals", "gtsrb", "dtd", "imagenette", "cifar10")

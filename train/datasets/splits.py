@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.data import resize_uint8
+from train.datasets.pixels import resize_uint8
 from train.datasets.domain import Domain, Split
 from train.datasets.registry import (
     CLASSIFICATION_SPLITS,

@@ -50,6 +50,7 @@ from torch import Tensor
 from train.devices import autocast, module_device
 from train.errors import TvdiagError
 from train.explain.masking import coalition_values, patch_grid
+from train.losses import zscore
 
 __all__ = [
     "KernelShapWarning",
@@ -75,7 +76,6 @@ def _sum_zero_basis(m: int, device: torch.device) -> Tensor:
 
 class KernelShapWarning(UserWarning):
     """Kernel SHAP had too few coalitions for a unique least-squares solution."""
-
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class KernelShapEstimate:
@@ -330,7 +330,6 @@ def noise_ceiling(predict: Callable[[Tensor], Tensor], images: Tensor, targets: 
     that predicts the exact values scores ≈ this / √2 against one run, and no model can be
     expected to beat that floor. ``kwargs`` go to :func:`kernel_shap` (baseline, output, …).
     """
-    from train.losses import zscore
 
     if seeds[0] == seeds[1]:
         raise TvdiagError(f"noise_ceiling needs two different seeds, got {seeds}")

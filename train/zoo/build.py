@@ -8,7 +8,7 @@ the pool splits, with its own ``base_seed``: θ_base is the same for every train
 θ_ft and θ_ft* are a controlled pair (DESIGN.md): the same train images (the val split is
 carved out of train and never trained on), the same batch sequence
 (:func:`train.loop.batch_plan`, one generator seeded by ``seed``), the same steps and
-optimiser, the same augmentation on image and φ (:func:`train.augment.roll_patches`; off by
+optimiser, the same augmentation on image and φ (:func:`train.datasets.augment.roll_patches`; off by
 default, ``patch_shift = 0``: at M = 16 one patch is a quarter of the image and a cyclic roll
 tears the object apart, and φ of a rolled image is only approximately the rolled φ). They
 differ in α only, so θ_ft* trained with α = 1 *is* θ_ft, bit for bit. Variants of θ_ft*:
@@ -26,119 +26,34 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from train import __version__
-from train.augment import roll_patches
-from train.backbones import Backbone, create_backbone, read_checkpoint, state_hash
-from train.datasets import MINISUITE, Domain, domain_for, split_inputs
+from train.backbones import Backbone, create_backbone, load_config, read_checkpoint, state_hash
+from train.datasets import Domain, domain_for, MINISUITE, split_inputs
+from train.datasets.augment import roll_patches
 from train.devices import autocast, check_bf16, cpu_state, resolve_device
 from train.errors import TvdiagError
+from train.explain.gradcam import gradcam_patches
 from train.explain.kernelshap import kernel_shap, samples_for
-from train.loop import OptimConfig, batch_plan, fit
+from train.loop import batch_plan, fit, OptimConfig
 from train.losses import alpha_loss, check_alpha
 from train.model import SelfExplainingCLIP, text_head, visual_state
-from train.pretrain import PretrainConfig, pretrain
-from train.store import Store, base_state, check_variant, content_key
+from train.pretrain import pretrain
+from train.store import base_state, check_variant, content_key, Store
 from train.tensorio import dumps, load_tensors, save_tensors
 from train.vectors import TaskVector
+from train.zoo.config import SHAP_BASELINE, ZooConfig
 
 log = logging.getLogger(__name__)
 
 #: What Kernel SHAP puts in a removed patch (see :func:`train.explain.kernelshap.kernel_shap`).
-SHAP_BASELINE = "0 in normalised input space = the backbone's per-channel normalisation mean (not a data set mean)"
-
-
-@dataclass(frozen=True)
-class ZooConfig:
-    """Everything a zoo build depends on (part of every artifact's content key).
-
-    Attributes:
-        backbone, pretrained, checkpoint: the backbone and where θ_base comes from.
-        pretrain: θ_base's contrastive pretraining (tiny backbone only).
-        ft: optimiser of the controlled pair: θ_ft and θ_ft* of the ``paper`` variant.
-        from_ft: optimiser of θ_ft* of the ``from-ft`` variant (initialised at θ_ft).
-        patch_shift: whole-patch shifts of the pair, at most this many patches each way (0: none).
-        supervision: ``kernelshap`` or ``gradcam``.
-        shap_samples: Kernel SHAP coalitions per image; None = ``shap_per_patch`` · M, even
-            (:func:`train.explain.kernelshap.samples_for`).
-        shap_per_patch: coalitions per patch when ``shap_samples`` is None: the preprint's
-            density is ≈ 10 (500 at M = 49; 160 at M = 16). The ``default`` preset uses 4
-            (64 at M = 16, 196 at M = 49) to fit the first-run budget; ``dense`` uses 10.
-        shap_test: test images with φ (the first ones of the split).
-        max_train, max_val, max_test: use only the first images of a split (None: all).
-        eval_batch: batch size of evaluation forwards.
-        seed: training seed — the pair's batch sequence and Kernel SHAP's coalitions.
-        base_seed: θ_base's seed (initialisation and pretraining), fixed across training seeds.
-    """
-
-    backbone: str = "tiny"
-    pretrained: str | None = None
-    checkpoint: str | None = None
-    pretrain: PretrainConfig = PretrainConfig()
-    ft: OptimConfig = OptimConfig(steps=200, lr=1e-3, weight_decay=0.1, warmup=20, batch_size=128)
-    from_ft: OptimConfig = OptimConfig(steps=150, lr=3e-4, weight_decay=0.1, warmup=15, batch_size=128)
-    patch_shift: int = 0
-    supervision: str = "kernelshap"
-    shap_samples: int | None = None
-    shap_per_patch: float = 10.0
-    shap_test: int = 400
-    max_train: int | None = None
-    max_val: int | None = None
-    max_test: int | None = None
-    eval_batch: int = 256
-    seed: int = 0
-    base_seed: int = 0
-
-    @property
-    def backbone_id(self) -> str:
-        if self.checkpoint:
-            return f"{self.backbone}-ckpt-{Path(self.checkpoint).stem}"
-        if self.pretrained:
-            return f"{self.backbone}-{self.pretrained}"
-        return self.backbone
-
-
-PRESETS: dict[str, ZooConfig] = {
-    # ≈ 4 Kernel SHAP coalitions per patch: the first run of the README stays within ~15 min on 2 cores.
-    "default": ZooConfig(shap_per_patch=4.0),
-    # The preprint's Kernel SHAP density (≈ 10 per patch; 2.5x the φ cost of the default).
-    "dense": ZooConfig(shap_per_patch=10.0),
-    # Grad-CAM supervision (appendix D: the paper's ViT-L/14 ground truth) instead of Kernel SHAP.
-    "gradcam": ZooConfig(supervision="gradcam"),
-    # A few seconds per domain: for tests and CLI smoke runs.
-    "smoke": ZooConfig(
-        backbone="tiny",
-        pretrain=PretrainConfig(epochs=1, batch_size=64, max_per_domain=64),
-        ft=OptimConfig(steps=6, lr=1e-3, warmup=2, batch_size=32),
-        from_ft=OptimConfig(steps=4, lr=3e-4, warmup=1, batch_size=32),
-        shap_samples=32, shap_test=24, max_train=64, max_val=24, max_test=24, eval_batch=64,
-    ),
-    # Smoke at real size (ViT-B/32, 224 px, M = 49) on CPU: a few images and steps, a chain in ~2 min.
-    "vitb-smoke": ZooConfig(
-        backbone="ViT-B-32",
-        ft=OptimConfig(steps=2, lr=1e-4, warmup=1, batch_size=4),
-        from_ft=OptimConfig(steps=1, lr=3e-5, warmup=1, batch_size=4),
-        shap_samples=4, shap_test=2, max_train=4, max_val=2, max_test=2, eval_batch=8,
-    ),
-}
-
-
-def preset(name: str) -> ZooConfig:
-    if name not in PRESETS:
-        from train.errors import unknown
-
-        raise unknown("zoo preset", name, PRESETS)
-    return PRESETS[name]
-
-
 class Zoo:
     """Builds (or reuses) the artifacts of one backbone in one store."""
-
     def __init__(self, store: Store, config: ZooConfig = ZooConfig(), progress: bool = True,
                  data: dict[str, str | Path] | None = None, *, device: str | torch.device | None = None,
                  bf16: bool = False):
@@ -159,7 +74,6 @@ class Zoo:
     def domain(self, name: str) -> Domain:
         """The domain ``name`` loaded at the backbone's input size (:func:`train.datasets.domain_for`)."""
         if name not in self._domains:
-            from train.backbones import load_config
 
             self._domains[name] = domain_for(load_config(self.config.backbone), name, self.data.get(name))
         return self._domains[name]
@@ -184,7 +98,6 @@ class Zoo:
         """θ_base (with its text tower) and its hash; pretrains the tiny backbone when missing."""
         if self._backbone is not None:
             return self._backbone
-        from train.backbones import load_config
 
         load_config(self.config.backbone)  # unknown names fail before anything is written
         self.store.check_writable()
@@ -308,7 +221,6 @@ class Zoo:
 
     def _explain(self, model: SelfExplainingCLIP, x: torch.Tensor, y: torch.Tensor, desc: str) -> torch.Tensor:
         if self.config.supervision == "gradcam":
-            from train.explain.gradcam import gradcam_patches
 
             return gradcam_patches(model, x, y).float()
         chunk = 32
@@ -429,9 +341,25 @@ class Zoo:
         return correct / max(len(y), 1)
 
     # ------------------------------------------------------------------ build
+    def build_domain(self, name: str, alphas: tuple[float, ...] = (0.8,), variants: tuple[str, ...] = ("paper",),
+                     explain: bool = True) -> None:
+        """Everything of one domain for this seed: head, θ_ft, then (``explain``) φ and θ_ft* of every α and variant.
+
+        The one per-domain build: :meth:`build` and the CLI's sharded build
+        (:func:`diag.runtime.shards.build_domains`) both call it; each artifact is reused when fresh.
+        """
+        self.head(name)
+        self.ft(name)
+        if not explain:
+            return
+        self.attributions(name)
+        for variant in variants:
+            for alpha in alphas:
+                self.ftx(name, alpha, variant)
+
     def build(self, domains: list[str] | None = None, alphas: tuple[float, ...] = (0.8,),
               variants: tuple[str, ...] = ("paper",)) -> dict[str, float]:
-        """Build everything for ``domains`` (all of the mini-suite by default); returns wall times."""
+        """Build everything for ``domains`` (all of the mini-suite by default) in this process; returns wall times."""
         domains = list(domains or MINISUITE)
         variants = tuple(check_variant(v) for v in variants)
         times: dict[str, float] = {}
@@ -440,12 +368,7 @@ class Zoo:
         times["base"] = time.perf_counter() - start
         for name in tqdm(domains, desc="zoo", disable=not self.progress, unit="domain"):
             t0 = time.perf_counter()
-            self.head(name)
-            self.ft(name)
-            self.attributions(name)
-            for variant in variants:
-                for alpha in alphas:
-                    self.ftx(name, alpha, variant)
+            self.build_domain(name, alphas, variants)
             times[name] = time.perf_counter() - t0
         times["total"] = time.perf_counter() - start
         return times
