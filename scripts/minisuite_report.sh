@@ -14,10 +14,10 @@ $D zoo --seeds 0 1 2 --variant paper --variant from-ft $Q
 $D zoo --seeds 0 1 --variant paper --alpha 0.5 --alpha 0.95 $Q
 # 2. the all-pairs study: every ordered pair on the λ2 grid (λ2 chosen on val), both variants, three seeds
 for V in paper from-ft; do
-  $D study --seeds 0 1 2 --variant $V --lambda-grid --no-curvature --out "$OUT/issue9" $Q > "$OUT/study-$V.txt"
+  $D study --seeds 0 1 2 --variant $V --lambda-grid --no-curvature --out "$OUT/allpairs" $Q > "$OUT/study-$V.txt"
   for s in 0 1 2; do
-    $D correlate --study "$OUT/issue9" --variant $V --train-seed $s $Q > "$OUT/correlate-$V-s$s.txt"
-    $D rank-sources --evaluate --study "$OUT/issue9" --variant $V --train-seed $s $Q > "$OUT/loto-$V-s$s.txt"
+    $D correlate --study "$OUT/allpairs" --variant $V --train-seed $s $Q > "$OUT/correlate-$V-s$s.txt"
+    $D rank-sources --evaluate --study "$OUT/allpairs" --variant $V --train-seed $s $Q > "$OUT/loto-$V-s$s.txt"
   done
 done
 $D ceilings --seeds 0 1 2 --variant paper --ks-samples 160 $Q > "$OUT/ceilings-paper.txt"
@@ -27,13 +27,13 @@ for A in 0.5 0.95; do
   $D study --seeds 0 1 --variant paper --alpha $A --no-curvature --out "$OUT/alpha$A" $Q > "$OUT/study-alpha$A.txt"
 done
 # 4. the method study: every method on every pair (knobs chosen on val), the trade-off figure and the goals
-$D study --seeds 0 1 2 --methods plain project precondition blocks mix mix-ranked --out "$OUT/issue10" $Q > "$OUT/study-methods.txt"
-$D study --seeds 0 1 2 --variant from-ft --methods plain project precondition blocks mix mix-ranked --out "$OUT/issue10-fromft" $Q \
+$D study --seeds 0 1 2 --methods plain project precondition blocks mix mix-ranked --out "$OUT/methods" $Q > "$OUT/study-methods.txt"
+$D study --seeds 0 1 2 --variant from-ft --methods plain project precondition blocks mix mix-ranked --out "$OUT/methods-fromft" $Q \
   > "$OUT/study-methods-fromft.txt"
 # 5. the all-pairs study at the preprint's Kernel SHAP density (160 samples per image at M = 16), seeds 0 and 1, both variants
 $D zoo --preset dense --seeds 0 1 --variant paper --variant from-ft $Q
 for V in paper from-ft; do
-  $D study --preset dense --seeds 0 1 --variant $V --lambda-grid --no-curvature --out "$OUT/issue9-dense" $Q \
+  $D study --preset dense --seeds 0 1 --variant $V --lambda-grid --no-curvature --out "$OUT/allpairs-dense" $Q \
     > "$OUT/study-dense-$V.txt"
 done
 echo "report in $OUT"

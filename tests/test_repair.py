@@ -227,7 +227,7 @@ def smoke():
     from diag.runtime.context import Workspace
     from diag.curvature.card import build_card
     from diag.curvature.operators import HessianOperator
-    from diag.transfer.select import RepairCurvature
+    from diag.transfer.methods import RepairCurvature
     from tests._smoke import one_thread, smoke_store
     from train.datasets import model_inputs
 
@@ -308,7 +308,8 @@ def test_selection_rule_and_refusals(smoke):
 
     norm = Workspace(store).vector(source, "star").norm()
     assert t["size"].tolist() == pytest.approx([lam * norm for lam in t["param"]], rel=1e-6)
-    from diag.transfer.select import RepairCurvature, select_repair
+    from diag.transfer.methods import RepairCurvature
+    from diag.transfer.select import select_repair
 
     other = RepairCurvature(curv.layout, curv.diag, curv.card)
     with pytest.raises(DataError, match="built for 'gtsrb'"):
@@ -347,7 +348,7 @@ def test_safe_needs_every_smaller_candidate_to_keep():
 
 
 def test_candidates_predict_half_lambda_squared_risk_on_a_known_hessian():
-    from diag.transfer.select import RepairCurvature, candidates
+    from diag.transfer.methods import RepairCurvature, candidates
 
     H, lam, Q = spd()
     layout = ParamLayout(("visual.proj", "visual.transformer.resblocks.0.mlp.c_fc.bias"), ((4,), (8,)))
@@ -371,7 +372,7 @@ def test_candidates_predict_half_lambda_squared_risk_on_a_known_hessian():
 def test_tier1_recommendation_is_the_largest_safe_size_on_a_known_hessian():
     """Tier 1 (a card only): drop(candidate) = drop(eq. 8 at 0.7)·½s²R(candidate)/(½·0.49·R(τ)); largest safe size wins."""
     from diag.decide.recommend import predicted_gain, recommend_predicted
-    from diag.transfer.select import RepairCurvature, candidates
+    from diag.transfer.methods import RepairCurvature, candidates
 
     H, lam, Q = spd()
     layout = ParamLayout(("visual.proj", "visual.transformer.resblocks.0.mlp.c_fc.bias"), ((4,), (8,)))

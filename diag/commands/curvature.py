@@ -6,9 +6,9 @@ import json
 
 from diag.bench.curvature import bench_main, BENCH_MODELS
 from diag.bench.ranking import bench_rank
-from diag.commands.options import (add_common, ALPHA, BATCH, check_finite_result, CHECK_T, context_from, domain_name,
+from diag.commands.options import (add_common, add_probe_seed, ALPHA, BATCH, check_finite_result, CHECK_T, context_from, domain_name,
                                    emit_json, finite_float, int_range, ITERS, K, LAMBDA, N_IMAGES, PROBES, REPEATS,
-                                   seed, writable_file)
+                                   writable_file)
 from diag.curvature.backends import pyhessian_trace_and_top_eig
 from diag.curvature.hutchinson import hutchinson_diagonal, hutchinson_trace
 from diag.curvature.hutchpp import hutchpp_trace
@@ -26,7 +26,7 @@ def _curvature_options(p) -> None:
     p.add_argument("--batch-size", type=BATCH, default=128)
     p.add_argument("--params", nargs="*", default=None, help="parameter name globs, e.g. 'visual.transformer.resblocks.3.*'")
     p.add_argument("--engine", default="auto", choices=("auto", "fwd-rev", "double-backward"))
-    p.add_argument("--seed", type=seed, default=0)
+    add_probe_seed(p)
     p.add_argument("--alpha", type=ALPHA, default=0.8)
 
 
@@ -87,7 +87,7 @@ def _diagnostics(args, ctx, domains, explain):
 
     check_alpha(args.alpha)
     ctx.ensure(domains, (args.alpha,), explain=explain)
-    settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, seed=args.seed,
+    settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, seed=args.probe_seed,
                                  engine=args.engine, params=tuple(args.params) if args.params else None,
                                  probes=getattr(args, "probes", None) or 24, k=getattr(args, "k", 8))
     return Diagnostics(ctx.workspace(args.alpha), settings=settings, progress=ctx.progress)
@@ -120,7 +120,7 @@ def run_hessian(args) -> int:
 
 def _settings_key(args) -> dict:
     """What a Hutchinson run's result depends on (keys its files in the store)."""
-    return {"what": args.what, "seed": args.seed, "n_images": args.n_images, "probes": args.probes,
+    return {"what": args.what, "probe_seed": args.probe_seed, "n_images": args.n_images, "probes": args.probes,
             "rel_stderr": args.rel_stderr, "max_probes": args.max_probes,
             "params": list(args.params) if args.params else None}
 
@@ -132,17 +132,17 @@ def _hessian_estimates(args, ctx, diag, domain: str, op) -> dict:
     if args.resume:
         ckpt = diag.store.curvature_path(domain, f"{args.what}-ckpt", _settings_key(args))
     kwargs = {"num_matvecs": args.probes, "rel_stderr": args.rel_stderr, "max_matvecs": args.max_probes,
-              "seed": args.seed, "checkpoint": ckpt, "progress": ctx.progress}
+              "seed": args.probe_seed, "checkpoint": ckpt, "progress": ctx.progress}
     if args.what == "trace":
         out["trace"] = hutchinson_trace(op, **kwargs).to_dict()
         n_hpp = max(12, 3 * ((args.probes or 24) // 3))
-        out["hutchpp"] = hutchpp_trace(op, num_matvecs=n_hpp, seed=args.seed).to_dict()
+        out["hutchpp"] = hutchpp_trace(op, num_matvecs=n_hpp, seed=args.probe_seed).to_dict()
         return out
 
     est = hutchinson_diagonal(op, **kwargs)
     path = diag.store.curvature_path(domain, "diag-hutchinson", {**_settings_key(args), "n_probes": est.n_probes})
     save_tensors(path, {"diag": est.mean, "stderr": est.stderr},
-                 {"domain": domain, "probes": est.n_probes, "seed": args.seed, "total": est.total,
+                 {"domain": domain, "probes": est.n_probes, "seed": args.probe_seed, "total": est.total,
                   "total_stderr": est.total_stderr, "base_hash": diag.base_hash})
     out["diag"] = est.to_dict()
     out["path"] = str(path)
@@ -157,9 +157,9 @@ def _pyhessian_side_by_side(args, diag, domain: str, op) -> dict:
     model = diag.store.model(domain, diag.vector(domain, "ft").apply_to(diag.base, base_hash=diag.base_hash),
                              backbone=diag.backbone)
     params = list(args.params) if args.params else None
-    ph = pyhessian_trace_and_top_eig(model, x, y, params=params, seed=args.seed)
+    ph = pyhessian_trace_and_top_eig(model, x, y, params=params, seed=args.probe_seed)
     ours = hutchinson_trace(type(op)(model, [(x, y)], params=params, engine=op.engine),
-                            num_matvecs=args.probes or 32, seed=args.seed)
+                            num_matvecs=args.probes or 32, seed=args.probe_seed)
     return {"pyhessian_first_batch": ph.to_dict(), "ours_first_batch": ours.to_dict()}
 
 
@@ -197,8 +197,8 @@ def run_spectrum(args) -> int:
     domain = ctx.check_domain(args.domain)
     diag = _diagnostics(args, ctx, [domain], explain=False)
     op = diag.operator(domain)
-    eig = lanczos_topk(op, args.k, seed=args.seed)
-    dens = slq_density(op, num_probes=args.probes, num_iters=args.iters, seed=args.seed)
+    eig = lanczos_topk(op, args.k, seed=args.probe_seed)
+    dens = slq_density(op, num_probes=args.probes, num_iters=args.iters, seed=args.probe_seed)
     out_png = args.out or str(diag.store.curvature_dir(domain) / "spectrum.png")
     _plot_density(dens, eig, out_png, domain)
     result = {"domain": domain, "top": eig.to_dict(), "density": dens.to_dict(), "figure": out_png}

@@ -9,6 +9,7 @@ from diag.commands.openworld import run_rank_folder
 from diag.commands.options import (add_common, ALPHA, context_from, domain_name, emit_json, folder_path, FRACTION, K,
                                    LAMBDA, N_IMAGES, N_RESAMPLE, PROBES, seed)
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA2
+from diag.decide.recommend import TIER_METHODS
 from diag.decide.ranking import evaluate_rankers, rank_cached, rank_for_target
 from diag.decide.rules import method_verdict, quadratic_loss_increase, screen_verdict
 from diag.features.pair_features import CurvatureSettings, Diagnostics
@@ -58,7 +59,7 @@ def register(sub) -> None:
     r.add_argument("--sources", type=Path, default=None, help="open world: folder of source vectors, one sub-folder each")
     r.add_argument("--max-loss-increase", type=FRACTION, default=0.05,
                    help="open world with --card: cap λ2 so that ½ λ2² R_card stays within this target loss increase")
-    r.add_argument("--methods", nargs="+", default=None, choices=("plain", "project", "precondition", "blocks"),
+    r.add_argument("--methods", nargs="+", default=None, choices=TIER_METHODS[max(TIER_METHODS)],
                    help="transfer methods a recommendation may use (default: all the tier allows)")
     _suite_options(r)
     r.set_defaults(func=run_rank)

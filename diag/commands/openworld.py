@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diag.commands.options import (add_common, ALPHA, BATCH, context_from, domain_name, emit_json, K, N_IMAGES,
+from diag.commands.options import (add_common, add_probe_seed, add_train_seed, ALPHA, BATCH, context_from, domain_name, emit_json, K, N_IMAGES,
                                    PROBES, writable_file)
 from diag.constants import PAPER_ALPHA
 from diag.features.mapped import skip_exit_collection
@@ -29,7 +29,7 @@ def register(sub) -> None:
     i.add_argument("--input", required=True, type=Path, help="the checkpoint (.safetensors, or .pt/.bin state dict)")
     i.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA, help="α of θ_ft* (ftx, star)")
     i.add_argument("--variant", default="paper", choices=("paper", "from-ft"))
-    i.add_argument("--seed", type=int, default=0, help="training seed folder")
+    add_train_seed(i, help="training seed folder of the imported vector")
     i.add_argument("--from-base", type=Path, default=None,
                    help="the base checkpoint the weights were fine-tuned from (checked against the store's by hash)")
     i.set_defaults(func=run_import)
@@ -46,7 +46,7 @@ def register(sub) -> None:
     c.add_argument("--lanczos-iters", type=K, default=None,
                    help="Krylov dimension of the eigenpairs (default max(4k, 40); its basis holds that many "
                         "float64 copies of θ: fewer for a large model on a small machine, at some accuracy)")
-    c.add_argument("--seed", type=int, default=0)
+    add_probe_seed(c)
     c.add_argument("--split", default="train", choices=("train", "val"))
     c.set_defaults(func=run_card)
 
@@ -85,7 +85,7 @@ def run_import(args) -> int:
         vector = import_weights(args.input, base, base_hash, args.kind, args.from_base)
         store.check_writable()
         alpha = args.alpha if args.kind in ("ftx", "star") else None
-        path, written = store.register_imported(vector, args.domain, args.kind, alpha, seed=args.seed,
+        path, written = store.register_imported(vector, args.domain, args.kind, alpha, seed=args.train_seed,
                                                 variant=args.variant)
         out = {"kind": args.kind, "domain": args.domain, "path": str(path), "written": written,
                "base_hash": base_hash, "sha256": vector.provenance["sha256"], "norm": vector.norm(),
@@ -123,7 +123,7 @@ def run_card(args) -> int:
         raise TvdiagError(f"--lanczos-iters {args.lanczos_iters} is below --k {args.k}: the Krylov space must hold "
                           "the k eigenvectors")
     settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, probes=args.probes, k=args.k,
-                            seed=args.seed, split=args.split)
+                            seed=args.probe_seed, split=args.split)
     card, est = build_target_card(ctx.store, args.target, args.model, (ctx.data or {}).get(args.target), settings,
                                   progress=ctx.progress, device=ctx.device, lanczos_iters=args.lanczos_iters)
     card.save(args.out, extra={"hessian_diag": est.mean.double(), "hessian_diag_stderr": est.stderr.double()})

@@ -268,3 +268,35 @@ def context_from(args: argparse.Namespace, default_domain: str | None = None) ->
     if is_distributed():  # torchrun: --rebuild spares whatever any rank of this run wrote
         ctx.started = shared_start_time(ctx.started)
     return ctx
+
+
+# ------------------------------------------------------------------------------ seeds
+# Three seeds, three names: the training seed picks the zoo's vectors and φ (``--train-seed``, alias
+# ``--seed``); the probe seed draws Hutchinson / Hutch++ / Lanczos probes (``--probe-seed``); the
+# bootstrap seed draws the statistics' resamples (``--bootstrap-seed``).
+
+
+def add_train_seed(parser: argparse.ArgumentParser, help: str = "training seed of the vectors and φ") -> None:
+    """``--train-seed`` (alias ``--seed``), dest ``train_seed``, default 0."""
+    parser.add_argument("--train-seed", "--seed", dest="train_seed", type=seed, default=0, help=help + " (default 0)")
+
+
+class _NoTrainSeed(argparse.Action):
+    """``--seed`` on a command without a training seed: one clear error naming the seed it has."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"--seed {values}: `{parser.prog}` has no training seed; {self.help}")
+
+
+def add_probe_seed(parser: argparse.ArgumentParser) -> None:
+    """``--probe-seed`` (dest ``probe_seed``, default 0); ``--seed`` is refused with a pointer to it."""
+    parser.add_argument("--probe-seed", type=seed, default=0,
+                        help="seed of the Hutchinson / Hutch++ / Lanczos probes (default 0)")
+    parser.add_argument("--seed", action=_NoTrainSeed, metavar="N",
+                        help="the seed of its probes is --probe-seed")
+
+
+def add_bootstrap_seed(parser: argparse.ArgumentParser) -> None:
+    """``--bootstrap-seed`` (dest ``bootstrap_seed``, default 0): the resamples of bootstraps and permutations."""
+    parser.add_argument("--bootstrap-seed", type=seed, default=0,
+                        help="seed of the bootstrap resamples and permutations (default 0)")

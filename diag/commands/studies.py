@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from diag.commands.options import (add_common, ALPHA, context_from, domain_name, emit_json, folder_path, LAMBDA,
+from diag.commands.options import (add_bootstrap_seed, add_common, ALPHA, context_from, domain_name, emit_json, folder_path, LAMBDA,
                                    N_IMAGES, N_RESAMPLE, positive_int, seed, writable_dir)
 from diag.constants import LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.features.similarity import similarity_matrices, VectorSpec
 from diag.runtime.distributed import is_distributed, rank_and_world
+from diag.transfer.methods import METHODS
 from diag.stats import correlate_appendix_c
 from diag.study import figures
 from diag.study.ceilings import ceilings
@@ -28,6 +29,13 @@ from train.vectors import check_scale
 
 
 def register(sub) -> None:
+    _register_similarity(sub)
+    _register_study(sub)
+    _register_ceilings(sub)
+    _register_correlate(sub)
+
+
+def _register_similarity(sub) -> None:
     s = sub.add_parser("similarity", help="cosine matrices of τ_ft and τ* across domains, with heatmaps")
     add_common(s)
     s.add_argument("--domains", nargs="*", default=None, type=domain_name, help="default: the whole suite")
@@ -37,6 +45,8 @@ def register(sub) -> None:
                    help="folder for the heatmaps (default: <store>/studies/similarity)")
     s.set_defaults(func=run_similarity)
 
+
+def _register_study(sub) -> None:
     p = sub.add_parser("study", help="every ordered (source, target) pair: eq. 8, controls, diagnostics")
     add_common(p)
     p.add_argument("--domains", nargs="*", default=None, type=domain_name, help="default: the whole suite")
@@ -57,11 +67,13 @@ def register(sub) -> None:
     p.add_argument("--variant", choices=VARIANTS, default="paper", help="θ_ft* variant (default paper)")
     p.add_argument("--out", type=writable_dir, default=None, help="study folder (default: <store>/studies/allpairs)")
     p.add_argument("--methods", nargs="+", default=["plain"], metavar="METHOD",
-                   choices=("plain", "project", "precondition", "blocks", "mix", "mix-ranked"),
+                   choices=METHODS,
                    help="transfer methods per pair (default plain = eq. 8); each method's knob is chosen "
                         "on the target's val split; several → pareto.png and the method study report")
     p.set_defaults(func=run_study_cmd)
 
+
+def _register_ceilings(sub) -> None:
     g = sub.add_parser("ceilings", help="noise ceilings: cos τ*/τ_ft across seeds, Kernel SHAP run-to-run E-RMSE")
     add_common(g)
     g.add_argument("--domains", nargs="*", default=None, type=domain_name, help="default: the whole suite")
@@ -75,6 +87,8 @@ def register(sub) -> None:
                    help="also measure the Kernel SHAP ceiling at N samples per image (first seed's θ_ft)")
     g.set_defaults(func=run_ceilings)
 
+
+def _register_correlate(sub) -> None:
     c = sub.add_parser("correlate", help="Appendix C / Figure 6: correlations with bootstrap CIs and permutation p")
     add_common(c)
     c.add_argument("--study", type=folder_path, default=None,
@@ -85,9 +99,9 @@ def register(sub) -> None:
     c.add_argument("--lambda2", type=LAMBDA, default=PAPER_LAMBDA2)
     c.add_argument("--n-boot", type=N_RESAMPLE, default=2000)
     c.add_argument("--n-perm", type=N_RESAMPLE, default=2000)
-    c.add_argument("--seed", type=seed, default=0, help="seed of the bootstrap and permutations")
+    add_bootstrap_seed(c)
     c.add_argument("--variant", choices=VARIANTS, default=None, help="θ_ft* variant of the rows (default paper)")
-    c.add_argument("--train-seed", type=seed, default=None,
+    c.add_argument("--train-seed", "--seed", dest="train_seed", type=seed, default=None,
                    help="training seed of the rows (default: the smallest in the study); one run per analysis")
     c.set_defaults(func=run_correlate)
 
@@ -318,7 +332,7 @@ def run_correlate(args) -> int:
         run_study(store, domains, lambda2s=(lambda2,), out_dir=out, progress=ctx.progress, data=ctx.data,
                   workspace=ctx.workspace())
     df = at_lambda(select_run(load_study(out), args.variant, args.train_seed), lambda2)
-    reports = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.seed)
+    reports = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.bootstrap_seed)
     fig = figures.figure6(df, out / "figure6.png", reports=reports)
     n_pairs = int(len(df[df["source"] != df["target"]]))
     if args.json:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from diag.commands.options import (add_common, ALPHA, check_finite_result, context_from, domain_name, emit_json,
+from diag.commands.options import (add_common, add_train_seed, ALPHA, check_finite_result, context_from, domain_name, emit_json,
                                    folder_path, FRACTION, LAMBDA, seed)
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.decide.recommend import study_gains
@@ -10,6 +10,7 @@ from diag.features.pair_features import Diagnostics
 from diag.runtime.shards import build_domains
 from diag.table import DEFAULT_STUDY
 from diag.transfer.evaluate import transfer
+from diag.transfer.methods import METHODS
 from train.losses import check_alpha
 from train.store import VARIANTS
 from train.vectors import check_scale
@@ -24,14 +25,13 @@ def register(sub) -> None:
     p.add_argument("--lambda2", type=LAMBDA, default=PAPER_LAMBDA2)
     p.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
     p.add_argument("--no-controls", action="store_true", help="skip the control rows")
-    p.add_argument("--seed", type=seed, default=0,
-                   help="training seed of the vectors and φ; also seeds the controls, per (seed, source, target)")
+    add_train_seed(p, help="training seed of the vectors and φ; also seeds the controls, per (seed, source, target)")
     p.add_argument("--variant", choices=VARIANTS, default="paper", help="θ_ft* variant (default paper)")
     p.add_argument("--domains", nargs="*", default=None, type=domain_name,
                    help="domains the 'τ* of other source' control is drawn from (default: the suite); "
                         "the same list as a study's --domains gives that study's rows")
     p.add_argument("--method", default="plain",
-                   choices=("plain", "project", "precondition", "blocks", "mix", "mix-ranked"),
+                   choices=METHODS,
                    help="plain: eq. 8; project / precondition / blocks: τ*ˢ changed by the target's curvature "
                         "(Hᵀ on its train images); mix: uniform mix of the other domains' τ*; mix-ranked: their mix "
                         "weighted by the ranker's predicted gain (fitted on --study without the target) — each "
@@ -61,9 +61,9 @@ def run_transfer(args) -> int:
     check_scale("lambda2", args.lambda2)
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
     candidates = [ctx.check_domain(d) for d in args.domains] if args.domains is not None else ctx.domains()
-    ctx.ensure([source, target], (args.alpha,), variants=(args.variant,), seeds=(args.seed,))
+    ctx.ensure([source, target], (args.alpha,), variants=(args.variant,), seeds=(args.train_seed,))
     # the "τ* of another source" control uses a domain already in the store (nothing extra is built)
-    ws = ctx.workspace(args.alpha, seed=args.seed, variant=args.variant)
+    ws = ctx.workspace(args.alpha, seed=args.train_seed, variant=args.variant)
     curvature = None
     if args.method in ("project", "precondition", "blocks"):
 
@@ -71,7 +71,7 @@ def run_transfer(args) -> int:
     gains = None
     if args.method == "mix-ranked":
 
-        gains, _ = study_gains(args.study or ctx.store.study_dir(DEFAULT_STUDY), target, args.seed, args.variant)
+        gains, _ = study_gains(args.study or ctx.store.study_dir(DEFAULT_STUDY), target, args.train_seed, args.variant)
     result = transfer(ws, source, target, args.lambda1, args.lambda2, controls=not args.no_controls,
                       candidates=candidates, method=args.method, curvature=curvature, max_acc_drop=args.max_acc_drop,
                       gains=gains)
@@ -86,7 +86,7 @@ def run_zoo(args) -> int:
     domains = list(dict.fromkeys(ctx.check_domain(d) for d in (args.domains or ctx.domains())))
     alphas = tuple(check_alpha(a) for a in (args.alpha or [PAPER_ALPHA]))
     variants = tuple(dict.fromkeys(args.variant or ["paper"]))
-    report = build_domains(ctx, domains, alphas, True, variants, args.seeds, zero_shot=True)
+    report = build_domains(ctx, domains, alphas, True, variants, args.train_seeds, zero_shot=True)
     times, zero_shot = report["seconds"], report["zero_shot_accuracy"]
     if args.json:
         emit_json({"store": str(ctx.store.folder), "seconds": times, "zero_shot_accuracy": zero_shot,
@@ -98,5 +98,5 @@ def run_zoo(args) -> int:
         print(f"  {k:12s} {v:8.1f} s")
     print("zero-shot accuracy of θ_base (test split; chance = 1/classes):")
     for d, acc in zero_shot.items():
-        print(f"  {d:12s} {acc:.3f}   (chance {1 / ctx.zoo(args.seeds[0]).domain(d).num_classes:.3f})")
+        print(f"  {d:12s} {acc:.3f}   (chance {1 / ctx.zoo(args.train_seeds[0]).domain(d).num_classes:.3f})")
     return 0

@@ -41,12 +41,12 @@ from diag.decide.rules import lambda2_from_predicted_drop
 from diag.transfer.budget import recommend_lambda2
 from diag.table import load_study, select_run, table_files
 from diag.transfer import mixing
-from diag.transfer.select import candidates, RepairCurvature, select_repair
+from diag.transfer.methods import TIERS, RepairCurvature, candidates, tier_methods_of
+from diag.transfer.select import select_repair
 from train.errors import ArtifactError, DataError, unknown
 
-#: Methods each tier may recommend.
-TIER_METHODS = {0: ("plain",), 1: ("plain", "precondition", "project"),
-                2: ("plain", "project", "precondition", "blocks")}
+#: Methods each tier may recommend (from the registry, :mod:`diag.transfer.methods`).
+TIER_METHODS = {tier: tier_methods_of(tier) for tier in TIERS}
 #: What a recommendation row adds to a ranking.
 COLUMNS = ("method", "method_param", "method_scale", "size_ratio", "method_acc_drop", "drop_measured", "safe")
 
@@ -65,8 +65,8 @@ def tier_methods(tier: int, methods: Sequence[str] | None = None) -> tuple[str, 
     if methods is None:
         return allowed
     for m in methods:
-        if m not in TIER_METHODS[2] + ("mix",):
-            raise unknown("recommendation method", m, TIER_METHODS[2] + ("mix",))
+        if m not in TIER_METHODS[max(TIERS)] + ("mix",):
+            raise unknown("recommendation method", m, TIER_METHODS[max(TIERS)] + ("mix",))
     return tuple(m for m in allowed if m in methods or m == "plain")
 
 

@@ -40,6 +40,7 @@ import pandas as pd
 from diag.constants import PAPER_LAMBDA2
 from diag.decide.recommend import ranker_gains
 from diag.study.summary import mean_sd
+from diag.transfer.methods import METHODS
 from diag.table import add_normalised, at_lambda, PLAIN, with_run_columns
 from train.errors import DataError
 
@@ -225,7 +226,7 @@ def method_report(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, keep: float 
     if variant not in variants:
         raise DataError(f"the study has no variant '{variant}'; it has {variants}")
     rows = rows[rows["variant"] == variant]
-    methods = [m for m in ("plain", "project", "precondition", "blocks", *MIXES) if m in set(rows["method"])]
+    methods = [m for m in METHODS if m in set(rows["method"])]
     methods += sorted(set(rows["method"]) - set(methods))
     per_seed: dict = {m: {} for m in methods}
     universal: dict = {}

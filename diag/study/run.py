@@ -49,6 +49,7 @@ from diag.table import (add_normalised, append_rows, check_shard, dedupe, defaul
 from diag.transfer.budget import accuracy_grid
 from diag.transfer.eq8 import evaluate_state
 from diag.transfer.evaluate import evaluate_pair, with_method
+from diag.transfer.methods import CURVED_METHODS, METHODS
 from train import __version__
 from train.errors import ArtifactError, DataError, unknown
 from train.store import Store
@@ -56,13 +57,8 @@ from train.vectors import check_scale
 
 log = logging.getLogger(__name__)
 
-#: Transfer methods of a study (:mod:`diag.transfer.repair`); ``plain`` is eq. 8.
-METHODS = ("plain", "project", "precondition", "blocks", "mix", "mix-ranked")
 #: The mix weighted by the ranker's predicted gain: scored after every plain row of the run (its ranker learns them).
 RANKED = "mix-ranked"
-#: Methods that read the target's curvature (Hᵀ on its train images).
-CURVED_METHODS = ("project", "precondition", "blocks")
-
 
 @dataclass
 class StudySettings:
@@ -208,14 +204,7 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
         DataError: fewer than 2 domains, no λ2 or no seed. ArtifactError: a missing artifact or a damaged table.
         UnknownNameError: a method not in :data:`METHODS`.
     """
-    lambda2s = list(dict.fromkeys(lam_key(check_scale("lambda2", v)) for v in lambda2s))
-    seeds = list(dict.fromkeys(int(s) for s in seeds))
-    if not lambda2s or not seeds:
-        raise DataError(f"give at least one λ2 and one seed (got λ2 {lambda2s}, seeds {seeds})")
-    for m in methods:
-        if m not in METHODS:
-            raise unknown("study method", m, METHODS)
-    methods = list(dict.fromkeys([PLAIN, *methods]))
+    lambda2s, seeds, methods = _checked_grid(lambda2s, seeds, methods)
     root = workspace or Workspace(store, alpha, data)
     runs = [root.for_run(alpha=alpha, seed=s, variant=variant) for s in seeds]
     for ws in runs:
@@ -233,24 +222,51 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
         settings = StudySettings(alpha, check_scale("lambda1", lambda1), controls, curvature, ws.seed,
                                  curvature_settings=curvature_settings or CurvatureSettings(), variant=variant,
                                  max_acc_drop=max_acc_drop)
-        dkeys: dict = {}
-        keys = {p: {m: pair_key(store, p[0], p[1], settings.key_payload(m), ws.base_hash, dkeys) for m in methods}
-                for p in all_pairs}
+        keys = _run_seed(store, ws, settings, all_pairs, pairs, methods, lambda2s, domains, out_dir, path, done, progress)
         wanted |= {k for p in pairs for k in keys[p].values()}
         every |= {k for p in all_pairs for k in keys[p].values()}
-        if curvature:  # under torchrun each target's Hᵀ is built by one rank before the pairs are split
-            build_curvatures(Diagnostics(ws, settings=settings.curvature_settings, progress=progress,
-                                         data_parallel=False), domains)
-        _run_pairs(ws, pairs, {p: {m: k for m, k in keys[p].items() if m != RANKED} for p in pairs}, settings,
-                   lambda2s, domains, path, done, progress)
-        if RANKED in methods and any((keys[p][RANKED], lam) not in done for p in pairs for lam in lambda2s):
-            # second pass: the ranker learns the plain rows of every pair of the run
-            gains = ranked_gains(out_dir, path, {keys[p][PLAIN] for p in all_pairs}, len(all_pairs))
-            _run_pairs(ws, pairs, {p: {PLAIN: keys[p][PLAIN], RANKED: keys[p][RANKED]} for p in pairs}, settings,
-                       lambda2s, domains, path, done, progress, gains)
     if shard[1] > 1 and _merge_distributed(out_dir):  # rank 0 under torch.distributed: pairs.csv has every shard
         path, wanted = out_dir / PAIRS_FILE, every
     return _collect(out_dir, path, wanted, lambda2s)
+
+
+def _checked_grid(lambda2s, seeds, methods) -> tuple[list[float], list[int], list[str]]:
+    """The study's λ2s, seeds and methods, deduplicated in order (``plain`` first, always).
+
+    Raises:
+        DataError: no λ2 or no seed. UnknownNameError: a method not in :data:`METHODS`.
+    """
+    lambda2s = list(dict.fromkeys(lam_key(check_scale("lambda2", v)) for v in lambda2s))
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not lambda2s or not seeds:
+        raise DataError(f"give at least one λ2 and one seed (got λ2 {lambda2s}, seeds {seeds})")
+    for m in methods:
+        if m not in METHODS:
+            raise unknown("study method", m, METHODS)
+    return lambda2s, seeds, list(dict.fromkeys([PLAIN, *methods]))
+
+
+def _run_seed(store: Store, ws: Workspace, settings: StudySettings, all_pairs: list, pairs: list, methods: list[str],
+              lambda2s: list[float], domains: list[str], out_dir: Path, path: Path, done: set,
+              progress: bool) -> dict:
+    """One run (seed) of the study: its targets' Hᵀ, then the missing rows of this shard's pairs.
+
+    Returns every pair's ``pair_key`` per method (what the run's rows are keyed by).
+    """
+    dkeys: dict = {}
+    keys = {p: {m: pair_key(store, p[0], p[1], settings.key_payload(m), ws.base_hash, dkeys) for m in methods}
+            for p in all_pairs}
+    if settings.curvature:  # under torchrun each target's Hᵀ is built by one rank before the pairs are split
+        build_curvatures(Diagnostics(ws, settings=settings.curvature_settings, progress=progress,
+                                     data_parallel=False), domains)
+    _run_pairs(ws, pairs, {p: {m: k for m, k in keys[p].items() if m != RANKED} for p in pairs}, settings,
+               lambda2s, domains, path, done, progress)
+    if RANKED in methods and any((keys[p][RANKED], lam) not in done for p in pairs for lam in lambda2s):
+        # second pass: the ranker learns the plain rows of every pair of the run
+        gains = ranked_gains(out_dir, path, {keys[p][PLAIN] for p in all_pairs}, len(all_pairs))
+        _run_pairs(ws, pairs, {p: {PLAIN: keys[p][PLAIN], RANKED: keys[p][RANKED]} for p in pairs}, settings,
+                   lambda2s, domains, path, done, progress, gains)
+    return keys
 
 
 def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, lambda2s: list[float],

@@ -29,6 +29,7 @@ from diag.constants import (DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PA
 from diag.runtime.context import TargetSet, Workspace
 from diag.transfer.eq8 import evaluate_state, mean_scores, pair_seed, other_source, transferred_state
 from diag.transfer.metrics import METRICS, Scores, score
+from diag.transfer.methods import MIX_METHODS
 from diag.transfer.select import method_mixes, select_repair
 from train.errors import DataError
 from train.vectors import TaskVector, check_scale
@@ -273,7 +274,7 @@ def with_method(ws: Workspace, plain: TransferResult, method: str, curvature=Non
         state, summary = _repaired(ws, plain.source, target, ws.vector(plain.source, "star"), method, curvature,
                                    l1, lam, candidates, max_acc_drop, gains)
         return evaluate_state(ws, ws.target_set(target, "test"), state, "proposed"), summary
-    if method in ("mix", "mix-ranked"):
+    if method in MIX_METHODS:
         pool = tuple(sorted(d for d in candidates if d != target))
         how = tuple(sorted((gains or {}).items())) if method == "mix-ranked" else ()
         prop, summary = ws.cached(("repair-" + method, target, lam, l1, max_acc_drop, pool, how, *ws.run), make)
@@ -289,7 +290,7 @@ def _repaired(ws: Workspace, source: str, target: str, star_s: TaskVector, metho
               lambda1: float, lambda2: float, candidates: Sequence[str], max_acc_drop: float, gains=None):
     """(θ of the chosen repaired vector, summary) — every choice on the target's val split."""
     mixes = None  # an unknown method is refused by select_repair's candidates()
-    if method in ("mix", "mix-ranked"):
+    if method in MIX_METHODS:
         pool = [d for d in candidates if d != target and ws.has(d, "ftx")]
         if not pool:
             raise DataError(f"method '{method}' needs other domains with θ_ft* (pass --domains)")

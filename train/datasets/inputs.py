@@ -24,8 +24,8 @@ from train.datasets.domain import Domain
 from train.datasets.load import load_domain
 from train.errors import DataError
 
-if TYPE_CHECKING:  # pragma: no cover  (for typing only: deferred, the datasets never load the model code)
-    from train.backbones import BackboneConfig
+if TYPE_CHECKING:  # pragma: no cover
+    from train.backbones import BackboneConfig  # typing only, deferred: datasets never load the model code
 
 
 def domain_for(config: BackboneConfig, name: str, data: str | Path | None = None) -> Domain:
