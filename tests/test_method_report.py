@@ -70,9 +70,22 @@ def test_pareto_front_on_a_hand_made_frame():
 def test_tradeoff_frame_one_point_per_method_and_pair():
     frame = tradeoff_frame(_table(), 0.7)
     assert len(frame) == 36 and set(frame["method"]) == {"plain", "precondition", "mix"}
-    assert frame["pareto"].any()
-    best = frame.loc[frame["pareto"]]
-    assert (best["acc_norm"] >= 0.9).all()
+
+
+def test_tradeoff_frame_normalises_and_marks_the_known_front():
+    """Five (method, pair) points whose front is known by hand; a row at another λ2 is left out."""
+    points = {  # method: (accuracy, E-RMSE) against θ_ftᵀ's (0.5, 2.0)
+        "a": (0.50, 1.6), "b": (0.50, 1.8), "c": (0.45, 1.4), "d": (0.425, 1.5), "e": (0.525, 2.4)}
+    rows = [{"source": "s", "target": "t", "seed": 0, "variant": "paper", "alpha": 0.8, "lambda2": 0.7, "method": m,
+             "accuracy": acc, "accuracy_ft_target": 0.5, "ermse": e, "ermse_ft_target": 2.0}
+            for m, (acc, e) in points.items()]
+    rows.append({**rows[0], "lambda2": 1.0, "method": "a", "accuracy": 0.9, "ermse": 0.1})  # would dominate all
+    frame = tradeoff_frame(pd.DataFrame(rows), 0.7).set_index("method")
+    assert sorted(frame.index) == ["a", "b", "c", "d", "e"]
+    assert frame["acc_norm"].to_dict() == pytest.approx({"a": 1.0, "b": 1.0, "c": 0.9, "d": 0.85, "e": 1.05})
+    assert frame["ermse_norm"].to_dict() == pytest.approx({"a": 0.8, "b": 0.9, "c": 0.7, "d": 0.75, "e": 1.2})
+    # b is dominated by a (same accuracy, worse E-RMSE), d by c (lower accuracy, worse E-RMSE)
+    assert frame["pareto"].to_dict() == {"a": True, "b": False, "c": True, "d": False, "e": True}
 
 
 def test_study_with_two_methods_has_both_rows_per_pair():

@@ -23,7 +23,7 @@ from diag.transfer.blocks import (
 from diag.transfer.mixing import mix, universal, weighted_by_gain
 from diag.transfer.repair import card_diagonal, choose_k_by_share, flat_of, precondition, project, with_flat
 from diag.curvature.params import ParamLayout
-from train.errors import DataError
+from train.errors import DataError, UnknownNameError
 from train.vectors import TaskVector
 
 D = 12
@@ -295,26 +295,38 @@ def test_selection_never_reads_test_split(smoke, monkeypatch, method):
 
 
 def test_selection_rule_and_refusals(smoke):
+    from diag.runtime.context import Workspace
+    from diag.transfer.methods import RepairCurvature
+    from diag.transfer.select import _best, _mark_safe, select_repair
+
+    # the rule's branches on hand-made tables: the largest safe size (ties: the smaller predicted loss) ...
+    t = pd.DataFrame({"param": [0.4, 0.7, 1.0, 1.0], "size": [1.0, 2.0, 3.0, 3.0], "acc_drop": [0.01, 0.03, 0.02, 0.04],
+                      "predicted_loss_increase": [0.1, 0.2, 0.4, 0.3], "val_accuracy": [0.90, 0.88, 0.89, 0.87]})
+    assert _best(_mark_safe(t, by_param=False, budget=0.05)) == 3
+    assert _best(_mark_safe(t, by_param=False, budget=0.035)) == 1  # size 3's worse row (0.04) makes size 3 unsafe
+    # ... and with nothing safe, the best val accuracy (ties: the larger size)
+    none = _mark_safe(t.assign(acc_drop=0.5, val_accuracy=[0.5, 0.6, 0.6, 0.4]), by_param=False, budget=0.05)
+    assert not none["safe"].any() and _best(none) == 2
+    # the smoke store's real choice obeys the same rule, recomputed here from its table
     store, target, source, curv = smoke
     choice = _choose(store, target, source, curv, "plain", grid=(0.4, 0.7, 1.2))
-    t = choice.table
-    if choice.safe:
-        assert choice.candidate.size == pytest.approx(t[t["safe"]]["size"].max())
-        assert t[t["size"] <= choice.candidate.size]["keeps"].all()
+    table = choice.table.sort_values("size")
+    prefix_ok = (table["acc_drop"] <= choice.max_acc_drop + 1e-9).cummin()
+    if prefix_ok.any():
+        assert choice.safe and choice.candidate.size == pytest.approx(table[prefix_ok]["size"].max())
     else:
-        assert choice.val_accuracy == pytest.approx(t["val_accuracy"].max())
-    # plain's size is λ2·‖τ‖
-    from diag.runtime.context import Workspace
-
-    norm = Workspace(store).vector(source, "star").norm()
-    assert t["size"].tolist() == pytest.approx([lam * norm for lam in t["param"]], rel=1e-6)
-    from diag.transfer.methods import RepairCurvature
-    from diag.transfer.select import select_repair
-
+        assert not choice.safe and choice.val_accuracy == pytest.approx(table["val_accuracy"].max())
+    norm = Workspace(store).vector(source, "star").norm()  # plain's size is λ2·‖τ‖
+    assert choice.table["size"].tolist() == pytest.approx([lam * norm for lam in choice.table["param"]], rel=1e-6)
+    # refusals: curvature of another target, an unknown method, a budget outside [0, 1)
+    ws = Workspace(store)
     other = RepairCurvature(curv.layout, curv.diag, curv.card)
     with pytest.raises(DataError, match="built for 'gtsrb'"):
-        ws = Workspace(store)
         select_repair(ws, "animals", ws.vector(source, "star"), "precondition", other)
+    with pytest.raises(UnknownNameError, match="repair method"):
+        select_repair(ws, target, ws.vector(source, "star"), "sharpen", curv)
+    with pytest.raises(DataError, match="max_acc_drop"):
+        select_repair(ws, target, ws.vector(source, "star"), "plain", curv, max_acc_drop=1.0)
 
 
 def test_mixtures_exclude_the_target(smoke):
@@ -370,29 +382,45 @@ def test_candidates_predict_half_lambda_squared_risk_on_a_known_hessian():
 
 
 def test_tier1_recommendation_is_the_largest_safe_size_on_a_known_hessian():
-    """Tier 1 (a card only): drop(candidate) = drop(eq. 8 at 0.7)·½s²R(candidate)/(½·0.49·R(τ)); largest safe size wins."""
+    """Tier 1 (a card only): drop(candidate) = drop(eq. 8 at 0.7)·R(candidate)/R(τ); the largest safe size wins.
+
+    The expectation is computed here by hand from the card's matrix H₄ = Q₄ diag(l₄) Q₄ᵀ (no residual):
+    preconditioning τ_c = τ / (1 + c·h/h̄) with h = diag(H₄), projection τ_k = τ − Q_k Q_kᵀ τ; size
+    ratio ⟨τ', τ⟩/‖τ‖².
+    """
     from diag.decide.recommend import predicted_gain, recommend_predicted
-    from diag.transfer.methods import RepairCurvature, candidates
+    from diag.transfer.repair import PRECONDITION_GRID
 
     H, lam, Q = spd()
     layout = ParamLayout(("visual.proj", "visual.transformer.resblocks.0.mlp.c_fc.bias"), ((4,), (8,)))
     tau_flat = Q[:, 0] * 3.0 + vec() * 0.1  # most of τ along the most curved direction
     tv = TaskVector(layout.unflatten(tau_flat.clone()), "b0")
     card = HessianCard(lam[:4], Q[:, :4], torch.zeros(D, dtype=torch.float64), layout.names, layout.shapes)
-    curv = RepairCurvature.of(card)
-    ref = 0.5 * 0.49 * card.risk(tau_flat)
-    norm = float(tau_flat.norm())
+    H4 = Q[:, :4] @ torch.diag(lam[:4]) @ Q[:, :4].T
+    norm2 = float(tau_flat @ tau_flat)
+
+    def hand(vector):  # (size ratio, predicted drop) of adding ``vector`` at λ2 = 0.7
+        drop = 0.2 * float(vector @ H4 @ vector) / float(tau_flat @ H4 @ tau_flat)
+        return float(vector @ tau_flat) / norm2, drop
+
+    h = torch.diagonal(H4)
+    pre = [hand(tau_flat / (1 + c * h / h.mean())) for c in PRECONDITION_GRID]
+    proj = [hand(tau_flat - Q[:, :k] @ (Q[:, :k].T @ tau_flat)) for k in range(1, 5)]
     # eq. 8 at 0.7 drops 20 %: plain's quadratic λ2 is 0.7·√(0.05/0.2) = 0.35 < 0.4, no plain λ2 is safe
-    rec = recommend_predicted("s", 0.2, 0.05, norm, card, tv, ("plain", "precondition", "project"))
-    safe = [(c.size / (0.7 * norm), c.method) for m in ("precondition", "project")
-            for c in candidates(m, tv, curv, 0.7) if 0.2 * c.predicted_loss_increase / ref <= 0.05 + 1e-9]
-    assert safe and rec["safe"] and rec["method"] != "plain" and not rec["drop_measured"]
-    assert rec["size_ratio"] == pytest.approx(max(safe)[0]) and rec["method_acc_drop"] <= 0.05 + 1e-9
+    rec = recommend_predicted(0.2, 0.05, norm2 ** 0.5, card, tv, ("plain", "precondition"))
+    safe = [size for size, drop in pre if drop <= 0.05 + 1e-9]
+    assert safe and (rec["method"], rec["safe"], rec["drop_measured"]) == ("precondition", True, False)
+    assert rec["size_ratio"] == pytest.approx(max(safe), rel=1e-9)
+    rec = recommend_predicted(0.2, 0.05, norm2 ** 0.5, card, tv, ("plain", "project"))
+    k = int(rec["method_param"])
+    assert rec["method"] == "project" and rec["safe"] and proj[k - 1][1] <= 0.05 + 1e-9
+    assert rec["size_ratio"] == pytest.approx(proj[k - 1][0], rel=1e-9)
+    assert rec["size_ratio"] == pytest.approx(max(size for size, drop in proj if drop <= 0.05 + 1e-9), rel=1e-9)
     # nothing safe: plain's row, flagged, and it transfers no predicted gain
-    none = recommend_predicted("s", 50.0, 0.05, norm, card, tv, ("plain", "precondition"))
+    none = recommend_predicted(50.0, 0.05, norm2 ** 0.5, card, tv, ("plain", "precondition"))
     assert (none["method"], none["safe"]) == ("plain", False)
     assert predicted_gain(0.8, none["size_ratio"], 0.1, none["safe"]) == (0.0, 0.0)
     assert predicted_gain(0.8, 0.5, 0.1, True) == pytest.approx((0.1, 0.05))
     # tier 0: plain only, λ2 from the quadratic model
-    t0 = recommend_predicted("s", 0.02, 0.05, norm)
+    t0 = recommend_predicted(0.02, 0.05, norm2 ** 0.5)
     assert (t0["method"], float(t0["method_param"])) == ("plain", 1.1)  # 0.7·√(0.05/0.02) = 1.107 → 1.1

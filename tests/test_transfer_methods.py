@@ -32,3 +32,7 @@ def test_mix_method_scores_beside_plain_and_never_mixes_the_target(capsys):
         {k: v for k, v in plain_prop.items() if k != "model"}
     assert mixed["repair"]["predicted_loss_increase"] is None  # no curvature given: absent, not NaN
     assert 0 <= mixed["repair"]["val_accuracy"] <= 1
+    # the mix is the uniform mix of every other domain's τ*: the target's own τ* never enters it
+    parts = dict(p.split(":") for p in mixed["repair"]["vector"].removeprefix("mix of ").split(", "))
+    assert set(parts) == set(DOMAINS) - {"animals"}
+    assert all(abs(float(w) - 1 / len(parts)) < 1e-3 for w in parts.values())

@@ -270,7 +270,7 @@ def _recommend(diag: Diagnostics, cands: pd.DataFrame, target: str, tier: int, b
                                                allowed if curv is not None else ("plain",), lambda1)
         else:
             tau = diag.vector(s, "star")
-            rec = recommend.recommend_predicted(s, float(r["predicted_acc_drop"]), budget, tau.norm(), curv, tau,
+            rec = recommend.recommend_predicted(float(r["predicted_acc_drop"]), budget, tau.norm(), curv, tau,
                                                 allowed)
         gain, sd = recommend.predicted_gain(float(r["predicted_ermse_norm"]), rec["size_ratio"], residual_sd,
                                             rec["safe"])

@@ -81,12 +81,11 @@ def _best(rows: list[dict]) -> dict:
     return max(safe, key=lambda r: r["size_ratio"]) if safe else rows[0]
 
 
-def recommend_predicted(source: str, predicted_drop: float, budget: float, tau_norm: float,
+def recommend_predicted(predicted_drop: float, budget: float, tau_norm: float,
                         curvature=None, tau=None, methods: Sequence[str] = ("plain",)) -> dict:
     """Tier 0 / 1: the recommendation from the predicted drop at λ2 = 0.7 (no target image read).
 
     Args:
-        source: the source (for messages only).
         predicted_drop: predicted relative accuracy drop of plain eq. 8 at λ2 = 0.7.
         budget: accuracy-drop budget.
         tau_norm: ‖τ*ˢ‖.
