@@ -185,7 +185,7 @@ def run_similarity(args) -> int:
 # ------------------------------------------------------------------------------ study
 
 
-def _study_settings(args, ctx):
+def _study_settings(args):
 
     alpha = check_alpha(args.alpha)
     lambda1 = check_scale("lambda1", args.lambda1)
@@ -199,7 +199,7 @@ def _study_settings(args, ctx):
 def run_study_cmd(args) -> int:
 
     ctx = context_from(args)
-    alpha, lambda1, lambda2s, shard = _study_settings(args, ctx)
+    alpha, lambda1, lambda2s, shard = _study_settings(args)
     if args.ks_images < 1:
         raise DataError(f"--ks-images must be positive, got {args.ks_images}")
     domains = _domains(ctx, args.domains)

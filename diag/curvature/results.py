@@ -158,11 +158,6 @@ class DiagonalEstimate:
         """95 % confidence interval of the total."""
         return self.total_ci(0.95)
 
-    def as_trace(self) -> TraceEstimate:
-        """The total as a :class:`TraceEstimate`."""
-        return TraceEstimate(self.total, self.total_stderr, self.n_matvecs, self.method, self.n_probes,
-                             None, self.seed, self.converged, self.target_rel_stderr)
-
     def to_dict(self, arrays: bool = False) -> dict[str, Any]:
         """Flat row with summaries; ``arrays=True`` adds ``mean`` and ``stderr`` lists."""
         lo, hi = self.ci95()

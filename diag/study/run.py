@@ -37,7 +37,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from diag.constants import DEFAULT_MAX_ACC_DROP, LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2, RANDOM_DRAWS
+from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2, RANDOM_DRAWS
 from diag.decide.recommend import ranker_gains
 from diag.features.pair_features import CurvatureSettings, Diagnostics, pair_features
 from diag.runtime.context import Workspace
@@ -340,9 +340,3 @@ def _merge_distributed(out_dir: Path) -> bool:
         merge_shards(out_dir)
     dist.barrier()
     return rank == 0
-
-
-def lambda_sweep(store: Store, domains: Sequence[str], lambda2s: Sequence[float] = LAMBDA_GRID,
-                 **kwargs) -> pd.DataFrame:
-    """:func:`run_study` over the λ2 grid of Figure 3 (0.4 … 1.2); rows carry ``lambda2``."""
-    return run_study(store, domains, lambda2s=lambda2s, **kwargs)

@@ -271,7 +271,7 @@ def with_method(ws: Workspace, plain: TransferResult, method: str, curvature=Non
     lam, l1, target = plain.lambda2, plain.lambda1, plain.target
 
     def make():
-        state, summary = _repaired(ws, plain.source, target, ws.vector(plain.source, "star"), method, curvature,
+        state, summary = _repaired(ws, target, ws.vector(plain.source, "star"), method, curvature,
                                    l1, lam, candidates, max_acc_drop, gains)
         return evaluate_state(ws, ws.target_set(target, "test"), state, "proposed"), summary
     if method in MIX_METHODS:
@@ -286,7 +286,7 @@ def with_method(ws: Workspace, plain: TransferResult, method: str, curvature=Non
     return replace(plain, rows=rows, spread=dict(plain.spread), method=method, repair=dict(summary))
 
 
-def _repaired(ws: Workspace, source: str, target: str, star_s: TaskVector, method: str, curvature,
+def _repaired(ws: Workspace, target: str, star_s: TaskVector, method: str, curvature,
               lambda1: float, lambda2: float, candidates: Sequence[str], max_acc_drop: float, gains=None):
     """(θ of the chosen repaired vector, summary) — every choice on the target's val split."""
     mixes = None  # an unknown method is refused by select_repair's candidates()
