@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from train.errors import ArtifactError, BaseMismatchError, DataError, unknown
+from train.store import alpha_tag
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class VectorSpec:
     def explainability(cls, vectors_dir: str | Path, alpha: float = 0.8) -> "VectorSpec":
         """τ* of one domain of the store: ``<dir>/ftx-a<alpha>.safetensors`` − ``<dir>/ft.safetensors``."""
         d = Path(vectors_dir)
-        return cls(d / f"ftx-a{alpha:g}.safetensors", d / "ft.safetensors")
+        return cls(d / f"ftx-{alpha_tag(alpha)}.safetensors", d / "ft.safetensors")
 
     @property
     def files(self) -> tuple[Path, ...]:
