@@ -24,7 +24,7 @@ def test_probe_seed_is_its_own_flag_and_seed_names_it():
     assert _parse("spectrum", "--domain", "mnist").probe_seed == 0
     for command in (["hessian", "--domain", "mnist"], ["spectrum", "--domain", "mnist"],
                     ["card", "--target", "t", "--model", "m.safetensors", "--out", "c.safetensors"]):
-        with pytest.raises(_ArgumentError, match=r"--seed 5: .* has no training seed; .*--probe-seed"):
+        with pytest.raises(_ArgumentError, match=r"argument --seed: '5': .* has no training seed; .*--probe-seed"):
             _parse(*command, "--seed", "5")
 
 

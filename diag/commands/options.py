@@ -285,7 +285,7 @@ class _NoTrainSeed(argparse.Action):
     """``--seed`` on a command without a training seed: one clear error naming the seed it has."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"--seed {values}: `{parser.prog}` has no training seed; {self.help}")
+        raise argparse.ArgumentError(self, f"{values!r}: `{parser.prog}` has no training seed; {self.help}")
 
 
 def add_probe_seed(parser: argparse.ArgumentParser) -> None:
