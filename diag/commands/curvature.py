@@ -74,7 +74,7 @@ def register(sub) -> None:
     b.add_argument("--n-params", type=int, default=None, help="rank: synthetic size (default: the ViT-B/32 tower)")
     b.add_argument("--n-sources", type=int, default=8, help="rank: source vectors")
     b.add_argument("--k", type=int, default=2, help="rank: eigenpairs of the synthetic card (0: no card)")
-    b.add_argument("--quick", action="store_true", help="small models and batches, < 1 minute on 2 cores")
+    b.add_argument("--quick", action="store_true", help="small models and batches: a quick run on a CPU")
     b.add_argument("--repeats", type=REPEATS, default=None)
     b.add_argument("--json", action="store_true")
     b.add_argument("--probes", type=int_range(2, 100_000), default=None,

@@ -91,7 +91,7 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
 
 
 def _announce_first_build(ctx, domains: list[str], seeds: list[int]) -> None:
-    """On a store without θ_base, say once (stderr, before the progress bars) what is built and how long it takes."""
+    """On a store without θ_base, say once (stderr, before the progress bars) what is built and that it takes long."""
     if not getattr(ctx, "progress", False) or rank_and_world()[0] != 0:
         return
     store = ctx.store
@@ -99,11 +99,9 @@ def _announce_first_build(ctx, domains: list[str], seeds: list[int]) -> None:
         return
     cfg = ctx.zoo_config()
     base = "θ_base by contrastive pretraining" if not (cfg.checkpoint or cfg.pretrained) else "θ_base"
-    cost = (" — on a CPU the mini-suite's first build takes tens of minutes (the README gives a measured figure)"
-            if cfg.backbone == "tiny" and ctx.preset == "default" else "")
     print(f"tvdiag: first use of the store {store.folder}: building {base}, then θ_ft, φ and θ_ft* of "
-          f"{len(domains)} domain(s) for seed(s) {', '.join(map(str, seeds))}{cost}; an interrupted build resumes "
-          "where it stopped", file=sys.stderr, flush=True)
+          f"{len(domains)} domain(s) for seed(s) {', '.join(map(str, seeds))} — long on a CPU (the README gives "
+          "measured times); an interrupted build resumes where it stopped", file=sys.stderr, flush=True)
 
 
 def _pending(ctx, domains: Sequence[str], alphas, explain: bool, variants, seeds) -> list[str]:
