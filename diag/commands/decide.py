@@ -14,6 +14,7 @@ from diag.decide.ranking import evaluate_rankers, rank_cached, rank_for_target
 from diag.decide.rules import method_verdict, quadratic_loss_increase, screen_verdict
 from diag.features.pair_features import CurvatureSettings, Diagnostics
 from diag.study.parallel import complete_study
+from diag.study.run import StudySettings
 from diag.table import at_lambda, load_study, of_method, select_run
 from train.errors import TvdiagError
 from train.losses import check_alpha
@@ -84,8 +85,8 @@ def _study_table(ctx, args):
         run = select_run(load_study(args.study, lambda2=PAPER_LAMBDA2), getattr(args, "variant", None),
                          getattr(args, "train_seed", None))
         return store, ws, run
-    table = complete_study(ctx, domains, workspace=ws, alpha=args.alpha, out_dir=args.study,
-                           curvature_settings=_settings(args))
+    table = complete_study(ctx, domains, StudySettings(alpha=args.alpha, curvature_settings=_settings(args)),
+                           workspace=ws, out_dir=args.study)
     return store, ws, at_lambda(of_method(table))  # the predictor learns eq. 8's pairs
 
 

@@ -19,7 +19,7 @@ from diag.study.kernelshap_budget import kernelshap_budget, KS_BUDGETS, KS_FILE
 from diag.study.methods_report import method_report, tradeoff_frame
 from diag.study.parallel import complete_study
 from diag.study.report import study_report
-from diag.study.run import run_study
+from diag.study.run import run_study, StudySettings
 from diag.study.summary import figure2_frame, summarize
 from diag.table import (at_lambda, DEFAULT_STUDY, load_study, merge_shards, of_method, PAIRS_FILE, parse_shard,
                         select_run)
@@ -169,33 +169,31 @@ def run_similarity(args) -> int:
 # ------------------------------------------------------------------------------ study
 
 
-def _study_settings(args, ctx):
-
-    alpha = check_alpha(args.alpha)
-    lambda1 = check_scale("lambda1", args.lambda1)
-    lambda2s = [check_scale("lambda2", v) for v in (args.lambda2 or [PAPER_LAMBDA2])]
+def _study_settings(args) -> StudySettings:
+    """The science settings of ``diag study``'s command line."""
+    lambda2s = list(args.lambda2 or [PAPER_LAMBDA2])
     if args.lambda_grid:
         lambda2s = list(dict.fromkeys([*lambda2s, *LAMBDA_GRID]))
-    shard = parse_shard(args.shard) if args.shard else None
-    return alpha, lambda1, lambda2s, shard
+    return StudySettings(alpha=check_alpha(args.alpha), lambda1=args.lambda1, lambda2s=tuple(lambda2s),
+                         seeds=tuple(args.seeds), variant=args.variant, controls=not args.no_controls,
+                         curvature=not args.no_curvature, methods=tuple(args.methods))
 
 
 def run_study_cmd(args) -> int:
 
     ctx = context_from(args)
-    alpha, lambda1, lambda2s, shard = _study_settings(args, ctx)
+    settings = _study_settings(args)
+    shard = parse_shard(args.shard) if args.shard else None
+    alpha, lambda1, lambda2s, seeds = settings.alpha, settings.lambda1, list(settings.lambda2s), list(settings.seeds)
     if args.ks_images < 1:
         raise DataError(f"--ks-images must be positive, got {args.ks_images}")
     domains = _domains(ctx, args.domains)
-    seeds = list(dict.fromkeys(args.seeds))
     store = ctx.ensure(domains, (alpha,), variants=(args.variant,), seeds=tuple(seeds))
     out = Path(args.out) if args.out else store.study_dir(DEFAULT_STUDY)
     rank, world = rank_and_world()
     merged_rank0 = is_distributed() and world > 1 and rank == 0
     ws = ctx.workspace(alpha, seed=seeds[0], variant=args.variant)
-    df = complete_study(ctx, domains, workspace=ws, shard=shard, resume=not args.fresh, alpha=alpha,
-                        lambda1=lambda1, lambda2s=lambda2s, out_dir=out, curvature=not args.no_curvature,
-                        controls=not args.no_controls, seeds=seeds, variant=args.variant, methods=args.methods)
+    df = complete_study(ctx, domains, settings, workspace=ws, shard=shard, resume=not args.fresh, out_dir=out)
     shard = shard or (rank, world)  # what run_study used
     if is_distributed() and not merged_rank0:
         return 0  # under torchrun only rank 0 (which merged every shard) reports
@@ -313,8 +311,8 @@ def run_correlate(args) -> int:
     if merge_shards(out, write=False).empty and (args.study is None or args.extend):
         domains = _domains(ctx, args.domains)
         store = ctx.ensure(domains, (PAPER_ALPHA,))
-        run_study(store, domains, lambda2s=(lambda2,), out_dir=out, progress=ctx.progress, data=ctx.data,
-                  workspace=ctx.workspace())
+        run_study(store, domains, StudySettings(lambda2s=(lambda2,)), out_dir=out, progress=ctx.progress,
+                  data=ctx.data, workspace=ctx.workspace())
     df = at_lambda(select_run(load_study(out), args.variant, args.train_seed), lambda2)
     reports = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.bootstrap_seed)
     fig = figures.figure6(df, out / "figure6.png", reports=reports)
