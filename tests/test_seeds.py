@@ -107,7 +107,7 @@ def test_meanmap_control_image_specific_ermse_is_one(seeded):
 
 
 def test_transfer_json_equals_study_row_for_seed1_fromft(seeded, capsys):
-    """`diag transfer --seed 1 --variant from-ft --json` gives the study row's numbers, byte for byte."""
+    """`diag transfer --train-seed 1 --variant from-ft --json` gives the study row's numbers, byte for byte."""
     from diag.cli import main
     from diag.transfer.evaluate import CONTROL_RANDOM, METRICS, ROW_SUFFIX
 
@@ -115,7 +115,7 @@ def test_transfer_json_equals_study_row_for_seed1_fromft(seeded, capsys):
     source, target = DOMAINS[2], DOMAINS[0]
     capsys.readouterr()
     code = main(["transfer", "--store", str(store.root), "--preset", "smoke", "--quiet", "--source", source,
-                 "--target", target, "--lambda2", "0.4", "--seed", "1", "--variant", VARIANT,
+                 "--target", target, "--lambda2", "0.4", "--train-seed", "1", "--variant", VARIANT,
                  "--domains", *DOMAINS, "--json"])
     cap = capsys.readouterr()
     assert code == 0, cap.err
