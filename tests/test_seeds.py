@@ -60,7 +60,7 @@ def test_rows_per_seed_and_runs_differ(seeded):
 
 
 def test_report_mean_sd_equals_hand_computation(seeded):
-    from diag.study.summary import study_report
+    from diag.study.report import study_report
 
     _, _, df = seeded
     rep = study_report(df)
