@@ -55,12 +55,12 @@ def smoke_store():
 def smoke_study():
     """(store, study dir, table) of the study over :data:`DOMAINS` at :data:`LAMBDAS`, no curvature."""
     if "study" not in _CACHE:
-        from diag.study.run import run_study
+        from diag.study.run import run_study, StudySettings
 
         store = smoke_store()
         out = store.study_dir("allpairs")
         with one_thread():
-            df = run_study(store, DOMAINS, lambda2s=LAMBDAS, out_dir=out, curvature=False, progress=False)
+            df = run_study(store, DOMAINS, StudySettings(lambda2s=LAMBDAS, curvature=False), out_dir=out, progress=False)
         _CACHE["study"] = (store, out, df)
     return _CACHE["study"]
 
@@ -73,12 +73,12 @@ METHODS = ("plain", "mix")
 def smoke_method_study():
     """(store, study dir, table) of :data:`METHODS` over :data:`METHOD_DOMAINS` at λ2 = 0.7 (own folder)."""
     if "methods" not in _CACHE:
-        from diag.study.run import run_study
+        from diag.study.run import run_study, StudySettings
 
         store = smoke_store()
         out = store.study_dir("methods")
         with one_thread():
-            df = run_study(store, METHOD_DOMAINS, lambda2s=(0.7,), out_dir=out, curvature=False, progress=False,
-                           methods=METHODS)
+            df = run_study(store, METHOD_DOMAINS, StudySettings(lambda2s=(0.7,), curvature=False, methods=METHODS),
+                           out_dir=out, progress=False)
         _CACHE["methods"] = (store, out, df)
     return _CACHE["methods"]

@@ -42,13 +42,13 @@ def table(root):
     """The 4-domain study with curvature, as `rank-sources --study STUDY --extend` computes it."""
     from diag.constants import PAPER_LAMBDA2
     from diag.table import at_lambda
-    from diag.study.run import run_study
+    from diag.study.run import run_study, StudySettings
     from tests._smoke import smoke_store as st
     from train.zoo import Zoo, preset
 
     store = st()
     Zoo(store, preset("smoke"), progress=False).build(DOMAINS)
-    df = run_study(store, DOMAINS, out_dir=STUDY, curvature_settings=_settings(), progress=False)
+    df = run_study(store, DOMAINS, StudySettings(curvature_settings=_settings()), out_dir=STUDY, progress=False)
     return store, at_lambda(df, PAPER_LAMBDA2)
 
 

@@ -92,7 +92,7 @@ def test_study_with_two_methods_has_both_rows_per_pair():
     """The smoke study with eq. 8 and the universal mix: one row per (pair, method), plain's references shared."""
     from _smoke import METHOD_DOMAINS, smoke_method_study
     from diag.table import load_study
-    from diag.study.run import run_study
+    from diag.study.run import run_study, StudySettings
 
     store, out, df = smoke_method_study()
     assert sorted(df.groupby(["source", "target"])["method"].apply(sorted).map(tuple).unique()) == [("mix", "plain")]
@@ -103,8 +103,8 @@ def test_study_with_two_methods_has_both_rows_per_pair():
     assert mixed["ermse_plain"].equals(plain["ermse"])  # plain eq. 8 beside the method is plain's own row
     assert mixed["repair_choice"].eq("universal").all() and mixed["pair_key"].ne(plain["pair_key"]).all()
     assert len(load_study(out)) == len(plain) and len(load_study(out, method=None)) == len(df)
-    again = run_study(store, METHOD_DOMAINS, lambda2s=(0.7,), out_dir=out, curvature=False, progress=False,
-                      methods=("plain", "mix"))  # resumed: nothing recomputed, same rows
+    again = run_study(store, METHOD_DOMAINS, StudySettings(lambda2s=(0.7,), curvature=False, methods=("plain", "mix")),
+                      out_dir=out, progress=False)  # resumed: nothing recomputed, same rows
     assert again["seconds"].tolist() == df["seconds"].tolist()
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from diag.cli import build_parser
 from diag.decide.recommend import TIER_METHODS, tier_methods
-from diag.study.run import run_study
+from diag.study.run import StudySettings
 from diag.transfer.methods import CURVED_METHODS, METHODS, MIX_METHODS, REGISTRY, TIERS, candidates
 from train.errors import UnknownNameError
 
@@ -39,6 +39,6 @@ def test_unknown_methods_are_refused_everywhere():
     with pytest.raises(UnknownNameError, match="repair method"):
         candidates("sharpen", None, None)
     with pytest.raises(UnknownNameError, match="study method"):
-        run_study(None, ["a", "b"], methods=["sharpen"])
+        StudySettings(methods=("sharpen",))
     with pytest.raises(UnknownNameError, match="recommendation method"):
         tier_methods(2, ["sharpen"])

@@ -159,14 +159,15 @@ def test_study_mix_ranked_is_a_second_pass_over_the_plain_rows(tmp_path):
     positive, and the zero vector (θ_ftᵀ, 'transfer nothing') otherwise.
     """
     from _smoke import METHOD_DOMAINS, one_thread, smoke_method_study
-    from diag.study.run import run_study
+    from diag.study.run import run_study, StudySettings
 
     store, shared, df = smoke_method_study()
     out = tmp_path / "methods"  # a copy: the shared study keeps its two methods for the other tests
     shutil.copytree(shared, out)
     with one_thread():
-        again = run_study(store, METHOD_DOMAINS, lambda2s=(0.7,), out_dir=out, curvature=False, progress=False,
-                          methods=("plain", "mix", "mix-ranked"))
+        again = run_study(store, METHOD_DOMAINS, StudySettings(lambda2s=(0.7,), curvature=False,
+                                                        methods=("plain", "mix", "mix-ranked")),
+                          out_dir=out, progress=False)
     old = again[again["method"] != "mix-ranked"].sort_values(["source", "target", "method"])
     assert old["seconds"].tolist() == df.sort_values(["source", "target", "method"])["seconds"].tolist()
     ranked = again[again["method"] == "mix-ranked"].set_index(["source", "target"]).sort_index()

@@ -29,15 +29,15 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory):
     """(store, study folder, table) of a from-ft study over seeds 0 and 1 at λ2 0.4 and 0.7."""
-    from diag.study.run import run_study
+    from diag.study.run import run_study, StudySettings
     from train.zoo import Zoo, preset
 
     store = smoke_store()
     for s in SEEDS:
         Zoo(store, replace(preset("smoke"), seed=s), progress=False).build(DOMAINS, variants=(VARIANT,))
     out = tmp_path_factory.mktemp("seeded-study")
-    df = run_study(store, DOMAINS, lambda2s=LAMS, out_dir=out, curvature=False, progress=False, seeds=SEEDS,
-                   variant=VARIANT)
+    df = run_study(store, DOMAINS, StudySettings(lambda2s=LAMS, curvature=False, seeds=SEEDS, variant=VARIANT),
+                   out_dir=out, progress=False)
     return store, out, df
 
 
@@ -107,7 +107,7 @@ def test_meanmap_control_image_specific_ermse_is_one(seeded):
 
 
 def test_transfer_json_equals_study_row_for_seed1_fromft(seeded, capsys):
-    """`diag transfer --seed 1 --variant from-ft --json` gives the study row's numbers, byte for byte."""
+    """`diag transfer --train-seed 1 --variant from-ft --json` gives the study row's numbers, byte for byte."""
     from diag.cli import main
     from diag.transfer.evaluate import CONTROL_RANDOM, METRICS, ROW_SUFFIX
 
@@ -115,7 +115,7 @@ def test_transfer_json_equals_study_row_for_seed1_fromft(seeded, capsys):
     source, target = DOMAINS[2], DOMAINS[0]
     capsys.readouterr()
     code = main(["transfer", "--store", str(store.root), "--preset", "smoke", "--quiet", "--source", source,
-                 "--target", target, "--lambda2", "0.4", "--seed", "1", "--variant", VARIANT,
+                 "--target", target, "--lambda2", "0.4", "--train-seed", "1", "--variant", VARIANT,
                  "--domains", *DOMAINS, "--json"])
     cap = capsys.readouterr()
     assert code == 0, cap.err
@@ -133,12 +133,12 @@ def test_transfer_json_equals_study_row_for_seed1_fromft(seeded, capsys):
 def test_resume_is_per_run(seeded):
     """A rerun computes nothing; a new seed list only adds the missing run's rows."""
     from diag.table import read_table
-    from diag.study.run import run_study
+    from diag.study.run import run_study, StudySettings
 
     store, out, df = seeded
     before = (out / "pairs.csv").read_bytes()
-    again = run_study(store, DOMAINS, lambda2s=LAMS, out_dir=out, curvature=False, progress=False, seeds=(1,),
-                      variant=VARIANT)
+    again = run_study(store, DOMAINS, StudySettings(lambda2s=LAMS, curvature=False, seeds=(1,), variant=VARIANT),
+                      out_dir=out, progress=False)
     assert (out / "pairs.csv").read_bytes() == before and len(again) == len(df) // 2
     assert len(read_table(out / "pairs.csv")) == len(df)
 

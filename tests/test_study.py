@@ -130,7 +130,7 @@ def test_cosines_and_norms_match_dense_float64(study):
 
 def test_resume_skips_done_pairs_and_fills_gaps(study, tmp_path):
     from diag.table import read_table, write_table
-    from diag.study.run import run_study
+    from diag.study.run import run_study, StudySettings
 
     store, out, df = study
     work = tmp_path / "study"
@@ -142,14 +142,15 @@ def test_resume_skips_done_pairs_and_fills_gaps(study, tmp_path):
     table.loc[tampered, "ermse"] = 99.0  # a skipped pair keeps what is on disk
     table = table[~((table["source"] == s1) & (table["target"] == t1))]  # a "killed" pair is recomputed
     write_table(table, work / "pairs.csv")
-    again = run_study(store, DOMAINS, lambda2s=LAMBDAS, out_dir=work, curvature=False, progress=False)
+    again = run_study(store, DOMAINS, StudySettings(lambda2s=LAMBDAS, curvature=False), out_dir=work, progress=False)
     assert len(again) == len(df)
     assert (again.loc[(again["source"] == s0) & (again["target"] == t0), "ermse"] == 99.0).all()
     for lam in LAMBDAS:
         assert _row(again, s1, t1, lam)["ermse"] == pytest.approx(_row(df, s1, t1, lam)["ermse"], rel=1e-12)
     assert len(pd.read_csv(work / "pairs.csv")) == len(df)
     # other settings are other rows, not a skip; load_study shows each pair once (the latest)
-    run_study(store, DOMAINS[:2], lambda2s=(0.7,), out_dir=work, curvature=False, controls=False, progress=False)
+    run_study(store, DOMAINS[:2], StudySettings(lambda2s=(0.7,), curvature=False, controls=False), out_dir=work,
+              progress=False)
     assert len(pd.read_csv(work / "pairs.csv")) == len(df) + 2
     from diag.table import load_study
 
@@ -159,11 +160,11 @@ def test_resume_skips_done_pairs_and_fills_gaps(study, tmp_path):
 
 def test_shards_partition_pairs_and_merge(study, tmp_path, monkeypatch):
     from diag.table import default_shard, load_study, merge_shards, parse_shard
-    from diag.study.run import run_study
+    from diag.study.run import run_study, StudySettings
 
     store, _, df = study
-    parts = [run_study(store, DOMAINS, lambda2s=(0.7,), out_dir=tmp_path, shard=(i, 2), curvature=False,
-                       controls=False, progress=False) for i in range(2)]
+    parts = [run_study(store, DOMAINS, StudySettings(lambda2s=(0.7,), curvature=False, controls=False),
+                       out_dir=tmp_path, shard=(i, 2), progress=False) for i in range(2)]
     assert (tmp_path / "pairs-shard0of2.csv").is_file() and (tmp_path / "pairs-shard1of2.csv").is_file()
     keys = [set(zip(p["source"], p["target"])) for p in parts]
     assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == len(DOMAINS) * (len(DOMAINS) - 1)
@@ -180,6 +181,26 @@ def test_shards_partition_pairs_and_merge(study, tmp_path, monkeypatch):
     for bad in ("4/4", "x", "-1/2"):
         with pytest.raises(TvdiagError):
             parse_shard(bad)
+
+
+def test_study_settings_normalise_and_key_runs():
+    """The settings object run_study takes: λ2s rounded and deduplicated, seeds deduplicated, plain first;
+    a run's pair_key payload names its training seed and, for another method, that method and budget."""
+    from diag.study.run import StudySettings
+    from train.errors import DataError, TvdiagError
+
+    s = StudySettings(lambda2s=(0.7, 0.70000001, 0.4), seeds=(1, 1, 0), methods=("mix", "plain"))
+    assert s.lambda2s == (0.7, 0.4) and s.seeds == (1, 0) and s.methods == ("plain", "mix")
+    plain = s.key_payload(1)
+    assert plain == {"alpha": 0.8, "lambda1": 1.0, "controls": True, "curvature": True, "seed": 1, "n_random": 5,
+                     "variant": "paper", "curvature_settings": plain["curvature_settings"]}
+    assert s.key_payload(0, "mix") == {**s.key_payload(0), "method": "mix", "max_acc_drop": 0.05}
+    with pytest.raises(DataError):
+        StudySettings(lambda2s=())
+    with pytest.raises(DataError):
+        StudySettings(seeds=())
+    with pytest.raises(TvdiagError, match="mixx"):
+        StudySettings(methods=("mixx",))
 
 
 def test_summary_counts_handmade():
@@ -329,7 +350,7 @@ def _damaged(out, tmp_path, how):
 @pytest.mark.parametrize("how", ["truncated", "edited", "half-row", "columns", "nan", "check"])
 def test_damaged_table_is_refused_and_never_extended(study, tmp_path, how):
     from diag.table import load_study
-    from diag.study.run import run_study
+    from diag.study.run import run_study, StudySettings
     from train.errors import ArtifactError
 
     store, out, _ = study
@@ -338,7 +359,7 @@ def test_damaged_table_is_refused_and_never_extended(study, tmp_path, how):
     with pytest.raises(ArtifactError, match="pairs.csv"):
         load_study(work)
     with pytest.raises(ArtifactError, match="pairs.csv"):
-        run_study(store, DOMAINS, lambda2s=(0.4,), out_dir=work, curvature=False, progress=False)
+        run_study(store, DOMAINS, StudySettings(lambda2s=(0.4,), curvature=False), out_dir=work, progress=False)
     assert path.read_bytes() == before
 
 

@@ -6,9 +6,9 @@ import json
 
 from diag.bench.curvature import bench_main, BENCH_MODELS
 from diag.bench.ranking import bench_rank
-from diag.commands.options import (add_common, add_probe_seed, ALPHA, BATCH, check_finite_result, CHECK_T, context_from, domain_name,
-                                   emit_json, finite_float, int_range, ITERS, K, LAMBDA, N_IMAGES, PROBES, REPEATS,
-                                   writable_file)
+from diag.commands.options import (add_alpha_option, add_common, add_curvature_options, add_lambda_options,
+                                   add_probe_seed_option, check_finite_result, CHECK_T, context_from, domain_name,
+                                   emit_json, finite_float, int_range, ITERS, K, PROBES, REPEATS, writable_file)
 from diag.curvature.backends import pyhessian_trace_and_top_eig
 from diag.curvature.hutchinson import hutchinson_diagonal, hutchinson_trace
 from diag.curvature.hutchpp import hutchpp_trace
@@ -21,13 +21,14 @@ from train.losses import check_alpha
 from train.tensorio import save_tensors
 
 
-def _curvature_options(p) -> None:
-    p.add_argument("--n-images", type=N_IMAGES, default=256, help="target images the Hessian averages over")
-    p.add_argument("--batch-size", type=BATCH, default=128)
+def _curvature_options(p, card: bool = False) -> None:
+    """What every curvature command shares: the data of the Hessian, its engine, the probe seed and α
+    (``card``: also ``--probes`` and ``--k`` of the Hessian card, as ``rank-sources`` and ``card`` have them)."""
+    add_curvature_options(p, card=card, n_images_help="target images the Hessian averages over")
     p.add_argument("--params", nargs="*", default=None, help="parameter name globs, e.g. 'visual.transformer.resblocks.3.*'")
     p.add_argument("--engine", default="auto", choices=("auto", "fwd-rev", "double-backward"))
-    add_probe_seed(p)
-    p.add_argument("--alpha", type=ALPHA, default=0.8)
+    add_probe_seed_option(p)
+    add_alpha_option(p)
 
 
 def register(sub) -> None:
@@ -39,7 +40,7 @@ def register(sub) -> None:
     h.add_argument("--rel-stderr", type=finite_float(0.0, 1.0, lo_open=True), default=None,
                    help="stop once the relative standard error is below this")
     h.add_argument("--max-probes", type=int_range(2, 100_000), default=200)
-    h.add_argument("--k", type=K, default=8, help="eigenpairs on the card")
+    h.add_argument("--k", type=K, default=CurvatureSettings.k, help="eigenpairs on the card")
     h.add_argument("--resume", action="store_true", help="checkpoint running sums and resume a killed run")
     h.add_argument("--backend", choices=("ours", "pyhessian"), default="ours",
                    help="pyhessian: also run PyHessian's trace/top eigenvalue on the first batch, side by side")
@@ -61,12 +62,10 @@ def register(sub) -> None:
     add_common(r)
     r.add_argument("--source", required=True, type=domain_name)
     r.add_argument("--target", required=True, type=domain_name)
-    r.add_argument("--probes", type=PROBES, default=24, help="Hutchinson probes of diag(Hᵀ)")
-    r.add_argument("--k", type=K, default=8)
-    r.add_argument("--lambda2", type=LAMBDA, default=0.7)
+    add_lambda_options(r, lambda1=False)
     r.add_argument("--check", nargs="*", type=CHECK_T, default=[0.25, 0.5, 0.7, 1.0],
                    help="t values of the quadratic-model check L(θ+tτ)−L(θ) vs t·gᵀτ + ½t²R")
-    _curvature_options(r)
+    _curvature_options(r, card=True)
     r.set_defaults(func=run_risk)
 
     b = sub.add_parser("bench", help="benchmarks: `diag bench curvature`, `diag bench rank`")
@@ -89,7 +88,7 @@ def _diagnostics(args, ctx, domains, explain):
     ctx.ensure(domains, (args.alpha,), explain=explain)
     settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, seed=args.probe_seed,
                                  engine=args.engine, params=tuple(args.params) if args.params else None,
-                                 probes=getattr(args, "probes", None) or 24, k=getattr(args, "k", 8))
+                                 probes=getattr(args, "probes", None) or CurvatureSettings.probes, k=args.k)
     return Diagnostics(ctx.workspace(args.alpha), settings=settings, progress=ctx.progress)
 
 
@@ -120,7 +119,7 @@ def run_hessian(args) -> int:
 
 def _settings_key(args) -> dict:
     """What a Hutchinson run's result depends on (keys its files in the store)."""
-    return {"what": args.what, "probe_seed": args.probe_seed, "n_images": args.n_images, "probes": args.probes,
+    return {"what": args.what, "seed": args.probe_seed, "n_images": args.n_images, "probes": args.probes,
             "rel_stderr": args.rel_stderr, "max_probes": args.max_probes,
             "params": list(args.params) if args.params else None}
 
@@ -142,7 +141,7 @@ def _hessian_estimates(args, ctx, diag, domain: str, op) -> dict:
     est = hutchinson_diagonal(op, **kwargs)
     path = diag.store.curvature_path(domain, "diag-hutchinson", {**_settings_key(args), "n_probes": est.n_probes})
     save_tensors(path, {"diag": est.mean, "stderr": est.stderr},
-                 {"domain": domain, "probes": est.n_probes, "seed": args.probe_seed, "total": est.total,
+                 {"domain": domain, "probes": est.n_probes, "probe_seed": args.probe_seed, "total": est.total,
                   "total_stderr": est.total_stderr, "base_hash": diag.base_hash})
     out["diag"] = est.to_dict()
     out["path"] = str(path)

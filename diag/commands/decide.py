@@ -6,29 +6,28 @@ import math
 from pathlib import Path
 
 from diag.commands.openworld import run_rank_folder
-from diag.commands.options import (add_common, ALPHA, context_from, domain_name, emit_json, folder_path, FRACTION, K,
-                                   LAMBDA, N_IMAGES, N_RESAMPLE, PROBES, seed)
-from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA2
-from diag.decide.recommend import TIER_METHODS
+from diag.commands.options import (add_alpha_option, add_budget_option, add_common, add_curvature_options,
+                                   add_domains_option, add_lambda_options, add_study_option, add_train_seed_option,
+                                   add_variant_option, context_from, domain_name, emit_json, FRACTION, N_RESAMPLE)
+from diag.constants import PAPER_LAMBDA2
 from diag.decide.ranking import evaluate_rankers, rank_cached, rank_for_target
+from diag.decide.recommend import TIER_METHODS
 from diag.decide.rules import method_verdict, quadratic_loss_increase, screen_verdict
 from diag.features.pair_features import CurvatureSettings, Diagnostics
 from diag.study.parallel import complete_study
+from diag.study.run import StudySettings
 from diag.table import at_lambda, load_study, of_method, select_run
 from train.errors import TvdiagError
 from train.losses import check_alpha
-from train.store import VARIANTS
 from train.vectors import check_scale
 
 
 def _suite_options(p) -> None:
-    p.add_argument("--domains", nargs="*", default=None, type=domain_name,
-                   help="the suite of known domains the ranker learns from (default: the mini-suite + --data)")
-    p.add_argument("--n-images", type=N_IMAGES, default=256, help="target images of Hᵀ")
-    p.add_argument("--probes", type=PROBES, default=24, help="Hutchinson probes of diag(Hᵀ)")
-    p.add_argument("--k", type=K, default=8, help="eigenpairs of the Hessian card")
-    p.add_argument("--study", default=None, type=folder_path,
-                   help="study folder of the known pairs, read only (default: the store's 'allpairs', run on demand)")
+    add_domains_option(p, help="the suite of known domains the ranker learns from (default: the mini-suite + --data)")
+    add_curvature_options(p, batch_size=False, n_images_help="target images of Hᵀ",
+                          k_help="eigenpairs of the Hessian card")
+    add_study_option(p, help="study folder of the known pairs, read only (default: the store's 'allpairs', run on "
+                             "demand)")
     p.add_argument("--extend", action="store_true", help="compute missing pairs into --study instead of only reading it")
 
 
@@ -43,16 +42,14 @@ def register(sub) -> None:
     r.add_argument("--target", required=False, type=domain_name)
     r.add_argument("--tier", default="auto", choices=("auto", "0", "1", "2"),
                    help="0: weights only; 1: + the target's Hessian card; 2: + labelled target images (auto: highest available)")
-    r.add_argument("--max-acc-drop", type=FRACTION, default=DEFAULT_MAX_ACC_DROP,
-                   help="accuracy-drop budget relative to θ_ftᵀ")
-    r.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
+    add_budget_option(r, help="accuracy-drop budget relative to θ_ftᵀ")
+    add_alpha_option(r)
     r.add_argument("--model", default="ridge", choices=("ridge", "gbr"))
     r.add_argument("--evaluate", action="store_true", help="leave-one-target-out evaluation of the rankers")
     r.add_argument("--n-boot", type=N_RESAMPLE, default=1000)
-    r.add_argument("--variant", choices=VARIANTS, default=None,
-                   help="--evaluate with --study: the θ_ft* variant of the rows (default paper)")
-    r.add_argument("--train-seed", type=seed, default=None,
-                   help="--evaluate with --study: the training seed of the rows (default the smallest)")
+    add_variant_option(r, default=None, help="--evaluate with --study: the θ_ft* variant of the rows (default paper)")
+    add_train_seed_option(r, default=None, alias=False,
+                          help="--evaluate with --study: the training seed of the rows (default the smallest)")
     r.add_argument("--target-model", type=Path, default=None,
                    help="open world: the target's θ_ft checkpoint (no target images; tier 0, or 1 with --card)")
     r.add_argument("--card", type=Path, default=None, help="open world: the target's Hessian card (diag card)")
@@ -68,9 +65,9 @@ def register(sub) -> None:
     add_common(s)
     s.add_argument("--source", required=True, type=domain_name)
     s.add_argument("--target", required=True, type=domain_name)
-    s.add_argument("--lambda2", type=LAMBDA, default=PAPER_LAMBDA2)
-    s.add_argument("--max-acc-drop", type=FRACTION, default=DEFAULT_MAX_ACC_DROP)
-    s.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
+    add_lambda_options(s, lambda1=False)
+    add_budget_option(s)
+    add_alpha_option(s)
     _suite_options(s)
     s.set_defaults(func=run_screen)
 
@@ -89,8 +86,8 @@ def _study_table(ctx, args):
         run = select_run(load_study(args.study, lambda2=PAPER_LAMBDA2), getattr(args, "variant", None),
                          getattr(args, "train_seed", None))
         return store, ws, run
-    table = complete_study(ctx, domains, workspace=ws, alpha=args.alpha, out_dir=args.study,
-                           curvature_settings=_settings(args))
+    table = complete_study(ctx, domains, StudySettings(alpha=args.alpha, curvature_settings=_settings(args)),
+                           workspace=ws, out_dir=args.study)
     return store, ws, at_lambda(of_method(table))  # the predictor learns eq. 8's pairs
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diag.commands.options import (add_common, add_probe_seed, add_train_seed, ALPHA, BATCH, context_from, domain_name, emit_json, K, N_IMAGES,
-                                   PROBES, writable_file)
-from diag.constants import PAPER_ALPHA
+from diag.commands.options import (add_alpha_option, add_common, add_curvature_options, add_probe_seed_option,
+                                   add_train_seed_option, add_variant_option, context_from, domain_name, emit_json, K,
+                                   writable_file)
 from diag.features.mapped import skip_exit_collection
 from diag.features.pair_features import CurvatureSettings
 from diag.openworld import build_target_card, rank_folder, RankInputs
@@ -27,9 +27,9 @@ def register(sub) -> None:
                    help="base: check θ_base; ft: θ_ft; ftx: θ_ft*; star: a bare explainability vector τ*")
     i.add_argument("--domain", type=domain_name, default=None, help="the domain the weights belong to (not for base)")
     i.add_argument("--input", required=True, type=Path, help="the checkpoint (.safetensors, or .pt/.bin state dict)")
-    i.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA, help="α of θ_ft* (ftx, star)")
-    i.add_argument("--variant", default="paper", choices=("paper", "from-ft"))
-    add_train_seed(i, help="training seed folder of the imported vector")
+    add_alpha_option(i, help="α of θ_ft* (ftx, star)")
+    add_variant_option(i, help=None)
+    add_train_seed_option(i, help="training seed folder")
     i.add_argument("--from-base", type=Path, default=None,
                    help="the base checkpoint the weights were fine-tuned from (checked against the store's by hash)")
     i.set_defaults(func=run_import)
@@ -39,14 +39,11 @@ def register(sub) -> None:
     c.add_argument("--target", required=True, type=domain_name)
     c.add_argument("--model", required=True, type=Path, help="θ_ftᵀ: an open_clip checkpoint fine-tuned from the base")
     c.add_argument("--out", required=True, type=writable_file, help="the card (.safetensors)")
-    c.add_argument("--n-images", type=N_IMAGES, default=256)
-    c.add_argument("--batch-size", type=BATCH, default=128)
-    c.add_argument("--probes", type=PROBES, default=24, help="Hutchinson probes of diag(Hᵀ)")
-    c.add_argument("--k", type=K, default=8, help="top eigenpairs")
+    add_curvature_options(c, k_help="top eigenpairs")
     c.add_argument("--lanczos-iters", type=K, default=None,
                    help="Krylov dimension of the eigenpairs (default max(4k, 40); its basis holds that many "
                         "float64 copies of θ: fewer for a large model on a small machine, at some accuracy)")
-    add_probe_seed(c)
+    add_probe_seed_option(c)
     c.add_argument("--split", default="train", choices=("train", "val"))
     c.set_defaults(func=run_card)
 
@@ -123,7 +120,7 @@ def run_card(args) -> int:
         raise TvdiagError(f"--lanczos-iters {args.lanczos_iters} is below --k {args.k}: the Krylov space must hold "
                           "the k eigenvectors")
     settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, probes=args.probes, k=args.k,
-                            seed=args.probe_seed, split=args.split)
+                                 seed=args.probe_seed, split=args.split)
     card, est = build_target_card(ctx.store, args.target, args.model, (ctx.data or {}).get(args.target), settings,
                                   progress=ctx.progress, device=ctx.device, lanczos_iters=args.lanczos_iters)
     card.save(args.out, extra={"hessian_diag": est.mean.double(), "hessian_diag_stderr": est.stderr.double()})

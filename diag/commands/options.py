@@ -1,6 +1,13 @@
 """Command-line options: validators of values (argparse ``type=`` functions), the options every
 subcommand shares (:func:`add_common`) and the :class:`~diag.runtime.context.Context` they make
-(:func:`context_from`), and the one strict JSON printer.
+(:func:`context_from`), the option blocks several subcommands add (``add_*_option(s)``: each
+written once, its default read from :mod:`diag.constants` or
+:class:`~diag.features.pair_features.CurvatureSettings`), and the one strict JSON printer.
+
+Three seeds are named apart: ``--train-seed`` / ``--seeds`` (the zoo's training seeds: θ_ft, φ,
+θ_ft* and the controls), ``--probe-seed`` (Hutchinson, Hutch++ and Lanczos probes) and
+``--bootstrap-seed`` (bootstrap resamples and permutations). Where ``--seed`` once meant a probe
+or bootstrap seed it is refused with one line naming the new option.
 
 Every numeric option is checked at the boundary: finite and in its range, so a value such
 as ``--lambda2 nan`` or ``--k 0`` is one clear line and exit code 2 instead of a traceback
@@ -17,13 +24,15 @@ import os
 import sys
 from pathlib import Path
 
+from diag.constants import DEFAULT_MAX_ACC_DROP, LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
+from diag.features.pair_features import CurvatureSettings
 from diag.runtime.context import Context
 from diag.runtime.distributed import is_distributed
 from diag.runtime.shards import shared_start_time
 from diag.runtime.workers import parse_workers
 from train.devices import DEVICE_CHOICES
 from train.errors import TvdiagError
-from train.store import check_name, default_root
+from train.store import check_name, default_root, VARIANTS
 from train.tensorio import check_writable
 
 SEED_MAX = 2 ** 63
@@ -214,6 +223,109 @@ N_RESAMPLE = positive_int(10_000_000)       # --n-boot, --n-perm
 REPEATS = positive_int(1_000)
 
 
+_CURVATURE = CurvatureSettings()  # the defaults of how Hᵀ is estimated
+
+
+def add_lambda_options(parser: argparse.ArgumentParser, *, lambda1: bool = True, repeatable: bool = False) -> None:
+    """``--lambda1`` (scale of τ_ftᵀ) and ``--lambda2`` (scale of τ*ˢ) of eq. 8, at the paper's defaults.
+
+    Args:
+        lambda1: also add ``--lambda1``.
+        repeatable: ``--lambda2`` may repeat (``args.lambda2`` is None when not given) and
+            ``--lambda-grid`` adds Figure 3's grid.
+    """
+    if lambda1:
+        parser.add_argument("--lambda1", type=LAMBDA, default=PAPER_LAMBDA1)
+    if repeatable:
+        parser.add_argument("--lambda2", type=LAMBDA, action="append", default=None,
+                            help=f"λ2 (repeatable; default {PAPER_LAMBDA2:g})")
+        parser.add_argument("--lambda-grid", action="store_true",
+                            help=f"also λ2 = {LAMBDA_GRID[0]:g} … {LAMBDA_GRID[-1]:g} (Figure 3)")
+    else:
+        parser.add_argument("--lambda2", type=LAMBDA, default=PAPER_LAMBDA2)
+
+
+def add_alpha_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """``--alpha``: α of θ_ft* (L_α = α·L_cls + (1 − α)·L_exp, eq. 4), default the paper's."""
+    parser.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA, help=help)
+
+
+def add_budget_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """``--max-acc-drop``: the accuracy budget of λ2 and method choices, relative to θ_ftᵀ."""
+    parser.add_argument("--max-acc-drop", type=FRACTION, default=DEFAULT_MAX_ACC_DROP, help=help)
+
+
+def add_domains_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """``--domains``: a list of domain names (``args.domains`` is None when not given)."""
+    parser.add_argument("--domains", nargs="*", default=None, type=domain_name, help=help)
+
+
+def add_variant_option(parser: argparse.ArgumentParser, default: str | None = "paper",
+                       help: str = "θ_ft* variant (default paper)") -> None:
+    """``--variant``: the θ_ft* variant of a run (:data:`train.store.VARIANTS`)."""
+    parser.add_argument("--variant", choices=VARIANTS, default=default, help=help)
+
+
+def add_study_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--study``: a study folder (``args.study`` is None when not given)."""
+    parser.add_argument("--study", default=None, type=folder_path, help=help)
+
+
+def add_curvature_options(parser: argparse.ArgumentParser, *, batch_size: bool = True, card: bool = True,
+                          n_images_help: str | None = None, k_help: str | None = None) -> None:
+    """How Hᵀ is estimated, at :class:`CurvatureSettings`' defaults: ``--n-images`` (and ``--batch-size``),
+    with ``card`` also ``--probes`` (Hutchinson probes of diag(Hᵀ)) and ``--k`` (the card's eigenpairs)."""
+    parser.add_argument("--n-images", type=N_IMAGES, default=_CURVATURE.n_images, help=n_images_help)
+    if batch_size:
+        parser.add_argument("--batch-size", type=BATCH, default=_CURVATURE.batch_size)
+    if card:
+        parser.add_argument("--probes", type=PROBES, default=_CURVATURE.probes, help="Hutchinson probes of diag(Hᵀ)")
+        parser.add_argument("--k", type=K, default=_CURVATURE.k, help=k_help)
+
+
+class _Renamed(argparse.Action):
+    """An option that no longer exists here: using it is one line naming what replaced it."""
+
+    def __init__(self, option_strings, dest, *, message: str, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not an option of this command: {self.message}")
+
+
+def _refuse_seed(parser: argparse.ArgumentParser, message: str) -> None:
+    parser.add_argument("--seed", action=_Renamed, message=message)
+
+
+def add_train_seed_option(parser: argparse.ArgumentParser, default: int | None = 0, *, alias: bool = True,
+                          help: str = "training seed of the vectors and φ") -> None:
+    """``--train-seed`` (``args.train_seed``): the zoo's training seed of one run; with ``alias``
+    ``--seed`` is the same option."""
+    names = ("--train-seed", "--seed") if alias else ("--train-seed",)
+    parser.add_argument(*names, dest="train_seed", type=seed, default=default, metavar="SEED", help=help)
+
+
+def add_train_seeds_option(parser: argparse.ArgumentParser, help: str = "training seeds (default 0)") -> None:
+    """``--seeds``: several training seeds, one run each (default ``[0]``)."""
+    parser.add_argument("--seeds", type=seed, nargs="+", default=[0], metavar="SEED", help=help)
+
+
+def add_probe_seed_option(parser: argparse.ArgumentParser) -> None:
+    """``--probe-seed``: the seed of the Hutchinson, Hutch++ and Lanczos probes; ``--seed`` is refused."""
+    parser.add_argument("--probe-seed", type=seed, default=_CURVATURE.seed, metavar="SEED",
+                        help="seed of the Hutchinson, Hutch++ and Lanczos probes")
+    _refuse_seed(parser, "the probe seed is --probe-seed")
+
+
+def add_bootstrap_seed_option(parser: argparse.ArgumentParser) -> None:
+    """``--bootstrap-seed``: the seed of bootstrap resamples and permutations; ``--seed`` is refused."""
+    parser.add_argument("--bootstrap-seed", type=seed, default=0, metavar="SEED",
+                        help="seed of the bootstrap resamples and permutations")
+    _refuse_seed(parser, "the bootstrap and permutation seed is --bootstrap-seed (the rows' training seed is "
+                         "--train-seed)")
+
+
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--bf16``, added to every subcommand (:func:`diag.cli.build_parser`).
 
@@ -268,35 +380,3 @@ def context_from(args: argparse.Namespace, default_domain: str | None = None) ->
     if is_distributed():  # torchrun: --rebuild spares whatever any rank of this run wrote
         ctx.started = shared_start_time(ctx.started)
     return ctx
-
-
-# ------------------------------------------------------------------------------ seeds
-# Three seeds, three names: the training seed picks the zoo's vectors and φ (``--train-seed``, alias
-# ``--seed``); the probe seed draws Hutchinson / Hutch++ / Lanczos probes (``--probe-seed``); the
-# bootstrap seed draws the statistics' resamples (``--bootstrap-seed``).
-
-
-def add_train_seed(parser: argparse.ArgumentParser, help: str = "training seed of the vectors and φ") -> None:
-    """``--train-seed`` (alias ``--seed``), dest ``train_seed``, default 0."""
-    parser.add_argument("--train-seed", "--seed", dest="train_seed", type=seed, default=0, help=help + " (default 0)")
-
-
-class _NoTrainSeed(argparse.Action):
-    """``--seed`` on a command without a training seed: one clear error naming the seed it has."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        raise argparse.ArgumentError(self, f"{values!r}: `{parser.prog}` has no training seed; {self.help}")
-
-
-def add_probe_seed(parser: argparse.ArgumentParser) -> None:
-    """``--probe-seed`` (dest ``probe_seed``, default 0); ``--seed`` is refused with a pointer to it."""
-    parser.add_argument("--probe-seed", type=seed, default=0,
-                        help="seed of the Hutchinson / Hutch++ / Lanczos probes (default 0)")
-    parser.add_argument("--seed", action=_NoTrainSeed, metavar="N",
-                        help="the seed of its probes is --probe-seed")
-
-
-def add_bootstrap_seed(parser: argparse.ArgumentParser) -> None:
-    """``--bootstrap-seed`` (dest ``bootstrap_seed``, default 0): the resamples of bootstraps and permutations."""
-    parser.add_argument("--bootstrap-seed", type=seed, default=0,
-                        help="seed of the bootstrap resamples and permutations (default 0)")

@@ -5,55 +5,45 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from diag.commands.options import (add_bootstrap_seed, add_common, ALPHA, context_from, domain_name, emit_json, folder_path, LAMBDA,
-                                   N_IMAGES, N_RESAMPLE, positive_int, seed, writable_dir)
-from diag.constants import LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
+from diag.commands.options import (add_alpha_option, add_bootstrap_seed_option, add_common, add_domains_option,
+                                   add_lambda_options, add_study_option, add_train_seed_option, add_train_seeds_option,
+                                   add_variant_option, context_from, emit_json, N_IMAGES, N_RESAMPLE, positive_int,
+                                   seed, writable_dir)
+from diag.constants import LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA2
 from diag.features.similarity import similarity_matrices, VectorSpec
 from diag.runtime.distributed import is_distributed, rank_and_world
-from diag.transfer.methods import METHODS
 from diag.stats import correlate_appendix_c
 from diag.study import figures
-from diag.study.ceilings import ceilings
+from diag.study.ceilings import ceilings, MAX_IMAGES
 from diag.study.kernelshap_budget import kernelshap_budget, KS_BUDGETS, KS_FILE
 from diag.study.methods_report import method_report, tradeoff_frame
 from diag.study.parallel import complete_study
 from diag.study.report import study_report
-from diag.study.run import run_study
+from diag.study.run import run_study, StudySettings
 from diag.study.summary import figure2_frame, summarize
+from diag.transfer.methods import METHODS
 from diag.table import (at_lambda, DEFAULT_STUDY, load_study, merge_shards, of_method, PAIRS_FILE, parse_shard,
                         select_run)
 from train.errors import DataError
 from train.losses import check_alpha
-from train.store import VARIANTS
 from train.vectors import check_scale
 
 
 def register(sub) -> None:
-    _register_similarity(sub)
-    _register_study(sub)
-    _register_ceilings(sub)
-    _register_correlate(sub)
-
-
-def _register_similarity(sub) -> None:
     s = sub.add_parser("similarity", help="cosine matrices of τ_ft and τ* across domains, with heatmaps")
     add_common(s)
-    s.add_argument("--domains", nargs="*", default=None, type=domain_name, help="default: the whole suite")
+    add_domains_option(s, help="default: the whole suite")
     s.add_argument("--by", choices=("global", "block"), default="global", help="also per transformer block")
-    s.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
+    add_alpha_option(s)
     s.add_argument("--out", type=writable_dir, default=None,
                    help="folder for the heatmaps (default: <store>/studies/similarity)")
     s.set_defaults(func=run_similarity)
 
-
-def _register_study(sub) -> None:
     p = sub.add_parser("study", help="every ordered (source, target) pair: eq. 8, controls, diagnostics")
     add_common(p)
-    p.add_argument("--domains", nargs="*", default=None, type=domain_name, help="default: the whole suite")
-    p.add_argument("--lambda2", type=LAMBDA, action="append", default=None, help="λ2 (repeatable; default 0.7)")
-    p.add_argument("--lambda-grid", action="store_true", help="also λ2 = 0.4 … 1.2 (Figure 3)")
-    p.add_argument("--lambda1", type=LAMBDA, default=PAPER_LAMBDA1)
-    p.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
+    add_domains_option(p, help="default: the whole suite")
+    add_lambda_options(p, repeatable=True)
+    add_alpha_option(p)
     p.add_argument("--shard", default=None, metavar="I/N", help="only pairs with index %% N == I (default under torchrun: rank/world)")
     p.add_argument("--no-curvature", action="store_true", help="skip the R columns (cosines and norms only)")
     p.add_argument("--no-controls", action="store_true", help="skip the control columns")
@@ -62,9 +52,9 @@ def _register_study(sub) -> None:
                    help="also Figure 5: Kernel SHAP with P = 50 … 1000 vs the proposed model")
     p.add_argument("--ks-images", type=N_IMAGES, default=32, help="test images per target for --kernelshap-budget")
     p.add_argument("--ks-budgets", type=N_IMAGES, nargs="*", default=None, help="Kernel SHAP perturbation budgets")
-    p.add_argument("--seeds", type=seed, nargs="+", default=[0], metavar="SEED",
-                   help="training seeds (each: that seed's θ_ft, φ, θ_ft*; also seeds the controls); default 0")
-    p.add_argument("--variant", choices=VARIANTS, default="paper", help="θ_ft* variant (default paper)")
+    add_train_seeds_option(p, help="training seeds (each: that seed's θ_ft, φ, θ_ft*; also seeds the controls); "
+                                   "default 0")
+    add_variant_option(p)
     p.add_argument("--out", type=writable_dir, default=None, help="study folder (default: <store>/studies/allpairs)")
     p.add_argument("--methods", nargs="+", default=["plain"], metavar="METHOD",
                    choices=METHODS,
@@ -72,37 +62,32 @@ def _register_study(sub) -> None:
                         "on the target's val split; several → pareto.png and the method study report")
     p.set_defaults(func=run_study_cmd)
 
-
-def _register_ceilings(sub) -> None:
     g = sub.add_parser("ceilings", help="noise ceilings: cos τ*/τ_ft across seeds, Kernel SHAP run-to-run E-RMSE")
     add_common(g)
-    g.add_argument("--domains", nargs="*", default=None, type=domain_name, help="default: the whole suite")
-    g.add_argument("--seeds", type=seed, nargs="+", default=[0], metavar="SEED", help="training seeds (default 0)")
-    g.add_argument("--variant", choices=VARIANTS, default="paper", help="θ_ft* variant of τ* (default paper)")
-    g.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
-    g.add_argument("--n-images", type=N_IMAGES, default=64, help="test images of the Kernel SHAP ceiling (≤ 64)")
+    add_domains_option(g, help="default: the whole suite")
+    add_train_seeds_option(g)
+    add_variant_option(g, help="θ_ft* variant of τ* (default paper)")
+    add_alpha_option(g)
+    g.add_argument("--n-images", type=N_IMAGES, default=MAX_IMAGES,
+                   help=f"test images of the Kernel SHAP ceiling (≤ {MAX_IMAGES})")
     g.add_argument("--shap-seeds", type=seed, nargs=2, default=[101, 202], metavar=("A", "B"),
                    help="the two Kernel SHAP generator seeds (must differ)")
     g.add_argument("--ks-samples", type=positive_int(100_000), nargs="+", default=[], metavar="N",
                    help="also measure the Kernel SHAP ceiling at N samples per image (first seed's θ_ft)")
     g.set_defaults(func=run_ceilings)
 
-
-def _register_correlate(sub) -> None:
     c = sub.add_parser("correlate", help="Appendix C / Figure 6: correlations with bootstrap CIs and permutation p")
     add_common(c)
-    c.add_argument("--study", type=folder_path, default=None,
-                   help="study folder to read (default: <store>/studies/allpairs, run first when empty)")
+    add_study_option(c, help="study folder to read (default: <store>/studies/allpairs, run first when empty)")
     c.add_argument("--extend", action="store_true", help="run the study into --study when it has no table")
-    c.add_argument("--domains", nargs="*", default=None, type=domain_name,
-                   help="domains if the study must be run first")
-    c.add_argument("--lambda2", type=LAMBDA, default=PAPER_LAMBDA2)
+    add_domains_option(c, help="domains if the study must be run first")
+    add_lambda_options(c, lambda1=False)
     c.add_argument("--n-boot", type=N_RESAMPLE, default=2000)
     c.add_argument("--n-perm", type=N_RESAMPLE, default=2000)
-    add_bootstrap_seed(c)
-    c.add_argument("--variant", choices=VARIANTS, default=None, help="θ_ft* variant of the rows (default paper)")
-    c.add_argument("--train-seed", "--seed", dest="train_seed", type=seed, default=None,
-                   help="training seed of the rows (default: the smallest in the study); one run per analysis")
+    add_bootstrap_seed_option(c)
+    add_variant_option(c, default=None, help="θ_ft* variant of the rows (default paper)")
+    add_train_seed_option(c, default=None, alias=False,
+                          help="training seed of the rows (default: the smallest in the study); one run per analysis")
     c.set_defaults(func=run_correlate)
 
 
@@ -185,33 +170,31 @@ def run_similarity(args) -> int:
 # ------------------------------------------------------------------------------ study
 
 
-def _study_settings(args):
-
-    alpha = check_alpha(args.alpha)
-    lambda1 = check_scale("lambda1", args.lambda1)
-    lambda2s = [check_scale("lambda2", v) for v in (args.lambda2 or [PAPER_LAMBDA2])]
+def _study_settings(args) -> StudySettings:
+    """The science settings of ``diag study``'s command line."""
+    lambda2s = list(args.lambda2 or [PAPER_LAMBDA2])
     if args.lambda_grid:
         lambda2s = list(dict.fromkeys([*lambda2s, *LAMBDA_GRID]))
-    shard = parse_shard(args.shard) if args.shard else None
-    return alpha, lambda1, lambda2s, shard
+    return StudySettings(alpha=check_alpha(args.alpha), lambda1=args.lambda1, lambda2s=tuple(lambda2s),
+                         seeds=tuple(args.seeds), variant=args.variant, controls=not args.no_controls,
+                         curvature=not args.no_curvature, methods=tuple(args.methods))
 
 
 def run_study_cmd(args) -> int:
 
     ctx = context_from(args)
-    alpha, lambda1, lambda2s, shard = _study_settings(args)
+    settings = _study_settings(args)
+    shard = parse_shard(args.shard) if args.shard else None
+    alpha, lambda1, lambda2s, seeds = settings.alpha, settings.lambda1, list(settings.lambda2s), list(settings.seeds)
     if args.ks_images < 1:
         raise DataError(f"--ks-images must be positive, got {args.ks_images}")
     domains = _domains(ctx, args.domains)
-    seeds = list(dict.fromkeys(args.seeds))
     store = ctx.ensure(domains, (alpha,), variants=(args.variant,), seeds=tuple(seeds))
     out = Path(args.out) if args.out else store.study_dir(DEFAULT_STUDY)
     rank, world = rank_and_world()
     merged_rank0 = is_distributed() and world > 1 and rank == 0
     ws = ctx.workspace(alpha, seed=seeds[0], variant=args.variant)
-    df = complete_study(ctx, domains, workspace=ws, shard=shard, resume=not args.fresh, alpha=alpha,
-                        lambda1=lambda1, lambda2s=lambda2s, out_dir=out, curvature=not args.no_curvature,
-                        controls=not args.no_controls, seeds=seeds, variant=args.variant, methods=args.methods)
+    df = complete_study(ctx, domains, settings, workspace=ws, shard=shard, resume=not args.fresh, out_dir=out)
     shard = shard or (rank, world)  # what run_study used
     if is_distributed() and not merged_rank0:
         return 0  # under torchrun only rank 0 (which merged every shard) reports
@@ -329,8 +312,8 @@ def run_correlate(args) -> int:
     if merge_shards(out, write=False).empty and (args.study is None or args.extend):
         domains = _domains(ctx, args.domains)
         store = ctx.ensure(domains, (PAPER_ALPHA,))
-        run_study(store, domains, lambda2s=(lambda2,), out_dir=out, progress=ctx.progress, data=ctx.data,
-                  workspace=ctx.workspace())
+        run_study(store, domains, StudySettings(lambda2s=(lambda2,)), out_dir=out, progress=ctx.progress,
+                  data=ctx.data, workspace=ctx.workspace())
     df = at_lambda(select_run(load_study(out), args.variant, args.train_seed), lambda2)
     reports = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.bootstrap_seed)
     fig = figures.figure6(df, out / "figure6.png", reports=reports)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from diag.commands.options import (add_common, add_train_seed, ALPHA, check_finite_result, context_from, domain_name, emit_json,
-                                   folder_path, FRACTION, LAMBDA, seed)
-from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
+from diag.commands.options import (add_alpha_option, add_budget_option, add_common, add_domains_option,
+                                   add_lambda_options, add_study_option, add_train_seed_option, add_train_seeds_option,
+                                   add_variant_option, ALPHA, check_finite_result, context_from, domain_name,
+                                   emit_json)
+from diag.constants import PAPER_ALPHA
 from diag.decide.recommend import study_gains
 from diag.features.pair_features import Diagnostics
 from diag.runtime.shards import build_domains
@@ -21,33 +23,31 @@ def register(sub) -> None:
     add_common(p)
     p.add_argument("--source", required=True, type=domain_name)
     p.add_argument("--target", required=True, type=domain_name)
-    p.add_argument("--lambda1", type=LAMBDA, default=PAPER_LAMBDA1)
-    p.add_argument("--lambda2", type=LAMBDA, default=PAPER_LAMBDA2)
-    p.add_argument("--alpha", type=ALPHA, default=PAPER_ALPHA)
+    add_lambda_options(p)
+    add_alpha_option(p)
     p.add_argument("--no-controls", action="store_true", help="skip the control rows")
-    add_train_seed(p, help="training seed of the vectors and φ; also seeds the controls, per (seed, source, target)")
-    p.add_argument("--variant", choices=VARIANTS, default="paper", help="θ_ft* variant (default paper)")
-    p.add_argument("--domains", nargs="*", default=None, type=domain_name,
-                   help="domains the 'τ* of other source' control is drawn from (default: the suite); "
-                        "the same list as a study's --domains gives that study's rows")
+    add_train_seed_option(p, help="training seed of the vectors and φ; also seeds the controls, per (seed, source, "
+                                  "target)")
+    add_variant_option(p)
+    add_domains_option(p, help="domains the 'τ* of other source' control is drawn from (default: the suite); "
+                               "the same list as a study's --domains gives that study's rows")
     p.add_argument("--method", default="plain",
                    choices=METHODS,
                    help="plain: eq. 8; project / precondition / blocks: τ*ˢ changed by the target's curvature "
                         "(Hᵀ on its train images); mix: uniform mix of the other domains' τ*; mix-ranked: their mix "
                         "weighted by the ranker's predicted gain (fitted on --study without the target) — each "
                         "method's hyper-parameter chosen on the target's val split")
-    p.add_argument("--study", default=None, type=folder_path,
-                   help="mix-ranked: study folder of the known pairs the ranker learns from (default the store's "
-                        "'allpairs')")
-    p.add_argument("--max-acc-drop", type=FRACTION, default=DEFAULT_MAX_ACC_DROP,
-                   help="val-accuracy budget of the method's choice, relative to θ_ftᵀ")
+    add_study_option(p, help="mix-ranked: study folder of the known pairs the ranker learns from (default the store's "
+                             "'allpairs')")
+    add_budget_option(p, help="val-accuracy budget of the method's choice, relative to θ_ftᵀ")
     p.set_defaults(func=run_transfer)
 
     z = sub.add_parser("zoo", help="build (or resume) every artifact of the suite: θ_base, θ_ft, φ, θ_ft*")
     add_common(z)
-    z.add_argument("--domains", nargs="*", default=None, type=domain_name)
-    z.add_argument("--alpha", type=ALPHA, action="append", default=None, help="α of θ_ft* (repeatable; default 0.8)")
-    z.add_argument("--seeds", type=seed, nargs="+", default=[0], metavar="SEED", help="training seeds (default 0)")
+    add_domains_option(z)
+    z.add_argument("--alpha", type=ALPHA, action="append", default=None,
+                   help=f"α of θ_ft* (repeatable; default {PAPER_ALPHA:g})")
+    add_train_seeds_option(z)
     z.add_argument("--variant", choices=VARIANTS, action="append", default=None,
                    help="θ_ft* variant (repeatable; default paper)")
     z.set_defaults(func=run_zoo)
@@ -86,7 +86,7 @@ def run_zoo(args) -> int:
     domains = list(dict.fromkeys(ctx.check_domain(d) for d in (args.domains or ctx.domains())))
     alphas = tuple(check_alpha(a) for a in (args.alpha or [PAPER_ALPHA]))
     variants = tuple(dict.fromkeys(args.variant or ["paper"]))
-    report = build_domains(ctx, domains, alphas, True, variants, args.train_seeds, zero_shot=True)
+    report = build_domains(ctx, domains, alphas, True, variants, args.seeds, zero_shot=True)
     times, zero_shot = report["seconds"], report["zero_shot_accuracy"]
     if args.json:
         emit_json({"store": str(ctx.store.folder), "seconds": times, "zero_shot_accuracy": zero_shot,
@@ -98,5 +98,5 @@ def run_zoo(args) -> int:
         print(f"  {k:12s} {v:8.1f} s")
     print("zero-shot accuracy of θ_base (test split; chance = 1/classes):")
     for d, acc in zero_shot.items():
-        print(f"  {d:12s} {acc:.3f}   (chance {1 / ctx.zoo(args.train_seeds[0]).domain(d).num_classes:.3f})")
+        print(f"  {d:12s} {acc:.3f}   (chance {1 / ctx.zoo(args.seeds[0]).domain(d).num_classes:.3f})")
     return 0

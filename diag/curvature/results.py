@@ -93,7 +93,7 @@ class TraceEstimate:
         lo, hi = self.ci95()
         d = {"method": self.method, "value": self.value, "stderr": self.stderr, "rel_stderr": self.rel_stderr,
              "ci95_low": lo, "ci95_high": hi, "n_matvecs": self.n_matvecs, "n_probes": self.n_probes,
-             "seed": self.seed, "converged": self.converged, "target_rel_stderr": self.target_rel_stderr}
+             "probe_seed": self.seed, "converged": self.converged, "target_rel_stderr": self.target_rel_stderr}
         if arrays:
             d["probe_values"] = _array(self.probe_values)
         return d
@@ -169,7 +169,7 @@ class DiagonalEstimate:
         d = {"method": self.method, "dim": self.dim, "total": self.total, "total_stderr": self.total_stderr,
              "rel_stderr": self.rel_stderr, "ci95_low": lo, "ci95_high": hi,
              "median_entry_rel_stderr": med_rel, "n_matvecs": self.n_matvecs, "n_probes": self.n_probes,
-             "seed": self.seed, "converged": self.converged, "target_rel_stderr": self.target_rel_stderr}
+             "probe_seed": self.seed, "converged": self.converged, "target_rel_stderr": self.target_rel_stderr}
         if arrays:
             d["mean"] = _array(self.mean)
             d["stderr"] = _array(self.stderr)
@@ -273,7 +273,7 @@ class SpectralDensity:
     def to_dict(self, arrays: bool = False) -> dict[str, Any]:
         """Summary row; ``arrays=True`` adds grid, density, stderr, nodes, weights."""
         d = {"method": "slq", "dim": self.dim, "n_probes": self.n_probes, "sigma": self.sigma,
-             "integral": self.integral(), "n_matvecs": self.n_matvecs, "seed": self.seed,
+             "integral": self.integral(), "n_matvecs": self.n_matvecs, "probe_seed": self.seed,
              "min_node": float(self.nodes[self.weights > 0].min()) if self.nodes.numel() else float("nan"),
              "max_node": float(self.nodes[self.weights > 0].max()) if self.nodes.numel() else float("nan")}
         if arrays:
@@ -334,7 +334,7 @@ class DataVarianceTrace:
         d = {"method": "hutchinson-per-batch", "value": self.value, "stderr": self.stderr,
              "probe_stderr": self.probe_stderr, "data_std": self.data_std, "probe_std": self.probe_std,
              "ci95_low": lo, "ci95_high": hi, "n_batches": self.n_batches, "n_matvecs": self.n_matvecs,
-             "seed": self.seed}
+             "probe_seed": self.seed}
         if arrays:
             d["batch_values"] = _array(self.batch_values)
             d["batch_stderrs"] = _array(self.batch_stderrs)

@@ -7,13 +7,14 @@ of them, then the pairs split), then :func:`diag.study.run.run_study` here, whic
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
 from diag.runtime.distributed import is_distributed
 from diag.runtime.workers import run_workers
-from diag.study.run import RANKED, run_study
+from diag.study.run import RANKED, run_study, StudySettings
 from diag.table import DEFAULT_STUDY
 
 __all__ = ["complete_study", "parallel_study", "study_pending"]
@@ -44,8 +45,8 @@ def study_pending(out_dir: Path, domains: list[str], seeds, variant: str, alpha:
     return bool(wanted - have)
 
 
-def parallel_study(ctx, domains: list[str], *, alpha: float, seeds=(0,), variant: str = "paper",
-                   out_dir: Path | None = None, **study_kwargs) -> int:
+def parallel_study(ctx, domains: list[str], settings: StudySettings, *, out_dir: Path | None = None,
+                   name: str = DEFAULT_STUDY) -> int:
     """Compute the study's missing pairs in ``ctx.workers`` processes first; the worker count used (1: none).
 
     Nothing happens under torch.distributed, with one worker, or when :func:`study_pending` finds
@@ -56,30 +57,30 @@ def parallel_study(ctx, domains: list[str], *, alpha: float, seeds=(0,), variant
     """
     if is_distributed() or ctx.workers <= 1:
         return 1
-    out = Path(out_dir) if out_dir is not None else ctx.store.study_dir(study_kwargs.get("name", DEFAULT_STUDY))
-    if not study_pending(out, list(domains), seeds, variant, alpha):
+    out = Path(out_dir) if out_dir is not None else ctx.store.study_dir(name)
+    if not study_pending(out, list(domains), settings.seeds, settings.variant, settings.alpha):
         return 1
     workers = min(ctx.workers, len(domains))
-    if RANKED in (study_kwargs.get("methods") or ()):
-        study_kwargs = {**study_kwargs, "methods": [m for m in study_kwargs["methods"] if m != RANKED]}
-    run_workers(_study_worker, ctx, (list(domains), alpha, list(seeds), variant, out, study_kwargs), workers)
+    if RANKED in settings.methods:
+        settings = replace(settings, methods=tuple(m for m in settings.methods if m != RANKED))
+    run_workers(_study_worker, ctx, (list(domains), settings, out), workers)
     return workers
 
 
-def complete_study(ctx, domains: list[str], *, workspace, shard: tuple[int, int] | None = None, resume: bool = True,
-                   **study):
+def complete_study(ctx, domains: list[str], settings: StudySettings, *, workspace,
+                   shard: tuple[int, int] | None = None, resume: bool = True, out_dir: Path | None = None,
+                   name: str = DEFAULT_STUDY):
     """The study of ``domains`` with every pair present: the missing pairs in workers first
     (:func:`parallel_study`, unless a ``shard`` is given or ``resume`` is off), then
-    :func:`diag.study.run.run_study` here with the same ``study`` settings, which reads them (its table).
+    :func:`diag.study.run.run_study` here with the same ``settings``, which reads them (its table).
     """
     if shard is None and resume:
-        parallel_study(ctx, list(domains), **study)
-    return run_study(ctx.store, domains, shard=shard, resume=resume, progress=ctx.progress, data=ctx.data,
-                     workspace=workspace, **study)
+        parallel_study(ctx, list(domains), settings, out_dir=out_dir, name=name)
+    return run_study(ctx.store, domains, settings, out_dir=out_dir, shard=shard, resume=resume,
+                     progress=ctx.progress, data=ctx.data, name=name, workspace=workspace)
 
 
-def _study_worker(ctx, domains: list[str], alpha: float, seeds: list[int], variant: str, out: Path,
-                  kwargs: dict) -> None:
+def _study_worker(ctx, domains: list[str], settings: StudySettings, out: Path) -> None:
     """One worker's share of :func:`diag.study.run.run_study` (sharded by its rank)."""
-    run_study(ctx.store, domains, alpha=alpha, seeds=seeds, variant=variant, out_dir=out, progress=ctx.progress,
-              data=ctx.data, workspace=ctx.workspace(alpha, seed=seeds[0], variant=variant), **kwargs)
+    run_study(ctx.store, domains, settings, out_dir=out, progress=ctx.progress, data=ctx.data,
+              workspace=ctx.workspace(settings.alpha, seed=settings.seeds[0], variant=settings.variant))

@@ -2,7 +2,7 @@
 
 :func:`run_study` scores eq. 8, θ̃ = θ_base + λ1·τ_ftᵀ + λ2·τ*ˢ, for every ordered pair
 (source S, target T ≠ S) of a set of domains and writes one tidy table (:mod:`diag.table`),
-one row per (S, T, λ2) and run — (α, training seed, θ_ft* variant): with ``seeds=[0, 1, 2]``
+one row per (S, T, λ2) and run — (α, training seed, θ_ft* variant): with ``StudySettings(seeds=(0, 1, 2))``
 every pair is scored on each seed's vectors and φ — built by :func:`pair_rows`:
 
 * every row of :func:`diag.transfer.evaluate.evaluate_pair`, as columns ``<metric><_suffix>``
@@ -60,28 +60,60 @@ log = logging.getLogger(__name__)
 #: The mix weighted by the ranker's predicted gain: scored after every plain row of the run (its ranker learns them).
 RANKED = "mix-ranked"
 
+
 @dataclass
 class StudySettings:
-    """What a study's rows depend on besides the artifacts (part of every ``pair_key``).
+    """The science settings of a study: what its rows depend on besides the artifacts.
 
-    ``seed`` is the training seed of the run (its vectors and φ) and the seed of the controls;
-    ``variant`` the θ_ft* variant.
+    Args:
+        alpha: α of θ_ft* (τ* = θ_ft* − θ_ft).
+        lambda1: scale of τ_ftᵀ in eq. 8; lambda2s: the scales of τ*ˢ scored per pair (deduplicated,
+            rounded to :func:`diag.table.lam_key`).
+        seeds: training seeds; each is a run with that seed's θ_ft, φ and θ_ft*, and seeds its
+            controls (:func:`diag.transfer.evaluate.pair_seed`).
+        variant: θ_ft* variant (``paper`` or ``from-ft``).
+        controls: score the control rows; n_random: draws of the random-direction control.
+        curvature: compute the risk columns (each target's Hᵀ built once per seed, cached in the store);
+            curvature_settings: how Hᵀ is estimated.
+        methods: transfer methods scored per (pair, λ2, seed) (:data:`METHODS`; ``plain`` is always
+            computed and comes first, its references and controls are shared by the others' rows).
+        max_acc_drop: val-accuracy budget of each method's choice.
+
+    Raises:
+        DataError: no λ2 or no seed. UnknownNameError: a method not in :data:`METHODS`.
     """
 
     alpha: float = PAPER_ALPHA
     lambda1: float = PAPER_LAMBDA1
+    lambda2s: tuple[float, ...] = (PAPER_LAMBDA2,)
+    seeds: tuple[int, ...] = (0,)
+    variant: str = "paper"
     controls: bool = True
     curvature: bool = True
-    seed: int = 0
-    n_random: int = RANDOM_DRAWS
     curvature_settings: CurvatureSettings = field(default_factory=CurvatureSettings)
-    variant: str = "paper"
+    methods: tuple[str, ...] = (PLAIN,)
     max_acc_drop: float = DEFAULT_MAX_ACC_DROP
+    n_random: int = RANDOM_DRAWS
 
-    def key_payload(self, method: str = PLAIN) -> dict:
-        """The settings a ``method``'s rows depend on (``plain``'s payload is the pre-method one: old tables resume)."""
+    def __post_init__(self) -> None:
+        self.lambda1 = check_scale("lambda1", self.lambda1)
+        self.lambda2s = tuple(dict.fromkeys(lam_key(check_scale("lambda2", v)) for v in self.lambda2s))
+        self.seeds = tuple(dict.fromkeys(int(s) for s in self.seeds))
+        if not self.lambda2s or not self.seeds:
+            raise DataError(f"give at least one λ2 and one seed (got λ2 {list(self.lambda2s)}, seeds "
+                            f"{list(self.seeds)})")
+        for m in self.methods:
+            if m not in METHODS:
+                raise unknown("study method", m, METHODS)
+        self.methods = tuple(dict.fromkeys([PLAIN, *self.methods]))
+        if self.curvature_settings is None:
+            self.curvature_settings = CurvatureSettings()
+
+    def key_payload(self, seed: int, method: str = PLAIN) -> dict:
+        """The settings the rows of training seed ``seed``'s run and ``method`` depend on (part of every
+        ``pair_key``; ``plain``'s payload is the pre-method one: old tables resume)."""
         out = {"alpha": float(self.alpha), "lambda1": float(self.lambda1), "controls": bool(self.controls),
-               "curvature": bool(self.curvature), "seed": int(self.seed), "n_random": int(self.n_random),
+               "curvature": bool(self.curvature), "seed": int(seed), "n_random": int(self.n_random),
                "variant": self.variant}
         if self.curvature or method in CURVED_METHODS:
             out["curvature_settings"] = asdict(self.curvature_settings)
@@ -169,44 +201,32 @@ def _done(out_dir: Path, path: Path, resume: bool) -> set[tuple[str, float]]:
     return set(zip(table["pair_key"].astype(str), table["lambda2"].map(lam_key)))
 
 
-def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, lambda1: float = PAPER_LAMBDA1,
-              lambda2s: Sequence[float] = (PAPER_LAMBDA2,), out_dir: str | Path | None = None,
-              shard: tuple[int, int] | None = None, resume: bool = True, curvature: bool = True,
-              curvature_settings: CurvatureSettings | None = None, controls: bool = True, progress: bool = True,
-              data: dict | None = None, seeds: Sequence[int] = (0,), variant: str = "paper",
-              name: str = DEFAULT_STUDY, workspace: Workspace | None = None, methods: Sequence[str] = (PLAIN,),
-              max_acc_drop: float = DEFAULT_MAX_ACC_DROP) -> pd.DataFrame:
-    """Score eq. 8, its controls and the pair features for every ordered pair of ``domains``, λ2 and seed.
+def run_study(store: Store, domains: Sequence[str], settings: StudySettings, *,
+              out_dir: str | Path | None = None, shard: tuple[int, int] | None = None, resume: bool = True,
+              progress: bool = True, data: dict | None = None, name: str = DEFAULT_STUDY,
+              workspace: Workspace | None = None) -> pd.DataFrame:
+    """Score eq. 8, its controls and the pair features for every ordered pair of ``domains``, λ2, seed and method.
 
     Args:
         store: artifact store holding base, heads, vectors and φ of every domain and seed.
         domains: at least two domains; n domains give n·(n−1) pairs.
-        alpha: α of θ_ft* (τ* = θ_ft* − θ_ft); lambda1, lambda2s: scales of τ_ftᵀ and (each) of τ*ˢ.
+        settings: the science settings (α, λ1, λ2s, training seeds, variant, controls, curvature,
+            methods, budget): :class:`StudySettings`.
         out_dir: study folder (default ``store.study_dir(name)``).
         shard: (i, n): only pairs with index % n == i (default: the process group's rank/world or (0, 1)).
         resume: skip pairs whose rows (same ``pair_key`` — pair, settings, run — and λ2) are already written.
-        curvature: compute the risk columns (each target's Hᵀ built once per seed, cached in the store).
-        curvature_settings: how Hᵀ is estimated; controls: score the control rows.
         progress: tqdm bar over pairs; data: domain → local dataset path.
-        seeds: training seeds; each is a run with that seed's θ_ft, φ and θ_ft*, and seeds its
-            controls (:func:`diag.transfer.evaluate.pair_seed`).
-        variant: θ_ft* variant (``paper`` or ``from-ft``).
         workspace: a shared :class:`Workspace` (default: a new one on ``store``); θ_base is shared by all runs.
-        methods: transfer methods scored per (pair, λ2, seed) (:data:`METHODS`; ``plain`` is always
-            computed, its references and controls are shared by the others' rows, keyed by their own
-            ``pair_key`` and ``method`` column).
-        max_acc_drop: val-accuracy budget of each method's choice.
 
     Returns:
         The rows of this run's pairs, λ2s, seeds and methods (this shard's, when sharded), with normalised columns.
 
     Raises:
-        DataError: fewer than 2 domains, no λ2 or no seed. ArtifactError: a missing artifact or a damaged table.
-        UnknownNameError: a method not in :data:`METHODS`.
+        DataError: fewer than 2 domains. ArtifactError: a missing artifact or a damaged table.
     """
-    lambda2s, seeds, methods = _checked_grid(lambda2s, seeds, methods)
-    root = workspace or Workspace(store, alpha, data)
-    runs = [root.for_run(alpha=alpha, seed=s, variant=variant) for s in seeds]
+    lambda2s, methods = list(settings.lambda2s), list(settings.methods)
+    root = workspace or Workspace(store, settings.alpha, data)
+    runs = [root.for_run(alpha=settings.alpha, seed=s, variant=settings.variant) for s in settings.seeds]
     for ws in runs:
         domains = _check_domains(ws, domains)
     shard = check_shard(shard if shard is not None else default_shard())
@@ -219,54 +239,24 @@ def run_study(store: Store, domains: Sequence[str], alpha: float = PAPER_ALPHA, 
     wanted: set[str] = set()
     every: set[str] = set()  # every pair of every run: what rank 0 reports after merging the shards
     for ws in runs:
-        settings = StudySettings(alpha, check_scale("lambda1", lambda1), controls, curvature, ws.seed,
-                                 curvature_settings=curvature_settings or CurvatureSettings(), variant=variant,
-                                 max_acc_drop=max_acc_drop)
-        keys = _run_seed(store, ws, settings, all_pairs, pairs, methods, lambda2s, domains, out_dir, path, done, progress)
+        dkeys: dict = {}
+        keys = {p: {m: pair_key(store, p[0], p[1], settings.key_payload(ws.seed, m), ws.base_hash, dkeys)
+                    for m in methods} for p in all_pairs}
         wanted |= {k for p in pairs for k in keys[p].values()}
         every |= {k for p in all_pairs for k in keys[p].values()}
+        if settings.curvature:  # under torchrun each target's Hᵀ is built by one rank before the pairs are split
+            build_curvatures(Diagnostics(ws, settings=settings.curvature_settings, progress=progress,
+                                         data_parallel=False), domains)
+        _run_pairs(ws, pairs, {p: {m: k for m, k in keys[p].items() if m != RANKED} for p in pairs}, settings,
+                   lambda2s, domains, path, done, progress)
+        if RANKED in methods and any((keys[p][RANKED], lam) not in done for p in pairs for lam in lambda2s):
+            # second pass: the ranker learns the plain rows of every pair of the run
+            gains = ranked_gains(out_dir, path, {keys[p][PLAIN] for p in all_pairs}, len(all_pairs))
+            _run_pairs(ws, pairs, {p: {PLAIN: keys[p][PLAIN], RANKED: keys[p][RANKED]} for p in pairs}, settings,
+                       lambda2s, domains, path, done, progress, gains)
     if shard[1] > 1 and _merge_distributed(out_dir):  # rank 0 under torch.distributed: pairs.csv has every shard
         path, wanted = out_dir / PAIRS_FILE, every
     return _collect(out_dir, path, wanted, lambda2s)
-
-
-def _checked_grid(lambda2s, seeds, methods) -> tuple[list[float], list[int], list[str]]:
-    """The study's λ2s, seeds and methods, deduplicated in order (``plain`` first, always).
-
-    Raises:
-        DataError: no λ2 or no seed. UnknownNameError: a method not in :data:`METHODS`.
-    """
-    lambda2s = list(dict.fromkeys(lam_key(check_scale("lambda2", v)) for v in lambda2s))
-    seeds = list(dict.fromkeys(int(s) for s in seeds))
-    if not lambda2s or not seeds:
-        raise DataError(f"give at least one λ2 and one seed (got λ2 {lambda2s}, seeds {seeds})")
-    for m in methods:
-        if m not in METHODS:
-            raise unknown("study method", m, METHODS)
-    return lambda2s, seeds, list(dict.fromkeys([PLAIN, *methods]))
-
-
-def _run_seed(store: Store, ws: Workspace, settings: StudySettings, all_pairs: list, pairs: list, methods: list[str],
-              lambda2s: list[float], domains: list[str], out_dir: Path, path: Path, done: set,
-              progress: bool) -> dict:
-    """One run (seed) of the study: its targets' Hᵀ, then the missing rows of this shard's pairs.
-
-    Returns every pair's ``pair_key`` per method (what the run's rows are keyed by).
-    """
-    dkeys: dict = {}
-    keys = {p: {m: pair_key(store, p[0], p[1], settings.key_payload(m), ws.base_hash, dkeys) for m in methods}
-            for p in all_pairs}
-    if settings.curvature:  # under torchrun each target's Hᵀ is built by one rank before the pairs are split
-        build_curvatures(Diagnostics(ws, settings=settings.curvature_settings, progress=progress,
-                                     data_parallel=False), domains)
-    _run_pairs(ws, pairs, {p: {m: k for m, k in keys[p].items() if m != RANKED} for p in pairs}, settings,
-               lambda2s, domains, path, done, progress)
-    if RANKED in methods and any((keys[p][RANKED], lam) not in done for p in pairs for lam in lambda2s):
-        # second pass: the ranker learns the plain rows of every pair of the run
-        gains = ranked_gains(out_dir, path, {keys[p][PLAIN] for p in all_pairs}, len(all_pairs))
-        _run_pairs(ws, pairs, {p: {PLAIN: keys[p][PLAIN], RANKED: keys[p][RANKED]} for p in pairs}, settings,
-                   lambda2s, domains, path, done, progress, gains)
-    return keys
 
 
 def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, lambda2s: list[float],

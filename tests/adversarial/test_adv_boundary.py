@@ -49,7 +49,7 @@ NUMERIC = [
     ([*SPEC, "--k", "0"], "0"), ([*SPEC, "--k", "1e9"], "1e9"), ([*SPEC, "--k", "1000000000"], "1000000000"),
     ([*SPEC, "--probes", "0"], "0"), ([*SPEC, "--iters", "0"], "0"), ([*SPEC, "--n-images", "0"], "0"),
     ([*HESS, "--batch-size", "0"], "0"), ([*HESS, "--rel-stderr", "0"], "0"), ([*HESS, "--rel-stderr", "nan"], "nan"),
-    ([*HESS, "--probes", "1"], "1"), ([*HESS, "--alpha", "-0.1"], "-0.1"), ([*HESS, "--seed", "x"], "x"),
+    ([*HESS, "--probes", "1"], "1"), ([*HESS, "--alpha", "-0.1"], "-0.1"), ([*HESS, "--probe-seed", "x"], "x"),
     ([*HESS, "--probe-seed", "-1"], "-1"),
     (["screen", "--source", "mnist", "--target", "animals", "--max-acc-drop", "2"], "2"),
     (["screen", "--source", "mnist", "--target", "animals", "--lambda2", "inf"], "inf"),
