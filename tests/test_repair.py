@@ -20,7 +20,7 @@ from diag.transfer.blocks import (
     block_sizes,
     parameter_blocks,
 )
-from diag.transfer.mixing import mix, universal, weighted_by_gain
+from diag.transfer.mixing import mix, mix_weights, universal
 from diag.transfer.repair import card_diagonal, choose_k_by_share, flat_of, precondition, project, with_flat
 from diag.curvature.params import ParamLayout
 from train.errors import DataError, UnknownNameError
@@ -199,10 +199,10 @@ def test_mix_normalises_and_refuses_target():
     with pytest.raises(DataError, match="all 0"):
         mix({"a": vs["a"]}, {"a": 0.0}, target="t")
     assert universal(vs, "t").tensors["v"].tolist() == pytest.approx([5.0] * 3)
-    g = weighted_by_gain(vs, {"a": -1.0, "b": 0.5, "t": 9.0}, "t")
-    assert g.tensors["w"].tolist() == pytest.approx([4.0, 4.0])
-    with pytest.raises(DataError, match="positive"):
-        weighted_by_gain(vs, {"a": -1.0, "b": 0.0}, "t")
+    w = mix_weights({"a": -1.0, "b": 0.5, "t": 9.0}, "t")
+    assert w == {"a": 0.0, "b": 1.0}
+    assert mix({k: vs[k] for k in "ab"}, w, "t").tensors["w"].tolist() == pytest.approx([4.0, 4.0])
+    assert mix_weights({"a": -1.0, "b": 0.0, "c": float("nan")}, "t") == {}
 
 
 def test_flat_roundtrip_leaves_other_tensors():
@@ -329,21 +329,23 @@ def test_selection_rule_and_refusals(smoke):
         select_repair(ws, target, ws.vector(source, "star"), "plain", curv, max_acc_drop=1.0)
 
 
-def test_mixtures_exclude_the_target(smoke):
+def test_method_mixes_exclude_the_target(smoke):
     from diag.runtime.context import Workspace
-    from diag.transfer.select import mixtures
+    from diag.transfer.select import method_mixes
     from tests._smoke import DOMAINS
 
     store, target, _, curv = smoke
     ws = Workspace(store)
-    mixes = mixtures(ws, target, DOMAINS, predicted_gain={"mnist": 0.2, "animals": -0.1, target: 5.0})
+    universal_mix = method_mixes("mix", ws, target, DOMAINS)
+    ranked = method_mixes("mix-ranked", ws, target, DOMAINS, {"mnist": 0.2, "animals": -0.1, target: 5.0})
     others = [d for d in DOMAINS if d != target]
     name = "visual.proj"
     mean = sum(ws.vector(d, "star").tensors[name].double() for d in others) / len(others)
-    assert torch.allclose(mixes["universal"].tensors[name].double(), mean, atol=1e-6)
-    assert torch.equal(mixes["gain"].tensors[name], ws.vector("mnist", "star").tensors[name])
+    assert torch.allclose(universal_mix["universal"].tensors[name].double(), mean, atol=1e-6)
+    assert torch.equal(ranked["ranked"].tensors[name], ws.vector("mnist", "star").tensors[name])
+    mixes = {**universal_mix, **ranked}
     choice = _choose(store, target, "mnist", curv, "mix", mixes=mixes, grid=(0.7,))
-    assert set(choice.table["param"]) == {"universal", "gain"} and choice.candidate.risk_source == "exact"
+    assert set(choice.table["param"]) == {"universal", "ranked"} and choice.candidate.risk_source == "exact"
 
 
 def test_safe_needs_every_smaller_candidate_to_keep():

@@ -1,8 +1,7 @@
 """Multi-source explainability vectors: mixes of several sources' τ*, never the target's.
 
 :func:`mix` is Σ wₛ τ*ˢ with normalised weights; :func:`universal` the uniform mix of every other
-domain; :func:`mix_weights` the ranker-weighted rule wₛ ∝ max(predicted gain, 0) and
-:func:`weighted_by_gain` the mix it gives.
+domain; :func:`mix_weights` the ranker-weighted rule wₛ ∝ max(predicted gain, 0).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from collections.abc import Mapping
 from train.errors import DataError
 from train.vectors import TaskVector
 
-__all__ = ["mix", "mix_weights", "universal", "weighted_by_gain"]
+__all__ = ["mix", "mix_weights", "universal"]
 
 
 
@@ -53,20 +52,6 @@ def universal(vectors_by_domain: Mapping[str, TaskVector], target: str) -> TaskV
     if not others:
         raise DataError(f"no domain other than '{target}' to mix")
     return mix(others, {d: 1.0 for d in others}, target)
-
-
-def weighted_by_gain(vectors_by_domain: Mapping[str, TaskVector], predicted_gain: Mapping[str, float],
-                     target: str) -> TaskVector:
-    """Mix of the other domains' τ* with weights ∝ max(predicted gain, 0) (the ranker's prediction).
-
-    Raises:
-        DataError: no other domain has a positive predicted gain.
-    """
-    others = {d: v for d, v in vectors_by_domain.items() if d != target}
-    w = {d: max(float(predicted_gain.get(d, 0.0)), 0.0) for d in others}
-    if not any(v > 0 for v in w.values()):
-        raise DataError(f"no source for '{target}' has a positive predicted gain: {dict(predicted_gain)}")
-    return mix(others, w, target)
 
 
 def mix_weights(gains: Mapping[str, float], target: str) -> dict[str, float]:

@@ -35,8 +35,7 @@ from diag.transfer.methods import MIX_METHODS, Candidate, candidates, curvature_
 from train.errors import DataError, unknown
 from train.vectors import TaskVector
 
-__all__ = ["RepairChoice", "method_mixes", "mixtures", "select_repair"]
-
+__all__ = ["RepairChoice", "method_mixes", "select_repair"]
 
 
 # ------------------------------------------------------------------------------- choosing
@@ -152,23 +151,11 @@ def _best(table: pd.DataFrame) -> int:
     return int(table.sort_values(["val_accuracy", "size"], ascending=[False, False], kind="stable").index[0])
 
 
-def mixtures(ws: Workspace, target: str, sources: Sequence[str],
-             predicted_gain: Mapping[str, float] | None = None) -> dict[str, TaskVector]:
-    """``{"universal": uniform mix of the sources' τ*, "gain": mix ∝ max(predicted gain, 0)}``.
-
-    The target is dropped from ``sources`` (its τ* needs its explanations); ``gain`` is left
-    out without a prediction or when no source has a positive predicted gain.
-    """
-    vectors = {s: ws.vector(s, "star") for s in sources if s != target}
-    out = {"universal": mixing.universal(vectors, target)}
-    if predicted_gain and any(float(predicted_gain.get(s, 0.0)) > 0 for s in vectors):
-        out["gain"] = mixing.weighted_by_gain(vectors, predicted_gain, target)
-    return out
-
-
 def method_mixes(method: str, ws: Workspace, target: str, sources: Sequence[str],
                  predicted_gain: Mapping[str, float] | None = None) -> dict[str, TaskVector]:
-    """The mixtures of a multi-source method: ``mix`` → ``{"universal"}``; ``mix-ranked`` → ``{"ranked"}``.
+    """The mixtures of a multi-source method: ``mix`` → ``{"universal"}``, the uniform mix of the other
+    domains (:func:`diag.transfer.mixing.universal`); ``mix-ranked`` → ``{"ranked"}``. The target is
+    dropped from ``sources`` (its τ* needs its explanations).
 
     ``ranked`` is Σ wₛ τ*ˢ with wₛ = :func:`diag.transfer.mixing.mix_weights` of ``predicted_gain``
     (the ranker's gains for ``target``, fitted without the target's pairs). When no source has a
@@ -178,13 +165,13 @@ def method_mixes(method: str, ws: Workspace, target: str, sources: Sequence[str]
     Raises:
         DataError: ``mix-ranked`` without gains.
     """
-    if method == "mix":
-        return {"universal": mixtures(ws, target, sources)["universal"]}
-    if method != "mix-ranked":
+    if method not in MIX_METHODS:
         raise unknown("multi-source method", method, MIX_METHODS)
+    vectors = {s: ws.vector(s, "star") for s in sources if s != target}
+    if method == "mix":
+        return {"universal": mixing.universal(vectors, target)}
     if predicted_gain is None:
         raise DataError(f"mix-ranked needs the ranker's predicted gains for '{target}'")
-    vectors = {s: ws.vector(s, "star") for s in sources if s != target}
     w = mixing.mix_weights({s: predicted_gain.get(s, 0.0) for s in vectors}, target)
     if not w:
         zero = 0.0 * next(iter(vectors.values()))
