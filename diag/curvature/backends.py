@@ -30,9 +30,8 @@ from diag.curvature.params import select_params
 from diag.curvature.results import BackendResult, EigenResult, TraceEstimate
 from train.errors import TvdiagError, unknown
 
-__all__ = ["BACKENDS", "CurvlinopsHessian", "pyhessian_trace_and_top_eig"]
+__all__ = ["CurvlinopsHessian", "pyhessian_trace_and_top_eig"]
 
-BACKENDS = ("tvdiag", "pyhessian")
 _LOSSES = ("ce",)
 
 

@@ -117,11 +117,6 @@ class HessianCard:
         top, res = self.risk_parts(tau)
         return top + res
 
-    def contributions(self, tau: Tensor | Mapping[str, Tensor]) -> Tensor:
-        """Per-eigenpair contributions ``l_i a_i^2`` (float64, ``(k,)``)."""
-        t = self._flat(tau)
-        return self.eigvals.double() * (self.eigvecs.double().T @ t).pow(2)
-
     def to_dict(self) -> dict:
         """Summary for a table: sizes, trace, top eigenvalues, residual total, provenance."""
         return {

@@ -24,9 +24,6 @@ import pandas as pd
 from diag.constants import LAMBDA_GRID, PAPER_LAMBDA2
 from train.errors import DataError
 
-VERDICTS = ("go", "caution", "no-go")
-
-
 # ------------------------------------------------------------------------- quadratic model
 
 

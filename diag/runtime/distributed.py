@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_tensor", "all_reduce_sum", "barrier", "broadcast", "close_group", "gather_json",
+__all__ = ["all_gather_tensor", "all_reduce_sum", "barrier", "close_group", "gather_json",
            "init_group", "is_distributed", "process_group", "rank_and_world", "shard_batches"]
 
 T = TypeVar("T")
@@ -165,16 +165,6 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     if buf is t:
         buf = t.clone()
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.to(t.device)
-
-
-def broadcast(t: Tensor, src: int = 0) -> Tensor:
-    """Copy ``t`` from rank ``src`` to every rank; returns the received tensor."""
-    if not is_distributed() or dist.get_world_size() == 1:
-        return t
-    dev = _comm_device()
-    buf = t.clone().contiguous() if dev is None else t.to(dev).clone()
-    dist.broadcast(buf, src=src)
     return buf.to(t.device)
 
 

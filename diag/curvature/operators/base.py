@@ -74,10 +74,6 @@ class CurvatureOperator:
             out = self._matvec(v) if v.ndim == 1 else self._matmat(v)
         return out.detach().to(home)
 
-    def matvec(self, v: Tensor) -> Tensor:
-        """Alias of ``self @ v``."""
-        return self @ v
-
     def quadratic_form(self, v: Tensor) -> float:
         """``v^T A v`` with a float64 reduction (one product)."""
         v = v.detach().to(dtype=self.dtype, device=self.device).reshape(-1)

@@ -37,18 +37,6 @@ class EmpiricalFisherOperator(_ModelOperator):
             cols.append(self.flatten(vjp_fn(gv)[0]))
         return torch.stack(cols, dim=1)
 
-    def per_sample_gradients(self, x: Tensor, y: Tensor, chunk_size: int | None = None) -> Tensor:
-        """``(B, D)`` per-sample gradients ``g_i`` on one batch (``vmap`` of ``grad``)."""
-
-        def one(th: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-            return F.cross_entropy(self._logits(th, xi.unsqueeze(0)), yi.unsqueeze(0))
-
-        with self._context():
-            x = x.to(device=self.device, dtype=self.dtype) if x.is_floating_point() else x.to(self.device)
-            g = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)(
-                self._theta, x, y.to(self.device).long())
-        return torch.cat([g[n].reshape(x.shape[0], -1) for n in self.param_names], dim=1).detach()
-
     def diagonal(self, chunk_size: int | None = None) -> Tensor:
         """Exact ``diag(F) = (1/N) sum_i g_i^2``."""
 
