@@ -34,7 +34,6 @@ from diag.transfer.select import method_mixes, select_repair
 from train.errors import DataError
 from train.vectors import TaskVector, check_scale
 
-MAIN_ROWS = tuple(PAPER_TABLE1)
 CONTROL_RANDOM = "control: random τ (τ*ˢ norms)"
 CONTROL_OTHER = "control: τ* of other source"
 CONTROL_OTHER_RESCALED = "control: τ* of other source (‖τ*ˢ‖)"
