@@ -88,7 +88,6 @@ VARIANT_SUFFIX = {"paper": "", "from-ft": "-fromft"}
 def check_variant(variant: str) -> str:
     """``variant`` when it is one of :data:`VARIANTS`."""
     if variant not in VARIANTS:
-
         raise unknown("variant", variant, VARIANTS)
     return variant
 

@@ -92,7 +92,6 @@ def _build(name: str, quick: bool, device: torch.device) -> tuple[nn.Module, Ten
     """Model, batch and parameter subset (``None`` = all) for a bench model."""
     torch.manual_seed(0)
     if name == "tiny-vit":
-
         visual = create_backbone("tiny", seed=0).visual  # 829k parameters, like the zoo's gtsrb θ_ft
         model, B, res, params = _CosineHead(visual, 64, classes=43), (16 if quick else 64), 32, None
         note = "tvdiag 'tiny' backbone, 43 classes (gtsrb-like), all parameters"

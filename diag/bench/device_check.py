@@ -185,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-
     try:
         sys.exit(main())
     except TvdiagError as err:

@@ -114,7 +114,6 @@ def _pyhessian_runner(model: nn.Module, x: Tensor, y: Tensor, names: list[str], 
 
 
 def _trace_part(op, probes: int, ph) -> dict[str, Callable]:
-
     fns: dict[str, Callable] = {"trace": lambda r, o: hutchinson_trace(op(), num_matvecs=probes, seed=r),
                                 "hutchpp": lambda r, o: hutchpp_trace(op(), num_matvecs=probes, seed=r)}
     if ph is not None:
@@ -128,7 +127,6 @@ def _rel_err(lam: float, lam_ref: float) -> float:
 
 
 def _eig_part(op, lam_ref: float, ph) -> dict[str, Callable]:
-
     def tol(o: dict[str, list]) -> float:
         if ph is None:
             return 1e-3

@@ -83,7 +83,6 @@ def register(sub) -> None:
 
 
 def _diagnostics(args, ctx, domains, explain):
-
     check_alpha(args.alpha)
     ctx.ensure(domains, (args.alpha,), explain=explain)
     settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, seed=args.probe_seed,
@@ -191,7 +190,6 @@ def _print_hessian(out: dict, domain: str, n_images: int) -> None:
 
 
 def run_spectrum(args) -> int:
-
     ctx = context_from(args, default_domain=args.domain)
     domain = ctx.check_domain(args.domain)
     diag = _diagnostics(args, ctx, [domain], explain=False)
@@ -240,7 +238,6 @@ def _plot_density(dens, eig, path, domain) -> None:
 
 
 def run_risk(args) -> int:
-
     ctx = context_from(args, default_domain=args.target)
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
     diag = _diagnostics(args, ctx, [source, target], explain=True)
@@ -279,9 +276,7 @@ def run_risk(args) -> int:
 
 
 def run_bench(args) -> int:
-
     if args.what == "rank":
-
         out = bench_rank(args.n_params, args.n_sources, args.k)
         if args.json:
             print(json.dumps(out))

@@ -32,7 +32,6 @@ def _suite_options(p) -> None:
 
 
 def _settings(args):
-
     return CurvatureSettings(n_images=args.n_images, probes=args.probes, k=args.k)
 
 
@@ -98,9 +97,7 @@ def _budget(value: float) -> float:
 
 
 def run_rank(args) -> int:
-
     if args.target_model is not None or args.sources is not None or args.card is not None:
-
         return run_rank_folder(args)
     ctx = context_from(args, default_domain=args.target)
     check_alpha(args.alpha)
@@ -135,7 +132,6 @@ def run_rank(args) -> int:
 
 
 def run_screen(args) -> int:
-
     ctx = context_from(args, default_domain=args.target)
     check_alpha(args.alpha)
     lam = check_scale("lambda2", args.lambda2)

@@ -19,7 +19,6 @@ from train.store import base_state
 
 
 def register(sub) -> None:
-
     i = sub.add_parser("import", help="register externally trained weights (or an explainability vector) in the store",
                        description=f"Supported: {SUPPORTED}.")
     add_common(i)
@@ -49,7 +48,6 @@ def register(sub) -> None:
 
 
 def _base(store):
-
     if not store.base_path().is_file():
         raise ArtifactError(f"The store {store.folder} has no θ_base yet: import it first (`diag import --kind base "
                             "--input BASE --backbone NAME --checkpoint BASE`) or build it (`diag zoo`)")
@@ -58,7 +56,6 @@ def _base(store):
 
 
 def run_import(args) -> int:
-
     ctx = context_from(args)
     if args.kind == "base" and args.checkpoint is None and not ctx.store.base_path().is_file():
         args.checkpoint = str(args.input)  # a new base goes to the store later commands name with --checkpoint BASE
@@ -114,7 +111,6 @@ def _import_new_base(ctx, args) -> dict:
 
 
 def run_card(args) -> int:
-
     ctx = context_from(args, default_domain=args.target)
     if args.lanczos_iters is not None and args.lanczos_iters < args.k:
         raise TvdiagError(f"--lanczos-iters {args.lanczos_iters} is below --k {args.k}: the Krylov space must hold "

@@ -161,7 +161,6 @@ def emit_json(obj, *, nan_as_null: bool = False, **kwargs) -> None:
 
 
 def _writable_target(text: str, folder: bool) -> Path:
-
     path = Path(text).expanduser()
     if folder and path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a folder")

@@ -134,7 +134,6 @@ def _clean(obj):
 
 
 def run_similarity(args) -> int:
-
     ctx = context_from(args)
     alpha = check_alpha(args.alpha)
     domains = _domains(ctx, args.domains)
@@ -181,7 +180,6 @@ def _study_settings(args) -> StudySettings:
 
 
 def run_study_cmd(args) -> int:
-
     ctx = context_from(args)
     settings = _study_settings(args)
     shard = parse_shard(args.shard) if args.shard else None
@@ -303,7 +301,6 @@ def run_ceilings(args) -> int:
 
 
 def run_correlate(args) -> int:
-
     ctx = context_from(args)
     lambda2 = check_scale("lambda2", args.lambda2)
     if args.n_boot < 1 or args.n_perm < 1:

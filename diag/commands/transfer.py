@@ -54,7 +54,6 @@ def register(sub) -> None:
 
 
 def run_transfer(args) -> int:
-
     ctx = context_from(args, default_domain=args.target)
     check_alpha(args.alpha)
     check_scale("lambda1", args.lambda1)
@@ -66,11 +65,9 @@ def run_transfer(args) -> int:
     ws = ctx.workspace(args.alpha, seed=args.train_seed, variant=args.variant)
     curvature = None
     if args.method in ("project", "precondition", "blocks"):
-
         curvature = Diagnostics(ws, progress=ctx.progress).curvature(target, need_operator=args.method == "blocks")
     gains = None
     if args.method == "mix-ranked":
-
         gains, _ = study_gains(args.study or ctx.store.study_dir(DEFAULT_STUDY), target, args.train_seed, args.variant)
     result = transfer(ws, source, target, args.lambda1, args.lambda2, controls=not args.no_controls,
                       candidates=candidates, method=args.method, curvature=curvature, max_acc_drop=args.max_acc_drop,

@@ -209,7 +209,6 @@ def lanczos_topk(A, k: int, num_iters: int | None = None, seed: int = 0, tol: fl
     """
     D = _dim(A)
     if which not in _WHICH:
-
         raise unknown("eigenvalue order", which, _WHICH)
     if not 1 <= k <= D:
         raise ValueError(f"k={k} must be between 1 and D={D}")
@@ -261,7 +260,6 @@ def gradient_start(A, seed: int = 0) -> Tensor:
         TvdiagError: if ``A`` has no ``mean_gradient`` (not a model Hessian operator).
     """
     if not hasattr(A, "mean_gradient"):
-
         raise TvdiagError(f"gradient_start needs a HessianOperator (with mean_gradient), got {type(A).__name__}.")
     r = torch.randn(_dim(A), generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
     g = A.mean_gradient().detach().to("cpu", torch.float64)

@@ -114,7 +114,6 @@ def skip_exit_collection() -> None:
 class CardStream:
     """A Hessian card read block by block: eigvals, and per parameter its rows of V and r."""
     def __init__(self, path: str | Path):
-
         self.file = TensorFile(path)
         meta = self.file.metadata
         if meta.get("format") != CARD_FORMAT:

@@ -61,7 +61,6 @@ class Context:
         self.workers = resolve_workers(self.workers, self.device)
 
     def zoo_config(self):
-
         cfg = preset(self.preset)
         if self.backbone != "tiny" or self.pretrained or self.checkpoint:
             cfg = replace(cfg, backbone=self.backbone, pretrained=self.pretrained, checkpoint=self.checkpoint)
@@ -103,7 +102,6 @@ class Context:
         return Workspace(self.store, alpha, self.data, seed=seed, variant=variant, device=self.device)
 
     def check_domain(self, name: str) -> str:
-
         known = set(self.domains()) | set(available_domains())
         if name not in known:
             raise unknown("domain", name, known)

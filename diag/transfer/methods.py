@@ -197,7 +197,6 @@ def curvature_for(target: str, curvature, tau: TaskVector) -> RepairCurvature:
     stands in: the predicted loss increase is then NaN (unknown), with ``risk_source = 'none'``.
     """
     if curvature is None:
-
         names = tuple(tau.tensors)
         layout = ParamLayout(names, tuple(tuple(tau.tensors[n].shape) for n in names))
         return _NoCurvature(layout, torch.zeros(layout.dim, dtype=torch.float64))

@@ -74,7 +74,6 @@ class Zoo:
     def domain(self, name: str) -> Domain:
         """The domain ``name`` loaded at the backbone's input size (:func:`train.datasets.domain_for`)."""
         if name not in self._domains:
-
             self._domains[name] = domain_for(load_config(self.config.backbone), name, self.data.get(name))
         return self._domains[name]
 
@@ -221,7 +220,6 @@ class Zoo:
 
     def _explain(self, model: SelfExplainingCLIP, x: torch.Tensor, y: torch.Tensor, desc: str) -> torch.Tensor:
         if self.config.supervision == "gradcam":
-
             return gradcam_patches(model, x, y).float()
         chunk = 32
         gen = torch.Generator().manual_seed(self.config.seed)

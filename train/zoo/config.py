@@ -90,6 +90,5 @@ PRESETS: dict[str, ZooConfig] = {
 
 def preset(name: str) -> ZooConfig:
     if name not in PRESETS:
-
         raise unknown("zoo preset", name, PRESETS)
     return PRESETS[name]
