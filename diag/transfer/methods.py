@@ -248,8 +248,8 @@ METHODS: tuple[str, ...] = tuple(REGISTRY)
 MIX_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY.values() if m.mix)
 #: Methods that read the target's curvature.
 CURVED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY.values() if m.curvature is not None)
-#: The largest tier.
-TIERS: tuple[int, ...] = (0, 1, 2)
+#: The data-access tiers some method belongs to (0: weights only, 1: a card, 2: labelled target images).
+TIERS: tuple[int, ...] = tuple(sorted({t for m in REGISTRY.values() for t in m.tiers}))
 
 
 def tier_methods_of(tier: int) -> tuple[str, ...]:
