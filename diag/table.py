@@ -6,8 +6,12 @@ written to ``<study>/pairs.csv`` (or ``pairs-shard{i}of{n}.csv`` for shard i of 
 atomically, with a side file ``<table>.check.json`` holding the row count and the sha256 of
 the bytes. Reading validates the table (complete last line, the side file, required columns,
 numeric dtypes, finite values where a row cannot be without them) and refuses a damaged one
-with an :class:`~train.errors.ArtifactError` naming the file and the problem. A table that
-could not be read completely is never appended to.
+with an :class:`~train.errors.ArtifactError` naming the file and the problem; a table without
+its side file is untrusted and refused too (``diag study --verify`` recomputes its rows and
+re-checks it). A table that could not be read completely is never appended to.
+
+Same inputs, same bytes: wall-clock columns (``seconds``) never enter the table; they go to
+its side file ``<table>.timings.json`` (pair_key and λ2 → seconds).
 
 A pair's ``pair_key`` hashes the settings and the content keys of every artifact the pair was
 computed from: a pair whose key and λ2 are already in the table is skipped on resume.
@@ -28,7 +32,7 @@ from diag.runtime.distributed import rank_and_world
 from diag.stats import with_normalised
 from train.errors import ArtifactError, DataError, TvdiagError, unknown
 from train.store import content_key, Store
-from train.tensorio import atomic_write_bytes, read_metadata
+from train.tensorio import atomic_write_bytes, is_timing_key, read_metadata, timings_path
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +134,11 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
     """Write ``df`` atomically (temp file + rename) with its side file (row count, sha256).
 
     The side file is replaced first and also names the table it replaces (``previous``), so a
-    kill between the two renames leaves a complete old table that still checks out.
+    kill between the two renames leaves a complete old table that still checks out. Timing
+    columns are dropped (:func:`append_rows` keeps them in the timings side file).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    df = df.drop(columns=[c for c in df.columns if is_timing_key(c)])
     data = df.to_csv(index=False).encode()
     check = {"rows": int(len(df)), "sha256": hashlib.sha256(data).hexdigest()}
     if path.is_file():
@@ -142,17 +148,19 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
         atomic_write_bytes(target, payload)
 
 
-def _checked_rows(path: Path, data: bytes) -> int | None:
-    """Row count the side file promises for ``data`` (None without a side file); ArtifactError on mismatch."""
+def _checked_rows(path: Path, data: bytes) -> int:
+    """Row count the side file promises for ``data``; ArtifactError without a side file or on a mismatch."""
     side = check_path(path)
     if not side.is_file():
-        return None
+        raise ArtifactError(f"study table {path} has no check file {side.name}, so it cannot be trusted: "
+                            "`diag study --verify` recomputes its rows and re-checks it, `diag study --fresh` "
+                            "replaces it")
     try:
         check = json.loads(side.read_text())
         entries = [check] + ([check["previous"]] if "previous" in check else [])
         accepted = {str(e["sha256"]): int(e["rows"]) for e in entries}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"study table check file {side} is damaged: {exc}") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"study table check file {side} is damaged: {_first_line(exc)}") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest not in accepted:
         raise ArtifactError(f"study table {path} does not match its check file {side.name} "
@@ -160,11 +168,29 @@ def _checked_rows(path: Path, data: bytes) -> int | None:
     return accepted[digest]
 
 
-def read_table(path: Path) -> pd.DataFrame:
+def certify(path: Path) -> None:
+    """Write the side file of ``path``'s current bytes (after its rows were re-checked by recomputation)."""
+    data = Path(path).read_bytes()
+    rows = len(read_table(path, trusted=False))
+    atomic_write_bytes(check_path(path), json.dumps({"rows": rows, "sha256": hashlib.sha256(data).hexdigest()}).encode())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_table(path: Path, trusted: bool = True) -> pd.DataFrame:
     """Read and validate a pair table.
 
+    Args:
+        path: the table.
+        trusted: check it against its side file (always, except to re-check an untrusted table
+            by recomputing its rows: :func:`diag.study.verify.verify_study`).
+
     Raises:
-        ArtifactError: the file is not a complete, consistent pair table (names the file and the problem).
+        ArtifactError: the file is not a complete, consistent pair table, or has no valid side
+            file (names the file and the problem).
     """
     path = Path(path)
     if not path.is_file():
@@ -172,7 +198,7 @@ def read_table(path: Path) -> pd.DataFrame:
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         raise ArtifactError(f"study table {path} is truncated: its last line is incomplete")
-    rows = _checked_rows(path, data)
+    rows = _checked_rows(path, data) if trusted else None
     try:
         df = pd.read_csv(path, dtype={c: "string" for c in TEXT})
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -203,11 +229,22 @@ def _finite(v) -> bool:
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
-    """Add rows to a table: the old one is read (validated) in full first, then rewritten atomically."""
+    """Add rows to a table: the old one is read (validated) in full first, then rewritten atomically.
+
+    Timing values of the rows go to the table's timings side file, keyed ``<pair_key>|<λ2>``.
+    """
+    old = read_table(path) if path.is_file() else None
+    timing = {f"{r['pair_key']}|{lam_key(r['lambda2'])}": {k: v for k, v in r.items() if is_timing_key(k)}
+              for r in rows if any(is_timing_key(k) for k in r)}
     new = pd.DataFrame(rows)
-    if path.is_file():
-        new = pd.concat([read_table(path), new], ignore_index=True)
-    write_table(new, path)
+    write_table(new if old is None else pd.concat([old, new], ignore_index=True), path)
+    if timing:
+        side = timings_path(path)
+        try:
+            known = json.loads(side.read_text()) if side.is_file() else {}
+        except (ValueError, UnicodeDecodeError):
+            known = {}  # timings are informative only: a damaged side file is started afresh
+        atomic_write_bytes(side, json.dumps({**known, **timing}, sort_keys=True, indent=1).encode())
 
 
 def dedupe(df: pd.DataFrame) -> pd.DataFrame:

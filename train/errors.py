@@ -32,6 +32,10 @@ class StoreError(TvdiagError):
     """The artifact store cannot be written or read."""
 
 
+class UncheckedArtifactWarning(UserWarning):
+    """A tvdiag artifact written before checksums existed: its tensor bytes cannot be verified."""
+
+
 def unknown(kind: str, name: str, available) -> UnknownNameError:
     """Build the standard ``Unknown <kind> 'x'. Available: a, b, c`` error."""
     choices = ", ".join(sorted(available))

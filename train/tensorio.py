@@ -9,12 +9,20 @@ Same inputs, same bytes: the file is encoded here (not by ``safetensors.save_fil
 header order varies) with tensors in sorted name order and a JSON header with sorted keys.
 Wall-clock timings are kept out of the content and written to a side file
 ``<stem>.timings.json``; the torch thread count is part of the provenance.
+
+Integrity: every file records ``tensors_sha256``, the sha256 of its data section (the bytes
+after the JSON header, i.e. every tensor's bytes in file order), and :func:`load_tensors`
+verifies it, so a flipped bit in a stored tensor is refused instead of changing an answer.
+By hand: ``tail -c +$((9 + n)) FILE | sha256sum`` with ``n`` the header length (the file's
+first 8 bytes, little-endian).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 import re
 import tempfile
 import time
@@ -25,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from train import __version__
-from train.errors import ArtifactError, StoreError
+from train.errors import ArtifactError, StoreError, UncheckedArtifactWarning
 
 _PICKLE_MAGIC = (b"\x80",)           # pickle protocol 2+ opcode PROTO
 _ZIP_MAGIC = b"PK\x03\x04"           # torch.save's zip container (holds a pickle)
@@ -34,6 +42,9 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
            torch.bool: "BOOL"}
 _TMP_PID = re.compile(r"^\..+\.(\d+)\.[^.]*\.tmp$")
 _STALE_AFTER_S = 24 * 3600           # a .tmp without a parseable writer pid is stale after a day
+#: metadata key of the data section's sha256 (set by :func:`save_tensors`, checked by :func:`load_tensors`)
+CHECKSUM_KEY = "tensors_sha256"
+_CHUNK = 1 << 22
 
 
 def is_timing_key(key: str) -> bool:
@@ -111,14 +122,23 @@ def _write_safetensors(fh: BinaryIO, tensors: Mapping[str, torch.Tensor], meta: 
                         "data_offsets": [offset, offset + nbytes]}
         payload.append(tensor)
         offset += nbytes
-    header["__metadata__"] = dict(sorted(meta.items()))
+    digest = hashlib.sha256()
+    for tensor in payload:
+        if tensor.numel():
+            digest.update(_bytes_of(tensor))
+    header["__metadata__"] = dict(sorted({**meta, CHECKSUM_KEY: digest.hexdigest()}.items()))
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
     fh.write(len(text).to_bytes(8, "little"))
     fh.write(text)
     for tensor in payload:
         if tensor.numel():
-            fh.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            fh.write(_bytes_of(tensor))
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def atomic_write(path: Path, write) -> None:
@@ -168,7 +188,7 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor],
     """
     path = Path(path)
     check_writable(path.parent)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items() if k != CHECKSUM_KEY}
     timings = {k: meta.pop(k) for k in [k for k in meta if is_timing_key(k)]}
     meta.setdefault("tvdiag_version", __version__)
     meta.setdefault("torch_threads", str(torch.get_num_threads()))
@@ -209,8 +229,41 @@ def _sniff(path: Path) -> None:
     raise ArtifactError(f"{path} is not a safetensors file")
 
 
+def data_sha256(path: str | Path) -> str:
+    """sha256 of a safetensors file's data section (every byte after the JSON header)."""
+    with Path(path).open("rb") as fh:
+        fh.seek(8 + int.from_bytes(fh.read(8), "little"))
+        digest = hashlib.sha256()
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checksum(path: str | Path, meta: Mapping[str, str]) -> bool:
+    """Check the data section of ``path`` against its recorded ``tensors_sha256``.
+
+    Returns True when verified, False for a file without a checksum (written by a tvdiag
+    before checksums, or by another tool).
+
+    Raises:
+        ArtifactError: the bytes differ from the checksum recorded when the file was written.
+    """
+    recorded = meta.get(CHECKSUM_KEY)
+    if recorded is None:
+        return False
+    actual = data_sha256(path)
+    if actual != recorded:
+        raise ArtifactError(f"{path} is damaged: its tensor bytes have sha256 {actual[:12]}…, not the "
+                            f"{recorded[:12]}… recorded when it was written; pass --rebuild with its domain "
+                            "(or delete it) to replace it")
+    return True
+
+
 def _read(path: str | Path, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Open a safetensors file after the existence and pickle checks; read metadata (and tensors)."""
+    """Open a safetensors file after the existence and pickle checks; read metadata (and tensors).
+
+    With ``tensors`` the data section is verified against the recorded checksum first.
+    """
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"Missing artifact: {path}")
@@ -218,7 +271,12 @@ def _read(path: str | Path, tensors: bool) -> tuple[dict[str, torch.Tensor], dic
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
+            if tensors and not verify_checksum(path, meta) and "tvdiag_version" in meta:
+                warnings.warn(f"{path} was written without a checksum (an older tvdiag): its bytes cannot be "
+                              "verified; `diag verify` lists such files", UncheckedArtifactWarning, stacklevel=3)
             values = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}
+    except ArtifactError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ArtifactError(f"Corrupt or truncated safetensors file {path}: {err}") from err
     return values, meta

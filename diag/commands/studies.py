@@ -21,6 +21,7 @@ from diag.study.parallel import complete_study
 from diag.study.report import study_report
 from diag.study.run import run_study, StudySettings
 from diag.study.summary import figure2_frame, summarize
+from diag.study.verify import untrusted_tables, verify_study
 from diag.transfer.methods import METHODS
 from diag.table import (at_lambda, DEFAULT_STUDY, load_study, merge_shards, of_method, PAIRS_FILE, parse_shard,
                         select_run)
@@ -48,6 +49,9 @@ def register(sub) -> None:
     p.add_argument("--no-curvature", action="store_true", help="skip the R columns (cosines and norms only)")
     p.add_argument("--no-controls", action="store_true", help="skip the control columns")
     p.add_argument("--fresh", action="store_true", help="recompute pairs already in the table")
+    p.add_argument("--verify", action="store_true",
+                   help="re-check a table refused as untrusted (no or a damaged check file): recompute its rows "
+                        "with these settings and re-certify it if every row agrees (nothing is written otherwise)")
     p.add_argument("--kernelshap-budget", action="store_true",
                    help="also Figure 5: Kernel SHAP with P = 50 … 1000 vs the proposed model")
     p.add_argument("--ks-images", type=N_IMAGES, default=32, help="test images per target for --kernelshap-budget")
@@ -187,8 +191,12 @@ def run_study_cmd(args) -> int:
     if args.ks_images < 1:
         raise DataError(f"--ks-images must be positive, got {args.ks_images}")
     domains = _domains(ctx, args.domains)
-    store = ctx.ensure(domains, (alpha,), variants=(args.variant,), seeds=tuple(seeds))
-    out = Path(args.out) if args.out else store.study_dir(DEFAULT_STUDY)
+    out = Path(args.out) if args.out else ctx.store.study_dir(DEFAULT_STUDY)
+    if args.verify:
+        return _verify(args, ctx, domains, settings, out)
+    if not args.fresh:
+        merge_shards(out, write=False)  # a damaged or untrusted table is refused before anything is built
+    ctx.ensure(domains, (alpha,), variants=(args.variant,), seeds=tuple(seeds))
     rank, world = rank_and_world()
     merged_rank0 = is_distributed() and world > 1 and rank == 0
     ws = ctx.workspace(alpha, seed=seeds[0], variant=args.variant)
@@ -225,6 +233,26 @@ def run_study_cmd(args) -> int:
     if methods is not None:
         print()
         print(methods.table())
+    return 0
+
+
+def _verify(args, ctx, domains, settings, out) -> int:
+    """``diag study --verify``: recompute and re-certify the untrusted tables of ``out``."""
+    if args.fresh or args.shard:
+        raise DataError("--verify re-checks the existing tables: it takes neither --fresh nor --shard")
+    if not untrusted_tables(out):
+        checks = []
+    else:
+        store = ctx.ensure(domains, (settings.alpha,), variants=(settings.variant,), seeds=tuple(settings.seeds))
+        checks = verify_study(store, domains, settings, out, progress=ctx.progress, data=ctx.data,
+                              workspace=ctx.workspace(settings.alpha, seed=settings.seeds[0], variant=settings.variant))
+    if args.json:
+        emit_json({"study": str(out), "tables": [c.to_dict() for c in checks]})
+        return 0
+    if not checks:
+        print(f"study {out}: every table checks out against its check file; nothing to verify")
+    for c in checks:
+        print(f"study table {c.path}: all {c.rows} rows agree with their recomputation; check file rewritten")
     return 0
 
 

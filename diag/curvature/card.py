@@ -30,7 +30,7 @@ from diag.curvature.lanczos import lanczos_topk
 from diag.curvature.operators import CurvatureOperator
 from diag.curvature.params import ParamLayout
 from train.errors import ArtifactError, BaseMismatchError, TvdiagError
-from train.tensorio import save_tensors
+from train.tensorio import save_tensors, verify_checksum
 
 __all__ = ["CARD_FORMAT", "HessianCard", "build_card"]
 
@@ -184,6 +184,7 @@ class HessianCard:
                 if meta.get("format") != CARD_FORMAT:
                     raise ArtifactError(f"'{path}' is not a Hessian card (format {meta.get('format')!r}, "
                                         f"expected {CARD_FORMAT!r}).")
+                verify_checksum(path, meta)
                 keys = set(f.keys())
                 missing = {"eigvals", "eigvecs", "residual_diag"} - keys
                 if missing:

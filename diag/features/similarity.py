@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from train.errors import ArtifactError, BaseMismatchError, DataError, unknown
 from train.store import alpha_tag
+from train.tensorio import verify_checksum
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,9 @@ class _Reader:
                     raise ArtifactError(f"task vector file not found: {f}")
                 try:
                     self.handles[f] = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+                    verify_checksum(f, self.handles[f].metadata() or {})
+                except ArtifactError:
+                    raise
                 except (SafetensorError, OSError, ValueError) as exc:
                     raise ArtifactError(f"cannot read safetensors file {f}: {exc}") from exc
         self._check_base()
