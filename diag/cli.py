@@ -23,7 +23,7 @@ from diag.runtime.distributed import close_group, init_group, is_distributed, ra
 from train.devices import check_bf16, hold_notices, resolve_device
 from train.errors import TvdiagError
 
-COMMAND_MODULES = ("transfer", "curvature", "studies", "decide", "openworld")
+COMMAND_MODULES = ("transfer", "curvature", "studies", "decide", "openworld", "integrity")
 
 
 class _ArgumentError(Exception):

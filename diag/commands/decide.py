@@ -16,7 +16,7 @@ from diag.decide.rules import method_verdict, quadratic_loss_increase, screen_ve
 from diag.features.pair_features import CurvatureSettings, Diagnostics
 from diag.study.parallel import complete_study
 from diag.study.run import StudySettings
-from diag.table import at_lambda, load_study, of_method, select_run
+from diag.table import at_lambda, DEFAULT_STUDY, load_study, merge_shards, of_method, select_run
 from train.errors import TvdiagError
 from train.losses import check_alpha
 from train.vectors import check_scale
@@ -78,10 +78,10 @@ def _suite(ctx, args) -> list[str]:
 def _study_table(ctx, args):
     """The all-pairs study of the suite at λ2 = 0.7: a given ``--study`` is read; the store's is run or resumed."""
     domains = _suite(ctx, args)
+    merge_shards(args.study or ctx.store.study_dir(DEFAULT_STUDY), write=False)  # a damaged table: refused first
     store = ctx.ensure(domains, (args.alpha,))
     ws = ctx.workspace(args.alpha)
     if args.study and not args.extend:  # one run (variant, seed): a pair counted once
-
         run = select_run(load_study(args.study, lambda2=PAPER_LAMBDA2), getattr(args, "variant", None),
                          getattr(args, "train_seed", None))
         return store, ws, run

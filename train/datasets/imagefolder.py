@@ -10,6 +10,14 @@ folder names, underscores read as spaces.
 
 Every image is decoded with PIL, converted to RGB, centre-cropped to a square and resized
 (bicubic) to ``image_size`` (224 by default), and stored as uint8 ``(N, S, S, 3)``.
+
+What is read, and what is not: only regular files count as images (FIFOs, devices, sockets
+and dangling links are skipped, with one warning line that counts them); a folder reached
+twice within a class folder (a symlink loop, or two links to one folder) is listed once, by
+its real path; a file
+larger than :data:`MAX_IMAGE_BYTES` is refused before it is read, and an image with more
+pixels than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) before it is
+decoded.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import io
 import logging
 import os
 import re
+import stat
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +52,8 @@ from train.errors import DataError
 log = logging.getLogger(__name__)
 
 Items = list[tuple[Path, int]]  # (image file, label) pairs of one split
+#: No image file is read whose size exceeds this (bytes): larger is not a photo of a dataset.
+MAX_IMAGE_BYTES = 256 * 2**20
 
 
 def require_folder(label: str, path: str | os.PathLike, hint: str) -> Path:
@@ -59,22 +70,60 @@ def require_folder(label: str, path: str | os.PathLike, hint: str) -> Path:
     return p
 
 
-def _list_images(folder: Path) -> list[Path]:
+class _Scan:
+    """What a folder scan has seen: real paths of the folders listed, and the files it skipped."""
+
+    def __init__(self):
+        self.folders: set[tuple[int, int]] = set()
+        self.special = 0
+
+    def first_visit(self, folder: str | Path) -> bool:
+        """True the first time a folder (by device and inode: its real identity) is reached."""
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return False
+        ident = (st.st_dev, st.st_ino)
+        if ident in self.folders:
+            return False
+        self.folders.add(ident)
+        return True
+
+    def warn(self, root: Path) -> None:
+        if self.special:
+            warnings.warn(f"{root}: skipped {self.special} image-named file(s) that are not regular files (FIFOs, "
+                          "devices, sockets or dangling links)", DataWarning, stacklevel=4)
+
+
+def _list_images(folder: Path, scan: _Scan) -> list[Path]:
+    """Regular image files under ``folder`` (links followed, each real folder listed once per class folder)."""
     out = []
+    scan.folders = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        if not scan.first_visit(dirpath):
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                out.append(Path(dirpath) / f)
+                path = Path(dirpath) / f
+                try:
+                    regular = stat.S_ISREG(os.stat(path).st_mode)
+                except OSError:  # a dangling link or a loop of links
+                    regular = False
+                if regular:
+                    out.append(path)
+                else:
+                    scan.special += 1
     return out
 
 
-def _class_folders(folder: Path) -> dict[str, list[Path]]:
+def _class_folders(folder: Path, scan: _Scan) -> dict[str, list[Path]]:
     """``{class folder name: [image paths]}`` for the non-hidden subfolders holding images."""
     out: dict[str, list[Path]] = {}
     for d in sorted(folder.iterdir()):
         if d.is_dir() and not d.name.startswith("."):
-            files = _list_images(d)
+            files = _list_images(d, scan)
             if files:
                 out[d.name] = files
     return out
@@ -89,10 +138,13 @@ def _scan_layout(root: Path) -> tuple[str, dict[str, dict[str, list[Path]]]]:
     """
     train = root / "train"
     test = next((root / t for t in ("test", "val") if (root / t).is_dir()), None)
+    scan = _Scan()
     if train.is_dir() and test is not None:
         if test.name == "val":
             log.info("%s: no test/ folder, using val/ as the test split", root)
-        return "split", {"train": _class_folders(train), "test": _class_folders(test)}
+        parts = {"train": _class_folders(train, scan), "test": _class_folders(test, scan)}
+        scan.warn(root)
+        return "split", parts
     if train.is_dir() and not any(
         d.is_dir() and d.name != "train" and not d.name.startswith(".") for d in root.iterdir()
     ):
@@ -102,8 +154,11 @@ def _scan_layout(root: Path) -> tuple[str, dict[str, dict[str, list[Path]]]]:
             DataWarning,
             stacklevel=3,
         )
-        return "flat", {"all": _class_folders(train)}
-    return "flat", {"all": _class_folders(root)}
+        parts = {"all": _class_folders(train, scan)}
+    else:
+        parts = {"all": _class_folders(root, scan)}
+    scan.warn(root)
+    return "flat", parts
 
 
 def _match_folders(key: str, classnames: Sequence[str], folders: Sequence[str]) -> dict[str, int]:
@@ -159,8 +214,12 @@ def _read_image(path: Path, size: int) -> tuple[np.ndarray, str]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        raw = path.read_bytes()
+        raw = _read_regular(path)
         with Image.open(io.BytesIO(raw)) as im:
+            w, h = im.size
+            if w * h > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                raise DataError(f"{path}: {w}x{h} pixels exceed Pillow's decompression-bomb limit "
+                                f"(PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}); not decoded")
             im = im.convert("RGB")
             w, h = im.size
             s = min(w, h)
@@ -169,8 +228,31 @@ def _read_image(path: Path, size: int) -> tuple[np.ndarray, str]:
             if s != size:
                 im = im.resize((size, size), Image.Resampling.BICUBIC)
             return np.asarray(im, dtype=np.uint8), hashlib.sha256(raw).hexdigest()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from e
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of ``path``, opened without blocking and read only if it is a regular file of a sane size.
+
+    Raises:
+        DataError: not a regular file (it may have been replaced since it was listed), or
+            larger than :data:`MAX_IMAGE_BYTES`.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path}: not a regular file; not read")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise DataError(f"{path}: {st.st_size} bytes, more than an image file may have "
+                            f"({MAX_IMAGE_BYTES} bytes); not read")
+        raw = fh.read(MAX_IMAGE_BYTES + 1)
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise DataError(f"{path}: grew past {MAX_IMAGE_BYTES} bytes while it was read; not read")
+    return raw
 
 
 def _load_items(
