@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STUDY = "allpairs"
 PAIRS_FILE = "pairs.csv"
-STUDY_VERSION = 3
+STUDY_VERSION = 4
 CHECK_SUFFIX = ".check.json"
 #: What identifies a row besides its ``pair_key``: the pair, λ2, the run and the transfer method.
 ROW_ID = ("source", "target", "lambda2", "alpha", "seed", "variant", "method")

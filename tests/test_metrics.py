@@ -114,3 +114,47 @@ def test_alpha_loss_interpolates_ce_and_explanation_loss():
         check_alpha(1.5)
     with pytest.raises(TvdiagError):
         check_alpha(-0.1)
+
+
+def test_image_correlation_by_hand_and_its_limits():
+    from diag.transfer.metrics import image_correlations
+
+    zero = torch.zeros(3, dtype=torch.float64)
+    pred = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64)
+    true = torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float64)
+    # centred maps [1, 0, −1] and [1, −1, 0]: ⟨a, b⟩ = 1, ‖a‖ = ‖b‖ = √2 → ρ = 1/2
+    assert image_correlations(pred, true, zero, zero).item() == pytest.approx(0.5, abs=1e-15)
+    phi = torch.randn(20, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mu = phi.mean(0)
+    assert torch.allclose(image_correlations(3 * phi + 2, phi, 3 * mu + 2, mu), torch.ones(20, dtype=torch.float64))
+    assert torch.allclose(image_correlations(-phi, phi, -mu, mu), -torch.ones(20, dtype=torch.float64))
+    prior = mu.expand_as(phi)  # a fixed spatial prior: its centred map is 0 → ρ = 0 for every image
+    assert torch.equal(image_correlations(prior, phi, mu, mu), torch.zeros(20, dtype=torch.float64))
+
+
+def test_image_specific_ermse_is_two_minus_two_rho():
+    """For z-scored centred maps E-RMSE_img² = 2 − 2ρ̄: why a prior's 1 is beaten only at ρ̄ > 0.5."""
+    from diag.transfer.metrics import ermse_image_specific, image_correlations
+
+    g = torch.Generator().manual_seed(1)
+    true = torch.randn(30, 16, dtype=torch.float64, generator=g)
+    pred = 0.4 * true + torch.randn(30, 16, dtype=torch.float64, generator=g)
+    rho = image_correlations(pred, true)
+    assert ermse_image_specific(pred, true) ** 2 == pytest.approx(2 - 2 * rho.mean().item(), rel=1e-6)
+
+
+def test_paired_difference_is_the_mean_and_se_of_per_image_differences():
+    from diag.transfer.metrics import paired_corr_difference, score
+
+    g = torch.Generator().manual_seed(2)
+    true = torch.randn(25, 16, dtype=torch.float64, generator=g)
+    labels = torch.zeros(25, dtype=torch.long)
+    good = score("a", None, labels, true + 0.5 * torch.randn(25, 16, dtype=torch.float64, generator=g), true, 1.0)
+    bad = score("b", None, labels, torch.randn(25, 16, dtype=torch.float64, generator=g), true, 1.0)
+    d = good.per_image_corr - bad.per_image_corr
+    diff = paired_corr_difference(good, bad)
+    assert diff.n == 25 and diff.mean == pytest.approx(float(d.mean()))
+    assert diff.se == pytest.approx(float(d.std(unbiased=True)) / 5)
+    assert good.corr_img_se == pytest.approx(float(good.per_image_corr.std()) / 5)
+    assert diff.ci95()[0] > 0  # a noisy copy beats an unrelated map, paired over the same images
+    assert "per_image_corr" not in good.to_dict()

@@ -35,7 +35,13 @@ _COUNT_LINES = (("better_keep90", "E-RMSE < θ_ftᵀ and acc ≥ 90 % (headline)
                 ("better_keep90_img", "same, image-specific E-RMSE"),
                 ("lower_ermse", "E-RMSE < θ_ftᵀ"), ("keep90", "acc ≥ 90 % of θ_ftᵀ"),
                 *((f"wins.{c}", f"beats {VARIANTS[c]} (E-RMSE)") for c in CONTROLS),
-                *((f"wins_img.{c}", f"beats {VARIANTS[c]} (img E-RMSE)") for c in CONTROLS))
+                *((f"wins_img.{c}", f"beats {VARIANTS[c]} (img E-RMSE)") for c in CONTROLS),
+                ("image.signal", "ρ̄ > 0 (95% CI over images)"),
+                ("image.beats_other_rescaled", "ρ̄ > τ* of other source at ‖τ*ˢ‖ (paired)"),
+                ("image.beats_ft_target", "ρ̄ > θ_ftᵀ's (paired)"),
+                ("image.upper_signal", "θ_ft*ᵀ (upper bound): ρ̄ > 0"),
+                *((f"corr.{r}", f"mean ρ̄, {r.replace('_', ' ')}") for r in ("proposed", "ft_target", "other_rescaled",
+                                                                            "ftx_target")))
 
 
 @dataclass(frozen=True)
@@ -85,9 +91,12 @@ class StudyReport:
                 out.append(f"  {f'{title} ({n} ordered pairs)':46s}" + "".join(f"  seed {r.seed:>3d}" for r in v.runs)
                            + "   mean ± sd")
                 for key, label in _COUNT_LINES:
+                    if key not in agg:
+                        continue  # a table written before the image-level columns
                     m, s = agg[key]
-                    cells = "".join(f"  {c.flat()[key]:>8d}" for c in per)
-                    out.append(f"    {label:44s}{cells}   {m:.1f} ± " + (f"{s:.1f}" if s == s else "— (one seed)"))
+                    fmt = ".3f" if key.startswith("corr.") else ".1f"
+                    cells = "".join(f"  {c.flat()[key]:>8{'.3f' if key.startswith('corr.') else 'd'}}" for c in per)
+                    out.append(f"    {label:44s}{cells}   {m:{fmt}} ± " + (f"{s:{fmt}}" if s == s else "— (one seed)"))
             if v.table1 is not None:
                 out.append(_format_table1(v.table1, self.source, len(v.runs)))
         out += [f"note: {n}" for n in self.notes]
@@ -98,9 +107,11 @@ def _format_table1(t: pd.DataFrame, source: str, n_seeds: int) -> str:
     sd = "sd_seeds" if n_seeds > 1 else "sd_targets"
     head = (f"  Table 1 analog, source {source} (mean over targets; ± sd over "
             f"{'seeds' if n_seeds > 1 else 'targets, one seed'})")
-    lines = [head, f"    {'model':38s} {'accuracy':>15s} {'E-RMSE':>15s} {'img E-RMSE':>15s}   paper acc/E-RMSE"]
+    lines = [head, f"    {'model':38s} {'accuracy':>15s} {'E-RMSE':>15s} {'img E-RMSE':>15s} {'ρ̄':>15s}   "
+                   "paper acc/E-RMSE"]
     for model, r in t.iterrows():
-        cells = " ".join(f"{r[f'{m}_mean']:7.3f}±{r[f'{m}_{sd}']:<7.3f}" for m in ("accuracy", "ermse", "ermse_img")
+        cells = " ".join(f"{r[f'{m}_mean']:7.3f}±{r[f'{m}_{sd}']:<7.3f}" for m in ("accuracy", "ermse", "ermse_img",
+                                                                                   "corr_img")
                          if f"{m}_mean" in r)
         paper = f"   {r['paper_accuracy']:.3f} / {r['paper_ermse']:.3f}" if r["paper_accuracy"] == r["paper_accuracy"] else ""
         lines.append(f"    {model:38s} {cells}{paper}")

@@ -42,6 +42,11 @@ class HeadlineCounts:
         lower_ermse, keep90: the two halves of the headline.
         wins, wins_img: control → pairs whose E-RMSE (image-specific E-RMSE) is below the control's.
         n_controls: control → pairs where the control was scored.
+        image: the image-level test (tables with ``corr_img``): ``signal`` = pairs whose ρ̄ has a
+            95 % CI above 0 (over images), ``beats_other_rescaled`` / ``beats_ft_target`` = pairs where
+            the paired per-image ρ̄ difference against that row has a 95 % CI above 0, ``upper_signal``
+            = the same as ``signal`` for θ_ft*ᵀ (the in-domain upper bound).
+        corr: row → mean ρ̄ over pairs (``proposed``, ``ft_target``, ``other_rescaled``, ``ftx_target``).
     """
 
     n_pairs: int
@@ -53,13 +58,18 @@ class HeadlineCounts:
     wins: dict
     wins_img: dict
     n_controls: dict
+    image: dict = field(default_factory=dict)
+    corr: dict = field(default_factory=dict)
 
-    def flat(self) -> dict[str, int]:
-        """Every count under one name (``wins.random``, ``wins_img.meanmap``, …): what is averaged over seeds."""
+    def flat(self) -> dict[str, float]:
+        """Every count under one name (``wins.random``, ``image.signal``, ``corr.proposed``, …): what is averaged over
+        seeds (``corr.*`` are mean ρ̄, the rest counts)."""
         out = {k: getattr(self, k) for k in ("n_pairs", "n_rows", "better_keep90", "better_keep90_img",
                                               "lower_ermse", "keep90")}
         out.update({f"wins.{k}": v for k, v in self.wins.items()})
         out.update({f"wins_img.{k}": v for k, v in self.wins_img.items()})
+        out.update({f"image.{k}": v for k, v in self.image.items()})
+        out.update({f"corr.{k}": v for k, v in self.corr.items()})
         return out
 
 
@@ -96,6 +106,8 @@ class StudySummary:
     mean_acc_norm: float = float("nan")
     mean_acc_norm_se: float = float("nan")
     mean_ermse_norm_controls: dict = field(default_factory=dict)
+    image: dict = field(default_factory=dict)
+    corr: dict = field(default_factory=dict)
 
     def verdicts(self) -> list[str]:
         """Plain sentences, including when the method does NOT beat a control."""
@@ -112,6 +124,14 @@ class StudySummary:
                 out.append(f"the transfer beats the control '{label}' on E-RMSE in {k}/{m} pairs")
             else:
                 out.append(f"the transfer does NOT beat the control '{label}' on E-RMSE: better in only {k}/{m} pairs")
+        if self.image:
+            c, i = self.corr, self.image
+            out.append(f"image-level test (ρ̄: per-image correlation of the centred maps; chance and any fixed prior 0): "
+                       f"mean ρ̄ {c.get('proposed', float('nan')):+.3f} (θ_ftᵀ {c.get('ft_target', float('nan')):+.3f}, "
+                       f"τ* of another source at ‖τ*ˢ‖ {c.get('other_rescaled', float('nan')):+.3f}, upper bound θ_ft*ᵀ "
+                       f"{c.get('ftx_target', float('nan')):+.3f}); ρ̄ > 0 in {i['signal']}/{n} pairs (95% CI), above "
+                       f"the other source's τ* in {i['beats_other_rescaled']}/{n} and above θ_ftᵀ in "
+                       f"{i['beats_ft_target']}/{n} (paired per-image tests)")
         return out
 
     def __repr__(self) -> str:
@@ -150,10 +170,38 @@ def headline_counts(rows: pd.DataFrame, n_pairs: int | None = None, keep: float 
         wins[ctrl] = int((rows["ermse"] < rows[f"ermse_{ctrl}"])[have].sum()) if counts[ctrl] else 0
         img = f"ermse_img_{ctrl}"
         wins_img[ctrl] = int((rows["ermse_img"] < rows[img])[have].sum()) if counts[ctrl] and img in rows else 0
+    image, corr = image_level(rows)
     return HeadlineCounts(n_pairs=len(rows) if n_pairs is None else int(n_pairs), n_rows=len(rows),
                           better_keep90=better["ermse"], better_keep90_img=better["img"],
                           lower_ermse=int((rows["ermse"] < rows["ermse_ft_target"]).sum()), keep90=int(kept.sum()),
-                          wins=wins, wins_img=wins_img, n_controls=counts)
+                          wins=wins, wins_img=wins_img, n_controls=counts, image=image, corr=corr)
+
+
+#: Rows whose mean ρ̄ the headline reports (study-table suffixes; "" = the proposed model).
+CORR_ROWS = {"proposed": "", "ft_target": "_ft_target", "other_rescaled": "_other_rescaled",
+             "ftx_target": "_ftx_target"}
+
+
+def image_level(rows: pd.DataFrame, z: float = 1.96) -> tuple[dict[str, int], dict[str, float]]:
+    """The image-level test over pairs: counts of 95 % CIs above 0 (see :class:`HeadlineCounts`) and mean ρ̄ per row.
+
+    Empty for tables written before ``corr_img`` existed.
+    """
+    if "corr_img" not in rows.columns:
+        return {}, {}
+
+    def above(mean: str, se: str) -> int:
+        if mean not in rows.columns or se not in rows.columns:
+            return 0
+        return int((pd.to_numeric(rows[mean], errors="coerce") - z * pd.to_numeric(rows[se], errors="coerce") > 0).sum())
+
+    image = {"signal": above("corr_img", "corr_img_se"),
+             "beats_other_rescaled": above("corr_img_vs_other_rescaled", "corr_img_vs_other_rescaled_se"),
+             "beats_ft_target": above("corr_img_vs_ft_target", "corr_img_vs_ft_target_se"),
+             "upper_signal": above("corr_img_ftx_target", "corr_img_se_ftx_target")}
+    corr = {name: float(pd.to_numeric(rows[f"corr_img{suffix}"], errors="coerce").mean())
+            for name, suffix in CORR_ROWS.items() if f"corr_img{suffix}" in rows.columns}
+    return image, corr
 
 
 def summarize(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, keep: float = KEEP_ACCURACY) -> StudySummary:
@@ -169,7 +217,7 @@ def summarize(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, keep: float = KE
                         n_beat_meanmap=c.wins["meanmap"], n_beat_other=c.wins["other"],
                         n_beat_other_rescaled=c.wins["other_rescaled"], n_controls=c.n_controls,
                         mean_ermse_norm=e_mean, mean_ermse_norm_se=e_se, mean_acc_norm=a_mean,
-                        mean_acc_norm_se=a_se, mean_ermse_norm_controls=ctrl_means)
+                        mean_acc_norm_se=a_se, mean_ermse_norm_controls=ctrl_means, image=c.image, corr=c.corr)
 
 
 def figure2_frame(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2) -> pd.DataFrame:

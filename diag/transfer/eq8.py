@@ -101,6 +101,6 @@ def mean_scores(name: str, draws: list[Scores]) -> tuple[Scores, dict[str, float
         v = torch.tensor([getattr(s, m) for s in draws], dtype=torch.float64)
         out[m] = float(v.mean())
         spread[f"{m}_sd"] = float(v.std()) if len(draws) > 1 else math.nan
-    return replace(draws[0], model=name, **out), spread
+    return replace(draws[0], model=name, per_image_corr=None, **out), spread
 
 

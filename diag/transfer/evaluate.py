@@ -28,7 +28,7 @@ from diag.constants import (DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PA
                             RANDOM_DRAWS)
 from diag.runtime.context import TargetSet, Workspace
 from diag.transfer.eq8 import evaluate_state, mean_scores, pair_seed, other_source, transferred_state
-from diag.transfer.metrics import METRICS, Scores, score
+from diag.transfer.metrics import METRICS, paired_corr_difference, PairedDifference, Scores, score
 from diag.transfer.methods import MIX_METHODS
 from diag.transfer.select import method_mixes, select_repair
 from train.errors import DataError
@@ -92,8 +92,17 @@ class TransferResult:
         prop, ft_t = self.row("proposed"), self.row("θ_ftᵀ")
         out = [f"E-RMSE {prop.ermse:.3f} vs θ_ftᵀ {ft_t.ermse:.3f}; accuracy kept "
                f"{prop.accuracy / max(ft_t.accuracy, 1e-12):.1%} of θ_ftᵀ",
-               f"image-specific E-RMSE {prop.ermse_img:.3f} vs θ_ftᵀ {ft_t.ermse_img:.3f} (a fixed spatial prior "
-               "scores 1; below 1 = image-specific explanation)"]
+               f"image-specific correlation ρ̄ {prop.corr_img:+.3f} ± {prop.corr_img_se:.3f} vs θ_ftᵀ "
+               f"{ft_t.corr_img:+.3f} (chance and any fixed prior 0; "
+               + ("its 95% CI excludes 0)" if abs(prop.corr_img) > 1.96 * prop.corr_img_se else
+                  "its 95% CI includes 0: no image-specific signal shown)")]
+        for label, diff in self.paired().items():
+            name = "τ* of another source at ‖τ*ˢ‖" if label == CONTROL_OTHER_RESCALED else label
+            if diff is not None:
+                lo, hi = diff.ci95()
+                verdict = "higher" if lo > 0 else "lower" if hi < 0 else "not different (95% CI includes 0)"
+                out.append(f"ρ̄ paired over {diff.n} images, proposed − {name}: {diff.mean:+.3f} ± {diff.se:.3f}: "
+                           f"{verdict}")
         for ctrl in (CONTROL_RANDOM, CONTROL_MEAN_S, CONTROL_OTHER, CONTROL_OTHER_RESCALED):
             if ctrl in names:
                 c = self.row(ctrl)
@@ -133,6 +142,7 @@ class TransferResult:
             out.update({(f"{m}_{suffix}" if suffix else m): float(getattr(r, m)) for m in METRICS})
         for label, sds in self.spread.items():
             out.update({f"{k.removesuffix('_sd')}_{ROW_SUFFIX[label]}_sd": v for k, v in sds.items()})
+        out.update(self.paired_columns())
         if self.method != "plain":  # plain rows keep the study table's schema unchanged
             out["method"] = self.method
             out["repair_choice"] = str(self.repair.get("param"))
@@ -141,9 +151,30 @@ class TransferResult:
             out["repair_safe"] = float(bool(self.repair.get("safe")))
         return out
 
+    def paired(self) -> dict[str, PairedDifference]:
+        """Row label → the paired per-image ρ̄ difference of the proposed model against it, for τ* of
+        another source at ‖τ*ˢ‖ and θ_ftᵀ (rows present with per-image values only)."""
+        names = {r.model for r in self.rows}
+        if "proposed" not in names:
+            return {}
+        out = {}
+        for label in (CONTROL_OTHER_RESCALED, "θ_ftᵀ"):
+            diff = paired_corr_difference(self.row("proposed"), self.row(label)) if label in names else None
+            if diff is not None:
+                out[label] = diff
+        return out
+
+    def paired_columns(self) -> dict[str, float]:
+        """Study-table columns ``corr_img_vs_<row suffix>`` and ``…_se`` of :meth:`paired`."""
+        out = {}
+        for label, diff in self.paired().items():
+            out[f"corr_img_vs_{ROW_SUFFIX[label]}"] = diff.mean
+            out[f"corr_img_vs_{ROW_SUFFIX[label]}_se"] = diff.se
+        return out
+
     def table(self) -> str:
         ks = self.rows[0].ks if self.rows else (1, 5, 10)
-        head = (f"{'model':38s} {'acc':>6s} {'E-RMSE':>7s} {'img':>6s} {'kendall':>8s} "
+        head = (f"{'model':38s} {'acc':>6s} {'E-RMSE':>7s} {'img':>6s} {'ρ̄':>6s} {'kendall':>8s} "
                 f"{'IoU@' + str(ks[0]):>7s} {'IoU@' + str(ks[1]):>7s} {'IoU@' + str(ks[2]):>7s}   paper acc/E-RMSE")
         lines = [f"transfer {self.source} → {self.target}  (λ1={self.lambda1:g}, λ2={self.lambda2:g}, α={self.alpha:g}, "
                  f"seed {self.seed}, variant {self.variant}; "
@@ -153,10 +184,12 @@ class TransferResult:
             ref_s = f"   {ref[0]:.3f} / {ref[1]:.3f}" if ref else ""
             sd = self.spread.get(r.model)
             sd_s = f"   (± {sd['ermse_sd']:.3f} E-RMSE sd over {self.n_random} draws)" if sd else ""
-            lines.append(f"{r.model:38s} {r.accuracy:6.3f} {r.ermse:7.3f} {r.ermse_img:6.3f} {r.kendall:8.3f} "
+            lines.append(f"{r.model:38s} {r.accuracy:6.3f} {r.ermse:7.3f} {r.ermse_img:6.3f} {r.corr_img:+6.3f} "
+                         f"{r.kendall:8.3f} "
                          f"{r.iou1:7.3f} {r.iou5:7.3f} {r.iou10:7.3f}{ref_s}{sd_s}")
         lines.append("E-RMSE is per patch: unrelated z-scored maps score √2 ≈ 1.414. 'img': image-specific E-RMSE "
-                     "(maps minus their mean map; a fixed prior scores 1). Paper: ViT-B/32, mean of 10 targets.")
+                     "(maps minus their mean map; a fixed prior scores 1); ρ̄: mean per-image correlation of those "
+                     "centred maps (chance and a fixed prior 0). Paper: ViT-B/32, mean of 10 targets.")
         lines += [f"- {v}" for v in self.verdicts()]
         return "\n".join(lines)
 
