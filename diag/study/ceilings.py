@@ -6,7 +6,9 @@
 * **cos τ_ft across seeds**: the same for τ_ft.
 * **Kernel SHAP noise ceiling**: the E-RMSE between two independent Kernel SHAP runs on the
   seed's θ_ft model (:func:`train.explain.kernelshap.noise_ceiling`), on at most 64 test images,
-  with the store's sample count: the floor any model can reach against noisy φ.
+  with the store's sample count: the noise level of φ itself. It is not a floor: two noisy runs
+  each carry the noise, so a model that predicted the exact Shapley values would score below it
+  (about 1/√2 of it when the two runs' errors are independent and equal in size).
 
 Cosines are one streamed float64 Gram pass over every (domain, seed) vector
 (:func:`diag.features.similarity.gram_streamed`); cos_ij = G_ij / sqrt(G_ii · G_jj) (a vector with itself
@@ -94,7 +96,7 @@ def kernelshap_ceiling(ws: Workspace, domain: str, n_images: int = MAX_IMAGES,
     """E-RMSE between two Kernel SHAP runs on ``ws``'s θ_ft of ``domain`` (its first test images).
 
     ``samples`` coalitions per image (default: the stored φ's own count); a larger count says how
-    much of the floor a denser φ would remove.
+    much of this noise level a denser φ would remove.
 
     Returns:
         (ceiling, standard error, images used).
