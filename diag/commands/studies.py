@@ -31,6 +31,7 @@ from train.vectors import check_scale
 
 
 def register(sub) -> None:
+    """The four subcommands' options. Long because it is one flat list of argparse declarations."""
     s = sub.add_parser("similarity", help="cosine matrices of τ_ft and τ* across domains, with heatmaps")
     add_common(s)
     add_domains_option(s, help="default: the whole suite")

@@ -43,6 +43,7 @@ from diag.features.pair_features import CurvatureSettings, Diagnostics, pair_fea
 from diag.runtime.context import Workspace
 from diag.runtime.distributed import is_distributed, rank_and_world
 from diag.runtime.shards import build_curvatures
+from diag.study.provenance import record, run_provenance
 from diag.table import (add_normalised, append_rows, check_shard, dedupe, default_shard, DEFAULT_STUDY, lam_key,
                         merge_shards, ordered_pairs, pair_key, PAIRS_FILE, PLAIN, read_table, shard_file,
                         STUDY_VERSION, with_run_columns)
@@ -256,6 +257,10 @@ def run_study(store: Store, domains: Sequence[str], settings: StudySettings, *,
                        lambda2s, domains, path, done, progress, gains)
     if shard[1] > 1 and _merge_distributed(out_dir):  # rank 0 under torch.distributed: pairs.csv has every shard
         path, wanted = out_dir / PAIRS_FILE, every
+    if path.name == PAIRS_FILE and path.is_file():  # the whole table's writer (not a shard) records where it came from
+        for ws in runs:
+            record(path, f"alpha={ws.alpha:g} seed={ws.seed} variant={ws.variant}",
+                   run_provenance(ws, settings, domains))
     return _collect(out_dir, path, wanted, lambda2s)
 
 

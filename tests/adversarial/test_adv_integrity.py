@@ -189,3 +189,18 @@ def test_same_study_twice_gives_the_same_bytes(tmp_path):
     assert digests(again) == digests(out) and "pairs.csv" in digests(out)
     assert "seconds" not in (out / "pairs.csv").read_text().splitlines()[0].split(",")
     assert json.loads((out / "pairs.csv.timings.json").read_text())
+
+
+def test_study_table_records_its_provenance():
+    """Commit, settings, threads and each vector's key and checksum beside the table (no wall-clock values)."""
+    from diag.study.provenance import code_version
+
+    _, out, _ = smoke_study()
+    prov = json.loads((out / "pairs.csv.provenance.json").read_text())
+    (run, entry), = prov.items()
+    assert run == "alpha=0.8 seed=0 variant=paper"
+    assert entry["code"] == code_version() and len(entry["code"]["commit"]) in (40, len("unknown"))
+    assert entry["settings"]["lambda2s"] == list(LAMBDAS) and entry["torch_threads"] == 1
+    assert sorted(entry["domains"]) == sorted(DOMAINS)
+    ft = entry["domains"]["mnist"]["ft"]
+    assert ft[CHECKSUM_KEY] and ft["torch_threads"] == "1" and ft["key"]
