@@ -323,7 +323,11 @@ def loto_coverage(table: pd.DataFrame, tier: int = 2, level: float = PREDICTION_
             train = training_pairs(at07, target)
             if len(train) < MIN_TRAINING_PAIRS:
                 continue
-            pred = fit_pair_predictor(train, tier_features(train, tier), model, level, seed)
+            try:
+                pred = fit_pair_predictor(train, tier_features(train, tier), model, level, seed)
+            except DataError as err:  # e.g. fewer than 3 known pairs with a finite accuracy drop
+                log.info("coverage: target %s of seed %s skipped (%s)", target, run_seed, err)
+                continue
             held = at07[(at07["target"] == target) & (at07["source"] != target)].reset_index(drop=True)
             p = pred.predict(held)
             key = {"seed": int(run_seed), "target": target}
