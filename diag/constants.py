@@ -34,5 +34,7 @@ DEFAULT_MAX_ACC_DROP = 0.05
 KEEP_ACCURACY = 0.9
 #: Labelled target images used by tier-2 accuracy checks (read from the ``val`` split).
 CHECK_IMAGES = 400
+#: Default level of the prediction intervals (jackknife+ over held-out targets) of rank-sources and screen.
+PREDICTION_LEVEL = 0.8
 #: The split every choice reads (λ2, verdicts); ``test`` is only ever scored.
 CHOICE_SPLIT = "val"

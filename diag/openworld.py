@@ -25,12 +25,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from diag.constants import PAPER_LAMBDA2
+from diag.constants import PAPER_LAMBDA2, PREDICTION_LEVEL
 from diag.curvature.card import build_card
 from diag.curvature.hutchinson import hutchinson_diagonal
 from diag.curvature.operators import HessianOperator
-from diag.decide.predictor import (fit_predictor, fit_source_model, MIN_TRAINING_PAIRS, rank_sources, tier_features,
-                                   training_pairs)
+from diag.decide.predictor import fit_pair_predictor, MIN_TRAINING_PAIRS, rank_sources, tier_features, training_pairs
 from diag.decide.ranking import SourceRanking
 from diag.decide.rules import grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max, quadratic_loss_increase
 from diag.features.mapped import _MemoryFile, CardStream, TensorFile
@@ -217,19 +216,20 @@ def _suite_table(study: Path | None, target: str) -> pd.DataFrame | None:
     return training_pairs(load_study(study, lambda2=PAPER_LAMBDA2), target)
 
 
-def _predict(cands: pd.DataFrame, train: pd.DataFrame, tier: int, model: str, budget: float,
-             notes: list[str]) -> pd.DataFrame:
-    """Rank with the predictor fitted on the suite; λ2 from the predicted drop (quadratic model)."""
+def _predict(cands: pd.DataFrame, train: pd.DataFrame, tier: int, model: str, budget: float, level: float,
+             notes: list[str]) -> tuple[pd.DataFrame, dict]:
+    """Rank with the predictors fitted on the suite (and their summary); λ2 from the predicted drop (quadratic model)."""
     wanted = tier_features(train, tier)
     features = [f for f in wanted if f in cands.columns and cands[f].notna().all()]
     lacking = [f for f in wanted if f not in features]
     if lacking:
         notes.append(f"suite features the candidates lack, not used: {', '.join(lacking)}")
     notes.append(f"predictor: {model} fitted on {len(train)} known pairs of the suite; features: {', '.join(features)}")
-    out = rank_sources(cands, fit_source_model(train, features, model=model))
-    out["predicted_ermse"] = fit_predictor(train, features, target="ermse", model=model).predict(out)
+    predictor = fit_pair_predictor(train, features, model=model, level=level)
+    out = rank_sources(cands, predictor)
+    notes += predictor.notes()
     out["lambda2"] = [lambda2_from_predicted_drop(d, budget) for d in out["predicted_acc_drop"]]
-    return out
+    return out, predictor.summary()
 
 
 def _proxy(cands: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
@@ -240,17 +240,18 @@ def _proxy(cands: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
     out = cands.assign(_k=key.fillna(-math.inf)).sort_values("_k", ascending=False, kind="stable")
     out = out.drop(columns="_k").reset_index(drop=True)
     out.insert(0, "rank", range(1, len(out) + 1))
-    for col in ("predicted_ermse", "predicted_ermse_norm", "predicted_acc_drop", "lambda2"):
+    for col in ("predicted_ermse_norm", "predicted_acc_drop", "lambda2"):
         out[col] = math.nan
     return out
 
 
 def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, max_acc_drop: float = 0.05,
-                max_loss_increase: float = 0.05, model: str = "ridge"):
+                max_loss_increase: float = 0.05, model: str = "ridge", level: float = PREDICTION_LEVEL):
     """Rank the sources of ``inputs.sources`` for a target model known only by its weights (and card).
 
-    Tier 0 without a card, tier 1 with one. With a suite study the predictor fitted on its
-    known pairs gives predicted E-RMSE and accuracy drop, and λ2 from the predicted drop;
+    Tier 0 without a card, tier 1 with one. With a suite study the predictors fitted on its
+    known pairs give the predicted E-RMSE ÷ θ_ftᵀ's and accuracy drop, each with its interval
+    over held-out targets, and λ2 from the predicted drop;
     with a card, λ2 is also capped by the card: ½ λ2² R_card ≤ ``max_loss_increase``
     (:func:`diag.decide.rules.quadratic_lambda_max`), rounded down to the λ2 grid. Without a study of at
     least :data:`diag.decide.recommend.MIN_TRAINING_PAIRS` known pairs the sources are ranked by
@@ -263,6 +264,7 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
         max_acc_drop: budget on the predicted relative accuracy drop.
         max_loss_increase: budget on the card's quadratic loss increase ½ λ2² R_card, in nats.
         model: predictor model (:func:`diag.decide.predictor.fit_predictor`).
+        level: level of the prediction intervals (:func:`diag.decide.predictor.fit_pair_predictor`).
 
     Returns:
         (ranking, facts): a :class:`diag.decide.ranking.SourceRanking` whose notes say what could not be
@@ -272,8 +274,9 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
     tier = 1 if inputs.card is not None else 0
     cands, notes, facts = candidate_features(inputs, alpha)
     train = _suite_table(inputs.study, target)
+    predictions = {}
     if train is not None and len(train) >= MIN_TRAINING_PAIRS:
-        out = _predict(cands, train, tier, model, max_acc_drop, notes)
+        out, predictions = _predict(cands, train, tier, model, max_acc_drop, level, notes)
         n_train = len(train)
     else:
         out, n_train = _proxy(cands, notes), 0
@@ -287,7 +290,7 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
     notes.append("not used (need target images): risk_exact, the measured accuracy grid; never used: cos_star "
                  "(needs target explanation labels)")
     out["measured_acc_drop"] = math.nan
-    return SourceRanking(target, tier, max_acc_drop, out, n_train, notes), facts
+    return SourceRanking(target, tier, max_acc_drop, out, n_train, notes, level=level, predictions=predictions), facts
 
 
 def build_target_card(store, target: str, model_path: str | Path, data: str | Path | None,

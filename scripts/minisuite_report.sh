@@ -19,6 +19,7 @@ for V in paper from-ft; do
     $D correlate --study "$OUT/allpairs" --variant $V --train-seed $s $Q > "$OUT/correlate-$V-s$s.txt"
     $D rank-sources --evaluate --study "$OUT/allpairs" --variant $V --train-seed $s $Q > "$OUT/loto-$V-s$s.txt"
   done
+  $D rank-sources --coverage --study "$OUT/allpairs" --variant $V $Q > "$OUT/coverage-$V.txt"
 done
 $D ceilings --seeds 0 1 2 --variant paper --ks-samples 160 $Q > "$OUT/ceilings-paper.txt"
 $D ceilings --seeds 0 1 2 --variant from-ft $Q > "$OUT/ceilings-from-ft.txt"

@@ -70,13 +70,18 @@ def test_rank_sources_tiers(root, capsys):
     assert sorted(s["source"] for s in sources) == ["dtd", "fashion", "mnist"]
     assert [s["rank"] for s in sources] == [1, 2, 3]
     for s in sources:
-        for key in ("source", "rank", "cos_ft", "risk_diag", "risk_card", "risk_exact", "predicted_ermse",
-                    "predicted_acc_drop", "lambda2"):
+        for key in ("source", "rank", "cos_ft", "risk_diag", "risk_card", "risk_exact", "predicted_ermse_norm",
+                    "predicted_ermse_norm_interval", "predicted_acc_drop", "predicted_acc_drop_interval",
+                    "predicted_gain", "predicted_gain_interval", "measured_acc_drop", "lambda2"):
             assert key in s
+        assert "predicted_ermse" not in s and "predicted_gain_sd" not in s  # one prediction per quantity
         assert s["risk_exact"] is not None and s["risk_card"] is not None
         assert s["lambda2"] == 0.0 or 0.4 <= s["lambda2"] <= 1.2
         assert s["method"] in ("plain", "project", "precondition", "blocks") and s["drop_measured"]
-        assert (s["predicted_gain"] == 0.0) if not s["safe"] else s["predicted_gain_sd"] >= 0
+        lo, hi = s["predicted_gain_interval"]
+        assert (s["predicted_gain"] == 0.0) if not s["safe"] else (lo is None or hi is None or lo <= hi)
+    assert res["level"] == 0.8 and set(res["predictions"]) == {"ermse_norm", "acc_drop"}
+    assert isinstance(res["no_source_beyond_noise"], bool) and isinstance(res["headline"], list)
     assert [s["safe"] for s in sources] == sorted((s["safe"] for s in sources), reverse=True)
     # the universal and the ranker-weighted mix beside the sources, each with its λ2 measured on val
     mixes = {m["method"]: m for m in res["mixes"]}
@@ -84,9 +89,10 @@ def test_rank_sources_tiers(root, capsys):
     assert "gtsrb" not in mixes["mix"]["weights"] and mixes["mix"]["weights"].count(":0.333") == 3
     for m in mixes.values():
         assert any(abs(m["method_scale"] - g) < 1e-9 for g in LAMBDA_GRID) or not m["safe"]
-        assert (m["predicted_gain"] == 0.0) if not m["safe"] else m["predicted_gain_sd"] > 0
-    # the band is measured out of sample: 6 known pairs among 3 domains hold no target out, so each pair is
-    assert any("leave-one-pair-out residual sd" in n for n in res["notes"])
+        assert (m["predicted_gain"] == 0.0) if not m["safe"] else len(m["predicted_gain_interval"]) == 2
+    # the intervals are out of sample: 6 known pairs among 3 domains hold no target out, so each pair is
+    assert any("jackknife+ over leave-one-pair-out fits" in n and "optimistic" in n for n in res["notes"])
+    assert all(p["unit"] == "pair" for p in res["predictions"].values())
     # a second identical call reads the ranking cached in the store (keyed by content): the same answer
     cached = list((smoke_store().study_dir("rankings")).glob("gtsrb-tier2-*.json"))
     assert len(cached) == 1
@@ -116,11 +122,32 @@ def test_screen_exit_code_matches_verdict(root, capsys):
     code, out, err = run(capsys, "screen", "--source", "mnist", "--target", "gtsrb", "--json", "--store", root,
                          *SUITE, *[a for a in SMALL if a != "--n-boot" and a != "50"])
     res = json.loads(out)
+    # the screen reports the very numbers rank-sources reports for the same pair (one predictor, one interval each)
+    _, ranked, _ = run(capsys, "rank-sources", "--target", "gtsrb", "--json", "--store", root, *SUITE, *SMALL)
+    mnist = next(s for s in json.loads(ranked)["sources"] if s["source"] == "mnist")
+    shown = {k: v for k, v in mnist.items() if k.startswith("predicted_")}
+    assert len(shown) == 6 and {k: res[k] for k in shown} == shown and res["level"] == 0.8
     assert res["verdict"] in ("go", "caution", "no-go")
     assert code == (1 if res["verdict"] == "no-go" else 0)
     assert res["reasons"] and res["recommended_lambda2"] >= 0
     assert res["method"] in ("plain", "project", "precondition", "blocks") and res["plain_verdict"] in (
         "go", "caution", "no-go")
+
+
+def test_rank_sources_coverage_and_level(root, table, capsys):
+    """`rank-sources --coverage` over the module's study; `--level` outside (0, 1) is refused with exit 2."""
+    code, out, err = run(capsys, "rank-sources", "--coverage", "--json", "--store", root, *SUITE, *SMALL)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["level"] == 0.8 and res["n_seeds"] == 1
+    cov = {c["quantity"]: c for c in res["quantities"]}
+    assert set(cov) == {"ermse_norm", "acc_drop", "gain"}
+    for c in cov.values():
+        assert {"n", "covered", "coverage", "ci", "bias", "bias_se", "per_seed"} <= set(c)
+        assert c["n"] == 0 or c["ci"][0] <= c["coverage"] <= c["ci"][1]
+    assert cov["ermse_norm"]["n"] == 12  # every (target, source) pair of the 4 domains, each held out with its target
+    code, _, err = run(capsys, "rank-sources", "--coverage", "--level", "1.5", "--store", root, *SUITE, *SMALL)
+    assert code == 2 and "level" in err
 
 
 def test_screen_bad_budget(root, capsys):
@@ -165,7 +192,7 @@ def test_choices_read_val_never_test(table, monkeypatch):
     def ranking():
         diag = Diagnostics(Workspace(store), settings=_settings())
         r = rank_for_target(diag, df, "gtsrb", sources, tier=2, methods=("plain", "precondition", "project"))
-        return r.rows[["source", "rank", "lambda2", "measured_acc_drop", "predicted_ermse", "method", "method_param",
+        return r.rows[["source", "rank", "lambda2", "measured_acc_drop", "predicted_ermse_norm", "method", "method_param",
                        "method_scale", "method_acc_drop", "safe", "predicted_gain"]].to_numpy().tolist()
 
     clean = ranking()

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diag.decide.predictor import loto_residual_sd
 from diag.decide.recommend import ranker_gains
 from diag.transfer.mixing import mix_weights
 
@@ -79,20 +78,29 @@ def test_too_few_pairs_fall_back_to_the_cos_proxy():
     assert gains == dict(zip(few[few["target"] == "a"]["source"], few[few["target"] == "a"]["cos_ft"]))
 
 
-def test_loto_band_is_out_of_sample():
-    from diag.decide.predictor import fit_predictor
+def test_intervals_are_out_of_sample_and_fall_back_honestly():
+    """fit_quantity: targets held out when they can be, pairs otherwise; the training mean where features do not help."""
+    from diag.decide.predictor import fit_quantity
 
-    sd, how = loto_residual_sd(_table(), ["cos_ft"])
-    assert how == "leave-one-target-out" and sd < 0.02  # the linear truth is recovered on every held-out target
+    exact = fit_quantity(_table(), ["cos_ft"], "ermse_norm")
+    assert exact.unit == "target" and len(exact.folds) == 6 and exact.loto_r2 > 0.99 and exact.predictable
     noisy = _table(noise=0.1)
     feats = ["cos_ft", "norm_star_source"]
-    sd, _ = loto_residual_sd(noisy, feats)
-    assert 0.05 < sd < 0.2 and sd > fit_predictor(noisy, feats, "ermse_norm").train_rmse
+    m = fit_quantity(noisy, feats, "ermse_norm")
+    held = np.concatenate(m.residuals)
+    assert len(held) == 30 and np.sqrt(np.mean(held ** 2)) > m.full.train_rmse  # out of sample: larger than in sample
     # 3 domains: no target can be held out (2 pairs would remain): each of the 6 pairs is, in turn
     three = noisy[noisy["source"].isin(["a", "b", "c"]) & noisy["target"].isin(["a", "b", "c"])]
-    sd, how = loto_residual_sd(three, feats)
-    assert how == "leave-one-pair-out" and sd > fit_predictor(three, feats, "ermse_norm").train_rmse
-    assert math.isnan(loto_residual_sd(three.iloc[:3], feats)[0])
+    assert fit_quantity(three, feats, "ermse_norm").unit == "pair"
+    assert fit_quantity(three.iloc[:3], feats, "ermse_norm").unit == "none"
+    # an outcome the features do not carry: LOTO R² ≤ 0, the training mean (and its interval) stands in
+    rng = np.random.default_rng(3)
+    pure = noisy.assign(ermse=1.0 + 0.1 * rng.normal(size=len(noisy))).drop(columns="ermse_norm")
+    mean = fit_quantity(pure, feats, "ermse_norm", model="gbr")  # boosted trees fit the noise: worse than the mean
+    assert mean.loto_r2 <= 0 and not mean.predictable and mean.full.model == "mean"
+    point, lo, hi = mean.predict(noisy[noisy["target"] == "a"], 0.8)
+    assert np.ptp(point) == np.ptp(lo) == np.ptp(hi) == 0  # one number for every source
+    assert point[0] == pytest.approx(pure["ermse"].mean()) and lo[0] < point[0] < hi[0]
 
 
 def test_bad_tier_and_method_are_named_with_the_choices():

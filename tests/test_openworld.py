@@ -143,7 +143,12 @@ def test_worked_example(world, tmp_path):
     assert code == 0, out
     ranking = json.loads(out)
     assert ranking["tier"] == 0 and ranking["n_training_pairs"] == 6
-    assert all(s["predicted_ermse"] is not None and s["risk_card"] is None for s in ranking["sources"])
+    assert all(s["risk_card"] is None for s in ranking["sources"]) and ranking["level"] == 0.8
+    # one prediction per quantity, with its interval; an unpredictable one is the training mean, said once
+    assert set(ranking["predictions"]) == {"ermse_norm", "acc_drop"}
+    for q, d in ranking["predictions"].items():
+        assert all((s[f"predicted_{q}"] is not None) == d["predictable"] for s in ranking["sources"])
+        assert d["predictable"] or any("not predictable" in h for h in ranking["headline"])
     assert any(n.startswith("predictor: ridge fitted on 6") for n in ranking["notes"])
 
 

@@ -421,8 +421,9 @@ def test_tier1_recommendation_is_the_largest_safe_size_on_a_known_hessian():
     # nothing safe: plain's row, flagged, and it transfers no predicted gain
     none = recommend_predicted(50.0, 0.05, norm2 ** 0.5, card, tv, ("plain", "precondition"))
     assert (none["method"], none["safe"]) == ("plain", False)
-    assert predicted_gain(0.8, none["size_ratio"], 0.1, none["safe"]) == (0.0, 0.0)
-    assert predicted_gain(0.8, 0.5, 0.1, True) == pytest.approx((0.1, 0.05))
+    assert predicted_gain(0.8, 0.7, 0.9, none["size_ratio"], none["safe"]) == (0.0, 0.0, 0.0)
+    # g = (1 − ratio)·size; the ratio's interval [0.7, 0.9] maps to [(1 − 0.9)·size, (1 − 0.7)·size]
+    assert predicted_gain(0.8, 0.7, 0.9, 0.5, True) == pytest.approx((0.1, 0.05, 0.15))
     # tier 0: plain only, λ2 from the quadratic model
     t0 = recommend_predicted(0.02, 0.05, norm2 ** 0.5)
     assert (t0["method"], float(t0["method_param"])) == ("plain", 1.1)  # 0.7·√(0.05/0.02) = 1.107 → 1.1

@@ -166,7 +166,7 @@ def test_with_normalised():
                        "accuracy_ft_target": [0.9, 0.9]})
     out = with_normalised(df)
     np.testing.assert_allclose(out["ermse_norm"], [0.5, 1.0])
-    np.testing.assert_allclose(out["acc_change"], [-0.5, np.nan])
+    np.testing.assert_allclose(out["acc_drop"], [0.5, np.nan])
     assert "ermse_norm" not in df
 
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 from diag.commands.openworld import run_rank_folder
 from diag.commands.options import (add_alpha_option, add_budget_option, add_common, add_curvature_options,
-                                   add_domains_option, add_lambda_options, add_study_option, add_train_seed_option,
-                                   add_variant_option, context_from, domain_name, emit_json, FRACTION, N_RESAMPLE)
+                                   add_domains_option, add_lambda_options, add_level_option, add_study_option,
+                                   add_train_seed_option, add_variant_option, context_from, domain_name, emit_json,
+                                   FRACTION, N_RESAMPLE)
 from diag.constants import PAPER_LAMBDA2
-from diag.decide.ranking import evaluate_rankers, rank_cached, rank_for_target
+from diag.decide.evaluation import evaluate_rankers, loto_coverage
+from diag.decide.ranking import rank_cached, rank_for_target
 from diag.decide.recommend import TIER_METHODS
 from diag.decide.rules import method_verdict, quadratic_loss_increase, screen_verdict
 from diag.features.pair_features import CurvatureSettings, Diagnostics
@@ -45,6 +47,11 @@ def register(sub) -> None:
     add_alpha_option(r)
     r.add_argument("--model", default="ridge", choices=("ridge", "gbr"))
     r.add_argument("--evaluate", action="store_true", help="leave-one-target-out evaluation of the rankers")
+    r.add_argument("--coverage", action="store_true",
+                   help="leave-one-target-out coverage and bias of the prediction intervals over every training seed "
+                        "of the study (--study, default the store's; --variant; --tier, default 2: every feature the "
+                        "table has)")
+    add_level_option(r)
     r.add_argument("--n-boot", type=N_RESAMPLE, default=1000)
     add_variant_option(r, default=None, help="--evaluate with --study: the θ_ft* variant of the rows (default paper)")
     add_train_seed_option(r, default=None, alias=False,
@@ -67,6 +74,7 @@ def register(sub) -> None:
     add_lambda_options(s, lambda1=False)
     add_budget_option(s)
     add_alpha_option(s)
+    add_level_option(s)
     _suite_options(s)
     s.set_defaults(func=run_screen)
 
@@ -102,6 +110,8 @@ def run_rank(args) -> int:
     ctx = context_from(args, default_domain=args.target)
     check_alpha(args.alpha)
     budget = _budget(args.max_acc_drop)
+    if args.coverage:
+        return _coverage(ctx, args)
     if args.evaluate:
         _, _, table = _study_table(ctx, args)
         rows = evaluate_rankers(table, n_boot=args.n_boot)
@@ -126,8 +136,31 @@ def run_rank(args) -> int:
     tier = 2 if args.tier == "auto" else int(args.tier)
     sources = [d for d in _suite(ctx, args) if d != target]
     diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress)
-    ranking = rank_cached(diag, table, target, sources, tier, budget, model=args.model, methods=args.methods)
+    ranking = rank_cached(diag, table, target, sources, tier, budget, model=args.model, methods=args.methods,
+                          level=args.level)
     emit_json(ranking.to_dict(), nan_as_null=True) if args.json else print(ranking.table())
+    return 0
+
+
+def _coverage(ctx, args) -> int:
+    """``rank-sources --coverage``: :func:`diag.decide.evaluation.loto_coverage` over every seed of one variant."""
+    folder = args.study or ctx.store.study_dir(DEFAULT_STUDY)
+    table = select_run(load_study(folder), getattr(args, "variant", None), "all")
+    tier = 2 if args.tier == "auto" else int(args.tier)
+    summaries, scored = loto_coverage(table, tier=tier, level=args.level, model=args.model)
+    if args.json:
+        emit_json({"study": str(folder), "tier": tier, "level": args.level, "n_seeds": int(scored["seed"].nunique()),
+                   "quantities": [c.to_dict() for c in summaries]}, nan_as_null=True)
+        return 0
+    print(f"Coverage of the {args.level:.0%} prediction intervals, leave one target out, over seeds "
+          f"{sorted(scored['seed'].unique().tolist())} of {folder} (tier {tier}; test split)")
+    print(f"{'quantity':12s} {'n':>5s} {'coverage':>9s} {'95% CI (Wilson)':>17s} {'bias (pred − meas.)':>21s}  per seed")
+    for c in summaries:
+        seeds = ", ".join(f"{v:.2f}" for v in c.per_seed.values())
+        print(f"{c.quantity:12s} {c.n:5d} {c.coverage:9.3f} [{c.ci[0]:6.3f}, {c.ci[1]:6.3f}] "
+              f"{c.bias:+10.4f} ± {c.bias_se:.4f}  {seeds}")
+    print("Wilson intervals take the pairs as independent (those of one target are not); the gain is scored at every "
+          "λ2 of the table.")
     return 0
 
 
@@ -143,24 +176,27 @@ def run_screen(args) -> int:
     ctx.ensure([source], (args.alpha,))
     ctx.ensure([target], (args.alpha,), explain=False)
     diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress)
-    ranking = rank_for_target(diag, table, target, [source], 2, budget)
+    ranking = rank_for_target(diag, table, target, [source], 2, budget, level=args.level)
     row = ranking.rows.iloc[0]
     plain_verdict, plain_reasons = screen_verdict(row, table, target, lam, budget)
     verdict, reasons = method_verdict(row)  # the verdict is the recommended method's; eq. 8 at --lambda2 beside it
     reasons += [f"plain eq. 8 at λ2={lam:g}: {plain_verdict}"] + [f"plain eq. 8: {r}" for r in plain_reasons]
+    shown = ranking.to_dict()  # the predictions exactly as rank-sources reports them
     out = {"source": source, "target": target, "lambda2": lam, "max_acc_drop": budget, "verdict": verdict,
            "plain_verdict": plain_verdict, "method": row["method"], "method_param": row["method_param"],
            "method_scale": float(row["method_scale"]), "method_acc_drop": float(row["method_acc_drop"]),
-           "predicted_gain": float(row["predicted_gain"]), "predicted_gain_sd": float(row["predicted_gain_sd"]),
+           "level": shown["level"], "predictions": shown["predictions"], "headline": shown["headline"],
+           **{k: v for k, v in shown["sources"][0].items() if k.startswith("predicted_")},
            "reasons": reasons, "recommended_lambda2": float(row["lambda2"]),
            "risk_exact": float(row.get("risk_exact", math.nan)),
            "predicted_loss_increase": quadratic_loss_increase(float(row.get("risk_exact", math.nan)), lam),
-           "predicted_ermse": float(row["predicted_ermse"]), "predicted_acc_drop": float(row["predicted_acc_drop"]),
            "cos_ft": float(row["cos_ft"])}
     if args.json:
         emit_json(out, nan_as_null=True)
     else:
         print(f"screen {source} → {target}, recommended {row['method']} ({row['method_param']}): {verdict.upper()}")
+        for line in shown["headline"]:
+            print(f"  * {line}")
         for reason in reasons:
             print(f"  - {reason}")
     return 1 if verdict == "no-go" else 0

@@ -24,7 +24,8 @@ import os
 import sys
 from pathlib import Path
 
-from diag.constants import DEFAULT_MAX_ACC_DROP, LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
+from diag.constants import (DEFAULT_MAX_ACC_DROP, LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2,
+                            PREDICTION_LEVEL)
 from diag.features.pair_features import CurvatureSettings
 from diag.runtime.context import Context
 from diag.runtime.distributed import is_distributed
@@ -212,6 +213,7 @@ def writable_dir(text: str) -> Path:
 LAMBDA = finite_float(-10.0, 10.0)          # λ1, λ2 (the paper's grid is 0.4 … 1.2)
 ALPHA = finite_float(0.0, 1.0)              # α of L_α (eq. 4)
 FRACTION = finite_float(0.0, 1.0)           # budgets such as --max-acc-drop
+LEVEL = finite_float(0.0, 0.99, lo_open=True)  # --level of prediction intervals
 CHECK_T = finite_float(0.0, 10.0, lo_open=True)   # t of the quadratic-model check
 PROBES = positive_int(100_000)
 N_IMAGES = positive_int(10_000_000)
@@ -252,6 +254,13 @@ def add_alpha_option(parser: argparse.ArgumentParser, help: str | None = None) -
 def add_budget_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     """``--max-acc-drop``: the accuracy budget of λ2 and method choices, relative to θ_ftᵀ."""
     parser.add_argument("--max-acc-drop", type=FRACTION, default=DEFAULT_MAX_ACC_DROP, help=help)
+
+
+def add_level_option(parser: argparse.ArgumentParser) -> None:
+    """``--level``: the level of every prediction interval (jackknife+ over held-out targets)."""
+    parser.add_argument("--level", type=LEVEL, default=PREDICTION_LEVEL,
+                        help=f"level of the prediction intervals, jackknife+ over held-out targets (default "
+                             f"{PREDICTION_LEVEL:g})")
 
 
 def add_domains_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:

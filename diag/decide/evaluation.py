@@ -2,7 +2,8 @@
 
 For each target T: fit on the pairs that involve T neither as target nor (by default) as source,
 predict T's pairs, and score the ranking against the measured outcome: Spearman, top-1 regret,
-each with a bootstrap interval over targets (:func:`evaluate_loto`).
+each with a bootstrap interval over targets (:func:`evaluate_loto`, :func:`evaluate_rankers`); and
+the coverage and bias of the prediction intervals (:func:`loto_coverage`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from diag.decide.predictor import MODELS, PredictorWarning, target_values, fit_predictor
-from diag.stats import pair_bootstrap_ci, pearson, with_normalised
+from diag.constants import PAPER_LAMBDA2, PREDICTION_LEVEL
+from diag.decide.predictor import (MIN_TRAINING_PAIRS, MODELS, QUANTITIES, PredictorWarning, fit_pair_predictor,
+                                   fit_predictor, target_values, tier_features, training_pairs)
+from diag.stats import pair_bootstrap_ci, pearson, wilson_interval, with_normalised
 from diag.stats.correlation import rankdata
+from diag.table import lam_key, with_run_columns
 from train.errors import DataError, unknown
 
 log = logging.getLogger(__name__)
@@ -223,3 +227,136 @@ def _summarise_loto(name: str, per: pd.DataFrame, df: pd.DataFrame, oof: np.ndar
         mean_top1_regret=float(per["top1_regret"].mean()), random_top1_regret=float(per["random_regret"].mean()),
         per_target=per, spearman_stderr=se, regret_ci95=rci, pooled_r=pooled_r, pooled_ci95=pooled_ci,
         n_targets=len(per), n_degenerate=n_deg)
+
+
+def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Leave-one-target-out evaluation of the tier predictors, the paper's cos(τ_ft) proxy and random.
+
+    :func:`diag.decide.predictor.evaluate_loto` on E-RMSE with each tier's features (a tier whose features
+    equal a lower tier's is skipped); the proxy and random appear once, under the first tier.
+
+    Returns:
+        One dict per ranker: ``name`` (``"<model> (tier t)"``, or the proxy's or ``random``),
+        ``tier``, ``mean_spearman``, ``ci95``, ``mean_top1_regret``, ``random_top1_regret``,
+        ``pooled_r``, ``pooled_ci95``.
+    """
+    out = []
+    seen = set()
+    for tier in (0, 1, 2):
+        feats = tier_features(table, tier)
+        if not feats or tuple(feats) in seen:
+            continue
+        seen.add(tuple(feats))
+        for ev in evaluate_loto(table, feats, target="ermse", n_boot=n_boot, seed=seed, fit_target="ermse_norm"):
+            d = {"name": ev.name if "proxy" in ev.name or ev.name == "random" else f"{ev.name} (tier {tier})",
+                 "tier": tier, "mean_spearman": ev.mean_spearman, "ci95": list(ev.ci95),
+                 "mean_top1_regret": ev.mean_top1_regret, "random_top1_regret": ev.random_top1_regret,
+                 "pooled_r": ev.pooled_r, "pooled_ci95": list(ev.pooled_ci95)}
+            if d["name"] in {o["name"] for o in out}:
+                continue
+            out.append(d)
+    return out
+
+
+# ------------------------------------------------------------------ coverage of the prediction intervals
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How often one quantity's intervals held the measured value, leave one target out.
+
+    Attributes:
+        quantity: ``ermse_norm``, ``acc_drop`` (plain eq. 8 at λ2 = 0.7) or ``gain`` (1 − E-RMSE ÷
+            θ_ftᵀ's at every λ2 of the table, predicted as (1 − predicted ratio)·λ2/0.7).
+        level: the intervals' nominal level.
+        n, covered: scored (target, source[, λ2]) rows and how many fell inside their interval.
+        coverage: covered / n; ci: its Wilson interval at ``ci_level`` (pairs taken as independent;
+            those of one target are not, so it is somewhat narrow).
+        bias: mean of predicted − measured; bias_se its standard error (sd / √n).
+        per_seed: coverage per training seed; n_targets: held-out (seed, target) folds.
+    """
+
+    quantity: str
+    level: float
+    n: int
+    covered: int
+    coverage: float
+    ci: tuple[float, float]
+    ci_level: float
+    bias: float
+    bias_se: float
+    per_seed: dict[int, float]
+    n_targets: int
+
+    def to_dict(self) -> dict:
+        return {"quantity": self.quantity, "level": self.level, "n": self.n, "covered": self.covered,
+                "coverage": self.coverage, "ci": list(self.ci), "ci_level": self.ci_level, "bias": self.bias,
+                "bias_se": self.bias_se, "per_seed": {str(k): v for k, v in self.per_seed.items()},
+                "n_targets": self.n_targets}
+
+
+def loto_coverage(table: pd.DataFrame, tier: int = 2, level: float = PREDICTION_LEVEL, model: str = "ridge",
+                  ci_level: float = 0.95, seed: int = 0) -> tuple[list[Coverage], pd.DataFrame]:
+    """Coverage of the ranking's intervals on held-out targets, per quantity, over the seeds of a study table.
+
+    Per training seed of ``table`` (plain eq. 8 rows of one variant) and per target T: the
+    predictor of :func:`diag.decide.predictor.fit_pair_predictor` is fitted on the λ2 = 0.7 pairs
+    involving T neither as target nor as source (its intervals from a nested leave-one-target-out),
+    with the tier's features, and T's pairs are scored on their measured test values: E-RMSE ÷
+    θ_ftᵀ's and the accuracy drop at λ2 = 0.7, and the gain 1 − E-RMSE ÷ θ_ftᵀ's at every λ2 the
+    table holds (the ranking's first-order gain, (1 − ratio)·λ2/0.7, with the ratio's interval mapped
+    alike; at λ2 = 0.7 alone it is the ratio's coverage again).
+
+    Returns:
+        (one :class:`Coverage` per quantity, the scored rows: seed, target, source, lambda2, quantity,
+        predicted, lo, hi, measured, inside).
+
+    Raises:
+        DataError: no target with enough known pairs to fit.
+    """
+    runs = with_run_columns(with_normalised(table))
+    rows = []
+    for run_seed, run in runs.groupby("seed"):
+        lam = run["lambda2"].map(lam_key)
+        at07 = run[lam == lam_key(PAPER_LAMBDA2)]
+        for target in sorted(at07["target"].unique()):
+            train = training_pairs(at07, target)
+            if len(train) < MIN_TRAINING_PAIRS:
+                continue
+            try:
+                pred = fit_pair_predictor(train, tier_features(train, tier), model, level, seed)
+            except DataError as err:  # e.g. fewer than 3 known pairs with a finite accuracy drop
+                log.info("coverage: target %s of seed %s skipped (%s)", target, run_seed, err)
+                continue
+            held = at07[(at07["target"] == target) & (at07["source"] != target)].reset_index(drop=True)
+            p = pred.predict(held)
+            key = {"seed": int(run_seed), "target": target}
+            for q in QUANTITIES:
+                rows += [{**key, "source": s, "lambda2": PAPER_LAMBDA2, "quantity": q, "predicted": v, "lo": a,
+                          "hi": b, "measured": y} for s, v, a, b, y in
+                         zip(held["source"], p[f"predicted_{q}"], p[f"predicted_{q}_lo"], p[f"predicted_{q}_hi"],
+                             target_values(held, q))]
+            ratio = dict(zip(held["source"], zip(p["predicted_ermse_norm"], p["predicted_ermse_norm_lo"],
+                                                 p["predicted_ermse_norm_hi"])))
+            for _, r in run[(run["target"] == target) & run["source"].isin(list(ratio))].iterrows():
+                v, a, b = ratio[r["source"]]
+                size = float(r["lambda2"]) / PAPER_LAMBDA2
+                rows.append({**key, "source": r["source"], "lambda2": float(r["lambda2"]), "quantity": "gain",
+                             "predicted": (1 - v) * size, "lo": (1 - b) * size, "hi": (1 - a) * size,
+                             "measured": 1.0 - float(r["ermse_norm"])})
+    scored = pd.DataFrame(rows)
+    if scored.empty:
+        raise DataError(f"no target with {MIN_TRAINING_PAIRS} or more known pairs without it: no coverage to measure")
+    scored = scored[np.isfinite(scored["measured"].astype(float))].reset_index(drop=True)
+    scored["inside"] = (scored["lo"] <= scored["measured"]) & (scored["measured"] <= scored["hi"])
+    return [_coverage(q, scored[scored["quantity"] == q], level, ci_level) for q in (*QUANTITIES, "gain")], scored
+
+
+def _coverage(quantity: str, rows: pd.DataFrame, level: float, ci_level: float) -> Coverage:
+    n, k = len(rows), int(rows["inside"].sum())
+    err = (rows["predicted"] - rows["measured"]).to_numpy(float)
+    per_seed = {int(s): float(g["inside"].mean()) for s, g in rows.groupby("seed")}
+    return Coverage(quantity, level, n, k, k / n if n else math.nan, wilson_interval(k, n, ci_level) if n else
+                    (math.nan, math.nan), ci_level, float(err.mean()) if n else math.nan,
+                    float(err.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan, per_seed,
+                    int(rows[["seed", "target"]].drop_duplicates().shape[0]))

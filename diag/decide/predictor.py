@@ -1,4 +1,12 @@
-"""Turning pair diagnostics into predicted E-RMSE / accuracy change, and choosing λ2.
+"""Turning pair diagnostics into predictions, one predictor per quantity, each with an interval.
+
+The quantities (:data:`QUANTITIES`), both of plain eq. 8 at λ2 = 0.7: E-RMSE ÷ θ_ftᵀ's
+(``ermse_norm``) and the accuracy drop 1 − accuracy ÷ θ_ftᵀ's (``acc_drop``: positive = accuracy
+lost, the sign of every measured drop). :func:`fit_pair_predictor` fits one
+:class:`QuantityModel` each; its interval is the jackknife+ (:func:`diag.stats.jackknife_plus`)
+over leave-one-target-out fits — targets are the exchangeable unit — and where the
+leave-one-target-out R² is ≤ 0 the quantity is declared unpredictable and the training mean,
+with its interval, stands for every source.
 
 Data-access tiers (what the owner of target T must provide; never target explanation labels):
 
@@ -14,7 +22,7 @@ Columns derived from target explanation labels or from the transfer outcome (``c
 ``ermse``, ``ermse_norm``, ``accuracy``, ``acc_norm``, ``ermse_ft_target``, ...) are refused
 as features unless ``allow_oracle=True`` (for research comparisons only).
 
-The leave-one-target-out evaluation (:func:`evaluate_loto`) holds out a target T and fits on
+The leave-one-target-out evaluation (:func:`diag.decide.evaluation.evaluate_loto`) and fits hold out a target T and fits on
 pairs that involve T neither as target nor — by default — as source: a pair (T, s) carries
 τ*ᵀ (made with T's explanation labels) in its features and is the mirror of (s, T), whose
 cos_ft is identical, so training on it leaks information a real target owner lacks.
@@ -30,12 +38,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from diag.stats import with_normalised
+from diag.constants import PREDICTION_LEVEL
+from diag.stats import jackknife_plus, with_normalised
 from train.errors import DataError, unknown
 
 log = logging.getLogger(__name__)
 
-MODELS = ("ridge", "gbr", "proxy")
+MODELS = ("ridge", "gbr", "proxy", "mean")
 
 #: Candidate feature columns per tier (cumulative); ``cos_ft.<group>`` columns join tier 0.
 TIER_FEATURES: dict[int, tuple[str, ...]] = {
@@ -47,7 +56,7 @@ TIER_FEATURES: dict[int, tuple[str, ...]] = {
 BLOCK_COS_PREFIX = "cos_ft."
 
 #: Columns that need target explanation labels or are the outcome itself.
-ORACLE_COLUMNS = frozenset({"cos_star", "ermse", "ermse_norm", "accuracy", "acc_norm", "acc_change", "acc_drop",
+ORACLE_COLUMNS = frozenset({"cos_star", "ermse", "ermse_norm", "accuracy", "acc_norm", "acc_drop",
                             "ermse_ft_target", "kendall", "iou1", "iou5", "iou10"})
 
 
@@ -96,6 +105,7 @@ def _design(df: pd.DataFrame, features: Sequence[str]) -> np.ndarray:
 
 
 def _estimator(model: str, seed: int):
+    from sklearn.dummy import DummyRegressor
     from sklearn.ensemble import GradientBoostingRegressor
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import RidgeCV
@@ -105,6 +115,8 @@ def _estimator(model: str, seed: int):
     imputer = SimpleImputer(strategy="median", keep_empty_features=True)
     if model == "ridge":
         return make_pipeline(imputer, StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+    if model == "mean":
+        return make_pipeline(imputer, DummyRegressor(strategy="mean"))
     if model == "gbr":
         return make_pipeline(imputer, GradientBoostingRegressor(n_estimators=150, max_depth=2, learning_rate=0.05,
                                                                 subsample=0.8, random_state=seed))
@@ -118,9 +130,9 @@ class Predictor:
     Attributes:
         name: label used in reports.
         features: feature columns, in order.
-        target: the outcome column it predicts (e.g. ``ermse_norm``, ``acc_change``).
+        target: the outcome column it predicts (e.g. ``ermse_norm``, ``acc_drop``).
         model: ``ridge`` (standardised ridge, α chosen by leave-one-out CV), ``gbr``
-            (gradient-boosted depth-2 trees) or ``proxy`` (a single feature with a fixed sign:
+            (gradient-boosted depth-2 trees), ``mean`` (the training mean) or ``proxy`` (a single feature with a fixed sign:
             prediction = ``sign`` · feature, a ranking score, not calibrated).
         n_train: training pairs used.
         train_rmse: in-sample root mean squared error (NaN for a proxy).
@@ -159,15 +171,16 @@ def fit_predictor(df: pd.DataFrame, features: Sequence[str], target: str = "erms
     """Fit outcome ≈ f(features) on known pairs.
 
     ``df`` gets the derived columns of :func:`diag.stats.with_normalised` first, so ``target``
-    may be ``ermse_norm`` (= ermse / ermse_ft_target), ``acc_norm`` or ``acc_change``
-    (= acc_norm − 1, the relative accuracy change against θ_ftᵀ).  Rows with a NaN outcome are
+    may be ``ermse_norm`` (= ermse / ermse_ft_target), ``acc_norm`` or ``acc_drop``
+    (= 1 − acc_norm, the relative accuracy lost against θ_ftᵀ).  Rows with a NaN outcome are
     dropped; NaN features are imputed by the training median.
 
     Args:
         df: pair table.
         features: feature columns (see :func:`tier_features`).
         target: outcome column.
-        model: ``"ridge"``, ``"gbr"`` or ``"proxy"`` (first feature times ``sign``, unfitted).
+        model: ``"ridge"``, ``"gbr"``, ``"mean"`` (the training mean, whatever the features) or
+            ``"proxy"`` (first feature times ``sign``, unfitted).
         seed: random state of the boosted trees.
         allow_oracle: permit features that need target explanation labels.
         name: label; defaults to ``model``.
@@ -198,43 +211,6 @@ def fit_predictor(df: pd.DataFrame, features: Sequence[str], target: str = "erms
                      n_train=int(ok.sum()), train_rmse=rmse, estimator=est)
 
 
-@dataclass(frozen=True)
-class SourceModel:
-    """Two predictors fitted on the same features: normalised E-RMSE and accuracy change."""
-
-    ermse: Predictor
-    acc: Predictor
-
-    def predict(self, df: pd.DataFrame) -> pd.DataFrame:
-        """Columns predicted_ermse_norm, predicted_acc_change and predicted_acc_drop (= −change)."""
-        out = pd.DataFrame(index=df.index)
-        out["predicted_ermse_norm"] = self.ermse.predict(df)
-        out["predicted_acc_change"] = self.acc.predict(df)
-        out["predicted_acc_drop"] = -out["predicted_acc_change"]
-        return out
-
-    def to_dict(self) -> dict:
-        return {"ermse": self.ermse.to_dict(), "acc": self.acc.to_dict()}
-
-
-def fit_source_model(df: pd.DataFrame, features: Sequence[str], model: str = "ridge", seed: int = 0) -> SourceModel:
-    """Fit :class:`SourceModel`: ``ermse_norm`` and ``acc_change`` from the same features."""
-    return SourceModel(ermse=fit_predictor(df, features, "ermse_norm", model, seed, name=f"{model} ermse_norm"),
-                       acc=fit_predictor(df, features, "acc_change", model, seed, name=f"{model} acc_change"))
-
-
-def rank_sources(candidates: pd.DataFrame, source_model: SourceModel) -> pd.DataFrame:
-    """Candidate pairs of one target with predictions, sorted best first, with a 1-based ``rank``.
-
-    Sorted by predicted normalised E-RMSE (lower is better); ties keep input order.
-    """
-    out = pd.concat([candidates.reset_index(drop=True),
-                     source_model.predict(candidates).reset_index(drop=True)], axis=1)
-    out = out.sort_values("predicted_ermse_norm", kind="stable").reset_index(drop=True)
-    out.insert(0, "rank", np.arange(1, len(out) + 1))
-    return out
-
-
 # ---------------------------------------------------------------------------- known pairs
 
 
@@ -247,31 +223,140 @@ def training_pairs(table: pd.DataFrame, target: str) -> pd.DataFrame:
     return table[(table["target"] != target) & (table["source"] != target)].copy()
 
 
-def loto_residual_sd(train: pd.DataFrame, features: Sequence[str], model: str = "ridge") -> tuple[float, str]:
-    """(sd, how): the out-of-sample RMS residual of the normalised-E-RMSE predictor on the known pairs.
+# ------------------------------------------------------- one predictor per quantity, with intervals
 
-    ``leave-one-target-out`` (how = ``"leave-one-target-out"``): for each target T of ``train``, fit
-    on the pairs involving T neither as target nor as source, predict T's pairs, and keep the
-    residuals (predicted − measured E-RMSE ÷ θ_ftᵀ) — what the predictor misses on a target it has
-    not seen, as a new target's ranking does (the in-sample residual understates it). When no
-    target can be held out (fewer than 3 pairs would remain: a suite of 4 domains), each pair is
-    held out in turn instead (``"leave-one-pair-out"``: its training pairs may share its domains, so
-    this one is optimistic). NaN (how ``"none"``) with fewer than 4 pairs or no finite residual.
+
+#: The predicted quantities (each the outcome column it is fitted on), of plain eq. 8 at λ2 = 0.7.
+QUANTITIES = {"ermse_norm": "E-RMSE ÷ θ_ftᵀ's", "acc_drop": "accuracy drop (1 − accuracy ÷ θ_ftᵀ's)"}
+
+
+@dataclass(frozen=True)
+class QuantityModel:
+    """The predictor of one quantity and its leave-one-unit-out fits (the intervals' jackknife+).
+
+    Attributes:
+        quantity: a key of :data:`QUANTITIES` (the outcome column).
+        full: the fit on every known pair (the point prediction): the requested model, or the
+            training mean (``model == "mean"``) when the requested one was no better out of sample.
+        folds: μ₋ᵢ, the same model fitted without unit i (a target: pairs with it as target or source).
+        residuals: unit i's held-out |y − μ₋ᵢ(x)|.
+        unit: ``"target"`` (targets held out), ``"pair"`` (too few targets: each pair, optimistic)
+            or ``"none"`` (fewer than 2 units: no interval).
+        loto_r2: 1 − Σ(y − μ₋ᵢ(x))² / Σ(y − ȳ₋ᵢ)² of the requested model, ȳ₋ᵢ fit i's mean outcome.
+        requested: the model asked for (``ridge``, ``gbr``).
     """
-    train = with_normalised(train).reset_index(drop=True)
-    train = train[pd.to_numeric(train["ermse_norm"], errors="coerce").notna()]
-    folds = [((train["target"] != t) & (train["source"] != t), train["target"] == t)
-             for t in sorted(train["target"].unique())]
-    folds = [(fit, held) for fit, held in folds if fit.sum() >= 3]
-    how = "leave-one-target-out"
-    if not folds:
-        folds = [(train.index != i, train.index == i) for i in train.index] if len(train) >= 4 else []
-        how = "leave-one-pair-out"
-    res = np.concatenate([_residuals(train[fit], train[held], features, model) for fit, held in folds]) \
-        if folds else np.array([])
-    res = res[np.isfinite(res)]
-    return (float(np.sqrt(np.mean(res ** 2))), how) if res.size else (math.nan, "none")
+
+    quantity: str
+    full: Predictor
+    folds: tuple[Predictor, ...]
+    residuals: tuple[np.ndarray, ...]
+    unit: str
+    loto_r2: float
+    requested: str
+
+    @property
+    def predictable(self) -> bool:
+        """Whether the features beat the training mean out of sample (LOTO R² > 0)."""
+        return self.full.model != "mean"
+
+    def predict(self, df: pd.DataFrame, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(point, lo, hi) for every row of ``df``: μ(x) and the jackknife+ interval at ``level``."""
+        point = self.full.predict(df)
+        if not self.folds:
+            return point, np.full(len(df), -np.inf), np.full(len(df), np.inf)
+        centres = np.column_stack([f.predict(df) for f in self.folds])
+        lo, hi = jackknife_plus(centres, self.residuals, level)
+        return point, lo, hi
 
 
-def _residuals(fit: pd.DataFrame, held: pd.DataFrame, features: Sequence[str], model: str) -> np.ndarray:
-    return fit_predictor(fit, features, "ermse_norm", model).predict(held) - held["ermse_norm"].to_numpy(float)
+def _folds(train: pd.DataFrame) -> tuple[str, list[tuple[pd.DataFrame, pd.DataFrame]]]:
+    """(unit, [(fit rows, held rows)]): one fold per target of ``train`` whose fit keeps ≥ 3 pairs
+    (:func:`training_pairs`: the target neither as target nor as source); with fewer than 2 such targets,
+    one fold per pair (its fit may share its domains); ``"none"`` below 4 pairs."""
+    folds = [(training_pairs(train, t), train[train["target"] == t]) for t in sorted(train["target"].unique())]
+    folds = [(fit, held) for fit, held in folds if len(fit) >= 3 and len(held)]
+    if len(folds) >= 2:
+        return "target", folds
+    if len(train) >= 4:
+        return "pair", [(train.drop(index=i), train.loc[[i]]) for i in train.index]
+    return "none", []
+
+
+def fit_quantity(train: pd.DataFrame, features: Sequence[str], quantity: str, model: str = "ridge",
+                 seed: int = 0) -> QuantityModel:
+    """Fit the predictor of ``quantity`` on the known pairs, with its leave-one-target-out fits.
+
+    Out-of-sample skill is LOTO R² (:class:`QuantityModel`); where it is ≤ 0 (or undefined) the
+    quantity is declared unpredictable from ``features`` and the training mean (model ``mean``), with
+    its own leave-one-out fits, replaces the requested model.
+
+    Raises:
+        DataError: unknown quantity, fewer than 3 pairs with a finite outcome, or bad features.
+    """
+    if quantity not in QUANTITIES:
+        raise unknown("predicted quantity", quantity, list(QUANTITIES))
+    train = with_normalised(train)
+    train = train[np.isfinite(target_values(train, quantity))].reset_index(drop=True)
+    unit, folds = _folds(train)
+    fits = [fit_predictor(fit, features, quantity, model, seed) for fit, _ in folds]
+    sse = sum(float(np.sum((f.predict(held) - target_values(held, quantity)) ** 2)) for f, (_, held) in zip(fits, folds))
+    sst = sum(float(np.sum((target_values(held, quantity) - np.mean(target_values(fit, quantity))) ** 2))
+              for fit, held in folds)
+    r2 = 1.0 - sse / sst if sst > 0 else math.nan
+    chosen = model if r2 > 0 else "mean"
+    if chosen != model:
+        fits = [fit_predictor(fit, features, quantity, chosen, seed) for fit, _ in folds]
+    res = tuple(np.abs(f.predict(held) - target_values(held, quantity)) for f, (_, held) in zip(fits, folds))
+    return QuantityModel(quantity, fit_predictor(train, features, quantity, chosen, seed, name=f"{chosen} {quantity}"),
+                         tuple(fits), res, unit, r2, model)
+
+
+@dataclass(frozen=True)
+class PairPredictor:
+    """One :class:`QuantityModel` per quantity of :data:`QUANTITIES`, and the intervals' level."""
+
+    models: dict[str, QuantityModel]
+    level: float
+
+    def predict(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Columns ``predicted_<q>``, ``predicted_<q>_lo``, ``predicted_<q>_hi`` per quantity q (±∞: no interval)."""
+        out = pd.DataFrame(index=df.index)
+        for q, m in self.models.items():
+            out[f"predicted_{q}"], out[f"predicted_{q}_lo"], out[f"predicted_{q}_hi"] = m.predict(df, self.level)
+        return out
+
+    def summary(self) -> dict:
+        """Per quantity: model, unit, held-out units, LOTO R², predictable."""
+        return {q: {"model": m.full.model, "requested": m.requested, "unit": m.unit, "n_units": len(m.folds),
+                    "loto_r2": m.loto_r2, "predictable": m.predictable} for q, m in self.models.items()}
+
+    def notes(self) -> list[str]:
+        """What the intervals are, and which quantities fell back to the training mean."""
+        units = {m.unit for m in self.models.values()}
+        out = [f"intervals: {self.level:.0%} jackknife+ over leave-one-{'/'.join(sorted(units))}-out fits of the "
+               "known pairs" + ("; too few domains to hold a target out, so they are optimistic"
+                                if units != {"target"} else "")]
+        for q, m in self.models.items():
+            if not m.predictable:
+                out.append(f"{QUANTITIES[q]} is not predictable from these features (leave-one-out R² = "
+                           f"{m.loto_r2:.3g} ≤ 0 for {m.requested}): the training mean stands for every source")
+        return out
+
+
+def fit_pair_predictor(train: pd.DataFrame, features: Sequence[str], model: str = "ridge",
+                       level: float = PREDICTION_LEVEL, seed: int = 0) -> PairPredictor:
+    """:func:`fit_quantity` for every quantity of :data:`QUANTITIES` on the same known pairs and features."""
+    if not 0.0 < level < 1.0:
+        raise DataError(f"--level must be in (0, 1), got {level}")
+    return PairPredictor({q: fit_quantity(train, features, q, model, seed) for q in QUANTITIES}, level)
+
+
+def rank_sources(candidates: pd.DataFrame, predictor: PairPredictor) -> pd.DataFrame:
+    """Candidate pairs of one target with :meth:`PairPredictor.predict`'s columns, best first, with a 1-based ``rank``.
+
+    Sorted by predicted E-RMSE ÷ θ_ftᵀ's (lower is better); ties keep input order.
+    """
+    out = pd.concat([candidates.reset_index(drop=True), predictor.predict(candidates).reset_index(drop=True)], axis=1)
+    out = out.sort_values("predicted_ermse_norm", kind="stable").reset_index(drop=True)
+    out.insert(0, "rank", np.arange(1, len(out) + 1))
+    return out

@@ -8,9 +8,11 @@ Tiers (what the target owner gives us):
 * tier 2 — target images with labels (never target explanations): adds exact R and a quick
   labelled accuracy check of the transferred model over a λ2 grid.
 
-A predictor fitted on known pairs of the suite (never pairs that involve the target,
-neither as target nor as source) turns the diagnostics into predicted E-RMSE and accuracy
-change; :func:`evaluate_rankers` measures it leave-one-target-out.
+One predictor per quantity, fitted on known pairs of the suite (never pairs that involve the
+target, neither as target nor as source), turns the diagnostics into the predicted E-RMSE ÷
+θ_ftᵀ's and accuracy drop, each with a jackknife+ interval over held-out targets
+(:mod:`diag.decide.predictor`); :func:`diag.decide.evaluation.evaluate_rankers` measures its ranking and
+:func:`diag.decide.evaluation.loto_coverage` its intervals, leave-one-target-out.
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_LAMBDA1, PAPER_LAMBDA2
+from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_LAMBDA1, PAPER_LAMBDA2, PREDICTION_LEVEL
 from diag.decide import recommend
-from diag.decide.evaluation import evaluate_loto
-from diag.decide.predictor import (MIN_TRAINING_PAIRS, fit_predictor, fit_source_model, loto_residual_sd, rank_sources,
-                                   tier_features, training_pairs)
+from diag.decide.predictor import (MIN_TRAINING_PAIRS, QUANTITIES, fit_pair_predictor, rank_sources, tier_features,
+                                   training_pairs)
 from diag.decide.rules import lambda2_from_predicted_drop
 from diag.features.pair_features import Diagnostics, pair_features
 from diag.table import artifact_key
@@ -42,6 +43,36 @@ TIER_NAMES = {0: "tier 0 (weights only)", 1: "tier 1 (published Hessian card)", 
 NOT_RANKING_INPUTS = ("cos_star",)
 
 
+def _val(v):
+    """A float for JSON: NaN, ±∞ and None as None."""
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+#: The predicted quantities of a ranking row, each with its interval: ``predicted_<q>`` and ``_lo``/``_hi``.
+PREDICTED = ("ermse_norm", "acc_drop", "gain")
+
+
+def prediction_fields(row, predictable: dict[str, bool] | None = None) -> dict:
+    """The predictions of one ranking row as reported everywhere (``rank-sources`` JSON and table, ``screen``).
+
+    ``predicted_<q>`` and ``predicted_<q>_interval`` = [lo, hi] for q in :data:`PREDICTED` (None: not
+    available, or an unbounded side). A quantity ``predictable`` marks False gets None: the training
+    mean stands for every source and is reported once (:meth:`SourceRanking.headline`).
+    """
+    out = {}
+    for q in PREDICTED:
+        shown = (predictable or {}).get(q, True)
+        out[f"predicted_{q}"] = _val(row.get(f"predicted_{q}")) if shown else None
+        out[f"predicted_{q}_interval"] = ([_val(row.get(f"predicted_{q}_lo")), _val(row.get(f"predicted_{q}_hi"))]
+                                          if shown else None)
+    return out
+
+
+def _interval_text(lo, hi, signed: bool = False) -> str:
+    f = "+.3f" if signed else ".3f"
+    return "[" + ", ".join("—" if v is None else format(v, f) for v in (lo, hi)) + "]"
+
+
 @dataclass
 class SourceRanking:
     """Ranked candidate sources for one target."""
@@ -53,12 +84,43 @@ class SourceRanking:
     notes: list[str] = field(default_factory=list)
     #: Multi-source candidates beside the sources (:func:`diag.decide.recommend.recommend_mixes`), empty if none.
     mixes: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: Level of every interval (jackknife+ over held-out targets).
+    level: float = PREDICTION_LEVEL
+    #: Per predicted quantity (:meth:`diag.decide.predictor.PairPredictor.summary`); empty: no predictor (proxy).
+    predictions: dict = field(default_factory=dict)
+
+    def _predictable(self) -> dict[str, bool]:
+        """Per quantity, whether each source gets its own number (the gain always does: it scales with the size)."""
+        return {q: bool(d.get("predictable", True)) for q, d in self.predictions.items()}
+
+    def headline(self) -> list[str]:
+        """The lines above the table: a quantity replaced by its training mean, and whether any source's gain
+        interval lies above zero ("no source is predicted to help beyond noise")."""
+        lines = []
+        first = self.rows.iloc[0] if len(self.rows) else {}
+        for q, d in self.predictions.items():
+            if not d.get("predictable", True):
+                lo, hi = (_val(first.get(f"predicted_{q}_{b}")) for b in ("lo", "hi"))
+                lines.append(f"{QUANTITIES[q]} is not predictable from the features (leave-one-out R² = "
+                             f"{d['loto_r2']:.3g} ≤ 0): training mean {_val(first.get(f'predicted_{q}')):.3f} "
+                             f"{_interval_text(lo, hi)} ({self.level:.0%}) for every source")
+        if self.no_source_beyond_noise():
+            lines.append(f"no source is predicted to help beyond noise: no source's {self.level:.0%} gain interval "
+                         "lies above 0")
+        return lines
+
+    def no_source_beyond_noise(self) -> bool | None:
+        """True when no safe source's gain interval lies above 0 (None: a ranking without gain intervals)."""
+        if "predicted_gain_lo" not in self.rows.columns:
+            return None
+        safe = self.rows["safe"].astype(bool) if "safe" in self.rows.columns else True
+        lo = pd.to_numeric(self.rows["predicted_gain_lo"], errors="coerce").fillna(-math.inf)
+        return not bool(((lo > 0) & safe).any())
 
     def to_dict(self) -> dict:
         """The ranking as plain values: one dict per source (NaN as None; risks beyond the tier as None)."""
-        def val(v):
-            return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
-
+        val = _val
+        shown = self._predictable()
         sources = []
         for _, r in self.rows.iterrows():
             sources.append({
@@ -66,32 +128,34 @@ class SourceRanking:
                 "risk_diag": val(r.get("risk_diag")) if self.tier >= 1 else None,
                 "risk_card": val(r.get("risk_card")) if self.tier >= 1 else None,
                 "risk_exact": val(r.get("risk_exact")) if self.tier >= 2 else None,
-                "predicted_ermse": val(r.get("predicted_ermse")),
-                "predicted_ermse_norm": val(r.get("predicted_ermse_norm")),
-                "predicted_acc_drop": val(r.get("predicted_acc_drop")),
+                **prediction_fields(r, shown),
                 "measured_acc_drop": val(r.get("measured_acc_drop")),
                 "lambda2": val(r.get("lambda2")),
                 "method": r.get("method"), "method_param": r.get("method_param"),
                 "method_scale": val(r.get("method_scale")), "method_acc_drop": val(r.get("method_acc_drop")),
                 "drop_measured": None if r.get("drop_measured") is None else bool(r.get("drop_measured")),
                 "safe": None if r.get("safe") is None else bool(r.get("safe")),
-                "predicted_gain": val(r.get("predicted_gain")), "predicted_gain_sd": val(r.get("predicted_gain_sd")),
             })
-        mixes = [{k: (val(v) if isinstance(v, float) else v) for k, v in r.items()}
-                 for r in self.mixes.to_dict(orient="records")]
+        mixes = []
+        for r in self.mixes.to_dict(orient="records"):
+            m = {k: (val(v) if isinstance(v, float) else v) for k, v in r.items() if not k.startswith("predicted_gain")}
+            mixes.append({**m, **{k: v for k, v in prediction_fields(r).items() if k.startswith("predicted_gain")}})
         return {"target": self.target, "tier": self.tier, "tier_name": TIER_NAMES[self.tier],
-                "max_acc_drop": self.max_acc_drop, "n_training_pairs": self.n_training_pairs,
-                "sources": sources, "mixes": mixes, "notes": self.notes}
+                "max_acc_drop": self.max_acc_drop, "n_training_pairs": self.n_training_pairs, "level": self.level,
+                "predictions": self.predictions, "no_source_beyond_noise": self.no_source_beyond_noise(),
+                "headline": self.headline(), "sources": sources, "mixes": mixes, "notes": self.notes}
 
     def to_json(self) -> str:
-        """Everything needed to rebuild this ranking (rows as records; NaN as null)."""
+        """Everything needed to rebuild this ranking (rows as records; NaN and ±∞ as null)."""
         def records(df):
+            df = df.replace([math.inf, -math.inf], math.nan)
             return df.astype(object).where(df.notna(), None).to_dict(orient="records")
 
         return json.dumps({"target": self.target, "tier": self.tier, "max_acc_drop": self.max_acc_drop,
-                           "n_training_pairs": self.n_training_pairs, "notes": self.notes,
-                           "columns": list(self.rows.columns), "rows": records(self.rows),
-                           "mix_columns": list(self.mixes.columns), "mixes": records(self.mixes)}, allow_nan=False)
+                           "n_training_pairs": self.n_training_pairs, "notes": self.notes, "level": self.level,
+                           "predictions": self.predictions, "columns": list(self.rows.columns),
+                           "rows": records(self.rows), "mix_columns": list(self.mixes.columns),
+                           "mixes": records(self.mixes)}, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str, path: Path) -> "SourceRanking":
@@ -102,35 +166,38 @@ class SourceRanking:
             rows = pd.DataFrame(d["rows"], columns=d["columns"]).fillna(math.nan)
             mixes = pd.DataFrame(d.get("mixes", []), columns=d.get("mix_columns", [])).fillna(math.nan)
             return cls(d["target"], int(d["tier"]), float(d["max_acc_drop"]), rows, int(d["n_training_pairs"]),
-                       list(d["notes"]), mixes)
+                       list(d["notes"]), mixes, float(d["level"]), dict(d["predictions"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise ArtifactError(f"cached ranking {path} is damaged ({exc}); delete it to recompute") from None
 
     def table(self) -> str:
-        """The ranking as text: one line per source, the multi-source candidates, then the notes."""
+        """The ranking as text: the headline, one line per source, the multi-source candidates, then the notes."""
         lines = [f"Sources for target '{self.target}' — {TIER_NAMES[self.tier]}; predictor fitted on "
                  f"{self.n_training_pairs} known pairs without '{self.target}'; budget: accuracy drop ≤ "
-                 f"{self.max_acc_drop:.0%} of θ_ftᵀ", ""]
-        head = (f"{'rank':>4s}  {'source':12s} {'cos_ft':>7s} {'R_card':>9s} {'R_exact':>9s} {'pred E-RMSE÷θ_ftᵀ':>17s} "
-                f"{'λ2 eq.8':>7s}  {'recommended (method, knob, scale)':34s} {'Δacc':>6s} {'pred gain ± sd':>15s}")
+                 f"{self.max_acc_drop:.0%} of θ_ftᵀ; intervals {self.level:.0%}"]
+        lines += [f"* {h}" for h in self.headline()] + [""]
+        head = (f"{'rank':>4s}  {'source':12s} {'cos_ft':>7s} {'R_card':>9s} {'R_exact':>9s} {'pred E-RMSE÷θ_ftᵀ':>24s} "
+                f"{'λ2 eq.8':>7s}  {'recommended (method, knob, scale)':34s} {'Δacc':>6s} {'pred gain [interval]':>27s}")
         lines += [head, "-" * len(head)]
 
         def fmt(v, w, p=3):
             return f"{'—':>{w}s}" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:{w}.{p}g}"
 
         for s in self.to_dict()["sources"]:
-            if s.get("method") is None:  # a ranking cached before recommendations existed
+            if s.get("method") is None:  # no recommendation (the cos proxy of an open-world ranking)
                 rec, gain = "", ""
             elif not s["safe"]:
-                rec, gain = "no safe transfer", f"{'—':>15s}"
+                rec, gain = "no safe transfer", "—"
             else:
                 rec = f"{s['method']}, {s['method_param']}, {s['method_scale']:.3g}"
-                gain = f"{s['predicted_gain']:+7.3f} ± {s['predicted_gain_sd']:.3f}"
+                gain = _gain_text(s)
+            ratio = ("—" if s["predicted_ermse_norm"] is None
+                     else f"{s['predicted_ermse_norm']:.3f} {_interval_text(*s['predicted_ermse_norm_interval'])}")
             drop = fmt(-s["method_acc_drop"] if s.get("method_acc_drop") is not None else None, 6, 2)
             lines.append(f"{s['rank']:4d}  {s['source']:12s} {fmt(s['cos_ft'], 7)} {fmt(s['risk_card'], 9)} "
-                         f"{fmt(s['risk_exact'], 9)} {fmt(s['predicted_ermse_norm'], 17)} "
+                         f"{fmt(s['risk_exact'], 9)} {ratio:>24s} "
                          + ("   none" if s["lambda2"] == 0 else fmt(s["lambda2"], 7, 2))
-                         + f"  {rec:34s} {drop} {gain:>15s}")
+                         + f"  {rec:34s} {drop} {gain:>27s}")
         lines += self._mix_lines()
         lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines)
@@ -143,15 +210,19 @@ class SourceRanking:
         for m in self.to_dict()["mixes"]:
             rec = (f"{m['method']}, {m['method_param']}, {m['method_scale']:.3g}" if m["safe"]
                    else f"no safe transfer ({m['method_param']})")
-            gain = f"{m['predicted_gain']:+7.3f} ± {m['predicted_gain_sd']:.3f}" if m["safe"] else "—"
+            gain = _gain_text(m) if m["safe"] else "—"
             drop = "—" if m["method_acc_drop"] is None else f"{-m['method_acc_drop']:.2g}"
-            out.append(f"      {m['candidate']:14s} {rec:40s} Δacc {drop:>6s}  gain {gain:>15s}   weights "
+            out.append(f"      {m['candidate']:14s} {rec:40s} Δacc {drop:>6s}  gain {gain:>27s}   weights "
                        f"{m['weights'] or '—'}")
-        top = self.rows.iloc[0]
-        if bool(top.get("safe", False)):
-            out.append(f"      top single source {top['source']}: gain {float(top['predicted_gain']):+7.3f} ± "
-                       f"{float(top['predicted_gain_sd']):.3f}")
+        top = self.to_dict()["sources"][0]
+        if top["safe"]:
+            out.append(f"      top single source {top['source']}: gain {_gain_text(top)}")
         return out
+
+
+def _gain_text(d: dict) -> str:
+    """``+0.008 [-0.031, +0.047]`` from :func:`prediction_fields`' gain."""
+    return f"{d['predicted_gain']:+.3f} {_interval_text(*d['predicted_gain_interval'], signed=True)}"
 
 
 def _source_quality(table: pd.DataFrame) -> pd.DataFrame:
@@ -181,16 +252,18 @@ def candidate_rows(diag: Diagnostics, table: pd.DataFrame, target: str, sources:
 def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
                     max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = "ridge",
                     accuracy_check: bool | None = None, lambda1: float = PAPER_LAMBDA1,
-                    methods: Sequence[str] | None = None) -> SourceRanking:
+                    methods: Sequence[str] | None = None, level: float = PREDICTION_LEVEL) -> SourceRanking:
     """Rank candidate sources for ``target`` by the explanation gain predicted at each one's recommendation.
 
-    A predictor fitted on pairs without the target predicts each source's normalised E-RMSE
-    and accuracy change at λ2 = 0.7. Per source, :mod:`diag.decide.recommend` picks the method and
-    scale the tier allows (``methods`` restricts them) that transfer the most within the
-    accuracy budget — measured on the target's ``val`` split with the tier-2 accuracy check,
-    else predicted by the quadratic model; sources are ranked by the gain predicted at that
-    recommendation (± the predictor's residual sd, scaled alike), and a source with no safe
-    recommendation is listed last as "no safe transfer". ``lambda2`` stays plain eq. 8's λ2.
+    One predictor per quantity, fitted on pairs without the target
+    (:func:`diag.decide.predictor.fit_pair_predictor`), predicts each source's E-RMSE ÷ θ_ftᵀ's and
+    accuracy drop at λ2 = 0.7, each with its jackknife+ interval at ``level``. Per source,
+    :mod:`diag.decide.recommend` picks the method and scale the tier allows (``methods`` restricts
+    them) that transfer the most within the accuracy budget — measured on the target's ``val``
+    split with the tier-2 accuracy check, else predicted by the quadratic model; sources are ranked
+    by the gain predicted at that recommendation (its interval: the E-RMSE ratio's, mapped through
+    the gain), and a source with no safe recommendation is listed last as "no safe transfer".
+    ``lambda2`` stays plain eq. 8's λ2.
 
     ``accuracy_check`` (default: ``tier >= 2``) measures plain eq. 8's accuracy over the λ2 grid on
     the target's ``val`` images (:func:`diag.decide.rules.accuracy_grid`).
@@ -212,10 +285,9 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
         cands["accuracy_ft_target"] = grid.attrs["accuracy_ft_target"]
     features = [f for f in tier_features(train, tier) if f in cands.columns]
     notes = [f"features: {', '.join(features)}"]
-    source_model = fit_source_model(train, features, model=model)
-    cands = rank_sources(cands, source_model)
-    cands["predicted_ermse"] = fit_predictor(train, features, target="ermse", model=model,
-                                             name=f"{model} ermse").predict(cands)
+    predictor = fit_pair_predictor(train, features, model=model, level=level)
+    cands = rank_sources(cands, predictor)
+    notes += predictor.notes()
     if grid is not None:
         per = {s: grid[grid["source"] == s] for s in sources}
         cands["lambda2"] = [recommend_lambda2(per[s], max_acc_drop) for s in cands["source"]]
@@ -226,35 +298,14 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
         cands["lambda2"] = [lambda2_from_predicted_drop(d, max_acc_drop) for d in cands["predicted_acc_drop"]]
         cands["measured_acc_drop"] = math.nan
         notes.append("λ2 (plain eq. 8): from the predicted drop at λ2 = 0.7 scaled by the quadratic model (drop ∝ λ2²)")
-    band = _band(train, features, model, source_model, notes)
-    cands, mixes = _recommend(diag, cands, target, tier, max_acc_drop, grid, lambda1, methods, notes, band)
+    cands, mixes = _recommend(diag, cands, target, tier, max_acc_drop, grid, lambda1, methods, notes)
     notes.append("E-RMSE is per patch; unrelated z-scored maps score √2 ≈ 1.414")
-    return SourceRanking(target, tier, max_acc_drop, cands, len(train), notes, mixes)
-
-
-def _band(train: pd.DataFrame, features: list[str], model: str, source_model, notes: list[str]) -> float:
-    """The sd of a predicted gain's band: the leave-one-target-out residual of the E-RMSE predictor.
-
-    :func:`diag.decide.recommend.loto_residual_sd` on the known pairs (each pair held out in turn when no
-    target can be); when that is NaN (fewer than 4 pairs, or no finite residual) the E-RMSE model's
-    in-sample residual stands in, and the notes say so.
-    """
-
-    sd, how = loto_residual_sd(train, features, model)
-    if math.isfinite(sd):
-        notes.append(f"band: ± the predictor's {how} residual sd of E-RMSE ÷ θ_ftᵀ on the known pairs ({sd:.3g})"
-                     + ("; too few domains to hold a target out, so it is optimistic" if how != "leave-one-target-out"
-                        else ""))
-        return sd
-    sd = source_model.ermse.train_rmse
-    notes.append(f"band: ± the predictor's in-sample residual sd ({sd:.3g}; too few known pairs to hold a target "
-                 "out — it understates the error on a new target)")
-    return sd
+    return SourceRanking(target, tier, max_acc_drop, cands, len(train), notes, mixes, level, predictor.summary())
 
 
 def _recommend(diag: Diagnostics, cands: pd.DataFrame, target: str, tier: int, budget: float, grid, lambda1: float,
-               methods, notes: list[str], residual_sd: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Each source's recommendation (:mod:`diag.decide.recommend`), its predicted gain ± sd, the ranking by that
+               methods, notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each source's recommendation (:mod:`diag.decide.recommend`), its predicted gain and interval, the ranking by that
     gain, and (two sources or more) the multi-source candidates beside them."""
 
     allowed = recommend.tier_methods(tier, methods)
@@ -272,9 +323,9 @@ def _recommend(diag: Diagnostics, cands: pd.DataFrame, target: str, tier: int, b
             tau = diag.vector(s, "star")
             rec = recommend.recommend_predicted(float(r["predicted_acc_drop"]), budget, tau.norm(), curv, tau,
                                                 allowed)
-        gain, sd = recommend.predicted_gain(float(r["predicted_ermse_norm"]), rec["size_ratio"], residual_sd,
-                                            rec["safe"])
-        recs.append({**rec, "predicted_gain": gain, "predicted_gain_sd": sd})
+        gain, lo, hi = recommend.predicted_gain(float(r["predicted_ermse_norm"]), float(r["predicted_ermse_norm_lo"]),
+                                                float(r["predicted_ermse_norm_hi"]), rec["size_ratio"], rec["safe"])
+        recs.append({**rec, "predicted_gain": gain, "predicted_gain_lo": lo, "predicted_gain_hi": hi})
     cands = pd.concat([cands.reset_index(drop=True), pd.DataFrame(recs)], axis=1)
     # a source with no safe recommendation is listed last as "no safe transfer", never ranked above a safe one
     cands = cands.assign(_unsafe=~cands["safe"].astype(bool), _gain=-cands["predicted_gain"])
@@ -285,20 +336,21 @@ def _recommend(diag: Diagnostics, cands: pd.DataFrame, target: str, tier: int, b
     notes.append(f"methods tried per source ({TIER_NAMES[tier]}): {', '.join(allowed)}; drop {how}; the recommendation "
                  "transfers the largest size ⟨Δ, τ*ˢ⟩/‖τ*ˢ‖ within the budget")
     notes.append("ranked by the explanation gain predicted at the recommendation: (1 − predicted E-RMSE ÷ θ_ftᵀ at "
-                 "λ2 = 0.7) × its size ÷ eq. 8's at 0.7, ± the predictor's residual sd scaled alike; sources without a "
+                 "λ2 = 0.7) × its size ÷ eq. 8's at 0.7, its interval the ratio's mapped alike; sources without a "
                  "safe recommendation last ('no safe transfer')")
     mixes = pd.DataFrame()
     if len(cands) >= 2:
         mixes = recommend.recommend_mixes(diag.ws, target, cands, budget, grid is not None,
-                                          curv if tier >= 1 else None, residual_sd, lambda1)
+                                          curv if tier >= 1 else None, lambda1)
     return cands, mixes
 
 
-RANKING_VERSION = 4
+RANKING_VERSION = 5
 
 
 def ranking_key(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
-                max_acc_drop: float, model: str, lambda1: float, methods: Sequence[str] | None = None) -> str:
+                max_acc_drop: float, model: str, lambda1: float, methods: Sequence[str] | None = None,
+                level: float = PREDICTION_LEVEL) -> str:
     """Content key of a ranking: every input it is computed from, read from file headers only.
 
     The known pairs (sha256 of the table rows), the content keys of θ_ft and θ_ft* of the
@@ -313,52 +365,24 @@ def ranking_key(diag: Diagnostics, table: pd.DataFrame, target: str, sources: li
                         "model": model, "lambda1": float(lambda1), "alpha": diag.alpha, "base": diag.base_hash,
                         "vectors": vectors, "table": rows, "curvature": asdict(diag.settings) if tier >= 1 else None,
                         "data": str(diag.data.get(target, "")), "version": RANKING_VERSION,
-                        "methods": list(methods) if methods is not None else None})
+                        "methods": list(methods) if methods is not None else None, "level": float(level)})
 
 
 def rank_cached(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
                 max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = "ridge",
-                lambda1: float = PAPER_LAMBDA1, methods: Sequence[str] | None = None) -> SourceRanking:
+                lambda1: float = PAPER_LAMBDA1, methods: Sequence[str] | None = None,
+                level: float = PREDICTION_LEVEL) -> SourceRanking:
     """:func:`rank_for_target`, cached in the store under its :func:`ranking_key` (``studies/rankings/``).
 
     A second call with the same inputs reads the stored ranking instead of reloading θ_base,
     recomputing the risks and the tier-2 accuracy grid.
     """
-    key = ranking_key(diag, table, target, sources, tier, max_acc_drop, model, lambda1, methods)
+    key = ranking_key(diag, table, target, sources, tier, max_acc_drop, model, lambda1, methods, level)
     path = diag.store.study_dir("rankings") / f"{target}-tier{tier}-{key}.json"
     if path.is_file():
         return SourceRanking.from_json(path.read_text(), path)
     ranking = rank_for_target(diag, table, target, sources, tier, max_acc_drop, model=model, lambda1=lambda1,
-                              methods=methods)
+                              methods=methods, level=level)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, ranking.to_json().encode())
     return ranking
-
-
-def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """Leave-one-target-out evaluation of the tier predictors, the paper's cos(τ_ft) proxy and random.
-
-    :func:`diag.decide.predictor.evaluate_loto` on E-RMSE with each tier's features (a tier whose features
-    equal a lower tier's is skipped); the proxy and random appear once, under the first tier.
-
-    Returns:
-        One dict per ranker: ``name`` (``"<model> (tier t)"``, or the proxy's or ``random``),
-        ``tier``, ``mean_spearman``, ``ci95``, ``mean_top1_regret``, ``random_top1_regret``,
-        ``pooled_r``, ``pooled_ci95``.
-    """
-    out = []
-    seen = set()
-    for tier in (0, 1, 2):
-        feats = tier_features(table, tier)
-        if not feats or tuple(feats) in seen:
-            continue
-        seen.add(tuple(feats))
-        for ev in evaluate_loto(table, feats, target="ermse", n_boot=n_boot, seed=seed):
-            d = {"name": ev.name if "proxy" in ev.name or ev.name == "random" else f"{ev.name} (tier {tier})",
-                 "tier": tier, "mean_spearman": ev.mean_spearman, "ci95": list(ev.ci95),
-                 "mean_top1_regret": ev.mean_top1_regret, "random_top1_regret": ev.random_top1_regret,
-                 "pooled_r": ev.pooled_r, "pooled_ci95": list(ev.pooled_ci95)}
-            if d["name"] in {o["name"] for o in out}:
-                continue
-            out.append(d)
-    return out

@@ -22,9 +22,9 @@ the universal vector (uniform over the sources) and the mix weighted by the rank
 gain (:func:`~diag.transfer.mixing.mix_weights`) — each with its λ2 within the budget, so that a user sees whether a
 mix beats the top single source (the study's measured comparison: :mod:`diag.study.methods_report` (c)).
 
-The band of every predicted gain (:func:`predicted_gain`) is measured, not assumed: the
-leave-one-target-out RMS residual of the E-RMSE predictor on the known pairs
-(:func:`loto_residual_sd`), scaled like the gain.
+The interval of every predicted gain (:func:`predicted_gain`) is the E-RMSE ratio's interval
+(jackknife+ over held-out targets, :class:`diag.decide.predictor.QuantityModel`) mapped through
+the gain.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 from diag.constants import PAPER_LAMBDA1, PAPER_LAMBDA2
-from diag.decide.predictor import MIN_TRAINING_PAIRS, fit_predictor, tier_features, training_pairs
+from diag.decide.predictor import MIN_TRAINING_PAIRS, fit_quantity, tier_features, training_pairs
 from diag.decide.rules import lambda2_from_predicted_drop
 from diag.transfer.budget import recommend_lambda2
 from diag.table import load_study, select_run, table_files
@@ -143,19 +143,19 @@ def recommend_measured(ws, target: str, source: str, grid: pd.DataFrame, budget:
     return _best(rows)
 
 
-def predicted_gain(ermse_norm: float, size_ratio: float, residual_sd: float, safe: bool) -> tuple[float, float]:
-    """(gain, sd) of the explanation at a recommendation: (1 − predicted E-RMSE ÷ θ_ftᵀ at λ2 = 0.7)·size_ratio.
+def predicted_gain(ermse_norm: float, lo: float, hi: float, size_ratio: float,
+                   safe: bool) -> tuple[float, float, float]:
+    """(gain, lo, hi) of the explanation at a recommendation: g = (1 − predicted E-RMSE ÷ θ_ftᵀ at λ2 = 0.7)·size_ratio.
 
     The predictor is fitted on eq. 8 at λ2 = 0.7; the gain is taken linear in the size transferred
-    along τ*ˢ (first order in the added vector), and so is the band: ``residual_sd`` times the same
-    ratio. ``residual_sd`` is the spread the ranking measures, the predictor's leave-one-target-out
-    RMS residual of E-RMSE ÷ θ_ftᵀ (:func:`loto_residual_sd`; leave-one-pair-out when no target can
-    be held out, the in-sample one below 4 pairs — the ranking's notes say which): about 68 % of
-    held-out pairs fall within ± one band if the residuals are roughly normal. An unsafe recommendation transfers nothing: (0, 0).
+    along τ*ˢ (first order in the added vector). g is decreasing in the ratio, so the ratio's
+    interval [lo, hi] (:class:`diag.decide.predictor.QuantityModel`: jackknife+ over held-out
+    targets) maps to [(1 − hi)·size_ratio, (1 − lo)·size_ratio], with the ratio's coverage when the
+    gain is linear in the size. An unsafe recommendation (or none of size 0) transfers nothing: (0, 0, 0).
     """
-    if not safe or not math.isfinite(ermse_norm):
-        return 0.0, 0.0
-    return (1.0 - ermse_norm) * size_ratio, residual_sd * size_ratio
+    if not safe or size_ratio <= 0 or not math.isfinite(ermse_norm):
+        return 0.0, 0.0, 0.0
+    return (1.0 - ermse_norm) * size_ratio, (1.0 - hi) * size_ratio, (1.0 - lo) * size_ratio
 
 
 # --------------------------------------------------------------- the ranker's gains and mixes
@@ -166,8 +166,9 @@ def ranker_gains(plain: pd.DataFrame, target: str, tier: int = 0, model: str = "
 
     The ranker is a predictor of normalised E-RMSE (E-RMSE ÷ θ_ftᵀ's) on the tier's features
     (:func:`diag.decide.predictor.tier_features`; tier 0 by default: cosines, norms, the sources' own
-    quality), fitted leave-one-target-out: only on pairs that involve the target neither as
-    target nor as source (:func:`diag.decide.ranking.training_pairs`). The rows (s, target) are read for
+    quality), the ranking's own (:func:`diag.decide.predictor.fit_quantity`: the training mean where it
+    does not beat it out of sample), fitted only on pairs that involve the target neither as
+    target nor as source (:func:`diag.decide.predictor.training_pairs`). The rows (s, target) are read for
     their features only — never their outcomes (E-RMSE, accuracy: the target's test split) —
     so the gains are what a target owner without explanations could compute. The gain is
     gₛ = 1 − predicted E-RMSE ÷ θ_ftᵀ (> 0: the source is predicted to lower the target's E-RMSE).
@@ -184,7 +185,7 @@ def ranker_gains(plain: pd.DataFrame, target: str, tier: int = 0, model: str = "
     train = training_pairs(plain, target)
     feats = [f for f in tier_features(train, tier) if f in cands.columns] if len(train) >= MIN_TRAINING_PAIRS else []
     if feats:
-        pred = fit_predictor(train, feats, "ermse_norm", model).predict(cands)
+        pred = fit_quantity(train, feats, "ermse_norm", model).full.predict(cands)
         return dict(zip(cands["source"].astype(str), (1.0 - pred).tolist())), f"{model} (tier {tier})"
     if "cos_ft" not in cands.columns:
         raise DataError("the ranker's proxy needs the 'cos_ft' column of the study table")
@@ -207,7 +208,7 @@ def study_gains(folder, target: str, seed: int | None = None, variant: str | Non
 
 
 def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measured: bool, curvature,
-                    residual_sd: float, lambda1: float = PAPER_LAMBDA1) -> pd.DataFrame:
+                    lambda1: float = PAPER_LAMBDA1) -> pd.DataFrame:
     """The multi-source candidates of a ranking: the universal and the ranker-weighted mix, each with its λ2.
 
     Weights: uniform over ``cands``' sources, and :func:`~diag.transfer.mixing.mix_weights` of the ranking's own gains
@@ -217,16 +218,20 @@ def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measure
     unit predicted loss increase taken as the median over the sources of predicted drop ÷ ½·0.7²·R(τ*ˢ);
     tier 0 has no bound on a mix's drop (no curvature, no images): not recommended.
     The predicted gain is first order in the added vector, Σₛ wₛgₛ · λ2/0.7 (so a mix gains over
-    the top source only by allowing a larger λ2), ± the residual sd scaled alike.
+    the top source only by allowing a larger λ2); its interval takes Σₛ wₛ·lo and Σₛ wₛ·hi of the
+    sources' E-RMSE ratio intervals (exact when the sources' errors on one target move together,
+    wider otherwise; a mix is not what the predictor was fitted on, so it has no coverage guarantee).
 
     Returns:
         One row per mix (``universal``, ``ranked``): ``candidate``, ``method`` (``mix`` or
         ``mix-ranked``), ``weights`` (text), the :data:`COLUMNS` (``method_param``: the mix's name, or
-        why it has no λ2) and ``predicted_gain``, ``predicted_gain_sd``.
+        why it has no λ2) and ``predicted_gain``, ``predicted_gain_lo``, ``predicted_gain_hi``.
     """
 
     sources = [str(s) for s in cands["source"]]
     gains = dict(zip(sources, (1.0 - cands["predicted_ermse_norm"].astype(float)).tolist()))
+    bounds = {s: (float(lo), float(hi)) for s, lo, hi in
+              zip(sources, cands["predicted_ermse_norm_lo"], cands["predicted_ermse_norm_hi"])}
     vectors = {s: ws.vector(s, "star") for s in sources}
     weightings = {"universal": ("mix", {s: 1.0 / len(sources) for s in sources}),
                   "ranked": ("mix-ranked", mixing.mix_weights(gains, target))}
@@ -241,7 +246,7 @@ def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measure
         row = {"candidate": f"{name} mix", "method": method, "weights": ", ".join(f"{s}:{v:.3g}" for s, v in w.items())}
         if not w:
             rows.append({**row, **_row(method, "no positive predicted gain", 0.0, 0.0, math.nan, False, False),
-                         "predicted_gain": 0.0, "predicted_gain_sd": 0.0})
+                         "predicted_gain": 0.0, "predicted_gain_lo": 0.0, "predicted_gain_hi": 0.0})
             continue
         vec, param = mixing.mix(vectors, w, target), name
         if measured:
@@ -255,8 +260,10 @@ def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measure
         else:
             lam, safe, drop = 0.0, False, math.nan
             param = "no bound on its drop without a card or val images"
-        g = sum(w[s] * gains[s] for s in w if w[s] > 0)  # a zero weight never turns a NaN gain into NaN
-        gain, sd = predicted_gain(1.0 - g, lam / PAPER_LAMBDA2, residual_sd, safe)
+        used = [s for s in w if w[s] > 0]  # a zero weight never turns a NaN gain (or an infinite bound) into NaN
+        g = sum(w[s] * gains[s] for s in used)
+        lo, hi = (sum(w[s] * bounds[s][i] for s in used) for i in (0, 1))
+        gain, gain_lo, gain_hi = predicted_gain(1.0 - g, lo, hi, lam / PAPER_LAMBDA2, safe)
         rows.append({**row, **_row(method, param, lam, lam / PAPER_LAMBDA2, drop, measured, safe),
-                     "predicted_gain": gain, "predicted_gain_sd": sd})
+                     "predicted_gain": gain, "predicted_gain_lo": gain_lo, "predicted_gain_hi": gain_hi})
     return pd.DataFrame(rows)

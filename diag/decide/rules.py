@@ -98,8 +98,8 @@ def screen_verdict(row, table: pd.DataFrame, target: str, lam: float, budget: fl
     src = "measured on labelled target val images" if math.isfinite(measured) else "predicted"
     note = ", scaled quadratically from λ2=0.7" if abs(lam - PAPER_LAMBDA2) > 1e-9 else ""
     reasons.append(f"accuracy drop at λ2={lam:g}: {drop_lam:.1%} ({src}{note}); budget {budget:.0%}")
-    reasons.append(f"predicted E-RMSE {row['predicted_ermse']:.3f} (normalised by θ_ftᵀ: "
-                   f"{row['predicted_ermse_norm']:.3f}; < 1 means better explanations)")
+    reasons.append(f"predicted E-RMSE ÷ θ_ftᵀ's {row['predicted_ermse_norm']:.3f}, interval "
+                   f"[{row['predicted_ermse_norm_lo']:.3f}, {row['predicted_ermse_norm_hi']:.3f}] (< 1: better explanations)")
     rec = float(row["lambda2"])
     reasons.append(f"largest λ2 within the budget: {rec:g}" if rec > 0 else "no λ2 of the grid stays within the budget")
     if rec <= 0 or drop_lam > 2 * budget or row["predicted_ermse_norm"] >= 1.0:
@@ -115,16 +115,16 @@ def method_verdict(row) -> tuple[str, list[str]]:
     """go / caution / no-go for the source's recommended method (:mod:`diag.decide.recommend`).
 
     no-go: no safe recommendation, or no predicted explanation gain at it; caution: the gain's
-    band (± the predictor's residual sd) reaches 0; go otherwise.
+    interval (jackknife+ over held-out targets) reaches 0; go otherwise.
     """
     src = "measured on labelled target val images" if bool(row["drop_measured"]) else "predicted"
-    gain, sd = float(row["predicted_gain"]), float(row["predicted_gain_sd"])
+    gain, lo, hi = float(row["predicted_gain"]), float(row["predicted_gain_lo"]), float(row["predicted_gain_hi"])
     if not bool(row["safe"]):
         return "no-go", [f"no method of the tier keeps the accuracy budget (best: {row['method']} "
                          f"{row['method_param']}, drop {row['method_acc_drop']:.1%}, {src}): no safe transfer"]
     reasons = [f"recommended: {row['method']} ({row['method_param']}) at scale {row['method_scale']:.3g}: accuracy "
                f"drop {row['method_acc_drop']:.1%} ({src})",
-               f"predicted explanation gain at it {gain:+.3f} ± {sd:.3f} (1 − E-RMSE ÷ θ_ftᵀ, scaled by the size "
-               "transferred)"]
-    verdict = "no-go" if gain <= 0 else "caution" if gain - sd <= 0 else "go"
+               f"predicted explanation gain at it {gain:+.3f}, interval [{lo:+.3f}, {hi:+.3f}] (1 − E-RMSE ÷ θ_ftᵀ, "
+               "scaled by the size transferred)"]
+    verdict = "no-go" if gain <= 0 else "caution" if lo <= 0 else "go"
     return verdict, reasons

@@ -14,7 +14,9 @@ reports in Appendix C) is optimistic.  This module gives, beside it:
 
 from diag.stats.bootstrap import BootstrapCI, pair_bootstrap_ci
 from diag.stats.correlation import APPENDIX_C, CorrelationResult, complete_pairs, pearson, spearman
+from diag.stats.conformal import jackknife_plus
 from diag.stats.permutation import PermutationResult, permutation_pvalue
+from diag.stats.proportion import wilson_interval
 from diag.stats.report import CorrelationReport, correlate, correlate_appendix_c, with_normalised
 
 __all__ = [
@@ -26,9 +28,11 @@ __all__ = [
     "complete_pairs",
     "correlate",
     "correlate_appendix_c",
+    "jackknife_plus",
     "pair_bootstrap_ci",
     "pearson",
     "permutation_pvalue",
     "spearman",
+    "wilson_interval",
     "with_normalised",
 ]

@@ -92,7 +92,8 @@ def with_normalised(df: pd.DataFrame) -> pd.DataFrame:
     """Copy of a pair table with the derived columns normalised by θ_ftᵀ.
 
     ermse_norm = ermse / ermse_ft_target, acc_norm = accuracy / accuracy_ft_target,
-    acc_change = acc_norm - 1 (negative = accuracy lost); NaN where an input is missing.
+    acc_drop = 1 − acc_norm (positive = accuracy lost, the sign of every measured drop:
+    :func:`diag.transfer.budget.accuracy_grid`); NaN where an input is missing.
     Existing derived columns are kept as they are.
     """
     out = df.copy()
@@ -100,6 +101,6 @@ def with_normalised(df: pd.DataFrame) -> pd.DataFrame:
         out["ermse_norm"] = out["ermse"] / out["ermse_ft_target"]
     if "acc_norm" not in out and {"accuracy", "accuracy_ft_target"} <= set(out.columns):
         out["acc_norm"] = out["accuracy"] / out["accuracy_ft_target"]
-    if "acc_change" not in out and "acc_norm" in out:
-        out["acc_change"] = out["acc_norm"] - 1.0
+    if "acc_drop" not in out and "acc_norm" in out:
+        out["acc_drop"] = 1.0 - out["acc_norm"]
     return out
