@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Rebuild seed 0 of the paper variant from a fresh clone and compare its study table with the
+# committed one (results/paper-s0/pairs.csv). Not part of the test suite: it runs the README's main
+# command on an empty store (tens of minutes on 2 CPU cores). Usage: bash scripts/reproduce_seed0.sh [WORKDIR]
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="${1:-$(mktemp -d)}"
+git clone -q "$REPO" "$WORK/clone"
+cd "$WORK/clone"
+bash scripts/setup.sh
+export TVDIAG_STORE="$WORK/store"
+.venv/bin/diag rank-sources --target gtsrb --quiet > "$WORK/rank.txt"
+.venv/bin/diag study --quiet --json --out "$WORK/study" > "$WORK/study.json"
+.venv/bin/python scripts/compare_tables.py "$REPO/results/paper-s0/pairs.csv" "$WORK/study/pairs.csv"

@@ -1,0 +1,142 @@
+"""Every number of the README's committed results, regenerated from the tables under ``results/``.
+
+``results/<run>/pairs.csv`` (with its check file and provenance side file) are study tables as
+``diag study`` wrote them. This script reads them (validated: a table whose check file does not
+agree is refused), computes the headline counts against every control, the image-level test
+(ρ̄), Table 1's analog and Appendix C's correlations, and renders the Markdown block that sits
+between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in README.md.
+
+    python scripts/results_report.py            # print the block
+    python scripts/results_report.py --check    # exit 1 when README.md's block differs
+    python scripts/results_report.py --write    # rewrite README.md's block
+
+The test suite runs ``--check`` (tests/test_results.py): the README's numbers are the tables'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diag.constants import PAPER_LAMBDA2  # noqa: E402
+from diag.stats import correlate_appendix_c  # noqa: E402
+from diag.study.report import study_report  # noqa: E402
+from diag.study.summary import summarize  # noqa: E402
+from diag.table import load_study, select_run  # noqa: E402
+
+RESULTS = ROOT / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+N_RESAMPLE = 2000
+
+
+def _runs(results: Path) -> list[Path]:
+    return sorted(p.parent for p in results.glob("*/pairs.csv"))
+
+
+def _provenance(folder: Path) -> str:
+    side = folder / "pairs.csv.provenance.json"
+    if not side.is_file():
+        return "provenance: none recorded"
+    entries = json.loads(side.read_text())
+    codes = sorted({(e["code"]["commit"][:10] + ("+dirty" if e["code"]["dirty"] else "")) for e in entries.values()})
+    threads = sorted({str(e["torch_threads"]) for e in entries.values()})
+    return f"commit {', '.join(codes)}, {', '.join(threads)} torch thread(s)"
+
+
+def _block_of_run(folder: Path) -> list[str]:
+    df = load_study(folder)
+    lines = []
+    for variant in sorted(df["variant"].unique()):
+        for seed in sorted(int(s) for s in df[df["variant"] == variant]["seed"].unique()):
+            run = select_run(df, variant, seed)
+            lines += _block_of_one(folder, run, variant, seed)
+    return lines
+
+
+def _block_of_one(folder: Path, run, variant: str, seed: int) -> list[str]:
+    s = summarize(run, PAPER_LAMBDA2)
+    n, c, i = s.n_pairs, s.corr, s.image
+    out = [f"**`results/{folder.name}`** — variant `{variant}`, training seed {seed}, λ2 = {PAPER_LAMBDA2:g}, "
+           f"{n} ordered pairs ({_provenance(folder)}):", "",
+           "| count (of the pairs) | value |", "| --- | --- |",
+           f"| E-RMSE < θ_ftᵀ's with ≥ 90 % of its accuracy (headline) | {s.n_better_keep90} |",
+           f"| E-RMSE < θ_ftᵀ's (any accuracy) | {s.n_lower_ermse} |",
+           f"| accuracy ≥ 90 % of θ_ftᵀ's | {s.n_keep90} |"]
+    for ctrl, label in (("random", "the random direction (τ*ˢ's norms)"), ("other_rescaled",
+                        "τ* of another source at ‖τ*ˢ‖"), ("meanmap", "the source's mean-φ map")):
+        if s.n_controls.get(ctrl):
+            out.append(f"| E-RMSE below {label} | {getattr(s, f'n_beat_{ctrl}')} |")
+    if i:
+        out += [f"| ρ̄ > 0, 95 % CI over images | {i['signal']} |",
+                f"| ρ̄ above τ* of another source at ‖τ*ˢ‖ (paired per-image test, 95 %) | {i['beats_other_rescaled']} |",
+                f"| ρ̄ above θ_ftᵀ's (paired per-image test, 95 %) | {i['beats_ft_target']} |",
+                f"| θ_ft*ᵀ (in-domain upper bound): ρ̄ > 0 | {i['upper_signal']} |"]
+    out += ["", f"Mean normalised E-RMSE {s.mean_ermse_norm:.3f} ± {s.mean_ermse_norm_se:.3f} and accuracy "
+            f"{s.mean_acc_norm:.3f} ± {s.mean_acc_norm_se:.3f} (÷ θ_ftᵀ; ± se over pairs, which share domains)."]
+    if c:
+        out.append(f"Mean image-specific correlation ρ̄ (chance and any fixed prior 0): proposed "
+                   f"{c.get('proposed', float('nan')):+.3f}, θ_ftᵀ {c.get('ft_target', float('nan')):+.3f}, τ* of "
+                   f"another source at ‖τ*ˢ‖ {c.get('other_rescaled', float('nan')):+.3f}, θ_ft*ᵀ upper bound "
+                   f"{c.get('ftx_target', float('nan')):+.3f}.")
+    reports = correlate_appendix_c(run[run["lambda2"].round(6) == PAPER_LAMBDA2], n_boot=N_RESAMPLE,
+                                   n_perm=N_RESAMPLE, seed=0)
+    out.append("Appendix C (Pearson r over the pairs, two-way bootstrap 95 % CI; paper's r): " + "; ".join(
+        f"{r.x} vs {r.y} {r.pearson_r:+.2f} [{r.ci95[0]:+.2f}, {r.ci95[1]:+.2f}]"
+        + (f" (paper {r.paper_r:+.2f})" if r.paper_r is not None else "") for r in reports) + ".")
+    report = study_report(run, PAPER_LAMBDA2)
+    table = report.variants[0].table1 if report.variants else None
+    if table is not None:
+        cells = []
+        for model, r in table.iterrows():
+            cells.append(f"{model} {r['accuracy_mean']:.3f} / {r['ermse_mean']:.3f} / ρ̄ {r['corr_img_mean']:+.3f}"
+                         if "corr_img_mean" in r else f"{model} {r['accuracy_mean']:.3f} / {r['ermse_mean']:.3f}")
+        out.append(f"Table 1 analog (source {report.source}, mean over its targets; accuracy / E-RMSE / ρ̄): "
+                   + "; ".join(cells) + ".")
+    return out + [""]
+
+
+def render(results: Path = RESULTS) -> str:
+    """The README's results block (between the markers), from every table under ``results``."""
+    runs = _runs(results)
+    lines = [BEGIN, "<!-- generated by scripts/results_report.py from results/: do not edit by hand -->", ""]
+    if not runs:
+        lines.append("No study table is committed under `results/` yet.")
+    for folder in runs:
+        lines += _block_of_run(folder)
+    return "\n".join(lines).rstrip() + "\n" + END
+
+
+def current(readme: Path = README) -> str:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme} has no {BEGIN} … {END} block")
+    return text[text.index(BEGIN):text.index(END) + len(END)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when README.md's block differs")
+    parser.add_argument("--write", action="store_true", help="rewrite README.md's block")
+    args = parser.parse_args()
+    block = render()
+    if args.write:
+        README.write_text(README.read_text().replace(current(), block))
+        return 0
+    if args.check:
+        if current() != block:
+            print("README.md's results block differs from `python scripts/results_report.py`; rerun with --write",
+                  file=sys.stderr)
+            return 1
+        return 0
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
