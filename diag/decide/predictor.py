@@ -16,7 +16,8 @@ Data-access tiers (what the owner of target T must provide; never target explana
   S's data, which the source publisher has).  cos(τ*ˢ, τ*ᵀ) is *not* tier 0: τ*ᵀ needs
   target explanation labels.
 * tier 1 — a published Hessian card of T: ``risk_card``, ``risk_diag`` (R = τ*ˢᵀ Hᵀ τ*ˢ).
-* tier 2 — labelled target images: ``risk_exact`` and ``accuracy_ft_target``.
+* tier 2 — labelled target images: ``risk_exact`` and ``accuracy_val_ft_target`` (θ_ftᵀ's val accuracy, the
+  same quantity in the study table and when ranking).
 
 Columns derived from target explanation labels or from the transfer outcome (``cos_star``,
 ``ermse``, ``ermse_norm``, ``accuracy``, ``acc_norm``, ``ermse_ft_target``, ...) are refused
@@ -51,7 +52,7 @@ TIER_FEATURES: dict[int, tuple[str, ...]] = {
     0: ("cos_ft", "norm_star_source", "norm_ft_source", "norm_ft_target", "ermse_star_source",
         "accuracy_ft_source"),
     1: ("risk_card", "risk_diag"),
-    2: ("risk_exact", "accuracy_ft_target"),
+    2: ("risk_exact", "accuracy_val_ft_target"),
 }
 BLOCK_COS_PREFIX = "cos_ft."
 

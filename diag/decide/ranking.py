@@ -282,7 +282,7 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
     check = tier >= 2 if accuracy_check is None else accuracy_check
     grid = accuracy_grid(diag.ws, target, sources, lambda1) if check else None
     if grid is not None:
-        cands["accuracy_ft_target"] = grid.attrs["accuracy_ft_target"]
+        cands["accuracy_val_ft_target"] = grid.attrs["accuracy_ft_target"]  # val, as in the study table
     features = [f for f in tier_features(train, tier) if f in cands.columns]
     notes = [f"features: {', '.join(features)}"]
     predictor = fit_pair_predictor(train, features, model=model, level=level)

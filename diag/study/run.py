@@ -17,7 +17,8 @@ every pair is scored on each seed's vectors and φ — built by :func:`pair_rows
 * the target's ``val`` split (never ``test``) for the λ2 choice: ``accuracy_val`` (eq. 8 at this λ2)
   and ``accuracy_val_ft_target`` (θ_ftᵀ), from :func:`diag.decide.rules.accuracy_grid`;
 * the run: ``alpha``, ``seed``, ``variant``; every metric has an image-specific twin ``ermse_img*``;
-* the source's own quality on S's test set: ``ermse_star_source`` (θ_ft*ˢ), ``accuracy_ft_source``;
+* the source's own quality on S's val split (features, so never its test split): ``ermse_star_source``
+  (θ_ft*ˢ), ``accuracy_ft_source``;
 * provenance: ``base_hash``, ``backbone_id``, ``tvdiag_version``, ``study_version``, ``pair_key``,
   ``n_test``, ``ks``, ``seconds``.
 
@@ -124,9 +125,10 @@ class StudySettings:
 
 
 def source_quality(ws: Workspace, source: str, cache: dict) -> dict:
-    """The source's own quality on its test set: E-RMSE of θ_ft*ˢ, accuracy of θ_ftˢ and θ_ft*ˢ (``cache`` per run)."""
+    """The source's own quality on its val split (never its test split: these are ranker features): E-RMSE of
+    θ_ft*ˢ, accuracy of θ_ftˢ and θ_ft*ˢ (``cache`` per run)."""
     if source not in cache:
-        tset = ws.target_set(source, "test")
+        tset = ws.target_set(source, "val")
         ft = evaluate_state(ws, tset, ws.state(ws.vector(source, "ft")), "θ_ftˢ")
         ftx = evaluate_state(ws, tset, ws.state(ws.vector(source, "ftx")), "θ_ft*ˢ")
         cache[source] = {"ermse_star_source": ftx.ermse, "accuracy_ft_source": ft.accuracy,
