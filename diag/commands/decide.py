@@ -11,6 +11,7 @@ from diag.commands.options import (add_alpha_option, add_budget_option, add_comm
                                    add_train_seed_option, add_variant_option, context_from, domain_name, emit_json,
                                    FRACTION, N_RESAMPLE)
 from diag.constants import PAPER_LAMBDA2
+from diag.decide.ceiling import ranking_ceiling
 from diag.decide.evaluation import evaluate_rankers, loto_coverage
 from diag.decide.ranking import rank_cached, rank_for_target
 from diag.decide.recommend import TIER_METHODS
@@ -115,17 +116,27 @@ def run_rank(args) -> int:
     if args.evaluate:
         _, _, table = _study_table(ctx, args)
         rows = evaluate_rankers(table, n_boot=args.n_boot)
+        every_seed = select_run(load_study(args.study or ctx.store.study_dir(DEFAULT_STUDY), lambda2=PAPER_LAMBDA2),
+                                getattr(args, "variant", None), "all")
+        ceiling = ranking_ceiling(every_seed)
+        for r in rows:
+            r["fraction_of_ceiling"] = ceiling.fraction(r["mean_spearman"]) if ceiling else None
         if args.json:
-            emit_json({"n_pairs": int(len(table)), "predictors": rows}, nan_as_null=True)
+            emit_json({"n_pairs": int(len(table)), "predictors": rows,
+                       "ceiling": ceiling.to_dict() if ceiling else None}, nan_as_null=True)
             return 0
+        print(ceiling.sentence() if ceiling else "test-retest ceiling: needs a study with ≥ 2 training seeds "
+              "(diag study --seeds 0 1)")
         print(f"Leave-one-target-out evaluation over {len(table)} pairs (E-RMSE of the chosen source; lower is better)")
-        print(f"{'predictor':28s} {'mean Spearman':>13s} {'95% CI':>18s} {'top-1 regret':>12s} {'random regret':>13s} {'pooled r':>9s}")
+        print(f"{'predictor':28s} {'mean Spearman':>13s} {'95% CI':>18s} {'top-1 regret':>12s} {'random regret':>13s} "
+              f"{'pooled r':>9s} {'÷ ceiling':>9s}")
         for r in rows:
             ci = r["ci95"]
             pooled = r.get("pooled_r")
             print(f"{r['name']:28s} {r['mean_spearman']:13.3f} [{ci[0]:7.3f}, {ci[1]:7.3f}] "
                   f"{r['mean_top1_regret']:12.4f} {r['random_top1_regret']:13.4f} "
-                  f"{pooled if pooled is not None else float('nan'):9.3f}")
+                  f"{pooled if pooled is not None else float('nan'):9.3f} "
+                  f"{r['fraction_of_ceiling'] if r['fraction_of_ceiling'] is not None else float('nan'):9.2f}")
         print("Spearman between predicted and actual E-RMSE across sources, per target, averaged; CI by bootstrap over targets.")
         return 0
     if not args.target:
