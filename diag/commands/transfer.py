@@ -10,7 +10,7 @@ from diag.constants import PAPER_ALPHA
 from diag.decide.recommend import study_gains
 from diag.features.pair_features import Diagnostics
 from diag.runtime.shards import build_domains
-from diag.table import DEFAULT_STUDY
+from diag.table import DEFAULT_STUDY, merge_shards
 from diag.transfer.evaluate import transfer
 from diag.transfer.methods import METHODS
 from train.losses import check_alpha
@@ -60,6 +60,8 @@ def run_transfer(args) -> int:
     check_scale("lambda2", args.lambda2)
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
     candidates = [ctx.check_domain(d) for d in args.domains] if args.domains is not None else ctx.domains()
+    if args.method == "mix-ranked":  # a damaged study table is refused before anything is built
+        merge_shards(args.study or ctx.store.study_dir(DEFAULT_STUDY), write=False)
     ctx.ensure([source, target], (args.alpha,), variants=(args.variant,), seeds=(args.train_seed,))
     # the "τ* of another source" control uses a domain already in the store (nothing extra is built)
     ws = ctx.workspace(args.alpha, seed=args.train_seed, variant=args.variant)
