@@ -195,3 +195,24 @@ def test_rank_evaluate_reads_one_run_of_a_multi_seed_study(seeded, capsys):
         assert code == 2 and "need at least 3 pairs" in err and "got 2" in err, err
     code = main([*base, "--train-seed", "7"])
     assert code == 2 and "seed" in capsys.readouterr().err  # a seed the study does not hold: refused
+
+
+def test_correlate_all_seeds_is_the_mean_and_sd_of_the_per_seed_analyses(seeded, capsys):
+    """`correlate --all-seeds`: one analysis per training seed, then each r's mean ± sd (by hand here)."""
+    from diag.cli import main
+    from diag.stats import correlate_appendix_c
+    from diag.table import at_lambda, load_study, select_run
+
+    store, out, _ = seeded
+    capsys.readouterr()
+    code = main(["correlate", "--all-seeds", "--study", str(out), "--variant", VARIANT, "--n-boot", "20",
+                 "--n-perm", "20", "--store", str(store.root), "--preset", "smoke", "--quiet", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    every = select_run(load_study(out), VARIANT, "all")
+    per = [correlate_appendix_c(at_lambda(every[every["seed"] == s], 0.7), n_boot=20, n_perm=20, seed=0) for s in SEEDS]
+    assert sorted(report["per_seed"]) == [str(s) for s in SEEDS]
+    for k, row in enumerate(report["over_seeds"]):
+        rs = [p[k].pearson_r for p in per]
+        assert row["mean_r"] == pytest.approx(np.mean(rs), rel=1e-12)
+        assert row["sd_r"] == pytest.approx(np.std(rs, ddof=1), rel=1e-12) and row["n_seeds"] == 2

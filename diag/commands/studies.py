@@ -93,6 +93,8 @@ def register(sub) -> None:
     add_variant_option(c, default=None, help="θ_ft* variant of the rows (default paper)")
     add_train_seed_option(c, default=None, alias=False,
                           help="training seed of the rows (default: the smallest in the study); one run per analysis")
+    c.add_argument("--all-seeds", action="store_true",
+                   help="every training seed of the study, one analysis each, then each r's mean ± sd over seeds")
     c.set_defaults(func=run_correlate)
 
 
@@ -340,6 +342,8 @@ def run_correlate(args) -> int:
         store = ctx.ensure(domains, (PAPER_ALPHA,))
         run_study(store, domains, StudySettings(lambda2s=(lambda2,)), out_dir=out, progress=ctx.progress,
                   data=ctx.data, workspace=ctx.workspace())
+    if args.all_seeds:
+        return _correlate_seeds(args, out, lambda2)
     df = at_lambda(select_run(load_study(out), args.variant, args.train_seed), lambda2)
     reports = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.bootstrap_seed)
     fig = figures.figure6(df, out / "figure6.png", reports=reports)
@@ -363,4 +367,33 @@ def run_correlate(args) -> int:
     print("p(naive) treats pairs as independent (as the paper does); the CI resamples sources and targets and "
           "the permutation test relabels domains, so both respect that pairs share domains.")
     print(f"figure: {fig}")
+    return 0
+
+
+def _correlate_seeds(args, out, lambda2) -> int:
+    """``correlate --all-seeds``: Appendix C per training seed, then each r's mean ± sd over the seeds."""
+    every = select_run(load_study(out), args.variant, "all")
+    per_seed = {}
+    for train_seed in sorted(int(s) for s in every["seed"].unique()):
+        df = at_lambda(every[every["seed"] == train_seed], lambda2)
+        per_seed[train_seed] = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.bootstrap_seed)
+    names = [(r.x, r.y, r.paper_r) for r in next(iter(per_seed.values()))]
+    summary = []
+    for k, (x, y, paper) in enumerate(names):
+        rs = [reports[k].pearson_r for reports in per_seed.values()]
+        excl = sum(1 for reports in per_seed.values() if reports[k].ci95[0] > 0 or reports[k].ci95[1] < 0)
+        mean = sum(rs) / len(rs)
+        sd = math.sqrt(sum((r - mean) ** 2 for r in rs) / (len(rs) - 1)) if len(rs) > 1 else float("nan")
+        summary.append({"x": x, "y": y, "mean_r": mean, "sd_r": sd, "n_seeds": len(rs),
+                        "seeds_ci_excludes_0": excl, "paper_r": paper})
+    if args.json:
+        emit_json(_clean({"lambda2": lambda2, "study": str(out / PAIRS_FILE), "over_seeds": summary,
+                          "per_seed": {str(s): [r.to_dict() for r in reports] for s, reports in per_seed.items()}}))
+        return 0
+    print(f"Appendix C over training seeds {sorted(per_seed)} (λ2={lambda2:g}; r per seed, then mean ± sd over seeds)")
+    for row in summary:
+        cells = " ".join(f"{reports[summary.index(row)].pearson_r:+.3f}" for reports in per_seed.values())
+        paper = f"{row['paper_r']:+.2f}" if row["paper_r"] is not None else "-"
+        print(f"  {row['x']:10s} {row['y']:8s} {cells}   mean {row['mean_r']:+.3f} ± {row['sd_r']:.3f}   "
+              f"95% CI excludes 0 on {row['seeds_ci_excludes_0']}/{row['n_seeds']} seeds   paper {paper}")
     return 0

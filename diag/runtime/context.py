@@ -272,20 +272,24 @@ class Workspace:
         return self._models[domain]
 
     # ------------------------------------------------------------------- data
-    def target_set(self, domain: str, split: str = "test", limit: int | None = None) -> TargetSet:
-        """``split`` images of ``domain``; on ``test`` aligned with this seed's φ (first N images)."""
+    def target_set(self, domain: str, split: str = "test", limit: int | None = None,
+                   explained: bool = False) -> TargetSet:
+        """``split`` images of ``domain``; on ``test`` (and on ``val`` with ``explained``) the images this seed's
+        φ covers (the first N), with that φ; otherwise the first ``limit`` images without φ."""
         def make():
-            if split == "test":
+            if split == "test" or explained:
                 attr = self.store.load_attributions(domain, seed=self.seed)
-                phi, labels = attr["test"], attr["test_labels"].long()
-                x, y = model_inputs(self.backbone.config, domain, "test", phi.shape[0], self.data.get(domain))
+                if split not in attr:
+                    raise ArtifactError(f"Stored attributions of '{domain}' have no '{split}' split")
+                phi, labels = attr[split], attr[f"{split}_labels"].long()
+                x, y = model_inputs(self.backbone.config, domain, split, phi.shape[0], self.data.get(domain))
                 if len(y) < phi.shape[0] or not torch.equal(y, labels):
                     raise ArtifactError(f"Stored attributions of '{domain}' (seed {self.seed}) do not match its "
-                                        "test split; rebuild them")
-                return TargetSet(domain, x, labels, phi, "test")
+                                        f"{split} split; rebuild them")
+                return TargetSet(domain, x, labels, phi, split)
             x, y = model_inputs(self.backbone.config, domain, split, limit, self.data.get(domain))
             return TargetSet(domain, x, y, None, split)
-        key = (domain, split, limit, self.seed) if split == "test" else (domain, split, limit)
+        key = (domain, split, limit, self.seed) if split == "test" or explained else (domain, split, limit)
         return self._sets.get(key, make)
 
     def mean_map(self, domain: str) -> torch.Tensor:

@@ -128,7 +128,7 @@ def source_quality(ws: Workspace, source: str, cache: dict) -> dict:
     """The source's own quality on its val split (never its test split: these are ranker features): E-RMSE of
     θ_ft*ˢ, accuracy of θ_ftˢ and θ_ft*ˢ (``cache`` per run)."""
     if source not in cache:
-        tset = ws.target_set(source, "val")
+        tset = ws.target_set(source, "val", explained=True)
         ft = evaluate_state(ws, tset, ws.state(ws.vector(source, "ft")), "θ_ftˢ")
         ftx = evaluate_state(ws, tset, ws.state(ws.vector(source, "ftx")), "θ_ft*ˢ")
         cache[source] = {"ermse_star_source": ftx.ermse, "accuracy_ft_source": ft.accuracy,
