@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from train.errors import ArtifactError
 from train.external_weights import file_sha256
@@ -90,7 +90,7 @@ def origin_of(meta: dict) -> str:
 
 
 def decide(path: Path, key: str, *, store=None, what: str = "", inputs: Sequence[Verdict] = (),
-           from_imported: str | None = None) -> Verdict:
+           from_imported: str | None = None, read: Callable[[Path], dict] = read_metadata) -> Verdict:
     """Reuse, keep, build, build from, or refuse the artifact at ``path`` for content key ``key``.
 
     Args:
@@ -101,6 +101,8 @@ def decide(path: Path, key: str, *, store=None, what: str = "", inputs: Sequence
         what: a short name for messages (``"fashion θ_ft"``).
         inputs: verdicts of the artifacts the recipe builds from.
         from_imported: None when the recipe can be followed from imported inputs; else why not.
+        read: the file's provenance (default: its safetensors metadata; a study table's comes
+            from its check file, :func:`diag.table.write_table`).
 
     Raises:
         ArtifactError: corrupt or pickled file; no tvdiag provenance; another base; or it must be
@@ -111,7 +113,7 @@ def decide(path: Path, key: str, *, store=None, what: str = "", inputs: Sequence
     rebuild = store is not None and path.is_file() and store._rebuilds(path)
     existing = path.is_file() and not rebuild
     if existing:
-        meta = provenance(read_metadata(path))
+        meta = provenance(read(path))
         origin = origin_of(meta)
         if origin == "foreign":
             raise _refuse(store, path, "was not written by tvdiag (no provenance key in its metadata)")
