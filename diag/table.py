@@ -32,12 +32,15 @@ from diag.runtime.distributed import rank_and_world
 from diag.stats import with_normalised
 from train.errors import ArtifactError, DataError, TvdiagError, unknown
 from train.store import content_key, Store
+from train.ownership import decide
 from train.tensorio import atomic_write_bytes, is_timing_key, read_metadata, timings_path
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STUDY = "allpairs"
 PAIRS_FILE = "pairs.csv"
+#: Beside the pair table: per domain, seed and artifact whether it was built or imported, with its sha256.
+VECTORS_FILE = "vectors.csv"
 STUDY_VERSION = 4
 CHECK_SUFFIX = ".check.json"
 #: What identifies a row besides its ``pair_key``: the pair, λ2, the run and the transfer method.
@@ -137,6 +140,7 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
     kill between the two renames leaves a complete old table that still checks out. Timing
     columns are dropped (:func:`append_rows` keeps them in the timings side file).
     """
+    decide(path, "", what="study table", read=table_provenance)  # a table tvdiag did not write is refused
     path.parent.mkdir(parents=True, exist_ok=True)
     df = df.drop(columns=[c for c in df.columns if is_timing_key(c)])
     data = df.to_csv(index=False).encode()
@@ -146,6 +150,18 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
         check["previous"] = {"rows": old.count(b"\n") - 1, "sha256": hashlib.sha256(old).hexdigest()}
     for target, payload in ((check_path(path), json.dumps(check).encode()), (path, data)):
         atomic_write_bytes(target, payload)
+
+
+def table_provenance(path: Path) -> dict:
+    """Provenance of an existing table for :func:`train.ownership.decide`: tvdiag's when its check file vouches for it.
+
+    A table without a check file has no provenance (not tvdiag's); one that does not match its check file
+    raises :class:`ArtifactError`.
+    """
+    if not check_path(path).is_file():
+        return {}
+    _checked_rows(path, Path(path).read_bytes())
+    return {"key": check_path(path).name, "tvdiag_version": "study table"}
 
 
 def _checked_rows(path: Path, data: bytes) -> int:

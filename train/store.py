@@ -14,11 +14,12 @@ Layout (one folder per backbone id)::
                         /studies/<name>/...                   pair tables, figures
 
 Every file carries provenance metadata and a content ``key``: the hash of everything it
-was computed from. :meth:`Store.is_fresh` decides what happens to an existing file:
+was computed from. :meth:`Store.decide` decides what happens to an existing file:
 missing → build; tvdiag's with the requested key → reuse; tvdiag's with a stale key on
-the same base → rebuild over it; no provenance key, or taken from another base → refuse
-(exit 2), since it is the user's file: ``--rebuild DOMAIN`` (``Store.rebuild``) or deleting
-it lets tvdiag replace it.
+the same base → rebuild over it; imported (``diag import``) → keep, and build what is missing
+from it; no provenance key, or taken from another base → refuse (exit 2), since it is the
+user's file: ``--rebuild DOMAIN`` (``Store.rebuild``) or deleting it lets tvdiag replace it
+(:mod:`train.ownership`, the one decision every writer makes).
 
 Every path goes through :meth:`Store._path`: user-given names must match
 ``[a-z0-9][a-z0-9_-]*`` and a path that resolves outside the store root is refused.
@@ -39,6 +40,7 @@ import torch
 from train.backbones import Backbone, BackboneConfig, build_clip
 from train.errors import ArtifactError, StoreError, TvdiagError, unknown
 from train.model import load_visual_state, SelfExplainingCLIP, visual_state
+from train.ownership import decide, Verdict
 from train.tensorio import check_writable, dumps, load_tensors, read_metadata, save_tensors, sweep_stale_tmp
 from train.vectors import TaskVector
 
@@ -211,32 +213,23 @@ class Store:
         path = self.base_path()
         return read_metadata(path).get("base_hash") if path.is_file() else None
 
-    def is_fresh(self, path: Path, key: str) -> bool:
-        """Whether the artifact at ``path`` can be reused for content key ``key``.
+    def decide(self, path: Path, key: str, **how) -> Verdict:
+        """:func:`train.ownership.decide` for a file of this store: reuse, keep, build, build from, or refuse."""
+        return decide(path, key, store=self, **how)
 
-        missing → False (build); tvdiag's with key ``key`` → True (reuse); tvdiag's with
-        another key, same base → False (rebuild over it); covered by ``--rebuild`` → False.
+    def is_fresh(self, path: Path, key: str) -> bool:
+        """Whether the artifact at ``path`` is read as is for content key ``key`` (:meth:`decide`).
+
+        missing → False (build); tvdiag's with key ``key`` → True (reuse); imported → True (kept,
+        never replaced); tvdiag's with another key, same base → False (rebuild over it); covered
+        by ``--rebuild`` → False.
 
         Raises:
             ArtifactError: the file is corrupt, truncated or a pickle; it has no tvdiag
-                provenance (no ``key``); or it was taken from another base than the store's.
+                provenance; or it was taken from another base than the store's.
                 It is the user's file and is never silently overwritten.
         """
-        path = Path(path)
-        if not path.is_file():
-            return False
-        meta = read_metadata(path)
-        if self._rebuilds(path):
-            return False
-        if "key" not in meta:
-            raise self._refuse(path, "was not written by tvdiag (no provenance key in its metadata)")
-        if meta["key"] == key:
-            return True
-        if "base_hash" in meta and path.resolve() != self.base_path().resolve():
-            current = self._current_base_hash()
-            if current is not None and meta["base_hash"] != current:
-                raise self._refuse(path, f"was taken from base {meta['base_hash']}, not this store's base {current}")
-        return False
+        return self.decide(path, key).usable
 
     # ------------------------------------------------------------------- base
     def save_base(self, backbone: Backbone, provenance: dict) -> str:
@@ -294,7 +287,7 @@ class Store:
 
         A bare explainability vector τ* (``kind="star"``) is stored as τ_ft* = τ_ft + τ* next to
         the domain's τ_ft, so every reader finds τ* = τ_ft* − τ_ft. The file's ``key`` is the hash
-        of the imported file, its kind and the base, so :meth:`is_fresh` treats it as tvdiag's own.
+        of the imported file, its kind and the base; :meth:`decide` keeps it (never replaced without ``--rebuild``).
         Returns ``(path, written)``; re-importing the same file writes nothing.
 
         Raises:
@@ -320,7 +313,8 @@ class Store:
         if kind in ("ftx", "star"):
             prov["alpha"] = str(alpha)
         key = content_key(parts)
-        if self.is_fresh(path, key):
+        verdict = self.decide(path, key)
+        if verdict.usable and verdict.key == key:
             return path, False
         if path.is_file() and not self._rebuilds(path):
             raise self._refuse(path, f"already holds another vector (key {read_metadata(path).get('key')})")

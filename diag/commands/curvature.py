@@ -18,6 +18,7 @@ from diag.decide.rules import predicted_loss_increase
 from diag.features.pair_features import CurvatureSettings, Diagnostics
 from train.errors import TvdiagError
 from train.losses import check_alpha
+from train.store import content_key
 from train.tensorio import save_tensors
 
 
@@ -138,9 +139,12 @@ def _hessian_estimates(args, ctx, diag, domain: str, op) -> dict:
         return out
 
     est = hutchinson_diagonal(op, **kwargs)
-    path = diag.store.curvature_path(domain, "diag-hutchinson", {**_settings_key(args), "n_probes": est.n_probes})
+    settings = {**_settings_key(args), "n_probes": est.n_probes}
+    path = diag.store.curvature_path(domain, "diag-hutchinson", settings)
+    key = content_key({**settings, "base": diag.base_hash, "ft": diag.vector(domain, "ft").provenance.get("key", "")})
+    diag.store.decide(path, key, what=f"{domain} Hutchinson diagonal")  # refuses a file tvdiag did not write
     save_tensors(path, {"diag": est.mean, "stderr": est.stderr},
-                 {"domain": domain, "probes": est.n_probes, "probe_seed": args.probe_seed, "total": est.total,
+                 {"key": key, "domain": domain, "probes": est.n_probes, "probe_seed": args.probe_seed, "total": est.total,
                   "total_stderr": est.total_stderr, "base_hash": diag.base_hash})
     out["diag"] = est.to_dict()
     out["path"] = str(path)

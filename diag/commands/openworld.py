@@ -15,6 +15,7 @@ from train.backbones import read_checkpoint, state_hash
 from train.errors import ArtifactError, BaseMismatchError, TvdiagError
 from train.external_weights import file_sha256, import_weights, KINDS, read_state_dict, SUPPORTED, visual_part
 from train.losses import check_alpha
+from train.ownership import decide
 from train.store import base_state
 
 
@@ -117,6 +118,7 @@ def run_card(args) -> int:
                           "the k eigenvectors")
     settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, probes=args.probes, k=args.k,
                                  seed=args.probe_seed, split=args.split)
+    decide(args.out, "", what="--out")  # before computing: a file tvdiag did not write is refused, a card replaced
     card, est = build_target_card(ctx.store, args.target, args.model, (ctx.data or {}).get(args.target), settings,
                                   progress=ctx.progress, device=ctx.device, lanczos_iters=args.lanczos_iters)
     card.save(args.out, extra={"hessian_diag": est.mean.double(), "hessian_diag_stderr": est.stderr.double()})

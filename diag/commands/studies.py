@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pandas as pd
+
 from diag.commands.options import (add_alpha_option, add_bootstrap_seed_option, add_common, add_domains_option,
                                    add_lambda_options, add_study_option, add_train_seed_option, add_train_seeds_option,
                                    add_variant_option, context_from, emit_json, N_IMAGES, N_RESAMPLE, positive_int,
@@ -24,7 +26,7 @@ from diag.study.summary import figure2_frame, summarize
 from diag.study.verify import untrusted_tables, verify_study
 from diag.transfer.methods import METHODS
 from diag.table import (at_lambda, DEFAULT_STUDY, load_study, merge_shards, of_method, PAIRS_FILE, parse_shard,
-                        select_run)
+                        select_run, VECTORS_FILE, write_table)
 from train.errors import DataError
 from train.losses import check_alpha
 from train.vectors import check_scale
@@ -211,6 +213,9 @@ def run_study_cmd(args) -> int:
         shard = (0, 1)
     report: dict = {"study": str(out), "shard": list(shard), "n_rows": int(len(df)), "seeds": seeds,
                     "variant": args.variant, "alpha": alpha, "figures": {}}
+    vectors = ctx.provenance(domains, (alpha,), variants=(args.variant,), seeds=tuple(seeds))
+    write_table(pd.DataFrame(vectors), out / VECTORS_FILE)  # per domain: each vector built or imported, sha256
+    report["vectors"] = vectors
     main_l2 = PAPER_LAMBDA2 if PAPER_LAMBDA2 in lambda2s else lambda2s[0]
     every, df = df, of_method(df)
     first = df[df["seed"] == seeds[0]]
@@ -301,6 +306,9 @@ def _print_study(report: dict, s, out, alpha, lambda1, shard) -> None:
         print(f"  shard table written; merge with diag.table.merge_shards({str(out)!r})")
     for name, path in report["figures"].items():
         print(f"  {name}: {path}")
+    for row in report["vectors"]:  # the vectors the user brought (every row: vectors.csv beside the table)
+        if row["origin"] == "imported":
+            print(f"  {row['what']} seed {row['seed']}: imported (sha256 {row['sha256']})")
     if "kernelshap_budget" in report:
         print("  Kernel SHAP budget (mean over targets): method, P, E-RMSE, IoU@1, wall s")
         for r in report["kernelshap_budget"]:

@@ -87,10 +87,15 @@ def run_zoo(args) -> int:
     variants = tuple(dict.fromkeys(args.variant or ["paper"]))
     report = build_domains(ctx, domains, alphas, True, variants, args.seeds, zero_shot=True)
     times, zero_shot = report["seconds"], report["zero_shot_accuracy"]
+    vectors = ctx.provenance(domains, alphas, variants=variants, seeds=tuple(args.seeds))  # built or imported
     if args.json:
         emit_json({"store": str(ctx.store.folder), "seconds": times, "zero_shot_accuracy": zero_shot,
-                   "rank_of": report["rank_of"], "built": report["built"], "workers": report.get("workers", 1)})
+                   "rank_of": report["rank_of"], "built": report["built"], "workers": report.get("workers", 1),
+                   "vectors": vectors})
         return 0
+    for row in vectors:
+        if row["origin"] == "imported":
+            print(f"{row['what']}: imported (sha256 {row['sha256']}), kept")
     n_procs = len(report["built"])  # torchrun ranks or --workers processes
     print(f"zoo ready in {ctx.store.folder}" + (f" (domains split over {n_procs} processes)" if n_procs > 1 else ""))
     for k, v in times.items():

@@ -153,12 +153,12 @@ class Diagnostics:
         if target in self._curv and (self._curv[target].operator is not None or not need_operator):
             return self._curv[target]
         key = self._curvature_key(target)
-        card = diag = None
-        if self.card_path(target).is_file():
-            card = HessianCard.load(self.card_path(target))
-            if card.provenance.get("key") != key:
-                card = None
-        if card is not None and self.store.is_fresh(self.diag_path(target), key):
+        diag = None
+        # both decided before anything is computed: a file tvdiag did not write is refused, never replaced
+        card_verdict = self.store.decide(self.card_path(target), key, what=f"{target} Hessian card")
+        diag_verdict = self.store.decide(self.diag_path(target), key, what=f"{target} Hessian diagonal")
+        card = HessianCard.load(card_verdict.path) if card_verdict.usable else None
+        if card is not None and diag_verdict.usable:
             tensors, _ = load_tensors(self.diag_path(target))
             if "probe_diagonals" in tensors:
                 diag = tensors["diag"], tensors["stderr"], tensors["probe_diagonals"]

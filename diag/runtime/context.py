@@ -93,6 +93,14 @@ class Context:
         build_domains(self, domains, alphas, explain, variants, seeds)
         return self.store
 
+    def provenance(self, domains: list[str], alphas: tuple[float, ...] = (PAPER_ALPHA,), *,
+                   variants: tuple[str, ...] = ("paper",), seeds: tuple[int, ...] = (0,)) -> list[dict]:
+        """Per domain, seed and artifact (θ_ft, φ, θ_ft* of each α and variant) after :meth:`ensure`: one row
+        ``{domain, seed, artifact, what, origin: built|imported, sha256[, input_sha256]}`` (sha256 of the store's file)."""
+        return [{"domain": d, "seed": s, "artifact": k, "what": v.what, **v.record()}
+                for d in domains for s in seeds
+                for k, v in self.zoo(s).plan(d, tuple(alphas), tuple(variants)).items() if k != "head"]
+
     def domains(self) -> list[str]:
         """Domains of the suite: the mini-suite plus any given with ``--data``."""
         return list(MINISUITE) + [d for d in (self.data or {}) if d not in MINISUITE]

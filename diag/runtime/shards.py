@@ -68,6 +68,7 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
     if rank == 0:
         ctx.zoo(seeds[0]).base()
     barrier()  # θ_base exists before any other rank reads it
+    _pending(ctx, domains, alphas, explain, variants, seeds)  # every refusal before any domain is written
     times: dict[str, float] = {"base": time.perf_counter() - start}
     mine = domains[rank::world]
     accuracy: dict[str, float] = {}
@@ -105,9 +106,13 @@ def _announce_first_build(ctx, domains: list[str], seeds: list[int]) -> None:
 
 
 def _pending(ctx, domains: Sequence[str], alphas, explain: bool, variants, seeds) -> list[str]:
-    """Domains with something to train or explain for some seed (θ_base built first, in this process)."""
+    """Domains with something to train or explain for some seed (θ_base built first, in this process).
+
+    Every domain and seed is planned (:meth:`train.zoo.build.Zoo.plan`), so a file the build may
+    not replace is refused here, before any domain is written, in this process and on every rank.
+    """
     return [d for d in domains
-            if any(ctx.zoo(s).pending(d, tuple(alphas), tuple(variants), explain) for s in seeds)]
+            if any([ctx.zoo(s).pending(d, tuple(alphas), tuple(variants), explain) for s in seeds])]
 
 
 def build_curvatures(diag, targets: Sequence[str]) -> list[str]:

@@ -48,11 +48,11 @@ from train.store import base_state, check_variant, content_key, Store
 from train.tensorio import dumps, load_tensors, save_tensors
 from train.vectors import TaskVector
 from train.zoo.config import SHAP_BASELINE, ZooConfig
+from train.zoo.plan import ZooPlan
 
 log = logging.getLogger(__name__)
 
-#: What Kernel SHAP puts in a removed patch (see :func:`train.explain.kernelshap.kernel_shap`).
-class Zoo:
+class Zoo(ZooPlan):
     """Builds (or reuses) the artifacts of one backbone in one store."""
     def __init__(self, store: Store, config: ZooConfig = ZooConfig(), progress: bool = True,
                  data: dict[str, str | Path] | None = None, *, device: str | torch.device | None = None,
@@ -103,7 +103,7 @@ class Zoo:
         cfg = self.config
         key = self._base_key()
         path = self.store.base_path()
-        if self.store.is_fresh(path, key):
+        if self.store.decide(path, key, what="θ_base").usable:
             self._backbone = self.store.load_base()
             return self._backbone
         backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
@@ -124,15 +124,13 @@ class Zoo:
     # ------------------------------------------------------------------ heads
     def head(self, name: str) -> tuple[torch.Tensor, float]:
         backbone, base_hash = self.base()
-        domain = self.domain(name)
-        key = content_key({"base": base_hash, "classnames": domain.classnames, "templates": domain.templates})
-        path = self.store.head_path(name)
-        if not self.store.is_fresh(path, key):
+        domain, verdict = self.domain(name), self._head_verdict(name)
+        if not verdict.usable:
             head = text_head(backbone.clip, backbone.tokenizer, domain.classnames, domain.templates)
             scale = float(backbone.clip.logit_scale.detach().exp().clamp(max=100))
-            self.store.save_head(name, head, scale, {"key": key, "base_hash": base_hash, "domain": name,
+            self.store.save_head(name, head, scale, {"key": verdict.key, "base_hash": base_hash, "domain": name,
                                                        "dataset_hash": domain.content_hash})
-            self.built.append(path)
+            self.built.append(verdict.path)
         return self.store.load_head(name)
 
     def model(self, name: str, state: dict[str, torch.Tensor] | None = None) -> SelfExplainingCLIP:
@@ -155,12 +153,12 @@ class Zoo:
 
     def ft(self, name: str) -> TaskVector:
         """τ_ft = θ_ft − θ_base: the pair's α = 1 run (classification only) on the train split."""
-        key = self._ft_key(name)
-        path = self.store.vector_path(name, "ft", seed=self.config.seed)
+        verdict = self._ft_verdict(name)
+        path = verdict.path
         _, base_hash = self.base()
-        if self.store.is_fresh(path, key):
+        if verdict.usable:
             return TaskVector.load(path, expect_base=base_hash)
-        vector = self.train_ft(name, key)
+        vector = self.train_ft(name, verdict.key)
         vector.save(path)
         self.built.append(path)
         return vector
@@ -182,9 +180,9 @@ class Zoo:
         cfg = self.config
         limits = {"val": cfg.max_val, "test": cfg.shap_test, "splits": ["train", "val", "test"]}
         if cfg.supervision == "gradcam":
-            return content_key({"ft": self._ft_key(name), "method": "gradcam", **limits,
+            return content_key({"ft": self._ft_identity(name), "method": "gradcam", **limits,
                                 "layer": "last resblock ln_1"})
-        return content_key({"ft": self._ft_key(name), "method": "kernelshap", "samples": self.shap_samples(),
+        return content_key({"ft": self._ft_identity(name), "method": "kernelshap", "samples": self.shap_samples(),
                             **limits, "baseline": 0.0, "seed": cfg.seed, "output": "logit", "paired": True,
                             **self._precision()})
 
@@ -195,10 +193,10 @@ class Zoo:
         images of each split. Stored under the supervision's own name (``<domain>-kernelshap`` or
         ``<domain>-gradcam``); the store's ``supervision`` tells readers which one to read.
         """
-        key = self._attr_key(name)
         seed = self.config.seed
-        path = self.store.attribution_path(name, self.config.supervision, seed=seed)
-        if self.store.is_fresh(path, key):
+        verdict = self._attr_verdict(name)
+        key, path = verdict.key, verdict.path
+        if verdict.usable:
             return load_tensors(path)[0]
         backbone, base_hash = self.base()
         model = self.model(name, self.ft(name).apply_to(base_state(backbone), base_hash=base_hash)).to(self.device)
@@ -231,39 +229,21 @@ class Zoo:
                                          n_samples=self.shap_samples(), generator=gen, bf16=self.bf16))
         return torch.cat(parts).float()
 
-    def pending(self, name: str, alphas: tuple[float, ...] = (0.8,), variants: tuple[str, ...] = ("paper",),
-                explain: bool = True) -> bool:
-        """Whether building ``name`` for this seed would train or explain anything (θ_base is built first).
-
-        Checks θ_ft, then (``explain``) φ and θ_ft* of every α and variant against their content
-        keys, as :meth:`ft`, :meth:`attributions` and :meth:`ftx` would; the head is cheap and not counted.
-        """
-        store, seed = self.store, self.config.seed
-        if not store.is_fresh(store.vector_path(name, "ft", seed=seed), self._ft_key(name)):
-            return True
-        if not explain:
-            return False
-        if not store.is_fresh(store.attribution_path(name, self.config.supervision, seed=seed), self._attr_key(name)):
-            return True
-        return any(not store.is_fresh(store.vector_path(name, "ftx", check_alpha(a), seed=seed, variant=v),
-                                      self._ftx_key(name, check_alpha(a), check_variant(v)))
-                   for a in alphas for v in variants)
-
     # ----------------------------------------------------------------- θ_ft*
     def _ftx_key(self, name: str, alpha: float, variant: str) -> str:
         optim = self.config.ft if variant == "paper" else self.config.from_ft
-        return content_key({"ft": self._ft_key(name), "attr": self._attr_key(name), "alpha": alpha,
+        return content_key({"ft": self._ft_identity(name), "attr": self._attr_key(name), "alpha": alpha,
                             "variant": variant, "optim": asdict(optim)})
 
     def ftx(self, name: str, alpha: float = 0.8, variant: str = "paper") -> TaskVector:
         """τ_ft* = θ_ft* − θ_base of ``variant`` (``paper`` or ``from-ft``; module docstring)."""
         alpha, variant = check_alpha(alpha), check_variant(variant)
-        key = self._ftx_key(name, alpha, variant)
-        path = self.store.vector_path(name, "ftx", alpha, seed=self.config.seed, variant=variant)
+        verdict = self._ftx_verdict(name, alpha, variant)
+        path = verdict.path
         _, base_hash = self.base()
-        if self.store.is_fresh(path, key):
+        if verdict.usable:
             return TaskVector.load(path, expect_base=base_hash)
-        vector = self.train_ftx(name, alpha, variant, key)
+        vector = self.train_ftx(name, alpha, variant, verdict.key)
         vector.save(path)
         self.built.append(path)
         return vector
@@ -344,8 +324,10 @@ class Zoo:
         """Everything of one domain for this seed: head, θ_ft, then (``explain``) φ and θ_ft* of every α and variant.
 
         The one per-domain build: :meth:`build` and the CLI's sharded build
-        (:func:`diag.runtime.shards.build_domains`) both call it; each artifact is reused when fresh.
+        (:func:`diag.runtime.shards.build_domains`) both call it; each artifact is reused when fresh
+        or kept when imported, and :meth:`plan` refuses before anything of the domain is written.
         """
+        self.plan(name, alphas, variants, explain)
         self.head(name)
         self.ft(name)
         if not explain:
@@ -364,6 +346,8 @@ class Zoo:
         start = time.perf_counter()
         self.base()
         times["base"] = time.perf_counter() - start
+        for name in domains:  # every refusal before any domain is written
+            self.plan(name, alphas, variants)
         for name in tqdm(domains, desc="zoo", disable=not self.progress, unit="domain"):
             t0 = time.perf_counter()
             self.build_domain(name, alphas, variants)
