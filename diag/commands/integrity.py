@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from diag.commands.options import emit_json
 from diag.table import read_table
 from train.errors import ArtifactError, StoreError
-from train.integrity import check_tensor_files, FileCheck
+from train.tensorio import check_tensor_files, FileCheck
 from train.store import default_root
 
 

@@ -14,7 +14,7 @@ from diag.commands.options import (add_alpha_option, add_bootstrap_seed_option, 
 from diag.constants import LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA2
 from diag.features.similarity import similarity_matrices, VectorSpec
 from diag.runtime.distributed import is_distributed, rank_and_world
-from diag.stats import correlate_appendix_c
+from diag.stats import appendix_c_over_seeds, correlate_appendix_c
 from diag.study import figures
 from diag.study.ceilings import ceilings, MAX_IMAGES
 from diag.study.kernelshap_budget import kernelshap_budget, KS_BUDGETS, KS_FILE
@@ -381,26 +381,16 @@ def run_correlate(args) -> int:
 def _correlate_seeds(args, out, lambda2) -> int:
     """``correlate --all-seeds``: Appendix C per training seed, then each r's mean ± sd over the seeds."""
     every = select_run(load_study(out), args.variant, "all")
-    per_seed = {}
-    for train_seed in sorted(int(s) for s in every["seed"].unique()):
-        df = at_lambda(every[every["seed"] == train_seed], lambda2)
-        per_seed[train_seed] = correlate_appendix_c(df, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.bootstrap_seed)
-    names = [(r.x, r.y, r.paper_r) for r in next(iter(per_seed.values()))]
-    summary = []
-    for k, (x, y, paper) in enumerate(names):
-        rs = [reports[k].pearson_r for reports in per_seed.values()]
-        excl = sum(1 for reports in per_seed.values() if reports[k].ci95[0] > 0 or reports[k].ci95[1] < 0)
-        mean = sum(rs) / len(rs)
-        sd = math.sqrt(sum((r - mean) ** 2 for r in rs) / (len(rs) - 1)) if len(rs) > 1 else float("nan")
-        summary.append({"x": x, "y": y, "mean_r": mean, "sd_r": sd, "n_seeds": len(rs),
-                        "seeds_ci_excludes_0": excl, "paper_r": paper})
+    per_seed, summary = appendix_c_over_seeds(
+        {int(s): at_lambda(every[every["seed"] == s], lambda2) for s in sorted(every["seed"].unique())},
+        n_boot=args.n_boot, n_perm=args.n_perm, seed=args.bootstrap_seed)
     if args.json:
         emit_json(_clean({"lambda2": lambda2, "study": str(out / PAIRS_FILE), "over_seeds": summary,
                           "per_seed": {str(s): [r.to_dict() for r in reports] for s, reports in per_seed.items()}}))
         return 0
     print(f"Appendix C over training seeds {sorted(per_seed)} (λ2={lambda2:g}; r per seed, then mean ± sd over seeds)")
-    for row in summary:
-        cells = " ".join(f"{reports[summary.index(row)].pearson_r:+.3f}" for reports in per_seed.values())
+    for k, row in enumerate(summary):
+        cells = " ".join(f"{reports[k].pearson_r:+.3f}" for reports in per_seed.values())
         paper = f"{row['paper_r']:+.2f}" if row["paper_r"] is not None else "-"
         print(f"  {row['x']:10s} {row['y']:8s} {cells}   mean {row['mean_r']:+.3f} ± {row['sd_r']:.3f}   "
               f"95% CI excludes 0 on {row['seeds_ci_excludes_0']}/{row['n_seeds']} seeds   paper {paper}")

@@ -17,7 +17,7 @@ from diag.stats.correlation import APPENDIX_C, CorrelationResult, complete_pairs
 from diag.stats.conformal import jackknife_plus
 from diag.stats.permutation import PermutationResult, permutation_pvalue
 from diag.stats.proportion import wilson_interval
-from diag.stats.report import CorrelationReport, correlate, correlate_appendix_c, with_normalised
+from diag.stats.report import appendix_c_over_seeds, CorrelationReport, correlate, correlate_appendix_c, with_normalised
 
 __all__ = [
     "APPENDIX_C",
@@ -27,6 +27,7 @@ __all__ = [
     "PermutationResult",
     "complete_pairs",
     "correlate",
+    "appendix_c_over_seeds",
     "correlate_appendix_c",
     "jackknife_plus",
     "pair_bootstrap_ci",

@@ -88,6 +88,21 @@ def correlate_appendix_c(df: pd.DataFrame, n_boot: int = 2000, n_perm: int = 200
             for x, y, r in APPENDIX_C]
 
 
+def appendix_c_over_seeds(tables: dict[int, pd.DataFrame], n_boot: int = 2000, n_perm: int = 2000, seed: int = 0
+                          ) -> tuple[dict[int, list[CorrelationReport]], list[dict]]:
+    """:func:`correlate_appendix_c` per training seed's table, then per correlation the mean and sd (ddof 1) of r
+    over the seeds and on how many seeds the CI excludes 0. Returns ``(per_seed, summary)``."""
+    per_seed = {s: correlate_appendix_c(df, n_boot=n_boot, n_perm=n_perm, seed=seed) for s, df in tables.items()}
+    summary = []
+    for k, (x, y, paper) in enumerate(APPENDIX_C):
+        rs = np.array([reports[k].pearson_r for reports in per_seed.values()])
+        excl = sum(1 for reports in per_seed.values() if reports[k].ci95[0] > 0 or reports[k].ci95[1] < 0)
+        summary.append({"x": x, "y": y, "mean_r": float(rs.mean()),
+                        "sd_r": float(rs.std(ddof=1)) if len(rs) > 1 else float("nan"), "n_seeds": len(rs),
+                        "seeds_ci_excludes_0": excl, "paper_r": paper})
+    return per_seed, summary
+
+
 def with_normalised(df: pd.DataFrame) -> pd.DataFrame:
     """Copy of a pair table with the derived columns normalised by θ_ftᵀ.
 
