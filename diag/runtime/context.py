@@ -121,11 +121,11 @@ class Context:
 
 @dataclass
 class TargetSet:
-    """Images of one split of a domain with the stored ground-truth φ (test) or without (val).
+    """Images of one split of a domain with the stored ground-truth φ (test, or val when asked for) or without.
 
     Attributes:
         name: domain.
-        split: ``test`` (scored, with φ) or ``val`` (choices; ``phi`` is None).
+        split: ``test`` (scored, with φ) or ``val`` (choices; ``phi`` None unless the φ-aligned set was asked for).
         x, y: model inputs (N, 3, H, W) and labels (N,).
         phi: Kernel SHAP φ of the labelled class (N, M), aligned with ``x``; None on ``val``.
     """
