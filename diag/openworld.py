@@ -32,7 +32,8 @@ from diag.curvature.operators import HessianOperator
 from diag.decide.predictor import (fit_predictor, fit_source_model, MIN_TRAINING_PAIRS, rank_sources, tier_features,
                                    training_pairs)
 from diag.decide.ranking import SourceRanking
-from diag.decide.rules import grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max, quadratic_loss_increase
+from diag.curvature.risk import loss_model
+from diag.decide.rules import grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max
 from diag.features.mapped import _MemoryFile, CardStream, TensorFile
 from diag.features.pair_features import CurvatureSettings
 from diag.features.streamed import stream_features
@@ -251,8 +252,10 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
 
     Tier 0 without a card, tier 1 with one. With a suite study the predictor fitted on its
     known pairs gives predicted E-RMSE and accuracy drop, and λ2 from the predicted drop;
-    with a card, λ2 is also capped by the card: ½ λ2² R_card ≤ ``max_loss_increase``
-    (:func:`diag.decide.rules.quadratic_lambda_max`), rounded down to the λ2 grid. Without a study of at
+    with a card, λ2 is also capped by the card's loss model: λ2·gᵀτ + ½ λ2² R_card ≤ ``max_loss_increase``
+    (:func:`diag.decide.rules.quadratic_lambda_max`; ½ λ2² R_card alone for a card without g, and the
+    notes say so), rounded down to the λ2 grid. Without a card (tier 0) there is no loss model at
+    all, and the notes say that plainly. Without a study of at
     least :data:`diag.decide.recommend.MIN_TRAINING_PAIRS` known pairs the sources are ranked by
     cos(τ_ftˢ, τ_ftᵀ) alone, with no predictions and no λ2 from a drop.
 
@@ -261,7 +264,7 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
         target: the target's name in the ranking (and the domain left out of the suite's pairs).
         alpha: α of the sources' ``ftx-a<α>.safetensors`` files.
         max_acc_drop: budget on the predicted relative accuracy drop.
-        max_loss_increase: budget on the card's quadratic loss increase ½ λ2² R_card, in nats.
+        max_loss_increase: budget on the card's predicted loss increase λ2·gᵀτ + ½ λ2² R_card, in nats.
         model: predictor model (:func:`diag.decide.predictor.fit_predictor`).
 
     Returns:
@@ -278,12 +281,19 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
     else:
         out, n_train = _proxy(cands, notes), 0
     if tier == 1:
-        out["loss_increase_card"] = [quadratic_loss_increase(r, PAPER_LAMBDA2) for r in out["risk_card"]]
-        cap = [grid_floor(quadratic_lambda_max(max(r, 0.0), max_loss_increase)) for r in out["risk_card"]]
+        g = [None if v is None or not math.isfinite(v) else float(v) for v in out["grad_dot_tau"]]
+        out["loss_increase_card"] = [loss_model(PAPER_LAMBDA2, r, gt) for r, gt in zip(out["risk_card"], g)]
+        cap = [grid_floor(quadratic_lambda_max(max(r, 0.0), max_loss_increase, gt)) for r, gt in zip(out["risk_card"], g)]
         out["lambda2"] = [c if math.isnan(p) else min(p, c) for p, c in zip(out["lambda2"], cap)]
-        notes.append(f"λ2 capped by the card: ½ λ2² R_card ≤ {max_loss_increase:g} nats of target loss")
+        if all(gt is None for gt in g):
+            notes.append(f"λ2 capped by the card: ½ λ2² R_card ≤ {max_loss_increase:g} nats of target loss (this card "
+                         "stores no gradient: no first-order term gᵀτ; rebuild it with `diag card` to add one)")
+        else:
+            notes.append(f"λ2 capped by the card's loss model: λ2·gᵀτ + ½ λ2² R_card ≤ {max_loss_increase:g} nats of "
+                         "target loss (g and H on the card's images)")
     else:
-        notes.append("no --card: risks R(τ*ˢ; Hᵀ) and the curvature cap on λ2 not used (tier 0)")
+        notes.append("no loss model: without a --card (tier 0) there is no curvature and no gradient of the target "
+                     "loss, so no predicted loss increase and no curvature cap on λ2")
     notes.append("not used (need target images): risk_exact, the measured accuracy grid; never used: cos_star "
                  "(needs target explanation labels)")
     out["measured_acc_drop"] = math.nan

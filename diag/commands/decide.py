@@ -12,7 +12,8 @@ from diag.commands.options import (add_alpha_option, add_budget_option, add_comm
 from diag.constants import PAPER_LAMBDA2
 from diag.decide.ranking import evaluate_rankers, rank_cached, rank_for_target
 from diag.decide.recommend import TIER_METHODS
-from diag.decide.rules import method_verdict, quadratic_loss_increase, screen_verdict
+from diag.curvature.risk import loss_model
+from diag.decide.rules import method_verdict, screen_verdict
 from diag.features.pair_features import CurvatureSettings, Diagnostics
 from diag.study.parallel import complete_study
 from diag.study.run import StudySettings
@@ -54,7 +55,8 @@ def register(sub) -> None:
     r.add_argument("--card", type=Path, default=None, help="open world: the target's Hessian card (diag card)")
     r.add_argument("--sources", type=Path, default=None, help="open world: folder of source vectors, one sub-folder each")
     r.add_argument("--max-loss-increase", type=FRACTION, default=0.05,
-                   help="open world with --card: cap λ2 so that ½ λ2² R_card stays within this target loss increase")
+                   help="open world with --card: cap λ2 so that the card's loss model λ2·gᵀτ + ½ λ2² R_card stays "
+                        "within this target loss increase")
     r.add_argument("--methods", nargs="+", default=None, choices=TIER_METHODS[max(TIER_METHODS)],
                    help="transfer methods a recommendation may use (default: all the tier allows)")
     _suite_options(r)
@@ -131,6 +133,11 @@ def run_rank(args) -> int:
     return 0
 
 
+def _finite_or_none(value) -> float | None:
+    """``value`` as a float, or None when missing or not finite."""
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
 def run_screen(args) -> int:
     ctx = context_from(args, default_domain=args.target)
     check_alpha(args.alpha)
@@ -154,7 +161,9 @@ def run_screen(args) -> int:
            "predicted_gain": float(row["predicted_gain"]), "predicted_gain_sd": float(row["predicted_gain_sd"]),
            "reasons": reasons, "recommended_lambda2": float(row["lambda2"]),
            "risk_exact": float(row.get("risk_exact", math.nan)),
-           "predicted_loss_increase": quadratic_loss_increase(float(row.get("risk_exact", math.nan)), lam),
+           "grad_dot_tau": _finite_or_none(row.get("grad_dot_tau")),
+           "predicted_loss_increase": loss_model(lam, float(row.get("risk_exact", math.nan)),
+                                                 _finite_or_none(row.get("grad_dot_tau"))),
            "predicted_ermse": float(row["predicted_ermse"]), "predicted_acc_drop": float(row["predicted_acc_drop"]),
            "cos_ft": float(row["cos_ft"])}
     if args.json:
