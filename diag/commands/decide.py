@@ -14,6 +14,7 @@ from diag.decide.ranking import evaluate_rankers, rank_cached, rank_for_target
 from diag.decide.recommend import TIER_METHODS
 from diag.curvature.risk import loss_model
 from diag.decide.rules import method_verdict, screen_verdict
+from diag.stats.paired import UPPER_Z
 from diag.features.pair_features import CurvatureSettings, Diagnostics
 from diag.study.parallel import complete_study
 from diag.study.run import StudySettings
@@ -153,11 +154,17 @@ def run_screen(args) -> int:
     ranking = rank_for_target(diag, table, target, [source], 2, budget)
     row = ranking.rows.iloc[0]
     plain_verdict, plain_reasons = screen_verdict(row, table, target, lam, budget)
-    verdict, reasons = method_verdict(row)  # the verdict is the recommended method's; eq. 8 at --lambda2 beside it
+    verdict, reasons = method_verdict(row, budget)  # the verdict is the recommended method's; eq. 8 at --lambda2 beside it
     reasons += [f"plain eq. 8 at λ2={lam:g}: {plain_verdict}"] + [f"plain eq. 8: {r}" for r in plain_reasons]
     out = {"source": source, "target": target, "lambda2": lam, "max_acc_drop": budget, "verdict": verdict,
            "plain_verdict": plain_verdict, "method": row["method"], "method_param": row["method_param"],
            "method_scale": float(row["method_scale"]), "method_acc_drop": float(row["method_acc_drop"]),
+           "method_acc_drop_se": _finite_or_none(row.get("method_acc_drop_se")),
+           "method_acc_drop_upper95": _finite_or_none(row["method_acc_drop"] + UPPER_Z * row.get("method_acc_drop_se",
+                                                                                                 math.nan)),
+           "n_val": int(row.get("method_n_val", 0) or 0),
+           "measured_acc_drop": _finite_or_none(row.get("measured_acc_drop")),
+           "measured_acc_drop_se": _finite_or_none(row.get("measured_acc_drop_se")),
            "predicted_gain": float(row["predicted_gain"]), "predicted_gain_sd": float(row["predicted_gain_sd"]),
            "reasons": reasons, "recommended_lambda2": float(row["lambda2"]),
            "risk_exact": float(row.get("risk_exact", math.nan)),

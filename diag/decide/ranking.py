@@ -70,10 +70,13 @@ class SourceRanking:
                 "predicted_ermse_norm": val(r.get("predicted_ermse_norm")),
                 "predicted_acc_drop": val(r.get("predicted_acc_drop")),
                 "measured_acc_drop": val(r.get("measured_acc_drop")),
+                "measured_acc_drop_se": val(r.get("measured_acc_drop_se")),
+                "grad_dot_tau": val(r.get("grad_dot_tau")) if self.tier >= 1 else None,
                 "lambda2": val(r.get("lambda2")),
                 "method": r.get("method"), "method_param": r.get("method_param"),
                 "method_scale": val(r.get("method_scale")), "method_acc_drop": val(r.get("method_acc_drop")),
                 "drop_measured": None if r.get("drop_measured") is None else bool(r.get("drop_measured")),
+                "method_acc_drop_se": val(r.get("method_acc_drop_se")), "method_n_val": val(r.get("method_n_val")),
                 "safe": None if r.get("safe") is None else bool(r.get("safe")),
                 "predicted_gain": val(r.get("predicted_gain")), "predicted_gain_sd": val(r.get("predicted_gain_sd")),
             })
@@ -220,6 +223,8 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
         per = {s: grid[grid["source"] == s] for s in sources}
         cands["lambda2"] = [recommend_lambda2(per[s], max_acc_drop) for s in cands["source"]]
         cands["measured_acc_drop"] = [drop_at(per[s], PAPER_LAMBDA2) for s in cands["source"]]
+        cands["measured_acc_drop_se"] = [drop_at(per[s], PAPER_LAMBDA2, "acc_drop_se") for s in cands["source"]]
+        cands["measured_n_val"] = [drop_at(per[s], PAPER_LAMBDA2, "n_val") for s in cands["source"]]
         notes.append("λ2 (plain eq. 8): largest grid value whose measured accuracy drop on labelled target val "
                      "images is within budget")
     else:
@@ -294,7 +299,7 @@ def _recommend(diag: Diagnostics, cands: pd.DataFrame, target: str, tier: int, b
     return cands, mixes
 
 
-RANKING_VERSION = 4
+RANKING_VERSION = 5
 
 
 def ranking_key(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,

@@ -12,8 +12,11 @@ parses and prints.
   turns a predicted drop at λ2 = 0.7 into a λ2 (:func:`lambda2_from_predicted_drop`).
 * Measured λ2 (tier 2) is :mod:`diag.transfer.budget`: the λ grid on the target's ``val``
   images and the one rule that picks λ2 from it.
-* The verdict (:func:`screen_verdict`): go / caution / no-go from the drop, the predicted
-  E-RMSE and where cos(τ_ftˢ, τ_ftᵀ) falls among the known pairs.
+* The verdict (:func:`screen_verdict`, :func:`method_verdict`): go / caution / no-go from the drop,
+  the predicted E-RMSE and where cos(τ_ftˢ, τ_ftᵀ) falls among the known pairs. A measured drop
+  carries its paired standard error (:mod:`diag.stats.paired`); "go" needs its one-sided 95 %
+  upper bound within the budget, and when val is too small to tell, the verdict says so and how
+  many images would decide (:func:`drop_decision`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import pandas as pd
 
 from diag.constants import LAMBDA_GRID, PAPER_LAMBDA2
 from diag.curvature.risk import loss_model
+from diag.stats.paired import images_needed, UPPER_Z
+from diag.transfer.budget import BUDGET_TOL
 from train.errors import DataError
 
 # ------------------------------------------------------------------------------ loss model
@@ -84,12 +89,39 @@ def predicted_loss_increase(risks: dict[str, float], lam: float, g_tau: float | 
 # -------------------------------------------------------------------------------- verdict
 
 
+def drop_decision(drop: float, se: float, n: int, budget: float, z: float = UPPER_Z) -> tuple[str, str]:
+    """Whether a measured accuracy drop is within the budget, given its paired standard error.
+
+    ``within``: the one-sided upper bound drop + z·se ≤ budget; ``over``: the lower bound drop − z·se
+    > budget; ``undecided``: the budget lies inside — val is too small to decide, and the reason
+    says how many images would (:func:`diag.stats.paired.images_needed`, at the observed
+    discordance rate). A drop without a finite se is ``undecided`` too.
+
+    Returns:
+        (state, reason).
+    """
+    if not math.isfinite(se):
+        return "undecided", (f"accuracy drop {drop:.1%} measured without a standard error: its budget "
+                             f"{budget:.0%} cannot be checked")
+    upper, lower = drop + z * se, drop - z * se
+    head = f"accuracy drop {drop:.1%} ± {se:.1%} (paired se, {n} val images; 95 % upper bound {upper:.1%})"
+    if upper <= budget + BUDGET_TOL:
+        return "within", f"{head} within the budget {budget:.0%}"
+    if lower > budget + BUDGET_TOL:
+        return "over", f"{head}: over the budget {budget:.0%} (lower bound {lower:.1%})"
+    need = images_needed(drop, se, n, budget, z)
+    more = (f"about {need} val images would decide at the observed discordance rate" if need is not None
+            else "no number of images can be given (the drop sits at the budget)")
+    return "undecided", f"{head}: val is too small to decide against the budget {budget:.0%}; {more}"
+
+
 def screen_verdict(row, table: pd.DataFrame, target: str, lam: float, budget: float) -> tuple[str, list[str]]:
     """go / caution / no-go from the measured and predicted consequences of adding τ*ˢ at ``lam``.
 
     no-go: no λ2 within budget, a drop over twice the budget, or no predicted E-RMSE gain;
-    caution: a drop over budget, a recommended λ2 below ``lam``, or cos_ft in the bottom
-    quarter of the known pairs; go otherwise.
+    caution: a drop over budget, a measured drop whose 95 % upper bound is not within the
+    budget (:func:`drop_decision`; scaled by (λ/0.7)² with its se when ``lam`` ≠ 0.7), a
+    recommended λ2 below ``lam``, or cos_ft in the bottom quarter of the known pairs; go otherwise.
     """
     reasons = []
     known = table[(table["target"] != target) & (table["source"] != target)]
@@ -106,28 +138,35 @@ def screen_verdict(row, table: pd.DataFrame, target: str, lam: float, budget: fl
     measured = float(row.get("measured_acc_drop", math.nan))
     scaled = not math.isfinite(measured) or abs(lam - PAPER_LAMBDA2) > 1e-9
     drop = measured if math.isfinite(measured) else float(row["predicted_acc_drop"])
-    drop_lam = drop * (lam / PAPER_LAMBDA2) ** 2 if scaled else drop
+    factor = (lam / PAPER_LAMBDA2) ** 2 if scaled else 1.0
+    drop_lam = drop * factor
     src = "measured on labelled target val images" if math.isfinite(measured) else "predicted"
     note = ", scaled quadratically from λ2=0.7" if abs(lam - PAPER_LAMBDA2) > 1e-9 else ""
     reasons.append(f"accuracy drop at λ2={lam:g}: {drop_lam:.1%} ({src}{note}); budget {budget:.0%}")
+    state = "within"  # a predicted drop has no paired error bar: the point value decides
+    if math.isfinite(measured):
+        state, text = drop_decision(drop_lam, float(row.get("measured_acc_drop_se", math.nan)) * factor,
+                                    int(row.get("measured_n_val", 0) or 0), budget)
+        reasons.append(text + note)
     reasons.append(f"predicted E-RMSE {row['predicted_ermse']:.3f} (normalised by θ_ftᵀ: "
                    f"{row['predicted_ermse_norm']:.3f}; < 1 means better explanations)")
     rec = float(row["lambda2"])
     reasons.append(f"largest λ2 within the budget: {rec:g}" if rec > 0 else "no λ2 of the grid stays within the budget")
     if rec <= 0 or drop_lam > 2 * budget or row["predicted_ermse_norm"] >= 1.0:
         verdict = "no-go"
-    elif drop_lam > budget or rec + 1e-9 < lam or (math.isfinite(pct) and pct < 25):
+    elif drop_lam > budget or state != "within" or rec + 1e-9 < lam or (math.isfinite(pct) and pct < 25):
         verdict = "caution"
     else:
         verdict = "go"
     return verdict, reasons
 
 
-def method_verdict(row) -> tuple[str, list[str]]:
+def method_verdict(row, budget: float) -> tuple[str, list[str]]:
     """go / caution / no-go for the source's recommended method (:mod:`diag.decide.recommend`).
 
     no-go: no safe recommendation, or no predicted explanation gain at it; caution: the gain's
-    band (± the predictor's residual sd) reaches 0; go otherwise.
+    band (± the predictor's residual sd) reaches 0, or a measured drop whose 95 % upper bound is
+    not within the budget (:func:`drop_decision`: val too small to decide); go otherwise.
     """
     src = "measured on labelled target val images" if bool(row["drop_measured"]) else "predicted"
     gain, sd = float(row["predicted_gain"]), float(row["predicted_gain_sd"])
@@ -138,5 +177,10 @@ def method_verdict(row) -> tuple[str, list[str]]:
                f"drop {row['method_acc_drop']:.1%} ({src})",
                f"predicted explanation gain at it {gain:+.3f} ± {sd:.3f} (1 − E-RMSE ÷ θ_ftᵀ, scaled by the size "
                "transferred)"]
-    verdict = "no-go" if gain <= 0 else "caution" if gain - sd <= 0 else "go"
+    state = "within"  # a predicted drop has no paired error bar: the point value decided ``safe``
+    if bool(row["drop_measured"]):
+        state, text = drop_decision(float(row["method_acc_drop"]), float(row.get("method_acc_drop_se", math.nan)),
+                                    int(row.get("method_n_val", 0) or 0), budget)
+        reasons.append(text)
+    verdict = "no-go" if gain <= 0 else "caution" if gain - sd <= 0 or state != "within" else "go"
     return verdict, reasons
