@@ -33,6 +33,7 @@ from diag.decide.predictor import (fit_predictor, fit_source_model, MIN_TRAINING
                                    training_pairs)
 from diag.decide.ranking import SourceRanking
 from diag.curvature.risk import loss_model
+from diag.decide.loss_model import calibrate, calibration_text, predicted_vs_measured
 from diag.decide.rules import grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max
 from diag.features.mapped import _MemoryFile, CardStream, TensorFile
 from diag.features.pair_features import CurvatureSettings
@@ -218,9 +219,27 @@ def _suite_table(study: Path | None, target: str) -> pd.DataFrame | None:
     return training_pairs(load_study(study, lambda2=PAPER_LAMBDA2), target)
 
 
+def _loss_model_range(study: Path | None, target: str, notes: list[str]) -> float:
+    """The largest λ2 at which the loss model held on the suite's known pairs (inf: no λ2 grid to tell).
+
+    :func:`diag.decide.loss_model.calibrate` over the pairs without ``target`` of a ``--lambda-grid`` study.
+    """
+    if study is None or not Path(study).is_dir() or not table_files(Path(study)):
+        return math.inf
+    fit = predicted_vs_measured(training_pairs(load_study(study), target))
+    if len(fit) == 0 or fit["lambda2"].nunique() < 2:
+        notes.append("the suite study has no λ2 grid with measured val loss changes: where the loss model stops "
+                     "holding is unknown (run `diag study --lambda-grid`)")
+        return math.inf
+    cal = calibrate(fit)
+    notes.append(f"on the suite's known pairs: {calibration_text(cal)[-1]}")
+    return math.inf if cal["fails_from"] is None else cal["valid_up_to"]
+
+
 def _predict(cands: pd.DataFrame, train: pd.DataFrame, tier: int, model: str, budget: float,
-             notes: list[str]) -> pd.DataFrame:
-    """Rank with the predictor fitted on the suite; λ2 from the predicted drop (quadratic model)."""
+             notes: list[str], valid_up_to: float = math.inf) -> pd.DataFrame:
+    """Rank with the predictor fitted on the suite; λ2 from the predicted drop (quadratic model), at most
+    ``valid_up_to``."""
     wanted = tier_features(train, tier)
     features = [f for f in wanted if f in cands.columns and cands[f].notna().all()]
     lacking = [f for f in wanted if f not in features]
@@ -229,7 +248,7 @@ def _predict(cands: pd.DataFrame, train: pd.DataFrame, tier: int, model: str, bu
     notes.append(f"predictor: {model} fitted on {len(train)} known pairs of the suite; features: {', '.join(features)}")
     out = rank_sources(cands, fit_source_model(train, features, model=model))
     out["predicted_ermse"] = fit_predictor(train, features, target="ermse", model=model).predict(out)
-    out["lambda2"] = [lambda2_from_predicted_drop(d, budget) for d in out["predicted_acc_drop"]]
+    out["lambda2"] = [lambda2_from_predicted_drop(d, budget, valid_up_to=valid_up_to) for d in out["predicted_acc_drop"]]
     return out
 
 
@@ -251,7 +270,8 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
     """Rank the sources of ``inputs.sources`` for a target model known only by its weights (and card).
 
     Tier 0 without a card, tier 1 with one. With a suite study the predictor fitted on its
-    known pairs gives predicted E-RMSE and accuracy drop, and λ2 from the predicted drop;
+    known pairs gives predicted E-RMSE and accuracy drop, and λ2 from the predicted drop — never
+    above the λ2 from which the loss model failed on the suite's pairs (:func:`_loss_model_range`);
     with a card, λ2 is also capped by the card's loss model: λ2·gᵀτ + ½ λ2² R_card ≤ ``max_loss_increase``
     (:func:`diag.decide.rules.quadratic_lambda_max`; ½ λ2² R_card alone for a card without g, and the
     notes say so), rounded down to the λ2 grid. Without a card (tier 0) there is no loss model at
@@ -276,7 +296,7 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
     cands, notes, facts = candidate_features(inputs, alpha)
     train = _suite_table(inputs.study, target)
     if train is not None and len(train) >= MIN_TRAINING_PAIRS:
-        out = _predict(cands, train, tier, model, max_acc_drop, notes)
+        out = _predict(cands, train, tier, model, max_acc_drop, notes, _loss_model_range(inputs.study, target, notes))
         n_train = len(train)
     else:
         out, n_train = _proxy(cands, notes), 0
