@@ -31,7 +31,9 @@ from diag.curvature.hutchinson import hutchinson_diagonal
 from diag.curvature.operators import HessianOperator
 from diag.decide.predictor import fit_pair_predictor, MIN_TRAINING_PAIRS, rank_sources, tier_features, training_pairs
 from diag.decide.ranking import SourceRanking
-from diag.decide.rules import grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max, quadratic_loss_increase
+from diag.curvature.risk import loss_model
+from diag.decide.loss_model import calibrate, calibration_text, predicted_vs_measured
+from diag.decide.rules import grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max
 from diag.features.mapped import _MemoryFile, CardStream, TensorFile
 from diag.features.pair_features import CurvatureSettings
 from diag.features.streamed import stream_features
@@ -216,9 +218,27 @@ def _suite_table(study: Path | None, target: str) -> pd.DataFrame | None:
     return training_pairs(load_study(study, lambda2=PAPER_LAMBDA2), target)
 
 
+def _loss_model_range(study: Path | None, target: str, notes: list[str]) -> float:
+    """The largest λ2 at which the loss model held on the suite's known pairs (inf: no λ2 grid to tell).
+
+    :func:`diag.decide.loss_model.calibrate` over the pairs without ``target`` of a ``--lambda-grid`` study.
+    """
+    if study is None or not Path(study).is_dir() or not table_files(Path(study)):
+        return math.inf
+    fit = predicted_vs_measured(training_pairs(load_study(study), target))
+    if len(fit) == 0 or fit["lambda2"].nunique() < 2:
+        notes.append("the suite study has no λ2 grid with measured val loss changes: where the loss model stops "
+                     "holding is unknown (run `diag study --lambda-grid`)")
+        return math.inf
+    cal = calibrate(fit)
+    notes.append(f"on the suite's known pairs: {calibration_text(cal)[-1]}")
+    return math.inf if cal["fails_from"] is None else cal["valid_up_to"]
+
+
 def _predict(cands: pd.DataFrame, train: pd.DataFrame, tier: int, model: str, budget: float, level: float,
-             notes: list[str]) -> tuple[pd.DataFrame, dict]:
-    """Rank with the predictors fitted on the suite (and their summary); λ2 from the predicted drop (quadratic model)."""
+             notes: list[str], valid_up_to: float = math.inf) -> tuple[pd.DataFrame, dict]:
+    """Rank with the predictors fitted on the suite (and their summary); λ2 from the predicted drop (quadratic
+    model), at most ``valid_up_to``."""
     wanted = tier_features(train, tier)
     features = [f for f in wanted if f in cands.columns and cands[f].notna().all()]
     lacking = [f for f in wanted if f not in features]
@@ -228,7 +248,7 @@ def _predict(cands: pd.DataFrame, train: pd.DataFrame, tier: int, model: str, bu
     predictor = fit_pair_predictor(train, features, model=model, level=level)
     out = rank_sources(cands, predictor)
     notes += predictor.notes()
-    out["lambda2"] = [lambda2_from_predicted_drop(d, budget) for d in out["predicted_acc_drop"]]
+    out["lambda2"] = [lambda2_from_predicted_drop(d, budget, valid_up_to=valid_up_to) for d in out["predicted_acc_drop"]]
     return out, predictor.summary()
 
 
@@ -251,9 +271,12 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
 
     Tier 0 without a card, tier 1 with one. With a suite study the predictors fitted on its
     known pairs give the predicted E-RMSE ÷ θ_ftᵀ's and accuracy drop, each with its interval
-    over held-out targets, and λ2 from the predicted drop;
-    with a card, λ2 is also capped by the card: ½ λ2² R_card ≤ ``max_loss_increase``
-    (:func:`diag.decide.rules.quadratic_lambda_max`), rounded down to the λ2 grid. Without a study of at
+    over held-out targets, and λ2 from the predicted drop — never above the λ2 from which the
+    loss model failed on the suite's pairs (:func:`_loss_model_range`);
+    with a card, λ2 is also capped by the card's loss model: λ2·gᵀτ + ½ λ2² R_card ≤ ``max_loss_increase``
+    (:func:`diag.decide.rules.quadratic_lambda_max`; ½ λ2² R_card alone for a card without g, and the
+    notes say so), rounded down to the λ2 grid. Without a card (tier 0) there is no loss model at
+    all, and the notes say that plainly. Without a study of at
     least :data:`diag.decide.recommend.MIN_TRAINING_PAIRS` known pairs the sources are ranked by
     cos(τ_ftˢ, τ_ftᵀ) alone, with no predictions and no λ2 from a drop.
 
@@ -262,7 +285,7 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
         target: the target's name in the ranking (and the domain left out of the suite's pairs).
         alpha: α of the sources' ``ftx-a<α>.safetensors`` files.
         max_acc_drop: budget on the predicted relative accuracy drop.
-        max_loss_increase: budget on the card's quadratic loss increase ½ λ2² R_card, in nats.
+        max_loss_increase: budget on the card's predicted loss increase λ2·gᵀτ + ½ λ2² R_card, in nats.
         model: predictor model (:func:`diag.decide.predictor.fit_predictor`).
         level: level of the prediction intervals (:func:`diag.decide.predictor.fit_pair_predictor`).
 
@@ -276,17 +299,25 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
     train = _suite_table(inputs.study, target)
     predictions = {}
     if train is not None and len(train) >= MIN_TRAINING_PAIRS:
-        out, predictions = _predict(cands, train, tier, model, max_acc_drop, level, notes)
+        out, predictions = _predict(cands, train, tier, model, max_acc_drop, level, notes,
+                                    _loss_model_range(inputs.study, target, notes))
         n_train = len(train)
     else:
         out, n_train = _proxy(cands, notes), 0
     if tier == 1:
-        out["loss_increase_card"] = [quadratic_loss_increase(r, PAPER_LAMBDA2) for r in out["risk_card"]]
-        cap = [grid_floor(quadratic_lambda_max(max(r, 0.0), max_loss_increase)) for r in out["risk_card"]]
+        g = [None if v is None or not math.isfinite(v) else float(v) for v in out["grad_dot_tau"]]
+        out["loss_increase_card"] = [loss_model(PAPER_LAMBDA2, r, gt) for r, gt in zip(out["risk_card"], g)]
+        cap = [grid_floor(quadratic_lambda_max(max(r, 0.0), max_loss_increase, gt)) for r, gt in zip(out["risk_card"], g)]
         out["lambda2"] = [c if math.isnan(p) else min(p, c) for p, c in zip(out["lambda2"], cap)]
-        notes.append(f"λ2 capped by the card: ½ λ2² R_card ≤ {max_loss_increase:g} nats of target loss")
+        if all(gt is None for gt in g):
+            notes.append(f"λ2 capped by the card: ½ λ2² R_card ≤ {max_loss_increase:g} nats of target loss (this card "
+                         "stores no gradient: no first-order term gᵀτ; rebuild it with `diag card` to add one)")
+        else:
+            notes.append(f"λ2 capped by the card's loss model: λ2·gᵀτ + ½ λ2² R_card ≤ {max_loss_increase:g} nats of "
+                         "target loss (g and H on the card's images)")
     else:
-        notes.append("no --card: risks R(τ*ˢ; Hᵀ) and the curvature cap on λ2 not used (tier 0)")
+        notes.append("no loss model: without a --card (tier 0) there is no curvature and no gradient of the target "
+                     "loss, so no predicted loss increase and no curvature cap on λ2")
     notes.append("not used (need target images): risk_exact, the measured accuracy grid; never used: cos_star "
                  "(needs target explanation labels)")
     out["measured_acc_drop"] = math.nan

@@ -130,6 +130,9 @@ def test_screen_exit_code_matches_verdict(root, capsys):
     assert res["verdict"] in ("go", "caution", "no-go")
     assert code == (1 if res["verdict"] == "no-go" else 0)
     assert res["reasons"] and res["recommended_lambda2"] >= 0
+    assert res["n_val"] > 0 and res["method_acc_drop_se"] >= 0  # the measured drop carries its paired se
+    assert res["method_acc_drop_upper95"] >= res["method_acc_drop"]
+    assert any("paired se" in r for r in res["reasons"]) and res["grad_dot_tau"] is not None
     assert res["method"] in ("plain", "project", "precondition", "blocks") and res["plain_verdict"] in (
         "go", "caution", "no-go")
 

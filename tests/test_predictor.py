@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 from diag.decide.evaluation import evaluate_loto
+from diag.curvature.risk import loss_model
 from diag.decide.predictor import fit_pair_predictor, fit_predictor, PredictorWarning, rank_sources, tier_features
-from diag.decide.rules import grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max, quadratic_loss_increase
+from diag.decide.rules import grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max
 from diag.transfer.budget import recommend_lambda2
 from train.errors import DataError, UnknownNameError
 
@@ -143,7 +144,7 @@ def test_lambda2_from_predicted_drop_is_the_quadratic_model():
 def test_quadratic_lambda_max():
     assert quadratic_lambda_max(2.0, 0.01) == pytest.approx(0.1)
     lam = quadratic_lambda_max(3.7, 0.2)
-    assert quadratic_loss_increase(3.7, lam) == pytest.approx(0.2)
+    assert loss_model(lam, 3.7) == pytest.approx(0.2)
     assert quadratic_lambda_max(-1.0, 0.1) == math.inf
     with pytest.raises(DataError):
         quadratic_lambda_max(1.0, -0.1)

@@ -4,6 +4,7 @@ val-only choice of their hyper-parameter (diag/transfer/select.py) on the smoke 
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pandas as pd
@@ -282,6 +283,8 @@ def test_selection_never_reads_test_split(smoke, monkeypatch, method):
     clean = _choose(store, target, source, curv, method)
     assert clean.table["val_accuracy"].between(0, 1).all() and len(clean.table) > 1
     assert clean.candidate.risk_source == "exact" and clean.val_accuracy_ft_target > 0
+    # every measured drop carries its paired se over the same 64 val images
+    assert clean.n_val == 64 and (clean.table["acc_drop_se"] >= 0).all() and math.isfinite(clean.val_acc_drop_se)
     with monkeypatch.context() as m:
         _poison(m, "test")
         poisoned = _choose(store, target, source, curv, method)

@@ -273,8 +273,10 @@ def test_rank_agreement_hand_values():
 
 def test_risk_result():
     r = RiskResult(exact=2.0, diag=3.0)
-    assert r.to_dict() == {"exact": 2.0, "diag": 3.0, "card": None, "diag_stderr": None}
+    assert r.to_dict() == {"exact": 2.0, "diag": 3.0, "card": None, "diag_stderr": None, "g_tau": None}
     assert r.loss_increase(0.5) == pytest.approx(0.25) and r.loss_increase(1.0, "card") is None
+    # with its first-order term: 0.5·(−0.2) + ½·0.25·2 = 0.15
+    assert RiskResult(exact=2.0, g_tau=-0.2).loss_increase(0.5) == pytest.approx(0.15)
     assert "exact=2" in repr(r)
     with pytest.raises(TvdiagError):
         r.loss_increase(1.0, "hvp")

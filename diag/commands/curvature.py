@@ -13,6 +13,7 @@ from diag.curvature.backends import pyhessian_trace_and_top_eig
 from diag.curvature.hutchinson import hutchinson_diagonal, hutchinson_trace
 from diag.curvature.hutchpp import hutchpp_trace
 from diag.curvature.lanczos import lanczos_topk, slq_density
+from diag.constants import CHECK_IMAGES, CHOICE_SPLIT
 from diag.curvature.risk import eigen_contributions, quadratic_check
 from diag.decide.rules import predicted_loss_increase
 from diag.features.pair_features import CurvatureSettings, Diagnostics
@@ -65,7 +66,8 @@ def register(sub) -> None:
     r.add_argument("--target", required=True, type=domain_name)
     add_lambda_options(r, lambda1=False)
     r.add_argument("--check", nargs="*", type=CHECK_T, default=[0.25, 0.5, 0.7, 1.0],
-                   help="t values of the quadratic-model check L(θ+tτ)−L(θ) vs t·gᵀτ + ½t²R")
+                   help="t values of the loss-model check: L(θ+tτ)−L(θ) measured on the target's val images vs "
+                        "t·gᵀτ + ½t²R with g and H from its train images (cross-fitted)")
     _curvature_options(r, card=True)
     r.set_defaults(func=run_risk)
 
@@ -249,12 +251,16 @@ def run_risk(args) -> int:
     curv = diag.curvature(target, need_operator=True)
     tau = curv.card.layout.flatten(diag.vector(source, "star").tensors, dtype=curv.operator.dtype)
     contrib, remainder = eigen_contributions(curv.card.eigvals, curv.card.eigvecs, tau.double())
-    checks = quadratic_check(curv.operator.model, curv.operator.data, tau, ts=tuple(args.check),
-                             op=curv.operator) if args.check else []
+    checks = []
+    if args.check:  # cross-fitted: g and R on the curvature's (train) images, ΔL on the val images
+        val = diag.ws.target_set(target, CHOICE_SPLIT, CHECK_IMAGES)
+        score = [(val.x[i:i + 128], val.y[i:i + 128]) for i in range(0, len(val.y), 128)]
+        checks = quadratic_check(curv.operator.model, curv.operator.data, tau, ts=tuple(args.check),
+                                 op=curv.operator, score_data=score)
     lam = args.lambda2
+    curved = {k: v for k, v in risks.items() if k.startswith("risk_") and k != "risk_diag_se"}
     out = {"source": source, "target": target, "alpha": args.alpha, "lambda2": lam, **risks,
-           "predicted_loss_increase": predicted_loss_increase({k: v for k, v in risks.items() if k != "risk_diag_se"},
-                                                              lam),
+           "predicted_loss_increase": predicted_loss_increase(curved, lam, risks.get("grad_dot_tau")),
            "eigen_contributions": contrib.tolist(), "eigvals": curv.card.eigvals.tolist(),
            "quadratic_check": [c.to_dict() for c in checks]}
     check_finite_result({k: out[k] for k in ("predicted_loss_increase", "eigen_contributions")}, "risk")
@@ -265,13 +271,16 @@ def run_risk(args) -> int:
     for name in ("risk_exact", "risk_card", "risk_diag"):
         se, half = risks.get(f"{name}_se"), 0.5 * lam ** 2
         pm, half_pm = ("", "") if se is None else (f" ± {se:.2g}", f" ± {half * se:.2g}")
-        print(f"  {name:11s} {risks[name]: .6g}{pm}   ½λ2²R at λ2={lam:g}: {half * risks[name]: .4g}{half_pm}")
+        print(f"  {name:11s} {risks[name]: .6g}{pm}   λ2·gᵀτ + ½λ2²R at λ2={lam:g}: "
+              f"{out['predicted_loss_increase'][name]: .4g}{half_pm}")
+    print(f"  gᵀτ = {risks['grad_dot_tau']:.4g} (g on the target's train images, stored in the card)")
     print("  eigen-contributions λ_i a_i² on the card's top eigenpairs:")
     for i, (ev, c) in enumerate(zip(curv.card.eigvals.tolist(), contrib.tolist())):
         print(f"    λ{i + 1}={ev:.4g}: {c:.4g}")
     print(f"    ‖τ outside the top-k eigenvectors‖² = {remainder:.4g} (covered by the card's residual diagonal)")
     if checks:
-        print("  quadratic model check  t: measured ΔL | t·gᵀτ + ½t²R | rel. error")
+        print("  loss model check (ΔL on val images, g and R on train images)  t: measured ΔL | t·gᵀτ + ½t²R | "
+              "rel. error")
         for c in checks:
             d = c.to_dict()
             print(f"    t={d['t']:<5g} {d['measured']: .5g} | {d['predicted']: .5g} | {d['rel_error']:.2f}"

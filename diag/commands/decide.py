@@ -15,7 +15,9 @@ from diag.decide.ceiling import ranking_ceiling
 from diag.decide.evaluation import evaluate_rankers, loto_coverage
 from diag.decide.ranking import rank_cached, rank_for_target
 from diag.decide.recommend import TIER_METHODS
-from diag.decide.rules import method_verdict, quadratic_loss_increase, screen_verdict
+from diag.curvature.risk import loss_model
+from diag.decide.rules import method_verdict, screen_verdict
+from diag.stats.paired import UPPER_Z
 from diag.features.pair_features import CurvatureSettings, Diagnostics
 from diag.study.parallel import complete_study
 from diag.study.run import StudySettings
@@ -62,7 +64,8 @@ def register(sub) -> None:
     r.add_argument("--card", type=Path, default=None, help="open world: the target's Hessian card (diag card)")
     r.add_argument("--sources", type=Path, default=None, help="open world: folder of source vectors, one sub-folder each")
     r.add_argument("--max-loss-increase", type=FRACTION, default=0.05,
-                   help="open world with --card: cap λ2 so that ½ λ2² R_card stays within this target loss increase")
+                   help="open world with --card: cap λ2 so that the card's loss model λ2·gᵀτ + ½ λ2² R_card stays "
+                        "within this target loss increase")
     r.add_argument("--methods", nargs="+", default=None, choices=TIER_METHODS[max(TIER_METHODS)],
                    help="transfer methods a recommendation may use (default: all the tier allows)")
     _suite_options(r)
@@ -175,6 +178,11 @@ def _coverage(ctx, args) -> int:
     return 0
 
 
+def _finite_or_none(value) -> float | None:
+    """``value`` as a float, or None when missing or not finite."""
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
 def run_screen(args) -> int:
     ctx = context_from(args, default_domain=args.target)
     check_alpha(args.alpha)
@@ -190,7 +198,7 @@ def run_screen(args) -> int:
     ranking = rank_for_target(diag, table, target, [source], 2, budget, level=args.level)
     row = ranking.rows.iloc[0]
     plain_verdict, plain_reasons = screen_verdict(row, table, target, lam, budget)
-    verdict, reasons = method_verdict(row)  # the verdict is the recommended method's; eq. 8 at --lambda2 beside it
+    verdict, reasons = method_verdict(row, budget)  # the verdict is the recommended method's; eq. 8 at --lambda2 beside it
     reasons += [f"plain eq. 8 at λ2={lam:g}: {plain_verdict}"] + [f"plain eq. 8: {r}" for r in plain_reasons]
     shown = ranking.to_dict()  # the predictions exactly as rank-sources reports them
     out = {"source": source, "target": target, "lambda2": lam, "max_acc_drop": budget, "verdict": verdict,
@@ -198,9 +206,17 @@ def run_screen(args) -> int:
            "method_scale": float(row["method_scale"]), "method_acc_drop": float(row["method_acc_drop"]),
            "level": shown["level"], "predictions": shown["predictions"], "headline": shown["headline"],
            **{k: v for k, v in shown["sources"][0].items() if k.startswith("predicted_")},
+           "method_acc_drop_se": _finite_or_none(row.get("method_acc_drop_se")),
+           "method_acc_drop_upper95": _finite_or_none(row["method_acc_drop"] + UPPER_Z * row.get("method_acc_drop_se",
+                                                                                                 math.nan)),
+           "n_val": int(row.get("method_n_val", 0) or 0),
+           "measured_acc_drop": _finite_or_none(row.get("measured_acc_drop")),
+           "measured_acc_drop_se": _finite_or_none(row.get("measured_acc_drop_se")),
            "reasons": reasons, "recommended_lambda2": float(row["lambda2"]),
            "risk_exact": float(row.get("risk_exact", math.nan)),
-           "predicted_loss_increase": quadratic_loss_increase(float(row.get("risk_exact", math.nan)), lam),
+           "grad_dot_tau": _finite_or_none(row.get("grad_dot_tau")),
+           "predicted_loss_increase": loss_model(lam, float(row.get("risk_exact", math.nan)),
+                                                 _finite_or_none(row.get("grad_dot_tau"))),
            "cos_ft": float(row["cos_ft"])}
     if args.json:
         emit_json(out, nan_as_null=True)

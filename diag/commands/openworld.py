@@ -154,7 +154,11 @@ def run_rank_folder(args) -> int:
         out = ranking.to_dict()
         for s, (_, row) in zip(out["sources"], ranking.rows.iterrows()):
             s["loss_increase_card"] = row.get("loss_increase_card")
+            s["grad_dot_tau"] = row.get("grad_dot_tau")
             s["norm_star_source"] = row.get("norm_star_source")
+        has_g = any(v is not None and v == v for v in ranking.rows.get("grad_dot_tau", []))
+        out["loss_model"] = (None if ranking.tier == 0 else "lambda2*g.tau + 0.5*lambda2^2*R_card" if has_g
+                             else "0.5*lambda2^2*R_card (card without g)")
         emit_json({**out, **facts}, nan_as_null=True)
     else:
         print(ranking.table())

@@ -7,8 +7,12 @@ candidate vector with no target data:
     R_card(tau) = sum_i l_i (v_i^T tau)^2 + sum_j r_j tau_j^2,
 
 which equals ``tau^T H tau`` exactly when k = D (then r = 0) and otherwise treats the
-residual as diagonal. Cards are stored as safetensors (``eigvals``, ``eigvecs``,
-``residual_diag``) with the layout, the trace and provenance in the metadata.
+residual as diagonal. Beside the curvature a card stores ``g``, the mean gradient of the
+target loss at the same point on the same images, so that it predicts a loss change with
+its first-order term, ``lambda g^T tau + 1/2 lambda^2 R_card``
+(:func:`diag.curvature.risk.loss_model`). Cards are stored as safetensors (``eigvals``,
+``eigvecs``, ``residual_diag``, ``gradient``; a card written before g was stored has none and
+predicts ½λ²R alone) with the layout, the trace and provenance in the metadata.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class HessianCard:
         trace: ``tr(H)`` if known.
         trace_stderr: Standard error of ``trace`` (0 for an exact trace).
         provenance: Free ``str -> str`` facts (model, data, seed, method, version, ...).
+        gradient: ``(D,)`` mean gradient g of the loss on the card's images (None: not stored).
     """
 
     eigvals: Tensor
@@ -62,6 +67,7 @@ class HessianCard:
     trace: float | None = None
     trace_stderr: float | None = None
     provenance: dict[str, str] = field(default_factory=dict)
+    gradient: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.param_names = tuple(self.param_names)
@@ -75,6 +81,8 @@ class HessianCard:
             raise BaseMismatchError(f"eigvecs has shape {tuple(self.eigvecs.shape)}, expected (D={D}, k={k}).")
         if tuple(self.residual_diag.shape) != (D,):
             raise BaseMismatchError(f"residual_diag has shape {tuple(self.residual_diag.shape)}, expected ({D},).")
+        if self.gradient is not None and tuple(self.gradient.shape) != (D,):
+            raise BaseMismatchError(f"gradient has shape {tuple(self.gradient.shape)}, expected ({D},).")
 
     # -- derived ----------------------------------------------------------------
     @property
@@ -117,9 +125,16 @@ class HessianCard:
         top, res = self.risk_parts(tau)
         return top + res
 
+    def first_order(self, tau: Tensor | Mapping[str, Tensor]) -> float | None:
+        """``g^T tau`` (float64), the loss model's first-order term; None when the card stores no g."""
+        if self.gradient is None:
+            return None
+        return float(self.gradient.to(device=self.eigvecs.device, dtype=torch.float64) @ self._flat(tau))
+
     def to_dict(self) -> dict:
-        """Summary for a table: sizes, trace, top eigenvalues, residual total, provenance."""
+        """Summary for a table: sizes, trace, top eigenvalues, residual total, whether g is stored, provenance."""
         return {
+            "has_gradient": self.gradient is not None,
             "k": self.k,
             "dim": self.dim,
             "trace": self.trace,
@@ -153,6 +168,7 @@ class HessianCard:
             "eigvals": self.eigvals.detach().cpu().contiguous(),
             "eigvecs": self.eigvecs.detach().cpu().contiguous(),
             "residual_diag": self.residual_diag.detach().cpu().contiguous(),
+            **({} if self.gradient is None else {"gradient": self.gradient.detach().cpu().contiguous()}),
             **{k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()},
         }
         metadata = {
@@ -189,7 +205,8 @@ class HessianCard:
                 missing = {"eigvals", "eigvecs", "residual_diag"} - keys
                 if missing:
                     raise ArtifactError(f"Hessian card '{path}' lacks tensors: {', '.join(sorted(missing))}.")
-                tensors = {k: f.get_tensor(k) for k in ("eigvals", "eigvecs", "residual_diag")}
+                tensors = {k: f.get_tensor(k) for k in ("eigvals", "eigvecs", "residual_diag", "gradient")
+                           if k in keys}
         except ArtifactError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt headers
@@ -211,7 +228,7 @@ class HessianCard:
         try:
             return cls(eigvals=tensors["eigvals"], eigvecs=tensors["eigvecs"], residual_diag=tensors["residual_diag"],
                        param_names=names, param_shapes=shapes, trace=trace, trace_stderr=trace_stderr,
-                       provenance=provenance)
+                       provenance=provenance, gradient=tensors.get("gradient"))
         except (BaseMismatchError, TypeError, ValueError) as e:
             raise ArtifactError(f"Hessian card '{path}' is inconsistent: {e}") from e
 
@@ -313,6 +330,9 @@ def build_card(op: CurvatureOperator, k: int, residual_diag: None | str | Tensor
         tol: eigsh tolerance (0 = machine precision).
         **lanczos_kwargs: Passed to ``lanczos_topk``.
 
+    The card stores the operator's mean gradient g (one more pass over its images) when the
+    operator has one (a model operator), so that it predicts λ·gᵀτ + ½λ²R.
+
     Raises:
         TvdiagError: bad ``k`` or ``residual_diag``.
     """
@@ -333,6 +353,7 @@ def build_card(op: CurvatureOperator, k: int, residual_diag: None | str | Tensor
     shapes = tuple(getattr(op, "param_shapes", ((D,),)))
     prov = _provenance(op, used, int(k), resid_kind)
     prov.update({str(a): str(b) for a, b in (provenance or {}).items()})
+    gradient = op.gradient().detach().cpu() if hasattr(op, "gradient") else None
     return HessianCard(eigvals=vals.double(), eigvecs=vecs.double().contiguous(), residual_diag=resid.double(),
                        param_names=names, param_shapes=shapes, trace=trace, trace_stderr=trace_stderr,
-                       provenance=prov)
+                       provenance=prov, gradient=gradient)

@@ -5,8 +5,11 @@ By the quadratic model of the target classification loss around ``theta_ft^T``
 
     L(theta + lambda tau) - L(theta) ~= lambda g^T tau + 1/2 lambda^2 R(tau; H),
 
-with ``g ~= 0`` at a fine-tuned minimum. With ``H = U diag(lambda_i) U^T`` and
-``a_i = u_i^T tau`` (eq. 17-18), ``R = sum_i lambda_i a_i^2`` (eq. 19).
+the paper's model dropping ``g`` (``g ~= 0`` at a fine-tuned minimum). On held-out images
+``g`` is not 0, and small increases are dominated by ``lambda g^T tau``: :func:`loss_model` is
+the one place both terms are written (every prediction of a loss increase and every λ cap
+calls it). With ``H = U diag(lambda_i) U^T`` and ``a_i = u_i^T tau`` (eq. 17-18),
+``R = sum_i lambda_i a_i^2`` (eq. 19).
 
 Three ways to evaluate R, from most to least data:
 
@@ -16,8 +19,8 @@ Three ways to evaluate R, from most to least data:
 * :meth:`diag.curvature.card.HessianCard.risk`: top-k eigenpairs plus residual diagonal.
 
 :func:`rank_agreement` says how well an approximation ranks candidate vectors
-against the exact R; :func:`quadratic_check` compares the quadratic model with the
-measured loss change.
+against the exact R; :func:`quadratic_check` compares the loss model with the
+measured loss change, cross-fitted: g and R from one set of images, the change measured on another.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "QuadraticCheckRow",
     "RiskResult",
     "eigen_contributions",
+    "loss_model",
     "quadratic_check",
     "rank_agreement",
     "risk_diagonal",
@@ -45,6 +49,19 @@ __all__ = [
     "risk_diagonal_stderr",
     "risk_exact",
 ]
+
+
+def loss_model(lam: float, risk: float, g_tau: float | None = 0.0) -> float:
+    """Predicted loss change ``L(θ + λτ) − L(θ) ≈ λ·gᵀτ + ½·λ²·R`` with ``R = τᵀHτ`` (eq. 13).
+
+    The one loss model of tvdiag: ``g_tau`` = gᵀτ is the first-order term (g the gradient of the
+    target loss at θ_ftᵀ, estimated on images other than those the change is scored on);
+    ``None`` or 0 gives the paper's ½λ²R.
+
+    >>> loss_model(0.5, 2.0, 0.1)
+    0.3
+    """
+    return lam * (0.0 if g_tau is None else g_tau) + 0.5 * lam * lam * risk
 
 
 def _as_flat(op_or_layout, tau: Tensor | Mapping[str, Tensor]) -> Tensor:
@@ -176,19 +193,21 @@ class RiskResult:
         diag: ``sum_i diag(H)_i tau_i^2``.
         card: Hessian-card estimate ``sum l_i (v_i^T tau)^2 + sum r_i tau_i^2``.
         diag_stderr: Standard error of ``diag`` when the diagonal is a stochastic estimate.
+        g_tau: ``g^T tau``, the first-order term (None: unknown, the model is ½λ²R alone).
     """
 
     exact: float | None = None
     diag: float | None = None
     card: float | None = None
     diag_stderr: float | None = None
+    g_tau: float | None = None
 
     def loss_increase(self, lam: float, method: str = "exact") -> float | None:
-        """Predicted loss increase ``1/2 lambda^2 R`` (eq. 13 with g = 0) for one method."""
+        """Predicted loss increase :func:`loss_model` ``λ gᵀτ + ½ λ² R`` for one method's R."""
         if method not in ("exact", "diag", "card"):
             raise TvdiagError(f"Unknown risk method '{method}'. Available: card, diag, exact")
         r = getattr(self, method)
-        return None if r is None else 0.5 * lam * lam * r
+        return None if r is None else loss_model(lam, r, self.g_tau)
 
     def to_dict(self) -> dict:
         """``{"exact", "diag", "card", "diag_stderr"}``, for a pandas row."""
@@ -231,20 +250,25 @@ class QuadraticCheckRow:
 
 def quadratic_check(model: nn.Module, data: Iterable, tau: Tensor | Mapping[str, Tensor],
                     ts: Sequence[float] = (0.1, 0.25, 0.5, 1.0), params=None, tol: float = 0.1,
-                    op: HessianOperator | None = None, **op_kwargs) -> list[QuadraticCheckRow]:
-    """Compare the quadratic model with the measured loss change along tau.
+                    op: HessianOperator | None = None, score_data: Iterable | None = None,
+                    **op_kwargs) -> list[QuadraticCheckRow]:
+    """Compare the loss model (:func:`loss_model`) with the measured loss change along tau, cross-fitted.
 
-    For each ``t``: measured ``L(theta + t tau) - L(theta)`` against
-    ``t g^T tau + 1/2 t^2 R`` (``g`` the gradient, ``R = tau^T H tau``).
+    ``g`` and ``R = tau^T H tau`` come from ``data`` (or ``op``); for each ``t`` the change
+    ``L(theta + t tau) - L(theta)`` is measured on ``score_data`` — other images, so that the
+    model is never scored on the images it was estimated on — and compared with
+    ``t g^T tau + 1/2 t^2 R``. Without ``score_data`` the change is measured on ``data`` (an
+    in-sample check of the Taylor expansion itself, not of a prediction).
 
     Args:
         model: The target model (at ``theta``; never modified).
-        data: Target batches ``(x, y)``.
+        data: Target batches ``(x, y)`` that estimate g and H.
         tau: Flat vector in the operator's order or a ``name -> tensor`` dict.
         ts: Steps.
         params: Parameter globs (ignored when ``op`` is given).
         tol: Relative error up to which a row counts as ``holds``.
         op: A ready :class:`HessianOperator` on the same model and data (reused).
+        score_data: Batches ``(x, y)`` the measured change is scored on (disjoint from ``data``).
         **op_kwargs: Passed to :class:`HessianOperator` (``dtype``, ``engine``, ...).
 
     Returns:
@@ -255,13 +279,15 @@ def quadratic_check(model: nn.Module, data: Iterable, tau: Tensor | Mapping[str,
     flat = _as_flat(op, tau).to(dtype=op.dtype, device=op.device)
     if flat.shape[0] != op.shape[0]:
         raise BaseMismatchError(f"tau has length {flat.shape[0]}, the operator has D={op.shape[0]}.")
-    base = op.loss()
+    scorer = op if score_data is None else HessianOperator(op.model, score_data, params=list(op.param_names),
+                                                            engine=op.engine, dtype=op.dtype)
+    base = scorer.loss()
     g_tau = float(torch.dot(op.gradient().double(), flat.double()))
     R = op.quadratic_form(flat)
     rows = []
     for t in ts:
-        measured = op.loss(t * flat) - base
-        first, second = t * g_tau, 0.5 * t * t * R
+        measured = scorer.loss(t * flat) - base
+        first, second = t * g_tau, loss_model(t, R, 0.0)
         denom = abs(measured) if measured != 0 else math.inf
         rel = abs(first + second - measured) / denom
         rel2 = abs(second - measured) / denom

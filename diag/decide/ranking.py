@@ -130,10 +130,13 @@ class SourceRanking:
                 "risk_exact": val(r.get("risk_exact")) if self.tier >= 2 else None,
                 **prediction_fields(r, shown),
                 "measured_acc_drop": val(r.get("measured_acc_drop")),
+                "measured_acc_drop_se": val(r.get("measured_acc_drop_se")),
+                "grad_dot_tau": val(r.get("grad_dot_tau")) if self.tier >= 1 else None,
                 "lambda2": val(r.get("lambda2")),
                 "method": r.get("method"), "method_param": r.get("method_param"),
                 "method_scale": val(r.get("method_scale")), "method_acc_drop": val(r.get("method_acc_drop")),
                 "drop_measured": None if r.get("drop_measured") is None else bool(r.get("drop_measured")),
+                "method_acc_drop_se": val(r.get("method_acc_drop_se")), "method_n_val": val(r.get("method_n_val")),
                 "safe": None if r.get("safe") is None else bool(r.get("safe")),
             })
         mixes = []
@@ -292,6 +295,8 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
         per = {s: grid[grid["source"] == s] for s in sources}
         cands["lambda2"] = [recommend_lambda2(per[s], max_acc_drop) for s in cands["source"]]
         cands["measured_acc_drop"] = [drop_at(per[s], PAPER_LAMBDA2) for s in cands["source"]]
+        cands["measured_acc_drop_se"] = [drop_at(per[s], PAPER_LAMBDA2, "acc_drop_se") for s in cands["source"]]
+        cands["measured_n_val"] = [drop_at(per[s], PAPER_LAMBDA2, "n_val") for s in cands["source"]]
         notes.append("λ2 (plain eq. 8): largest grid value whose measured accuracy drop on labelled target val "
                      "images is within budget")
     else:

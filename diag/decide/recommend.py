@@ -48,7 +48,8 @@ from train.errors import ArtifactError, DataError, unknown
 #: Methods each tier may recommend (from the registry, :mod:`diag.transfer.methods`).
 TIER_METHODS = {tier: tier_methods_of(tier) for tier in TIERS}
 #: What a recommendation row adds to a ranking.
-COLUMNS = ("method", "method_param", "method_scale", "size_ratio", "method_acc_drop", "drop_measured", "safe")
+COLUMNS = ("method", "method_param", "method_scale", "size_ratio", "method_acc_drop", "drop_measured", "safe",
+           "method_acc_drop_se", "method_n_val")
 
 
 def tier_methods(tier: int, methods: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -70,9 +71,10 @@ def tier_methods(tier: int, methods: Sequence[str] | None = None) -> tuple[str, 
     return tuple(m for m in allowed if m in methods or m == "plain")
 
 
-def _row(method, param, scale, size_ratio, drop, measured, safe) -> dict:
+def _row(method, param, scale, size_ratio, drop, measured, safe, drop_se=math.nan, n_val=0) -> dict:
+    """A recommendation row; a measured drop carries its paired standard error over ``n_val`` val images."""
     return dict(zip(COLUMNS, (method, str(param), float(scale), float(size_ratio), float(drop), bool(measured),
-                              bool(safe))))
+                              bool(safe), float(drop_se), int(n_val))))
 
 
 def _best(rows: list[dict]) -> dict:
@@ -121,11 +123,13 @@ def plain_from_grid(grid: pd.DataFrame, budget: float) -> dict:
 
     When no λ2 is safe, the smallest λ2 of the grid is reported as unsafe (``safe`` False).
     """
-    per = grid.groupby("lambda2", as_index=False)["acc_drop"].mean().sort_values("lambda2")
+    cols = [c for c in ("acc_drop", "acc_drop_se", "n_val") if c in grid]
+    per = grid.groupby("lambda2", as_index=False)[cols].mean().sort_values("lambda2")
     lam = recommend_lambda2(grid, budget)
     safe = lam > 0
     row = per[per["lambda2"] == lam].iloc[0] if safe else per.iloc[0]
-    return _row("plain", row["lambda2"], row["lambda2"], row["lambda2"] / PAPER_LAMBDA2, row["acc_drop"], True, safe)
+    return _row("plain", row["lambda2"], row["lambda2"], row["lambda2"] / PAPER_LAMBDA2, row["acc_drop"], True, safe,
+                row.get("acc_drop_se", math.nan), row.get("n_val", 0))
 
 
 def recommend_measured(ws, target: str, source: str, grid: pd.DataFrame, budget: float, curvature,
@@ -139,7 +143,7 @@ def recommend_measured(ws, target: str, source: str, grid: pd.DataFrame, budget:
         c = choice.candidate
         drop = 1.0 - choice.val_accuracy / max(choice.val_accuracy_ft_target, 1e-12)
         rows.append(_row(m, c.param, c.scale, c.size / (PAPER_LAMBDA2 * norm) if norm > 0 else 0.0, drop, True,
-                         choice.safe))
+                         choice.safe, choice.val_acc_drop_se, choice.n_val))
     return _best(rows)
 
 
@@ -253,6 +257,7 @@ def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measure
             choice = select_repair(ws, target, vec, "mix", curvature, lambda1, mixes={name: vec}, max_acc_drop=budget)
             lam, safe = choice.candidate.scale, choice.safe
             drop = 1.0 - choice.val_accuracy / max(choice.val_accuracy_ft_target, 1e-12)
+            drop_se, n_val = choice.val_acc_drop_se, choice.n_val
         elif curv is not None and math.isfinite(per_unit):
             drop07 = per_unit * candidates("plain", vec, curv, grid=(PAPER_LAMBDA2,))[0].predicted_loss_increase
             lam = lambda2_from_predicted_drop(drop07, budget)
@@ -260,10 +265,12 @@ def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measure
         else:
             lam, safe, drop = 0.0, False, math.nan
             param = "no bound on its drop without a card or val images"
+        if not measured:
+            drop_se, n_val = math.nan, 0
         used = [s for s in w if w[s] > 0]  # a zero weight never turns a NaN gain (or an infinite bound) into NaN
         g = sum(w[s] * gains[s] for s in used)
         lo, hi = (sum(w[s] * bounds[s][i] for s in used) for i in (0, 1))
         gain, gain_lo, gain_hi = predicted_gain(1.0 - g, lo, hi, lam / PAPER_LAMBDA2, safe)
-        rows.append({**row, **_row(method, param, lam, lam / PAPER_LAMBDA2, drop, measured, safe),
+        rows.append({**row, **_row(method, param, lam, lam / PAPER_LAMBDA2, drop, measured, safe, drop_se, n_val),
                      "predicted_gain": gain, "predicted_gain_lo": gain_lo, "predicted_gain_hi": gain_hi})
     return pd.DataFrame(rows)

@@ -112,7 +112,7 @@ def skip_exit_collection() -> None:
 
 
 class CardStream:
-    """A Hessian card read block by block: eigvals, and per parameter its rows of V and r."""
+    """A Hessian card read block by block: eigvals, and per parameter its rows of V, r and g (when stored)."""
     def __init__(self, path: str | Path):
         self.file = TensorFile(path)
         meta = self.file.metadata
@@ -127,17 +127,19 @@ class CardStream:
         self.shapes = dict(zip(self.names, shapes))
         self.provenance = json.loads(meta.get("provenance", "{}"))
         self.eigvals = self.file.read("eigvals").double()
+        self.has_gradient = "gradient" in self.file.entries
         self.offsets, off = {}, 0
         for name, shape in zip(self.names, shapes):
             n = math.prod(shape)
             self.offsets[name] = (off, off + n)
             off += n
 
-    def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(V rows (n, k), r (n,)) of parameter ``name``: views of the mapped file, as stored (build_card: float64)."""
+    def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(V rows (n, k), r (n,), g (n,) or None) of parameter ``name``: views of the mapped file, as stored."""
         lo, hi = self.offsets[name]
         k = len(self.eigvals)
-        return self.file.view("eigvecs", lo * k, hi * k).view(hi - lo, k), self.file.view("residual_diag", lo, hi)
+        g = self.file.view("gradient", lo, hi) if self.has_gradient else None
+        return self.file.view("eigvecs", lo * k, hi * k).view(hi - lo, k), self.file.view("residual_diag", lo, hi), g
 
     def release(self, name: str) -> None:
         """Drop the resident pages of parameter ``name``'s rows."""
@@ -145,6 +147,8 @@ class CardStream:
         k = len(self.eigvals)
         self.file.release("eigvecs", lo * k, hi * k)
         self.file.release("residual_diag", lo, hi)
+        if self.has_gradient:
+            self.file.release("gradient", lo, hi)
 
 
 class _MemoryFile:

@@ -9,7 +9,11 @@ L(θ_ftᵀ + λ τ) − L(θ_ftᵀ) ≈ ½ λ² R. Three estimates by data-acces
   (top-k eigenpairs + residual diagonal), no target data (tier 1);
 * ``risk_diag``: Σ diag(Hᵀ)_i τ_i² with a Hutchinson diagonal (tier 1), and ``risk_diag_se``,
   its standard error from the probes: probe k's diagonal d_k = v_k ⊙ Hᵀv_k gives
-  r_k = Σ_i d_k,i τ_i², and se = sd(r_k)/√n (kept per target as the probes' diagonals).
+  r_k = Σ_i d_k,i τ_i², and se = sd(r_k)/√n (kept per target as the probes' diagonals);
+* ``grad_dot_tau``: gᵀτ*ˢ, the first-order term of the loss model λ·gᵀτ + ½λ²R
+  (:func:`diag.curvature.risk.loss_model`), g the mean gradient at θ_ftᵀ stored in the card —
+  on the curvature's images (``split``, the target's train images), never the ``val`` images the
+  measured loss change is scored on.
 
 The target curvature (operator, diagonal, card) is built once per target and cached in
 the store (``curvature/<target>/``), so a study over n domains costs n curvature builds
@@ -39,7 +43,7 @@ from train.vectors import TaskVector
 
 log = logging.getLogger(__name__)
 
-RISK_COLUMNS = ("risk_exact", "risk_diag", "risk_diag_se", "risk_card")
+RISK_COLUMNS = ("risk_exact", "risk_diag", "risk_diag_se", "risk_card", "grad_dot_tau")
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,11 @@ class Diagnostics:
             tensors, _ = load_tensors(self.diag_path(target))
             if "probe_diagonals" in tensors:
                 diag = tensors["diag"], tensors["stderr"], tensors["probe_diagonals"]
-        op = self.operator(target) if (diag is None or need_operator) else None
+        op = self.operator(target) if (diag is None or need_operator or (card is not None and card.gradient is None)) \
+            else None
+        if card is not None and card.gradient is None:  # a card cached before g was stored: add it, same images
+            card.gradient = op.gradient().detach().cpu()
+            card.save(self.card_path(target))
         if diag is None:
             diag, card = self._build_diagonal(op, target, key, card)
         self._curv[target] = TargetCurvature(target, diag[0], diag[1], card, op, diag[2])
@@ -211,13 +219,13 @@ class Diagnostics:
         return out
 
     def risks(self, source: str, target: str, exact: bool = True) -> dict[str, float]:
-        """R(τ*ˢ; Hᵀ) from the card and the diagonal (with ``risk_diag_se`` from the probes), and exact
-        (one HVP) when ``exact``."""
+        """R(τ*ˢ; Hᵀ) from the card and the diagonal (with ``risk_diag_se`` from the probes), gᵀτ*ˢ
+        (``grad_dot_tau``, the card's g), and exact R (one HVP) when ``exact``."""
 
         curv = self.curvature(target, need_operator=exact)
         tau = curv.card.layout.flatten(self.vector(source, "star").tensors, dtype=torch.float64)
         out = {"risk_card": curv.card.risk(tau), "risk_diag": risk_diagonal(curv.diag, tau),
-               "risk_diag_se": risk_diagonal_stderr(curv.diag_probes, tau)}
+               "risk_diag_se": risk_diagonal_stderr(curv.diag_probes, tau), "grad_dot_tau": curv.card.first_order(tau)}
         if exact:
             out["risk_exact"] = risk_exact(curv.operator, tau.to(curv.operator.dtype))
         return out

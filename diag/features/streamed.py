@@ -6,8 +6,9 @@ For each parameter tensor (a *block*), with τ_ftᵀ = θ_target − θ_base on 
   τ_ftˢ rows F (sources × n);
 * ‖τ*ˢ‖² and, with a card (top-k eigenpairs V, l and residual diagonal r),
   Vᵀτ*, Σ r τ*² and (V²)ᵀτ*², so that R_card = Σ l_i (v_iᵀτ*)² + Σ r_j τ*_j² and
-  R_diag = Σ r_j τ*_j² + Σ_i l_i ((V²)ᵀτ*²)_i. A parameter the card does not cover adds to
-  ‖τ*ˢ‖² only (its rows of V and r count as zero).
+  R_diag = Σ r_j τ*_j² + Σ_i l_i ((V²)ᵀτ*²)_i, and gᵀτ* when the card stores g (the loss model's
+  first-order term). A parameter the card does not cover adds to ‖τ*ˢ‖² only (its rows of V, r
+  and g count as zero).
 
 Every product is float64: float32 sums at 88M parameters put cos(τ, τ) at 1.0001, and float32
 card products within a block put R_card 0.19 % off an exact sum (float64: 2e-15). A block is
@@ -47,6 +48,7 @@ class _Sums:
     proj: torch.Tensor   # (S, k) Vᵀτ*
     resid: torch.Tensor  # (S,) Σ r_j τ*_j²
     v2: torch.Tensor     # (S, k) (V²)ᵀ τ*²: Σ diag(H) τ*² = resid + Σ_i l_i v2_i
+    gtau: torch.Tensor   # (S,) gᵀτ* (zero when the card stores no g)
     nb: float = 0.0      # ‖θ_base‖²
 
 
@@ -87,7 +89,9 @@ def _chunk(s: _Sums, g: str, buf: tuple, part, target, base, sources, with_ft, c
     if card_rows is None:
         s.star2 += torch.linalg.vector_norm(star, dim=1).square()
         return
-    V, r = (x.to(torch.float64) for x in card_rows)
+    V, r = (x.to(torch.float64) for x in card_rows[:2])
+    if card_rows[2] is not None:
+        s.gtau += star @ card_rows[2].to(torch.float64)
     for j in range(V.shape[1]):
         s.proj[:, j] += star @ V[:, j]
     star.square_()                                                 # τ*², in place
@@ -102,7 +106,7 @@ def _pass(keys: list[str], sizes: dict, target, base, sources: list, card) -> _S
     """The sums over parameters ``keys``, each taken :data:`CHUNK` values at a time; pages dropped after each."""
     S, k = len(sources), (len(card.eigvals) if card is not None else 0)
     zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
-    sums = _Sums({}, {}, {}, zeros(S), zeros(S, k), zeros(S), zeros(S, k))
+    sums = _Sums({}, {}, {}, zeros(S), zeros(S, k), zeros(S), zeros(S, k), zeros(S))
     with_ft = [src for src in sources if src.ft is not None]
     buf = _Buffers(min(CHUNK, max((sizes[key] for key in keys), default=0)), len(with_ft), S, k)
     files = [target, base, *(f for src in sources for f in src.files())]
@@ -113,7 +117,7 @@ def _pass(keys: list[str], sizes: dict, target, base, sources: list, card) -> _S
         for a in range(0, n, CHUNK):
             b = min(a + CHUNK, n)
             _chunk(sums, g, buf.sized(b - a), lambda f, a=a, b=b: views[id(f)][a:b], target, base, sources, with_ft,
-                   None if vr is None else (vr[0][a:b], vr[1][a:b]))
+                   None if vr is None else (vr[0][a:b], vr[1][a:b], None if vr[2] is None else vr[2][a:b]))
         for f in files:
             f.release(key)
         if vr is not None:
@@ -141,6 +145,7 @@ def _merge(parts: list[_Sums]) -> _Sums:
                 mine[g] = mine[g] + v if g in mine else v
         out.star2, out.proj, out.resid, out.v2 = out.star2 + p.star2, out.proj + p.proj, out.resid + p.resid, \
             out.v2 + p.v2
+        out.gtau = out.gtau + p.gtau
         out.nb += p.nb
     return out
 
@@ -166,7 +171,8 @@ def stream_features(target, base, sources: list, card, keys: list[str]) -> tuple
         ``norm_star_source`` (‖τ*ˢ‖), ``norm_ft_target`` (‖τ_ftᵀ‖), the source's quality metadata
         (:data:`diag.openworld.QUALITY_KEYS` present in its files); with a τ_ft file also ``cos_ft``,
         ``cos_ft.<group>`` per block group (:func:`diag.features.similarity.block_group`) and ``norm_ft_source``;
-        with a card also ``risk_card`` and ``risk_diag`` (module docstring).
+        with a card also ``risk_card``, ``risk_diag`` and ``grad_dot_tau`` (gᵀτ*; None when the card stores
+        no g) (module docstring).
     """
     sizes = {key: math.prod(base.shape(key)) for key in keys}
     threads = torch.get_num_threads()
@@ -202,4 +208,5 @@ def _row(src, s: _Sums, i: int, with_ft: list, card) -> dict:
         resid = float(s.resid[i])
         row["risk_card"] = float((card.eigvals * s.proj[i].pow(2)).sum()) + resid
         row["risk_diag"] = resid + float((card.eigvals * s.v2[i]).sum())
+        row["grad_dot_tau"] = float(s.gtau[i]) if card.has_gradient else None
     return row

@@ -19,9 +19,10 @@ over seeds), :func:`method_report` counts
     gain) against plain eq. 8 from the source the ranker picks for that target (a ridge predictor
     on the tier-0 features fitted on the pairs without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy
     when fewer than 4 such pairs exist): targets where each mix's E-RMSE is lower, and which wins;
-(d) the quadratic model: the measured val cross-entropy increase over θ_ftᵀ against the
-    predicted ½λ²R (method rows: the chosen vector's; plain rows: ½λ2²·R(τ*ˢ), exact risk
-    when present, else card, else diagonal): median ratio measured ÷ predicted, the share of
+(d) the loss model: the measured val cross-entropy increase over θ_ftᵀ against the
+    predicted one (method rows: the chosen vector's ½λ²R; plain rows: the loss model
+    λ2·gᵀτ*ˢ + ½λ2²·R(τ*ˢ) of :func:`diag.curvature.risk.loss_model`, exact risk when present,
+    else card, else diagonal; ½λ2²R where the study stored no gᵀτ): median ratio measured ÷ predicted, the share of
     rows where it lies within [½, 2] ("holds"), and the median ratio in the lower and upper half
     of the predicted increase (where it holds).
 
@@ -38,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from diag.constants import PAPER_LAMBDA2
+from diag.curvature.risk import loss_model
 from diag.decide.recommend import ranker_gains
 from diag.study.summary import mean_sd
 from diag.transfer.methods import METHODS
@@ -153,7 +155,10 @@ def quadratic_check(rows: pd.DataFrame) -> dict:
         for col in ("risk_diag", "risk_card", "risk_exact"):  # the best estimate present wins
             if col in rows:
                 risk = pd.to_numeric(rows[col], errors="coerce").where(lambda v: v.notna(), risk)
-        predicted = 0.5 * rows["lambda2"] ** 2 * risk
+        g = pd.to_numeric(rows["grad_dot_tau"], errors="coerce") if "grad_dot_tau" in rows \
+            else pd.Series(np.nan, index=rows.index)
+        predicted = pd.Series([loss_model(lam, r, None if math.isnan(gt) else gt)
+                               for lam, r, gt in zip(rows["lambda2"].astype(float), risk, g)], index=rows.index)
     ok = measured.notna() & predicted.notna() & (predicted > 0)
     ratio = (measured[ok] / predicted[ok]).astype(float)
     if ratio.empty:
@@ -203,7 +208,8 @@ class MethodReport:
                 if key in runs[0]:
                     out.append(f"  (c) {text} ({', '.join(how)}) on {ms(*mean_sd([u[key] for u in runs]))} "
                                f"of {runs[0]['n_targets']} targets")
-        out.append("  (d) measured val loss increase ÷ predicted ½λ²R: median (within [½, 2]; small / large predicted)")
+        out.append("  (d) measured val loss increase ÷ predicted (plain: λ·gᵀτ + ½λ²R; methods: ½λ²R): median "
+                   "(within [½, 2]; small / large predicted)")
         for m, q in self.quadratic.items():
             if q["n"]:
                 out.append(f"      {m:14s} {q['median_ratio']:.3g} ({q['holds']:.0%} of {q['n']} rows; "

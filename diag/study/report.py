@@ -1,7 +1,9 @@
 """The study report: headline counts, their chosen-λ2 twins and Table 1, over seeds, per θ_ft* variant.
 
 :func:`study_report` is what ``diag summarize`` prints (and ``--json`` returns): per variant the
-run summaries of :mod:`diag.study.summary`, their mean ± sd over seeds, and Table 1.
+run summaries of :mod:`diag.study.summary`, their mean ± sd over seeds, Table 1, and the loss
+model's fit to the measured val loss change over every pair × λ2 (:mod:`diag.decide.loss_model`;
+pooled over seeds, and per seed).
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ from dataclasses import dataclass
 import pandas as pd
 
 from diag.constants import DEFAULT_MAX_ACC_DROP, KEEP_ACCURACY, PAPER_LAMBDA2
+from diag.decide.loss_model import calibrate, calibration_text, predicted_vs_measured
 from diag.study.summary import (CONTROLS, VARIANTS, RunSummary, over_seeds, summarize_run, table1_over_seeds)
 from diag.table import add_normalised, lam_key, with_run_columns
 
 @dataclass(frozen=True)
 class VariantSummary:
-    """Every seed of one variant, and mean ± sd over seeds (``fixed``/``chosen``: name → (mean, sd))."""
+    """Every seed of one variant, and mean ± sd over seeds (``fixed``/``chosen``: name → (mean, sd)).
+
+    ``loss_model``: :func:`diag.decide.loss_model.calibrate` over every pair × λ2 of the variant's seeds;
+    ``loss_model_per_seed``: the same per seed.
+    """
 
     variant: str
     alpha: float
@@ -24,6 +31,8 @@ class VariantSummary:
     fixed: dict
     chosen: dict | None
     table1: pd.DataFrame | None
+    loss_model: dict | None = None
+    loss_model_per_seed: dict | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -72,6 +81,7 @@ class StudyReport:
                 "table1_source": self.source, "notes": self.notes, "headline_uses": "ermse (and ermse_img beside it)",
                 "variants": [{"variant": v.variant, "alpha": v.alpha, "seeds": v.seeds,
                               "fixed_lambda2": pm(v.fixed), "chosen_lambda2": pm(v.chosen), "table1": t1(v.table1),
+                              "loss_model": v.loss_model, "loss_model_per_seed": v.loss_model_per_seed,
                               "per_seed": [{"seed": r.seed, "fixed_lambda2": r.fixed.flat(),
                                             "chosen_lambda2": None if r.chosen is None else r.chosen.flat(),
                                             "chosen_lambda2_per_pair": r.chosen_lambda2} for r in v.runs]}
@@ -99,6 +109,8 @@ class StudyReport:
                     out.append(f"    {label:44s}{cells}   {m:{fmt}} ± " + (f"{s:{fmt}}" if s == s else "— (one seed)"))
             if v.table1 is not None:
                 out.append(_format_table1(v.table1, self.source, len(v.runs)))
+            if v.loss_model is not None:
+                out += [f"  {line}" for line in calibration_text(v.loss_model)]
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
 
@@ -137,6 +149,8 @@ def study_report(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, budget: float
     for (variant, alpha), part in df.groupby(["variant", "alpha"], sort=True):
         runs = [summarize_run(run, source, lambda2, budget, keep) for _, run in part.groupby("seed", sort=True)]
         chosen = over_seeds([r.chosen for r in runs]) if all(r.chosen is not None for r in runs) else None
+        fit = predicted_vs_measured(part)
+        per_seed = {int(seed): calibrate(rows) for seed, rows in fit.groupby("seed", sort=True)} if "seed" in fit else {}
         variants.append(VariantSummary(str(variant), float(alpha), runs, over_seeds([r.fixed for r in runs]), chosen,
-                                       table1_over_seeds([r.table1 for r in runs])))
+                                       table1_over_seeds([r.table1 for r in runs]), calibrate(fit), per_seed))
     return StudyReport(variants, float(lambda2), float(budget), float(keep), source, notes)

@@ -12,10 +12,12 @@ every pair is scored on each seed's vectors and φ — built by :func:`pair_rows
   sd), ``_other`` and ``_other_rescaled`` (τ* of ``other_source``, as is and at ‖τ*ˢ‖),
   ``_meanmap`` and ``_meanmap_target``;
 * the pair's features from :func:`diag.features.pair_features.pair_features` (``cos_ft``,
-  ``cos_ft.<group>``, ``cos_star``, ``norm_*``, ``risk_*``) and ``absent`` (why a feature
-  does not apply);
-* the target's ``val`` split (never ``test``) for the λ2 choice: ``accuracy_val`` (eq. 8 at this λ2)
-  and ``accuracy_val_ft_target`` (θ_ftᵀ), from :func:`diag.decide.rules.accuracy_grid`;
+  ``cos_ft.<group>``, ``cos_star``, ``norm_*``, ``risk_*``, ``grad_dot_tau``) and ``absent`` (why a
+  feature does not apply);
+* the target's ``val`` split (never ``test``) for the λ2 choice: ``accuracy_val`` (eq. 8 at this λ2),
+  ``acc_drop_val_se`` (the paired standard error of its drop against θ_ftᵀ on the same images),
+  ``accuracy_val_ft_target`` (θ_ftᵀ) and ``loss_increase_val`` (what the loss model predicts), from
+  :func:`diag.transfer.budget.accuracy_grid`;
 * the run: ``alpha``, ``seed``, ``variant``; every metric has an image-specific twin ``ermse_img*``;
 * the source's own quality on S's val split (features, so never its test split): ``ermse_star_source``
   (θ_ft*ˢ), ``accuracy_ft_source``;
@@ -160,8 +162,8 @@ def pair_rows(diag: Diagnostics, source: str, target: str, settings: StudySettin
              "backbone_id": ws.store.backbone_id, "tvdiag_version": __version__, "study_version": STUDY_VERSION,
              "n_test": int(ft_t.n), "ks": ",".join(str(k) for k in ft_t.ks)}
     rows = [{**r.to_row(), **fixed, "method": PLAIN, "pair_key": keys[PLAIN], "accuracy_val": float(acc),
-             "loss_increase_val": float(loss)}
-            for r, acc, loss in zip(results, val["accuracy"], val["loss_increase"])
+             "acc_drop_val_se": float(se), "loss_increase_val": float(loss)}
+            for r, acc, se, loss in zip(results, val["accuracy"], val["acc_drop_se"], val["loss_increase"])
             if (keys[PLAIN], lam_key(r.lambda2)) not in done]
     for method in (m for m in keys if m != PLAIN):
         todo = [r for r in results if (keys[method], lam_key(r.lambda2)) not in done]

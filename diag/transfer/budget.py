@@ -22,7 +22,8 @@ import pandas as pd
 
 from diag.constants import CHECK_IMAGES, CHOICE_SPLIT, LAMBDA_GRID, PAPER_LAMBDA1
 from diag.runtime.context import Workspace
-from diag.transfer.eq8 import accuracy_and_loss, transferred_state
+from diag.stats.paired import paired_drop
+from diag.transfer.eq8 import correct_and_loss, transferred_state
 from train.errors import DataError
 
 __all__ = ["accuracy_grid", "drop_at", "recommend_lambda2", "safe_sizes"]
@@ -85,26 +86,32 @@ def accuracy_grid(ws: Workspace, target: str, sources: Sequence[str], lambda1: f
     """Measured accuracy of eq. 8 over a λ2 grid on the target's labelled ``val`` images (tier 2).
 
     Returns:
-        Rows (source, lambda2, accuracy, acc_drop, loss_increase) with acc_drop = 1 − acc/acc(θ_ftᵀ)
-        and loss_increase the val cross-entropy minus θ_ftᵀ's (what ½λ²R predicts);
-        ``attrs["accuracy_ft_target"]`` is θ_ftᵀ's accuracy on the same images.
+        Rows (source, lambda2, accuracy, acc_drop, acc_drop_se, n_val, n_lost, n_gained, loss_increase) with
+        acc_drop = 1 − acc/acc(θ_ftᵀ), its paired standard error over the same images
+        (:func:`diag.stats.paired.paired_drop`: ``n_lost``/``n_gained`` images the vector makes
+        wrong/right) and loss_increase the val cross-entropy minus θ_ftᵀ's (what the loss model
+        λ·gᵀτ + ½λ²R predicts); ``attrs["accuracy_ft_target"]`` is θ_ftᵀ's accuracy on the same images.
     """
     images = ws.target_set(target, CHOICE_SPLIT, n_images)
     ft_t = ws.vector(target, "ft")
-    base_acc, base_loss = accuracy_and_loss(ws, target, ws.state(ft_t), images)
+    base_correct, base_loss = correct_and_loss(ws, target, ws.state(ft_t), images)
+    base_acc = float(base_correct.double().mean())
     rows = []
     for source in sources:
         star = ws.vector(source, "star")
         for lam in grid:
-            acc, loss = accuracy_and_loss(ws, target, transferred_state(ws, ft_t, star, lambda1, lam), images)
+            correct, loss = correct_and_loss(ws, target, transferred_state(ws, ft_t, star, lambda1, lam), images)
+            acc, paired = float(correct.double().mean()), paired_drop(base_correct.numpy(), correct.numpy())
             rows.append({"source": source, "lambda2": float(lam), "accuracy": acc,
-                         "acc_drop": 1.0 - acc / max(base_acc, 1e-12), "loss_increase": loss - base_loss})
+                         "acc_drop": 1.0 - acc / max(base_acc, 1e-12), "acc_drop_se": paired.se, "n_val": paired.n,
+                         "n_lost": paired.n_lost, "n_gained": paired.n_gained, "loss_increase": loss - base_loss})
     out = pd.DataFrame(rows)
     out.attrs["accuracy_ft_target"] = base_acc
     return out
 
 
-def drop_at(grid: pd.DataFrame, lam: float) -> float:
-    """Measured drop of the grid at ``lam`` (NaN when the grid does not hold it)."""
+def drop_at(grid: pd.DataFrame, lam: float, column: str = "acc_drop") -> float:
+    """Measured drop of the grid at ``lam`` (``column``: ``acc_drop_se`` or ``n_val`` for its standard error
+    and image count; NaN when the grid does not hold it)."""
     hit = grid[(grid["lambda2"] - lam).abs() < 1e-9]
-    return float(hit["acc_drop"].mean()) if len(hit) else math.nan
+    return float(hit[column].mean()) if len(hit) and column in hit else math.nan

@@ -1,8 +1,8 @@
 """Eq. 8 and the one evaluation loop: θ̃ = θ_base + λ1·τ_ftᵀ + λ2·τ*ˢ and its scores.
 
 :func:`transferred_state` is the only place eq. 8 is written; :func:`predict` the one forward
-loop (logits and φ̃ in batches), :func:`accuracy_and_loss` the one labelled-accuracy loop (λ2
-grids and every choice on ``val``), :func:`evaluate_state` the scores of a state on the test
+loop (logits and φ̃ in batches), :func:`correct_and_loss` the one labelled-accuracy loop (λ2
+grids and every choice on ``val``: per-image correctness, for paired standard errors), :func:`evaluate_state` the scores of a state on the test
 split. :func:`pair_seed` is the one seeding rule of a pair's random choices.
 """
 
@@ -69,17 +69,20 @@ def predict(model: SelfExplainingCLIP, x: torch.Tensor, y: torch.Tensor | None =
     return torch.cat(logits), (torch.cat(phis) if explain else None)
 
 
-def accuracy_and_loss(ws: Workspace, domain: str, state: dict, images: TargetSet) -> tuple[float, float]:
-    """(top-1 accuracy, mean cross-entropy) of θ = ``state`` with ``domain``'s head on ``images`` (no φ needed).
+def correct_and_loss(ws: Workspace, domain: str, state: dict, images: TargetSet) -> tuple[torch.Tensor, float]:
+    """(per-image top-1 correctness (N,) bool, mean cross-entropy) of θ = ``state`` with ``domain``'s head on
+    ``images`` (no φ needed).
 
-    The one labelled-accuracy loop (λ2 grids, the methods' val choices): the loss is the
-    quantity the quadratic model ½λ²R predicts the increase of.
+    The one labelled-accuracy loop (λ2 grids, the methods' val choices): the accuracy is the
+    correctness's mean, its drop against θ_ftᵀ on the same images gets a paired standard error
+    (:func:`diag.stats.paired.paired_drop`), and the loss is the quantity the loss model
+    λ·gᵀτ + ½λ²R predicts the change of.
     """
     model = ws.model(domain)
     load_visual_state(model, state)
     logits, _ = predict(model, images.x, images.y, explain=False)
     loss = torch.nn.functional.cross_entropy(logits.double(), images.y)
-    return float((logits.argmax(dim=1) == images.y).double().mean()), float(loss)
+    return logits.argmax(dim=1) == images.y, float(loss)
 
 
 def evaluate_state(ws: Workspace, tset: TargetSet, state: dict, name: str) -> Scores:

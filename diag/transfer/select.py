@@ -30,7 +30,8 @@ from diag.constants import CHECK_IMAGES, CHOICE_SPLIT, DEFAULT_MAX_ACC_DROP, PAP
 from diag.runtime.context import Workspace
 from diag.transfer import mixing
 from diag.transfer.budget import BUDGET_TOL, safe_sizes
-from diag.transfer.eq8 import accuracy_and_loss, transferred_state
+from diag.stats.paired import paired_drop
+from diag.transfer.eq8 import correct_and_loss, transferred_state
 from diag.transfer.methods import MIX_METHODS, Candidate, candidates, curvature_for
 from train.errors import DataError, unknown
 from train.vectors import TaskVector
@@ -55,7 +56,10 @@ class RepairChoice:
         safe: it keeps ≥ (1 − max_acc_drop) of θ_ftᵀ's val accuracy, and so does every
             candidate of its grid (its mixture, for ``mix``) with a smaller size.
         table: every candidate (method, param, scale, predicted_loss_increase, risk_source,
-            measured_loss_increase, size, val_accuracy, acc_kept, keeps, safe).
+            measured_loss_increase, size, val_accuracy, acc_kept, acc_drop, acc_drop_se, n_val, keeps, safe).
+        val_acc_drop_se: the paired standard error of its val accuracy drop 1 − val_accuracy ÷
+            val_accuracy_ft_target (:func:`diag.stats.paired.paired_drop`, same images).
+        n_val: the val images.
     """
 
     target: str
@@ -66,6 +70,8 @@ class RepairChoice:
     safe: bool
     max_acc_drop: float
     table: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
+    val_acc_drop_se: float = math.nan
+    n_val: int = 0
 
     def summary(self) -> dict:
         """JSON-able numbers of the choice (``predicted_loss_increase`` None without a curvature, never NaN),
@@ -77,6 +83,8 @@ class RepairChoice:
                 "measured_loss_increase": float(self.measured_loss_increase),
                 "risk_source": c.risk_source, "size": float(c.size), "val_accuracy": float(self.val_accuracy),
                 "val_accuracy_ft_target": float(self.val_accuracy_ft_target), "safe": bool(self.safe),
+                "val_acc_drop_se": float(self.val_acc_drop_se) if math.isfinite(self.val_acc_drop_se) else None,
+                "n_val": int(self.n_val),
                 "vector": str(c.vector.provenance.get("derived", ""))}
 
 
@@ -109,21 +117,24 @@ def select_repair(ws: Workspace, target: str, tau: TaskVector, method: str, curv
     if images.split != CHOICE_SPLIT or images.phi is not None or len(images.y) == 0:
         raise DataError(f"repair choices read only labelled '{CHOICE_SPLIT}' images of '{target}'")
     ft_t = ws.vector(target, "ft")
-    base_acc, base_loss = accuracy_and_loss(ws, target, ws.state(ft_t), images)
+    base_correct, base_loss = correct_and_loss(ws, target, ws.state(ft_t), images)
+    base_acc = float(base_correct.double().mean())
     rows = []
     for c in cands:
-        acc, loss = accuracy_and_loss(ws, target, transferred_state(ws, ft_t, c.vector, lambda1, c.scale), images)
+        correct, loss = correct_and_loss(ws, target, transferred_state(ws, ft_t, c.vector, lambda1, c.scale), images)
+        acc = float(correct.double().mean())
         kept = acc / base_acc if base_acc > 0 else math.nan
         rows.append({"method": c.method, "param": c.param, "scale": c.scale,
                      "predicted_loss_increase": c.predicted_loss_increase, "risk_source": c.risk_source,
                      "measured_loss_increase": loss - base_loss, "size": c.size, "val_accuracy": acc,
                      "acc_kept": kept, "acc_drop": 1.0 - kept,
+                     "acc_drop_se": paired_drop(base_correct.numpy(), correct.numpy()).se, "n_val": len(correct),
                      "keeps": bool(1.0 - kept <= max_acc_drop + BUDGET_TOL)})
     table = _mark_safe(pd.DataFrame(rows), by_param=method in MIX_METHODS, budget=max_acc_drop)
     best = _best(table)
     return RepairChoice(target, cands[best], float(table.at[best, "val_accuracy"]), base_acc,
                         float(table.at[best, "measured_loss_increase"]), bool(table.at[best, "safe"]), max_acc_drop,
-                        table)
+                        table, float(table.at[best, "acc_drop_se"]), len(base_correct))
 
 
 def _mark_safe(table: pd.DataFrame, by_param: bool, budget: float) -> pd.DataFrame:

@@ -1,0 +1,135 @@
+"""How well the loss model predicts the measured loss change, and from which λ it fails.
+
+The loss model (:func:`diag.curvature.risk.loss_model`) predicts the target's loss change when
+λτ*ˢ is added to θ_ftᵀ: ΔL̂(λ) = λ·gᵀτ + ½λ²·R, with g and R = τᵀHτ of the target loss at
+θ_ftᵀ estimated on the curvature's images (the target's ``train`` images,
+:class:`diag.features.pair_features.CurvatureSettings`). The study measures the change on other
+images, the target's ``val`` split (``loss_increase_val``: val cross-entropy at λ minus
+θ_ftᵀ's), so the model is cross-fitted: never estimated and scored on the same images.
+
+:func:`predicted_vs_measured` gives one row per pair × λ (× run); :func:`calibrate` summarises
+them: the ratio ρ = measured ÷ predicted (median), the share of rows with ρ within
+×:data:`WITHIN` (1/1.5 ≤ ρ ≤ 1.5: a prediction of the wrong sign is never within), Spearman's
+rank correlation of predicted and measured, the same per λ, and ``valid_up_to``: the largest λ of
+the grid at which — and at every smaller λ — at least :data:`VALID_SHARE` of the rows are within
+×1.5 (the one size rule, :func:`diag.transfer.budget.safe_sizes`, with the share of rows outside
+×1.5 as the "drop" and 1 − :data:`VALID_SHARE` as the budget). ``fails_from`` is the next grid λ:
+from there on the model is not to be trusted, and λ2 recommendations made from a prediction stay
+at or below ``valid_up_to`` (:func:`diag.decide.rules.lambda2_from_predicted_drop`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from diag.curvature.risk import loss_model
+from diag.stats.correlation import spearman
+from diag.table import PLAIN
+from diag.transfer.budget import safe_sizes
+
+__all__ = ["VALID_SHARE", "WITHIN", "calibrate", "calibration_text", "predicted_vs_measured"]
+
+#: A prediction is "within" when measured ÷ predicted lies in [1/WITHIN, WITHIN].
+WITHIN = 1.5
+#: The model is valid at a λ when at least this share of its rows (and of every smaller λ's) is within.
+VALID_SHARE = 0.8
+
+_RUN = ("variant", "alpha", "seed")
+
+
+def predicted_vs_measured(table: pd.DataFrame, risk: str = "risk_exact") -> pd.DataFrame:
+    """One row per plain eq. 8 pair × λ2 (× run) of a study table: the loss model against the val loss change.
+
+    Args:
+        table: study rows with ``lambda2``, ``loss_increase_val``, ``risk`` and (when the study stored
+            it) ``grad_dot_tau``; rows of other methods are ignored.
+        risk: the R column of the model (``risk_exact``, ``risk_card`` or ``risk_diag``).
+
+    Returns:
+        Columns source, target, the run columns present, lambda2, g_tau (NaN: not stored), risk,
+        predicted (λ·gᵀτ + ½λ²R, with gᵀτ = 0 where NaN), predicted_second_order (½λ²R) and
+        measured; rows without a finite measured change or R are dropped.
+    """
+    rows = table[table["method"] == PLAIN] if "method" in table else table
+    keep = [c for c in ("source", "target", *_RUN) if c in rows]
+    g = pd.to_numeric(rows["grad_dot_tau"], errors="coerce") if "grad_dot_tau" in rows \
+        else pd.Series(np.nan, index=rows.index)
+    r = pd.to_numeric(rows[risk], errors="coerce") if risk in rows else pd.Series(np.nan, index=rows.index)
+    lam = rows["lambda2"].astype(float)
+    measured = pd.to_numeric(rows.get("loss_increase_val", pd.Series(np.nan, index=rows.index)), errors="coerce")
+    out = rows[keep].copy()
+    out["lambda2"], out["g_tau"], out["risk"], out["measured"] = lam, g, r, measured
+    out["predicted"] = [loss_model(a, b, None if math.isnan(c) else c) for a, b, c in zip(lam, r, g)]
+    out["predicted_second_order"] = [loss_model(a, b, None) for a, b in zip(lam, r)]
+    ok = np.isfinite(out["measured"]) & np.isfinite(out["risk"])
+    return out[ok].reset_index(drop=True)
+
+
+def _fit(predicted: pd.Series, measured: pd.Series, within: float) -> dict:
+    """n, median measured ÷ predicted, the share within ×``within``, Spearman (NaN below 3 rows or constant)."""
+    p, m = predicted.to_numpy(float), measured.to_numpy(float)
+    ratio = np.divide(m, p, out=np.full_like(m, np.nan), where=p != 0)
+    inside = (ratio >= (1 - 1e-12) / within) & (ratio <= within * (1 + 1e-12))
+    rho = math.nan
+    if len(p) >= 3 and np.ptp(p) > 0 and np.ptp(m) > 0:
+        rho = spearman(p, m).statistic
+    finite = ratio[np.isfinite(ratio)]
+    return {"n": int(len(p)), "median_ratio": float(np.median(finite)) if finite.size else math.nan,
+            "within": float(inside.mean()) if len(p) else math.nan, "spearman": float(rho)}
+
+
+def calibrate(rows: pd.DataFrame, within: float = WITHIN, valid_share: float = VALID_SHARE) -> dict:
+    """Predicted against measured loss change over the rows of :func:`predicted_vs_measured`.
+
+    Returns:
+        ``{"n", "median_ratio", "within", "spearman"}`` of the loss model over every row;
+        ``second_order``: the same for ½λ²R alone; ``first_order``: whether every row has gᵀτ;
+        ``per_lambda``: one such dict per λ2 (with ``lambda2``); ``valid_up_to``: the largest λ2 where
+        the model is valid (module docstring; 0.0 when it fails at the smallest λ2, NaN without rows);
+        ``fails_from``: the smallest λ2 above it (None: valid on the whole grid); ``within_valid``:
+        the share within ×``within`` of the rows with λ2 ≤ ``valid_up_to``; ``factor`` and
+        ``valid_share``: the thresholds used.
+    """
+    out = {**_fit(rows["predicted"], rows["measured"], within),
+           "second_order": _fit(rows["predicted_second_order"], rows["measured"], within),
+           "first_order": bool(len(rows)) and bool(np.isfinite(rows["g_tau"]).all()),
+           "factor": within, "valid_share": valid_share}
+    per = [{"lambda2": float(lam), **_fit(g["predicted"], g["measured"], within)}
+           for lam, g in rows.groupby("lambda2", sort=True)]
+    out["per_lambda"] = per
+    if not per:
+        return {**out, "valid_up_to": math.nan, "fails_from": None, "within_valid": math.nan}
+    lams = np.array([p["lambda2"] for p in per])
+    valid = safe_sizes(lams, [1.0 - p["within"] for p in per], 1.0 - valid_share)
+    up_to = float(lams[valid].max()) if valid.any() else 0.0
+    above = lams[lams > up_to + 1e-12]
+    inside = rows[rows["lambda2"] <= up_to + 1e-12]
+    out.update(valid_up_to=up_to, fails_from=float(above.min()) if above.size else None,
+               within_valid=_fit(inside["predicted"], inside["measured"], within)["within"] if len(inside) else math.nan)
+    return out
+
+
+def calibration_text(cal: dict) -> list[str]:
+    """The calibration in plain lines (what the study report prints)."""
+    if not cal["n"]:
+        return ["loss model: no rows with a measured val loss change and R (run `diag study --lambda-grid` with "
+                "curvature)"]
+    model = "λ·gᵀτ + ½λ²R" if cal["first_order"] else "½λ²R (this study stored no gᵀτ: first-order term missing)"
+    so = cal["second_order"]
+    lines = [f"loss model {model}, g and H on the target's train images, scored on its val images (cross-fitted): "
+             f"measured ÷ predicted median {cal['median_ratio']:.3g}, {cal['within']:.0%} of {cal['n']} pair × λ2 "
+             f"rows within ×{cal['factor']:g}, Spearman {cal['spearman']:.3f} (½λ²R alone: median {so['median_ratio']:.3g}, "
+             f"{so['within']:.0%} within, Spearman {so['spearman']:.3f})"]
+    if cal["fails_from"] is None:
+        lines.append(f"loss model valid on the whole λ2 grid (≥ {cal['valid_share']:.0%} of rows within ×{cal['factor']:g} "
+                     "at every λ2)")
+    elif cal["valid_up_to"] > 0:
+        lines.append(f"loss model valid up to λ2 = {cal['valid_up_to']:g} ({cal['within_valid']:.0%} within there); it "
+                     f"fails from λ2 = {cal['fails_from']:g} on: predicted λ2 are capped at {cal['valid_up_to']:g}")
+    else:
+        lines.append(f"loss model fails from the smallest λ2 = {cal['fails_from']:g} on (< {cal['valid_share']:.0%} of rows "
+                     f"within ×{cal['factor']:g}): no λ2 should be chosen from it")
+    return lines
