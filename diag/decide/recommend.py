@@ -225,6 +225,7 @@ def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measure
     the top source only by allowing a larger λ2); its interval takes Σₛ wₛ·lo and Σₛ wₛ·hi of the
     sources' E-RMSE ratio intervals (exact when the sources' errors on one target move together,
     wider otherwise; a mix is not what the predictor was fitted on, so it has no coverage guarantee).
+    Long because the three tiers' λ2 rules sit side by side, so they read as one decision.
 
     Returns:
         One row per mix (``universal``, ``ranked``): ``candidate``, ``method`` (``mix`` or
