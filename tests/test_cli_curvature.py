@@ -138,3 +138,52 @@ def test_bench_estimators_refuses_one_probe():
     with pytest.raises(TvdiagError, match="--probes 1: .*at least 2"):
         bench_estimators(torch.nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), [], [], 1,
                          torch.device("cpu"))
+
+
+def test_target_diagonal_keeps_statistics_not_probes(root):
+    """The cached diagonal of Hᵀ holds (D,) statistics and (n, S) per-probe risks, no (n, D) tensor; a source
+    added later replays the probes and gets bit for bit the column a build with it gives; --keep-probes keeps
+    the per-probe diagonals (same se to float32); a diagonal file of the earlier format still loads."""
+    from diag.curvature import HessianCard, probe_risks, risk_diagonal_stderr
+    from diag.features.pair_features import CurvatureSettings, Diagnostics
+    from diag.runtime.context import Workspace
+    from train.tensorio import load_tensors, save_tensors
+
+    settings = CurvatureSettings(n_images=16, batch_size=16, probes=3, k=2, seed=11, engine="double-backward")
+    ws = Workspace(smoke_store(), 0.8)
+    late = Diagnostics(ws, settings=settings, sources=["mnist"])
+    path = late.diag_path("gtsrb")
+    path.unlink(missing_ok=True)
+    # this test is about the diagonal file: a card of the right key made by hand spares the Lanczos run
+    op = late.operator("gtsrb")
+    D = op.shape[0]
+    HessianCard(torch.ones(2, dtype=torch.float64), torch.eye(D, 2, dtype=torch.float64),
+                torch.zeros(D, dtype=torch.float64), op.param_names, op.param_shapes,
+                provenance={"key": late._curvature_key("gtsrb")}).save(late.card_path("gtsrb"))
+    late.curvature("gtsrb")
+    tensors, meta = load_tensors(path)
+    assert set(tensors) == {"diag", "stderr", "probe_risks"} and tuple(tensors["probe_risks"].shape) == (3, 1)
+    assert all(t.numel() < 3 * D for t in tensors.values())  # no probes × D tensor by default
+    assert json.loads(meta["risk_sources"])[0][0] == "mnist" and meta["seed"] == "11" and meta["block_size"] == "8"
+    replayed = late.pair("animals", "gtsrb", exact=False).values["risk_diag_se"]
+    late_cols = load_tensors(path)[0]["probe_risks"]
+    assert tuple(late_cols.shape) == (3, 2)
+
+    path.unlink()
+    kept = Diagnostics(ws, settings=settings, keep_probes=True)  # every source of the store, from the start
+    assert kept.risk_sources("gtsrb") == ["animals", "mnist"]
+    assert kept.pair("animals", "gtsrb", exact=False).values["risk_diag_se"] == replayed
+    tensors = load_tensors(path)[0]
+    assert torch.equal(tensors["probe_risks"], late_cols) and tuple(tensors["probe_diagonals"].shape) == (3, D)
+    curv = kept.curvature("gtsrb")
+    tau = curv.card.layout.flatten(ws.vector("animals", "star").tensors, dtype=torch.float64)
+    assert risk_diagonal_stderr(probe_risks(curv.diag_probes, tau)) == pytest.approx(replayed, rel=1e-5)
+
+    # the earlier format: diag, stderr and always probe_diagonals, no format key
+    save_tensors(path, {"diag": curv.diag, "stderr": curv.diag_stderr, "probe_diagonals": curv.diag_probes},
+                 {"key": kept._curvature_key("gtsrb"), "target": "gtsrb", "base_hash": ws.base_hash})
+    old = Diagnostics(ws, settings=settings)
+    assert old.curvature("gtsrb").operator is None  # read, not rebuilt
+    assert old.pair("animals", "gtsrb", exact=False).values["risk_diag_se"] == pytest.approx(replayed, rel=1e-5)
+    path.unlink()
+    late.card_path("gtsrb").unlink()

@@ -23,6 +23,11 @@ def _matrix() -> torch.Tensor:
     return (X + X.T) / 2
 
 
+def _weights() -> torch.Tensor:
+    """Two functionals w_j of the diagonal (their per-probe scalars d_kᵀw_j)."""
+    return torch.rand(D, 2, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from safetensors.torch import save_file
 
@@ -30,12 +35,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     with process_group(f"file://{init_file}", rank=rank, world_size=world, backend="gloo"):
         A = DenseOperator(_matrix())
         t = hutchinson_trace(A, num_matvecs=N_PROBES, seed=SEED, block_size=2)
-        d = hutchinson_diagonal(A, num_matvecs=N_PROBES, seed=SEED, block_size=2)
+        d = hutchinson_diagonal(A, num_matvecs=N_PROBES, seed=SEED, block_size=2, functionals=_weights())
         e = exact_diagonal(A, chunk_size=5)
         save_file({"trace": torch.tensor([t.value, t.stderr, float(t.n_matvecs)], dtype=torch.float64),
                    "probe_values": t.probe_values, "diag_mean": d.mean, "diag_stderr": d.stderr,
                    "diag_total": torch.tensor([d.total, d.total_stderr], dtype=torch.float64),
-                   "exact": e.mean}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+                   "exact": e.mean, "functionals": d.probe_functionals}, os.path.join(out_dir, f"rank{rank}.safetensors"))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
@@ -48,7 +53,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert torch.equal(r0[k], r1[k]), k
     A = DenseOperator(_matrix())
     t = hutchinson_trace(A, num_matvecs=N_PROBES, seed=SEED)
-    d = hutchinson_diagonal(A, num_matvecs=N_PROBES, seed=SEED)
+    d = hutchinson_diagonal(A, num_matvecs=N_PROBES, seed=SEED, functionals=_weights())
     # per-probe values and the trace: same probes in the same order
     torch.testing.assert_close(r0["probe_values"], t.probe_values, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(r0["trace"], torch.tensor([t.value, t.stderr, N_PROBES], dtype=torch.float64),
@@ -58,3 +63,4 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     torch.testing.assert_close(r0["diag_total"], torch.tensor([d.total, d.total_stderr], dtype=torch.float64),
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(r0["exact"], _matrix().diagonal(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(r0["functionals"], d.probe_functionals, rtol=1e-12, atol=1e-12)

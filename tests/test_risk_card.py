@@ -86,7 +86,7 @@ def test_risk_diagonal_stderr_covers_at_nominal_rate():
 def test_risk_diag_se_matches_the_spread_over_probe_seeds(problem):
     """On a real (MLP) Hessian, the se of R_diag from one run's probes matches the sd of R_diag
     over 20 independent probe seeds within a factor 2; risk_diagonal_stderr = risk_diagonal_estimate's."""
-    from diag.curvature import hutchinson_diagonal, risk_diagonal_estimate, risk_diagonal_stderr
+    from diag.curvature import hutchinson_diagonal, probe_risks, risk_diagonal_estimate, risk_diagonal_stderr
 
     model, data, op, H = problem
     tau = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -94,7 +94,7 @@ def test_risk_diag_se_matches_the_spread_over_probe_seeds(problem):
     for seed in range(20):
         est = hutchinson_diagonal(op, num_matvecs=16, seed=seed, keep_probes=True)
         r = risk_diagonal_estimate(est, tau)
-        assert risk_diagonal_stderr(est.probe_diagonals, tau) == pytest.approx(r.stderr, rel=1e-12)
+        assert risk_diagonal_stderr(probe_risks(est.probe_diagonals, tau)) == pytest.approx(r.stderr, rel=1e-12)
         values.append(r.value)
         ses.append(r.stderr)
     spread = float(torch.tensor(values).std())
@@ -102,6 +102,47 @@ def test_risk_diag_se_matches_the_spread_over_probe_seeds(problem):
     assert 0.5 <= typical / spread <= 2.0, (typical, spread)
     exact = risk_diagonal(torch.diagonal(H), tau)
     assert abs(sum(values) / 20 - exact) <= 4 * typical / math.sqrt(20)
+
+
+def test_risk_se_from_probe_scalars_equals_the_per_probe_diagonals_computation(problem, tmp_path):
+    """Same seeds: the per-probe scalars r_k = d_kᵀ(τ ⊙ τ) accumulated during the run (no (n, D) tensor) give
+    the mean and se of R_diag that the kept per-probe diagonals give, to 1e-12 — from one run, from a run
+    interrupted and resumed from its checkpoint (bit for bit), and per column whatever the other columns."""
+    from diag.curvature import hutchinson_diagonal, probe_risks, risk_diagonal_estimate
+    from diag.curvature.checkpoint import ProbeCheckpoint
+
+    model, data, op, H = problem
+    g = torch.Generator().manual_seed(4)
+    taus = torch.randn(op.shape[0], 2, generator=g, dtype=torch.float64)
+    old = hutchinson_diagonal(op, num_matvecs=10, seed=7, block_size=3, keep_probes=True)
+    new = hutchinson_diagonal(op, num_matvecs=10, seed=7, block_size=3, functionals=taus.pow(2))
+    assert new.probe_diagonals is None and tuple(new.probe_functionals.shape) == (10, 2)
+    one = hutchinson_diagonal(op, num_matvecs=10, seed=7, block_size=3, functionals=taus[:, 1].pow(2))
+    assert torch.equal(one.probe_functionals[:, 0], new.probe_functionals[:, 1])
+    for j in range(2):
+        want = risk_diagonal_estimate(old, taus[:, j])
+        got = risk_diagonal_estimate(new, taus[:, j], column=j)
+        torch.testing.assert_close(got.probe_values, probe_risks(old.probe_diagonals, taus[:, j]), rtol=1e-12, atol=0)
+        assert got.value == pytest.approx(want.value, rel=1e-12) and got.stderr == pytest.approx(want.stderr, rel=1e-12)
+    with pytest.raises(TvdiagError, match="not accumulated"):
+        risk_diagonal_estimate(new, taus[:, 1], column=0)
+    ck = ProbeCheckpoint(tmp_path / "ck.safetensors", every=3)
+
+    class Stop(Exception):
+        pass
+
+    def stop(state):
+        if state.n >= 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        hutchinson_diagonal(op, num_matvecs=10, seed=7, block_size=3, functionals=taus.pow(2), checkpoint=ck,
+                            callback=stop)
+    resumed = hutchinson_diagonal(op, num_matvecs=10, seed=7, block_size=3, functionals=taus.pow(2), checkpoint=ck)
+    assert torch.equal(resumed.probe_functionals, new.probe_functionals) and torch.equal(resumed.mean, new.mean)
+    assert torch.equal(resumed.stderr, new.stderr)
+    with pytest.raises(ArtifactError, match="functionals"):  # another τ: the checkpoint is refused
+        hutchinson_diagonal(op, num_matvecs=10, seed=7, block_size=3, functionals=taus.pow(3), checkpoint=ck)
 
 
 class _OneWeightPerSample(nn.Module):
@@ -119,7 +160,8 @@ class _OneWeightPerSample(nn.Module):
 
 def test_risk_diag_se_is_zero_on_a_closed_form_diagonal_hessian():
     """Every ±1 probe gives v ⊙ Hv = diag(H) exactly when H is diagonal: R_diag is exact and its se 0."""
-    from diag.curvature import exact_diagonal, hutchinson_diagonal, risk_diagonal_estimate, risk_diagonal_stderr
+    from diag.curvature import exact_diagonal, hutchinson_diagonal, probe_risks, risk_diagonal_estimate
+
 
     g = torch.Generator().manual_seed(0)
     D, N = 7, 40
@@ -136,7 +178,7 @@ def test_risk_diag_se_is_zero_on_a_closed_form_diagonal_hessian():
     torch.testing.assert_close(est.mean, closed, rtol=1e-12, atol=1e-15)
     r = risk_diagonal_estimate(est, tau)
     assert r.value == pytest.approx(want, rel=1e-12)
-    assert r.stderr <= 1e-14 * want and risk_diagonal_stderr(est.probe_diagonals, tau) <= 1e-14 * want
+    assert r.stderr <= 1e-14 * want and float(probe_risks(est.probe_diagonals, tau).std()) <= 1e-14 * want
     ex = risk_diagonal_estimate(exact_diagonal(op), tau)
     assert ex.value == pytest.approx(want, rel=1e-12) and ex.stderr == 0.0
 

@@ -158,6 +158,12 @@ class Store:
         name = "ft" if kind == "ft" else f"ftx-{alpha_tag(alpha)}{VARIANT_SUFFIX[variant]}"
         return self._path("vectors", check_name(domain), seed_dir(seed), f"{name}.safetensors")
 
+    def vector_domains(self) -> list[str]:
+        """The domains with a folder under ``vectors/`` (valid names only), sorted."""
+        folder = self._path("vectors")
+        names = [p.name for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+        return sorted(n for n in names if len(n) <= MAX_NAME and _NAME.match(n))
+
     def attribution_path(self, domain: str, method: str | None = None, *, seed: int = 0) -> Path:
         """``attributions[/s<seed>]/<domain>-<method>`` (φ on the seed's θ_ft; method: the store's supervision)."""
         method = method or self.supervision

@@ -23,10 +23,12 @@ from train.store import content_key
 from train.tensorio import save_tensors
 
 
-def _curvature_options(p, card: bool = False) -> None:
+def _curvature_options(p, card: bool = False, keep_probes: bool = True) -> None:
     """What every curvature command shares: the data of the Hessian, its engine, the probe seed and α
-    (``card``: also ``--probes`` and ``--k`` of the Hessian card, as ``rank-sources`` and ``card`` have them)."""
-    add_curvature_options(p, card=card, n_images_help="target images the Hessian averages over")
+    (``card``: also ``--probes`` and ``--k`` of the Hessian card, as ``rank-sources`` and ``card`` have them;
+    ``keep_probes``: ``--keep-probes``, for the commands that build the store's diagonal of Hᵀ)."""
+    add_curvature_options(p, card=card, n_images_help="target images the Hessian averages over",
+                          keep_probes=keep_probes)
     p.add_argument("--params", nargs="*", default=None, help="parameter name globs, e.g. 'visual.transformer.resblocks.3.*'")
     p.add_argument("--engine", default="auto", choices=("auto", "fwd-rev", "double-backward"))
     add_probe_seed_option(p)
@@ -57,7 +59,7 @@ def register(sub) -> None:
     s.add_argument("--iters", type=ITERS, default=30, help="Lanczos steps per SLQ probe")
     s.add_argument("--out", default=None, type=writable_file,
                    help="PNG of the density (default: store curvature folder)")
-    _curvature_options(s)
+    _curvature_options(s, keep_probes=False)
     s.set_defaults(func=run_spectrum)
 
     r = sub.add_parser("risk", help="R(τ*ˢ; Hᵀ) exact, diagonal and card side by side, with the quadratic check")
@@ -91,7 +93,8 @@ def _diagnostics(args, ctx, domains, explain):
     settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, seed=args.probe_seed,
                                  engine=args.engine, params=tuple(args.params) if args.params else None,
                                  probes=getattr(args, "probes", None) or CurvatureSettings.probes, k=args.k)
-    return Diagnostics(ctx.workspace(args.alpha), settings=settings, progress=ctx.progress)
+    return Diagnostics(ctx.workspace(args.alpha), settings=settings, progress=ctx.progress,
+                       keep_probes=getattr(args, "keep_probes", False))
 
 
 def run_hessian(args) -> int:

@@ -30,7 +30,7 @@ from train.vectors import check_scale
 def _suite_options(p) -> None:
     add_domains_option(p, help="the suite of known domains the ranker learns from (default: the mini-suite + --data)")
     add_curvature_options(p, batch_size=False, n_images_help="target images of Hᵀ",
-                          k_help="eigenpairs of the Hessian card")
+                          k_help="eigenpairs of the Hessian card", keep_probes=True)
     add_study_option(p, help="study folder of the known pairs, read only (default: the store's 'allpairs', run on "
                              "demand)")
     p.add_argument("--extend", action="store_true", help="compute missing pairs into --study instead of only reading it")
@@ -149,7 +149,7 @@ def run_rank(args) -> int:
     ctx.ensure([target], (args.alpha,), explain=False)  # the target's prediction-only θ_ft is all we need
     tier = 2 if args.tier == "auto" else int(args.tier)
     sources = [d for d in _suite(ctx, args) if d != target]
-    diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress)
+    diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress, keep_probes=args.keep_probes)
     ranking = rank_cached(diag, table, target, sources, tier, budget, model=args.model, methods=args.methods,
                           level=args.level)
     emit_json(ranking.to_dict(), nan_as_null=True) if args.json else print(ranking.table())
@@ -194,7 +194,7 @@ def run_screen(args) -> int:
     store, ws, table = _study_table(ctx, args)
     ctx.ensure([source], (args.alpha,))
     ctx.ensure([target], (args.alpha,), explain=False)
-    diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress)
+    diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress, keep_probes=args.keep_probes)
     ranking = rank_for_target(diag, table, target, [source], 2, budget, level=args.level)
     row = ranking.rows.iloc[0]
     plain_verdict, plain_reasons = screen_verdict(row, table, target, lam, budget)

@@ -280,15 +280,22 @@ def add_study_option(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def add_curvature_options(parser: argparse.ArgumentParser, *, batch_size: bool = True, card: bool = True,
-                          n_images_help: str | None = None, k_help: str | None = None) -> None:
+                          n_images_help: str | None = None, k_help: str | None = None,
+                          keep_probes: bool = False) -> None:
     """How Hᵀ is estimated, at :class:`CurvatureSettings`' defaults: ``--n-images`` (and ``--batch-size``),
-    with ``card`` also ``--probes`` (Hutchinson probes of diag(Hᵀ)) and ``--k`` (the card's eigenpairs)."""
+    with ``card`` also ``--probes`` (Hutchinson probes of diag(Hᵀ)) and ``--k`` (the card's eigenpairs), with
+    ``keep_probes`` also ``--keep-probes`` (the store's diagonal of Hᵀ keeps its per-probe diagonals)."""
     parser.add_argument("--n-images", type=N_IMAGES, default=_CURVATURE.n_images, help=n_images_help)
     if batch_size:
         parser.add_argument("--batch-size", type=BATCH, default=_CURVATURE.batch_size)
     if card:
         parser.add_argument("--probes", type=PROBES, default=_CURVATURE.probes, help="Hutchinson probes of diag(Hᵀ)")
         parser.add_argument("--k", type=K, default=_CURVATURE.k, help=k_help)
+    if keep_probes:
+        parser.add_argument("--keep-probes", action="store_true",
+                            help="also keep each Hutchinson probe's diagonal of Hᵀ in the store (probes × parameters "
+                                 "float32 per target; default: only the mean, its standard errors and per-probe "
+                                 "risks); a cached diagonal without them is rebuilt, same numbers")
 
 
 class _Renamed(argparse.Action):

@@ -17,7 +17,8 @@ from diag.curvature.operators.attention import curvature_mode
 from diag.curvature.params import layout_for, ParamLayout, select_params
 from diag.curvature.results import DiagonalEstimate, EigenResult, SpectralDensity, TraceEstimate
 from diag.curvature.risk import (eigen_contributions, quadratic_check, QuadraticCheckRow, rank_agreement,
-                                 risk_diagonal, risk_diagonal_estimate, risk_diagonal_stderr, risk_exact, RiskResult)
+                                 probe_risks, risk_diagonal, risk_diagonal_estimate, risk_diagonal_stderr, risk_exact,
+                                 RiskResult)
 
 __all__ = [
     "CurvatureOperator",
@@ -46,6 +47,7 @@ __all__ = [
     "hutchpp_trace",
     "lanczos_topk",
     "layout_for",
+    "probe_risks",
     "quadratic_check",
     "rank_agreement",
     "risk_diagonal",

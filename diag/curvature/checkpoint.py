@@ -3,7 +3,9 @@
 A long Hutchinson run writes its state every ``every`` probes: the number of probes
 done, the per-probe totals ``vᵢᵀ A vᵢ`` (float64, probe order), the Welford mean and
 sum of squared deviations ``M2`` of those totals and, for the diagonal, of the vectors
-``vᵢ ⊙ A vᵢ``. Since probe ``i`` is drawn from its own generator seeded by
+``vᵢ ⊙ A vᵢ`` (two ``(D,)`` vectors, whatever the number of probes) and the per-probe
+scalars ``(vᵢ ⊙ A vᵢ)ᵀ w_j`` of the requested functionals ``w_j`` (``(n, m)``). No state
+holds one ``(D,)`` vector per probe. Since probe ``i`` is drawn from its own generator seeded by
 ``(seed, i)``, a run resumed from a state after ``n`` probes continues with probe
 ``n`` and ends with bit-for-bit the same result as an uninterrupted run.
 
@@ -64,6 +66,8 @@ class ProbeState:
         values: ``(n,)`` per-probe totals ``vᵢᵀ A vᵢ``.
         mean, m2: Welford mean and sum of squared deviations of ``values``.
         vec_mean, vec_m2: Same for the vectors ``vᵢ ⊙ A vᵢ`` (diagonal only), ``(D,)``.
+        fvalues: ``(n, m)`` per-probe functionals ``(vᵢ ⊙ A vᵢ)ᵀ w_j`` (diagonal with
+            functionals only, else None).
     """
 
     n: int
@@ -72,14 +76,16 @@ class ProbeState:
     m2: float
     vec_mean: Tensor | None = None
     vec_m2: Tensor | None = None
+    fvalues: Tensor | None = None
 
     @classmethod
-    def empty(cls, dim: int | None) -> ProbeState:
-        """State before the first probe; ``dim`` given for the diagonal."""
+    def empty(cls, dim: int | None, functionals: int = 0) -> ProbeState:
+        """State before the first probe; ``dim`` given for the diagonal, ``functionals`` (m > 0) with it."""
         z = torch.zeros(0, dtype=torch.float64)
         if dim is None:
             return cls(0, z, 0.0, 0.0)
-        return cls(0, z, 0.0, 0.0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64))
+        fv = torch.zeros(0, functionals, dtype=torch.float64) if functionals else None
+        return cls(0, z, 0.0, 0.0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), fv)
 
 
 def save_state(path: str | os.PathLike, state: ProbeState, meta: dict[str, str]) -> None:
@@ -100,6 +106,8 @@ def save_state(path: str | os.PathLike, state: ProbeState, meta: dict[str, str])
     if state.vec_mean is not None:
         tensors["vec_mean"] = state.vec_mean.detach().to("cpu", torch.float64).contiguous()
         tensors["vec_m2"] = state.vec_m2.detach().to("cpu", torch.float64).contiguous()
+    if state.fvalues is not None:
+        tensors["fvalues"] = state.fvalues.detach().to("cpu", torch.float64).contiguous()
     metadata = {"format": FORMAT, **{k: str(v) for k, v in meta.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -141,9 +149,11 @@ def load_state(path: str | os.PathLike, meta: dict[str, str]) -> ProbeState | No
         values = t["values"]
         if values.shape[0] != n:
             raise ArtifactError(f"Probe checkpoint '{path}' is inconsistent: n={n} but {values.shape[0]} values.")
-        vec_mean, vec_m2 = t.get("vec_mean"), t.get("vec_m2")
-        if not (torch.isfinite(values).all() and (vec_mean is None or torch.isfinite(vec_mean).all())):
+        vec_mean, vec_m2, fvalues = t.get("vec_mean"), t.get("vec_m2"), t.get("fvalues")
+        if fvalues is not None and fvalues.shape[0] != n:
+            raise ArtifactError(f"Probe checkpoint '{path}' is inconsistent: n={n} but {fvalues.shape[0]} functionals.")
+        if not all(x is None or torch.isfinite(x).all() for x in (values, vec_mean, fvalues)):
             raise ArtifactError(f"Probe checkpoint '{path}' holds NaN/Inf values.")
-        return ProbeState(n, values, float(t["mean"][0]), float(t["m2"][0]), vec_mean, vec_m2)
+        return ProbeState(n, values, float(t["mean"][0]), float(t["m2"][0]), vec_mean, vec_m2, fvalues)
     except KeyError as e:
         raise ArtifactError(f"Probe checkpoint '{path}' lacks tensor {e}.") from e

@@ -15,10 +15,21 @@ rank returns the same estimate as one process with the same seed.
 Hutchinson (1990): for ``E[v vᵀ] = I``, ``E[vᵀ A v] = tr(A)`` and
 ``E[v ⊙ A v] = diag(A)``; with Rademacher ``v`` the variance of ``vᵀ A v`` is
 ``2 Σ_{i≠j} A_ij²`` and that of entry ``i`` is ``Σ_{j≠i} A_ij²``.
+
+Sufficient statistics, not samples: the diagonal keeps the running mean and ``M2`` of
+the per-probe diagonals ``d_k = v_k ⊙ A v_k`` (two ``(D,)`` vectors) and, for the
+standard error of a linear functional ``wᵀdiag(A)`` known in advance, the per-probe
+scalars ``d_kᵀw`` (``functionals``). Per-entry ``M2`` cannot give that standard error:
+``Var(d_kᵀw) = wᵀ C w`` with ``C`` the full ``D × D`` covariance of ``d_k``, whose sample
+estimate is the rank-(n−1) span of the centred ``d_k`` themselves — so a functional
+chosen after the run needs the ``(n, D)`` per-probe diagonals (``keep_probes``) or a
+replay of the probes from their seeds (same seed, block size and ``n``: bit-identical
+``d_k``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -69,17 +80,41 @@ def _check_probe_args(block_size: int, num_matvecs: int | None, rel_stderr: floa
     return num_matvecs
 
 
-def _start_state(A, D: int, diagonal: bool, ckpt: ProbeCheckpoint | None, meta: dict, desc: str) -> ProbeState:
+def _start_state(A, D: int, diagonal: bool, ckpt: ProbeCheckpoint | None, meta: dict, desc: str,
+                 functionals: int = 0) -> ProbeState:
     """A resumed state from ``ckpt`` when it holds one, else an empty one (vectors on ``A.device``)."""
     state = load_state(ckpt.path, meta) if ckpt is not None else None
     if state is not None:
         log.info("Resuming %s from %s at probe %d", desc, ckpt.path, state.n)
     else:
-        state = ProbeState.empty(D if diagonal else None)
+        state = ProbeState.empty(D if diagonal else None, functionals)
     if diagonal:
         state.vec_mean = state.vec_mean.to(A.device)
         state.vec_m2 = state.vec_m2.to(A.device)
     return state
+
+
+def _functionals(W: Tensor | None, D: int) -> tuple[Tensor | None, str | None]:
+    """``W`` as a ``(D, m)`` float64 matrix and its checkpoint tag ``"m:sha256[:16]"`` (None, None without)."""
+    if W is None:
+        return None, None
+    W = (W[:, None] if W.ndim == 1 else W).detach().to(torch.float64)
+    if W.ndim != 2 or W.shape[0] != D or W.shape[1] < 1:
+        raise DataError(f"functionals has shape {tuple(W.shape)}; expected ({D},) or ({D}, m)")
+    digest = hashlib.sha256(W.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return W, f"{W.shape[1]}:{digest}"
+
+
+def _round_functionals(P: Tensor | None, W: Tensor, R: int, rank: int, world: int) -> Tensor:
+    """``(R, m)`` per-probe scalars ``d_kᵀ w_j`` of a round (``d_k`` the columns of ``P``), all ranks'.
+
+    One matrix-vector product per functional, so column ``j`` does not depend on how many
+    functionals there are (a run with more functionals gives the same scalars bit for bit).
+    """
+    out = torch.zeros(R, W.shape[1], dtype=torch.float64)
+    if P is not None:
+        out[rank:R:world] = torch.stack([W[:, j].to(P.device) @ P for j in range(W.shape[1])], dim=1).cpu()
+    return all_reduce_sum(out) if world > 1 else out
 
 
 def _probe_round(A, D: int, seed: int, first: int, R: int, rank: int, world: int) -> tuple[Tensor, Tensor | None]:
@@ -129,23 +164,30 @@ def _probe_loop(A, *, diagonal: bool, num_matvecs: int | None, rel_stderr: float
                 max_matvecs: int, min_matvecs: int, seed: int, block_size: int,
                 checkpoint, progress: bool | None, callback: Callable[[ProbeState], Any] | None,
                 split_probes: bool | None, desc: str,
-                keep: list[Tensor] | None = None) -> tuple[ProbeState, bool | None]:
+                keep: list[Tensor] | None = None, functionals: Tensor | None = None) -> tuple[ProbeState, bool | None]:
     """Run Hutchinson probes in rounds until ``num_matvecs`` or the target error.
 
     A round takes the next ``W · block_size`` probes (W ranks); each rank multiplies
     its probes as one ``(D, k)`` block (:func:`_probe_round`). Per-probe totals ``vᵀAv``
     are fed to a scalar Welford update in probe order; for the diagonal, the round's
-    vectors ``v ⊙ Av`` are merged with :func:`_merge_diagonal` and, with ``keep`` a
-    list, also appended to it as ``(D, R)`` blocks (per-probe diagonals).
+    vectors ``v ⊙ Av`` are merged with :func:`_merge_diagonal`, their scalars against
+    ``functionals`` appended to ``state.fvalues`` (:func:`_round_functionals`) and, with
+    ``keep`` a list, the vectors themselves appended to it as ``(D, R)`` blocks.
+
+    Long because the round loop interleaves the estimate, the checkpoint, the progress bar
+    and the callback, each of which needs the state between rounds.
     """
     D = _dim(A)
     num_matvecs = _check_probe_args(block_size, num_matvecs, rel_stderr)
     n_max = num_matvecs if num_matvecs is not None else max_matvecs
     rank, world = _split(A, split_probes)
     ckpt = ProbeCheckpoint.coerce(checkpoint)
+    W, tag = _functionals(functionals, D)
     meta = {"kind": "diagonal" if diagonal else "trace", "seed": seed, "dim": D, "dtype": str(A.dtype),
-            "block_size": block_size, "world": world}
-    state = _start_state(A, D, diagonal, ckpt, meta, desc)
+            "block_size": block_size, "world": world, **({"functionals": tag} if tag else {})}
+    state = _start_state(A, D, diagonal, ckpt, meta, desc, 0 if W is None else W.shape[1])
+    if W is not None:
+        W = W.to(A.device)
     if keep is not None and state.n > 0:
         raise TvdiagError(f"Cannot keep per-probe diagonals of a run resumed at probe {state.n}; "
                           "start without the checkpoint or do not keep probes.")
@@ -163,6 +205,8 @@ def _probe_loop(A, *, diagonal: bool, num_matvecs: int | None, rel_stderr: float
         vals, P = _probe_round(A, D, seed, state.n, R, rank, world)
         if diagonal:
             _merge_diagonal(state, P, R, world, D, A.device)
+            if W is not None:
+                state.fvalues = torch.cat([state.fvalues, _round_functionals(P, W, R, rank, world)])
             if keep is not None:
                 keep.append(_all_columns(P, R, rank, world, D, A.device))
         for x in vals.tolist():
@@ -198,7 +242,7 @@ def _report_convergence(state: ProbeState, rel_stderr: float | None, converged: 
 def _cpu_state(s: ProbeState) -> ProbeState:
     return ProbeState(s.n, s.values, s.mean, s.m2,
                       None if s.vec_mean is None else s.vec_mean.cpu(),
-                      None if s.vec_m2 is None else s.vec_m2.cpu())
+                      None if s.vec_m2 is None else s.vec_m2.cpu(), s.fvalues)
 
 
 def hutchinson_trace(A, num_matvecs: int | None = None, rel_stderr: float | None = None,
@@ -247,7 +291,8 @@ def hutchinson_diagonal(A, num_matvecs: int | None = None, rel_stderr: float | N
                         seed: int = 0, block_size: int = DEFAULT_BLOCK_SIZE,
                         checkpoint: ProbeCheckpoint | str | os.PathLike | None = None,
                         progress: bool | None = None, callback: Callable[[ProbeState], Any] | None = None,
-                        split_probes: bool | None = None, keep_probes: bool = False) -> DiagonalEstimate:
+                        split_probes: bool | None = None, keep_probes: bool = False,
+                        functionals: Tensor | None = None) -> DiagonalEstimate:
     """Hutchinson diagonal ``diag(A) ≈ (1/n) Σ_i v_i ⊙ A v_i`` with per-entry stderr.
 
     Uses the same probes as :func:`hutchinson_trace` with the same seed, so ``total``
@@ -256,11 +301,20 @@ def hutchinson_diagonal(A, num_matvecs: int | None = None, rel_stderr: float | N
     larger in relative terms (relative sd ≈ sqrt((1/ρ_i − 1)/n) with
     ``ρ_i = A_ii² / Σ_j A_ij²``).
 
+    What is kept grows with ``D`` (the running mean and ``M2``, two ``(D,)`` float64
+    vectors) or with the probes (``n`` scalars per functional), never with ``n · D``
+    unless ``keep_probes`` asks for it.
+
     Args: as :func:`hutchinson_trace`, and
         keep_probes: Also return the per-probe diagonals ``v_k ⊙ A v_k`` as
             ``probe_diagonals`` (``(n, D)`` float64: ``n · D · 8`` bytes), from which
             any linear functional of the diagonal gets a standard error (e.g.
             :func:`diag.curvature.risk.risk_diagonal_estimate`). Not with a resumed checkpoint.
+        functionals: ``(D,)`` or ``(D, m)`` weights ``w_j``: the per-probe scalars
+            ``d_kᵀ w_j`` come back as ``probe_functionals`` (``(n, m)``; checkpointed, so a
+            resumed run returns them too), from which ``w_jᵀ diag(A)`` gets its standard error
+            without the probes (:func:`diag.curvature.risk.risk_diagonal_estimate` with
+            ``w_j = τ²``).
 
     Returns:
         :class:`DiagonalEstimate`.
@@ -269,11 +323,12 @@ def hutchinson_diagonal(A, num_matvecs: int | None = None, rel_stderr: float | N
     state, conv = _probe_loop(A, diagonal=True, num_matvecs=num_matvecs, rel_stderr=rel_stderr,
                               max_matvecs=max_matvecs, min_matvecs=min_matvecs, seed=seed,
                               block_size=block_size, checkpoint=checkpoint, progress=progress,
-                              callback=callback, split_probes=split_probes, desc="hutchinson diagonal", keep=keep)
+                              callback=callback, split_probes=split_probes, desc="hutchinson diagonal", keep=keep,
+                              functionals=functionals)
     n = state.n
     se = (state.vec_m2.clamp_min(0) / (n - 1) / n).sqrt() if n > 1 else torch.full_like(state.vec_mean, math.nan)
     probes = torch.cat(keep, dim=1).T.contiguous() if keep else None
     return DiagonalEstimate(state.vec_mean, se, n, float(state.mean), _stderr(state.m2, n), "hutchinson", n,
-                            seed, conv, rel_stderr, probes)
+                            seed, conv, rel_stderr, probes, state.fvalues)
 
 

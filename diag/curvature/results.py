@@ -119,7 +119,11 @@ class DiagonalEstimate:
         n_probes: Number of probes (0 for exact).
         seed, converged, target_rel_stderr: As in :class:`TraceEstimate`.
         probe_diagonals: ``(n, D)`` per-probe diagonals ``v_k ⊙ A v_k`` when the run
-            kept them (``keep_probes=True``), else None; ``mean`` is their column mean.
+            kept them (``keep_probes=True``, opt-in: ``n · D`` numbers), else None; ``mean``
+            is their column mean.
+        probe_functionals: ``(n, m)`` per-probe scalars ``(v_k ⊙ A v_k)ᵀ w_j`` of the
+            functionals ``w_j`` the run was given (``functionals=``), else None; column
+            ``j``'s mean is ``meanᵀ w_j`` and its ``sd/√n`` that functional's standard error.
     """
 
     mean: Tensor = field(repr=False)
@@ -133,6 +137,7 @@ class DiagonalEstimate:
     converged: bool | None = None
     target_rel_stderr: float | None = None
     probe_diagonals: Tensor | None = field(default=None, repr=False)
+    probe_functionals: Tensor | None = field(default=None, repr=False)
 
     @property
     def dim(self) -> int:

@@ -15,7 +15,8 @@ Three ways to evaluate R, from most to least data:
 
 * :func:`risk_exact`: one Hessian-vector product on target data;
 * :func:`risk_diagonal`: ``sum_i diag(H)_i tau_i^2`` from a stored diagonal
-  (:func:`risk_diagonal_estimate`: the same with a standard error from the probes);
+  (:func:`risk_diagonal_estimate`: the same with a standard error from the per-probe
+  scalars ``r_k``, :func:`risk_diagonal_stderr`);
 * :meth:`diag.curvature.card.HessianCard.risk`: top-k eigenpairs plus residual diagonal.
 
 :func:`rank_agreement` says how well an approximation ranks candidate vectors
@@ -42,6 +43,7 @@ __all__ = [
     "RiskResult",
     "eigen_contributions",
     "loss_model",
+    "probe_risks",
     "quadratic_check",
     "rank_agreement",
     "risk_diagonal",
@@ -101,44 +103,60 @@ def risk_diagonal(diag: Tensor, tau: Tensor) -> float:
     return float((d.double() * t.double().pow(2)).sum())
 
 
-def risk_diagonal_estimate(est: DiagonalEstimate, tau: Tensor) -> TraceEstimate:
+def risk_diagonal_estimate(est: DiagonalEstimate, tau: Tensor, column: int | None = None) -> TraceEstimate:
     """``R_diag = Σ_i diag_i τ_i²`` from a Hutchinson diagonal, with its standard error from the probes.
 
     Probe ``k`` gives its own diagonal ``d_k = v_k ⊙ A v_k`` and so its own risk value
-    ``r_k = Σ_i d_k,i τ_i²``; the estimate is their mean (= :func:`risk_diagonal` of
-    ``est.mean``) and its standard error ``s_r / √n`` with ``s_r`` their sample standard
-    deviation — which accounts for the correlation between diagonal entries that
-    ``sqrt(Σ_i τ_i⁴ stderr_i²)`` would ignore. Since ``E[d_k] = diag(A)``, the interval
+    ``r_k = d_kᵀ(τ ⊙ τ) = Σ_i d_k,i τ_i²``; the estimate is their mean (= :func:`risk_diagonal`
+    of ``est.mean``). The ``r_k`` are i.i.d. over probes, so ``Var(mean) = Var(r_k)/n``,
+    estimated by ``s_r²/n`` with ``s_r`` their sample standard deviation
+    (:func:`risk_diagonal_stderr`): ``s_r² = (τ²)ᵀ Ĉ (τ²)`` with ``Ĉ`` the sample covariance of
+    the ``d_k`` — the correlation between diagonal entries that ``sqrt(Σ_i τ_i⁴ stderr_i²)``
+    would ignore. Only the ``n`` scalars ``r_k`` are needed: accumulated during the run with
+    ``hutchinson_diagonal(..., functionals=τ²)`` (``column`` names which), or from the
+    ``(n, D)`` per-probe diagonals of ``keep_probes=True``. Since ``E[d_k] = diag(A)``,
     :meth:`TraceEstimate.ci95` covers ``Σ_i A_ii τ_i²`` at the nominal rate (Student t,
     n − 1 dof). An exact diagonal gives stderr 0.
 
     Args:
-        est: A :class:`DiagonalEstimate` from ``hutchinson_diagonal(..., keep_probes=True)``
-            (or an exact one).
+        est: A Hutchinson :class:`DiagonalEstimate` with ``probe_functionals`` or
+            ``probe_diagonals`` (or an exact one).
         tau: ``(D,)`` vector.
+        column: The column of ``est.probe_functionals`` accumulated with ``τ²`` (None: use
+            ``est.probe_diagonals``).
 
     Returns:
         :class:`TraceEstimate` with ``method="diag-risk"`` and the ``r_k`` as ``probe_values``.
 
     Raises:
         BaseMismatchError: the lengths differ.
-        TvdiagError: a Hutchinson estimate without per-probe diagonals.
+        TvdiagError: a Hutchinson estimate with neither, or a column whose mean is not ``R_diag``
+            of ``est.mean`` (accumulated with another vector).
     """
     t2 = tau.reshape(-1).double().pow(2)
     if t2.shape[0] != est.dim:
         raise BaseMismatchError(f"diag has length {est.dim}, tau has {t2.shape[0]}.")
     if est.method == "exact":
         return TraceEstimate(risk_diagonal(est.mean, tau), 0.0, est.n_matvecs, "diag-risk", 0)
-    if est.probe_diagonals is None:
-        raise TvdiagError("This diagonal estimate has no per-probe diagonals; run hutchinson_diagonal(..., "
-                          "keep_probes=True) to get a standard error of R_diag.")
-    r = _probe_risks(est.probe_diagonals, tau)
+    if column is not None:
+        if est.probe_functionals is None or not 0 <= column < est.probe_functionals.shape[1]:
+            raise TvdiagError(f"This diagonal estimate has no functional column {column}; run "
+                              "hutchinson_diagonal(..., functionals=tau**2).")
+        r = est.probe_functionals[:, column].double()
+        want, scale = risk_diagonal(est.mean, tau), float((est.mean.double().abs().cpu() * t2.cpu()).sum())
+        if abs(float(r.mean()) - want) > 1e-9 * scale:
+            raise TvdiagError(f"Functional column {column} was not accumulated with this tau (its mean "
+                              f"{float(r.mean()):.6g} ≠ R_diag {want:.6g}).")
+    elif est.probe_diagonals is not None:
+        r = probe_risks(est.probe_diagonals, tau)
+    else:
+        raise TvdiagError("This diagonal estimate has neither per-probe functionals nor diagonals; run "
+                          "hutchinson_diagonal(..., functionals=tau**2) to get a standard error of R_diag.")
     n = int(r.shape[0])
-    se = float(r.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
-    return TraceEstimate(float(r.mean()), se, est.n_matvecs, "diag-risk", n, r.cpu(), est.seed)
+    return TraceEstimate(float(r.mean()), risk_diagonal_stderr(r), est.n_matvecs, "diag-risk", n, r.cpu(), est.seed)
 
 
-def _probe_risks(probe_diagonals: Tensor, tau: Tensor) -> Tensor:
+def probe_risks(probe_diagonals: Tensor, tau: Tensor) -> Tensor:
     """``r_k = Σ_i d_k,i τ_i²`` for each probe's diagonal ``d_k`` (rows of ``probe_diagonals``), float64."""
     t2 = tau.reshape(-1).double().pow(2)
     if probe_diagonals.ndim != 2 or probe_diagonals.shape[1] != t2.shape[0]:
@@ -147,15 +165,15 @@ def _probe_risks(probe_diagonals: Tensor, tau: Tensor) -> Tensor:
     return probe_diagonals.double() @ t2.to(probe_diagonals.device)
 
 
-def risk_diagonal_stderr(probe_diagonals: Tensor, tau: Tensor) -> float:
-    """Standard error ``s_r / √n`` of ``R_diag = Σ_i diag_i τ_i²`` from the ``n`` per-probe diagonals.
+def risk_diagonal_stderr(probe_risks: Tensor) -> float:
+    """Standard error ``s_r / √n`` of ``R_diag = mean_k r_k`` from the ``n`` per-probe risks ``r_k``.
 
-    As in :func:`risk_diagonal_estimate`: probe ``k``'s risk ``r_k = Σ_i d_k,i τ_i²``
-    (``d_k = v_k ⊙ A v_k``, ``(n, D)`` rows of ``probe_diagonals``), ``s_r`` their sample
+    As in :func:`risk_diagonal_estimate`: ``r_k = Σ_i d_k,i τ_i²`` (``d_k = v_k ⊙ A v_k``), from
+    ``hutchinson_diagonal(..., functionals=τ²)`` or :func:`probe_risks`; ``s_r`` their sample
     standard deviation. Zero when every probe gives the same diagonal (a diagonal ``A``:
     ``v ⊙ A v = diag(A)`` for every ±1 vector); NaN with one probe.
     """
-    r = _probe_risks(probe_diagonals, tau)
+    r = probe_risks.reshape(-1).double()
     n = int(r.shape[0])
     return float(r.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
 

@@ -9,7 +9,9 @@ L(θ_ftᵀ + λ τ) − L(θ_ftᵀ) ≈ ½ λ² R. Three estimates by data-acces
   (top-k eigenpairs + residual diagonal), no target data (tier 1);
 * ``risk_diag``: Σ diag(Hᵀ)_i τ_i² with a Hutchinson diagonal (tier 1), and ``risk_diag_se``,
   its standard error from the probes: probe k's diagonal d_k = v_k ⊙ Hᵀv_k gives
-  r_k = Σ_i d_k,i τ_i², and se = sd(r_k)/√n (kept per target as the probes' diagonals);
+  r_k = Σ_i d_k,i τ_i², and se = sd(r_k)/√n. The n scalars r_k of every source the store
+  holds are accumulated while the diagonal is built and kept with it
+  (:mod:`diag.features.target_curvature`); a later source replays the probes from their seeds.
 * ``grad_dot_tau``: gᵀτ*ˢ, the first-order term of the loss model λ·gᵀτ + ½λ²R
   (:func:`diag.curvature.risk.loss_model`), g the mean gradient at θ_ftᵀ stored in the card —
   on the curvature's images (``split``, the target's train images), never the ``val`` images the
@@ -23,6 +25,7 @@ plus n² cheap evaluations.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,15 +33,15 @@ import torch
 
 from diag.constants import PAPER_ALPHA
 from diag.curvature.card import build_card, HessianCard
-from diag.curvature.hutchinson import hutchinson_diagonal
+from diag.curvature.hutchinson import DEFAULT_BLOCK_SIZE, hutchinson_diagonal
 from diag.curvature.operators import HessianOperator
-from diag.curvature.risk import risk_diagonal, risk_diagonal_stderr, risk_exact
+from diag.curvature.risk import probe_risks, risk_diagonal, risk_diagonal_stderr, risk_exact
 from diag.features.similarity import vector_similarity
+from diag.features.target_curvature import load_diagonal, save_diagonal, TargetCurvature
 from diag.runtime.context import Workspace
 from diag.runtime.distributed import is_distributed
 from train.datasets import model_inputs
 from train.store import content_key, Store
-from train.tensorio import load_tensors, save_tensors
 from train.vectors import TaskVector
 
 log = logging.getLogger(__name__)
@@ -59,22 +62,6 @@ class CurvatureSettings:
     params: tuple[str, ...] | None = None
 
 
-@dataclass
-class TargetCurvature:
-    """Hᵀ at θ_ftᵀ: the operator (when target data is at hand), its diagonal and its card.
-
-    ``diag_probes`` holds the ``(n, D)`` per-probe diagonals ``v_k ⊙ Hᵀ v_k`` (float32),
-    from which any ``Σ_i diag_i τ_i²`` gets its standard error.
-    """
-
-    target: str
-    diag: torch.Tensor
-    diag_stderr: torch.Tensor
-    card: HessianCard
-    operator: HessianOperator | None = None
-    diag_probes: torch.Tensor | None = None
-
-
 class Diagnostics:
     """Computes and caches curvature per target and diagnostics per pair, on a shared :class:`Workspace`.
 
@@ -87,11 +74,16 @@ class Diagnostics:
         data_parallel: under torch.distributed, split each target's batches over the ranks and
             all-reduce the products (default: whenever a process group is up). False when the
             ranks work on different targets (the study's sharded pairs).
+        keep_probes: also keep the ``(n, D)`` per-probe diagonals in the diagonal file (``--keep-probes``;
+            ``n · D · 4`` bytes per target); a cached diagonal without them is rebuilt (same probes, same numbers).
+        sources: the sources whose per-probe risks are accumulated when a target's diagonal is built
+            (default: every domain the store holds θ_ft and θ_ft* of for this run).
     """
 
     def __init__(self, store: Store | Workspace, alpha: float = PAPER_ALPHA,
                  settings: CurvatureSettings = CurvatureSettings(), data: dict[str, str | Path] | None = None,
-                 progress: bool = False, data_parallel: bool | None = None):
+                 progress: bool = False, data_parallel: bool | None = None, keep_probes: bool = False,
+                 sources: Sequence[str] | None = None):
         self.ws = store if isinstance(store, Workspace) else Workspace(store, alpha, data)
         self.store = self.ws.store
         self.alpha = self.ws.alpha
@@ -99,6 +91,8 @@ class Diagnostics:
         self.data = self.ws.data
         self.progress = progress
         self.data_parallel = data_parallel
+        self.keep_probes = keep_probes
+        self.sources = None if sources is None else list(sources)
         self._curv: dict[str, TargetCurvature] = {}
 
     @property
@@ -148,54 +142,117 @@ class Diagnostics:
         return self.store.curvature_path(target, "diag", {"key": self._curvature_key(target)})
 
     def curvature(self, target: str, need_operator: bool = False) -> TargetCurvature:
-        """Diagonal (with per-probe diagonals) + card of Hᵀ (cached in the store); the operator too when asked.
+        """Diagonal (with the known sources' per-probe risks) + card of Hᵀ (cached in the store); the operator
+        too when asked.
 
-        A cached diagonal without per-probe diagonals (written before they were kept) is
+        A cached diagonal of the earlier format (with per-probe diagonals) is read as it is; one
+        without per-probe diagonals or risks, or without the probes ``keep_probes`` asks for, is
         recomputed with the same probes; a fresh card is reused.
         """
 
         if target in self._curv and (self._curv[target].operator is not None or not need_operator):
             return self._curv[target]
         key = self._curvature_key(target)
-        diag = None
+        curv = None
         # both decided before anything is computed: a file tvdiag did not write is refused, never replaced
         card_verdict = self.store.decide(self.card_path(target), key, what=f"{target} Hessian card")
         diag_verdict = self.store.decide(self.diag_path(target), key, what=f"{target} Hessian diagonal")
         card = HessianCard.load(card_verdict.path) if card_verdict.usable else None
         if card is not None and diag_verdict.usable:
-            tensors, _ = load_tensors(self.diag_path(target))
-            if "probe_diagonals" in tensors:
-                diag = tensors["diag"], tensors["stderr"], tensors["probe_diagonals"]
-        op = self.operator(target) if (diag is None or need_operator or (card is not None and card.gradient is None)) \
-            else None
-        if card is not None and card.gradient is None:  # a card cached before g was stored: add it, same images
+            tensors, risks, names, current = load_diagonal(self.diag_path(target))
+            probes = tensors.get("probe_diagonals")
+            if (current or probes is not None) and (probes is not None or not self.keep_probes):
+                curv = TargetCurvature(target, tensors["diag"], tensors["stderr"], card, None, probes, risks, names)
+        stale_card = card is not None and card.gradient is None
+        op = self.operator(target) if (curv is None or need_operator or stale_card) else None
+        if stale_card:  # a card cached before g was stored: add it, same images
             card.gradient = op.gradient().detach().cpu()
             card.save(self.card_path(target))
-        if diag is None:
-            diag, card = self._build_diagonal(op, target, key, card)
-        self._curv[target] = TargetCurvature(target, diag[0], diag[1], card, op, diag[2])
-        return self._curv[target]
+        if curv is None:
+            curv = self._build_diagonal(op, target, key, card)
+        curv.operator = op
+        self._curv[target] = curv
+        return curv
 
-    def _build_diagonal(self, op: HessianOperator, target: str, key: str, card: HessianCard | None):
-        """Hutchinson diagonal of Hᵀ with its per-probe diagonals (saved), and the card when ``card`` is None."""
+    def risk_sources(self, target: str) -> list[str]:
+        """The sources whose per-probe risks a new diagonal of ``target`` accumulates (``sources``, or the
+        store's domains with θ_ft and θ_ft* of this run), sorted, without the target."""
+        names = self.store.vector_domains() if self.sources is None else self.sources
+        return [n for n in sorted(set(names) - {target}) if self.ws.has(n, "ft") and self.ws.has(n, "ftx")]
+
+    def _source_key(self, source: str) -> str:
+        """The content key of τ*ˢ = τ_ft*ˢ − τ_ftˢ: the keys of the two vectors it is the difference of."""
+        return content_key({"ft": self.vector(source, "ft").provenance.get("key", ""),
+                            "ftx": self.vector(source, "ftx").provenance.get("key", "")})
+
+    def _squares(self, layout, sources: list[str]) -> torch.Tensor:
+        """``(D, S)`` float64 ``τ*ˢ ⊙ τ*ˢ`` of ``sources``, in ``layout``'s flat order."""
+        return torch.stack([layout.flatten(self.vector(s, "star").tensors, dtype=torch.float64).pow(2)
+                            for s in sources], dim=1)
+
+    def _diagonal_meta(self, target: str, key: str, curv: TargetCurvature) -> dict:
         s = self.settings
-        # probes never split over ranks: the operator is data-parallel (all ranks, same probes) or the
-        # ranks work on different targets (the study)
-        est = hutchinson_diagonal(op, num_matvecs=s.probes, seed=s.seed, progress=self.progress, keep_probes=True,
-                                  split_probes=False)
-        diag = est.mean.double().cpu(), est.stderr.double().cpu(), est.probe_diagonals.float().cpu()
+        return {"key": key, "target": target, "base_hash": self.base_hash, "trace": curv.card.trace,
+                "trace_stderr": curv.card.trace_stderr, "probes": s.probes, "seed": s.seed,
+                "block_size": DEFAULT_BLOCK_SIZE}
+
+    def _hutchinson(self, op: HessianOperator, sources: list[str]):
+        """The target's Hutchinson diagonal with the per-probe risks of ``sources`` (probes never split over
+        ranks: the operator is data-parallel, all ranks the same probes, or the ranks work on different
+        targets)."""
+        s = self.settings
+        W = self._squares(op.layout, sources) if sources else None
+        return hutchinson_diagonal(op, num_matvecs=s.probes, seed=s.seed, block_size=DEFAULT_BLOCK_SIZE,
+                                   progress=self.progress, keep_probes=self.keep_probes, functionals=W,
+                                   split_probes=False)
+
+    def _build_diagonal(self, op: HessianOperator, target: str, key: str, card: HessianCard | None) -> TargetCurvature:
+        """Hutchinson diagonal of Hᵀ with the known sources' per-probe risks (saved), and the card when
+        ``card`` is None."""
+        s = self.settings
+        sources = self.risk_sources(target)
+        est = self._hutchinson(op, sources)
+        diag = est.mean.double().cpu()
         if card is None:
-            card = build_card(op, s.k, hessian_diag=diag[0], trace=est.total, trace_stderr=est.total_stderr,
+            card = build_card(op, s.k, hessian_diag=diag, trace=est.total, trace_stderr=est.total_stderr,
                               provenance={"key": key, "target": target, "base_hash": self.base_hash,
                                           "point": "theta_ft of the target", "n_images": s.n_images,
                                           "probes": s.probes}, method="auto", seed=s.seed)
             card.save(self.card_path(target))
             if op.device.type != "cpu":  # the cached card, like every result, lives on the CPU
                 card = HessianCard.load(self.card_path(target))
-        save_tensors(self.diag_path(target), {"diag": diag[0], "stderr": diag[1], "probe_diagonals": diag[2]},
-                     {"key": key, "target": target, "base_hash": self.base_hash, "trace": est.total,
-                      "trace_stderr": est.total_stderr, "probes": s.probes})
-        return diag, card
+        keys = [self._source_key(src) for src in sources]
+        probes = est.probe_diagonals.float().cpu() if self.keep_probes else None
+        curv = TargetCurvature(target, diag, est.stderr.double().cpu(), card, None, probes,
+                               {k: est.probe_functionals[:, j].clone() for j, k in enumerate(keys)},
+                               dict(zip(keys, sources)))
+        meta = self._diagonal_meta(target, key, curv)
+        save_diagonal(self.diag_path(target), curv, {**meta, "trace": est.total, "trace_stderr": est.total_stderr})
+        return curv
+
+    def probe_risks(self, source: str, target: str) -> torch.Tensor:
+        """The ``n`` per-probe risks ``r_k = Σ_i d_k,i τ*ˢ_i²`` of a pair: kept with the target's diagonal, from
+        its per-probe diagonals, or by replaying the probes (same seeds and blocks: the same ``d_k``) for this
+        source and every other known one missing, then kept in the diagonal file."""
+        curv = self.curvature(target)
+        key = self._source_key(source)
+        if key not in curv.probe_risks and curv.diag_probes is not None:
+            tau = curv.card.layout.flatten(self.vector(source, "star").tensors, dtype=torch.float64)
+            curv.probe_risks[key], curv.risk_names[key] = probe_risks(curv.diag_probes, tau), source
+        if key not in curv.probe_risks:
+            known = set(curv.probe_risks)
+            missing = [src for src in dict.fromkeys([source, *self.risk_sources(target)])
+                       if self._source_key(src) not in known]
+            log.info("replaying the %d probes of %s's diagonal for %s", self.settings.probes, target,
+                     ", ".join(missing))
+            if curv.operator is None:
+                curv.operator = self.operator(target)
+            est = self._hutchinson(curv.operator, missing)
+            for j, src in enumerate(missing):
+                k = self._source_key(src)
+                curv.probe_risks[k], curv.risk_names[k] = est.probe_functionals[:, j].clone(), src
+            save_diagonal(self.diag_path(target), curv, self._diagonal_meta(target, self._curvature_key(target), curv))
+        return curv.probe_risks[key]
 
     # ------------------------------------------------------------------ pairs
     def cosines(self, source: str, target: str) -> PairFeatures:
@@ -225,7 +282,8 @@ class Diagnostics:
         curv = self.curvature(target, need_operator=exact)
         tau = curv.card.layout.flatten(self.vector(source, "star").tensors, dtype=torch.float64)
         out = {"risk_card": curv.card.risk(tau), "risk_diag": risk_diagonal(curv.diag, tau),
-               "risk_diag_se": risk_diagonal_stderr(curv.diag_probes, tau), "grad_dot_tau": curv.card.first_order(tau)}
+               "risk_diag_se": risk_diagonal_stderr(self.probe_risks(source, target)),
+               "grad_dot_tau": curv.card.first_order(tau)}
         if exact:
             out["risk_exact"] = risk_exact(curv.operator, tau.to(curv.operator.dtype))
         return out
