@@ -84,6 +84,8 @@ def _block_of_one(folder: Path, run, variant: str, seed: int) -> list[str]:
                    f"{c.get('proposed', float('nan')):+.3f}, θ_ftᵀ {c.get('ft_target', float('nan')):+.3f}, τ* of "
                    f"another source at ‖τ*ˢ‖ {c.get('other_rescaled', float('nan')):+.3f}, θ_ft*ᵀ upper bound "
                    f"{c.get('ftx_target', float('nan')):+.3f}.")
+    if c and i:
+        out.append(_reading(n, c, i))
     reports = correlate_appendix_c(run[run["lambda2"].round(6) == PAPER_LAMBDA2], n_boot=N_RESAMPLE,
                                    n_perm=N_RESAMPLE, seed=0)
     out.append("Appendix C (Pearson r over the pairs, two-way bootstrap 95 % CI; paper's r): " + "; ".join(
@@ -99,6 +101,22 @@ def _block_of_one(folder: Path, run, variant: str, seed: int) -> list[str]:
         out.append(f"Table 1 analog (source {report.source}, mean over its targets; accuracy / E-RMSE / ρ̄): "
                    + "; ".join(cells) + ".")
     return out + [""]
+
+
+def _reading(n: int, c: dict, i: dict) -> str:
+    """The image-level conclusion, in words chosen by the numbers (so it is regenerated with them)."""
+    prop, other, ft, upper = (c.get(k, float("nan")) for k in ("proposed", "other_rescaled", "ft_target", "ftx_target"))
+    source_specific = i["beats_other_rescaled"] > n / 2
+    words = ("**Reading:** the transfer carries image-level signal specific to its source (ρ̄ above τ* of another "
+             "source at the same norm in most pairs)" if source_specific else
+             "**Reading:** on this suite the transfer carries no source-specific image-level signal: ρ̄ of the "
+             f"proposed model ({prop:+.3f}) is that of τ* of another source at the same norm ({other:+.3f}), above it "
+             f"in only {i['beats_other_rescaled']} of {n} pairs")
+    if ft < 0 < upper:
+        words += (f"; it moves θ_ftᵀ's maps (ρ̄ {ft:+.3f}) toward a generic prior (ρ̄ 0), which is why it is 'above "
+                  f"θ_ftᵀ' in {i['beats_ft_target']} pairs, while the in-domain θ_ft*ᵀ shows what is learnable "
+                  f"({upper:+.3f}, above 0 in {i['upper_signal']} of {n})")
+    return words + "."
 
 
 def render(results: Path = RESULTS) -> str:
