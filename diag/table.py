@@ -140,7 +140,7 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
     kill between the two renames leaves a complete old table that still checks out. Timing
     columns are dropped (:func:`append_rows` keeps them in the timings side file).
     """
-    decide(path, "", what="study table", read=table_provenance)  # a table tvdiag did not write is refused
+    may_write(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     df = df.drop(columns=[c for c in df.columns if is_timing_key(c)])
     data = df.to_csv(index=False).encode()
@@ -150,6 +150,11 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
         check["previous"] = {"rows": old.count(b"\n") - 1, "sha256": hashlib.sha256(old).hexdigest()}
     for target, payload in ((check_path(path), json.dumps(check).encode()), (path, data)):
         atomic_write_bytes(target, payload)
+
+
+def may_write(path: Path) -> None:
+    """Refuse (ArtifactError, naming the file) a table at ``path`` that tvdiag did not write; nothing is written."""
+    decide(path, "", what="study table", read=table_provenance)
 
 
 def table_provenance(path: Path) -> dict:

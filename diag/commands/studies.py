@@ -26,7 +26,7 @@ from diag.study.summary import figure2_frame, summarize
 from diag.study.verify import untrusted_tables, verify_study
 from diag.transfer.methods import METHODS
 from diag.table import (at_lambda, DEFAULT_STUDY, load_study, merge_shards, of_method, PAIRS_FILE, parse_shard,
-                        select_run, VECTORS_FILE, write_table)
+                        may_write, select_run, VECTORS_FILE, write_table)
 from train.errors import DataError
 from train.losses import check_alpha
 from train.vectors import check_scale
@@ -201,6 +201,7 @@ def run_study_cmd(args) -> int:
         return _verify(args, ctx, domains, settings, out)
     if not args.fresh:
         merge_shards(out, write=False)  # a damaged or untrusted table is refused before anything is built
+    may_write(out / VECTORS_FILE)  # so is a table there that tvdiag did not write
     ctx.ensure(domains, (alpha,), variants=(args.variant,), seeds=tuple(seeds))
     rank, world = rank_and_world()
     merged_rank0 = is_distributed() and world > 1 and rank == 0
