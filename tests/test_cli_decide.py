@@ -126,7 +126,10 @@ def test_screen_exit_code_matches_verdict(root, capsys):
     _, ranked, _ = run(capsys, "rank-sources", "--target", "gtsrb", "--json", "--store", root, *SUITE, *SMALL)
     mnist = next(s for s in json.loads(ranked)["sources"] if s["source"] == "mnist")
     shown = {k: v for k, v in mnist.items() if k.startswith("predicted_")}
-    assert len(shown) == 6 and {k: res[k] for k in shown} == shown and res["level"] == 0.8
+    # the same predictor and interval; screen predicts one row, rank-sources several, so BLAS may differ in the last bit
+    assert len(shown) == 6 and res["level"] == 0.8
+    for k, v in shown.items():
+        assert res[k] == (pytest.approx(v, rel=1e-12) if v is not None else None), k
     assert res["verdict"] in ("go", "caution", "no-go")
     assert code == (1 if res["verdict"] == "no-go" else 0)
     assert res["reasons"] and res["recommended_lambda2"] >= 0
