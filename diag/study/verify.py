@@ -59,9 +59,16 @@ def _row_id(df: pd.DataFrame) -> pd.Series:
     return df["pair_key"].astype(str) + "|" + df["lambda2"].map(lam_key).astype(str)
 
 
+def _missing(v) -> bool:
+    """None, NaN and pandas' NA (text columns read as strings hold NA, whose truth value raises)."""
+    return v is None or (not isinstance(v, str) and bool(pd.isna(v)))
+
+
 def _differs(a, b, column: str) -> bool:
+    if _missing(a) or _missing(b):
+        return _missing(a) != _missing(b)
     if column in TEXT:
-        return (str(a) if a == a else "") != (str(b) if b == b else "")
+        return str(a) != str(b)
     try:
         x, y = float(a), float(b)
     except (TypeError, ValueError):

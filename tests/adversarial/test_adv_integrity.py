@@ -206,3 +206,12 @@ def test_study_table_records_its_provenance():
     assert sorted(entry["domains"]) == sorted(DOMAINS)
     ft = entry["domains"]["mnist"]["ft"]
     assert ft[CHECKSUM_KEY] and ft["torch_threads"] == "1" and ft["key"]
+
+
+def test_verify_compares_missing_text_values():
+    """Text columns read as strings hold pandas' NA: missing equals missing, never a value."""
+    from diag.study.verify import _differs
+
+    assert not _differs(pd.NA, None, "other_source") and not _differs(float("nan"), pd.NA, "ermse")
+    assert _differs(pd.NA, "mnist", "other_source") and _differs("mnist", "gtsrb", "other_source")
+    assert not _differs(1.0, 1.0 + 1e-9, "ermse") and _differs(1.0, 1.01, "ermse")
