@@ -22,12 +22,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from diag.constants import PAPER_LAMBDA2  # noqa: E402
 from diag.stats import correlate_appendix_c  # noqa: E402
 from diag.study.report import study_report  # noqa: E402
 from diag.study.summary import summarize  # noqa: E402
 from diag.table import load_study, select_run  # noqa: E402
+from results_seeds import seeds_block  # noqa: E402
 
 RESULTS = ROOT / "results"
 README = ROOT / "README.md"
@@ -53,7 +55,11 @@ def _block_of_run(folder: Path) -> list[str]:
     df = load_study(folder)
     lines = []
     for variant in sorted(df["variant"].unique()):
-        for seed in sorted(int(s) for s in df[df["variant"] == variant]["seed"].unique()):
+        seeds = sorted(int(s) for s in df[df["variant"] == variant]["seed"].unique())
+        if len(seeds) > 1:
+            lines += seeds_block(folder, select_run(df, variant, "all"), variant, seeds)
+            continue
+        for seed in seeds:
             run = select_run(df, variant, seed)
             lines += _block_of_one(folder, run, variant, seed)
     return lines

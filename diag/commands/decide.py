@@ -13,6 +13,7 @@ from diag.commands.options import (add_alpha_option, add_budget_option, add_comm
 from diag.constants import PAPER_LAMBDA2
 from diag.decide.ceiling import ranking_ceiling
 from diag.decide.evaluation import evaluate_rankers, loto_coverage
+from diag.decide.screen_check import validate_screen
 from diag.decide.ranking import rank_cached, rank_for_target
 from diag.decide.recommend import TIER_METHODS
 from diag.curvature.risk import loss_model
@@ -21,7 +22,7 @@ from diag.stats.paired import UPPER_Z
 from diag.features.pair_features import CurvatureSettings, Diagnostics
 from diag.study.parallel import complete_study
 from diag.study.run import StudySettings
-from diag.table import at_lambda, DEFAULT_STUDY, load_study, merge_shards, of_method, select_run
+from diag.table import at_lambda, DEFAULT_STUDY, lam_key, load_study, merge_shards, of_method, select_run
 from train.errors import TvdiagError
 from train.losses import check_alpha
 from train.vectors import check_scale
@@ -162,9 +163,11 @@ def _coverage(ctx, args) -> int:
     table = select_run(load_study(folder), getattr(args, "variant", None), "all")
     tier = 2 if args.tier == "auto" else int(args.tier)
     summaries, scored = loto_coverage(table, tier=tier, level=args.level, model=args.model)
+    checks = _screen_checks(table, args)
     if args.json:
         emit_json({"study": str(folder), "tier": tier, "level": args.level, "n_seeds": int(scored["seed"].nunique()),
-                   "quantities": [c.to_dict() for c in summaries]}, nan_as_null=True)
+                   "quantities": [c.to_dict() for c in summaries],
+                   "screen": [c.to_dict() for c in checks] if checks else None}, nan_as_null=True)
         return 0
     print(f"Coverage of the {args.level:.0%} prediction intervals, leave one target out, over seeds "
           f"{sorted(scored['seed'].unique().tolist())} of {folder} (tier {tier}; test split)")
@@ -175,7 +178,20 @@ def _coverage(ctx, args) -> int:
               f"{c.bias:+10.4f} ± {c.bias_se:.4f}  {seeds}")
     print("Wilson intervals take the pairs as independent (those of one target are not); the gain is scored at every "
           "λ2 of the table.")
+    if checks is None:
+        print("screen validation: needs a study on the λ2 grid with val accuracies (diag study --lambda-grid)")
+    for check in checks or []:
+        print()
+        print("\n".join(check.lines()))
     return 0
+
+
+def _screen_checks(table, args):
+    """:func:`diag.decide.screen_check.validate_screen` of the table's plain rows; None without a λ2 grid."""
+    plain = of_method(table)
+    if plain["lambda2"].map(lam_key).nunique() < 2 or "accuracy_val" not in plain:
+        return None
+    return validate_screen(plain, budget=_budget(args.max_acc_drop), level=args.level, model=args.model)[0]
 
 
 def _finite_or_none(value) -> float | None:

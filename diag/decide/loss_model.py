@@ -30,7 +30,7 @@ from diag.stats.correlation import spearman
 from diag.table import PLAIN
 from diag.transfer.budget import safe_sizes
 
-__all__ = ["VALID_SHARE", "WITHIN", "calibrate", "calibration_text", "predicted_vs_measured"]
+__all__ = ["VALID_SHARE", "WITHIN", "agreement", "calibrate", "calibration_text", "predicted_vs_measured"]
 
 #: A prediction is "within" when measured ÷ predicted lies in [1/WITHIN, WITHIN].
 WITHIN = 1.5
@@ -68,9 +68,13 @@ def predicted_vs_measured(table: pd.DataFrame, risk: str = "risk_exact") -> pd.D
     return out[ok].reset_index(drop=True)
 
 
-def _fit(predicted: pd.Series, measured: pd.Series, within: float) -> dict:
-    """n, median measured ÷ predicted, the share within ×``within``, Spearman (NaN below 3 rows or constant)."""
-    p, m = predicted.to_numpy(float), measured.to_numpy(float)
+def agreement(predicted, measured, within: float = WITHIN) -> dict:
+    """How well ``predicted`` matches ``measured``, row by row: n, median measured ÷ predicted, the share within
+    ×``within`` (a prediction of the wrong sign is never within), Spearman (NaN below 3 rows or constant).
+
+    The loss model's calibration and the card's fidelity (R_card against R_exact) are both scored with it.
+    """
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
     ratio = np.divide(m, p, out=np.full_like(m, np.nan), where=p != 0)
     inside = (ratio >= (1 - 1e-12) / within) & (ratio <= within * (1 + 1e-12))
     rho = math.nan
@@ -93,11 +97,11 @@ def calibrate(rows: pd.DataFrame, within: float = WITHIN, valid_share: float = V
         the share within ×``within`` of the rows with λ2 ≤ ``valid_up_to``; ``factor`` and
         ``valid_share``: the thresholds used.
     """
-    out = {**_fit(rows["predicted"], rows["measured"], within),
-           "second_order": _fit(rows["predicted_second_order"], rows["measured"], within),
+    out = {**agreement(rows["predicted"], rows["measured"], within),
+           "second_order": agreement(rows["predicted_second_order"], rows["measured"], within),
            "first_order": bool(len(rows)) and bool(np.isfinite(rows["g_tau"]).all()),
            "factor": within, "valid_share": valid_share}
-    per = [{"lambda2": float(lam), **_fit(g["predicted"], g["measured"], within)}
+    per = [{"lambda2": float(lam), **agreement(g["predicted"], g["measured"], within)}
            for lam, g in rows.groupby("lambda2", sort=True)]
     out["per_lambda"] = per
     if not per:
@@ -108,7 +112,7 @@ def calibrate(rows: pd.DataFrame, within: float = WITHIN, valid_share: float = V
     above = lams[lams > up_to + 1e-12]
     inside = rows[rows["lambda2"] <= up_to + 1e-12]
     out.update(valid_up_to=up_to, fails_from=float(above.min()) if above.size else None,
-               within_valid=_fit(inside["predicted"], inside["measured"], within)["within"] if len(inside) else math.nan)
+               within_valid=agreement(inside["predicted"], inside["measured"], within)["within"] if len(inside) else math.nan)
     return out
 
 

@@ -1,0 +1,153 @@
+"""The README block of a committed study table holding several training seeds (used by results_report.py).
+
+Every number is computed here from the table by the library's own functions — the headline and its
+controls per seed, the loss model's calibration, the card's fidelity, the coverage of the ranking's
+intervals, the screen's verdicts against the test split, the rankers against their test-retest
+ceiling — and printed as mean ± sd over seeds (or pooled over seeds with a confidence interval).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from diag.constants import PAPER_LAMBDA2
+from diag.decide.ceiling import ranking_ceiling
+from diag.decide.evaluation import evaluate_rankers, loto_coverage
+from diag.decide.loss_model import agreement, calibrate, predicted_vs_measured
+from diag.decide.screen_check import validate_screen
+from diag.study.summary import summarize, summarize_run
+from diag.table import lam_key, of_method
+
+N_BOOT = 1000
+QUANTITY_NAMES = {"ermse_norm": "E-RMSE ÷ θ_ftᵀ's", "acc_drop": "accuracy drop at λ2 = 0.7",
+                  "gain": "gain 1 − E-RMSE ÷ θ_ftᵀ's (every λ2)"}
+
+
+def _msd(values) -> str:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if not v.size:
+        return "n/a"
+    sd = v.std(ddof=1) if v.size > 1 else math.nan
+    return f"{v.mean():.3g} ± {sd:.2g}" if math.isfinite(sd) else f"{v.mean():.3g}"
+
+
+def _at07(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["lambda2"].map(lam_key) == lam_key(PAPER_LAMBDA2)]
+
+
+def _headline(table: pd.DataFrame, seeds: list[int]) -> list[str]:
+    per = {}
+    for seed in seeds:
+        run = table[table["seed"] == seed]
+        s, r = summarize(run, PAPER_LAMBDA2), summarize_run(run, None)
+        per[seed] = {"n": s.n_pairs, "fixed": s.n_better_keep90, "chosen": r.chosen.better_keep90 if r.chosen else None,
+                     "lower": s.n_lower_ermse, "keep": s.n_keep90, "acc": s.mean_acc_norm, "ermse": s.mean_ermse_norm,
+                     **{f"beat_{c}": getattr(s, f"n_beat_{c}") for c in ("random", "other_rescaled", "meanmap")},
+                     **{f"rho_{k}": s.corr.get(k, math.nan) for k in ("proposed", "other_rescaled", "ft_target",
+                                                                    "ftx_target")},
+                     "rho_signal": s.image.get("signal", math.nan) if s.image else math.nan,
+                     "rho_beats_other": s.image.get("beats_other_rescaled", math.nan) if s.image else math.nan}
+    n = per[seeds[0]]["n"]
+
+    def row(label, key, fmt="{:d}"):
+        vals = [per[s][key] for s in seeds]
+        shown = ", ".join("–" if v is None else fmt.format(v) for v in vals)
+        return f"| {label} | {_msd(vals)} | {shown} |"
+
+    return ["| over the pairs (of " + str(n) + ") | mean ± sd over seeds | per seed |", "| --- | --- | --- |",
+            row("E-RMSE < θ_ftᵀ's with ≥ 90 % of its accuracy, λ2 = 0.7 (headline)", "fixed"),
+            row("the same at the λ2 chosen on val (5 % budget)", "chosen"),
+            row("E-RMSE < θ_ftᵀ's (any accuracy), λ2 = 0.7", "lower"),
+            row("accuracy ≥ 90 % of θ_ftᵀ's, λ2 = 0.7", "keep"),
+            row("E-RMSE below the random direction (same norm)", "beat_random"),
+            row("E-RMSE below τ* of another source at ‖τ*ˢ‖", "beat_other_rescaled"),
+            row("E-RMSE below the source's mean-φ map", "beat_meanmap"),
+            row("ρ̄ > 0 (95 % CI over images)", "rho_signal"),
+            row("ρ̄ above τ* of another source at ‖τ*ˢ‖ (paired, 95 %)", "rho_beats_other"),
+            row("mean accuracy ÷ θ_ftᵀ's", "acc", "{:.3f}"),
+            row("mean E-RMSE ÷ θ_ftᵀ's", "ermse", "{:.3f}"),
+            row("mean ρ̄, proposed", "rho_proposed", "{:+.3f}"),
+            row("mean ρ̄, τ* of another source at ‖τ*ˢ‖", "rho_other_rescaled", "{:+.3f}"),
+            row("mean ρ̄, θ_ftᵀ", "rho_ft_target", "{:+.3f}"),
+            row("mean ρ̄, θ_ft*ᵀ (in-domain upper bound)", "rho_ftx_target", "{:+.3f}"), ""]
+
+
+def _loss_and_card(table: pd.DataFrame, seeds: list[int]) -> list[str]:
+    out = []
+    for risk, label in (("risk_exact", "exact R"), ("risk_card", "the card's R")):
+        rows = predicted_vs_measured(table, risk)
+        if not len(rows):
+            continue
+        cal = calibrate(rows)
+        per_seed = [calibrate(rows[rows["seed"] == s])["within"] for s in seeds if (rows["seed"] == s).any()]
+        fails = (f"valid up to λ2 = {cal['valid_up_to']:g}, fails from {cal['fails_from']:g}"
+                 if cal["fails_from"] is not None else "valid on the whole grid")
+        out.append(f"- Loss model λ·gᵀτ + ½λ²R with {label} (g, H on the target's train images; measured on its val "
+                   f"images): {cal['within']:.0%} of {cal['n']} pair × λ2 rows within ×1.5 (per seed {_msd(per_seed)}), "
+                   f"median measured ÷ predicted {cal['median_ratio']:.2f}, Spearman {cal['spearman']:.2f}; {fails} "
+                   f"(≥ 80 % within at every λ2 up to it). Without gᵀτ: {cal['second_order']['within']:.0%} within, "
+                   f"median ratio {cal['second_order']['median_ratio']:.2f}.")
+    pairs = _at07(table).dropna(subset=["risk_exact"])
+    for col, label in (("risk_card", "top-8 eigenpairs + residual diagonal"), ("risk_diag", "Hutchinson diagonal")):
+        if col in pairs and pairs[col].notna().any():
+            a = agreement(pairs[col], pairs["risk_exact"])
+            out.append(f"- Card fidelity, {label}: R_exact ÷ R_card median {a['median_ratio']:.2f}, {a['within']:.0%} "
+                       f"of {a['n']} (pair, seed) within ×1.5, Spearman with R_exact {a['spearman']:.2f}.")
+    return out + [""] if out else []
+
+
+def _coverage(table: pd.DataFrame) -> list[str]:
+    cov, _ = loto_coverage(table, tier=2)
+    out = ["| quantity (80 % jackknife+ intervals, leave one target out) | coverage [95 % Wilson] | per seed | "
+           "bias predicted − measured |", "| --- | --- | --- | --- |"]
+    for c in cov:
+        out.append(f"| {QUANTITY_NAMES.get(c.quantity, c.quantity)} | {c.coverage:.2f} [{c.ci[0]:.2f}, {c.ci[1]:.2f}] "
+                   f"(n = {c.n}) | {', '.join(f'{v:.2f}' for v in c.per_seed.values())} | {c.bias:+.3f} ± "
+                   f"{c.bias_se:.3f} |")
+    return out + [""]
+
+
+def _screen(table: pd.DataFrame) -> list[str]:
+    out = []
+    for c in validate_screen(table)[0]:
+        what = "eq. 8 at λ2 = 0.7" if c.kind == "plain" else "eq. 8 at the λ2 chosen on val"
+        conf = "; ".join(f"{v} {c.confusion[v]['success']}/{c.confusion[v]['failure']}" for v in c.confusion)
+        prec = ("no go verdict" if not math.isfinite(c.go_precision) else
+                f"precision of go {c.go_precision:.2f} [{c.go_precision_ci[0]:.2f}, {c.go_precision_ci[1]:.2f}]")
+        rec = ("no failure" if not math.isfinite(c.nogo_recall) else
+               f"recall of no-go {c.nogo_recall:.2f} [{c.nogo_recall_ci[0]:.2f}, {c.nogo_recall_ci[1]:.2f}]")
+        out.append(f"- Screen, {what} ({c.n} held-out pairs over {c.n_seeds} seeds; verdict success/failure on test: "
+                   f"{conf}): {prec}, {rec}.")
+    return out + [""]
+
+
+def _ranking(table: pd.DataFrame, seeds: list[int]) -> list[str]:
+    at07 = _at07(table)
+    ceiling = ranking_ceiling(at07)
+    per: dict[str, list[float]] = {}
+    for seed in seeds:
+        for r in evaluate_rankers(at07[at07["seed"] == seed], n_boot=N_BOOT):
+            per.setdefault(r["name"], []).append(r["mean_spearman"])
+    out = [ceiling.sentence() + "." if ceiling else "No test-retest ceiling (one seed)."]
+    best = max(per, key=lambda k: np.mean(per[k]))
+    for name, vals in per.items():
+        frac = f", {np.mean(vals) / ceiling.mean:.2f} of the ceiling" if ceiling and ceiling.mean > 0 else ""
+        out.append(f"- {name}: leave-one-target-out Spearman {_msd(vals)} over seeds{frac}"
+                   + (" (best)" if name == best else ""))
+    return out + [""]
+
+
+def seeds_block(folder: Path, table: pd.DataFrame, variant: str, seeds: list[int]) -> list[str]:
+    """The Markdown lines of one variant of ``folder`` over its training seeds."""
+    table = of_method(table)
+    grid = sorted({float(v) for v in table["lambda2"]})
+    head = [f"**`results/{folder.name}`** — variant `{variant}`, training seeds {', '.join(map(str, seeds))}, λ2 grid "
+            f"{grid[0]:g}–{grid[-1]:g}. The seeds vary the fine-tunes' batch order and Kernel SHAP's coalitions; "
+            "θ_base, the splits and val are seed 0's for every seed, so ± covers training noise only.", ""]
+    return (head + _headline(table, seeds) + ["**Predictions** (test split scored; every choice on val):", ""]
+            + _loss_and_card(table, seeds) + _coverage(table) + _screen(table) + ["**Ranking**:", ""]
+            + _ranking(table, seeds))
