@@ -33,7 +33,7 @@ from diag.stats import with_normalised
 from train.errors import ArtifactError, DataError, TvdiagError, unknown
 from train.store import content_key, Store
 from train.ownership import decide
-from train.tensorio import atomic_write_bytes, is_timing_key, read_metadata, timings_path
+from train.tensorio import atomic_write_bytes, is_timing_key, merge_json_side, read_metadata, timings_path
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,10 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     df = df.drop(columns=[c for c in df.columns if is_timing_key(c)])
     data = df.to_csv(index=False).encode()
-    check = {"rows": int(len(df)), "sha256": hashlib.sha256(data).hexdigest()}
+    check = _check_of(len(df), data)
     if path.is_file():
         old = path.read_bytes()
-        check["previous"] = {"rows": old.count(b"\n") - 1, "sha256": hashlib.sha256(old).hexdigest()}
+        check["previous"] = _check_of(old.count(b"\n") - 1, old)
     for target, payload in ((check_path(path), json.dumps(check).encode()), (path, data)):
         atomic_write_bytes(target, payload)
 
@@ -193,7 +193,12 @@ def certify(path: Path) -> None:
     """Write the side file of ``path``'s current bytes (after its rows were re-checked by recomputation)."""
     data = Path(path).read_bytes()
     rows = len(read_table(path, trusted=False))
-    atomic_write_bytes(check_path(path), json.dumps({"rows": rows, "sha256": hashlib.sha256(data).hexdigest()}).encode())
+    atomic_write_bytes(check_path(path), json.dumps(_check_of(rows, data)).encode())
+
+
+def _check_of(rows: int, data: bytes) -> dict:
+    """The check file's entry for a table of ``rows`` rows whose bytes are ``data``."""
+    return {"rows": int(rows), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -260,12 +265,7 @@ def append_rows(path: Path, rows: list[dict]) -> None:
     new = pd.DataFrame(rows)
     write_table(new if old is None else pd.concat([old, new], ignore_index=True), path)
     if timing:
-        side = timings_path(path)
-        try:
-            known = json.loads(side.read_text()) if side.is_file() else {}
-        except (ValueError, UnicodeDecodeError):
-            known = {}  # timings are informative only: a damaged side file is started afresh
-        atomic_write_bytes(side, json.dumps({**known, **timing}, sort_keys=True, indent=1).encode())
+        merge_json_side(timings_path(path), timing)
 
 
 def dedupe(df: pd.DataFrame) -> pd.DataFrame:

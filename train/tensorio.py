@@ -175,6 +175,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(Path(path), lambda fh: fh.write(data))
 
 
+def merge_json_side(path: Path, entries: Mapping[str, object]) -> None:
+    """Add ``entries`` to the JSON object in ``path`` (a side file: timings, provenance), atomically.
+
+    Entries of the same key are replaced. A missing or unreadable side file is started afresh:
+    side files are informative only, the artifact's own checksum guards its numbers.
+    """
+    path = Path(path)
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    atomic_write_bytes(path, json.dumps({**known, **entries}, sort_keys=True, indent=1).encode())
+
+
 def timings_path(path: Path) -> Path:
     """The side file of an artifact's wall-clock timings: ``<stem>.timings.json``."""
     return path.with_name(f"{path.name.removesuffix('.safetensors')}.timings.json")

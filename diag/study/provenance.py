@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from diag import __version__
-from train.tensorio import atomic_write_bytes, CHECKSUM_KEY, read_metadata
+from train.tensorio import CHECKSUM_KEY, merge_json_side, read_metadata
 
 _REPO = Path(__file__).resolve().parents[2]
 SUFFIX = ".provenance.json"
@@ -56,10 +56,4 @@ def run_provenance(ws, settings, domains) -> dict:
 
 def record(table: Path, run: str, payload: dict) -> None:
     """Add (or replace) ``run``'s entry of ``table``'s provenance side file (atomically)."""
-    side = Path(table).with_name(Path(table).name + SUFFIX)
-    try:
-        known = json.loads(side.read_text()) if side.is_file() else {}
-    except (ValueError, UnicodeDecodeError):
-        known = {}  # the table's own check file guards the numbers; a damaged side file is rewritten
-    known[run] = payload
-    atomic_write_bytes(side, json.dumps(known, sort_keys=True, indent=1).encode())
+    merge_json_side(Path(table).with_name(Path(table).name + SUFFIX), {run: payload})
