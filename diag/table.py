@@ -233,6 +233,17 @@ def read_table(path: Path, trusted: bool = True) -> pd.DataFrame:
     return df.astype({c: object for c in TEXT if c in df.columns}).copy()
 
 
+def read_checked_csv(path: Path) -> pd.DataFrame:
+    """Any CSV written by :func:`write_table` (a measurement's table that is not a pair table), checked against
+    its side file; ArtifactError when it does not match or has none."""
+    data = Path(path).read_bytes()
+    rows = _checked_rows(Path(path), data)
+    df = pd.read_csv(path)
+    if len(df) != rows:
+        raise ArtifactError(f"table {path} has {len(df)} rows, its check file says {rows}")
+    return df
+
+
 def _validate(df: pd.DataFrame, path: Path, rows: int | None) -> None:
     if rows is not None and len(df) != rows:
         raise ArtifactError(f"study table {path} has {len(df)} rows, its check file says {rows}")

@@ -29,7 +29,7 @@ from diag.stats import correlate_appendix_c  # noqa: E402
 from diag.study.report import study_report  # noqa: E402
 from diag.study.summary import summarize  # noqa: E402
 from diag.table import load_study, select_run  # noqa: E402
-from results_seeds import seeds_block  # noqa: E402
+from results_seeds import loss_model_block, outside_block, seeds_block  # noqa: E402
 
 RESULTS = ROOT / "results"
 README = ROOT / "README.md"
@@ -133,6 +133,10 @@ def render(results: Path = RESULTS) -> str:
         lines.append("No study table is committed under `results/` yet.")
     for folder in runs:
         lines += _block_of_run(folder)
+    for path in sorted(results.glob("*/loss_model.csv")):
+        lines += loss_model_block(path)
+    for path in sorted(results.glob("*/scored.csv")):
+        lines += outside_block(path)
     return "\n".join(lines).rstrip() + "\n" + END
 
 

@@ -20,7 +20,8 @@ from diag.decide.evaluation import evaluate_rankers, loto_coverage
 from diag.decide.loss_model import agreement, calibrate, predicted_vs_measured
 from diag.decide.screen_check import validate_screen
 from diag.study.summary import summarize, summarize_run
-from diag.table import lam_key, of_method
+from diag.stats import wilson_interval
+from diag.table import lam_key, of_method, read_checked_csv
 
 N_BOOT = 1000
 QUANTITY_NAMES = {"ermse_norm": "E-RMSE ÷ θ_ftᵀ's", "acc_drop": "accuracy drop at λ2 = 0.7",
@@ -151,3 +152,47 @@ def seeds_block(folder: Path, table: pd.DataFrame, variant: str, seeds: list[int
     return (head + _headline(table, seeds) + ["**Predictions** (test split scored; every choice on val):", ""]
             + _loss_and_card(table, seeds) + _coverage(table) + _screen(table) + ["**Ranking**:", ""]
             + _ranking(table, seeds))
+
+
+def loss_model_block(path: Path) -> list[str]:
+    """``scripts/loss_model_check.py``'s table: the loss model with g and H on train vs on held-out (val) images."""
+    table = read_checked_csv(path)
+    seeds = sorted(int(s) for s in table["seed"].unique())
+    out = [f"**`results/{path.parent.name}/{path.name}`** — the loss model λ·gᵀτ + ½λ²R on every pair of seeds "
+           f"{', '.join(map(str, seeds))}, the loss change measured on the target's test images at λ = "
+           f"{', '.join(f'{v:g}' for v in sorted(table['lambda2'].unique()))} (`scripts/loss_model_check.py`):", ""]
+    for est, what in (("train", "the target's train images (θ_ftᵀ was fine-tuned on them; the study's Hᵀ)"),
+                      ("val", "the target's val images (held out from fine-tuning)")):
+        part = table[table["estimate"] == est]
+        if not len(part):
+            continue
+        cal = calibrate(part)
+        per = ", ".join(f"λ {p['lambda2']:g}: {p['within']:.0%}" for p in cal["per_lambda"])
+        valid = ("valid on the whole grid" if cal["fails_from"] is None else
+                 f"valid up to λ = {cal['valid_up_to']:g}" if cal["valid_up_to"] > 0 else
+                 f"not valid at any λ of the grid (fails from {cal['fails_from']:g})")
+        out.append(f"- g and H on {what}: measured ÷ predicted median {cal['median_ratio']:.2f}, "
+                   f"{cal['within']:.0%} of {cal['n']} pair × λ rows within ×1.5 (per λ: {per}), Spearman "
+                   f"{cal['spearman']:.2f}; {valid}.")
+    both = table.pivot_table(index=["seed", "source", "target"], columns="estimate", values="risk", aggfunc="first")
+    if {"train", "val"} <= set(both.columns):
+        r = (both["val"] / both["train"]).to_numpy(float)
+        out.append(f"- R on held-out images ÷ R on the training images: median {np.median(r):.1f} "
+                   f"(quartiles {np.quantile(r, 0.25):.1f}–{np.quantile(r, 0.75):.1f}) over {len(r)} (pair, seed).")
+    return out + [""]
+
+
+def outside_block(path: Path) -> list[str]:
+    """``scripts/outside_domains.py``'s table: the ranking's intervals on domains outside the study."""
+    table = read_checked_csv(path)
+    doms = sorted(table["target"].unique())
+    out = [f"**`results/{path.parent.name}/{path.name}`** — the ranking's {table['level'].iloc[0]:.0%} intervals on "
+           f"{len(doms)} domain(s) outside the study ({', '.join(doms)}: transformed suite images in an ImageFolder, "
+           "given with `--data`; `scripts/outside_domains.py`):", ""]
+    for q, g in table.groupby("quantity"):
+        k, n = int(g["inside"].sum()), len(g)
+        lo, hi = wilson_interval(k, n)
+        err = (g["predicted"] - g["measured"]).to_numpy(float)
+        out.append(f"- {QUANTITY_NAMES.get(q, q)}: coverage {k}/{n} = {k / n:.2f} [{lo:.2f}, {hi:.2f}], bias "
+                   f"{err.mean():+.3f} ± {err.std(ddof=1) / math.sqrt(n):.3f}.")
+    return out + [""]

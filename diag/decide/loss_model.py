@@ -116,14 +116,16 @@ def calibrate(rows: pd.DataFrame, within: float = WITHIN, valid_share: float = V
     return out
 
 
-def calibration_text(cal: dict) -> list[str]:
-    """The calibration in plain lines (what the study report prints)."""
+def calibration_text(cal: dict, estimated_on: str = "train", scored_on: str = "val") -> list[str]:
+    """The calibration in plain lines (what the study report prints); g and H were estimated on the target's
+    ``estimated_on`` images and the change measured on its ``scored_on`` images."""
     if not cal["n"]:
         return ["loss model: no rows with a measured val loss change and R (run `diag study --lambda-grid` with "
                 "curvature)"]
     model = "λ·gᵀτ + ½λ²R" if cal["first_order"] else "½λ²R (this study stored no gᵀτ: first-order term missing)"
     so = cal["second_order"]
-    lines = [f"loss model {model}, g and H on the target's train images, scored on its val images (cross-fitted): "
+    lines = [f"loss model {model}, g and H on the target's {estimated_on} images, scored on its {scored_on} images "
+             "(cross-fitted): "
              f"measured ÷ predicted median {cal['median_ratio']:.3g}, {cal['within']:.0%} of {cal['n']} pair × λ2 "
              f"rows within ×{cal['factor']:g}, Spearman {cal['spearman']:.3f} (½λ²R alone: median {so['median_ratio']:.3g}, "
              f"{so['within']:.0%} within, Spearman {so['spearman']:.3f})"]

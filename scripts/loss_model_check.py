@@ -1,0 +1,109 @@
+"""The loss model λ·gᵀτ + ½λ²R against the measured loss change, with g and H from two kinds of images.
+
+For every ordered pair (s, T) of the suite and training seed, g and R = τ*ˢᵀ Hᵀ τ*ˢ of the target loss
+at θ_ftᵀ are estimated on
+
+* ``train``: the first 256 of T's train images — the images θ_ftᵀ was fine-tuned on (what the study's
+  Hᵀ and the suite's cards use), and
+* ``val``: T's val images — labelled images θ_ftᵀ never trained on (what a card built on held-out
+  images would hold),
+
+and the loss change L(θ_ftᵀ + λτ*ˢ) − L(θ_ftᵀ) is measured on T's test images, which neither estimate
+saw (cross-fitted), at small and large λ. The rows are written as a checked table (``OUT/loss_model.csv``)
+that ``scripts/results_report.py`` summarises with :func:`diag.decide.loss_model.calibrate` when it is
+committed under ``results/``.
+
+    python scripts/loss_model_check.py --store S --seeds 0 1 2 --out OUT [--domains ...]
+
+Minutes per seed on 2 CPU cores; not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from diag.curvature.operators import HessianOperator  # noqa: E402
+from diag.curvature.risk import loss_model, quadratic_check  # noqa: E402
+from diag.decide.loss_model import calibrate, calibration_text  # noqa: E402
+from diag.features.pair_features import CurvatureSettings, Diagnostics  # noqa: E402
+from diag.runtime.context import Workspace  # noqa: E402
+from diag.table import ordered_pairs, write_table  # noqa: E402
+from train.datasets import available_domains, model_inputs  # noqa: E402
+from train.store import Store  # noqa: E402
+
+STEPS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+ESTIMATES = ("train", "val")
+BATCH = 128
+
+
+def _batches(x, y):
+    return [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(y), BATCH)]
+
+
+def target_operators(ws: Workspace, target: str) -> tuple[dict, list]:
+    """The target's Hessian operators at θ_ftᵀ on train and on val images, and its test batches."""
+    train = Diagnostics(ws, settings=CurvatureSettings()).operator(target)
+    cfg = ws.backbone.config
+    ops = {"train": train}
+    xv, yv = model_inputs(cfg, target, "val", None, ws.data.get(target))
+    ops["val"] = HessianOperator(train.model, _batches(xv, yv), params=list(train.param_names), engine=train.engine)
+    xt, yt = model_inputs(cfg, target, "test", None, ws.data.get(target))
+    return ops, _batches(xt, yt)
+
+
+def check_seed(store: Store, seed: int, domains: list[str]) -> list[dict]:
+    """Rows (seed, source, target, estimate, lambda2, g_tau, risk, predicted, predicted_second_order, measured)."""
+    ws = Workspace(store, 0.8, seed=seed)
+    rows = []
+    current, ops, test = None, None, None
+    for source, target in sorted(ordered_pairs(domains), key=lambda p: (p[1], p[0])):
+        start = time.time()
+        if target != current:
+            current, (ops, test) = target, target_operators(ws, target)
+        tau = ws.vector(source, "star").tensors
+        for est in ESTIMATES:
+            op = ops[est]
+            for c in quadratic_check(op.model, op.data, tau, ts=STEPS, op=op, score_data=test):
+                g_tau = c.first_order / c.t
+                risk = 2.0 * c.second_order / c.t ** 2
+                rows.append({"seed": seed, "source": source, "target": target, "estimate": est, "lambda2": c.t,
+                             "g_tau": g_tau, "risk": risk, "predicted": loss_model(c.t, risk, g_tau),
+                             "predicted_second_order": loss_model(c.t, risk, None), "measured": c.measured,
+                             "method": "plain"})
+        print(f"seed {seed} {source}→{target}: {time.time() - start:.1f} s", flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", type=Path, required=True, help="the store root ($TVDIAG_STORE)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--domains", nargs="+", default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    store = Store(args.store, "tiny")
+    domains = args.domains or sorted(available_domains())
+    path = args.out / "loss_model.csv"
+    rows = []
+    with sdpa_kernel(SDPBackend.MATH):
+        for seed in args.seeds:
+            rows += check_seed(store, seed, domains)
+            write_table(pd.DataFrame(rows), path)  # what is done so far, checked
+    table = pd.DataFrame(rows)
+    for est in ESTIMATES:
+        print(f"g and H on {est} images, ΔL on test images:")
+        print("\n".join("  " + line for line in calibration_text(calibrate(table[table["estimate"] == est]), est, "test")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
