@@ -129,6 +129,8 @@ def test_worked_example(world, tmp_path):
     cos = [s["cos_ft"] for s in ranking["sources"]]
     assert cos == sorted(cos, reverse=True)  # no suite study in this store: the cos(τ_ft) proxy
     assert any("proxy" in n for n in ranking["notes"])
+    assert all(s["risk_card_calibrated"] is None for s in ranking["sources"])
+    assert any(n.startswith("card risk not calibrated") for n in ranking["notes"])
     # the streamed risk is the card's R_card(τ*) = Σ l (vᵀτ*)² + Σ r τ*² on the materialised vector
     mnist = next(s for s in ranking["sources"] if s["source"] == "mnist")
     expected = loaded.risk(st.explainability_vector("mnist", 0.8).tensors)
@@ -150,6 +152,28 @@ def test_worked_example(world, tmp_path):
         assert all((s[f"predicted_{q}"] is not None) == d["predictable"] for s in ranking["sources"])
         assert d["predictable"] or any("not predictable" in h for h in ranking["headline"])
     assert any(n.startswith("predictor: ridge fitted on 6") for n in ranking["notes"])
+
+    # tier 1 with a suite whose pairs carry exact and diagonal risks (the smoke study has none: they are added
+    # here, R_exact = 20·R_diag·e^(noise)): the card's R is calibrated to the exact risk with one scale
+    import numpy as np
+
+    from diag.decide.card_scale import fit_card_scale
+    from diag.table import load_study, write_table
+
+    table = load_study(study)
+    rng = np.random.default_rng(0)
+    table["risk_diag"] = rng.uniform(0.1, 1.0, len(table))
+    table["risk_exact"] = 20.0 * table["risk_diag"] * np.exp(0.1 * rng.normal(size=len(table)))
+    write_table(table, tmp_path / "risky" / "pairs.csv")
+    code, out = _cli("rank-sources", "--target", "pets", "--target-model", str(tmp_path / "target.safetensors"),
+                     "--card", str(card), "--sources", str(root / BACKBONE_ID / "vectors"), "--study",
+                     str(tmp_path / "risky"), "--json", *store)
+    assert code == 0, out
+    ranking = json.loads(out)
+    scale = fit_card_scale(load_study(tmp_path / "risky", lambda2=0.7))
+    assert 15 < scale.scale < 25 and any(n.startswith("card risk calibrated") for n in ranking["notes"])
+    for s in ranking["sources"]:
+        assert s["risk_card_calibrated"] == pytest.approx(scale.apply(s["risk_diag"]), rel=1e-12)
 
 
 def _refused(root, *argv) -> str:

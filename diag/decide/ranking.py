@@ -127,6 +127,7 @@ class SourceRanking:
                 "source": r["source"], "rank": int(r["rank"]), "cos_ft": val(r.get("cos_ft")),
                 "risk_diag": val(r.get("risk_diag")) if self.tier >= 1 else None,
                 "risk_card": val(r.get("risk_card")) if self.tier >= 1 else None,
+                "risk_card_calibrated": val(r.get("risk_card_calibrated")) if self.tier >= 1 else None,
                 "risk_exact": val(r.get("risk_exact")) if self.tier >= 2 else None,
                 **prediction_fields(r, shown),
                 "measured_acc_drop": val(r.get("measured_acc_drop")),
