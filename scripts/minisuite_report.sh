@@ -21,6 +21,15 @@ for V in paper from-ft; do
   done
   $D rank-sources --coverage --study "$OUT/allpairs" --variant $V $Q > "$OUT/coverage-$V.txt"
 done
+# 2b. the predictions: the all-pairs study with curvature (exact, card and diagonal risks, gᵀτ) on the λ2 grid —
+#     the committed results/paper-grid-s012 —, the loss model with g and H on train vs held-out images, and the
+#     ranking's intervals on domains outside the study
+$D study --seeds 0 1 2 --variant paper --lambda-grid --out "$OUT/allpairs-curv" $Q > "$OUT/study-curv.txt"
+$D rank-sources --coverage --study "$OUT/allpairs-curv" --variant paper $Q > "$OUT/coverage-curv.txt"
+PY=${PY:-"$REPO/.venv/bin/python"}
+STORE=${TVDIAG_STORE:-"$HOME/.cache/tvdiag"}
+$PY "$REPO/scripts/loss_model_check.py" --store "$STORE" --seeds 0 1 2 --out "$OUT/loss-model" > "$OUT/loss-model.txt"
+$PY "$REPO/scripts/outside_domains.py" --study "$OUT/allpairs-curv" --out "$OUT/outside" > "$OUT/outside.txt"
 $D ceilings --seeds 0 1 2 --variant paper --ks-samples 160 $Q > "$OUT/ceilings-paper.txt"
 $D ceilings --seeds 0 1 2 --variant from-ft $Q > "$OUT/ceilings-from-ft.txt"
 # 3. α = 0.5 and 0.95 (paper variant) at λ2 = 0.7
