@@ -37,7 +37,7 @@ from diag.decide.loss_model import calibrate, calibration_text  # noqa: E402
 from diag.features.pair_features import CurvatureSettings, Diagnostics  # noqa: E402
 from diag.runtime.context import Workspace  # noqa: E402
 from diag.table import ordered_pairs, write_table  # noqa: E402
-from train.datasets import available_domains, model_inputs  # noqa: E402
+from train.datasets import MINISUITE, model_inputs  # noqa: E402
 from train.store import Store  # noqa: E402
 
 STEPS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     store = Store(args.store, "tiny")
-    domains = args.domains or sorted(available_domains())
+    domains = args.domains or sorted(MINISUITE)
     path = args.out / "loss_model.csv"
     rows = []
     with sdpa_kernel(SDPBackend.MATH):
