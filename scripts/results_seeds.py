@@ -176,9 +176,18 @@ def loss_model_block(path: Path) -> list[str]:
         valid = ("valid on the whole grid" if cal["fails_from"] is None else
                  f"valid up to λ = {cal['valid_up_to']:g}" if cal["valid_up_to"] > 0 else
                  f"not valid at any λ of the grid (fails from {cal['fails_from']:g})")
+        so = cal["second_order"]
+        per_so = ", ".join(f"λ {lam:g}: {agreement(g['predicted_second_order'], g['measured'])['within']:.0%}"
+                           for lam, g in part.groupby("lambda2"))
         out.append(f"- g and H on {what}: measured ÷ predicted median {cal['median_ratio']:.2f}, "
                    f"{cal['within']:.0%} of {cal['n']} pair × λ rows within ×1.5 (per λ: {per}), Spearman "
-                   f"{cal['spearman']:.2f}; {valid}.")
+                   f"{cal['spearman']:.2f}; {valid}. Without the first-order term (½λ²R alone): median "
+                   f"{so['median_ratio']:.2f}, {so['within']:.0%} within ×1.5 (per λ: {per_so}), Spearman "
+                   f"{so['spearman']:.2f}.")
+    neg = table[table["estimate"] == "train"].groupby("lambda2")["measured"].apply(lambda m: float((m < 0).mean()))
+    out.append("- The measured loss change is negative (adding λτ*ˢ lowers the target's test loss) in "
+               + ", ".join(f"{v:.0%} at λ {lam:g}" for lam, v in neg.items()) + " of the pairs: no model with a "
+               "gradient estimated near zero can predict those.")
     both = table.pivot_table(index=["seed", "source", "target"], columns="estimate", values="risk", aggfunc="first")
     if {"train", "val"} <= set(both.columns):
         r = (both["val"] / both["train"]).to_numpy(float)
