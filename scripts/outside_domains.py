@@ -90,10 +90,13 @@ def score_domain(name: str, folder: Path, study: Path, env: dict) -> list[dict]:
         measured = {"ermse_norm": prop["ermse"] / ft["ermse"],
                     "acc_drop": 1.0 - prop["accuracy"] / max(ft["accuracy"], 1e-12)}
         for q, value in measured.items():
-            lo, hi = src[f"predicted_{q}_interval"]
+            shown = ranking["predictions"][q]  # a quantity not predictable: the training mean for every source
+            point = src[f"predicted_{q}"] if shown.get("predictable", True) else shown["training_mean"]
+            lo, hi = src[f"predicted_{q}_interval"] or shown["training_mean_interval"]
             lo, hi = (-math.inf if lo is None else lo), (math.inf if hi is None else hi)
             scored.append({"target": name, "source": src["source"], "quantity": q,
-                           "predicted": src[f"predicted_{q}"], "lo": lo, "hi": hi, "measured": value,
+                           "predicted": point, "lo": lo, "hi": hi, "measured": value,
+                           "predictable": float(shown.get("predictable", True)),
                            "inside": float(lo <= value <= hi), "level": ranking["level"]})
     return scored
 

@@ -262,3 +262,8 @@ def test_ranking_prints_and_serialises_the_same_predictions():
     flat = SourceRanking("d0", 0, 0.05, rows, 42, [], predictions=summary).to_dict()
     assert all(s["predicted_acc_drop"] is None and s["predicted_acc_drop_interval"] is None for s in flat["sources"])
     assert any(h.startswith("accuracy drop (1 − accuracy ÷ θ_ftᵀ's) is not predictable") for h in flat["headline"])
+    mean = flat["predictions"]["acc_drop"]  # the training mean and its interval, as values beside the headline
+    assert mean["training_mean"] == rows["predicted_acc_drop"].iloc[0] and mean["training_mean_interval"] == [
+        rows["predicted_acc_drop_lo"].iloc[0], rows["predicted_acc_drop_hi"].iloc[0]]
+    assert f"training mean {mean['training_mean']:.3f}" in " ".join(flat["headline"])
+    assert "training_mean" not in flat["predictions"]["ermse_norm"]

@@ -97,17 +97,23 @@ class SourceRanking:
         """The lines above the table: a quantity replaced by its training mean, and whether any source's gain
         interval lies above zero ("no source is predicted to help beyond noise")."""
         lines = []
-        first = self.rows.iloc[0] if len(self.rows) else {}
-        for q, d in self.predictions.items():
-            if not d.get("predictable", True):
-                lo, hi = (_val(first.get(f"predicted_{q}_{b}")) for b in ("lo", "hi"))
+        for q, d in self._predictions_shown().items():
+            if "training_mean" in d:
                 lines.append(f"{QUANTITIES[q]} is not predictable from the features (leave-one-out R² = "
-                             f"{d['loto_r2']:.3g} ≤ 0): training mean {_val(first.get(f'predicted_{q}')):.3f} "
-                             f"{_interval_text(lo, hi)} ({self.level:.0%}) for every source")
+                             f"{d['loto_r2']:.3g} ≤ 0): training mean {d['training_mean']:.3f} "
+                             f"{_interval_text(*d['training_mean_interval'])} ({self.level:.0%}) for every source")
         if self.no_source_beyond_noise():
             lines.append(f"no source is predicted to help beyond noise: no source's {self.level:.0%} gain interval "
                          "lies above 0")
         return lines
+
+    def _predictions_shown(self) -> dict:
+        """:attr:`predictions`; an unpredictable quantity adds its ``training_mean`` and ``training_mean_interval``."""
+        first = self.rows.iloc[0] if len(self.rows) else {}
+        return {q: d if d.get("predictable", True) else {
+            **d, "training_mean": _val(first.get(f"predicted_{q}")),
+            "training_mean_interval": [_val(first.get(f"predicted_{q}_{b}")) for b in ("lo", "hi")]}
+            for q, d in self.predictions.items()}
 
     def no_source_beyond_noise(self) -> bool | None:
         """True when no safe source's gain interval lies above 0 (None: a ranking without gain intervals)."""
@@ -146,7 +152,7 @@ class SourceRanking:
             mixes.append({**m, **{k: v for k, v in prediction_fields(r).items() if k.startswith("predicted_gain")}})
         return {"target": self.target, "tier": self.tier, "tier_name": TIER_NAMES[self.tier],
                 "max_acc_drop": self.max_acc_drop, "n_training_pairs": self.n_training_pairs, "level": self.level,
-                "predictions": self.predictions, "no_source_beyond_noise": self.no_source_beyond_noise(),
+                "predictions": self._predictions_shown(), "no_source_beyond_noise": self.no_source_beyond_noise(),
                 "headline": self.headline(), "sources": sources, "mixes": mixes, "notes": self.notes}
 
     def to_json(self) -> str:
