@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diag.curvature import build_card, GGNOperator, HessianCard, HessianOperator
-from diag.curvature.kfac import build_kfac_card, card_bytes, covered_layers, KfacCard, load_any_card
+from diag.curvature.kfac import build_kfac_card, build_kfac_cards, card_bytes, covered_layers, KfacCard, load_any_card
 from diag.curvature.kfac.factors import _Recorder
 from diag.curvature.kfac.layers import attention_forward
 from diag.curvature.operators.attention import curvature_mode
@@ -55,6 +55,30 @@ def test_a_second_input_breaks_exactness():
     assert abs(card.risk(tau) / float(tau @ ggn @ tau) - 1) > 1e-3
 
 
+class _TokenSum(nn.Module):
+    """Logits = Σ_t W x_t + b over T tokens: weight sharing whose outputs are reduced."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.lin(x).sum(1)
+
+
+def test_reduce_is_exact_for_one_input_whose_tokens_are_summed_and_expand_is_not():
+    torch.manual_seed(0)
+    model = _TokenSum().double()
+    x, y = torch.randn(1, 3, 5, dtype=torch.float64), torch.tensor([1])
+    cards = build_kfac_cards(model, [(x, y)], factor_dtype=torch.float64, gradient=False,
+                             approxes=("expand", "reduce"))
+    ggn = _dense_ggn(model, x)
+    tau = torch.randn(cards["reduce"].dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = float(tau @ ggn @ tau)
+    assert cards["reduce"].risk(tau) == pytest.approx(exact, rel=RTOL)
+    assert abs(cards["expand"].risk(tau) / exact - 1) > 1e-3
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tiny_backbone):
     g = torch.Generator().manual_seed(0)
@@ -97,7 +121,7 @@ def test_recorded_rows_rebuild_every_covered_gradient(tiny_model):
     model, data = tiny_model
     x, y = data[0]
     layers = covered_layers(model)
-    with curvature_mode(), _Recorder(model, layers, torch.float64) as rec:
+    with curvature_mode(), _Recorder(model, layers) as rec:
         loss = F.cross_entropy(model(x), y, reduction="sum")
         outs = [(sp, a, s) for sp in layers for a, s in rec.calls[sp.name]]
         grads = torch.autograd.grad(loss, [s for _, _, s in outs] + list(model.parameters()))

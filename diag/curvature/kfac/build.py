@@ -15,14 +15,24 @@ from diag.curvature.operators import GGNOperator
 from diag.curvature.params import layout_for, select_params
 from train.errors import BaseMismatchError
 
-__all__ = ["build_kfac_card"]
+__all__ = ["build_kfac_card", "build_kfac_cards"]
 
 
 def build_kfac_card(model: nn.Module, data: Iterable, params: str | Sequence[str] | None = None,
                     hessian_diag: Tensor | None = None, gradient: Tensor | bool = True,
-                    provenance: Mapping[str, Any] | None = None,
-                    factor_dtype: torch.dtype = torch.float32) -> KfacCard:
-    """The K-FAC card of the mean cross-entropy of ``model`` on ``data`` at the model's parameters.
+                    provenance: Mapping[str, Any] | None = None, factor_dtype: torch.dtype = torch.float32,
+                    approx: str = "expand") -> KfacCard:
+    """The K-FAC card of the mean cross-entropy of ``model`` on ``data`` at the model's parameters
+    (:func:`build_kfac_cards` with one approximation)."""
+    return build_kfac_cards(model, data, params, hessian_diag, gradient, provenance, factor_dtype, (approx,))[approx]
+
+
+def build_kfac_cards(model: nn.Module, data: Iterable, params: str | Sequence[str] | None = None,
+                     hessian_diag: Tensor | None = None, gradient: Tensor | bool = True,
+                     provenance: Mapping[str, Any] | None = None, factor_dtype: torch.dtype = torch.float32,
+                     approxes: Sequence[str] = ("expand",)) -> dict[str, KfacCard]:
+    """K-FAC cards of the mean cross-entropy of ``model`` on ``data`` at the model's parameters, one per
+    token approximation (:func:`~diag.curvature.kfac.factors.kfac_factors`; the same passes for all).
 
     Args:
         model: Maps ``x`` to logits ``(B, C)``.
@@ -34,6 +44,7 @@ def build_kfac_card(model: nn.Module, data: Iterable, params: str | Sequence[str
             False for none.
         provenance: Extra facts to record.
         factor_dtype: dtype the factors are kept and stored in (accumulated in float64).
+        approxes: ``expand`` (tokens as rows, the card's form) and/or ``reduce``.
 
     Raises:
         BaseMismatchError: ``hessian_diag`` or ``gradient`` of the wrong length.
@@ -42,7 +53,7 @@ def build_kfac_card(model: nn.Module, data: Iterable, params: str | Sequence[str
     layout = layout_for(model, names)
     if iter(data) is data:  # a one-shot iterator: the gradient needs a second pass
         data = list(data)
-    layers, A, G, n = kfac_factors(model, data, names, dtype=torch.float64)
+    layers, factors, n = kfac_factors(model, data, names, dtype=torch.float64, approxes=approxes)
     covered = {p for sp in layers for p in (sp.weight, sp.bias) if p is not None}
     offs = layout.offsets()
     unc = [torch.arange(*offs[nm]) for nm in layout.names if nm not in covered]
@@ -56,10 +67,12 @@ def build_kfac_card(model: nn.Module, data: Iterable, params: str | Sequence[str
         fallback = d[index].clone()
     if isinstance(gradient, bool):
         gradient = GGNOperator(model, data, params=names).gradient().detach().cpu() if gradient else None
-    prov = {"form": "kfac", "ggn": "type-2 (exact expectation over the model's labels)",
-            "tokens": "expand (tokens as extra batch rows)", "num_samples": str(n),
+    prov = {"form": "kfac", "ggn": "type-2 (exact expectation over the model's labels)", "num_samples": str(n),
             "factor_dtype": str(factor_dtype).replace("torch.", ""), "tvdiag_version": __version__,
             "fallback": "hessian diagonal" if hessian_diag is not None else "none (zeros)"}
     prov.update({str(k): str(v) for k, v in (provenance or {}).items()})
-    return KfacCard(layers, [a.to(factor_dtype).cpu() for a in A], [g.to(factor_dtype).cpu() for g in G], fallback,
-                    layout.names, layout.shapes, prov, gradient)
+    tokens = {"expand": "expand (tokens as extra batch rows)", "reduce": "reduce (per-image mean input, summed "
+              "output gradient)"}
+    return {ap: KfacCard(layers, [a.to(factor_dtype).cpu() for a in A], [g.to(factor_dtype).cpu() for g in G],
+                         fallback, layout.names, layout.shapes, {**prov, "tokens": tokens[ap]}, gradient)
+            for ap, (A, G) in factors.items()}

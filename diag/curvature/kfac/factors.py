@@ -30,25 +30,25 @@ from diag.curvature.kfac.layers import attention_forward, check_self_attention, 
 from diag.curvature.operators import _eval_mode
 from diag.curvature.operators.attention import curvature_mode
 from diag.curvature.params import select_params
-from train.errors import DataError, TvdiagError
+from train.errors import DataError, TvdiagError, unknown
 
-__all__ = ["kfac_factors"]
+__all__ = ["APPROXIMATIONS", "kfac_factors"]
 
 
 class _Recorder:
     """Forward hooks that keep, per covered layer, each call's input rows ``a`` and output tensor ``s``."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[LayerSpec], dtype: torch.dtype):
-        self.layers, self.dtype = list(layers), dtype
+    def __init__(self, model: nn.Module, layers: Sequence[LayerSpec]):
+        self.layers = list(layers)
         self.calls: dict[str, list[tuple[Tensor, Tensor]]] = {sp.name: [] for sp in self.layers}
         self.modules = dict(model.named_modules())
         self._handles: list = []
         self._pooled: dict[str, Tensor] = {}
 
     def _rows(self, sp: LayerSpec, a: Tensor) -> Tensor:
-        a = a.detach().reshape(-1, sp.in_dim).to(self.dtype)
+        a = a.detach().reshape(-1, sp.in_dim)
         if sp.bias is not None:
-            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=self.dtype, device=a.device)], dim=1)
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
         return a
 
     def _linear_hook(self, sp: LayerSpec):
@@ -129,9 +129,47 @@ def _output_sqrt(logits: Tensor) -> Tensor:
     return (eye.unsqueeze(0) - p.unsqueeze(1)) * p.sqrt().unsqueeze(2)  # [n, c, :] = √p_c (e_c − p)
 
 
+APPROXIMATIONS = ("expand", "reduce")
+
+
+def _per_sample(approx: str, rows: Tensor, B: int, reduce: str) -> Tensor:
+    """Rows as they enter a factor: as they are (``expand``), or one per sample, the mean of its inputs or
+    the sum of its output gradients (``reduce``)."""
+    if approx == "expand":
+        return rows
+    rows = rows.reshape(B, -1, rows.shape[-1])
+    return rows.mean(1) if reduce == "mean" else rows.sum(1)
+
+
+def _accumulate(layers: list[LayerSpec], logits: Tensor, outs: list[tuple[int, Tensor, Tensor]],
+                approxes: Sequence[str], A: dict, G: dict, rows: dict, dtype: torch.dtype) -> None:
+    """Add one batch's ``Σ a aᵀ`` and ``Σ_c g_c g_cᵀ`` (C backward passes through the kept graph) to every
+    approximation's sums (products in the model's dtype, sums in ``dtype``)."""
+    S = _output_sqrt(logits)
+    B = S.shape[0]
+    for j, a, _ in outs:
+        for ap in approxes:
+            r = _per_sample(ap, a, B, "mean")
+            A[ap][j] += (r.T @ r).to(dtype)
+            rows[ap][j] += r.shape[0]
+    for c in range(S.shape[1]):
+        grads = torch.autograd.grad(logits, [s for _, _, s in outs], grad_outputs=S[:, c],
+                                    retain_graph=c + 1 < S.shape[1], allow_unused=True)
+        for (j, _, _), g in zip(outs, grads):
+            if g is None:
+                continue
+            if layers[j].kind == "patch":  # one row per patch, in unfold's order
+                g = g.flatten(2).transpose(1, 2)
+            g = g.detach().reshape(-1, layers[j].out_dim)
+            for ap in approxes:
+                r = _per_sample(ap, g, B, "sum")
+                G[ap][j] += (r.T @ r).to(dtype)
+
+
 def kfac_factors(model: nn.Module, data: Iterable, params: str | Sequence[str] | None = None,
-                 dtype: torch.dtype = torch.float64) -> tuple[list[LayerSpec], list[Tensor], list[Tensor], int]:
-    """``(layers, A's, G's, N)``: the K-FAC factors (module docstring) of the mean CE over ``data``.
+                 dtype: torch.dtype = torch.float64, approxes: Sequence[str] = ("expand",),
+                 ) -> tuple[list[LayerSpec], dict[str, tuple[list[Tensor], list[Tensor]]], int]:
+    """``(layers, {approx: (A's, G's)}, N)``: the K-FAC factors (module docstring) of the mean CE over ``data``.
 
     Args:
         model: Maps a batch ``x`` to logits ``(B, C)``; evaluated at its own parameters, in eval mode
@@ -140,21 +178,29 @@ def kfac_factors(model: nn.Module, data: Iterable, params: str | Sequence[str] |
             own predictive distribution).
         params: Parameter globs the card is over (None: every parameter with requires_grad).
         dtype: Accumulation dtype of the factors (the model runs in its own dtype).
+        approxes: ``expand`` (tokens as extra rows; the card's form) and/or ``reduce`` (per sample the
+            mean input row and the summed output gradient: ``A = (1/N) Σ_n ā_n ā_nᵀ``,
+            ``G = (1/N) Σ_nc ĝ_nc ĝ_ncᵀ``), computed from the same passes.
 
     Raises:
-        TvdiagError: nothing to cover, or an attention the explicit forward does not reproduce.
+        TvdiagError: nothing to cover, an unknown approximation, or an attention the explicit forward
+            does not reproduce.
         DataError: empty data.
     """
+    for ap in approxes:
+        if ap not in APPROXIMATIONS:
+            raise unknown("K-FAC approximation", ap, APPROXIMATIONS)
     selected = set(select_params(model, params))
     layers = covered_layers(model, selected)
     if not layers:
         raise TvdiagError("no linear layer of the model is among the selected parameters: nothing to factor")
     first = next(model.parameters())
-    A = [torch.zeros(sp.a_dim, sp.a_dim, dtype=dtype, device=first.device) for sp in layers]
-    G = [torch.zeros(sp.out_dim, sp.out_dim, dtype=dtype, device=first.device) for sp in layers]
-    rows = [0] * len(layers)
+    A = {ap: [torch.zeros(sp.a_dim, sp.a_dim, dtype=dtype, device=first.device) for sp in layers] for ap in approxes}
+    G = {ap: [torch.zeros(sp.out_dim, sp.out_dim, dtype=dtype, device=first.device) for sp in layers]
+         for ap in approxes}
+    rows = {ap: [0] * len(layers) for ap in approxes}
     n = 0
-    rec = _Recorder(model, layers, dtype)
+    rec = _Recorder(model, layers)
     with contextlib.ExitStack() as stack:
         stack.enter_context(curvature_mode())
         stack.enter_context(_eval_mode(model))
@@ -163,23 +209,10 @@ def kfac_factors(model: nn.Module, data: Iterable, params: str | Sequence[str] |
             rec.clear()
             with torch.enable_grad():
                 logits = model(x)
-                S = _output_sqrt(logits)
                 outs = [(j, a, s) for j, sp in enumerate(layers) for a, s in rec.calls[sp.name]]
-                for j, a, _ in outs:
-                    A[j] += a.T @ a
-                    rows[j] += a.shape[0]
-                for c in range(S.shape[1]):
-                    grads = torch.autograd.grad(logits, [s for _, _, s in outs], grad_outputs=S[:, c],
-                                                retain_graph=c + 1 < S.shape[1], allow_unused=True)
-                    for (j, _, s), g in zip(outs, grads):
-                        if g is not None:
-                            if layers[j].kind == "patch":  # one row per patch, in unfold's order
-                                g = g.flatten(2).transpose(1, 2)
-                            g = g.detach().reshape(-1, layers[j].out_dim).to(dtype)
-                            G[j] += g.T @ g
+                _accumulate(layers, logits, outs, approxes, A, G, rows, dtype)
             n += x.shape[0]
     if n == 0:
         raise DataError("The dataset is empty (no samples).")
-    A = [a / max(r, 1) for a, r in zip(A, rows)]
-    G = [g / n for g in G]
-    return layers, A, G, n
+    return layers, {ap: ([a / max(r, 1) for a, r in zip(A[ap], rows[ap])], [g / n for g in G[ap]])
+                    for ap in approxes}, n
