@@ -1,0 +1,225 @@
+"""How close each Hessian-card form comes to the exact risk R(τ*ˢ; Hᵀ) = τ*ˢᵀ Hᵀ τ*ˢ, and at what size.
+
+For every (target, training seed) of a study table the script rebuilds, from the store and on the
+images the study's card used (the target's first ``n_images`` train images at θ_ftᵀ), the
+Kronecker-factored card (:func:`diag.curvature.kfac.build_kfac_cards`: type-2 GGN factors per
+linear layer, tokens expanded — and the "reduce" convention beside it — with the store's Hutchinson
+diagonal on the uncovered parameters and the eig card's gradient g), and scores every source's τ*ˢ
+with it next to the table's ``risk_exact``, ``risk_card`` (top-k eigenpairs + residual diagonal)
+and ``risk_diag``. Hybrid forms add the eig card's top-k correction to K-FAC:
+``R_hyb = R_kfac + Σ_i (l_i − v_iᵀ K v_i)(v_iᵀ τ)²`` (K the K-FAC card's matrix).
+
+Per form it prints the share of pairs with R_form / R_exact within ×1.5, the median ratio, the
+Spearman correlation with R_exact (all pairs, and the mean of per-(target, seed) correlations),
+the same after a leave-one-target-out calibration (scale = median R_exact / R_form over the other
+targets' pairs), and the card's size in MB at the store's backbone and at ViT-B/32 (from shapes:
+float32 factors as packed triangles, float64 eigenvectors and diagonals, a float32 gradient).
+
+The store is only read: the K-FAC cards are written under ``--out``; a (target, seed) whose
+curvature the study has not cached is refused rather than built.
+
+    TVDIAG_STORE=/work/store python scripts/card_fidelity.py --study /work/out/allpairs --out OUT [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+from diag.curvature import GGNOperator, risk_diagonal  # noqa: E402
+from diag.curvature.kfac import build_kfac_cards, card_bytes, covered_layers, KfacCard  # noqa: E402
+from diag.features.pair_features import CurvatureSettings, Diagnostics  # noqa: E402
+from diag.runtime.context import Context  # noqa: E402
+from diag.table import load_study, select_run  # noqa: E402
+from train.errors import ArtifactError  # noqa: E402
+
+WITHIN = 1.5
+VITB32 = {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32}}
+
+
+def _store_files(folder: Path) -> dict[str, tuple[float, int]]:
+    return {str(p): (p.stat().st_mtime, p.stat().st_size) for p in folder.rglob("*") if p.is_file()}
+
+
+def _kfac_cards(diag: Diagnostics, target: str, seed: int, out: Path, approxes: list[str]):
+    """The K-FAC cards of (target, seed), loaded from ``out`` or built on the card's images and saved there."""
+    paths = {ap: out / "cards" / f"seed{seed}" / f"{target}-kfac-{ap}.safetensors" for ap in approxes}
+    if all(p.is_file() for p in paths.values()):
+        return {ap: KfacCard.load(p) for ap, p in paths.items()}
+    curv, op = diag.curvature(target), diag.operator(target)
+    cards = build_kfac_cards(op.model, op.data, params=list(op.param_names), hessian_diag=curv.diag,
+                             gradient=curv.card.gradient, approxes=tuple(approxes),
+                             provenance={"target": target, "seed": seed, "key": diag._curvature_key(target),
+                                         "point": "theta_ft of the target", "n_images": diag.settings.n_images})
+    for ap, p in paths.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        cards[ap].save(p)
+    return cards
+
+
+def target_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], out: Path,
+                approxes: list[str], ggn: bool) -> list[dict]:
+    """One row per source: every form's risk of τ*ˢ on Hᵀ of (target, seed)."""
+    for path in (diag.card_path(target), diag.diag_path(target)):
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing: the study has not cached {target}'s curvature for seed {seed} "
+                                "(this script reads the store, it never builds into it)")
+    curv = diag.curvature(target)
+    cards = _kfac_cards(diag, target, seed, out, approxes)
+    V, lam = curv.card.eigvecs.double(), curv.card.eigvals.double()
+    corr = {ap: torch.tensor([float(lam[i]) - c.risk(V[:, i]) for i in range(len(lam))], dtype=torch.float64)
+            for ap, c in cards.items()}
+    G = GGNOperator(diag.operator(target).model, diag.operator(target).data) if ggn else None
+    rows = []
+    for source in sources:
+        tau = curv.card.layout.flatten(diag.vector(source, "star").tensors, dtype=torch.float64)
+        a2 = (V.T @ tau).pow(2)
+        row = {"source": source, "target": target, "seed": seed, "risk_card_recomputed": curv.card.risk(tau),
+               "risk_diag_recomputed": risk_diagonal(curv.diag, tau)}
+        for ap, c in cards.items():
+            kf, fb = c.risk_parts(tau)
+            row[f"risk_kfac_{ap}"] = kf + fb
+            row[f"risk_kfac_{ap}_fallback"] = fb
+            row[f"risk_hybrid_{ap}"] = kf + fb + float((corr[ap] * a2).sum())
+        if G is not None:
+            t = tau.to(G.dtype)
+            row["risk_ggn"] = float(t.double() @ (G @ t).double())
+        rows.append(row)
+    return rows
+
+
+def _loto(df: pd.DataFrame, col: str) -> pd.Series:
+    """``col`` scaled per target by the median R_exact / R_form of the other targets' pairs."""
+    ratio = df["risk_exact"] / df[col]
+    scale = {t: float(ratio[df["target"] != t].median()) for t in df["target"].unique()}
+    return df[col] * df["target"].map(scale)
+
+
+def fidelity(df: pd.DataFrame, values: pd.Series) -> dict:
+    """Within-×1.5 share, median ratio, Spearman with R_exact (all pairs; mean per (target, seed))."""
+    ratio = values / df["risk_exact"]
+    per = [spearmanr(values[g.index], g["risk_exact"]).statistic
+           for _, g in df.groupby(["target", "seed"]) if len(g) >= 3]
+    return {"within_1.5": float(((ratio >= 1 / WITHIN) & (ratio <= WITHIN)).mean()),
+            "median_ratio": float(ratio.median()),
+            "spearman": float(spearmanr(values, df["risk_exact"]).statistic),
+            "spearman_per_target": float(np.nanmean(per)) if per else float("nan")}
+
+
+def sizes(model_dim: int, layers: list, k: int) -> dict[str, float]:
+    """MB per card of each form (float32 gradient on every form)."""
+    g = model_dim * 4
+    kfac = card_bytes(layers, model_dim)
+    eig = model_dim * k * 8 + k * 8
+    return {"eig+diag": (eig + model_dim * 8 + g) / 1e6, "diag": (model_dim * 8 + g) / 1e6,
+            "kfac": kfac / 1e6, "hybrid": (kfac + eig) / 1e6, "gradient": g / 1e6}
+
+
+def vitb32_shapes() -> tuple[int, list]:
+    """(D, covered layers) of the ViT-B/32 vision tower, built on the meta device (no memory, no weights)."""
+    from open_clip.model import _build_vision_tower  # defer: only for the size table
+
+    with torch.device("meta"):
+        visual = _build_vision_tower(VITB32["embed_dim"], VITB32["vision_cfg"])
+    return sum(p.numel() for p in visual.parameters()), covered_layers(visual)
+
+
+def forms(approxes: list[str], ggn: bool) -> dict[str, tuple[str, str]]:
+    """Form name → (table column, size key)."""
+    out = {"eig8+diag (today)": ("risk_card", "eig+diag"), "diag alone": ("risk_diag", "diag")}
+    for ap in approxes:
+        out[f"kfac-{ap}+diag"] = (f"risk_kfac_{ap}", "kfac")
+        out[f"kfac-{ap}+eig8 hybrid"] = (f"risk_hybrid_{ap}", "hybrid")
+    if ggn:
+        out["exact GGN (reference)"] = ("risk_ggn", None)
+    return out
+
+
+def summarize(df: pd.DataFrame, approxes: list[str], ggn: bool, tiny: dict, vitb: dict) -> dict:
+    out = {}
+    for name, (col, size) in forms(approxes, ggn).items():
+        out[name] = {**fidelity(df, df[col]), "loto_calibrated": fidelity(df, _loto(df, col)),
+                     "mb_store_backbone": tiny.get(size), "mb_vitb32": vitb.get(size)}
+    return out
+
+
+def render(summary: dict) -> str:
+    head = (f"{'form':28s} {'×1.5':>6s} {'median':>7s} {'ρ all':>6s} {'ρ/tgt':>6s} | {'LOTO ×1.5':>9s} "
+            f"{'median':>7s} {'ρ all':>6s} | {'MB tiny':>8s} {'MB B/32':>8s}")
+    lines = [head, "-" * len(head)]
+    for name, s in summary.items():
+        c = s["loto_calibrated"]
+        mb = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append(f"{name:28s} {s['within_1.5']:6.2f} {s['median_ratio']:7.3f} {s['spearman']:6.3f} "
+                     f"{s['spearman_per_target']:6.3f} | {c['within_1.5']:9.2f} {c['median_ratio']:7.3f} "
+                     f"{c['spearman']:6.3f} | {mb(s['mb_store_backbone']):>8s} {mb(s['mb_vitb32']):>8s}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", required=True, type=Path, help="study folder (pairs.csv)")
+    p.add_argument("--store", type=Path, default=os.environ.get("TVDIAG_STORE"), help="default $TVDIAG_STORE")
+    p.add_argument("--preset", default="default")
+    p.add_argument("--out", required=True, type=Path, help="where K-FAC cards, pairs and the summary go")
+    p.add_argument("--seeds", type=int, nargs="*", default=None, help="default: every seed of the table")
+    p.add_argument("--targets", nargs="*", default=None)
+    p.add_argument("--variant", default="paper")
+    p.add_argument("--approx", nargs="+", default=["expand", "reduce"], choices=("expand", "reduce"))
+    p.add_argument("--ggn", action="store_true", help="also the exact GGN risk (one GGN product per pair)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+    table = select_run(load_study(args.study), args.variant, "all").drop_duplicates(["source", "target", "seed"])
+    seeds = sorted(set(int(s) for s in table["seed"])) if args.seeds is None else args.seeds
+    targets = sorted(table["target"].unique()) if args.targets is None else args.targets
+    ctx = Context(store_root=args.store, preset=args.preset, progress=False)
+    store_dir = ctx.store.folder
+    before = _store_files(store_dir)
+    rows = []
+    for seed in seeds:
+        ws = ctx.workspace(float(table["alpha"].iloc[0]), seed=seed, variant=args.variant)
+        diag = Diagnostics(ws, settings=CurvatureSettings(), data_parallel=False)
+        for target in targets:
+            sub = table[(table["seed"] == seed) & (table["target"] == target)]
+            if len(sub):
+                rows += target_rows(diag, target, seed, list(sub["source"]), args.out, args.approx, args.ggn)
+                print(f"seed {seed} {target}: {len(sub)} sources", file=sys.stderr, flush=True)
+    cols = ["source", "target", "seed", "risk_exact", "risk_card", "risk_diag"]
+    df = pd.DataFrame(rows).merge(table[cols], on=["source", "target", "seed"]).reset_index(drop=True)
+    df.to_csv(args.out / "card_fidelity_pairs.csv", index=False)
+
+    model_card = KfacCard.load(next((args.out / "cards").rglob("*-kfac-expand.safetensors"), None)
+                               or next((args.out / "cards").rglob("*.safetensors")))
+    k = int(diag.settings.k)
+    tiny = sizes(model_card.dim, list(model_card.layers), k)
+    vitb = sizes(*vitb32_shapes(), k)
+    summary = {"n_pairs": len(df), "seeds": seeds, "targets": targets, "forms": summarize(df, args.approx, args.ggn,
+                                                                                           tiny, vitb),
+               "uncovered": {"names": list(model_card.uncovered_names), "count": len(model_card.uncovered_index),
+                             "dim": model_card.dim},
+               "card_recomputed_max_rel_diff": float(((df["risk_card_recomputed"] - df["risk_card"]).abs()
+                                                      / df["risk_card"].abs()).max()),
+               "store_untouched": _store_files(store_dir) == before}
+    (args.out / "card_fidelity.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1) if args.json else render(summary["forms"]))
+    if not args.json:
+        print(f"{len(df)} pairs; K-FAC leaves {summary['uncovered']['count']} of {model_card.dim} parameters to the "
+              f"diagonal; store untouched: {summary['store_untouched']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""The K-FAC card form through the CLI: `diag card --card-form kfac`, then `rank-sources --card` scores with it."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests._smoke import BACKBONE_ID, one_thread, smoke_store
+from tests.test_openworld import _cli, _finetuned, _image_folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def test_kfac_card_from_the_cli_ranks_sources(tmp_path):
+    src = smoke_store()
+    root = tmp_path / "store"
+    shutil.copytree(src.folder, root / BACKBONE_ID, ignore=shutil.ignore_patterns("studies", "curvature"))
+    backbone, _ = src.load_base()
+    whole = {k: v.detach().clone() for k, v in backbone.clip.state_dict().items()}
+    store = ["--store", str(root), "--preset", "smoke", "--quiet"]
+    save_file(_finetuned(whole, 5), tmp_path / "target.safetensors")
+    data = _image_folder(tmp_path / "pets")
+    card = tmp_path / "card.safetensors"
+    code, out = _cli("card", "--target", "pets", "--model", str(tmp_path / "target.safetensors"), "--data",
+                     f"pets={data}", "--out", str(card), "--n-images", "8", "--probes", "4", "--card-form", "kfac",
+                     "--json", *store)
+    assert code == 0, out
+    rec = json.loads(out)
+    assert rec["form"] == "kfac" and rec["layers"] > 0 and rec["uncovered"] > 0
+    from diag.curvature.kfac import KfacCard, load_any_card
+
+    loaded = load_any_card(card)
+    assert isinstance(loaded, KfacCard) and loaded.gradient is not None
+    code, out = _cli("rank-sources", "--target", "pets", "--target-model", str(tmp_path / "target.safetensors"),
+                     "--card", str(card), "--sources", str(root / BACKBONE_ID / "vectors"), "--json", *store)
+    assert code == 0, out
+    ranking = json.loads(out)
+    assert ranking["tier"] == 1
+    from train.store import Store
+
+    tau = Store(root, BACKBONE_ID).explainability_vector("mnist", 0.8).tensors
+    mnist = next(s for s in ranking["sources"] if s["source"] == "mnist")
+    assert mnist["risk_card"] == pytest.approx(loaded.risk(tau), rel=1e-6)
+    assert mnist["risk_card"] > 0 and mnist["risk_diag"] > 0
