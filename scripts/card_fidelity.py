@@ -68,6 +68,17 @@ def _kfac_cards(diag: Diagnostics, target: str, seed: int, out: Path, approxes: 
     return cards
 
 
+def _layer_scales(card: KfacCard, hdiag: torch.Tensor) -> list[float]:
+    """Per layer Σ diag(H) / Σ diag(A ⊗ G) over its entries: the scale that gives the layer's block the trace
+    of the Hessian's (the Hutchinson diagonal the card already holds for its fallback)."""
+    kd, offs = card.diagonal(), card.layout.offsets()
+    out = []
+    for sp in card.layers:
+        idx = torch.cat([torch.arange(*offs[p]) for p in (sp.weight, sp.bias) if p is not None])
+        out.append(float(hdiag[idx].sum() / kd[idx].sum()))
+    return out
+
+
 def target_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], out: Path,
                 approxes: list[str], ggn: bool) -> list[dict]:
     """One row per source: every form's risk of τ*ˢ on Hᵀ of (target, seed)."""
@@ -80,6 +91,8 @@ def target_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], o
     V, lam = curv.card.eigvecs.double(), curv.card.eigvals.double()
     corr = {ap: torch.tensor([float(lam[i]) - c.risk(V[:, i]) for i in range(len(lam))], dtype=torch.float64)
             for ap, c in cards.items()}
+    dcorr = {ap: curv.diag.double() - c.diagonal() for ap, c in cards.items()}
+    scales = {ap: _layer_scales(c, curv.diag.double()) for ap, c in cards.items()}
     G = GGNOperator(diag.operator(target).model, diag.operator(target).data) if ggn else None
     rows = []
     for source in sources:
@@ -92,6 +105,8 @@ def target_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], o
             row[f"risk_kfac_{ap}"] = kf + fb
             row[f"risk_kfac_{ap}_fallback"] = fb
             row[f"risk_hybrid_{ap}"] = kf + fb + float((corr[ap] * a2).sum())
+            row[f"risk_kfac_{ap}_diagcorr"] = kf + fb + float((dcorr[ap] * tau.pow(2)).sum())
+            row[f"risk_kfac_{ap}_tracescaled"] = fb + sum(a * b for a, b in zip(scales[ap], c.layer_risks(tau)))
         if G is not None:
             t = tau.to(G.dtype)
             row["risk_ggn"] = float(t.double() @ (G @ t).double())
@@ -141,6 +156,8 @@ def forms(approxes: list[str], ggn: bool) -> dict[str, tuple[str, str]]:
     for ap in approxes:
         out[f"kfac-{ap}+diag"] = (f"risk_kfac_{ap}", "kfac")
         out[f"kfac-{ap}+eig8 hybrid"] = (f"risk_hybrid_{ap}", "hybrid")
+        out[f"kfac-{ap}, diag→H diag"] = (f"risk_kfac_{ap}_diagcorr", "kfac")
+        out[f"kfac-{ap}, layer trace→H"] = (f"risk_kfac_{ap}_tracescaled", "kfac")
     if ggn:
         out["exact GGN (reference)"] = ("risk_ggn", None)
     return out

@@ -104,6 +104,20 @@ def test_tiny_clip_layers_are_covered_with_psd_factors_and_positive_risk(tiny_mo
         assert card.risk(tau) > 0
 
 
+def test_diagonal_is_the_risk_of_unit_vectors(tiny_model):
+    model, data = tiny_model
+    card = build_kfac_card(model, data, hessian_diag=torch.rand(sum(p.numel() for p in model.parameters()),
+                                                                dtype=torch.float64), factor_dtype=torch.float64)
+    d = card.diagonal()
+    offs = card.layout.offsets()
+    for name in ("visual.proj", "visual.conv1.weight", "visual.transformer.resblocks.1.attn.in_proj_bias",
+                 "visual.transformer.resblocks.0.mlp.c_fc.weight", "visual.ln_post.bias"):
+        j = offs[name][0] + 5
+        e = torch.zeros(card.dim, dtype=torch.float64)
+        e[j] = 1.0
+        assert card.risk(e) == pytest.approx(float(d[j]), rel=1e-12)
+
+
 def test_projection_of_one_image_equals_the_exact_ggn_block(tiny_model):
     """visual.proj sees one row (the pooled token) per image: on one image its block is exact."""
     model, data = tiny_model

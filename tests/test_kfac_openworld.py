@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from tests._smoke import BACKBONE_ID, one_thread, smoke_store

@@ -143,6 +143,22 @@ class KfacCard:
             out.append(float(((g.double() @ T @ a.double()) * T).sum()))
         return out
 
+    def diagonal(self) -> Tensor:
+        """``(D,)`` float64 diagonal of the card's matrix: ``G_oo A_ii`` on a layer's entry ``(o, i)`` (a folded
+        bias: ``i`` = the last input), ``d_j`` on an uncovered entry."""
+        out = torch.zeros(self.dim, dtype=torch.float64)
+        out[self.uncovered_index] = self.fallback_diag.double().cpu()
+        offs = self.layout.offsets()
+        for sp, a, g in zip(self.layers, self.A, self.G):
+            da, dg = a.double().diagonal().cpu(), g.double().diagonal().cpu()
+            w = torch.outer(dg, da[:sp.in_dim])
+            lo, hi = offs[sp.weight]
+            out[lo:hi] = (w.T if sp.kind == "proj" else w).reshape(-1)
+            if sp.bias is not None:
+                lo, hi = offs[sp.bias]
+                out[lo:hi] = dg * da[-1]
+        return out
+
     def risk_parts(self, tau: Tensor | Mapping[str, Tensor]) -> tuple[float, float]:
         """``(Σ_l tr(T_lᵀ G_l T_l A_l), Σ_{j uncovered} d_j τ_j²)`` (float64)."""
         t = self._flat(tau)

@@ -32,7 +32,7 @@ from diag.curvature.operators.attention import curvature_mode
 from diag.curvature.params import select_params
 from train.errors import DataError, TvdiagError, unknown
 
-__all__ = ["APPROXIMATIONS", "kfac_factors"]
+__all__ = ["APPROXIMATIONS", "class_gradients", "kfac_factors", "layer_passes"]
 
 
 class _Recorder:
@@ -141,26 +141,56 @@ def _per_sample(approx: str, rows: Tensor, B: int, reduce: str) -> Tensor:
     return rows.mean(1) if reduce == "mean" else rows.sum(1)
 
 
+def layer_passes(model: nn.Module, data: Iterable, layers: Sequence[LayerSpec]
+                 ) -> Iterator[tuple[Tensor, list[tuple[int, Tensor, Tensor]]]]:
+    """Per batch ``(logits, [(layer index, input rows a, output tensor s)])`` with the graph alive, in eval mode
+    and on the math attention kernel (restored when the generator ends); ``a`` carries the bias column."""
+    first = next(model.parameters())
+    rec = _Recorder(model, layers)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(curvature_mode())
+        stack.enter_context(_eval_mode(model))
+        stack.enter_context(rec)
+        for x, _ in _batches(data, first.device, first.dtype):
+            rec.clear()
+            with torch.enable_grad():
+                logits = model(x)
+                yield logits, [(j, a, s) for j, sp in enumerate(layers) for a, s in rec.calls[sp.name]]
+
+
+def class_gradients(layers: Sequence[LayerSpec], logits: Tensor, outs: list[tuple[int, Tensor, Tensor]]
+                    ) -> Iterator[list[Tensor | None]]:
+    """For each column ``c`` of ``S`` (``S Sᵀ = diag p − p pᵀ``), the output-gradient rows ``g_c`` of every
+    recorded output (``(rows, out_dim)``, the rows of its ``a``; None where the logits do not depend on it).
+    One backward pass per class through the graph of :func:`layer_passes`."""
+    S = _output_sqrt(logits)
+    for c in range(S.shape[1]):
+        grads = torch.autograd.grad(logits, [s for _, _, s in outs], grad_outputs=S[:, c],
+                                    retain_graph=c + 1 < S.shape[1], allow_unused=True)
+        out = []
+        for (j, _, _), g in zip(outs, grads):
+            if g is not None:
+                if layers[j].kind == "patch":  # one row per patch, in unfold's order
+                    g = g.flatten(2).transpose(1, 2)
+                g = g.detach().reshape(-1, layers[j].out_dim)
+            out.append(g)
+        yield out
+
+
 def _accumulate(layers: list[LayerSpec], logits: Tensor, outs: list[tuple[int, Tensor, Tensor]],
                 approxes: Sequence[str], A: dict, G: dict, rows: dict, dtype: torch.dtype) -> None:
-    """Add one batch's ``Σ a aᵀ`` and ``Σ_c g_c g_cᵀ`` (C backward passes through the kept graph) to every
-    approximation's sums (products in the model's dtype, sums in ``dtype``)."""
-    S = _output_sqrt(logits)
-    B = S.shape[0]
+    """Add one batch's ``Σ a aᵀ`` and ``Σ_c g_c g_cᵀ`` to every approximation's sums (products in the
+    model's dtype, sums in ``dtype``)."""
+    B = logits.shape[0]
     for j, a, _ in outs:
         for ap in approxes:
             r = _per_sample(ap, a, B, "mean")
             A[ap][j] += (r.T @ r).to(dtype)
             rows[ap][j] += r.shape[0]
-    for c in range(S.shape[1]):
-        grads = torch.autograd.grad(logits, [s for _, _, s in outs], grad_outputs=S[:, c],
-                                    retain_graph=c + 1 < S.shape[1], allow_unused=True)
+    for grads in class_gradients(layers, logits, outs):
         for (j, _, _), g in zip(outs, grads):
             if g is None:
                 continue
-            if layers[j].kind == "patch":  # one row per patch, in unfold's order
-                g = g.flatten(2).transpose(1, 2)
-            g = g.detach().reshape(-1, layers[j].out_dim)
             for ap in approxes:
                 r = _per_sample(ap, g, B, "sum")
                 G[ap][j] += (r.T @ r).to(dtype)
@@ -200,18 +230,9 @@ def kfac_factors(model: nn.Module, data: Iterable, params: str | Sequence[str] |
          for ap in approxes}
     rows = {ap: [0] * len(layers) for ap in approxes}
     n = 0
-    rec = _Recorder(model, layers)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(curvature_mode())
-        stack.enter_context(_eval_mode(model))
-        stack.enter_context(rec)
-        for x, _ in _batches(data, first.device, first.dtype):
-            rec.clear()
-            with torch.enable_grad():
-                logits = model(x)
-                outs = [(j, a, s) for j, sp in enumerate(layers) for a, s in rec.calls[sp.name]]
-                _accumulate(layers, logits, outs, approxes, A, G, rows, dtype)
-            n += x.shape[0]
+    for logits, outs in layer_passes(model, data, layers):
+        _accumulate(layers, logits, outs, approxes, A, G, rows, dtype)
+        n += logits.shape[0]
     if n == 0:
         raise DataError("The dataset is empty (no samples).")
     return layers, {ap: ([a / max(r, 1) for a, r in zip(A[ap], rows[ap])], [g / n for g in G[ap]])
