@@ -39,6 +39,7 @@ from scipy.stats import spearmanr  # noqa: E402
 
 from diag.curvature import GGNOperator, risk_diagonal  # noqa: E402
 from diag.curvature.kfac import build_kfac_cards, card_bytes, covered_layers, KfacCard  # noqa: E402
+from diag.curvature.kfac.factors import class_gradients, layer_passes  # noqa: E402
 from diag.features.pair_features import CurvatureSettings, Diagnostics  # noqa: E402
 from diag.runtime.context import Context  # noqa: E402
 from diag.table import load_study, select_run  # noqa: E402
@@ -79,6 +80,35 @@ def _layer_scales(card: KfacCard, hdiag: torch.Tensor) -> list[float]:
     return out
 
 
+def ggn_covered(model, data, layers: list, taus: list[dict]) -> tuple[torch.Tensor, ...]:
+    """``(full, block-diagonal, per-image reduced)`` GGN risks of each τ restricted to the covered layers:
+    with ``u_ncl = Σ_t g_ntcᵀ T_l a_nt`` (exact: the layer's part of the logits' derivative along τ, seen
+    through S_nᵀ), full = (1/N) Σ_nc (Σ_l u_ncl)² and block-diagonal = (1/N) Σ_ncl u_ncl², from the factors'
+    own pass; per-image reduced replaces u_ncl by ``(Σ_t g_ntc)ᵀ T_l mean_t(a_nt)`` (what a card of per-image
+    reduced activations and gradients would score, cross-layer terms kept)."""
+    S = len(taus)
+    full, block, n = torch.zeros(S, dtype=torch.float64), torch.zeros(S, dtype=torch.float64), 0
+    reduced = torch.zeros(S, dtype=torch.float64)
+    blocks = [torch.stack([sp.block(t) for t in taus]) for sp in layers]  # (S, out, a_dim)
+    for logits, outs in layer_passes(model, data, layers):
+        B = logits.shape[0]
+        P = [torch.einsum("ri,soi->sro", a, blocks[j].to(a.dtype)) for j, a, _ in outs]
+        Pbar = [p.reshape(S, B, -1, p.shape[-1]).mean(2) for p in P]  # T_l mean_t a_nt
+        for grads in class_gradients(layers, logits, outs):
+            total = torch.zeros(S, B, dtype=torch.float64)
+            red = torch.zeros(S, B, dtype=torch.float64)
+            for p, pb, g in zip(P, Pbar, grads):
+                if g is not None:
+                    u = torch.einsum("sro,ro->sr", p, g).reshape(S, B, -1).sum(-1).double()
+                    total += u
+                    block += u.pow(2).sum(1)
+                    red += torch.einsum("sbo,bo->sb", pb, g.reshape(B, -1, g.shape[-1]).sum(1)).double()
+            full += total.pow(2).sum(1)
+            reduced += red.pow(2).sum(1)
+        n += B
+    return full / n, block / n, reduced / n
+
+
 def target_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], out: Path,
                 approxes: list[str], ggn: bool) -> list[dict]:
     """One row per source: every form's risk of τ*ˢ on Hᵀ of (target, seed)."""
@@ -94,8 +124,12 @@ def target_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], o
     dcorr = {ap: curv.diag.double() - c.diagonal() for ap, c in cards.items()}
     scales = {ap: _layer_scales(c, curv.diag.double()) for ap, c in cards.items()}
     G = GGNOperator(diag.operator(target).model, diag.operator(target).data) if ggn else None
+    if ggn:
+        op = diag.operator(target)
+        cov_full, cov_block, cov_red = ggn_covered(op.model, op.data, list(cards[approxes[0]].layers),
+                                          [diag.vector(src, "star").tensors for src in sources])
     rows = []
-    for source in sources:
+    for i, source in enumerate(sources):
         tau = curv.card.layout.flatten(diag.vector(source, "star").tensors, dtype=torch.float64)
         a2 = (V.T @ tau).pow(2)
         row = {"source": source, "target": target, "seed": seed, "risk_card_recomputed": curv.card.risk(tau),
@@ -110,6 +144,8 @@ def target_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], o
         if G is not None:
             t = tau.to(G.dtype)
             row["risk_ggn"] = float(t.double() @ (G @ t).double())
+            row["risk_ggn_covered"], row["risk_ggn_covered_blockdiag"] = float(cov_full[i]), float(cov_block[i])
+            row["risk_per_image_reduced"] = float(cov_red[i])
         rows.append(row)
     return rows
 
@@ -160,6 +196,9 @@ def forms(approxes: list[str], ggn: bool) -> dict[str, tuple[str, str]]:
         out[f"kfac-{ap}, layer trace→H"] = (f"risk_kfac_{ap}_tracescaled", "kfac")
     if ggn:
         out["exact GGN (reference)"] = ("risk_ggn", None)
+        out["exact GGN, covered layers"] = ("risk_ggn_covered", None)
+        out["exact GGN, covered, blockdiag"] = ("risk_ggn_covered_blockdiag", None)
+        out["per-image reduced (covered)"] = ("risk_per_image_reduced", None)
     return out
 
 
