@@ -28,7 +28,7 @@ import torch
 from diag.constants import PAPER_LAMBDA2, PREDICTION_LEVEL
 from diag.curvature.card import build_card
 from diag.curvature.hutchinson import hutchinson_diagonal
-from diag.curvature.kfac import build_kfac_card, KFAC_FORMAT
+from diag.curvature.kfac import build_kfac_card, CARD_FORMS, KFAC_FORMAT
 from diag.curvature.operators import HessianOperator
 from diag.decide.predictor import fit_pair_predictor, MIN_TRAINING_PAIRS, rank_sources, tier_features, training_pairs
 from diag.decide.ranking import SourceRanking
@@ -48,9 +48,6 @@ from train.external_weights import (_is_safetensors, file_sha256, import_weights
 from train.model import load_visual_state, SelfExplainingCLIP, text_head
 from train.store import alpha_tag, base_state
 from train.tensorio import dumps, read_metadata
-
-#: Forms of the Hessian card `diag card` writes (the eig form is the default).
-CARD_FORMS = ("eig", "kfac")
 
 
 def _checkpoint_rename(names) -> Callable[[str], str]:

@@ -7,9 +7,9 @@
 """
 
 from diag.curvature.kfac.build import build_kfac_card, build_kfac_cards
-from diag.curvature.kfac.card import card_bytes, KFAC_FORMAT, KfacCard, load_any_card
+from diag.curvature.kfac.card import CARD_FORMS, card_bytes, KFAC_FORMAT, KfacCard, load_any_card
 from diag.curvature.kfac.factors import kfac_factors
 from diag.curvature.kfac.layers import covered_layers, LayerSpec
 
-__all__ = ["KFAC_FORMAT", "KfacCard", "LayerSpec", "build_kfac_card", "build_kfac_cards", "card_bytes", "covered_layers",
+__all__ = ["CARD_FORMS", "KFAC_FORMAT", "KfacCard", "LayerSpec", "build_kfac_card", "build_kfac_cards", "card_bytes", "covered_layers",
            "kfac_factors", "load_any_card"]

@@ -33,9 +33,11 @@ from diag.curvature.params import ParamLayout
 from train.errors import ArtifactError, BaseMismatchError
 from train.tensorio import load_tensors, read_metadata, save_tensors
 
-__all__ = ["KFAC_FORMAT", "KfacCard", "card_bytes", "load_any_card"]
+__all__ = ["CARD_FORMS", "KFAC_FORMAT", "KfacCard", "card_bytes", "load_any_card"]
 
 KFAC_FORMAT = "tvdiag.kfac_card/1"
+#: Forms of the Hessian card: ``eig`` (top-k eigenpairs + residual diagonal, the default) and ``kfac``.
+CARD_FORMS = ("eig", "kfac")
 
 
 def _packed(n: int) -> int:
