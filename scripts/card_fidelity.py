@@ -123,9 +123,10 @@ def target_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], o
             for ap, c in cards.items()}
     dcorr = {ap: curv.diag.double() - c.diagonal() for ap, c in cards.items()}
     scales = {ap: _layer_scales(c, curv.diag.double()) for ap, c in cards.items()}
-    G = GGNOperator(diag.operator(target).model, diag.operator(target).data) if ggn else None
+    G = None
     if ggn:
         op = diag.operator(target)
+        G = GGNOperator(op.model, op.data)
         cov_full, cov_block, cov_red = ggn_covered(op.model, op.data, list(cards[approxes[0]].layers),
                                           [diag.vector(src, "star").tensors for src in sources])
     rows = []
@@ -173,8 +174,10 @@ def sizes(model_dim: int, layers: list, k: int) -> dict[str, float]:
     g = model_dim * 4
     kfac = card_bytes(layers, model_dim)
     eig = model_dim * k * 8 + k * 8
+    covered = sum(sp.out_dim * sp.a_dim for sp in layers)
     return {"eig+diag": (eig + model_dim * 8 + g) / 1e6, "diag": (model_dim * 8 + g) / 1e6,
-            "kfac": kfac / 1e6, "hybrid": (kfac + eig) / 1e6, "gradient": g / 1e6}
+            "kfac": kfac / 1e6, "hybrid": (kfac + eig) / 1e6, "kfac+fulldiag": (kfac + covered * 8) / 1e6,
+            "gradient": g / 1e6}
 
 
 def vitb32_shapes() -> tuple[int, list]:
@@ -192,7 +195,7 @@ def forms(approxes: list[str], ggn: bool) -> dict[str, tuple[str, str]]:
     for ap in approxes:
         out[f"kfac-{ap}+diag"] = (f"risk_kfac_{ap}", "kfac")
         out[f"kfac-{ap}+eig8 hybrid"] = (f"risk_hybrid_{ap}", "hybrid")
-        out[f"kfac-{ap}, diag→H diag"] = (f"risk_kfac_{ap}_diagcorr", "kfac")
+        out[f"kfac-{ap}, diag→H diag"] = (f"risk_kfac_{ap}_diagcorr", "kfac+fulldiag")
         out[f"kfac-{ap}, layer trace→H"] = (f"risk_kfac_{ap}_tracescaled", "kfac")
     if ggn:
         out["exact GGN (reference)"] = ("risk_ggn", None)
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default="paper")
     p.add_argument("--approx", nargs="+", default=["expand", "reduce"], choices=("expand", "reduce"))
     p.add_argument("--ggn", action="store_true", help="also the exact GGN risk (one GGN product per pair)")
+    p.add_argument("--name", default="card_fidelity", help="file names of the pairs table and summary under --out")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"seed {seed} {target}: {len(sub)} sources", file=sys.stderr, flush=True)
     cols = ["source", "target", "seed", "risk_exact", "risk_card", "risk_diag"]
     df = pd.DataFrame(rows).merge(table[cols], on=["source", "target", "seed"]).reset_index(drop=True)
-    df.to_csv(args.out / "card_fidelity_pairs.csv", index=False)
+    df.to_csv(args.out / f"{args.name}_pairs.csv", index=False)
 
     model_card = KfacCard.load(next((args.out / "cards").rglob("*-kfac-expand.safetensors"), None)
                                or next((args.out / "cards").rglob("*.safetensors")))
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                "card_recomputed_max_rel_diff": float(((df["risk_card_recomputed"] - df["risk_card"]).abs()
                                                       / df["risk_card"].abs()).max()),
                "store_untouched": _store_files(store_dir) == before}
-    (args.out / "card_fidelity.json").write_text(json.dumps(summary, indent=1))
+    (args.out / f"{args.name}.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1) if args.json else render(summary["forms"]))
     if not args.json:
         print(f"{len(df)} pairs; K-FAC leaves {summary['uncovered']['count']} of {model_card.dim} parameters to the "
