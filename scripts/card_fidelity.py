@@ -37,6 +37,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
+from diag.constants import PAPER_ALPHA  # noqa: E402
 from diag.curvature import GGNOperator, risk_diagonal  # noqa: E402
 from diag.curvature.kfac import build_kfac_cards, card_bytes, covered_layers, KfacCard  # noqa: E402
 from diag.curvature.kfac.factors import class_gradients, layer_passes  # noqa: E402
@@ -226,9 +227,24 @@ def render(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def cards_only(ctx: Context, args) -> int:
+    """Build the K-FAC cards of the (target, seed)s whose curvature is cached; skip the others."""
+    for seed in args.seeds or [0]:
+        diag = Diagnostics(ctx.workspace(PAPER_ALPHA, seed=seed, variant=args.variant), settings=CurvatureSettings(),
+                           data_parallel=False)
+        for target in args.targets or ctx.store.vector_domains():
+            if diag.card_path(target).is_file() and diag.diag_path(target).is_file():
+                _kfac_cards(diag, target, seed, args.out, args.approx)
+                print(f"seed {seed} {target}: K-FAC cards ready", file=sys.stderr, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--study", required=True, type=Path, help="study folder (pairs.csv)")
+    p.add_argument("--study", type=Path, default=None, help="study folder (pairs.csv)")
+    p.add_argument("--cards-only", action="store_true",
+                   help="only build the K-FAC cards of every (target, seed) whose curvature the store already caches "
+                        "(no study table needed: --seeds and --targets say which), then stop")
     p.add_argument("--store", type=Path, default=os.environ.get("TVDIAG_STORE"), help="default $TVDIAG_STORE")
     p.add_argument("--preset", default="default")
     p.add_argument("--out", required=True, type=Path, help="where K-FAC cards, pairs and the summary go")
@@ -241,11 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ctx = Context(store_root=args.store, preset=args.preset, progress=False)
+    if args.cards_only:
+        return cards_only(ctx, args)
+    if args.study is None:
+        p.error("--study is required (unless --cards-only)")
 
     table = select_run(load_study(args.study), args.variant, "all").drop_duplicates(["source", "target", "seed"])
     seeds = sorted(set(int(s) for s in table["seed"])) if args.seeds is None else args.seeds
     targets = sorted(table["target"].unique()) if args.targets is None else args.targets
-    ctx = Context(store_root=args.store, preset=args.preset, progress=False)
     store_dir = ctx.store.folder
     before = _store_files(store_dir)
     rows = []
