@@ -233,7 +233,11 @@ def cards_only(ctx: Context, args) -> int:
         diag = Diagnostics(ctx.workspace(PAPER_ALPHA, seed=seed, variant=args.variant), settings=CurvatureSettings(),
                            data_parallel=False)
         for target in args.targets or ctx.store.vector_domains():
-            if diag.card_path(target).is_file() and diag.diag_path(target).is_file():
+            try:
+                ready = diag.card_path(target).is_file() and diag.diag_path(target).is_file()
+            except ArtifactError:  # its θ_ft of this seed is not built yet
+                ready = False
+            if ready:
                 _kfac_cards(diag, target, seed, args.out, args.approx)
                 print(f"seed {seed} {target}: K-FAC cards ready", file=sys.stderr, flush=True)
     return 0
