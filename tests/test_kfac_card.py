@@ -197,3 +197,33 @@ def test_the_eigen_card_form_is_unchanged(tmp_path):
     card.save(tmp_path / "eig.safetensors")
     back = load_any_card(tmp_path / "eig.safetensors")
     assert isinstance(back, HessianCard) and back.risk(tau) == pytest.approx(expect, rel=RTOL)
+
+
+def test_fidelity_script_exact_covered_ggn_equals_the_ggn_operator():
+    """scripts/card_fidelity.py's exact covered-layer GGN (Σ_l u_ncl from the factors' pass) is τᵀ GGN τ when every
+    parameter sits in a covered layer, and its block-diagonal part is the sum of the per-layer quadratic forms."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "card_fidelity", Path(__file__).resolve().parents[1] / "scripts" / "card_fidelity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    data = [(torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))]
+    layers = covered_layers(model)
+    op = GGNOperator(model, data)
+    taus = [op.unflatten(torch.randn(op.shape[0], generator=torch.Generator().manual_seed(s), dtype=torch.float64))
+            for s in range(2)]
+    full, block, _ = mod.ggn_covered(model, data, layers, taus)
+    for i, tau in enumerate(taus):
+        t = op.flatten(tau)
+        assert float(full[i]) == pytest.approx(float(t @ (op @ t)), rel=1e-10)
+        parts = 0.0
+        for sp in layers:
+            names = [n for n in (sp.weight, sp.bias) if n]
+            sub = GGNOperator(model, data, params=names)
+            ts = sub.flatten(tau)
+            parts += float(ts @ (sub @ ts))
+        assert float(block[i]) == pytest.approx(parts, rel=1e-10)
