@@ -110,6 +110,27 @@ def ggn_covered(model, data, layers: list, taus: list[dict]) -> tuple[torch.Tens
     return full / n, block / n, reduced / n
 
 
+def _ggn_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], out: Path, layers: list
+              ) -> dict[str, dict]:
+    """source → the GGN references of τ*ˢ on (target, seed): the exact GGN (one product), its covered-layer part,
+    that part's block diagonal and the per-image reduced form (:func:`ggn_covered`); cached under ``out``."""
+    path = out / "ggn" / f"seed{seed}" / f"{target}.csv"
+    cached = pd.read_csv(path).set_index("source").to_dict("index") if path.is_file() else {}
+    todo = [s for s in sources if s not in cached]
+    if todo:
+        op = diag.operator(target)
+        G = GGNOperator(op.model, op.data)
+        taus = [diag.vector(src, "star").tensors for src in todo]
+        full, block, red = ggn_covered(op.model, op.data, layers, taus)
+        for i, (src, tau) in enumerate(zip(todo, taus)):
+            t = G.flatten(tau)
+            cached[src] = {"risk_ggn": float(t.double() @ (G @ t).double()), "risk_ggn_covered": float(full[i]),
+                           "risk_ggn_covered_blockdiag": float(block[i]), "risk_per_image_reduced": float(red[i])}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame.from_dict(cached, orient="index").rename_axis("source").reset_index().to_csv(path, index=False)
+    return {s: cached[s] for s in sources}
+
+
 def target_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], out: Path,
                 approxes: list[str], ggn: bool) -> list[dict]:
     """One row per source: every form's risk of τ*ˢ on Hᵀ of (target, seed)."""
@@ -124,14 +145,9 @@ def target_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], o
             for ap, c in cards.items()}
     dcorr = {ap: curv.diag.double() - c.diagonal() for ap, c in cards.items()}
     scales = {ap: _layer_scales(c, curv.diag.double()) for ap, c in cards.items()}
-    G = None
-    if ggn:
-        op = diag.operator(target)
-        G = GGNOperator(op.model, op.data)
-        cov_full, cov_block, cov_red = ggn_covered(op.model, op.data, list(cards[approxes[0]].layers),
-                                          [diag.vector(src, "star").tensors for src in sources])
+    ref = _ggn_rows(diag, target, seed, sources, out, list(cards[approxes[0]].layers)) if ggn else {}
     rows = []
-    for i, source in enumerate(sources):
+    for source in sources:
         tau = curv.card.layout.flatten(diag.vector(source, "star").tensors, dtype=torch.float64)
         a2 = (V.T @ tau).pow(2)
         row = {"source": source, "target": target, "seed": seed, "risk_card_recomputed": curv.card.risk(tau),
@@ -143,11 +159,7 @@ def target_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], o
             row[f"risk_hybrid_{ap}"] = kf + fb + float((corr[ap] * a2).sum())
             row[f"risk_kfac_{ap}_diagcorr"] = kf + fb + float((dcorr[ap] * tau.pow(2)).sum())
             row[f"risk_kfac_{ap}_tracescaled"] = fb + sum(a * b for a, b in zip(scales[ap], c.layer_risks(tau)))
-        if G is not None:
-            t = tau.to(G.dtype)
-            row["risk_ggn"] = float(t.double() @ (G @ t).double())
-            row["risk_ggn_covered"], row["risk_ggn_covered_blockdiag"] = float(cov_full[i]), float(cov_block[i])
-            row["risk_per_image_reduced"] = float(cov_red[i])
+        row.update(ref.get(source, {}))
         rows.append(row)
     return rows
 
@@ -227,6 +239,14 @@ def render(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _has_star(diag: Diagnostics, domain: str) -> bool:
+    try:
+        diag.vector(domain, "star")
+        return True
+    except ArtifactError:
+        return False
+
+
 def cards_only(ctx: Context, args) -> int:
     """Build the K-FAC cards of the (target, seed)s whose curvature is cached; skip the others."""
     for seed in args.seeds or [0]:
@@ -238,7 +258,10 @@ def cards_only(ctx: Context, args) -> int:
             except ArtifactError:  # its θ_ft of this seed is not built yet
                 ready = False
             if ready:
-                _kfac_cards(diag, target, seed, args.out, args.approx)
+                cards = _kfac_cards(diag, target, seed, args.out, args.approx)
+                if args.ggn:
+                    sources = [d for d in ctx.store.vector_domains() if d != target and _has_star(diag, d)]
+                    _ggn_rows(diag, target, seed, sources, args.out, list(cards[args.approx[0]].layers))
                 print(f"seed {seed} {target}: K-FAC cards ready", file=sys.stderr, flush=True)
     return 0
 
@@ -247,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", type=Path, default=None, help="study folder (pairs.csv)")
     p.add_argument("--cards-only", action="store_true",
-                   help="only build the K-FAC cards of every (target, seed) whose curvature the store already caches "
-                        "(no study table needed: --seeds and --targets say which), then stop")
+                   help="only build the K-FAC cards (and with --ggn the GGN references against every source the store "
+                        "has) of every (target, seed) whose curvature the store already caches (no study table "
+                        "needed: --seeds and --targets say which), then stop")
     p.add_argument("--store", type=Path, default=os.environ.get("TVDIAG_STORE"), help="default $TVDIAG_STORE")
     p.add_argument("--preset", default="default")
     p.add_argument("--out", required=True, type=Path, help="where K-FAC cards, pairs and the summary go")
