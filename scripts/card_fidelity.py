@@ -266,6 +266,15 @@ def cards_only(ctx: Context, args) -> int:
     return 0
 
 
+def _finite(obj):
+    """The summary with NaN as null (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return None if isinstance(obj, float) and not np.isfinite(obj) else obj
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", type=Path, default=None, help="study folder (pairs.csv)")
@@ -321,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                "card_recomputed_max_rel_diff": float(((df["risk_card_recomputed"] - df["risk_card"]).abs()
                                                       / df["risk_card"].abs()).max()),
                "store_untouched": _store_files(store_dir) == before}
-    (args.out / f"{args.name}.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1) if args.json else render(summary["forms"]))
+    text = json.dumps(_finite(summary), indent=1, allow_nan=False)
+    (args.out / f"{args.name}.json").write_text(text)
+    print(text if args.json else render(summary["forms"]))
     if not args.json:
         print(f"{len(df)} pairs; K-FAC leaves {summary['uncovered']['count']} of {model_card.dim} parameters to the "
               f"diagonal; store untouched: {summary['store_untouched']}")
