@@ -252,7 +252,8 @@ def cards_only(ctx: Context, args) -> int:
     for seed in args.seeds or [0]:
         diag = Diagnostics(ctx.workspace(PAPER_ALPHA, seed=seed, variant=args.variant), settings=CurvatureSettings(),
                            data_parallel=False)
-        for target in args.targets or ctx.store.vector_domains():
+        domains = args.targets or ctx.store.vector_domains()
+        for target in domains:
             try:
                 ready = diag.card_path(target).is_file() and diag.diag_path(target).is_file()
             except ArtifactError:  # its θ_ft of this seed is not built yet
@@ -260,7 +261,7 @@ def cards_only(ctx: Context, args) -> int:
             if ready:
                 cards = _kfac_cards(diag, target, seed, args.out, args.approx)
                 if args.ggn:
-                    sources = [d for d in ctx.store.vector_domains() if d != target and _has_star(diag, d)]
+                    sources = [d for d in domains if d != target and _has_star(diag, d)]
                     _ggn_rows(diag, target, seed, sources, args.out, list(cards[args.approx[0]].layers))
                 print(f"seed {seed} {target}: K-FAC cards ready", file=sys.stderr, flush=True)
     return 0
