@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from diag.constants import PAPER_ALPHA  # noqa: E402
-from diag.curvature import GGNOperator, risk_diagonal  # noqa: E402
+from diag.curvature import GGNOperator, risk_diagonal, risk_exact  # noqa: E402
 from diag.curvature.kfac import build_kfac_cards, card_bytes, covered_layers, KfacCard  # noqa: E402
 from diag.curvature.kfac.factors import class_gradients, layer_passes  # noqa: E402
 from diag.features.pair_features import CurvatureSettings, Diagnostics  # noqa: E402
@@ -267,6 +267,37 @@ def cards_only(ctx: Context, args) -> int:
     return 0
 
 
+def store_table(ctx: Context, seeds: list[int], targets: list[str], variant: str, out: Path) -> pd.DataFrame:
+    """What a study table would say, without one: per ordered pair among ``targets`` whose target curvature is
+    cached, risk_exact (one HVP on the curvature's images, :func:`diag.curvature.risk_exact`, as the study does;
+    cached under ``out``), risk_card and risk_diag from the cached card and diagonal."""
+    rows = []
+    for seed in seeds:
+        diag = Diagnostics(ctx.workspace(PAPER_ALPHA, seed=seed, variant=variant), settings=CurvatureSettings(),
+                           data_parallel=False)
+        for target in targets:
+            try:
+                ready = diag.card_path(target).is_file() and diag.diag_path(target).is_file()
+            except ArtifactError:
+                ready = False
+            if not ready:
+                continue
+            path = out / "exact" / f"seed{seed}" / f"{target}.csv"
+            cached = pd.read_csv(path).set_index("source")["risk_exact"].to_dict() if path.is_file() else {}
+            curv, op = diag.curvature(target), None
+            for source in [d for d in targets if d != target and _has_star(diag, d)]:
+                tau = curv.card.layout.flatten(diag.vector(source, "star").tensors, dtype=torch.float64)
+                if source not in cached:
+                    op = op or diag.operator(target)
+                    cached[source] = risk_exact(op, tau.to(op.dtype))
+                rows.append({"source": source, "target": target, "seed": seed, "alpha": PAPER_ALPHA,
+                             "risk_exact": cached[source], "risk_card": curv.card.risk(tau),
+                             "risk_diag": risk_diagonal(curv.diag, tau)})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pd.Series(cached, name="risk_exact").rename_axis("source").reset_index().to_csv(path, index=False)
+    return pd.DataFrame(rows)
+
+
 def _finite(obj):
     """The summary with NaN as null (strict JSON)."""
     if isinstance(obj, dict):
@@ -298,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(store_root=args.store, preset=args.preset, progress=False)
     if args.cards_only:
         return cards_only(ctx, args)
-    if args.study is None:
-        p.error("--study is required (unless --cards-only)")
-
-    table = select_run(load_study(args.study), args.variant, "all").drop_duplicates(["source", "target", "seed"])
+    if args.study is None and not args.targets:
+        p.error("--study is required (unless --cards-only, or --targets for a table computed from the store)")
+    table = (select_run(load_study(args.study), args.variant, "all").drop_duplicates(["source", "target", "seed"])
+             if args.study is not None else store_table(ctx, args.seeds or [0], args.targets, args.variant, args.out))
     seeds = sorted(set(int(s) for s in table["seed"])) if args.seeds is None else args.seeds
     targets = sorted(table["target"].unique()) if args.targets is None else args.targets
     store_dir = ctx.store.folder
