@@ -54,6 +54,11 @@ def _store_files(folder: Path) -> dict[str, tuple[float, int]]:
     return {str(p): (p.stat().st_mtime, p.stat().st_size) for p in folder.rglob("*") if p.is_file()}
 
 
+def _changed(before: dict, after: dict) -> list[str]:
+    """Store files added, removed or rewritten between two listings."""
+    return sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+
+
 def _kfac_cards(diag: Diagnostics, target: str, seed: int, out: Path, approxes: list[str]):
     """The K-FAC cards of (target, seed), loaded from ``out`` or built on the card's images and saved there."""
     paths = {ap: out / "cards" / f"seed{seed}" / f"{target}-kfac-{ap}.safetensors" for ap in approxes}
@@ -361,13 +366,14 @@ def main(argv: list[str] | None = None) -> int:
                              "dim": model_card.dim},
                "card_recomputed_max_rel_diff": float(((df["risk_card_recomputed"] - df["risk_card"]).abs()
                                                       / df["risk_card"].abs()).max()),
-               "store_untouched": _store_files(store_dir) == before}
+               "store_changed_during_run": _changed(before, _store_files(store_dir))}
     text = json.dumps(_finite(summary), indent=1, allow_nan=False)
     (args.out / f"{args.name}.json").write_text(text)
     print(text if args.json else render(summary["forms"]))
     if not args.json:
         print(f"{len(df)} pairs; K-FAC leaves {summary['uncovered']['count']} of {model_card.dim} parameters to the "
-              f"diagonal; store untouched: {summary['store_untouched']}")
+              f"diagonal; store files changed while it ran (by other writers: this script writes under --out only): "
+              f"{summary['store_changed_during_run'] or 'none'}")
     return 0
 
 
