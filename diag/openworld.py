@@ -380,7 +380,8 @@ def build_target_card(store, target: str, model_path: str | Path, data: str | Pa
             "n_images_used": len(y), "point": "theta_ft of the target"}
     if form == "kfac":
         prov.update(trace=est.total, trace_stderr=est.total_stderr)
-        return build_kfac_card(model, batches, hessian_diag=est.mean.double(), provenance=prov), est
+        return build_kfac_card(model, batches, hessian_diag=est.mean.double(), provenance=prov,
+                               layer_scale="trace"), est
     card = build_card(op, min(s.k, op.shape[0]), hessian_diag=est.mean.double(), trace=est.total,
                       trace_stderr=est.total_stderr, provenance=prov, seed=s.seed,
                       **({} if lanczos_iters is None else {"num_iters": lanczos_iters}))

@@ -39,7 +39,7 @@ from scipy.stats import spearmanr  # noqa: E402
 
 from diag.constants import PAPER_ALPHA  # noqa: E402
 from diag.curvature import GGNOperator, risk_diagonal, risk_exact  # noqa: E402
-from diag.curvature.kfac import build_kfac_cards, card_bytes, covered_layers, KfacCard  # noqa: E402
+from diag.curvature.kfac import build_kfac_cards, card_bytes, covered_layers, KfacCard, trace_scales  # noqa: E402
 from diag.curvature.kfac.factors import class_gradients, layer_passes  # noqa: E402
 from diag.features.pair_features import CurvatureSettings, Diagnostics  # noqa: E402
 from diag.runtime.context import Context  # noqa: E402
@@ -73,17 +73,6 @@ def _kfac_cards(diag: Diagnostics, target: str, seed: int, out: Path, approxes: 
         p.parent.mkdir(parents=True, exist_ok=True)
         cards[ap].save(p)
     return cards
-
-
-def _layer_scales(card: KfacCard, hdiag: torch.Tensor) -> list[float]:
-    """Per layer Σ diag(H) / Σ diag(A ⊗ G) over its entries: the scale that gives the layer's block the trace
-    of the Hessian's (the Hutchinson diagonal the card already holds for its fallback)."""
-    kd, offs = card.diagonal(), card.layout.offsets()
-    out = []
-    for sp in card.layers:
-        idx = torch.cat([torch.arange(*offs[p]) for p in (sp.weight, sp.bias) if p is not None])
-        out.append(float(hdiag[idx].sum() / kd[idx].sum()))
-    return out
 
 
 def ggn_covered(model, data, layers: list, taus: list[dict]) -> tuple[torch.Tensor, ...]:
@@ -149,7 +138,7 @@ def target_rows(diag: Diagnostics, target: str, seed: int, sources: list[str], o
     corr = {ap: torch.tensor([float(lam[i]) - c.risk(V[:, i]) for i in range(len(lam))], dtype=torch.float64)
             for ap, c in cards.items()}
     dcorr = {ap: curv.diag.double() - c.diagonal() for ap, c in cards.items()}
-    scales = {ap: _layer_scales(c, curv.diag.double()) for ap, c in cards.items()}
+    scales = {ap: trace_scales(c, curv.diag).tolist() for ap, c in cards.items()}
     ref = _ggn_rows(diag, target, seed, sources, out, list(cards[approxes[0]].layers)) if ggn else {}
     rows = []
     for source in sources:
@@ -214,7 +203,7 @@ def forms(approxes: list[str], ggn: bool) -> dict[str, tuple[str, str]]:
         out[f"kfac-{ap}+diag"] = (f"risk_kfac_{ap}", "kfac")
         out[f"kfac-{ap}+eig8 hybrid"] = (f"risk_hybrid_{ap}", "hybrid")
         out[f"kfac-{ap}, diag→H diag"] = (f"risk_kfac_{ap}_diagcorr", "kfac+fulldiag")
-        out[f"kfac-{ap}, layer trace→H"] = (f"risk_kfac_{ap}_tracescaled", "kfac")
+        out[f"kfac-{ap} trace-scaled"] = (f"risk_kfac_{ap}_tracescaled", "kfac")
     if ggn:
         out["exact GGN (reference)"] = ("risk_ggn", None)
         out["exact GGN, covered layers"] = ("risk_ggn_covered", None)
@@ -232,13 +221,13 @@ def summarize(df: pd.DataFrame, approxes: list[str], ggn: bool, tiny: dict, vitb
 
 
 def render(summary: dict) -> str:
-    head = (f"{'form':28s} {'×1.5':>6s} {'median':>7s} {'ρ all':>6s} {'ρ/tgt':>6s} | {'LOTO ×1.5':>9s} "
+    head = (f"{'form':30s} {'×1.5':>6s} {'median':>7s} {'ρ all':>6s} {'ρ/tgt':>6s} | {'LOTO ×1.5':>9s} "
             f"{'median':>7s} {'ρ all':>6s} | {'MB tiny':>8s} {'MB B/32':>8s}")
     lines = [head, "-" * len(head)]
     for name, s in summary.items():
         c = s["loto_calibrated"]
         mb = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
-        lines.append(f"{name:28s} {s['within_1.5']:6.2f} {s['median_ratio']:7.3f} {s['spearman']:6.3f} "
+        lines.append(f"{name:30s} {s['within_1.5']:6.2f} {s['median_ratio']:7.3f} {s['spearman']:6.3f} "
                      f"{s['spearman_per_target']:6.3f} | {c['within_1.5']:9.2f} {c['median_ratio']:7.3f} "
                      f"{c['spearman']:6.3f} | {mb(s['mb_store_backbone']):>8s} {mb(s['mb_vitb32']):>8s}")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from diag.curvature.kfac import build_kfac_card, build_kfac_cards, card_bytes, c
 from diag.curvature.kfac.factors import _Recorder
 from diag.curvature.kfac.layers import attention_forward
 from diag.curvature.operators.attention import curvature_mode
-from train.errors import ArtifactError
+from train.errors import ArtifactError, TvdiagError
 from train.model import SelfExplainingCLIP
 
 RTOL = 1e-10
@@ -116,6 +116,26 @@ def test_diagonal_is_the_risk_of_unit_vectors(tiny_model):
         e = torch.zeros(card.dim, dtype=torch.float64)
         e[j] = 1.0
         assert card.risk(e) == pytest.approx(float(d[j]), rel=1e-12)
+
+
+def test_trace_scaled_blocks_carry_the_hessian_trace_and_round_trip(tiny_model, tmp_path):
+    model, data = tiny_model
+    hdiag = torch.rand(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(3),
+                       dtype=torch.float64)
+    plain = build_kfac_card(model, data, hessian_diag=hdiag, factor_dtype=torch.float64, gradient=False)
+    card = build_kfac_card(model, data, hessian_diag=hdiag, factor_dtype=torch.float64, gradient=False,
+                           layer_scale="trace")
+    d, offs = card.diagonal(), card.layout.offsets()
+    for sp in card.layers:
+        idx = torch.cat([torch.arange(*offs[p]) for p in (sp.weight, sp.bias) if p is not None])
+        assert float(d[idx].sum()) == pytest.approx(float(hdiag[idx].sum()), rel=1e-10)
+    tau = torch.randn(card.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expect = sum(float(s) * r for s, r in zip(card.layer_scales, plain.layer_risks(tau))) + plain.risk_parts(tau)[1]
+    assert card.risk(tau) == pytest.approx(expect, rel=1e-12)
+    card.save(tmp_path / "c.safetensors")
+    assert KfacCard.load(tmp_path / "c.safetensors").risk(tau) == pytest.approx(card.risk(tau), rel=1e-12)
+    with pytest.raises(TvdiagError):
+        build_kfac_card(model, data, layer_scale="trace")
 
 
 def test_projection_of_one_image_equals_the_exact_ggn_block(tiny_model):

@@ -8,7 +8,7 @@ L(θ_ftᵀ + λ τ) − L(θ_ftᵀ) ≈ ½ λ² R. Three estimates by data-acces
 * ``risk_card``: from the target's published :class:`~diag.curvature.card.HessianCard`
   (top-k eigenpairs + residual diagonal), no target data (tier 1); with ``card_form="kfac"`` from
   its :class:`~diag.curvature.kfac.KfacCard` (K-FAC per linear layer + the diagonal elsewhere,
-  cached beside the eig card as ``card-kfac``);
+  cached beside the eig card as ``card-kfac-trace``);
 * ``risk_diag``: Σ diag(Hᵀ)_i τ_i² with a Hutchinson diagonal (tier 1), and ``risk_diag_se``,
   its standard error from the probes: probe k's diagonal d_k = v_k ⊙ Hᵀv_k gives
   r_k = Σ_i d_k,i τ_i², and se = sd(r_k)/√n. The n scalars r_k of every source the store
@@ -240,18 +240,19 @@ class Diagnostics:
         return curv
 
     def kfac_card(self, target: str) -> KfacCard:
-        """The target's K-FAC card on the eig card's images and point, with the store's diagonal on the
-        uncovered parameters and the eig card's g (cached in the store as ``card-kfac``, same key)."""
+        """The target's K-FAC card on the eig card's images and point, each layer's block scaled to the trace of
+        the store's Hessian diagonal on it, that diagonal on the uncovered parameters and the eig card's g
+        (cached in the store as ``card-kfac-trace``, same key)."""
         if target not in self._kfac:
             key = self._curvature_key(target)
-            path = self.store.curvature_path(target, "card-kfac", {"key": key})
+            path = self.store.curvature_path(target, "card-kfac-trace", {"key": key})
             verdict = self.store.decide(path, key, what=f"{target} K-FAC card")
             if verdict.usable:
                 self._kfac[target] = KfacCard.load(verdict.path)
             else:
                 curv, op = self.curvature(target), self.operator(target)
                 card = build_kfac_card(op.model, op.data, params=list(op.param_names), hessian_diag=curv.diag,
-                                       gradient=curv.card.gradient,
+                                       gradient=curv.card.gradient, layer_scale="trace",
                                        provenance={"key": key, "target": target, "base_hash": self.base_hash,
                                                    "point": "theta_ft of the target",
                                                    "n_images": self.settings.n_images})

@@ -9,28 +9,31 @@ import torch
 from torch import Tensor, nn
 
 from diag import __version__
-from diag.curvature.kfac.card import KfacCard
+from diag.curvature.kfac.card import KfacCard, trace_scales
 from diag.curvature.kfac.factors import kfac_factors
 from diag.curvature.operators import GGNOperator
 from diag.curvature.params import layout_for, select_params
-from train.errors import BaseMismatchError
+from train.errors import BaseMismatchError, TvdiagError, unknown
 
-__all__ = ["build_kfac_card", "build_kfac_cards"]
+__all__ = ["LAYER_SCALES", "build_kfac_card", "build_kfac_cards"]
+
+LAYER_SCALES = ("none", "trace")
 
 
 def build_kfac_card(model: nn.Module, data: Iterable, params: str | Sequence[str] | None = None,
                     hessian_diag: Tensor | None = None, gradient: Tensor | bool = True,
                     provenance: Mapping[str, Any] | None = None, factor_dtype: torch.dtype = torch.float32,
-                    approx: str = "expand") -> KfacCard:
+                    approx: str = "expand", layer_scale: str = "none") -> KfacCard:
     """The K-FAC card of the mean cross-entropy of ``model`` on ``data`` at the model's parameters
     (:func:`build_kfac_cards` with one approximation)."""
-    return build_kfac_cards(model, data, params, hessian_diag, gradient, provenance, factor_dtype, (approx,))[approx]
+    return build_kfac_cards(model, data, params, hessian_diag, gradient, provenance, factor_dtype, (approx,),
+                            layer_scale)[approx]
 
 
 def build_kfac_cards(model: nn.Module, data: Iterable, params: str | Sequence[str] | None = None,
                      hessian_diag: Tensor | None = None, gradient: Tensor | bool = True,
                      provenance: Mapping[str, Any] | None = None, factor_dtype: torch.dtype = torch.float32,
-                     approxes: Sequence[str] = ("expand",)) -> dict[str, KfacCard]:
+                     approxes: Sequence[str] = ("expand",), layer_scale: str = "none") -> dict[str, KfacCard]:
     """K-FAC cards of the mean cross-entropy of ``model`` on ``data`` at the model's parameters, one per
     token approximation (:func:`~diag.curvature.kfac.factors.kfac_factors`; the same passes for all).
 
@@ -45,10 +48,16 @@ def build_kfac_cards(model: nn.Module, data: Iterable, params: str | Sequence[st
         provenance: Extra facts to record.
         factor_dtype: dtype the factors are kept and stored in (accumulated in float64).
         approxes: ``expand`` (tokens as rows, the card's form) and/or ``reduce``.
+        layer_scale: ``none`` (K-FAC of the GGN as it is) or ``trace`` (each layer's block scaled to the
+            trace of ``hessian_diag`` on its entries, :func:`~diag.curvature.kfac.card.trace_scales`).
 
     Raises:
         BaseMismatchError: ``hessian_diag`` or ``gradient`` of the wrong length.
     """
+    if layer_scale not in LAYER_SCALES:
+        raise unknown("K-FAC layer scale", layer_scale, LAYER_SCALES)
+    if layer_scale == "trace" and hessian_diag is None:
+        raise TvdiagError("layer_scale='trace' needs hessian_diag (the Hessian diagonal it matches traces to)")
     names = select_params(model, params)
     layout = layout_for(model, names)
     if iter(data) is data:  # a one-shot iterator: the gradient needs a second pass
@@ -73,6 +82,11 @@ def build_kfac_cards(model: nn.Module, data: Iterable, params: str | Sequence[st
     prov.update({str(k): str(v) for k, v in (provenance or {}).items()})
     tokens = {"expand": "expand (tokens as extra batch rows)", "reduce": "reduce (per-image mean input, summed "
               "output gradient)"}
-    return {ap: KfacCard(layers, [a.to(factor_dtype).cpu() for a in A], [g.to(factor_dtype).cpu() for g in G],
-                         fallback, layout.names, layout.shapes, {**prov, "tokens": tokens[ap]}, gradient)
-            for ap, (A, G) in factors.items()}
+    prov["layer_scale"] = layer_scale
+    cards = {ap: KfacCard(layers, [a.to(factor_dtype).cpu() for a in A], [g.to(factor_dtype).cpu() for g in G],
+                          fallback, layout.names, layout.shapes, {**prov, "tokens": tokens[ap]}, gradient)
+             for ap, (A, G) in factors.items()}
+    if layer_scale == "trace":
+        for card in cards.values():
+            card.layer_scales = trace_scales(card, hessian_diag)
+    return cards

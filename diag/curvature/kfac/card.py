@@ -33,7 +33,7 @@ from diag.curvature.params import ParamLayout
 from train.errors import ArtifactError, BaseMismatchError
 from train.tensorio import load_tensors, read_metadata, save_tensors
 
-__all__ = ["CARD_FORMS", "KFAC_FORMAT", "KfacCard", "card_bytes", "load_any_card"]
+__all__ = ["CARD_FORMS", "KFAC_FORMAT", "KfacCard", "card_bytes", "load_any_card", "trace_scales"]
 
 KFAC_FORMAT = "tvdiag.kfac_card/1"
 #: Forms of the Hessian card: ``eig`` (top-k eigenpairs + residual diagonal, the default) and ``kfac``.
@@ -65,6 +65,8 @@ class KfacCard:
         param_names, param_shapes: The card's flat layout (the same as a :class:`HessianCard`'s).
         provenance: Free ``str -> str`` facts.
         gradient: ``(D,)`` mean gradient g on the card's images (None: not stored).
+        layer_scales: One factor ``s_l`` per layer multiplying its block (None: all 1), e.g.
+            :func:`trace_scales`, which give each block the trace of the Hessian's.
     """
 
     layers: tuple[LayerSpec, ...]
@@ -75,6 +77,7 @@ class KfacCard:
     param_shapes: tuple[tuple[int, ...], ...]
     provenance: dict[str, str] = field(default_factory=dict)
     gradient: Tensor | None = None
+    layer_scales: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
@@ -91,6 +94,9 @@ class KfacCard:
             for p in (sp.weight, sp.bias):
                 if p is not None and p not in shapes:
                     raise BaseMismatchError(f"layer '{sp.name}' covers '{p}', which is not in the card's layout.")
+        if self.layer_scales is not None and tuple(self.layer_scales.shape) != (len(self.layers),):
+            raise BaseMismatchError(f"layer_scales has shape {tuple(self.layer_scales.shape)}, expected "
+                                    f"({len(self.layers)},).")
         n_unc = len(self.uncovered_index)
         if tuple(self.fallback_diag.shape) != (n_unc,):
             raise BaseMismatchError(f"fallback_diag has shape {tuple(self.fallback_diag.shape)}, expected ({n_unc},).")
@@ -143,6 +149,8 @@ class KfacCard:
         for sp, a, g in zip(self.layers, self.A, self.G):
             T = sp.block(parts)
             out.append(float(((g.double() @ T @ a.double()) * T).sum()))
+        if self.layer_scales is not None:
+            out = [float(s) * r for s, r in zip(self.layer_scales.double(), out)]
         return out
 
     def diagonal(self) -> Tensor:
@@ -151,8 +159,9 @@ class KfacCard:
         out = torch.zeros(self.dim, dtype=torch.float64)
         out[self.uncovered_index] = self.fallback_diag.double().cpu()
         offs = self.layout.offsets()
-        for sp, a, g in zip(self.layers, self.A, self.G):
-            da, dg = a.double().diagonal().cpu(), g.double().diagonal().cpu()
+        scales = self.layer_scales if self.layer_scales is not None else torch.ones(len(self.layers))
+        for sp, a, g, sc in zip(self.layers, self.A, self.G, scales.double()):
+            da, dg = a.double().diagonal().cpu() * sc, g.double().diagonal().cpu()
             w = torch.outer(dg, da[:sp.in_dim])
             lo, hi = offs[sp.weight]
             out[lo:hi] = (w.T if sp.kind == "proj" else w).reshape(-1)
@@ -219,6 +228,8 @@ class KfacCard:
                 iu = torch.triu_indices(f.shape[0], f.shape[0])
                 tensors[f"{key}.{i}"] = f.detach().cpu()[iu[0], iu[1]].contiguous()
         tensors["fallback_diag"] = self.fallback_diag.detach().cpu().double().contiguous()
+        if self.layer_scales is not None:
+            tensors["layer_scales"] = self.layer_scales.detach().cpu().double().contiguous()
         if self.gradient is not None:
             tensors["gradient"] = self.gradient.detach().cpu().contiguous()
         tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
@@ -249,9 +260,25 @@ class KfacCard:
             for i, sp in enumerate(layers):
                 A.append(_unpack(tensors[f"A.{i}"], sp.a_dim))
                 G.append(_unpack(tensors[f"G.{i}"], sp.out_dim))
-            return cls(layers, A, G, tensors["fallback_diag"], names, shapes, provenance, tensors.get("gradient"))
+            return cls(layers, A, G, tensors["fallback_diag"], names, shapes, provenance, tensors.get("gradient"),
+                       tensors.get("layer_scales"))
         except (KeyError, TypeError, ValueError, json.JSONDecodeError, BaseMismatchError, RuntimeError) as e:
             raise ArtifactError(f"K-FAC card '{path}' is damaged or inconsistent: {e}") from e
+
+
+def trace_scales(card: KfacCard, hessian_diag: Tensor) -> Tensor:
+    """Per layer ``s_l = Σ_{j in l} diag(H)_j / Σ_{j in l} diag(A_l ⊗ G_l)_j`` (clamped at 0): the factor that
+    gives the layer's block the trace of the Hessian's on the same entries (``hessian_diag`` in the card's flat
+    order, e.g. its Hutchinson diagonal). It moves K-FAC from the Gauss-Newton matrix towards H and corrects
+    the scale the Kronecker factorisation loses, keeping each block's shape."""
+    plain = KfacCard(card.layers, card.A, card.G, card.fallback_diag, card.param_names, card.param_shapes)
+    kd, offs, h = plain.diagonal(), card.layout.offsets(), hessian_diag.detach().double().cpu().reshape(-1)
+    out = []
+    for sp in card.layers:
+        idx = torch.cat([torch.arange(*offs[p]) for p in (sp.weight, sp.bias) if p is not None])
+        den = float(kd[idx].sum())
+        out.append(max(float(h[idx].sum()), 0.0) / den if den > 0 else 1.0)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def _unpack(tri: Tensor, n: int) -> Tensor:
