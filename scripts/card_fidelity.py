@@ -6,8 +6,12 @@ Kronecker-factored card (:func:`diag.curvature.kfac.build_kfac_cards`: type-2 GG
 linear layer, tokens expanded — and the "reduce" convention beside it — with the store's Hutchinson
 diagonal on the uncovered parameters and the eig card's gradient g), and scores every source's τ*ˢ
 with it next to the table's ``risk_exact``, ``risk_card`` (top-k eigenpairs + residual diagonal)
-and ``risk_diag``. Hybrid forms add the eig card's top-k correction to K-FAC:
-``R_hyb = R_kfac + Σ_i (l_i − v_iᵀ K v_i)(v_iᵀ τ)²`` (K the K-FAC card's matrix).
+and ``risk_diag``. Variants: the hybrid adds the eig card's top-k correction to K-FAC,
+``R_hyb = R_kfac + Σ_i (l_i − v_iᵀ K v_i)(v_iᵀ τ)²`` (K the K-FAC card's matrix); "diag→H diag" replaces
+K's diagonal by the Hutchinson diagonal; "trace-scaled" scales each layer's block to the Hutchinson trace on
+its entries (:func:`diag.curvature.kfac.trace_scales`, the form ``diag card --card-form kfac`` writes).
+With ``--ggn`` the references: the exact GGN, its covered-layer part, that part's block diagonal (what any
+per-layer card is capped by) and a per-image reduced form.
 
 Per form it prints the share of pairs with R_form / R_exact within ×1.5, the median ratio, the
 Spearman correlation with R_exact (all pairs, and the mean of per-(target, seed) correlations),
@@ -19,6 +23,9 @@ The store is only read: the K-FAC cards are written under ``--out``; a (target, 
 curvature the study has not cached is refused rather than built.
 
     TVDIAG_STORE=/work/store python scripts/card_fidelity.py --study /work/out/allpairs --out OUT [--json]
+
+Without ``--study`` (a study still running), ``--targets`` and ``--seeds`` name the pairs and risk_exact is
+computed from the store the way the study computes it (one HVP on the curvature's images).
 """
 
 from __future__ import annotations
