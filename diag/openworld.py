@@ -28,6 +28,7 @@ import torch
 from diag.constants import PAPER_LAMBDA2, PREDICTION_LEVEL
 from diag.curvature.card import build_card
 from diag.curvature.hutchinson import hutchinson_diagonal
+from diag.curvature.kfac import build_kfac_card, CARD_FORMS, KFAC_FORMAT
 from diag.curvature.operators import HessianOperator
 from diag.decide.predictor import fit_pair_predictor, MIN_TRAINING_PAIRS, rank_sources, tier_features, training_pairs
 from diag.decide.ranking import SourceRanking
@@ -35,18 +36,19 @@ from diag.curvature.risk import loss_model
 from diag.decide.card_scale import CARD_COLUMNS, fit_card_scale
 from diag.decide.loss_model import calibrate, calibration_text, predicted_vs_measured
 from diag.decide.rules import grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max
+from diag.features.kfac_scores import kfac_risks
 from diag.features.mapped import _MemoryFile, CardStream, TensorFile
 from diag.features.pair_features import CurvatureSettings
 from diag.features.streamed import stream_features
 from diag.table import load_study, table_files
 from train.datasets.inputs import domain_for, split_inputs
 from train.devices import resolve_device
-from train.errors import ArtifactError, BaseMismatchError, DataError
+from train.errors import ArtifactError, BaseMismatchError, DataError, unknown
 from train.external_weights import (_is_safetensors, file_sha256, import_weights, MAX_RELATIVE_DISTANCE, read_state_dict,
                            visual_part)
 from train.model import load_visual_state, SelfExplainingCLIP, text_head
 from train.store import alpha_tag, base_state
-from train.tensorio import dumps
+from train.tensorio import dumps, read_metadata
 
 
 def _checkpoint_rename(names) -> Callable[[str], str]:
@@ -187,14 +189,19 @@ def candidate_features(inputs: RankInputs, alpha: float) -> tuple[pd.DataFrame, 
     base_hash = base.metadata.get("base_hash", "")
     keys = _base_keys(base)
     target = open_model(inputs.target_model, keys)
-    card = CardStream(inputs.card) if inputs.card is not None else None
+    kfac = inputs.card is not None and read_metadata(inputs.card).get("format") == KFAC_FORMAT
+    card = CardStream(inputs.card) if inputs.card is not None and not kfac else None
     facts = {"target_model": str(inputs.target_model), "base_hash": base_hash}
-    if card is not None:
+    if inputs.card is not None:
         facts["model_sha256"] = file_sha256(inputs.target_model)
+    if card is not None:
         _check_card(card, base_hash, facts["model_sha256"], keys)
     sources, notes = open_sources(inputs.sources, alpha, base_hash, keys)
     try:
         rows, nt, nb = stream_features(target, base, sources, card, list(keys))
+        if kfac:  # a K-FAC card scores whole layers: τ* read per source (diag.features.kfac_scores)
+            risks = kfac_risks(inputs.card, sources, base_hash, facts["model_sha256"])
+            rows = [{**row, **risks[row["source"]]} for row in rows]
     finally:
         for f in [base, target, *([card.file] if card is not None else []), *(g for s in sources for g in s.files())]:
             f.close()
@@ -341,23 +348,28 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
 
 def build_target_card(store, target: str, model_path: str | Path, data: str | Path | None,
                       settings: CurvatureSettings = CurvatureSettings(), progress: bool = False, *,
-                      device: str | torch.device | None = None, lanczos_iters: int | None = None):
+                      device: str | torch.device | None = None, lanczos_iters: int | None = None,
+                      form: str = "eig"):
     """The Hessian card of a prediction-only model θ_ftᵀ (an open_clip checkpoint) on local target images.
 
     H = ∇²_θ L_cls at θ_ftᵀ on the first ``n_images`` of ``split``; the head is the store's head of
     ``target`` when it has one, else CLIP's zero-shot head of the data's class names with θ_base's
     text tower. Hutchinson diagonal (``probes`` Rademacher probes: mean and standard error), trace
     ± stderr, top-k eigenpairs (Lanczos; ``lanczos_iters``: its Krylov dimension, None = its
-    default), residual diag(H) − Σ l_i v_i². ``split``, ``n_images``, ``batch_size``, ``probes``,
+    default), residual diag(H) − Σ l_i v_i². With ``form="kfac"`` the card is a
+    :class:`~diag.curvature.kfac.KfacCard` instead (K-FAC factors of the GGN per linear layer, the
+    Hutchinson diagonal on the parameters no layer covers; no eigenpairs). ``split``, ``n_images``, ``batch_size``, ``probes``,
     ``k`` (capped at the parameter count) and ``seed`` come from ``settings``; ``data`` is
     :func:`train.datasets.load_domain`'s; ``device`` runs the products.
 
     Returns:
-        (card, estimate): the :class:`diag.curvature.card.HessianCard` and the Hutchinson diagonal's
-        estimate (``mean``, ``stderr``, ``total``, ``total_stderr``).
+        (card, estimate): the :class:`diag.curvature.card.HessianCard` (or ``KfacCard``) and the
+        Hutchinson diagonal's estimate (``mean``, ``stderr``, ``total``, ``total_stderr``).
     """
     import copy
 
+    if form not in CARD_FORMS:
+        raise unknown("card form", form, CARD_FORMS)
 
     backbone, base_hash = store.load_base()
     base = base_state(backbone)
@@ -381,11 +393,15 @@ def build_target_card(store, target: str, model_path: str | Path, data: str | Pa
             "model_file": Path(model_path).name, "data_hash": domain.content_hash, "data_source": domain.source,
             "head": head_from, "settings": dumps({**asdict(s), "lanczos_iters": lanczos_iters}),
             "n_images_used": len(y), "point": "theta_ft of the target"}
+    if form == "kfac":
+        prov.update(trace=est.total, trace_stderr=est.total_stderr)
+        return build_kfac_card(model, batches, hessian_diag=est.mean.double(), provenance=prov,
+                               layer_scale="trace"), est
     card = build_card(op, min(s.k, op.shape[0]), hessian_diag=est.mean.double(), trace=est.total,
                       trace_stderr=est.total_stderr, provenance=prov, seed=s.seed,
                       **({} if lanczos_iters is None else {"num_iters": lanczos_iters}))
     return card, est
 
 
-__all__ = ["TensorFile", "CardStream", "Source", "RankInputs", "open_sources", "open_model",
+__all__ = ["CARD_FORMS", "TensorFile", "CardStream", "Source", "RankInputs", "open_sources", "open_model",
            "stream_features", "candidate_features", "rank_folder", "build_target_card"]

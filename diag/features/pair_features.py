@@ -6,7 +6,9 @@ L(θ_ftᵀ + λ τ) − L(θ_ftᵀ) ≈ ½ λ² R. Three estimates by data-acces
 
 * ``risk_exact``: one Hessian-vector product on target images (tier 2);
 * ``risk_card``: from the target's published :class:`~diag.curvature.card.HessianCard`
-  (top-k eigenpairs + residual diagonal), no target data (tier 1);
+  (top-k eigenpairs + residual diagonal), no target data (tier 1); with ``card_form="kfac"`` from
+  its :class:`~diag.curvature.kfac.KfacCard` (K-FAC per linear layer + the diagonal elsewhere,
+  cached beside the eig card as ``card-kfac-trace``);
 * ``risk_diag``: Σ diag(Hᵀ)_i τ_i² with a Hutchinson diagonal (tier 1), and ``risk_diag_se``,
   its standard error from the probes: probe k's diagonal d_k = v_k ⊙ Hᵀv_k gives
   r_k = Σ_i d_k,i τ_i², and se = sd(r_k)/√n. The n scalars r_k of every source the store
@@ -34,6 +36,7 @@ import torch
 from diag.constants import PAPER_ALPHA
 from diag.curvature.card import build_card, HessianCard
 from diag.curvature.hutchinson import DEFAULT_BLOCK_SIZE, hutchinson_diagonal
+from diag.curvature.kfac import build_kfac_card, CARD_FORMS, KfacCard
 from diag.curvature.operators import HessianOperator
 from diag.curvature.risk import probe_risks, risk_diagonal, risk_diagonal_stderr, risk_exact
 from diag.features.similarity import vector_similarity
@@ -41,6 +44,7 @@ from diag.features.target_curvature import load_diagonal, save_diagonal, TargetC
 from diag.runtime.context import Workspace
 from diag.runtime.distributed import is_distributed
 from train.datasets import model_inputs
+from train.errors import unknown
 from train.store import content_key, Store
 from train.vectors import TaskVector
 
@@ -78,12 +82,15 @@ class Diagnostics:
             ``n · D · 4`` bytes per target); a cached diagonal without them is rebuilt (same probes, same numbers).
         sources: the sources whose per-probe risks are accumulated when a target's diagonal is built
             (default: every domain the store holds θ_ft and θ_ft* of for this run).
+        card_form: the card ``risk_card`` and ``grad_dot_tau`` come from (:data:`CARD_FORMS`; default ``eig``).
     """
 
     def __init__(self, store: Store | Workspace, alpha: float = PAPER_ALPHA,
                  settings: CurvatureSettings = CurvatureSettings(), data: dict[str, str | Path] | None = None,
                  progress: bool = False, data_parallel: bool | None = None, keep_probes: bool = False,
-                 sources: Sequence[str] | None = None):
+                 sources: Sequence[str] | None = None, card_form: str = "eig"):
+        if card_form not in CARD_FORMS:
+            raise unknown("card form", card_form, CARD_FORMS)
         self.ws = store if isinstance(store, Workspace) else Workspace(store, alpha, data)
         self.store = self.ws.store
         self.alpha = self.ws.alpha
@@ -94,6 +101,8 @@ class Diagnostics:
         self.keep_probes = keep_probes
         self.sources = None if sources is None else list(sources)
         self._curv: dict[str, TargetCurvature] = {}
+        self.card_form = card_form
+        self._kfac: dict[str, KfacCard] = {}
 
     @property
     def backbone(self):
@@ -230,6 +239,31 @@ class Diagnostics:
         save_diagonal(self.diag_path(target), curv, {**meta, "trace": est.total, "trace_stderr": est.total_stderr})
         return curv
 
+    def kfac_card(self, target: str) -> KfacCard:
+        """The target's K-FAC card on the eig card's images and point, each layer's block scaled to the trace of
+        the store's Hessian diagonal on it, that diagonal on the uncovered parameters and the eig card's g
+        (cached in the store as ``card-kfac-trace``, same key)."""
+        if target not in self._kfac:
+            key = self._curvature_key(target)
+            path = self.store.curvature_path(target, "card-kfac-trace", {"key": key})
+            verdict = self.store.decide(path, key, what=f"{target} K-FAC card")
+            if verdict.usable:
+                self._kfac[target] = KfacCard.load(verdict.path)
+            else:
+                curv, op = self.curvature(target), self.operator(target)
+                card = build_kfac_card(op.model, op.data, params=list(op.param_names), hessian_diag=curv.diag,
+                                       gradient=curv.card.gradient, layer_scale="trace",
+                                       provenance={"key": key, "target": target, "base_hash": self.base_hash,
+                                                   "point": "theta_ft of the target",
+                                                   "n_images": self.settings.n_images})
+                card.save(path)
+                self._kfac[target] = card
+        return self._kfac[target]
+
+    def scoring_card(self, target: str):
+        """The card of :attr:`card_form` (``risk_card``, ``grad_dot_tau``)."""
+        return self.curvature(target).card if self.card_form == "eig" else self.kfac_card(target)
+
     def probe_risks(self, source: str, target: str) -> torch.Tensor:
         """The ``n`` per-probe risks ``r_k = Σ_i d_k,i τ*ˢ_i²`` of a pair: kept with the target's diagonal, from
         its per-probe diagonals, or by replaying the probes (same seeds and blocks: the same ``d_k``) for this
@@ -281,9 +315,10 @@ class Diagnostics:
 
         curv = self.curvature(target, need_operator=exact)
         tau = curv.card.layout.flatten(self.vector(source, "star").tensors, dtype=torch.float64)
-        out = {"risk_card": curv.card.risk(tau), "risk_diag": risk_diagonal(curv.diag, tau),
+        card = self.scoring_card(target)
+        out = {"risk_card": card.risk(tau), "risk_diag": risk_diagonal(curv.diag, tau),
                "risk_diag_se": risk_diagonal_stderr(self.probe_risks(source, target)),
-               "grad_dot_tau": curv.card.first_order(tau)}
+               "grad_dot_tau": card.first_order(tau)}
         if exact:
             out["risk_exact"] = risk_exact(curv.operator, tau.to(curv.operator.dtype))
         return out
