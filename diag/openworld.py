@@ -33,7 +33,7 @@ from diag.curvature.operators import HessianOperator
 from diag.decide.predictor import fit_pair_predictor, MIN_TRAINING_PAIRS, rank_sources, tier_features, training_pairs
 from diag.decide.ranking import SourceRanking
 from diag.curvature.risk import loss_model
-from diag.decide.card_scale import CARD_COLUMNS, fit_card_scale
+from diag.decide.card_scale import calibrated_card_risk
 from diag.decide.loss_model import calibrate, calibration_text, predicted_vs_measured
 from diag.decide.rules import grid_floor, lambda2_from_predicted_drop, quadratic_lambda_max
 from diag.features.kfac_scores import kfac_risks
@@ -273,19 +273,6 @@ def _proxy(cands: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
     return out
 
 
-def _calibrated_risk(out: pd.DataFrame, train: pd.DataFrame | None, notes: list[str]) -> list[float]:
-    """The card's R for the loss model: scaled to R_exact on the suite's known pairs when a study has them
-    (:func:`diag.decide.card_scale.fit_card_scale`; ``risk_card_calibrated``), else the card's own R_card."""
-    scale = fit_card_scale(train, None, CARD_COLUMNS[0]) if train is not None else None
-    if scale is None or CARD_COLUMNS[0] not in out:
-        notes.append("card risk not calibrated (no suite study with exact risks): R_card is used as is, and on the "
-                     "mini-suite it runs several times below the exact τᵀHτ, so the loss model under-predicts")
-        return [float(r) for r in out["risk_card"]]
-    out["risk_card_calibrated"] = [scale.apply(r) for r in out[CARD_COLUMNS[0]]]
-    notes.append(scale.note())
-    return list(out["risk_card_calibrated"])
-
-
 def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, max_acc_drop: float = 0.05,
                 max_loss_increase: float = 0.05, model: str = "ridge", level: float = PREDICTION_LEVEL):
     """Rank the sources of ``inputs.sources`` for a target model known only by its weights (and card).
@@ -327,7 +314,7 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
         out, n_train = _proxy(cands, notes), 0
     if tier == 1:
         g = [None if v is None or not math.isfinite(v) else float(v) for v in out["grad_dot_tau"]]
-        risk = _calibrated_risk(out, train, notes)
+        risk = calibrated_card_risk(out, train, notes)
         out["loss_increase_card"] = [loss_model(PAPER_LAMBDA2, r, gt) for r, gt in zip(risk, g)]
         cap = [grid_floor(quadratic_lambda_max(max(r, 0.0), max_loss_increase, gt)) for r, gt in zip(risk, g)]
         out["lambda2"] = [c if math.isnan(p) else min(p, c) for p, c in zip(out["lambda2"], cap)]

@@ -26,7 +26,7 @@ import pandas as pd
 from diag.decide.loss_model import WITHIN
 from diag.decide.predictor import training_pairs
 
-__all__ = ["CARD_COLUMNS", "CardScale", "fit_card_scale"]
+__all__ = ["CARD_COLUMNS", "CardScale", "calibrated_card_risk", "fit_card_scale"]
 
 #: Card risks a scale can be fitted for, best first on the mini-suite (leave-one-target-out share within ×1.5).
 CARD_COLUMNS = ("risk_diag", "risk_card")
@@ -103,3 +103,18 @@ def fit_card_scale(table: pd.DataFrame, target: str | None = None, column: str =
     logs = rows["log_ratio"].to_numpy(float)
     return CardScale(column, float(np.exp(np.median(logs))), int(len(rows)), int(rows["target"].nunique()),
                      _loto_within(rows), float(np.std(logs, ddof=1)))
+
+
+def calibrated_card_risk(out: pd.DataFrame, train: pd.DataFrame | None, notes: list[str]) -> list[float]:
+    """The card's R for the loss model of candidate rows ``out``: scaled to R_exact on the suite's known pairs
+    ``train`` when they have both risks (adds ``risk_card_calibrated``), else the card's own ``risk_card``;
+    a note says which."""
+    scale = fit_card_scale(train, None, CARD_COLUMNS[0]) if train is not None else None
+    if scale is None or CARD_COLUMNS[0] not in out:
+        notes.append("card risk not calibrated (no suite study with exact and diagonal risks, or no diagonal risk "
+                     "from this card): R_card is used as is, and on the mini-suite it runs several times below the "
+                     "exact τᵀHτ, so the loss model under-predicts")
+        return [float(r) for r in out["risk_card"]]
+    out["risk_card_calibrated"] = [scale.apply(r) for r in out[CARD_COLUMNS[0]]]
+    notes.append(scale.note())
+    return list(out["risk_card_calibrated"])
