@@ -267,3 +267,16 @@ def test_ranking_prints_and_serialises_the_same_predictions():
         rows["predicted_acc_drop_lo"].iloc[0], rows["predicted_acc_drop_hi"].iloc[0]]
     assert f"training mean {mean['training_mean']:.3f}" in " ".join(flat["headline"])
     assert "training_mean" not in flat["predictions"]["ermse_norm"]
+
+
+def test_features_beyond_the_known_range_are_clipped_not_extrapolated():
+    """A target whose feature exceeds every known pair's is predicted at the edge of the known range."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, 40)
+    df = pd.DataFrame({"source": "s", "target": "t", "cos_ft": x, "ermse": 1.0 - 0.3 * x + 0.01 * rng.normal(size=40),
+                       "ermse_ft_target": 1.0})
+    pred = fit_predictor(df, ["cos_ft"], target="ermse_norm")
+    edge = pred.predict(pd.DataFrame({"cos_ft": [x.max(), 5.0, x.min(), -3.0]}))
+    assert edge[0] == edge[1] and edge[2] == edge[3] and edge[1] < edge[2]  # clipped, still in order
+    inside = pred.predict(pd.DataFrame({"cos_ft": [0.5]}))[0]
+    assert edge[1] < inside < edge[2]

@@ -147,13 +147,21 @@ class Predictor:
     train_rmse: float
     estimator: object = field(default=None, repr=False)
     sign: float = -1.0
+    span: tuple = field(default=(), repr=False)
 
     def predict(self, df: pd.DataFrame) -> np.ndarray:
-        """Predicted ``target`` for every row of ``df`` (NaN features are imputed by the training median)."""
+        """Predicted ``target`` for every row of ``df`` (NaN features are imputed by the training median).
+
+        A feature outside the range the known pairs span is clipped to it: a new target whose
+        risks exceed every known target's (GTSRB's, on the mini-suite) gets the prediction at the
+        edge of what was seen, not a linear extrapolation far beyond it.
+        """
         _check_features(df, self.features, allow_oracle=True)
         X = _design(df, self.features)
         if self.model == "proxy":
             return self.sign * X[:, 0]
+        if self.span:
+            X = np.clip(X, self.span[0], self.span[1])
         return np.asarray(self.estimator.predict(X), dtype=np.float64)
 
     def to_dict(self) -> dict:
@@ -208,8 +216,11 @@ def fit_predictor(df: pd.DataFrame, features: Sequence[str], target: str = "erms
         warnings.simplefilter("ignore", category=RuntimeWarning)
         est.fit(X, y[ok])
     rmse = float(np.sqrt(np.mean((est.predict(X) - y[ok]) ** 2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)  # an all-NaN column: no bound (±inf)
+        span = (np.nan_to_num(np.nanmin(X, axis=0), nan=-np.inf), np.nan_to_num(np.nanmax(X, axis=0), nan=np.inf))
     return Predictor(name=name or model, features=tuple(features), target=target, model=model,
-                     n_train=int(ok.sum()), train_rmse=rmse, estimator=est)
+                     n_train=int(ok.sum()), train_rmse=rmse, estimator=est, span=span)
 
 
 # ---------------------------------------------------------------------------- known pairs
