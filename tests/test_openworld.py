@@ -232,7 +232,7 @@ def test_import_base_into_empty_store(world, tmp_path):
     save_file(_finetuned(whole, 7), tmp_path / "src_ft.safetensors")
     root = tmp_path / "fresh"
     opts = ["--backbone", BACKBONE, "--checkpoint", str(tmp_path / "base.safetensors"), "--store", str(root), "--quiet"]
-    code, out = _cli("import", "--kind", "base", "--input", str(tmp_path / "base.safetensors"), "--json", *opts[2:])
+    code, out = _cli("import", "--kind", "base", "--input", str(tmp_path / "base.safetensors"), "--json", *opts)
     assert code == 0, out
     rec = json.loads(out)
     assert rec["written"] and Path(rec["store"]) == root / f"{BACKBONE}-ckpt-base"
