@@ -1,4 +1,4 @@
-"""A tiny 'smoke' store with a finished study, built once per test process and shared.
+"""A small 'smoke' store with a finished study, built once per test process and shared.
 
 Both ``tests/test_study.py`` and ``tests/test_notebooks.py`` call :func:`smoke_study`; the
 store lives in a temp folder keyed by the process id and is removed at interpreter exit.
@@ -15,7 +15,8 @@ from pathlib import Path
 
 DOMAINS = ["mnist", "animals", "gtsrb"]
 LAMBDAS = (0.4, 0.7, 1.0)
-BACKBONE_ID = "tiny-smoke"  # what `diag ... --preset smoke` resolves to
+BACKBONE = "micro"  # the smoke preset's backbone (train.zoo.PRESETS["smoke"])
+BACKBONE_ID = f"{BACKBONE}-smoke"  # the store folder `diag ... --preset smoke` resolves to
 
 _CACHE: dict = {}
 

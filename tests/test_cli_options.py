@@ -8,10 +8,12 @@ seed it is refused with one line naming the new option, never read as another se
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import pytest
 
 from diag.cli import build_parser, main
+from diag.commands.options import curvature_settings
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2
 from diag.features.pair_features import CurvatureSettings
 
@@ -85,9 +87,9 @@ SHARED = {  # option → commands that add it from one block of diag.commands.op
     "--variant": ("transfer", "study", "ceilings", "import"),
 }
 DEFAULTS = {"--alpha": PAPER_ALPHA, "--lambda1": PAPER_LAMBDA1, "--lambda2": PAPER_LAMBDA2,
-            "--max-acc-drop": DEFAULT_MAX_ACC_DROP, "--n-images": CurvatureSettings().n_images,
-            "--batch-size": CurvatureSettings().batch_size, "--probes": CurvatureSettings().probes,
-            "--k": CurvatureSettings().k, "--seeds": [0], "--variant": "paper"}
+            "--max-acc-drop": DEFAULT_MAX_ACC_DROP, "--seeds": [0], "--variant": "paper",
+            # not given, the curvature options are the preset's (test_curvature_settings_follow_the_preset)
+            "--n-images": None, "--batch-size": None, "--probes": None, "--k": None}
 
 
 @pytest.mark.parametrize("flag", sorted(SHARED))
@@ -99,6 +101,33 @@ def test_shared_options_agree_across_commands(flag):
         tuple(DEFAULTS[flag]) if isinstance(DEFAULTS[flag], list) else DEFAULTS[flag]}
     assert len({getattr(a.type, "__name__", a.type) for a in actions}) == 1
     assert len({a.choices and tuple(a.choices) for a in actions}) == 1
+
+
+CURVATURE_COMMANDS = (["rank-sources"], ["screen", "--source", "a", "--target", "b"], ["risk", "--source", "a",
+                      "--target", "b"], ["card", "--target", "t", "--model", "m", "--out", "c.safetensors"], ["study"],
+                      ["correlate"], ["transfer", "--source", "a", "--target", "b"], ["hessian", "--domain", "d"])
+
+
+@pytest.mark.parametrize("preset", ["default", "smoke", "vitb-smoke", "dense"])
+@pytest.mark.parametrize("argv", CURVATURE_COMMANDS, ids=lambda argv: argv[0])
+def test_curvature_settings_follow_the_preset(argv, preset):
+    """Every command that estimates Hᵀ takes the preset's settings unless an option is given (one resolver)."""
+    assert curvature_settings(parse(*argv, "--preset", preset)) == CurvatureSettings.for_preset(preset)
+    given = {"--n-images": ("n_images", 40), "--batch-size": ("batch_size", 20), "--probes": ("probes", 5),
+             "--k": ("k", 3)}
+    flags = [f for f in given if _option(argv[0], f) is not None]
+    args = parse(*argv, "--preset", preset, *[v for f in flags for v in (f, str(given[f][1]))])
+    assert curvature_settings(args) == replace(CurvatureSettings.for_preset(preset),
+                                               **{given[f][0]: given[f][1] for f in flags})
+
+
+def test_smoke_presets_estimate_a_smaller_curvature():
+    """The smoke presets' Hᵀ is cheaper than the default's on every count, and the default preset's is the
+    dataclass's."""
+    assert CurvatureSettings.for_preset("default") == CurvatureSettings()
+    for name in ("smoke", "vitb-smoke"):
+        small, full = CurvatureSettings.for_preset(name), CurvatureSettings()
+        assert small.n_images < full.n_images and small.probes < full.probes and small.k < full.k
 
 
 def test_repeatable_lambda2_and_grid():

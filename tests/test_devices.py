@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _smoke import one_thread
+from _smoke import BACKBONE_ID, one_thread
 from diag.cli import main
 from train.devices import autocast, check_bf16, hold_notices, resolve_device, say_once
 from train.errors import TvdiagError, UnknownNameError
@@ -90,7 +90,7 @@ def _artifacts(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.safetensors"))}
 
 
-def _tiny_smoke():
+def _smoke_cut():
     """The smoke preset cut further (16 pool images per domain, 16 train images): seconds per build."""
     from dataclasses import replace
 
@@ -110,9 +110,9 @@ def test_device_cpu_and_default_write_identical_zoo_artifacts(tmp_path):
 
     with one_thread():
         for folder, device in (("a", "cpu"), ("b", None)):
-            Zoo(Store(tmp_path / folder, "tiny-smoke"), _tiny_smoke(), progress=False, device=device).build(["mnist"])
+            Zoo(Store(tmp_path / folder, BACKBONE_ID), _smoke_cut(), progress=False, device=device).build(["mnist"])
     built = _artifacts(tmp_path / "a")
-    assert {"tiny-smoke/base.safetensors", "tiny-smoke/vectors/mnist/ftx-a0.8.safetensors"} <= set(built), built
+    assert {f"{BACKBONE_ID}/base.safetensors", f"{BACKBONE_ID}/vectors/mnist/ftx-a0.8.safetensors"} <= set(built), built
     assert built == _artifacts(tmp_path / "b")
 
 
@@ -121,7 +121,7 @@ def test_zoo_refuses_bf16_on_cpu(tmp_path):
     from train.zoo import Zoo
 
     with pytest.raises(TvdiagError, match="--bf16 needs a CUDA device"):
-        Zoo(Store(tmp_path, "tiny-smoke"), _tiny_smoke(), device="cpu", bf16=True)
+        Zoo(Store(tmp_path, BACKBONE_ID), _smoke_cut(), device="cpu", bf16=True)
 
 
 def test_device_check_cpu_smoke_prints_one_json_line(capsys):

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from diag.cli import main
 from diag.runtime.distributed import process_group
+from tests._smoke import BACKBONE_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ["gtsrb", "mnist"]
@@ -169,7 +170,7 @@ def test_zoo_in_local_workers_equals_one_process(runs, capsys):
     assert len(written) == len(set(written)) == 1 + 4 * len(DOMAINS)
     assert str(Path(out["store"]) / "base.safetensors") in out["built"][0]  # built by this process, before the split
     mine = _files(Path(out["store"]))
-    single = {k: v for k, v in _files(runs["single"] / "tiny-smoke").items()
+    single = {k: v for k, v in _files(runs["single"] / BACKBONE_ID).items()
               if not k.startswith("curvature")}  # the earlier curvature tests also wrote into that store
     assert sorted(mine) == sorted(single)
     for name, data in mine.items():
@@ -183,6 +184,6 @@ def test_study_in_local_workers_equals_one_process(runs, capsys):
     study = Path(out["study"])
     assert sorted(p.name for p in study.glob("pairs-shard*of2.csv")) == ["pairs-shard0of2.csv", "pairs-shard1of2.csv"]
     a, b = (pd.read_csv(Path(f) / "pairs.csv").sort_values(["source", "target"]).reset_index(drop=True)
-            for f in (study, runs["single"] / "tiny-smoke" / "studies" / "allpairs"))
+            for f in (study, runs["single"] / BACKBONE_ID / "studies" / "allpairs"))
     cols = [c for c in a.columns if c != "seconds"]
     pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=True)

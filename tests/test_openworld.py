@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from diag.cli import main
-from tests._smoke import BACKBONE_ID, one_thread, smoke_store
+from tests._smoke import BACKBONE, BACKBONE_ID, one_thread, smoke_store
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -209,7 +209,7 @@ def test_refuses_other_base(world, tmp_path):
     from train.backbones import create_backbone
 
     root, _ = world
-    other = create_backbone("tiny", seed=123).clip.state_dict()
+    other = create_backbone(BACKBONE, seed=123).clip.state_dict()  # the smoke store's architecture, other weights
     save_file({k: v.contiguous() for k, v in other.items()}, tmp_path / "other.safetensors")
     msg = _refused(root, "import", "--kind", "ft", "--domain", "gamma", "--input", str(tmp_path / "other.safetensors"))
     assert "another base" in msg
@@ -218,7 +218,8 @@ def test_refuses_other_base(world, tmp_path):
 
 
 def test_vit_b32_shapes_check():
-    """ViT-B/32's tower passes the architecture check against itself (whole model or tower keys), not against tiny."""
+    """ViT-B/32's tower passes the architecture check against itself (whole model or tower keys), not against the
+    smoke backbone's."""
     from diag.bench.ranking import vit_b32_shapes
     from train.errors import BaseMismatchError
     from train.external_weights import check_architecture, visual_part
@@ -228,9 +229,9 @@ def test_vit_b32_shapes_check():
     base = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     tower = {k.removeprefix("visual."): v for k, v in base.items()}
     check_architecture(visual_part(tower), base, "vit.safetensors")
-    tiny = {k: v for k, v in smoke_store().load_base()[0].clip.state_dict().items()}
+    small = {k: v for k, v in smoke_store().load_base()[0].clip.state_dict().items()}
     with pytest.raises(BaseMismatchError, match="does not match the store's backbone"):
-        check_architecture(visual_part(tiny), base, "tiny.safetensors")
+        check_architecture(visual_part(small), base, "small.safetensors")
 
 
 def test_bench_rank_small(tmp_path):
@@ -254,19 +255,19 @@ def test_import_base_into_empty_store(world, tmp_path):
     save_file({k: v.contiguous() for k, v in whole.items()}, tmp_path / "base.safetensors")
     save_file(_finetuned(whole, 7), tmp_path / "src_ft.safetensors")
     root = tmp_path / "fresh"
-    opts = ["--backbone", "tiny", "--checkpoint", str(tmp_path / "base.safetensors"), "--store", str(root), "--quiet"]
-    code, out = _cli("import", "--kind", "base", "--input", str(tmp_path / "base.safetensors"), "--json", *opts[2:])
+    opts = ["--backbone", BACKBONE, "--checkpoint", str(tmp_path / "base.safetensors"), "--store", str(root), "--quiet"]
+    code, out = _cli("import", "--kind", "base", "--input", str(tmp_path / "base.safetensors"), "--json", *opts)
     assert code == 0, out
     rec = json.loads(out)
-    assert rec["written"] and Path(rec["store"]) == root / "tiny-ckpt-base"
+    assert rec["written"] and Path(rec["store"]) == root / f"{BACKBONE}-ckpt-base"
     code, out = _cli("import", "--kind", "ft", "--domain", "src", "--input", str(tmp_path / "src_ft.safetensors"),
                      "--json", *opts)
     assert code == 0 and json.loads(out)["base_hash"] == rec["base_hash"]
     from train.store import Store
     from train.zoo import Zoo, preset
 
-    cfg = preset("default").__class__(backbone="tiny", checkpoint=str(tmp_path / "base.safetensors"))
-    assert Zoo(Store(root, "tiny-ckpt-base"), cfg, progress=False).base()[1] == rec["base_hash"]  # reused
+    cfg = preset("default").__class__(backbone=BACKBONE, checkpoint=str(tmp_path / "base.safetensors"))
+    assert Zoo(Store(root, f"{BACKBONE}-ckpt-base"), cfg, progress=False).base()[1] == rec["base_hash"]  # reused
     code, out = _cli("import", "--kind", "base", "--input", str(tmp_path / "base.safetensors"), "--json", *opts)
     assert code == 0 and json.loads(out)["written"] is False
     # a visual tower alone cannot be θ_base (the heads need its text tower): refused, nothing written
@@ -274,7 +275,7 @@ def test_import_base_into_empty_store(world, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     msg = _refused(empty, "import", "--kind", "base", "--input", str(tmp_path / "tower.safetensors"))
-    assert "does not match backbone 'tiny'" in msg
+    assert f"does not match backbone '{BACKBONE}'" in msg
     msg = _refused(empty, "import", "--kind", "base", "--input", str(tmp_path / "base.safetensors"),
                    "--checkpoint", str(tmp_path / "src_ft.safetensors"))
     assert "are different weights" in msg

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests._smoke import BACKBONE_ID, one_thread, smoke_store
+from tests._smoke import BACKBONE, BACKBONE_ID, one_thread, smoke_store
 from train.datasets.augment import roll_patches
 from train.errors import UnknownNameError
 from train.explain.masking import patch_means
@@ -137,7 +137,7 @@ def test_batch_plan_is_one_stream_whatever_the_length():
 
 
 def test_gradcam_supervision_shares_the_base(copy_store, tmp_path):
-    store = Store(copy_store.root, "tiny-gradcam-test")
+    store = Store(copy_store.root, f"{BACKBONE}-gradcam-test")
     store.folder.mkdir(parents=True)
     shutil.copy(copy_store.base_path(), store.base_path())
     base_mtime = store.base_path().stat().st_mtime_ns

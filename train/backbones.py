@@ -1,4 +1,4 @@
-"""Backbones: open_clip models resolved by name + pretrained tag, a local checkpoint, or the tiny config.
+"""Backbones: open_clip models resolved by name + pretrained tag, a local checkpoint, or tvdiag's own configs.
 
 A :class:`Backbone` bundles what the rest of the package needs from a CLIP model: the
 vision tower (θ lives there), the text tower (to build class heads), the tokenizer,
@@ -241,7 +241,8 @@ def create_backbone(name: str, *, pretrained: str | None = None, checkpoint: str
     """Build a backbone by name with weights from a local checkpoint or an open_clip tag.
 
     Args:
-        name: tvdiag config (``tiny``) or open_clip model name (``ViT-B-32``, ``ViT-L-14``).
+        name: tvdiag config (``tiny``, ``micro``: :func:`local_configs`) or open_clip model name
+            (``ViT-B-32``, ``ViT-L-14``).
         pretrained: open_clip pretrained tag (e.g. ``datacomp_xl_s13b_b90k``); it must already
             be in open_clip's cache, nothing is downloaded on tvdiag's behalf.
         checkpoint: path to a local state dict (safetensors or legacy torch file).

@@ -1,6 +1,7 @@
-"""θ_base for the tiny backbone: short CLIP-style contrastive pretraining on the suite's pool splits.
+"""θ_base for a backbone without weights (tvdiag's own configs, ``tiny`` and ``micro``): short CLIP-style
+contrastive pretraining on the suite's pool splits.
 
-No pretrained weights can be downloaded, so the tiny model learns image–text alignment
+No pretrained weights can be downloaded, so such a model learns image–text alignment
 from the mini-suite's ``pool`` splits (disjoint from train/test) with captions made of
 prompt templates and class names. Captions of the same class name are positives of each
 other (:func:`train.losses.multi_positive_contrastive`).

@@ -7,8 +7,9 @@ import json
 from diag.bench.curvature import bench_main, BENCH_MODELS
 from diag.bench.ranking import bench_rank
 from diag.commands.options import (add_alpha_option, add_common, add_curvature_options, add_lambda_options,
-                                   add_probe_seed_option, check_finite_result, CHECK_T, context_from, domain_name,
-                                   emit_json, finite_float, int_range, ITERS, K, PROBES, REPEATS, writable_file)
+                                   add_probe_seed_option, CHECK_T, context_from, curvature_settings, domain_name,
+                                   finite_float, int_range, ITERS, K, PROBES, REPEATS, writable_file)
+from diag.commands.output import check_finite_result, emit_json
 from diag.curvature.backends import pyhessian_trace_and_top_eig
 from diag.curvature.hutchinson import hutchinson_diagonal, hutchinson_trace
 from diag.curvature.hutchpp import hutchpp_trace
@@ -16,7 +17,7 @@ from diag.curvature.lanczos import lanczos_topk, slq_density
 from diag.constants import CHECK_IMAGES, CHOICE_SPLIT
 from diag.curvature.risk import eigen_contributions, quadratic_check
 from diag.decide.rules import predicted_loss_increase
-from diag.features.pair_features import CurvatureSettings, Diagnostics
+from diag.features.pair_features import Diagnostics
 from train.errors import TvdiagError
 from train.losses import check_alpha
 from train.store import content_key
@@ -44,7 +45,7 @@ def register(sub) -> None:
     h.add_argument("--rel-stderr", type=finite_float(0.0, 1.0, lo_open=True), default=None,
                    help="stop once the relative standard error is below this")
     h.add_argument("--max-probes", type=int_range(2, 100_000), default=200)
-    h.add_argument("--k", type=K, default=CurvatureSettings.k, help="eigenpairs on the card")
+    h.add_argument("--k", type=K, default=None, help="eigenpairs on the card (default: the preset's)")
     h.add_argument("--resume", action="store_true", help="checkpoint running sums and resume a killed run")
     h.add_argument("--backend", choices=("ours", "pyhessian"), default="ours",
                    help="pyhessian: also run PyHessian's trace/top eigenvalue on the first batch, side by side")
@@ -90,9 +91,8 @@ def register(sub) -> None:
 def _diagnostics(args, ctx, domains, explain):
     check_alpha(args.alpha)
     ctx.ensure(domains, (args.alpha,), explain=explain)
-    settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, seed=args.probe_seed,
-                                 engine=args.engine, params=tuple(args.params) if args.params else None,
-                                 probes=getattr(args, "probes", None) or CurvatureSettings.probes, k=args.k)
+    settings = curvature_settings(args, seed=args.probe_seed, engine=args.engine,
+                                  params=tuple(args.params) if args.params else None)
     return Diagnostics(ctx.workspace(args.alpha), settings=settings, progress=ctx.progress,
                        keep_probes=getattr(args, "keep_probes", False))
 
@@ -106,7 +106,7 @@ def run_hessian(args) -> int:
     if args.probes is not None and args.probes < 2:
         raise TvdiagError(f"--probes must be at least 2, got {args.probes}")
     diag = _diagnostics(args, ctx, [domain], explain=args.what == "card")
-    out: dict = {"domain": domain, "what": args.what, "point": "θ_ft", "n_images": args.n_images}
+    out: dict = {"domain": domain, "what": args.what, "point": "θ_ft", "n_images": diag.settings.n_images}
     if args.what == "card":
         out["card"] = diag.curvature(domain).card.to_dict()
         out["path"] = str(diag.card_path(domain))
@@ -118,13 +118,13 @@ def run_hessian(args) -> int:
     if args.json:
         emit_json(out)
     else:
-        _print_hessian(out, domain, args.n_images)
+        _print_hessian(out, domain, diag.settings.n_images)
     return 0
 
 
-def _settings_key(args) -> dict:
+def _settings_key(args, n_images: int) -> dict:
     """What a Hutchinson run's result depends on (keys its files in the store)."""
-    return {"what": args.what, "seed": args.probe_seed, "n_images": args.n_images, "probes": args.probes,
+    return {"what": args.what, "seed": args.probe_seed, "n_images": n_images, "probes": args.probes,
             "rel_stderr": args.rel_stderr, "max_probes": args.max_probes,
             "params": list(args.params) if args.params else None}
 
@@ -134,7 +134,7 @@ def _hessian_estimates(args, ctx, diag, domain: str, op) -> dict:
     out: dict = {"dim": op.shape[0], "engine": op.engine}
     ckpt = None
     if args.resume:
-        ckpt = diag.store.curvature_path(domain, f"{args.what}-ckpt", _settings_key(args))
+        ckpt = diag.store.curvature_path(domain, f"{args.what}-ckpt", _settings_key(args, diag.settings.n_images))
     kwargs = {"num_matvecs": args.probes, "rel_stderr": args.rel_stderr, "max_matvecs": args.max_probes,
               "seed": args.probe_seed, "checkpoint": ckpt, "progress": ctx.progress}
     if args.what == "trace":
@@ -144,7 +144,7 @@ def _hessian_estimates(args, ctx, diag, domain: str, op) -> dict:
         return out
 
     est = hutchinson_diagonal(op, **kwargs)
-    settings = {**_settings_key(args), "n_probes": est.n_probes}
+    settings = {**_settings_key(args, diag.settings.n_images), "n_probes": est.n_probes}
     path = diag.store.curvature_path(domain, "diag-hutchinson", settings)
     key = content_key({**settings, "base": diag.base_hash, "ft": diag.vector(domain, "ft").provenance.get("key", "")})
     diag.store.decide(path, key, what=f"{domain} Hutchinson diagonal")  # refuses a file tvdiag did not write
@@ -270,7 +270,7 @@ def run_risk(args) -> int:
     if args.json:
         emit_json(out)
         return 0
-    print(f"R(τ*ˢ; Hᵀ) for {source} → {target} (Hᵀ at θ_ftᵀ, {args.n_images} target train images)")
+    print(f"R(τ*ˢ; Hᵀ) for {source} → {target} (Hᵀ at θ_ftᵀ, {diag.settings.n_images} target train images)")
     for name in ("risk_exact", "risk_card", "risk_diag"):
         se, half = risks.get(f"{name}_se"), 0.5 * lam ** 2
         pm, half_pm = ("", "") if se is None else (f" ± {se:.2g}", f" ± {half * se:.2g}")

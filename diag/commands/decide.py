@@ -8,8 +8,9 @@ from pathlib import Path
 from diag.commands.openworld import run_rank_folder
 from diag.commands.options import (add_alpha_option, add_budget_option, add_common, add_curvature_options,
                                    add_domains_option, add_lambda_options, add_level_option, add_study_option,
-                                   add_train_seed_option, add_variant_option, context_from, domain_name, emit_json,
-                                   FRACTION, N_RESAMPLE)
+                                   add_train_seed_option, add_variant_option, context_from, curvature_settings,
+                                   domain_name, FRACTION, N_RESAMPLE)
+from diag.commands.output import emit_json
 from diag.constants import PAPER_LAMBDA2
 from diag.decide.ceiling import ranking_ceiling
 from diag.decide.evaluation import evaluate_rankers, loto_coverage
@@ -19,7 +20,7 @@ from diag.decide.recommend import TIER_METHODS
 from diag.curvature.risk import loss_model
 from diag.decide.rules import method_verdict, screen_verdict
 from diag.stats.paired import UPPER_Z
-from diag.features.pair_features import CurvatureSettings, Diagnostics
+from diag.features.pair_features import Diagnostics
 from diag.study.parallel import complete_study
 from diag.study.run import StudySettings
 from diag.table import at_lambda, DEFAULT_STUDY, lam_key, load_study, merge_shards, of_method, select_run
@@ -35,10 +36,6 @@ def _suite_options(p) -> None:
     add_study_option(p, help="study folder of the known pairs, read only (default: the store's 'allpairs', run on "
                              "demand)")
     p.add_argument("--extend", action="store_true", help="compute missing pairs into --study instead of only reading it")
-
-
-def _settings(args):
-    return CurvatureSettings(n_images=args.n_images, probes=args.probes, k=args.k)
 
 
 def register(sub) -> None:
@@ -98,7 +95,7 @@ def _study_table(ctx, args):
         run = select_run(load_study(args.study, lambda2=PAPER_LAMBDA2), getattr(args, "variant", None),
                          getattr(args, "train_seed", None))
         return store, ws, run
-    table = complete_study(ctx, domains, StudySettings(alpha=args.alpha, curvature_settings=_settings(args)),
+    table = complete_study(ctx, domains, StudySettings(alpha=args.alpha, curvature_settings=curvature_settings(args)),
                            workspace=ws, out_dir=args.study)
     return store, ws, at_lambda(of_method(table))  # the predictor learns eq. 8's pairs
 
@@ -150,7 +147,7 @@ def run_rank(args) -> int:
     ctx.ensure([target], (args.alpha,), explain=False)  # the target's prediction-only θ_ft is all we need
     tier = 2 if args.tier == "auto" else int(args.tier)
     sources = [d for d in _suite(ctx, args) if d != target]
-    diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress, keep_probes=args.keep_probes)
+    diag = Diagnostics(ws, settings=curvature_settings(args), progress=ctx.progress, keep_probes=args.keep_probes)
     ranking = rank_cached(diag, table, target, sources, tier, budget, model=args.model, methods=args.methods,
                           level=args.level)
     emit_json(ranking.to_dict(), nan_as_null=True) if args.json else print(ranking.table())
@@ -210,7 +207,7 @@ def run_screen(args) -> int:
     store, ws, table = _study_table(ctx, args)
     ctx.ensure([source], (args.alpha,))
     ctx.ensure([target], (args.alpha,), explain=False)
-    diag = Diagnostics(ws, settings=_settings(args), progress=ctx.progress, keep_probes=args.keep_probes)
+    diag = Diagnostics(ws, settings=curvature_settings(args), progress=ctx.progress, keep_probes=args.keep_probes)
     ranking = rank_for_target(diag, table, target, [source], 2, budget, level=args.level)
     row = ranking.rows.iloc[0]
     plain_verdict, plain_reasons = screen_verdict(row, table, target, lam, budget)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from diag.commands.options import emit_json
+from diag.commands.output import emit_json
 from diag.table import read_table
 from train.errors import ArtifactError, StoreError
 from train.tensorio import check_tensor_files, FileCheck

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from diag.commands.options import (add_alpha_option, add_common, add_curvature_options, add_probe_seed_option,
-                                   add_train_seed_option, add_variant_option, context_from, domain_name, emit_json, K,
-                                   writable_file)
+                                   add_train_seed_option, add_variant_option, context_from, curvature_settings,
+                                   domain_name, K, writable_file)
+from diag.commands.output import emit_json
 from diag.features.mapped import skip_exit_collection
-from diag.features.pair_features import CurvatureSettings
 from diag.openworld import build_target_card, CARD_FORMS, rank_folder, RankInputs
 from diag.table import DEFAULT_STUDY
 from train.backbones import read_checkpoint, state_hash
@@ -111,16 +111,15 @@ def _import_new_base(ctx, args) -> dict:
     _, base_hash = ctx.zoo().base()
     return {"kind": "base", "path": str(ctx.store.base_path()), "written": True, "base_hash": base_hash,
             "sha256": file_sha256(args.input), "store": str(ctx.store.folder),
-            "note": f"later commands: --backbone {args.backbone} --checkpoint {args.checkpoint}"}
+            "note": f"later commands: --backbone {ctx.zoo_config().backbone} --checkpoint {args.checkpoint}"}
 
 
 def run_card(args) -> int:
     ctx = context_from(args, default_domain=args.target)
-    if args.lanczos_iters is not None and args.lanczos_iters < args.k:
-        raise TvdiagError(f"--lanczos-iters {args.lanczos_iters} is below --k {args.k}: the Krylov space must hold "
-                          "the k eigenvectors")
-    settings = CurvatureSettings(n_images=args.n_images, batch_size=args.batch_size, probes=args.probes, k=args.k,
-                                 seed=args.probe_seed, split=args.split)
+    settings = curvature_settings(args, seed=args.probe_seed, split=args.split)
+    if args.lanczos_iters is not None and args.lanczos_iters < settings.k:
+        raise TvdiagError(f"--lanczos-iters {args.lanczos_iters} is below --k {settings.k}: the Krylov space must "
+                          "hold the k eigenvectors")
     decide(args.out, "", what="--out")  # before computing: a file tvdiag did not write is refused, a card replaced
     card, est = build_target_card(ctx.store, args.target, args.model, (ctx.data or {}).get(args.target), settings,
                                   progress=ctx.progress, device=ctx.device, lanczos_iters=args.lanczos_iters,

@@ -2,7 +2,8 @@
 subcommand shares (:func:`add_common`) and the :class:`~diag.runtime.context.Context` they make
 (:func:`context_from`), the option blocks several subcommands add (``add_*_option(s)``: each
 written once, its default read from :mod:`diag.constants` or
-:class:`~diag.features.pair_features.CurvatureSettings`), and the one strict JSON printer.
+:class:`~diag.features.pair_features.CurvatureSettings`; the curvature options default to the preset's,
+:func:`curvature_settings`). The strict JSON printer is :mod:`diag.commands.output`.
 
 Three seeds are named apart: ``--train-seed`` / ``--seeds`` (the zoo's training seeds: θ_ft, φ,
 θ_ft* and the controls), ``--probe-seed`` (Hutchinson, Hutch++ and Lanczos probes) and
@@ -11,30 +12,30 @@ or bootstrap seed it is refused with one line naming the new option.
 
 Every numeric option is checked at the boundary: finite and in its range, so a value such
 as ``--lambda2 nan`` or ``--k 0`` is one clear line and exit code 2 instead of a traceback
-or NaN results. :func:`emit_json` prints with a strict encoder: a non-finite result is an
-error, never bare ``NaN`` in the output.
+or NaN results.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import sys
+from dataclasses import replace
 from pathlib import Path
 
 from diag.constants import (DEFAULT_MAX_ACC_DROP, LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2,
                             PREDICTION_LEVEL)
-from diag.features.pair_features import CurvatureSettings
+from diag.features.pair_features import CurvatureSettings, PRESET_CURVATURE
 from diag.runtime.context import Context
 from diag.runtime.distributed import is_distributed
 from diag.runtime.shards import shared_start_time
 from diag.runtime.workers import parse_workers
+from train.backbones import local_configs
 from train.devices import DEVICE_CHOICES
 from train.errors import TvdiagError
 from train.store import check_name, default_root, VARIANTS
 from train.tensorio import check_writable
+from train.zoo import PRESETS
 
 SEED_MAX = 2 ** 63
 
@@ -87,78 +88,6 @@ def domain_name(text: str) -> str:
         return check_name(text)
     except TvdiagError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _first_non_finite(obj, where: str = "") -> str | None:
-    """JSON path of the first NaN/Inf float in a nested dict/list (None when all are finite)."""
-    if isinstance(obj, float):
-        return None if math.isfinite(obj) else (where or "<value>")
-    if isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, (list, tuple)):
-        items = enumerate(obj)
-    else:
-        return None
-    for key, value in items:
-        found = _first_non_finite(value, f"{where}.{key}" if where else str(key))
-        if found:
-            return found
-    return None
-
-
-def check_finite_result(obj, what: str = "result") -> None:
-    """Raise :class:`TvdiagError` naming the first non-finite number in ``obj``."""
-    bad = _first_non_finite(obj)
-    if bad is not None:
-        raise TvdiagError(f"The {what} is not finite at '{bad}' (NaN or Inf): the settings are outside the "
-                          "range where the computation is meaningful")
-
-
-def _json_default(value):
-    """numpy / torch scalars as floats (ints stay ints), paths and other objects as strings."""
-    if hasattr(value, "item") and callable(value.item):
-        try:
-            return value.item()
-        except (ValueError, RuntimeError):  # a multi-element array or tensor
-            return value.tolist()
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def dumps_strict(obj, **kwargs) -> str:
-    """``json.dumps`` that refuses NaN/Inf (a :class:`TvdiagError` naming where it is)."""
-    kwargs.setdefault("indent", 2)
-    kwargs.setdefault("default", _json_default)
-    try:
-        return json.dumps(obj, allow_nan=False, **kwargs)
-    except ValueError:
-        check_finite_result(json.loads(json.dumps(obj, default=kwargs["default"])))
-        raise
-
-
-def _nan_to_null(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_null(v) for v in obj]
-    return obj
-
-
-def emit_json(obj, *, nan_as_null: bool = False, **kwargs) -> None:
-    """Print ``obj`` as strict JSON on stdout (nothing is printed when it is not finite).
-
-    Args:
-        nan_as_null: for tables where NaN means "not available" (a statistic undefined on
-            too few pairs, a column of a lower tier): write ``null`` instead of failing.
-    """
-    if nan_as_null:
-        obj = _nan_to_null(json.loads(json.dumps(obj, default=kwargs.get("default", _json_default))))
-    text = dumps_strict(obj, **kwargs)
-    sys.stdout.write(text + "\n")
 
 
 def _writable_target(text: str, folder: bool) -> Path:
@@ -224,7 +153,23 @@ N_RESAMPLE = positive_int(10_000_000)       # --n-boot, --n-perm
 REPEATS = positive_int(1_000)
 
 
-_CURVATURE = CurvatureSettings()  # the defaults of how Hᵀ is estimated
+_CURVATURE_FLAGS = ("n_images", "batch_size", "probes", "k")  # the CurvatureSettings fields with an option
+
+
+def _preset_help(text: str | None, name: str) -> str:
+    """``text`` and the option's defaults: ``(default 256; smoke preset 64)`` (the presets with their own)."""
+    default = getattr(CurvatureSettings(), name)
+    own = [f"{p} preset {getattr(c, name)}" for p, c in PRESET_CURVATURE.items() if getattr(c, name) != default]
+    defaults = "; ".join([f"default {default}", *own])
+    return f"{text} ({defaults})" if text else f"({defaults})"
+
+
+def curvature_settings(args: argparse.Namespace, **fields) -> CurvatureSettings:
+    """How Hᵀ is estimated for a command line: the preset's :class:`CurvatureSettings`
+    (:meth:`CurvatureSettings.for_preset`), with the options given (``--n-images``, ``--batch-size``,
+    ``--probes``, ``--k``) and then ``fields`` over them."""
+    given = {name: getattr(args, name) for name in _CURVATURE_FLAGS if getattr(args, name, None) is not None}
+    return replace(CurvatureSettings.for_preset(args.preset), **{**given, **fields})
 
 
 def add_lambda_options(parser: argparse.ArgumentParser, *, lambda1: bool = True, repeatable: bool = False) -> None:
@@ -282,15 +227,17 @@ def add_study_option(parser: argparse.ArgumentParser, help: str) -> None:
 def add_curvature_options(parser: argparse.ArgumentParser, *, batch_size: bool = True, card: bool = True,
                           n_images_help: str | None = None, k_help: str | None = None,
                           keep_probes: bool = False) -> None:
-    """How Hᵀ is estimated, at :class:`CurvatureSettings`' defaults: ``--n-images`` (and ``--batch-size``),
-    with ``card`` also ``--probes`` (Hutchinson probes of diag(Hᵀ)) and ``--k`` (the card's eigenpairs), with
-    ``keep_probes`` also ``--keep-probes`` (the store's diagonal of Hᵀ keeps its per-probe diagonals)."""
-    parser.add_argument("--n-images", type=N_IMAGES, default=_CURVATURE.n_images, help=n_images_help)
+    """How Hᵀ is estimated: ``--n-images`` (and ``--batch-size``), with ``card`` also ``--probes`` (Hutchinson
+    probes of diag(Hᵀ)) and ``--k`` (the card's eigenpairs), with ``keep_probes`` also ``--keep-probes`` (the
+    store's diagonal of Hᵀ keeps its per-probe diagonals). Not given, each is the preset's
+    (:func:`curvature_settings`)."""
+    parser.add_argument("--n-images", type=N_IMAGES, default=None, help=_preset_help(n_images_help, "n_images"))
     if batch_size:
-        parser.add_argument("--batch-size", type=BATCH, default=_CURVATURE.batch_size)
+        parser.add_argument("--batch-size", type=BATCH, default=None, help=_preset_help(None, "batch_size"))
     if card:
-        parser.add_argument("--probes", type=PROBES, default=_CURVATURE.probes, help="Hutchinson probes of diag(Hᵀ)")
-        parser.add_argument("--k", type=K, default=_CURVATURE.k, help=k_help)
+        parser.add_argument("--probes", type=PROBES, default=None,
+                            help=_preset_help("Hutchinson probes of diag(Hᵀ)", "probes"))
+        parser.add_argument("--k", type=K, default=None, help=_preset_help(k_help, "k"))
     if keep_probes:
         parser.add_argument("--keep-probes", action="store_true",
                             help="also keep each Hutchinson probe's diagonal of Hᵀ in the store (probes × parameters "
@@ -328,7 +275,7 @@ def add_train_seeds_option(parser: argparse.ArgumentParser, help: str = "trainin
 
 def add_probe_seed_option(parser: argparse.ArgumentParser) -> None:
     """``--probe-seed``: the seed of the Hutchinson, Hutch++ and Lanczos probes; ``--seed`` is refused."""
-    parser.add_argument("--probe-seed", type=seed, default=_CURVATURE.seed, metavar="SEED",
+    parser.add_argument("--probe-seed", type=seed, default=CurvatureSettings.seed, metavar="SEED",
                         help="seed of the Hutchinson, Hutch++ and Lanczos probes")
     _refuse_seed(parser, "the probe seed is --probe-seed")
 
@@ -359,10 +306,13 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     """Options every subcommand accepts."""
     parser.add_argument("--store", type=Path, default=None, help="artifact store (default: $TVDIAG_STORE or ~/.cache/tvdiag)")
     parser.add_argument("--preset", default="default",
-                        help="zoo settings: default | smoke (tiny, for tests) | vitb-smoke (ViT-B/32 at 224 px, a few "
-                             "images and steps) | dense (Kernel SHAP at ≈ 10 samples per patch) | gradcam (Grad-CAM "
-                             "supervision)")
-    parser.add_argument("--backbone", default="tiny", help="tiny, or an open_clip name such as ViT-B-32")
+                        help="zoo and curvature settings: default | smoke (the micro backbone, a few images and steps "
+                             "and a small curvature estimate: for trying things out and tests) | vitb-smoke (ViT-B/32 "
+                             "at 224 px, a few images and steps) | dense (Kernel SHAP at ≈ 10 samples per patch) | "
+                             "gradcam (Grad-CAM supervision)")
+    parser.add_argument("--backbone", default=None,
+                        help=f"a tvdiag config ({', '.join(local_configs())}) or an open_clip name such as ViT-B-32 "
+                             f"(default: the preset's: {', '.join(f'{n} {c.backbone}' for n, c in PRESETS.items())})")
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag already in its cache")
     parser.add_argument("--checkpoint", default=None, help="local weights file (safetensors or legacy .pt)")
     parser.add_argument("--data", action="append", default=[], metavar="[DOMAIN=]PATH",

@@ -9,8 +9,9 @@ import pandas as pd
 
 from diag.commands.options import (add_alpha_option, add_bootstrap_seed_option, add_common, add_domains_option,
                                    add_lambda_options, add_study_option, add_train_seed_option, add_train_seeds_option,
-                                   add_variant_option, context_from, emit_json, N_IMAGES, N_RESAMPLE, positive_int,
-                                   seed, writable_dir)
+                                   add_variant_option, context_from, curvature_settings, N_IMAGES, N_RESAMPLE,
+                                   positive_int, seed, writable_dir)
+from diag.commands.output import emit_json
 from diag.constants import LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA2
 from diag.features.similarity import similarity_matrices, VectorSpec
 from diag.runtime.distributed import is_distributed, rank_and_world
@@ -185,7 +186,8 @@ def _study_settings(args) -> StudySettings:
         lambda2s = list(dict.fromkeys([*lambda2s, *LAMBDA_GRID]))
     return StudySettings(alpha=check_alpha(args.alpha), lambda1=args.lambda1, lambda2s=tuple(lambda2s),
                          seeds=tuple(args.seeds), variant=args.variant, controls=not args.no_controls,
-                         curvature=not args.no_curvature, methods=tuple(args.methods))
+                         curvature=not args.no_curvature, curvature_settings=curvature_settings(args),
+                         methods=tuple(args.methods))
 
 
 def run_study_cmd(args) -> int:
@@ -349,8 +351,8 @@ def run_correlate(args) -> int:
     if merge_shards(out, write=False).empty and (args.study is None or args.extend):
         domains = _domains(ctx, args.domains)
         store = ctx.ensure(domains, (PAPER_ALPHA,))
-        run_study(store, domains, StudySettings(lambda2s=(lambda2,)), out_dir=out, progress=ctx.progress,
-                  data=ctx.data, workspace=ctx.workspace())
+        run_study(store, domains, StudySettings(lambda2s=(lambda2,), curvature_settings=curvature_settings(args)),
+                  out_dir=out, progress=ctx.progress, data=ctx.data, workspace=ctx.workspace())
     if args.all_seeds:
         return _correlate_seeds(args, out, lambda2)
     df = at_lambda(select_run(load_study(out), args.variant, args.train_seed), lambda2)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from diag.commands.options import (add_alpha_option, add_budget_option, add_common, add_domains_option,
                                    add_lambda_options, add_study_option, add_train_seed_option, add_train_seeds_option,
-                                   add_variant_option, ALPHA, check_finite_result, context_from, domain_name,
-                                   emit_json)
+                                   add_variant_option, ALPHA, context_from, curvature_settings, domain_name)
+from diag.commands.output import check_finite_result, emit_json
 from diag.constants import PAPER_ALPHA
 from diag.decide.recommend import study_gains
 from diag.features.pair_features import Diagnostics
@@ -67,7 +67,8 @@ def run_transfer(args) -> int:
     ws = ctx.workspace(args.alpha, seed=args.train_seed, variant=args.variant)
     curvature = None
     if args.method in ("project", "precondition", "blocks"):
-        curvature = Diagnostics(ws, progress=ctx.progress).curvature(target, need_operator=args.method == "blocks")
+        curvature = Diagnostics(ws, settings=curvature_settings(args), progress=ctx.progress).curvature(
+            target, need_operator=args.method == "blocks")
     gains = None
     if args.method == "mix-ranked":
         gains, _ = study_gains(args.study or ctx.store.study_dir(DEFAULT_STUDY), target, args.train_seed, args.variant)

@@ -55,7 +55,11 @@ RISK_COLUMNS = ("risk_exact", "risk_diag", "risk_diag_se", "risk_card", "grad_do
 
 @dataclass(frozen=True)
 class CurvatureSettings:
-    """How a target's curvature is estimated (part of the cache key)."""
+    """How a target's curvature is estimated (part of the cache key).
+
+    The defaults are the ``default`` zoo preset's; :meth:`for_preset` gives a preset's own
+    (the smoke presets estimate Hᵀ on few images with few probes and eigenpairs).
+    """
     n_images: int = 256
     batch_size: int = 128
     probes: int = 24
@@ -64,6 +68,19 @@ class CurvatureSettings:
     engine: str = "auto"
     split: str = "train"
     params: tuple[str, ...] | None = None
+
+    @classmethod
+    def for_preset(cls, preset: str) -> "CurvatureSettings":
+        """The curvature settings of zoo preset ``preset`` (:data:`PRESET_CURVATURE`, else the defaults)."""
+        return PRESET_CURVATURE.get(preset, cls())
+
+
+#: Zoo presets whose curvature settings differ from :class:`CurvatureSettings`' defaults: the smoke
+#: presets keep Hᵀ as small as their zoo (a quarter of the images, a third of the probes, half the eigenpairs).
+PRESET_CURVATURE: dict[str, CurvatureSettings] = {
+    "smoke": CurvatureSettings(n_images=64, probes=8, k=4),
+    "vitb-smoke": CurvatureSettings(n_images=64, probes=8, k=4),
+}
 
 
 class Diagnostics:

@@ -40,11 +40,13 @@ class Context:
     ``device`` (``auto`` when None) is resolved once here (:func:`train.devices.resolve_device`)
     and passed to the zoo and every workspace; ``bf16`` (CUDA only) to the zoo's forwards.
     ``workers`` (``auto`` when None): local processes of the long builds (:mod:`diag.runtime.workers`).
+    ``backbone`` None is the preset's (:data:`train.zoo.PRESETS`); a name, a ``pretrained`` tag or a
+    ``checkpoint`` replaces the preset's backbone.
     """
 
     store_root: Path
     preset: str = "default"
-    backbone: str = "tiny"
+    backbone: str | None = None
     pretrained: str | None = None
     checkpoint: str | None = None
     data: dict[str, str] | None = None
@@ -62,8 +64,9 @@ class Context:
 
     def zoo_config(self):
         cfg = preset(self.preset)
-        if self.backbone != "tiny" or self.pretrained or self.checkpoint:
-            cfg = replace(cfg, backbone=self.backbone, pretrained=self.pretrained, checkpoint=self.checkpoint)
+        if self.backbone or self.pretrained or self.checkpoint:
+            cfg = replace(cfg, backbone=self.backbone or cfg.backbone, pretrained=self.pretrained,
+                          checkpoint=self.checkpoint)
         return cfg
 
     @property

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import diag.commands.transfer as transfer_cmd
-from diag.commands.options import emit_json
+from diag.commands.output import emit_json
 from tests._smoke import BACKBONE_ID
 from tests.adversarial._helpers import common, refused, run
 from train.errors import TvdiagError

@@ -2,8 +2,9 @@
 
 For each domain and training seed: the head W, θ_ft (α = 1), explanation supervision φ
 (Kernel SHAP on the θ_ft model, for every train image plus the val and test images), and
-θ_ft* (α < 1, default 0.8). For the tiny backbone also θ_base by contrastive pretraining on
-the pool splits, with its own ``base_seed``: θ_base is the same for every training seed.
+θ_ft* (α < 1, default 0.8). For a backbone without weights (tvdiag's own configs) also θ_base by
+contrastive pretraining on the pool splits, with its own ``base_seed``: θ_base is the same for every
+training seed.
 
 θ_ft and θ_ft* are a controlled pair (DESIGN.md): the same train images (the val split is
 carved out of train and never trained on), the same batch sequence
@@ -94,7 +95,7 @@ class Zoo(ZooPlan):
         return content_key(payload)
 
     def base(self) -> tuple[Backbone, str]:
-        """θ_base (with its text tower) and its hash; pretrains the tiny backbone when missing."""
+        """θ_base (with its text tower) and its hash; pretrains a backbone without weights when missing."""
         if self._backbone is not None:
             return self._backbone
 

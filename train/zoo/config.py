@@ -19,7 +19,8 @@ class ZooConfig:
 
     Attributes:
         backbone, pretrained, checkpoint: the backbone and where θ_base comes from.
-        pretrain: θ_base's contrastive pretraining (tiny backbone only).
+        pretrain: θ_base's contrastive pretraining, for a backbone with neither ``pretrained`` nor
+            ``checkpoint`` weights (tvdiag's own configs, ``tiny`` and ``micro``, start from random weights).
         ft: optimiser of the controlled pair: θ_ft and θ_ft* of the ``paper`` variant.
         from_ft: optimiser of θ_ft* of the ``from-ft`` variant (initialised at θ_ft).
         patch_shift: whole-patch shifts of the pair, at most this many patches each way (0: none).
@@ -70,11 +71,14 @@ PRESETS: dict[str, ZooConfig] = {
     "dense": ZooConfig(shap_per_patch=10.0),
     # Grad-CAM supervision (appendix D: the paper's ViT-L/14 ground truth) instead of Kernel SHAP.
     "gradcam": ZooConfig(supervision="gradcam"),
-    # A few seconds per domain: for tests and CLI smoke runs.
+    # Smoke all the way: the micro backbone (25k vision parameters), a few images and steps per domain, and (in
+    # diag) small curvature settings; for trying things out, tests and CLI smoke runs. The micro model is cheap
+    # enough for the pretraining and fine-tuning steps that lift its θ_ft off zero test accuracy (a defined
+    # accuracy ratio for the ranker to fit).
     "smoke": ZooConfig(
-        backbone="tiny",
-        pretrain=PretrainConfig(epochs=1, batch_size=64, max_per_domain=64),
-        ft=OptimConfig(steps=6, lr=1e-3, warmup=2, batch_size=32),
+        backbone="micro",
+        pretrain=PretrainConfig(epochs=4, batch_size=64, max_per_domain=128),
+        ft=OptimConfig(steps=30, lr=3e-3, warmup=3, batch_size=32),
         from_ft=OptimConfig(steps=4, lr=3e-4, warmup=1, batch_size=32),
         shap_samples=32, shap_test=24, max_train=64, max_val=24, max_test=24, eval_batch=64,
     ),
