@@ -57,7 +57,7 @@ def _block_of_run(folder: Path) -> list[str]:
     for variant in sorted(df["variant"].unique()):
         seeds = sorted(int(s) for s in df[df["variant"] == variant]["seed"].unique())
         if len(seeds) > 1:
-            lines += seeds_block(folder, select_run(df, variant, "all"), variant, seeds)
+            lines += seeds_block(folder, select_run(df, variant, "all"), variant, seeds, _provenance(folder))
             continue
         for seed in seeds:
             run = select_run(df, variant, seed)

@@ -147,12 +147,12 @@ def _ranking(table: pd.DataFrame, seeds: list[int]) -> list[str]:
     return out + [""]
 
 
-def seeds_block(folder: Path, table: pd.DataFrame, variant: str, seeds: list[int]) -> list[str]:
-    """The Markdown lines of one variant of ``folder`` over its training seeds."""
+def seeds_block(folder: Path, table: pd.DataFrame, variant: str, seeds: list[int], provenance: str = "") -> list[str]:
+    """The Markdown lines of one variant of ``folder`` over its training seeds (``provenance``: one phrase)."""
     table = of_method(table)
     grid = sorted({float(v) for v in table["lambda2"]})
     head = [f"**`results/{folder.name}`** — variant `{variant}`, training seeds {', '.join(map(str, seeds))}, λ2 grid "
-            f"{grid[0]:g}–{grid[-1]:g}. The seeds vary the fine-tunes' batch order and Kernel SHAP's coalitions; "
+            f"{grid[0]:g}–{grid[-1]:g} ({provenance or 'provenance: none recorded'}). The seeds vary the fine-tunes' batch order and Kernel SHAP's coalitions; "
             "θ_base, the splits and val are seed 0's for every seed, so ± covers training noise only.", ""]
     return (head + _headline(table, seeds) + ["**Predictions** (test split scored; every choice on val):", ""]
             + _loss_and_card(table, seeds) + _coverage(table) + _screen(table) + ["**Ranking**:", ""]
