@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from diag.constants import PAPER_LAMBDA2, PREDICTION_LEVEL
-from diag.curvature.card import build_card
+from diag.curvature.card import build_card, check_card_provenance
 from diag.curvature.hutchinson import hutchinson_diagonal
 from diag.curvature.kfac import build_kfac_card, CARD_FORMS, KFAC_FORMAT
 from diag.curvature.operators import HessianOperator
@@ -161,12 +161,7 @@ def _base_keys(base: TensorFile) -> dict[str, tuple]:
 
 
 def _check_card(card: CardStream, base_hash: str, model_sha: str, keys: dict) -> None:
-    prov = card.provenance
-    if prov.get("base_hash", base_hash) != base_hash:
-        raise BaseMismatchError(f"{card.file.path} was built on base {prov.get('base_hash')}, not {base_hash}")
-    if prov.get("model_sha256", model_sha) != model_sha:
-        raise BaseMismatchError(f"{card.file.path} was built for model sha256 {prov['model_sha256'][:16]}, "
-                                f"not --target-model (sha256 {model_sha[:16]})")
+    check_card_provenance(card.provenance, card.file.path, base_hash, model_sha)
     bad = [n for n in card.names if keys.get(n) != card.shapes[n]]
     if bad:
         raise BaseMismatchError(f"{card.file.path} covers '{bad[0]}' with a shape the backbone does not have")

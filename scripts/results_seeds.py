@@ -22,7 +22,7 @@ from diag.decide.loss_model import agreement, calibrate, predicted_vs_measured
 from diag.decide.screen_check import validate_screen
 from diag.study.summary import summarize, summarize_run
 from diag.stats import wilson_interval
-from diag.table import lam_key, of_method, read_checked_csv
+from diag.table import at_lambda, of_method, read_checked_csv
 
 N_BOOT = 1000
 QUANTITY_NAMES = {"ermse_norm": "E-RMSE ÷ θ_ftᵀ's", "acc_drop": "accuracy drop at λ2 = 0.7",
@@ -35,10 +35,6 @@ def _msd(values) -> str:
         return "n/a"
     sd = v.std(ddof=1) if v.size > 1 else math.nan
     return f"{v.mean():.3g} ± {sd:.2g}" if math.isfinite(sd) else f"{v.mean():.3g}"
-
-
-def _at07(table: pd.DataFrame) -> pd.DataFrame:
-    return table[table["lambda2"].map(lam_key) == lam_key(PAPER_LAMBDA2)]
 
 
 def _headline(table: pd.DataFrame, seeds: list[int]) -> list[str]:
@@ -93,7 +89,7 @@ def _loss_and_card(table: pd.DataFrame, seeds: list[int]) -> list[str]:
                    f"median measured ÷ predicted {cal['median_ratio']:.2f}, Spearman {cal['spearman']:.2f}; {fails} "
                    f"(≥ 80 % within at every λ2 up to it). Without gᵀτ: {cal['second_order']['within']:.0%} within, "
                    f"median ratio {cal['second_order']['median_ratio']:.2f}.")
-    pairs = _at07(table).dropna(subset=["risk_exact"])
+    pairs = at_lambda(table, PAPER_LAMBDA2).dropna(subset=["risk_exact"])
     for col, label in (("risk_card", "top-8 eigenpairs + residual diagonal"), ("risk_diag", "Hutchinson diagonal")):
         if col in pairs and pairs[col].notna().any():
             a = agreement(pairs[col], pairs["risk_exact"])
@@ -132,7 +128,7 @@ def _screen(table: pd.DataFrame) -> list[str]:
 
 
 def _ranking(table: pd.DataFrame, seeds: list[int]) -> list[str]:
-    at07 = _at07(table)
+    at07 = at_lambda(table, PAPER_LAMBDA2)
     ceiling = ranking_ceiling(at07)
     per: dict[str, list[float]] = {}
     for seed in seeds:

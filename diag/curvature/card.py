@@ -36,15 +36,43 @@ from diag.curvature.params import ParamLayout
 from train.errors import ArtifactError, BaseMismatchError, TvdiagError
 from train.tensorio import save_tensors, verify_checksum
 
-__all__ = ["CARD_FORMAT", "HessianCard", "build_card"]
+__all__ = ["CARD_FORMAT", "CardRisk", "HessianCard", "build_card", "check_card_provenance"]
 
 log = logging.getLogger(__name__)
 
 CARD_FORMAT = "tvdiag.hessian_card/1"
 
 
+class CardRisk:
+    """What every card form shares: τ flattened in the card's order, R(τ) as the sum of the form's
+    :meth:`risk_parts`, and the first-order term gᵀτ. A form provides ``layout``, ``dim``,
+    ``gradient``, ``risk_parts`` and ``_device`` (where its tensors live)."""
+
+    def _flat(self, tau: Tensor | Mapping[str, Tensor]) -> Tensor:
+        if isinstance(tau, Mapping):
+            tau = self.layout.flatten(tau)
+        tau = tau.reshape(-1)
+        if tau.shape[0] != self.dim:
+            raise BaseMismatchError(f"tau has length {tau.shape[0]}, the card has D={self.dim}.")
+        return tau.to(device=self._device, dtype=torch.float64)
+
+    def risk(self, tau: Tensor | Mapping[str, Tensor]) -> float:
+        """R_card(τ): the sum of :meth:`risk_parts` (the module docstring of each form gives them).
+
+        Args:
+            tau: Flat ``(D,)`` vector or a ``name -> tensor`` dict (extra names ignored).
+        """
+        return sum(self.risk_parts(tau))
+
+    def first_order(self, tau: Tensor | Mapping[str, Tensor]) -> float | None:
+        """``g^T tau`` (float64), the loss model's first-order term; None when the card stores no g."""
+        if self.gradient is None:
+            return None
+        return float(self.gradient.to(device=self._device, dtype=torch.float64) @ self._flat(tau))
+
+
 @dataclass
-class HessianCard:
+class HessianCard(CardRisk):
     """Top-k eigenpairs + residual diagonal of a target Hessian.
 
     Attributes:
@@ -100,13 +128,9 @@ class HessianCard:
         """Number of parameters D."""
         return int(self.residual_diag.shape[0])
 
-    def _flat(self, tau: Tensor | Mapping[str, Tensor]) -> Tensor:
-        if isinstance(tau, Mapping):
-            tau = self.layout.flatten(tau)
-        tau = tau.reshape(-1)
-        if tau.shape[0] != self.dim:
-            raise BaseMismatchError(f"tau has length {tau.shape[0]}, the card has D={self.dim}.")
-        return tau.to(device=self.eigvecs.device, dtype=torch.float64)
+    @property
+    def _device(self) -> torch.device:
+        return self.eigvecs.device
 
     def risk_parts(self, tau: Tensor | Mapping[str, Tensor]) -> tuple[float, float]:
         """``(sum_i l_i a_i^2, sum_j r_j tau_j^2)`` with ``a_i = v_i^T tau`` (float64)."""
@@ -115,21 +139,6 @@ class HessianCard:
         top = float((self.eigvals.double() * a.pow(2)).sum())
         res = float((self.residual_diag.double() * t.pow(2)).sum())
         return top, res
-
-    def risk(self, tau: Tensor | Mapping[str, Tensor]) -> float:
-        """``R_card(tau) = sum_i l_i (v_i^T tau)^2 + sum_j r_j tau_j^2``.
-
-        Args:
-            tau: Flat ``(D,)`` vector or a ``name -> tensor`` dict (extra names ignored).
-        """
-        top, res = self.risk_parts(tau)
-        return top + res
-
-    def first_order(self, tau: Tensor | Mapping[str, Tensor]) -> float | None:
-        """``g^T tau`` (float64), the loss model's first-order term; None when the card stores no g."""
-        if self.gradient is None:
-            return None
-        return float(self.gradient.to(device=self.eigvecs.device, dtype=torch.float64) @ self._flat(tau))
 
     def to_dict(self) -> dict:
         """Summary for a table: sizes, trace, top eigenvalues, residual total, whether g is stored, provenance."""
@@ -304,6 +313,18 @@ def _provenance(op: CurvatureOperator, used: str, k: int, resid_kind: str) -> di
             prov[attr] = str(getattr(op, attr))
     prov["tvdiag_version"] = __version__
     return prov
+
+
+def check_card_provenance(provenance: Mapping[str, str], path, base_hash: str, model_sha: str) -> None:
+    """Refuse (BaseMismatchError) a card at ``path`` built on another base or for another target model.
+
+    A card that does not record one of them is not refused on it.
+    """
+    if provenance.get("base_hash", base_hash) != base_hash:
+        raise BaseMismatchError(f"{path} was built on base {provenance.get('base_hash')}, not {base_hash}")
+    if provenance.get("model_sha256", model_sha) != model_sha:
+        raise BaseMismatchError(f"{path} was built for model sha256 {provenance['model_sha256'][:16]}, "
+                                f"not --target-model (sha256 {model_sha[:16]})")
 
 
 def build_card(op: CurvatureOperator, k: int, residual_diag: None | str | Tensor = None,

@@ -35,7 +35,7 @@ from diag.decide.predictor import MIN_TRAINING_PAIRS, fit_pair_predictor, tier_f
 from diag.decide.recommend import plain_from_grid, predicted_gain
 from diag.decide.rules import method_verdict, screen_verdict
 from diag.stats import wilson_interval
-from diag.table import lam_key, with_run_columns
+from diag.table import at_lambda, lam_key, with_run_columns
 from train.errors import DataError
 
 __all__ = ["VERDICTS", "ScreenCheck", "validate_screen"]
@@ -141,7 +141,7 @@ def validate_screen(table: pd.DataFrame, budget: float = DEFAULT_MAX_ACC_DROP, l
     runs = with_run_columns(table)
     rows = []
     for run_seed, run in runs.groupby("seed"):
-        at07 = run[run["lambda2"].map(lam_key) == lam_key(PAPER_LAMBDA2)]
+        at07 = at_lambda(run, PAPER_LAMBDA2)
         for target in sorted(at07["target"].unique()):
             train = training_pairs(at07, target)
             if len(train) < MIN_TRAINING_PAIRS:

@@ -16,7 +16,7 @@ import torch
 
 from diag.curvature.kfac import KfacCard
 from diag.features.mapped import TensorFile
-from train.errors import BaseMismatchError
+from diag.curvature.card import check_card_provenance
 
 __all__ = ["kfac_risks"]
 
@@ -36,12 +36,7 @@ def kfac_risks(card_path: str | Path, sources: list, base_hash: str, model_sha: 
         ArtifactError: a damaged card.
     """
     card = KfacCard.load(card_path)
-    prov = card.provenance
-    if prov.get("base_hash", base_hash) != base_hash:
-        raise BaseMismatchError(f"{card_path} was built on base {prov.get('base_hash')}, not {base_hash}")
-    if prov.get("model_sha256", model_sha) != model_sha:
-        raise BaseMismatchError(f"{card_path} was built for model sha256 {prov['model_sha256'][:16]}, "
-                                f"not --target-model (sha256 {model_sha[:16]})")
+    check_card_provenance(card.provenance, card_path, base_hash, model_sha)
     f = TensorFile(card_path)
     try:
         diag = f.read("hessian_diag").double() if "hessian_diag" in f.entries else None

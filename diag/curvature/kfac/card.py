@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from diag.curvature.card import HessianCard
+from diag.curvature.card import CardRisk, HessianCard
 from diag.curvature.kfac.layers import LayerSpec
 from diag.curvature.params import ParamLayout
 from train.errors import ArtifactError, BaseMismatchError
@@ -55,7 +55,7 @@ def card_bytes(layers: list[LayerSpec], dim: int, factor_bytes: int = 4, packed:
 
 
 @dataclass
-class KfacCard:
+class KfacCard(CardRisk):
     """K-FAC factors per covered layer plus the Hessian diagonal of the uncovered parameters.
 
     Attributes:
@@ -134,13 +134,9 @@ class KfacCard:
         parts = [torch.arange(*offs[n]) for n in self.uncovered_names]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
-    def _flat(self, tau: Tensor | Mapping[str, Tensor]) -> Tensor:
-        if isinstance(tau, Mapping):
-            tau = self.layout.flatten(tau)
-        tau = tau.reshape(-1)
-        if tau.shape[0] != self.dim:
-            raise BaseMismatchError(f"tau has length {tau.shape[0]}, the card has D={self.dim}.")
-        return tau.to(dtype=torch.float64, device=self.fallback_diag.device)
+    @property
+    def _device(self) -> torch.device:
+        return self.fallback_diag.device
 
     def layer_risks(self, tau: Tensor | Mapping[str, Tensor]) -> list[float]:
         """Per covered layer ``tr(Tᵀ G T A)`` (float64)."""
@@ -175,21 +171,6 @@ class KfacCard:
         t = self._flat(tau)
         res = float((self.fallback_diag.double() * t[self.uncovered_index].pow(2)).sum())
         return sum(self.layer_risks(t)), res
-
-    def risk(self, tau: Tensor | Mapping[str, Tensor]) -> float:
-        """``R_kfac(tau)`` (module docstring).
-
-        Args:
-            tau: Flat ``(D,)`` vector or a ``name -> tensor`` dict (extra names ignored).
-        """
-        top, res = self.risk_parts(tau)
-        return top + res
-
-    def first_order(self, tau: Tensor | Mapping[str, Tensor]) -> float | None:
-        """``g^T tau`` (float64); None when the card stores no g."""
-        if self.gradient is None:
-            return None
-        return float(self.gradient.double() @ self._flat(tau))
 
     def nbytes(self) -> int:
         """Bytes of the card's tensors as :meth:`save` writes them."""
