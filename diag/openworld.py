@@ -331,14 +331,14 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
 def build_target_card(store, target: str, model_path: str | Path, data: str | Path | None,
                       settings: CurvatureSettings = CurvatureSettings(), progress: bool = False, *,
                       device: str | torch.device | None = None, lanczos_iters: int | None = None,
-                      form: str = "eig"):
+                      form: str | None = None):
     """The Hessian card of a prediction-only model θ_ftᵀ (an open_clip checkpoint) on local target images.
 
     H = ∇²_θ L_cls at θ_ftᵀ on the first ``n_images`` of ``split``; the head is the store's head of
     ``target`` when it has one, else CLIP's zero-shot head of the data's class names with θ_base's
     text tower. Hutchinson diagonal (``probes`` Rademacher probes: mean and standard error), trace
     ± stderr, top-k eigenpairs (Lanczos; ``lanczos_iters``: its Krylov dimension, None = its
-    default), residual diag(H) − Σ l_i v_i². With ``form="kfac"`` the card is a
+    default), residual diag(H) − Σ l_i v_i², with ``form="eig"``. By default (``settings.card_form``, ``kfac``) the card is a
     :class:`~diag.curvature.kfac.KfacCard` instead (K-FAC factors of the GGN per linear layer, the
     Hutchinson diagonal on the parameters no layer covers; no eigenpairs). ``split``, ``n_images``, ``batch_size``, ``probes``,
     ``k`` (capped at the parameter count) and ``seed`` come from ``settings``; ``data`` is
@@ -350,6 +350,7 @@ def build_target_card(store, target: str, model_path: str | Path, data: str | Pa
     """
     import copy
 
+    form = settings.card_form if form is None else form
     if form not in CARD_FORMS:
         raise unknown("card form", form, CARD_FORMS)
 

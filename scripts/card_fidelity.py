@@ -251,7 +251,7 @@ def _has_star(diag: Diagnostics, domain: str) -> bool:
 def cards_only(ctx: Context, args) -> int:
     """Build the K-FAC cards of the (target, seed)s whose curvature is cached; skip the others."""
     for seed in args.seeds or [0]:
-        diag = Diagnostics(ctx.workspace(PAPER_ALPHA, seed=seed, variant=args.variant), settings=CurvatureSettings(),
+        diag = Diagnostics(ctx.workspace(PAPER_ALPHA, seed=seed, variant=args.variant), settings=CurvatureSettings(card_form="eig"),
                            data_parallel=False)
         domains = args.targets or ctx.store.vector_domains()
         for target in domains:
@@ -274,7 +274,7 @@ def store_table(ctx: Context, seeds: list[int], targets: list[str], variant: str
     cached under ``out``), risk_card and risk_diag from the cached card and diagonal."""
     rows = []
     for seed in seeds:
-        diag = Diagnostics(ctx.workspace(PAPER_ALPHA, seed=seed, variant=variant), settings=CurvatureSettings(),
+        diag = Diagnostics(ctx.workspace(PAPER_ALPHA, seed=seed, variant=variant), settings=CurvatureSettings(card_form="eig"),
                            data_parallel=False)
         for target in targets:
             try:
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in seeds:
         ws = ctx.workspace(float(table["alpha"].iloc[0]), seed=seed, variant=args.variant)
-        diag = Diagnostics(ws, settings=CurvatureSettings(), data_parallel=False)
+        diag = Diagnostics(ws, settings=CurvatureSettings(card_form="eig"), data_parallel=False)
         for target in targets:
             sub = table[(table["seed"] == seed) & (table["target"] == target)]
             if len(sub):

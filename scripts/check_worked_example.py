@@ -12,7 +12,7 @@ from pathlib import Path
 
 def check(work: Path, out: str) -> list[str]:
     """The failed checks (empty: the example did what the README says)."""
-    from diag.curvature.card import HessianCard
+    from diag.curvature.kfac import load_any_card
 
     failed = []
     if out.count(" imported: ") != 5:  # θ_base, then θ_ft and θ_ft* (or τ*) of two sources
@@ -21,9 +21,11 @@ def check(work: Path, out: str) -> list[str]:
     names = {p.name for p in (store / "vectors").iterdir()} if (store / "vectors").is_dir() else set()
     if names != {"dtd", "resisc45"}:
         failed.append(f"store vectors {sorted(names)} != ['dtd', 'resisc45']")
-    card = HessianCard.load(work / "card.safetensors")
-    if not (card.k == 1 and card.dim == 87_849_216 and card.provenance["n_images_used"] == "2"):
-        failed.append(f"card k={card.k} dim={card.dim} images={card.provenance.get('n_images_used')}")
+    card = load_any_card(work / "card.safetensors")  # the default form: K-FAC, trace-scaled, with g
+    if not (getattr(card, "form", None) == "kfac" and card.dim == 87_849_216 and card.gradient is not None
+            and card.layer_scales is not None and card.provenance["n_images_used"] == "2"):
+        failed.append(f"card form={getattr(card, 'form', 'eig')} dim={card.dim} "
+                      f"images={card.provenance.get('n_images_used')}")
     if "tier 1" not in out:
         failed.append("the ranking is not tier 1")
     ranked = [line.split()[1] for line in out.splitlines() if line.strip()[:1].isdigit() and "  " in line]

@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 WORK=${1:-$(mktemp -d)}
 mkdir -p "$WORK"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export CARD=${CARD:-"--n-images 2 --batch-size 2 --probes 2 --k 1 --lanczos-iters 2"}
+export CARD=${CARD:-"--n-images 2 --batch-size 2 --probes 2"}
 cd "$WORK"
 
 "$PY" - <<'EOF'

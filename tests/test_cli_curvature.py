@@ -149,7 +149,8 @@ def test_target_diagonal_keeps_statistics_not_probes(root):
     from diag.runtime.context import Workspace
     from train.tensorio import load_tensors, save_tensors
 
-    settings = CurvatureSettings(n_images=16, batch_size=16, probes=3, k=2, seed=11, engine="double-backward")
+    settings = CurvatureSettings(n_images=16, batch_size=16, probes=3, k=2, seed=11, engine="double-backward",
+                                 card_form="eig")
     ws = Workspace(smoke_store(), 0.8)
     late = Diagnostics(ws, settings=settings, sources=["mnist"])
     path = late.diag_path("gtsrb")
@@ -162,7 +163,8 @@ def test_target_diagonal_keeps_statistics_not_probes(root):
                 provenance={"key": late._curvature_key("gtsrb")}).save(late.card_path("gtsrb"))
     late.curvature("gtsrb")
     tensors, meta = load_tensors(path)
-    assert set(tensors) == {"diag", "stderr", "probe_risks"} and tuple(tensors["probe_risks"].shape) == (3, 1)
+    assert set(tensors) == {"diag", "probe_risks"} and tuple(tensors["probe_risks"].shape) == (3, 1)
+    assert tensors["diag"].dtype == torch.float32  # a noisy estimate, kept in float32
     assert all(t.numel() < 3 * D for t in tensors.values())  # no probes × D tensor by default
     assert json.loads(meta["risk_sources"])[0][0] == "mnist" and meta["seed"] == "11" and meta["block_size"] == "8"
     replayed = late.pair("animals", "gtsrb", exact=False).values["risk_diag_se"]

@@ -83,13 +83,14 @@ SHARED = {  # option → commands that add it from one block of diag.commands.op
     "--batch-size": ("hessian", "spectrum", "risk", "card"),
     "--probes": ("risk", "rank-sources", "screen", "card"),
     "--k": ("risk", "rank-sources", "screen", "card"),
+    "--card-form": ("risk", "rank-sources", "screen", "card"),
     "--seeds": ("zoo", "study", "ceilings"),
     "--variant": ("transfer", "study", "ceilings", "import"),
 }
 DEFAULTS = {"--alpha": PAPER_ALPHA, "--lambda1": PAPER_LAMBDA1, "--lambda2": PAPER_LAMBDA2,
             "--max-acc-drop": DEFAULT_MAX_ACC_DROP, "--seeds": [0], "--variant": "paper",
             # not given, the curvature options are the preset's (test_curvature_settings_follow_the_preset)
-            "--n-images": None, "--batch-size": None, "--probes": None, "--k": None}
+            "--n-images": None, "--batch-size": None, "--probes": None, "--k": None, "--card-form": None}
 
 
 @pytest.mark.parametrize("flag", sorted(SHARED))

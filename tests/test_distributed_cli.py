@@ -73,7 +73,7 @@ def test_zoo_sharded_by_domain_equals_one_process(runs, capsys):
     out = _torchrun(runs["dist"], "zoo", "--domains", *DOMAINS)
     ref = _single(runs["single"], capsys, "zoo", "--domains", *DOMAINS)
     folder = Path(out["store"])
-    assert out["rank_of"] == {"gtsrb": 0, "mnist": 1}
+    assert set(out["rank_of"]) == set(DOMAINS) and set(out["rank_of"].values()) <= {0, 1}  # claimed, not assigned
     written = [p for rank in out["built"] for p in rank]
     assert len(out["built"]) == 2 and len(written) == len(set(written))  # each artifact built exactly once
     assert set(written) == {str(p) for p in folder.rglob("*.safetensors")}
@@ -96,8 +96,8 @@ def test_study_sharded_by_pair_equals_one_process(runs, capsys):
     ref = _single(runs["single"], capsys, *STUDY)
     assert out["n_rows"] == ref["n_rows"] == 2 and out["shard"] == [0, 1]
     study = Path(out["study"])
-    shards = [pd.read_csv(study / f"pairs-shard{r}of2.csv") for r in range(2)]
-    assert [len(s) for s in shards] == [1, 1]  # one pair per rank
+    shards = [pd.read_csv(study / f"pairs-shard{r}of2.csv") for r in range(2) if (study / f"pairs-shard{r}of2.csv").is_file()]
+    assert sum(len(s) for s in shards) == 2  # each pair claimed by one rank (which one is up to the queue)
     a, b = (pd.read_csv(Path(o["study"]) / "pairs.csv").sort_values(["source", "target"]).reset_index(drop=True)
             for o in (out, ref))
     assert list(a.columns) == list(b.columns)
@@ -145,7 +145,7 @@ def test_study_curvature_one_rank_per_target_equals_one_process(runs, tmp_path):
     settings = _curvature_settings()
     mp.spawn(_curvature_worker, args=(str(tmp_path / "init"), str(runs["dist"]), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [r["mine"] for r in ranks] == [["gtsrb"], ["mnist"]]
+    assert sorted(t for r in ranks for t in r["mine"]) == sorted(DOMAINS)  # each target claimed by one rank
     assert all(r["fresh"] == [True, True] for r in ranks)  # after the barrier every rank reads every card
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -165,7 +165,7 @@ def test_study_curvature_one_rank_per_target_equals_one_process(runs, tmp_path):
 def test_zoo_in_local_workers_equals_one_process(runs, capsys):
     """``--workers 2`` (spawned gloo processes, no torchrun) writes the one-process artifacts, byte for byte."""
     out = _single(runs["workers"], capsys, "zoo", "--domains", *DOMAINS, "--workers", "2")
-    assert out["workers"] == 2 and out["rank_of"] == {"gtsrb": 0, "mnist": 1}
+    assert out["workers"] == 2 and set(out["rank_of"]) == set(DOMAINS) and set(out["rank_of"].values()) <= {0, 1}
     written = [p for rank in out["built"] for p in rank]
     assert len(written) == len(set(written)) == 1 + 4 * len(DOMAINS)
     assert str(Path(out["store"]) / "base.safetensors") in out["built"][0]  # built by this process, before the split

@@ -50,8 +50,9 @@ def test_kfac_card_from_the_cli_ranks_sources(tmp_path):
 
 
 def test_diagnostics_score_with_the_kfac_form_when_asked(tmp_path):
-    """`Diagnostics(card_form="kfac")` puts the K-FAC card's risk and gᵀτ in risk_card / grad_dot_tau; the
-    eig form's columns are the eig card's; both share the diagonal; an unknown form names the choices."""
+    """`Diagnostics` (default form kfac) puts the trace-scaled K-FAC card's risk and gᵀτ in risk_card /
+    grad_dot_tau without building the eig card; the eig form's columns are the eig card's; both share the
+    diagonal; an unknown form names the choices."""
     from diag.curvature.kfac import KfacCard
     from diag.features.pair_features import CurvatureSettings, Diagnostics
     from train.errors import UnknownNameError
@@ -63,15 +64,19 @@ def test_diagnostics_score_with_the_kfac_form_when_asked(tmp_path):
     settings = CurvatureSettings(n_images=16, batch_size=8, probes=4, k=2)
     with pytest.raises(UnknownNameError, match="kfac"):
         Diagnostics(store, settings=settings, card_form="kron")
-    eig = Diagnostics(store, settings=settings, sources=["mnist"])
-    kfac = Diagnostics(store, settings=settings, sources=["mnist"], card_form="kfac")
-    r_eig, r_kfac = eig.risks("mnist", "gtsrb", exact=False), kfac.risks("mnist", "gtsrb", exact=False)
-    card = kfac.kfac_card("gtsrb")
+    eig = Diagnostics(store, settings=settings, sources=["mnist"], card_form="eig")
+    kfac = Diagnostics(store, settings=settings, sources=["mnist"])
+    assert kfac.card_form == "kfac" and eig.card_form == "eig"
+    r_kfac = kfac.risks("mnist", "gtsrb", exact=False)
+    assert not eig.card_path("gtsrb").exists() and kfac.curvature("gtsrb").eig is None  # no Lanczos run
+    r_eig = eig.risks("mnist", "gtsrb", exact=False)
+    card = kfac.curvature("gtsrb").card
     assert isinstance(card, KfacCard) and card.provenance["key"] == kfac._curvature_key("gtsrb")
+    assert card.layer_scales is not None and card.gradient is not None
     tau = kfac.vector("mnist", "star").tensors
     assert r_kfac["risk_card"] == pytest.approx(card.risk(tau), rel=1e-12) and r_kfac["risk_card"] > 0
     assert r_eig["risk_card"] == pytest.approx(eig.curvature("gtsrb").card.risk(tau), rel=1e-12)
     assert r_kfac["risk_diag"] == r_eig["risk_diag"]
     # cached in the store: a second Diagnostics reads the same card
-    again = Diagnostics(store, settings=settings, sources=["mnist"], card_form="kfac")
+    again = Diagnostics(store, settings=settings, sources=["mnist"])
     assert again.risks("mnist", "gtsrb", exact=False)["risk_card"] == r_kfac["risk_card"]

@@ -32,7 +32,7 @@ def test_derived_lists_follow_the_registry():
     assert tier_methods(1, ["precondition", "mix"]) == ("plain", "precondition")
     for tier, names in TIER_METHODS.items():  # a tier's curvature covers what its methods need
         needs = {REGISTRY[n].curvature for n in names} - {None}
-        assert needs <= {0: set(), 1: {"card", "diag"}, 2: {"card", "diag", "operator"}}[tier], (tier, needs)
+        assert needs <= {0: set(), 1: {"eig", "diag"}, 2: {"eig", "diag", "operator"}}[tier], (tier, needs)
 
 
 def test_unknown_methods_are_refused_everywhere():

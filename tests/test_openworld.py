@@ -106,7 +106,7 @@ def test_worked_example(world, tmp_path):
     card = tmp_path / "card.safetensors"
     code, out = _cli("card", "--target", "pets", "--model", str(tmp_path / "target.safetensors"),
                      "--data", f"pets={data}", "--out", str(card), "--n-images", "8", "--probes", "4", "--k", "2",
-                     "--json", *store)
+                     "--card-form", "eig", "--json", *store)  # the eigenpair card, streamed (K-FAC: test_kfac_openworld)
     assert code == 0, out
     from diag.curvature.card import HessianCard
 

@@ -186,8 +186,12 @@ def _print_hessian(out: dict, domain: str, n_images: int) -> None:
             print(f"    {name:60s} {val: .4g}")
     if "card" in out:
         c = out["card"]
-        print(f"  Hessian card k={c.get('k')} saved to {out['path']}")
-        print(f"  top eigenvalues: {', '.join(f'{v:.4g}' for v in c.get('eigvals', []))}")
+        if c.get("form") == "kfac":
+            print(f"  K-FAC card ({c['layers']} layers, {c['uncovered']} parameters on the diagonal, "
+                  f"{c['megabytes']:.1f} MB) saved to {out['path']}")
+        else:
+            print(f"  Hessian card k={c.get('k')} saved to {out['path']}")
+            print(f"  top eigenvalues: {', '.join(f'{v:.4g}' for v in c.get('eigvals', []))}")
         if c.get("trace") is not None:
             print(f"  trace {c['trace']:.6g} ± {c.get('trace_stderr') or 0:.2g}")
     if "pyhessian_first_batch" in out:
@@ -251,9 +255,9 @@ def run_risk(args) -> int:
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
     diag = _diagnostics(args, ctx, [source, target], explain=True)
     risks = diag.risks(source, target, exact=True)
-    curv = diag.curvature(target, need_operator=True)
+    curv = diag.curvature(target, need_operator=True, need_eig=True)
     tau = curv.card.layout.flatten(diag.vector(source, "star").tensors, dtype=curv.operator.dtype)
-    contrib, remainder = eigen_contributions(curv.card.eigvals, curv.card.eigvecs, tau.double())
+    contrib, remainder = eigen_contributions(curv.eig.eigvals, curv.eig.eigvecs, tau.double())
     checks = []
     if args.check:  # cross-fitted: g and R on the curvature's (train) images, ΔL on the val images
         val = diag.ws.target_set(target, CHOICE_SPLIT, CHECK_IMAGES)
@@ -264,7 +268,7 @@ def run_risk(args) -> int:
     curved = {k: v for k, v in risks.items() if k.startswith("risk_") and k != "risk_diag_se"}
     out = {"source": source, "target": target, "alpha": args.alpha, "lambda2": lam, **risks,
            "predicted_loss_increase": predicted_loss_increase(curved, lam, risks.get("grad_dot_tau")),
-           "eigen_contributions": contrib.tolist(), "eigvals": curv.card.eigvals.tolist(),
+           "eigen_contributions": contrib.tolist(), "eigvals": curv.eig.eigvals.tolist(),
            "quadratic_check": [c.to_dict() for c in checks]}
     check_finite_result({k: out[k] for k in ("predicted_loss_increase", "eigen_contributions")}, "risk")
     if args.json:
@@ -277,10 +281,10 @@ def run_risk(args) -> int:
         print(f"  {name:11s} {risks[name]: .6g}{pm}   λ2·gᵀτ + ½λ2²R at λ2={lam:g}: "
               f"{out['predicted_loss_increase'][name]: .4g}{half_pm}")
     print(f"  gᵀτ = {risks['grad_dot_tau']:.4g} (g on the target's train images, stored in the card)")
-    print("  eigen-contributions λ_i a_i² on the card's top eigenpairs:")
-    for i, (ev, c) in enumerate(zip(curv.card.eigvals.tolist(), contrib.tolist())):
+    print(f"  risk_card from the {diag.card_form} card; eigen-contributions λ_i a_i² on Hᵀ's top eigenpairs:")
+    for i, (ev, c) in enumerate(zip(curv.eig.eigvals.tolist(), contrib.tolist())):
         print(f"    λ{i + 1}={ev:.4g}: {c:.4g}")
-    print(f"    ‖τ outside the top-k eigenvectors‖² = {remainder:.4g} (covered by the card's residual diagonal)")
+    print(f"    ‖τ outside the top-k eigenvectors‖² = {remainder:.4g} (the eig card's residual diagonal covers it)")
     if checks:
         print("  loss model check (ΔL on val images, g and R on train images)  t: measured ΔL | t·gᵀτ + ½t²R | "
               "rel. error")

@@ -9,7 +9,7 @@ from diag.commands.options import (add_alpha_option, add_common, add_curvature_o
                                    domain_name, K, writable_file)
 from diag.commands.output import emit_json
 from diag.features.mapped import skip_exit_collection
-from diag.openworld import build_target_card, CARD_FORMS, rank_folder, RankInputs
+from diag.openworld import build_target_card, rank_folder, RankInputs
 from diag.table import DEFAULT_STUDY
 from train.backbones import read_checkpoint, state_hash
 from train.errors import ArtifactError, BaseMismatchError, TvdiagError
@@ -45,9 +45,6 @@ def register(sub) -> None:
                         "float64 copies of θ: fewer for a large model on a small machine, at some accuracy)")
     add_probe_seed_option(c)
     c.add_argument("--split", default="train", choices=("train", "val"))
-    c.add_argument("--card-form", default="eig", choices=CARD_FORMS,
-                   help="eig: top-k eigenpairs + residual diagonal; kfac: Kronecker factors of the GGN per linear "
-                        "layer + the diagonal for the rest (scripts/card_fidelity.py measures both)")
     c.set_defaults(func=run_card)
 
 
@@ -123,14 +120,14 @@ def run_card(args) -> int:
     decide(args.out, "", what="--out")  # before computing: a file tvdiag did not write is refused, a card replaced
     card, est = build_target_card(ctx.store, args.target, args.model, (ctx.data or {}).get(args.target), settings,
                                   progress=ctx.progress, device=ctx.device, lanczos_iters=args.lanczos_iters,
-                                  form=args.card_form)
-    card.save(args.out, extra={"hessian_diag": est.mean.double(), "hessian_diag_stderr": est.stderr.double()})
-    out = {"out": str(args.out), "form": args.card_form, "dim": card.dim, "trace": est.total,
-           "trace_stderr": est.total_stderr, "provenance": card.provenance}
-    if args.card_form == "eig":
+                                  form=settings.card_form)
+    card.save(args.out, extra={"hessian_diag": est.mean.float()})  # tier 1's diagonal risk (float32: a noisy estimate)
+    out = {"out": str(args.out), "form": settings.card_form, "dim": card.dim, "trace": est.total,
+           "trace_stderr": est.total_stderr, "provenance": card.provenance, "megabytes": Path(args.out).stat().st_size / 1e6}
+    if settings.card_form == "eig":
         out.update(k=card.k, eigvals=[float(v) for v in card.eigvals])
     else:
-        out.update(layers=len(card.layers), uncovered=card.to_dict()["uncovered"], megabytes=card.nbytes() / 1e6)
+        out.update(layers=len(card.layers), uncovered=card.to_dict()["uncovered"])
     if args.json:
         emit_json(out, nan_as_null=True)
     else:

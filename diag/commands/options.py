@@ -25,6 +25,7 @@ from pathlib import Path
 
 from diag.constants import (DEFAULT_MAX_ACC_DROP, LAMBDA_GRID, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2,
                             PREDICTION_LEVEL)
+from diag.curvature.kfac import CARD_FORMS
 from diag.features.pair_features import CurvatureSettings, PRESET_CURVATURE
 from diag.runtime.context import Context
 from diag.runtime.distributed import is_distributed
@@ -153,7 +154,7 @@ N_RESAMPLE = positive_int(10_000_000)       # --n-boot, --n-perm
 REPEATS = positive_int(1_000)
 
 
-_CURVATURE_FLAGS = ("n_images", "batch_size", "probes", "k")  # the CurvatureSettings fields with an option
+_CURVATURE_FLAGS = ("n_images", "batch_size", "probes", "k", "card_form")  # the CurvatureSettings fields with an option
 
 
 def _preset_help(text: str | None, name: str) -> str:
@@ -237,7 +238,12 @@ def add_curvature_options(parser: argparse.ArgumentParser, *, batch_size: bool =
     if card:
         parser.add_argument("--probes", type=PROBES, default=None,
                             help=_preset_help("Hutchinson probes of diag(Hᵀ)", "probes"))
-        parser.add_argument("--k", type=K, default=None, help=_preset_help(k_help, "k"))
+        parser.add_argument("--k", type=K, default=None, help=_preset_help(k_help or "eigenpairs of the eig card", "k"))
+        parser.add_argument("--card-form", default=None, choices=CARD_FORMS,
+                            help="the card risk_card and gᵀτ come from: kfac (default; Kronecker factors of the GGN "
+                                 "per linear layer, each block scaled to the trace of the Hutchinson diagonal, the "
+                                 "diagonal for the rest) or eig (top-k eigenpairs + residual diagonal, a Lanczos run; "
+                                 "needed by the project method); scripts/card_fidelity.py measures both")
     if keep_probes:
         parser.add_argument("--keep-probes", action="store_true",
                             help="also keep each Hutchinson probe's diagonal of Hᵀ in the store (probes × parameters "

@@ -97,6 +97,8 @@ class HessianCard(CardRisk):
     provenance: dict[str, str] = field(default_factory=dict)
     gradient: Tensor | None = None
 
+    form = "eig"
+
     def __post_init__(self) -> None:
         self.param_names = tuple(self.param_names)
         self.param_shapes = tuple(tuple(int(d) for d in s) for s in self.param_shapes)

@@ -41,15 +41,13 @@ from train.tensorio import atomic_write_bytes
 TIER_NAMES = {0: "tier 0 (weights only)", 1: "tier 1 (published Hessian card)", 2: "tier 2 (labelled target images)"}
 #: Features that need the target's explanation labels: never an input of a ranking.
 NOT_RANKING_INPUTS = ("cos_star",)
+#: The predicted quantities of a ranking row, each with its interval: ``predicted_<q>`` and ``_lo``/``_hi``.
+PREDICTED = ("ermse_norm", "acc_drop", "gain")
 
 
 def _val(v):
     """A float for JSON: NaN, ±∞ and None as None."""
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
-
-
-#: The predicted quantities of a ranking row, each with its interval: ``predicted_<q>`` and ``_lo``/``_hi``.
-PREDICTED = ("ermse_norm", "acc_drop", "gain")
 
 
 def prediction_fields(row, predictable: dict[str, bool] | None = None) -> dict:
@@ -319,12 +317,14 @@ def _recommend(diag: Diagnostics, cands: pd.DataFrame, target: str, tier: int, b
                methods, notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each source's recommendation (:mod:`diag.decide.recommend`), its predicted gain and interval, the ranking by that
     gain, and (two sources or more) the multi-source candidates beside them."""
-
     allowed = recommend.tier_methods(tier, methods)
     curv = None
     if tier >= 1 and len(allowed) > 1:
         full = diag.curvature(target, need_operator=tier >= 2 and "blocks" in allowed)
         curv = full if tier >= 2 else full.card  # tier 1: the card alone (its diagonal, its eigenvectors)
+        if "project" in allowed and full.eig is None:  # the K-FAC card has no eigenvectors to project off
+            allowed = tuple(m for m in allowed if m != "project")
+            notes.append("project (off the top eigenvectors) not tried: it needs the eigenpair card (--card-form eig)")
     recs = []
     for _, r in cands.iterrows():
         s = r["source"]

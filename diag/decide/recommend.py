@@ -109,7 +109,7 @@ def recommend_predicted(predicted_drop: float, budget: float, tau_norm: float,
     curv = RepairCurvature.of(curvature)
     ref = candidates("plain", tau, curv, grid=(PAPER_LAMBDA2,))[0].predicted_loss_increase
     for m in curved:
-        if m == "project" and (curv.card is None or curv.card.k == 0):
+        if m == "project" and (curv.eig is None or curv.eig.k == 0):
             continue
         for c in candidates(m, tau, curv, PAPER_LAMBDA2):
             drop = predicted_drop * c.predicted_loss_increase / ref if ref > 0 else predicted_drop

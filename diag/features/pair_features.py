@@ -5,10 +5,13 @@ The risk (paper eq. 12, 16–19) is the curvature of the target's classification
 L(θ_ftᵀ + λ τ) − L(θ_ftᵀ) ≈ ½ λ² R. Three estimates by data-access tier:
 
 * ``risk_exact``: one Hessian-vector product on target images (tier 2);
-* ``risk_card``: from the target's published :class:`~diag.curvature.card.HessianCard`
-  (top-k eigenpairs + residual diagonal), no target data (tier 1); with ``card_form="kfac"`` from
-  its :class:`~diag.curvature.kfac.KfacCard` (K-FAC per linear layer + the diagonal elsewhere,
-  cached beside the eig card as ``card-kfac-trace``);
+* ``risk_card``: from the target's published card, no target data (tier 1): by default
+  (``card_form="kfac"``) its :class:`~diag.curvature.kfac.KfacCard` (K-FAC of the GGN per linear
+  layer, each block scaled to the trace of the Hutchinson diagonal on its entries, the diagonal
+  elsewhere; cached as ``card-kfac-trace``), with ``card_form="eig"`` its
+  :class:`~diag.curvature.card.HessianCard` (top-k eigenpairs + residual diagonal, cached as
+  ``card``). Measured on the mini-suite (``scripts/card_fidelity.py``) the K-FAC card ranks a
+  target's sources as well as the eig card at a sixth of its size and needs no Lanczos run;
 * ``risk_diag``: Σ diag(Hᵀ)_i τ_i² with a Hutchinson diagonal (tier 1), and ``risk_diag_se``,
   its standard error from the probes: probe k's diagonal d_k = v_k ⊙ Hᵀv_k gives
   r_k = Σ_i d_k,i τ_i², and se = sd(r_k)/√n. The n scalars r_k of every source the store
@@ -28,19 +31,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from diag.constants import PAPER_ALPHA
-from diag.curvature.card import build_card, HessianCard
+from diag.curvature.card import HessianCard
 from diag.curvature.hutchinson import DEFAULT_BLOCK_SIZE, hutchinson_diagonal
-from diag.curvature.kfac import build_kfac_card, CARD_FORMS, KfacCard
+from diag.curvature.kfac import CARD_FORMS, KfacCard
 from diag.curvature.operators import HessianOperator
 from diag.curvature.risk import probe_risks, risk_diagonal, risk_diagonal_stderr, risk_exact
 from diag.features.similarity import vector_similarity
-from diag.features.target_curvature import load_diagonal, save_diagonal, TargetCurvature
+from diag.features.target_curvature import (build_eig_card, build_trace_kfac, CARD_FILES, load_diagonal,
+                                             save_diagonal, TargetCurvature)
 from diag.runtime.context import Workspace
 from diag.runtime.distributed import is_distributed
 from train.datasets import model_inputs
@@ -58,7 +62,9 @@ class CurvatureSettings:
     """How a target's curvature is estimated (part of the cache key).
 
     The defaults are the ``default`` zoo preset's; :meth:`for_preset` gives a preset's own
-    (the smoke presets estimate Hᵀ on few images with few probes and eigenpairs).
+    (the smoke presets estimate Hᵀ on few images with few probes and eigenpairs). ``card_form`` is the
+    card ``risk_card`` and ``grad_dot_tau`` come from (:data:`~diag.curvature.kfac.CARD_FORMS`); ``k``
+    counts the eig card's eigenpairs (built only for ``card_form="eig"`` or a method that projects).
     """
     n_images: int = 256
     batch_size: int = 128
@@ -68,6 +74,11 @@ class CurvatureSettings:
     engine: str = "auto"
     split: str = "train"
     params: tuple[str, ...] | None = None
+    card_form: str = "kfac"
+
+    def __post_init__(self) -> None:
+        if self.card_form not in CARD_FORMS:
+            raise unknown("card form", self.card_form, CARD_FORMS)
 
     @classmethod
     def for_preset(cls, preset: str) -> "CurvatureSettings":
@@ -99,15 +110,15 @@ class Diagnostics:
             ``n · D · 4`` bytes per target); a cached diagonal without them is rebuilt (same probes, same numbers).
         sources: the sources whose per-probe risks are accumulated when a target's diagonal is built
             (default: every domain the store holds θ_ft and θ_ft* of for this run).
-        card_form: the card ``risk_card`` and ``grad_dot_tau`` come from (:data:`CARD_FORMS`; default ``eig``).
+        card_form: overrides ``settings.card_form`` (the card ``risk_card`` and ``grad_dot_tau`` come from).
     """
 
     def __init__(self, store: Store | Workspace, alpha: float = PAPER_ALPHA,
                  settings: CurvatureSettings = CurvatureSettings(), data: dict[str, str | Path] | None = None,
                  progress: bool = False, data_parallel: bool | None = None, keep_probes: bool = False,
-                 sources: Sequence[str] | None = None, card_form: str = "eig"):
-        if card_form not in CARD_FORMS:
-            raise unknown("card form", card_form, CARD_FORMS)
+                 sources: Sequence[str] | None = None, card_form: str | None = None):
+        if card_form is not None:
+            settings = replace(settings, card_form=card_form)
         self.ws = store if isinstance(store, Workspace) else Workspace(store, alpha, data)
         self.store = self.ws.store
         self.alpha = self.ws.alpha
@@ -118,8 +129,11 @@ class Diagnostics:
         self.keep_probes = keep_probes
         self.sources = None if sources is None else list(sources)
         self._curv: dict[str, TargetCurvature] = {}
-        self.card_form = card_form
-        self._kfac: dict[str, KfacCard] = {}
+
+    @property
+    def card_form(self) -> str:
+        """The card ``risk_card`` and ``grad_dot_tau`` come from (``settings.card_form``)."""
+        return self.settings.card_form
 
     @property
     def backbone(self):
@@ -154,51 +168,83 @@ class Diagnostics:
                                shard=dp, data_parallel=dp)
 
     def _curvature_key(self, target: str) -> str:
-        from dataclasses import asdict
-
+        """The cache key of the target's curvature files: θ_base, θ_ftᵀ and the settings, not the card form
+        (each form has its own file name, :meth:`card_path`)."""
         ft_meta = self.vector(target, "ft").provenance
-        return content_key({"base": self.base_hash, "ft": ft_meta.get("key", ""), "settings": asdict(self.settings)})
+        settings = {k: v for k, v in asdict(self.settings).items() if k != "card_form"}
+        return content_key({"base": self.base_hash, "ft": ft_meta.get("key", ""), "settings": settings})
 
-    def card_path(self, target: str) -> Path:
-        """The target's Hessian card, keyed by θ_ftᵀ and the curvature settings (:meth:`Store.curvature_path`)."""
-        return self.store.curvature_path(target, "card", {"key": self._curvature_key(target)})
+    def card_path(self, target: str, form: str | None = None) -> Path:
+        """The target's Hessian card of ``form`` (default :attr:`card_form`), keyed by θ_ftᵀ and the curvature
+        settings (:meth:`Store.curvature_path`): ``card-…`` (eig) or ``card-kfac-trace-…`` (kfac)."""
+        form = self.card_form if form is None else form
+        return self.store.curvature_path(target, CARD_FILES[form], {"key": self._curvature_key(target)})
 
     def diag_path(self, target: str) -> Path:
         """The target's Hutchinson diagonal with standard errors, keyed like :meth:`card_path`."""
         return self.store.curvature_path(target, "diag", {"key": self._curvature_key(target)})
 
-    def curvature(self, target: str, need_operator: bool = False) -> TargetCurvature:
-        """Diagonal (with the known sources' per-probe risks) + card of Hᵀ (cached in the store); the operator
-        too when asked.
+    def curvature(self, target: str, need_operator: bool = False, need_eig: bool = False) -> TargetCurvature:
+        """Diagonal (with the known sources' per-probe risks) + the card of :attr:`card_form` of Hᵀ (cached in
+        the store); the operator too when asked, the eigenpair card with ``need_eig`` (``project``).
 
-        A cached diagonal of the earlier format (with per-probe diagonals) is read as it is; one
-        without per-probe diagonals or risks, or without the probes ``keep_probes`` asks for, is
-        recomputed with the same probes; a fresh card is reused.
+        Nothing is computed that the cache holds: a cached diagonal of the earlier format (with per-probe
+        diagonals) is read as it is; one without per-probe diagonals or risks, or without the probes
+        ``keep_probes`` asks for, is recomputed with the same probes; a fresh card is reused; an eig card
+        cached before g was stored gets g (same images).
         """
-
-        if target in self._curv and (self._curv[target].operator is not None or not need_operator):
-            return self._curv[target]
+        have = self._curv.get(target)
+        need_eig = need_eig or self.card_form == "eig"
+        if have is not None and (have.operator is not None or not need_operator) and (have.eig is not None or not need_eig):
+            return have
         key = self._curvature_key(target)
-        curv = None
-        # both decided before anything is computed: a file tvdiag did not write is refused, never replaced
-        card_verdict = self.store.decide(self.card_path(target), key, what=f"{target} Hessian card")
+        # every verdict before anything is computed: a file tvdiag did not write is refused, never replaced
         diag_verdict = self.store.decide(self.diag_path(target), key, what=f"{target} Hessian diagonal")
-        card = HessianCard.load(card_verdict.path) if card_verdict.usable else None
-        if card is not None and diag_verdict.usable:
-            tensors, risks, names, current = load_diagonal(self.diag_path(target))
-            probes = tensors.get("probe_diagonals")
-            if (current or probes is not None) and (probes is not None or not self.keep_probes):
-                curv = TargetCurvature(target, tensors["diag"], tensors["stderr"], card, None, probes, risks, names)
-        stale_card = card is not None and card.gradient is None
-        op = self.operator(target) if (curv is None or need_operator or stale_card) else None
-        if stale_card:  # a card cached before g was stored: add it, same images
-            card.gradient = op.gradient().detach().cpu()
-            card.save(self.card_path(target))
+        eig_verdict = self.store.decide(self.card_path(target, "eig"), key, what=f"{target} Hessian card") \
+            if need_eig else None
+        kfac_verdict = self.store.decide(self.card_path(target, "kfac"), key, what=f"{target} K-FAC card") \
+            if self.card_form == "kfac" else None
+        curv = have if have is not None else self._cached_diagonal(target, diag_verdict)
+        eig = curv.eig if curv is not None and curv.eig is not None else (
+            HessianCard.load(eig_verdict.path) if eig_verdict is not None and eig_verdict.usable else None)
+        card = curv.card if curv is not None and curv.card is not None else (
+            KfacCard.load(kfac_verdict.path) if kfac_verdict is not None and kfac_verdict.usable else None)
+        stale = eig is not None and eig.gradient is None  # an eig card cached before g was stored
+        op = have.operator if have is not None else None
+        if op is None and (curv is None or need_operator or stale or (need_eig and eig is None)
+                           or (self.card_form == "kfac" and card is None)):
+            op = self.operator(target)
+        if stale:
+            eig.gradient = op.gradient().detach().cpu()
+            eig.save(self.card_path(target, "eig"))
         if curv is None:
-            curv = self._build_diagonal(op, target, key, card)
-        curv.operator = op
+            curv = self._build_diagonal(op, target, key)
+        if need_eig and eig is None:
+            eig = build_eig_card(op, self.settings, curv, self._card_provenance(target, key),
+                                 self.card_path(target, "eig"))
+        if self.card_form == "kfac" and card is None:
+            card = build_trace_kfac(op, curv, self._card_provenance(target, key), self.card_path(target, "kfac"))
+        curv.card, curv.eig, curv.operator = eig if self.card_form == "eig" else card, eig, op
         self._curv[target] = curv
         return curv
+
+    def _cached_diagonal(self, target: str, verdict) -> TargetCurvature | None:
+        """The store's diagonal of ``target`` when it is usable as it is (module docstring), else None."""
+        if not verdict.usable:
+            return None
+        tensors, risks, names, meta = load_diagonal(self.diag_path(target))
+        probes = tensors.get("probe_diagonals")
+        if not ((meta is not None or probes is not None) and (probes is not None or not self.keep_probes)):
+            return None
+        stderr = tensors.get("stderr")
+        return TargetCurvature(target, tensors["diag"].double(), None if stderr is None else stderr.double(), None,
+                               None, probes,
+                               risks, names, trace=float((meta or {}).get("trace", "nan")),
+                               trace_stderr=float((meta or {}).get("trace_stderr", "nan")))
+
+    def _card_provenance(self, target: str, key: str) -> dict:
+        return {"key": key, "target": target, "base_hash": self.base_hash, "point": "theta_ft of the target",
+                "n_images": self.settings.n_images, "probes": self.settings.probes}
 
     def risk_sources(self, target: str) -> list[str]:
         """The sources whose per-probe risks a new diagonal of ``target`` accumulates (``sources``, or the
@@ -218,8 +264,8 @@ class Diagnostics:
 
     def _diagonal_meta(self, target: str, key: str, curv: TargetCurvature) -> dict:
         s = self.settings
-        return {"key": key, "target": target, "base_hash": self.base_hash, "trace": curv.card.trace,
-                "trace_stderr": curv.card.trace_stderr, "probes": s.probes, "seed": s.seed,
+        return {"key": key, "target": target, "base_hash": self.base_hash, "trace": curv.trace,
+                "trace_stderr": curv.trace_stderr, "probes": s.probes, "seed": s.seed,
                 "block_size": DEFAULT_BLOCK_SIZE}
 
     def _hutchinson(self, op: HessianOperator, sources: list[str]):
@@ -232,54 +278,18 @@ class Diagnostics:
                                    progress=self.progress, keep_probes=self.keep_probes, functionals=W,
                                    split_probes=False)
 
-    def _build_diagonal(self, op: HessianOperator, target: str, key: str, card: HessianCard | None) -> TargetCurvature:
-        """Hutchinson diagonal of Hᵀ with the known sources' per-probe risks (saved), and the card when
-        ``card`` is None."""
-        s = self.settings
+    def _build_diagonal(self, op: HessianOperator, target: str, key: str) -> TargetCurvature:
+        """Hutchinson diagonal of Hᵀ with the known sources' per-probe risks and the trace (saved)."""
         sources = self.risk_sources(target)
         est = self._hutchinson(op, sources)
-        diag = est.mean.double().cpu()
-        if card is None:
-            card = build_card(op, s.k, hessian_diag=diag, trace=est.total, trace_stderr=est.total_stderr,
-                              provenance={"key": key, "target": target, "base_hash": self.base_hash,
-                                          "point": "theta_ft of the target", "n_images": s.n_images,
-                                          "probes": s.probes}, method="auto", seed=s.seed)
-            card.save(self.card_path(target))
-            if op.device.type != "cpu":  # the cached card, like every result, lives on the CPU
-                card = HessianCard.load(self.card_path(target))
         keys = [self._source_key(src) for src in sources]
         probes = est.probe_diagonals.float().cpu() if self.keep_probes else None
-        curv = TargetCurvature(target, diag, est.stderr.double().cpu(), card, None, probes,
+        # rounded as the file keeps it (float32): a fresh and a cached diagonal give the same numbers
+        curv = TargetCurvature(target, est.mean.float().double().cpu(), est.stderr.double().cpu(), None, None, probes,
                                {k: est.probe_functionals[:, j].clone() for j, k in enumerate(keys)},
-                               dict(zip(keys, sources)))
-        meta = self._diagonal_meta(target, key, curv)
-        save_diagonal(self.diag_path(target), curv, {**meta, "trace": est.total, "trace_stderr": est.total_stderr})
+                               dict(zip(keys, sources)), trace=est.total, trace_stderr=est.total_stderr)
+        save_diagonal(self.diag_path(target), curv, self._diagonal_meta(target, key, curv))
         return curv
-
-    def kfac_card(self, target: str) -> KfacCard:
-        """The target's K-FAC card on the eig card's images and point, each layer's block scaled to the trace of
-        the store's Hessian diagonal on it, that diagonal on the uncovered parameters and the eig card's g
-        (cached in the store as ``card-kfac-trace``, same key)."""
-        if target not in self._kfac:
-            key = self._curvature_key(target)
-            path = self.store.curvature_path(target, "card-kfac-trace", {"key": key})
-            verdict = self.store.decide(path, key, what=f"{target} K-FAC card")
-            if verdict.usable:
-                self._kfac[target] = KfacCard.load(verdict.path)
-            else:
-                curv, op = self.curvature(target), self.operator(target)
-                card = build_kfac_card(op.model, op.data, params=list(op.param_names), hessian_diag=curv.diag,
-                                       gradient=curv.card.gradient, layer_scale="trace",
-                                       provenance={"key": key, "target": target, "base_hash": self.base_hash,
-                                                   "point": "theta_ft of the target",
-                                                   "n_images": self.settings.n_images})
-                card.save(path)
-                self._kfac[target] = card
-        return self._kfac[target]
-
-    def scoring_card(self, target: str):
-        """The card of :attr:`card_form` (``risk_card``, ``grad_dot_tau``)."""
-        return self.curvature(target).card if self.card_form == "eig" else self.kfac_card(target)
 
     def probe_risks(self, source: str, target: str) -> torch.Tensor:
         """The ``n`` per-probe risks ``r_k = Σ_i d_k,i τ*ˢ_i²`` of a pair: kept with the target's diagonal, from
@@ -332,7 +342,7 @@ class Diagnostics:
 
         curv = self.curvature(target, need_operator=exact)
         tau = curv.card.layout.flatten(self.vector(source, "star").tensors, dtype=torch.float64)
-        card = self.scoring_card(target)
+        card = curv.card
         out = {"risk_card": card.risk(tau), "risk_diag": risk_diagonal(curv.diag, tau),
                "risk_diag_se": risk_diagonal_stderr(self.probe_risks(source, target)),
                "grad_dot_tau": card.first_order(tau)}

@@ -5,7 +5,7 @@ counts); :func:`all_reduce_sum` adds them so that all ranks hold the same total,
 and the caller divides by the total count. Backends: gloo on CPU, nccl on GPU
 (nccl needs CUDA tensors; :func:`all_reduce_sum` moves them when necessary).
 :func:`barrier` and :func:`gather_json` coordinate work sharded by rank (zoo domains,
-study pairs; :mod:`diag.runtime.shards`).
+study pairs; :mod:`diag.runtime.shards`); :func:`claimed` hands tasks out dynamically.
 
 Every process joins and leaves its group through :func:`process_group` (or the pair
 :func:`init_group` / :func:`close_group`): the ``torchrun`` path of the CLI, the local
@@ -19,14 +19,19 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import TypeVar
 
+import itertools
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_tensor", "all_reduce_sum", "barrier", "close_group", "gather_json",
+__all__ = ["all_gather_tensor", "all_reduce_sum", "barrier", "claimed", "close_group", "gather_json",
            "init_group", "is_distributed", "process_group", "rank_and_world", "shard_batches"]
 
 T = TypeVar("T")
+
+#: Numbers each :func:`claimed` queue of this process; every rank makes its queues in the same order.
+_QUEUE_IDS = itertools.count()
 
 #: How long a rank waits at the closing barrier for its peers by default (they may still be computing).
 CLOSE_TIMEOUT = timedelta(hours=12)
@@ -133,6 +138,27 @@ def gather_json(obj):
     padded[:payload.numel()] = payload
     rows = all_gather_tensor(padded)
     return [json.loads(bytes(rows[r][:int(n[r])].tolist()).decode()) for r in range(world)]
+
+
+def claimed(tasks: Iterable[T], name: str) -> Iterator[T]:
+    """The tasks this rank takes, one at a time, from a queue every rank shares: a free rank claims the
+    next task, so a rank whose tasks were short starts another instead of waiting at the next barrier.
+
+    The queue is a counter in the process group's key-value store (``torchrun``'s TCP store, the
+    ``--workers`` file store): ``add`` is atomic, so each task goes to exactly one rank. Which rank
+    computes a task does not change its result (each is computed whole by one process with the
+    same thread count). Every rank must create its queues in the same order (``name`` only labels
+    them). Outside torch.distributed, every task in order.
+    """
+    tasks = list(tasks)
+    if not is_distributed() or dist.get_world_size() == 1:
+        yield from tasks
+        return
+    # the default group's store: no public accessor; it is the rendezvous store every rank already shares
+    store = dist.distributed_c10d._get_default_store()
+    key = f"tvdiag/queue/{next(_QUEUE_IDS)}/{name}"
+    while (i := store.add(key, 1) - 1) < len(tasks):
+        yield tasks[i]
 
 
 def all_gather_tensor(t: Tensor) -> list[Tensor]:

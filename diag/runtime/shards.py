@@ -4,12 +4,13 @@ Outside torch.distributed every function here runs the whole job in this process
 ``torchrun`` (the process group is joined once, in :func:`diag.cli.main`):
 
 * :func:`build_domains` — θ_base is built (or checked) by rank 0 alone while the others wait;
-  then domain ``domains[i]`` goes to rank ``i % world`` with all its seeds (its head, θ_ft, φ
-  and θ_ft* of every α and variant), so each artifact is written by exactly one process
-  (atomically, :func:`train.tensorio.save_tensors`). A final barrier means every rank may
-  read every domain afterwards.
-* :func:`build_curvatures` — before the study's pairs are sharded, target ``i`` 's Hᵀ (diagonal
-  and card, cached in the store) is computed by rank ``i % world`` alone on all its images,
+  then each domain is claimed by one free rank (:func:`~diag.runtime.distributed.claimed`, a
+  dynamic queue) with all its seeds (its head, θ_ft, φ and θ_ft* of every α and variant), so
+  each artifact is written by exactly one process (atomically,
+  :func:`train.tensorio.save_tensors`). A final barrier means every rank may read every domain
+  afterwards.
+* :func:`build_curvatures` — before the study's pairs are handed out, each target's Hᵀ (diagonal
+  and card, cached in the store) is claimed by one free rank and computed on all its images,
   exactly as one process would; the pairs then read it from the store.
 
 Every rank must call these functions in the same order (they hold barriers).
@@ -25,7 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from diag.runtime.distributed import barrier, gather_json, is_distributed, rank_and_world
+from diag.runtime.distributed import barrier, claimed, gather_json, is_distributed, rank_and_world
 from diag.runtime.workers import run_workers
 
 __all__ = ["build_curvatures", "build_domains", "shared_start_time"]
@@ -70,9 +71,8 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
     barrier()  # θ_base exists before any other rank reads it
     _pending(ctx, domains, alphas, explain, variants, seeds)  # every refusal before any domain is written
     times: dict[str, float] = {"base": time.perf_counter() - start}
-    mine = domains[rank::world]
     accuracy: dict[str, float] = {}
-    for name in mine:
+    for name in claimed(domains, "zoo domains"):
         t0 = time.perf_counter()
         for seed in seeds:
             ctx.zoo(seed).build_domain(name, tuple(alphas), tuple(variants), explain)
@@ -87,8 +87,8 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
     merged["total"] = time.perf_counter() - start
     acc = {d: next(p["zero_shot_accuracy"][d] for p in parts if d in p["zero_shot_accuracy"])
            for d in domains} if zero_shot else {}
-    return {"seconds": merged, "zero_shot_accuracy": acc, "rank_of": {d: i % world for i, d in enumerate(domains)},
-            "built": [p["built"] for p in parts]}
+    rank_of = {d: next(r for r, p in enumerate(parts) if d in p["seconds"]) for d in domains}
+    return {"seconds": merged, "zero_shot_accuracy": acc, "rank_of": rank_of, "built": [p["built"] for p in parts]}
 
 
 def _announce_first_build(ctx, domains: list[str], seeds: list[int]) -> None:
@@ -116,7 +116,7 @@ def _pending(ctx, domains: Sequence[str], alphas, explain: bool, variants, seeds
 
 
 def build_curvatures(diag, targets: Sequence[str]) -> list[str]:
-    """Hᵀ of ``targets`` in the store, target ``i`` computed by rank ``i % world`` alone; then a barrier.
+    """Hᵀ of ``targets`` in the store, each computed by the one rank that claims it; then a barrier.
 
     A no-op outside torch.distributed. Returns the targets this rank computed (or read from the cache).
 
@@ -125,9 +125,9 @@ def build_curvatures(diag, targets: Sequence[str]) -> list[str]:
     """
     if not is_distributed():
         return []  # one process: the pairs build each target's Hᵀ when first needed
-    rank, world = rank_and_world()
-    mine = list(dict.fromkeys(targets))[rank::world]
-    for target in mine:
+    mine = []
+    for target in claimed(dict.fromkeys(targets), "target curvatures"):
         diag.curvature(target)
+        mine.append(target)
     barrier()
     return mine

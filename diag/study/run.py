@@ -44,12 +44,12 @@ from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PAP
 from diag.decide.recommend import ranker_gains
 from diag.features.pair_features import CurvatureSettings, Diagnostics, pair_features
 from diag.runtime.context import Workspace
-from diag.runtime.distributed import is_distributed, rank_and_world
+from diag.runtime.distributed import barrier, claimed, is_distributed, rank_and_world
 from diag.runtime.shards import build_curvatures
 from diag.study.provenance import record, run_provenance
 from diag.table import (add_normalised, append_rows, check_shard, dedupe, default_shard, DEFAULT_STUDY, lam_key,
                         merge_shards, ordered_pairs, pair_key, PAIRS_FILE, PLAIN, read_table, shard_file,
-                        STUDY_VERSION, with_run_columns)
+                        STUDY_VERSION, table_files, with_run_columns)
 from diag.transfer.budget import accuracy_grid
 from diag.transfer.eq8 import evaluate_state
 from diag.transfer.evaluate import evaluate_pair, with_method
@@ -167,7 +167,8 @@ def pair_rows(diag: Diagnostics, source: str, target: str, settings: StudySettin
             if (keys[PLAIN], lam_key(r.lambda2)) not in done]
     for method in (m for m in keys if m != PLAIN):
         todo = [r for r in results if (keys[method], lam_key(r.lambda2)) not in done]
-        curv = diag.curvature(target, need_operator=method == "blocks") if method in CURVED_METHODS else None
+        curv = diag.curvature(target, need_operator=method == "blocks", need_eig=method == "project") \
+            if method in CURVED_METHODS else None
         for r in todo:
             m = with_method(ws, r, method, curv, candidates, settings.max_acc_drop,
                             (gains or {}).get(target) if method == RANKED else None)
@@ -193,13 +194,16 @@ def _check_domains(ws: Workspace, domains: Sequence[str]) -> list[str]:
     return domains
 
 
-def _done(out_dir: Path, path: Path, resume: bool) -> set[tuple[str, float]]:
-    """(pair_key, λ2) already in the tables (resume), after a full validated read."""
+def _done(out_dir: Path, path: Path, resume: bool, every_shard: bool = False) -> set[tuple[str, float]]:
+    """(pair_key, λ2) already in the tables (resume), after a full validated read: ``pairs.csv`` and this
+    shard's table, or with ``every_shard`` every shard table of the folder (pairs are claimed, not assigned:
+    a pair another rank computed before may come to this one)."""
     if not resume:
         if path.is_file():
             path.unlink()
         return set()
-    prev = [read_table(f) for f in dict.fromkeys([out_dir / PAIRS_FILE, path]) if f.is_file()]
+    files = table_files(out_dir) if every_shard else [out_dir / PAIRS_FILE, path]
+    prev = [read_table(f) for f in dict.fromkeys(files) if f.is_file()]
     if not prev:
         return set()
     table = pd.concat(prev, ignore_index=True)
@@ -218,7 +222,9 @@ def run_study(store: Store, domains: Sequence[str], settings: StudySettings, *,
         settings: the science settings (α, λ1, λ2s, training seeds, variant, controls, curvature,
             methods, budget): :class:`StudySettings`.
         out_dir: study folder (default ``store.study_dir(name)``).
-        shard: (i, n): only pairs with index % n == i (default: the process group's rank/world or (0, 1)).
+        shard: (i, n): only pairs with index % n == i. Default: under torch.distributed every rank claims
+            the next missing pair from a shared queue (:func:`~diag.runtime.distributed.claimed`), each writing
+            its rows to its own shard table; else (0, 1).
         resume: skip pairs whose rows (same ``pair_key`` — pair, settings, run — and λ2) are already written.
         progress: tqdm bar over pairs; data: domain → local dataset path.
         workspace: a shared :class:`Workspace` (default: a new one on ``store``); θ_base is shared by all runs.
@@ -234,13 +240,16 @@ def run_study(store: Store, domains: Sequence[str], settings: StudySettings, *,
     runs = [root.for_run(alpha=settings.alpha, seed=s, variant=settings.variant) for s in settings.seeds]
     for ws in runs:
         domains = _check_domains(ws, domains)
+    dynamic = shard is None and is_distributed() and rank_and_world()[1] > 1  # pairs claimed from a queue
     shard = check_shard(shard if shard is not None else default_shard())
     out_dir = Path(out_dir) if out_dir is not None else store.study_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / shard_file(shard)
     all_pairs = ordered_pairs(domains)
-    pairs = [p for k, p in enumerate(all_pairs) if k % shard[1] == shard[0]]
-    done = _done(out_dir, path, resume)
+    pairs = all_pairs if dynamic else [p for k, p in enumerate(all_pairs) if k % shard[1] == shard[0]]
+    done = _done(out_dir, path, resume, every_shard=dynamic)
+    if dynamic:
+        barrier()  # every rank read the same tables before any writes: the same queue of missing pairs
     wanted: set[str] = set()
     every: set[str] = set()  # every pair of every run: what rank 0 reports after merging the shards
     for ws in runs:
@@ -253,12 +262,12 @@ def run_study(store: Store, domains: Sequence[str], settings: StudySettings, *,
             build_curvatures(Diagnostics(ws, settings=settings.curvature_settings, progress=progress,
                                          data_parallel=False), domains)
         _run_pairs(ws, pairs, {p: {m: k for m, k in keys[p].items() if m != RANKED} for p in pairs}, settings,
-                   lambda2s, domains, path, done, progress)
+                   lambda2s, domains, path, done, progress, dynamic=dynamic)
         if RANKED in methods and any((keys[p][RANKED], lam) not in done for p in pairs for lam in lambda2s):
             # second pass: the ranker learns the plain rows of every pair of the run
             gains = ranked_gains(out_dir, path, {keys[p][PLAIN] for p in all_pairs}, len(all_pairs))
             _run_pairs(ws, pairs, {p: {PLAIN: keys[p][PLAIN], RANKED: keys[p][RANKED]} for p in pairs}, settings,
-                       lambda2s, domains, path, done, progress, gains)
+                       lambda2s, domains, path, done, progress, gains, dynamic=dynamic)
     if shard[1] > 1 and _merge_distributed(out_dir):  # rank 0 under torch.distributed: pairs.csv has every shard
         path, wanted = out_dir / PAIRS_FILE, every
     if path.name == PAIRS_FILE and path.is_file():  # the whole table's writer (not a shard) records where it came from
@@ -269,8 +278,10 @@ def run_study(store: Store, domains: Sequence[str], settings: StudySettings, *,
 
 
 def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, lambda2s: list[float],
-               domains: list[str], path: Path, done: set, progress: bool, gains: dict | None = None) -> None:
-    """Score and append the missing (pair, method, λ2) rows of one run (resumable pair by pair)."""
+               domains: list[str], path: Path, done: set, progress: bool, gains: dict | None = None, *,
+               dynamic: bool = False) -> None:
+    """Score and append the missing (pair, method, λ2) rows of one run (resumable pair by pair); with
+    ``dynamic`` each missing pair is claimed from the ranks' shared queue."""
     missing = {p: {(k, l2) for k in keys[p].values() for l2 in lambda2s} - done for p in pairs}
     todo = [p for p in pairs if missing[p]]
     log.info("study seed %d variant %s: %d pairs in this shard, %d to compute", ws.seed, ws.variant,
@@ -279,7 +290,9 @@ def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, 
         return
     diag = Diagnostics(ws, settings=settings.curvature_settings, progress=progress, data_parallel=False)
     quality: dict = {}
-    bar = tqdm(todo, desc=f"study pairs (seed {ws.seed}, {ws.variant})", disable=not progress, unit="pair")
+    mine = claimed(todo, "study pairs") if dynamic else todo
+    bar = tqdm(mine, desc=f"study pairs (seed {ws.seed}, {ws.variant})", disable=not progress, unit="pair",
+               total=None if dynamic else len(todo))
     for source, target in bar:
         bar.set_postfix_str(f"{source}→{target}")
         lams = sorted({l2 for _, l2 in missing[(source, target)]})

@@ -41,24 +41,30 @@ class RepairCurvature:
     Attributes:
         layout: flat order of the parameters the curvature covers (τ outside it is kept as is).
         diag: ``(D,)`` diag(Hᵀ) (tier 1), or None.
-        card: HessianCard with the top-k eigenpairs (tier 1), or None.
+        card: a card of either form (its risk; tier 1), or None.
         operator: curvature operator of Hᵀ on target train images (tier 2), or None.
+        eig: the HessianCard with the top-k eigenpairs (``project``), or None.
     """
 
     layout: object
     diag: torch.Tensor | None = None
     card: object | None = None
     operator: object | None = None
+    eig: object | None = None
 
     @classmethod
     def of(cls, curvature) -> "RepairCurvature":
-        """From a :class:`~diag.features.pair_features.TargetCurvature`, a HessianCard or an operator (``op.layout``)."""
+        """From a :class:`~diag.features.pair_features.TargetCurvature`, a card of either form (a HessianCard,
+        a KfacCard) or an operator (``op.layout``)."""
         if isinstance(curvature, RepairCurvature):
             return curvature
         if hasattr(curvature, "card") and hasattr(curvature, "diag"):  # TargetCurvature
-            return cls(curvature.card.layout, curvature.diag, curvature.card, getattr(curvature, "operator", None))
+            return cls(curvature.card.layout, curvature.diag, curvature.card, getattr(curvature, "operator", None),
+                       getattr(curvature, "eig", None))
         if hasattr(curvature, "eigvecs") and hasattr(curvature, "residual_diag"):  # HessianCard
-            return cls(curvature.layout, repair.card_diagonal(curvature), curvature)
+            return cls(curvature.layout, repair.card_diagonal(curvature), curvature, eig=curvature)
+        if getattr(curvature, "form", None) == "kfac":  # KfacCard: its own diagonal, no eigenpairs
+            return cls(curvature.layout, curvature.diagonal(), curvature)
         if hasattr(curvature, "layout") and hasattr(curvature, "shape"):  # model operator
             return cls(curvature.layout, operator=curvature)
         raise TvdiagError(f"Not a curvature object: {type(curvature).__name__} (expected a TargetCurvature, "
@@ -75,9 +81,10 @@ class RepairCurvature:
         raise TvdiagError("The curvature object holds no operator, card or diagonal")
 
     def need(self, what: str, method: str):
-        """The ``diag``, ``card`` or ``operator`` a method needs, or an error naming the method."""
+        """The ``diag``, ``card``, ``eig`` or ``operator`` a method needs, or an error naming the method."""
         value = getattr(self, what)
         if value is None:
+            what = "eigenpair card (--card-form eig)" if what == "eig" else what
             raise TvdiagError(f"--method {method} needs the target's {what} (not in the curvature given)")
         return value
 
@@ -149,7 +156,7 @@ def _plain(method, tau, flat, curv, lambda2, grid, mixes, lam_max) -> list[Candi
 
 
 def _project(method, tau, flat, curv, lambda2, grid, mixes, lam_max) -> list[Candidate]:
-    card = curv.need("card", method)
+    card = curv.need("eig", method)
     ks = list(grid) if grid is not None else _project_ks(card, flat, repair.SHARE_GRID)
     return [_candidate(method, int(k), repair.with_flat(tau, repair.project(flat, card, int(k)), curv.layout,
                                                         f"projected off top-{k}"), lambda2, tau, curv)
@@ -221,7 +228,8 @@ class Method:
 
     Attributes:
         name: the method's name in commands, tables and JSON.
-        curvature: what of Hᵀ it uses: ``None``, ``"diag"``/``"card"`` (tier 1: a published card), ``"operator"``.
+        curvature: what of Hᵀ it uses: ``None``, ``"diag"``/``"eig"`` (tier 1: a published card; ``eig`` its
+            eigenpairs, the eig form's), ``"operator"``.
         mix: a multi-source method (several sources' τ*, never the target's).
         tiers: the data-access tiers whose recommendation may use it (mixes are listed apart).
         build: ``build(method, tau, flat, curvature, lambda2, grid, mixes, lam_max) -> [Candidate]``.
@@ -236,7 +244,7 @@ class Method:
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("plain", None, False, (0, 1, 2), _plain),
-    Method("project", "card", False, (1, 2), _project),
+    Method("project", "eig", False, (1, 2), _project),
     Method("precondition", "diag", False, (1, 2), _precondition),
     Method("blocks", "operator", False, (2,), _blocks),
     Method("mix", None, True, (), _mix),
