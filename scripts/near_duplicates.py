@@ -12,7 +12,8 @@ between random pairs of train images of one class, and of each train image's nea
 train image (images of two classes are never duplicates of each other), beside each image's nearest
 same-class neighbour.
 
-    OMP_NUM_THREADS=1 python scripts/near_duplicates.py [--domains gtsrb dtd] [--data DIR] [--distances] [--json]
+    OMP_NUM_THREADS=1 python scripts/near_duplicates.py [--domains gtsrb dtd] [--data DIR] [--audit 0.2 0.3]
+        [--distances] [--json]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _leaks(val, train, threshold: float) -> int:
     return int(has_near_duplicate(val.images, train.images, threshold).sum())
 
 
-def domain_report(name: str, data: str | None, threshold: float) -> dict:
+def domain_report(name: str, data: str | None, threshold: float, audit: tuple[float, ...] = ()) -> dict:
     """The near-duplicate numbers of one domain (module docstring)."""
     t0 = time.perf_counter()
     raw = load_domain(name, data=data, val_fraction=0)
@@ -55,6 +56,10 @@ def domain_report(name: str, data: str | None, threshold: float) -> dict:
     for s in ("test", "pool"):
         if s in raw.splits:
             out[f"{s}_with_dup_in_train"] = _leaks(raw.split(s), raw.split("train"), threshold)
+    for t in audit:  # the same counts at a looser distance (the carve still at ``threshold``)
+        for c, d in carves.items():
+            out[f"val_leaks_{c}@{t:g}"] = _leaks(d.split("val"), d.split("train"), t)
+        out[f"test_with_dup_in_train@{t:g}"] = _leaks(raw.split("test"), raw.split("train"), t)
     return out
 
 
@@ -86,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--domains", nargs="+", default=list(MINISUITE))
     p.add_argument("--data", default=None, help="a mini-suite directory or an ImageFolder (one domain)")
     p.add_argument("--threshold", type=float, default=NEAR_DUPLICATE_DISTANCE)
+    p.add_argument("--audit", type=float, nargs="*", default=[],
+                   help="also count val and test images with a train image within these looser distances")
     p.add_argument("--distances", action="store_true", help="also the distance quantiles the threshold is chosen from")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    rows = [domain_report(d, args.data, args.threshold) for d in args.domains]
+    rows = [domain_report(d, args.data, args.threshold, tuple(args.audit)) for d in args.domains]
     dist = [distance_report(d, args.data) for d in args.domains] if args.distances else []
     if args.json:
         print(json.dumps({"threshold": args.threshold, "side": NEAR_DUPLICATE_SIDE, "domains": rows,
@@ -98,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["domain", "train", "groups", "grouped_images", "largest_group", "val_stratified", "val_grouped",
             "val_leaks_stratified", "val_leaks_grouped", "split_changes", "val_class_shift_max",
             "test_with_dup_in_train", "pool_with_dup_in_train", "seconds_groups"]
+    cols += [k for k in rows[0] if "@" in k]
     print(f"threshold d <= {args.threshold:g} on centred {NEAR_DUPLICATE_SIDE}x{NEAR_DUPLICATE_SIDE} thumbnails")
     print(" | ".join(cols))
     for r in rows:
