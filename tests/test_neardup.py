@@ -206,6 +206,18 @@ def test_minisuite_splits_without_straddling_near_duplicates_are_unchanged(name)
         assert torch.equal(a.split(s).images, b.split(s).images) and torch.equal(a.split(s).labels, b.split(s).labels)
 
 
+@pytest.mark.parametrize("name", ["gtsrb", "dtd"])
+def test_minisuite_near_duplicates_across_the_stratified_carve_are_kept_together(name):
+    """gtsrb (frames of one sign) and dtd (copies) have near-duplicates on both sides of the stratified carve."""
+    strat, grouped = load_domain(name, val_carve="stratified"), load_domain(name, val_carve="grouped")
+    assert has_near_duplicate(strat.split("val").images, strat.split("train").images).any()
+    assert not has_near_duplicate(grouped.split("val").images, grouped.split("train").images).any()
+    assert len(grouped.split_key) == 64 and grouped.data_key != grouped.content_hash
+    k = grouped.num_classes  # same size, same class counts: the groups here are pairs of one class
+    assert torch.equal(grouped.split("val").class_counts(k), strat.split("val").class_counts(k))
+    assert torch.equal(grouped.split("test").images, strat.split("test").images)  # test is the source's
+
+
 def test_the_carve_is_a_setting(monkeypatch):
     monkeypatch.delenv(VAL_CARVE_ENV, raising=False)
     assert resolve_val_carve() == "grouped" and resolve_val_carve("stratified") == "stratified"
