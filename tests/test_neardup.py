@@ -241,6 +241,7 @@ def test_identical_images_refuse_the_grouped_carve_and_name_the_switch():
 def test_a_changed_split_is_never_read_as_the_old_one(monkeypatch):
     """θ_ft's key (and so φ's, θ_ft*'s and every key built on them) reads the split: gtsrb's θ_ft built on the
     grouped carve is not reused under the stratified one; mnist's, whose split is the same, is."""
+    monkeypatch.delenv(VAL_CARVE_ENV, raising=False)
     store = smoke_store()  # built under the default, the grouped carve
     usable = {}
     for carve in ("grouped", "stratified"):
