@@ -248,5 +248,7 @@ def test_a_changed_split_is_never_read_as_the_old_one(monkeypatch):
         monkeypatch.setenv(VAL_CARVE_ENV, carve)
         with one_thread():
             zoo = Zoo(store, preset("smoke"), progress=False)
-            usable[carve] = {d: zoo._ft_verdict(d).usable for d in ("mnist", "gtsrb")}
-    assert usable == {"grouped": {"mnist": True, "gtsrb": True}, "stratified": {"mnist": True, "gtsrb": False}}
+            usable[carve] = {d: [v.usable for v in (zoo._ft_verdict(d), zoo._attr_verdict(d),
+                                                    zoo._ftx_verdict(d, 0.8, "paper"))] for d in ("mnist", "gtsrb")}
+    assert usable == {"grouped": {"mnist": [True] * 3, "gtsrb": [True] * 3},
+                      "stratified": {"mnist": [True] * 3, "gtsrb": [False] * 3}}

@@ -181,6 +181,8 @@ class Zoo(ZooPlan):
     def _attr_key(self, name: str) -> str:
         cfg = self.config
         limits = {"val": cfg.max_val, "test": cfg.shap_test, "splits": ["train", "val", "test"]}
+        if self.domain(name).split_key:  # φ covers train and val: a grouped carve that moved images keys it even
+            limits["split_key"] = self.domain(name).split_key  # from an imported θ_ft (none: the stratified keys)
         if cfg.supervision == "gradcam":
             return content_key({"ft": self._ft_identity(name), "method": "gradcam", **limits,
                                 "layer": "last resblock ln_1"})
