@@ -373,7 +373,7 @@ def build_target_card(store, target: str, model_path: str | Path, data: str | Pa
     op = HessianOperator(model, batches)
     est = hutchinson_diagonal(op, num_matvecs=s.probes, seed=s.seed, progress=progress)
     prov = {"target": target, "base_hash": base_hash, "model_sha256": file_sha256(model_path),
-            "model_file": Path(model_path).name, "data_hash": domain.content_hash, "data_source": domain.source,
+            "model_file": Path(model_path).name, "data_hash": domain.data_key, "data_source": domain.source,
             "head": head_from, "settings": dumps({**asdict(s), "lanczos_iters": lanczos_iters}),
             "n_images_used": len(y), "point": "theta_ft of the target"}
     if form == "kfac":

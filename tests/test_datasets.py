@@ -292,7 +292,7 @@ def test_flat_imagefolder(tmp_path):
     )
     assert d.content_hash == hashlib.sha256("".join(lines).encode()).hexdigest()
     _png(root / "dog" / "img0.png", (1, 2, 3))
-    assert load_domain(root).content_hash != d.content_hash
+    assert load_domain(root, val_carve="stratified").content_hash != d.content_hash  # solid colours: one group a class
     with pytest.raises(DataError, match="no split 'pool'. Available: train, test"):
         d.split("pool")
 
@@ -350,7 +350,8 @@ def test_unmatched_and_numeric_folders(tmp_path):
         for i in range(6):
             _png(g / folder / f"{i}.ppm", COLORS[1])
     with pytest.warns(DataWarning):
-        d = load_domain("gtsrb", data=g, image_size=8)  # not a mini-suite dir -> local copy
+        # not a mini-suite dir -> local copy; solid-colour copies are one near-duplicate group per class: val by labels
+        d = load_domain("gtsrb", data=g, image_size=8, val_carve="stratified")
     assert d.num_classes == 43 and sorted(set(d.split("train").labels.tolist())) == [0, 14]
 
 
@@ -385,13 +386,13 @@ def test_val_folder_counts_as_test_and_lone_train_is_split(tmp_path):
         for c, folder in enumerate(["a", "b"]):
             for i in range(n):
                 _png(root / s / folder / f"{i}.png", COLORS[c])
-    d = load_domain("imagefolder", data=root, image_size=4)
+    d = load_domain("imagefolder", data=root, image_size=4, val_carve="stratified")  # solid colours: one group a class
     assert len(d.split("train")) + len(d.split("val")) == 14 and len(d.split("test")) == 4
     assert d.split("val").class_counts(2).tolist() == [1, 1]  # round(0.15 * 14), stratified
     lone = tmp_path / "lone"
     _make_flat(lone / "train", ["a", "b"], per_class=10)
     with pytest.warns(DataWarning, match="train/ without test/"):
-        d = load_domain("imagefolder", data=lone, image_size=4)
+        d = load_domain("imagefolder", data=lone, image_size=4, val_carve="stratified")
     assert d.classnames == ("a", "b") and len(d.split("train")) + len(d.split("val")) == 16
     assert len(d.split("test")) == 4
     extra = tmp_path / "extra"
@@ -422,13 +423,15 @@ def test_one_class_imagefolder_is_refused(tmp_path):
     flat = tmp_path / "solo"
     _make_flat(flat, ["cat"], per_class=10)
     with pytest.raises(DataError, match=r"^solo: split 'train' has images of 1 class\(es\) \(cat; 7 images\)"):
-        load_domain("imagefolder", data=flat, image_size=4)
+        load_domain("imagefolder", data=flat, image_size=4, val_carve="stratified")  # 8 train images, 1 to val
+    with pytest.raises(DataError, match=r"^solo: split 'train' has images of 1 class\(es\) \(cat; 8 images\)"):
+        load_domain("imagefolder", data=flat, image_size=4)  # solid colours, one near-duplicate group: none to val
     # two classes in train, one in test: the test split is named
     root = tmp_path / "lopsided"
     for s, classes in (("train", ["a", "b"]), ("test", ["a"])):
         _make_flat(root / s, classes, per_class=7)
     with pytest.raises(DataError, match=r"^mine: split 'test' has images of 1 class\(es\) \(a; 7 images\)"):
-        load_domain("mine", data=root, image_size=4)
+        load_domain("mine", data=root, image_size=4, val_carve="stratified")
 
 
 def test_one_class_npz_split_is_refused(tmp_path):
@@ -438,7 +441,7 @@ def test_one_class_npz_split_is_refused(tmp_path):
     # a validation split of one image holds one class
     suite = _write_suite(tmp_path, "mnist", _tiny_arrays([0, 1]))
     with pytest.raises(DataError, match=r"^mnist: split 'val' has images of 1 class\(es\)"):
-        load_domain("mnist", data=suite, val_fraction=0.25)
+        load_domain("mnist", data=suite, val_fraction=0.25, val_carve="stratified")  # four equal images: one group
     # the same copy with both classes in test and no val loads
     assert load_domain("mnist", data=suite, val_fraction=0).split("test").labels.tolist() == [0, 1]
     # and a one-class train split of the real mnist file is refused too

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,6 +68,9 @@ class Domain:
             sha256 over the sorted lines ``relative/path\\0sha256(file bytes)\\n`` of the files
             loaded (every file of the folder unless ``max_per_split`` left some out).
         source: ``"minisuite"``, ``"torchvision:<root>"`` or ``"imagefolder:<path>"``.
+        split_key: ``""`` when the splits are the source's own with ``val`` carved by labels alone
+            (the stratified carve); else the sha256 of the carve that made them (the near-duplicate
+            grouped carve where it moved images, :func:`~train.datasets.carve_validation`).
     """
 
     name: str
@@ -75,6 +79,16 @@ class Domain:
     splits: dict[str, Split]
     content_hash: str
     source: str
+    split_key: str = ""
+
+    @property
+    def data_key(self) -> str:
+        """What an artifact built from these splits is keyed by: ``content_hash`` for the stratified
+        carve (the key every artifact had before grouped carves existed), else
+        ``sha256(content_hash + "|" + split_key)``, so a changed split is never read as the old one."""
+        if not self.split_key:
+            return self.content_hash
+        return hashlib.sha256(f"{self.content_hash}|{self.split_key}".encode()).hexdigest()
 
     @property
     def num_classes(self) -> int:
@@ -100,6 +114,7 @@ class Domain:
             "num_classes": self.num_classes,
             "source": self.source,
             "content_hash": self.content_hash,
+            "split_key": self.split_key,
             "image_shape": list(any_split.image_shape),
             "splits": {k: len(v) for k, v in self.splits.items()},
         }

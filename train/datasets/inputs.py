@@ -28,14 +28,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from train.backbones import BackboneConfig  # typing only, deferred: datasets never load the model code
 
 
-def domain_for(config: BackboneConfig, name: str, data: str | Path | None = None) -> Domain:
+def domain_for(
+    config: BackboneConfig, name: str, data: str | Path | None = None, val_carve: str | None = None
+) -> Domain:
     """The domain ``name`` loaded at the backbone's input side ``config.image_size``.
 
     Args:
         config: The backbone's config.
-        name, data: As :func:`~train.datasets.load_domain`.
+        name, data, val_carve: As :func:`~train.datasets.load_domain`.
     """
-    return load_domain(name, data=data, image_size=config.image_size)
+    return load_domain(name, data=data, image_size=config.image_size, val_carve=val_carve)
 
 
 def split_inputs(

@@ -18,6 +18,7 @@ from train.datasets.registry import (
     data_hint,
     missing_copy_message,
     norm,
+    resolve_val_carve,
     unknown_domain,
 )
 from train.datasets.splits import carve_validation, check_classes
@@ -32,6 +33,7 @@ def load_domain(
     max_per_split: int | None = None,
     seed: int = 0,
     val_fraction: float = VAL_FRACTION,
+    val_carve: str | None = None,
 ) -> Domain:
     """Load a domain by name, with its ``val`` split carved from ``train``.
 
@@ -53,13 +55,17 @@ def load_domain(
             the validation carve.
         val_fraction: Share of ``train`` carved into ``val`` (:func:`carve_validation`);
             0 keeps the source's own splits only.
+        val_carve: ``"grouped"`` (near-duplicate groups never straddle train and val) or
+            ``"stratified"`` (by labels alone); None: ``$TVDIAG_VAL_CARVE``, else ``"grouped"``
+            (:func:`~train.datasets.registry.resolve_val_carve`). Without near-duplicates in
+            train both give the same split.
 
     Returns:
         The :class:`Domain`; each of its ``train``, ``val`` and ``test`` splits holds images of
         at least two classes.
 
     Raises:
-        UnknownNameError: Unknown name; the message lists the available ones.
+        UnknownNameError: Unknown name or ``val_carve``; the message lists the available ones.
         ArtifactError: A mini-suite file is missing, unreadable or fails its sha256 check.
         DataError: ``data`` does not exist or is not a folder (the message names it), no local
             copy, empty data, labels outside ``[0, K)``, unmatched folders, a split with images
@@ -67,9 +73,10 @@ def load_domain(
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    carve = resolve_val_carve(val_carve)
     opts = {"image_size": image_size, "max_per_split": max_per_split, "seed": seed}
     raw = _load_raw(os.fspath(name), data, opts)
-    domain = carve_validation(raw, val_fraction, seed=seed) if val_fraction > 0 else raw
+    domain = carve_validation(raw, val_fraction, seed=seed, carve=carve) if val_fraction > 0 else raw
     check_classes(domain)
     return domain
 

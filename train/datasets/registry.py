@@ -6,6 +6,7 @@ only), so ``"Fashion-MNIST"``, ``"fashion_mnist"`` and ``"fashion"`` are one dom
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,15 @@ DEFAULT_IMAGE_SIZE = 224
 TEST_FRACTION = 0.2
 # Validation split: this share of ``train`` (stratified, seeded), never used for fine-tuning.
 VAL_FRACTION = 0.15
+# How ``val`` is carved from ``train``: "grouped" keeps near-duplicate groups (frames of one track,
+# copies) on one side; "stratified" is the carve by labels alone. With no near-duplicates the two
+# are the same split, index for index. Argument first, then $TVDIAG_VAL_CARVE, then this default.
+VAL_CARVES = ("grouped", "stratified")
+VAL_CARVE = "grouped"
+VAL_CARVE_ENV = "TVDIAG_VAL_CARVE"
+# Near-duplicates (train.datasets.neardup): RMS difference of centred 16x16 thumbnails over their pooled spread.
+NEAR_DUPLICATE_SIDE = 16
+NEAR_DUPLICATE_DISTANCE = 0.15
 # Splits scored as classification: each needs images of at least MIN_CLASSES classes.
 CLASSIFICATION_SPLITS = ("train", "val", "test")
 MIN_CLASSES = 2
@@ -101,6 +111,19 @@ def available_domains() -> list[str]:
     any ImageFolder.
     """
     return list(dict.fromkeys((*MINISUITE, *PAPER_DATASETS)))
+
+
+def resolve_val_carve(carve: str | None = None) -> str:
+    """The validation carve: ``carve`` if given, else ``$TVDIAG_VAL_CARVE`` if set, else :data:`VAL_CARVE`.
+
+    Raises:
+        UnknownNameError: Not one of :data:`VAL_CARVES`.
+    """
+    chosen = carve if carve is not None else (os.environ.get(VAL_CARVE_ENV) or VAL_CARVE)
+    if chosen not in VAL_CARVES:
+        source = "" if carve is not None else f" (from ${VAL_CARVE_ENV})"
+        raise unknown(f"validation carve{source}", chosen, VAL_CARVES)
+    return chosen
 
 
 def unknown_domain(name: str) -> UnknownNameError:

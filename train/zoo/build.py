@@ -144,7 +144,8 @@ class Zoo(ZooPlan):
     def _ft_key(self, name: str) -> str:
         _, base_hash = self.base()
         cfg = self.config
-        return content_key({"base": base_hash, "data": self.domain(name).content_hash, "alpha": 1.0,
+        # data_key: the source's hash, and the val carve's where it is not the stratified one (Domain.data_key)
+        return content_key({"base": base_hash, "data": self.domain(name).data_key, "alpha": 1.0,
                             "optim": asdict(cfg.ft), "patch_shift": cfg.patch_shift, "seed": cfg.seed,
                             "max_train": cfg.max_train, "pair": 2, **self._precision()})
 
@@ -180,6 +181,8 @@ class Zoo(ZooPlan):
     def _attr_key(self, name: str) -> str:
         cfg = self.config
         limits = {"val": cfg.max_val, "test": cfg.shap_test, "splits": ["train", "val", "test"]}
+        if self.domain(name).split_key:  # φ covers train and val: a grouped carve that moved images keys it even
+            limits["split_key"] = self.domain(name).split_key  # from an imported θ_ft (none: the stratified keys)
         if cfg.supervision == "gradcam":
             return content_key({"ft": self._ft_identity(name), "method": "gradcam", **limits,
                                 "layer": "last resblock ln_1"})
@@ -307,6 +310,8 @@ class Zoo(ZooPlan):
                       "alpha": alpha, "steps": optim.steps, "lr": optim.lr, "optim": dumps(asdict(optim)),
                       "patch_shift": cfg.patch_shift, "n_images": len(y), "supervision": supervision,
                       "final_loss": f"{history.final():.4f}", "tvdiag_version": __version__}
+        if self.domain(name).split_key:  # a grouped val carve that moved images (none: the stratified carve's bytes)
+            provenance["split_key"] = self.domain(name).split_key
         return TaskVector.between(base_state(backbone), cpu_state(visual_state(model)), base_hash, provenance)
 
     @torch.no_grad()
