@@ -234,6 +234,9 @@ def run_study(store: Store, domains: Sequence[str], settings: StudySettings, *,
 
     Raises:
         DataError: fewer than 2 domains. ArtifactError: a missing artifact or a damaged table.
+
+    Long because under torch.distributed every rank must pass the same collectives in the same order
+    (the read of what is done, each run's curvature queue, its pair queues, the merge): one body keeps it.
     """
     lambda2s, methods = list(settings.lambda2s), list(settings.methods)
     root = workspace or Workspace(store, settings.alpha, data)
