@@ -119,8 +119,9 @@ class _KeysOnly(Zoo):
 
 #: keys of the smoke preset's artifacts on stand-in inputs, computed by the code before the twin existed:
 #: the paper variant (and θ_ft* of from-ft) keep them, so existing stores keep every file.
-KEYS_BEFORE = {"head": "", "ft": "", "attributions": "", "ftx-a0.8": "", "ftx-a0.8-fromft": ""}
-PAIR_KEY_BEFORE = ""
+KEYS_BEFORE = {"head": "49ad6b9edf442fc4", "ft": "313f8a27df2d3460", "attributions": "315dbf714f3b9676",
+               "ftx-a0.8": "f52253045f80a40e", "ftx-a0.8-fromft": "9aa19aae81fc5e1e"}
+PAIR_KEY_BEFORE = "9b728bc3cddb4d93"
 
 
 def test_keys_of_existing_artifacts_are_unchanged(tmp_path):
