@@ -31,7 +31,7 @@ from diag.constants import PAPER_ALPHA, PAPER_LAMBDA2
 from diag.runtime.distributed import rank_and_world
 from diag.stats import with_normalised
 from train.errors import ArtifactError, DataError, TvdiagError, unknown
-from train.store import content_key, Store
+from train.store import content_key, has_twin, Store
 from train.ownership import decide
 from train.tensorio import atomic_write_bytes, is_timing_key, merge_json_side, read_metadata, timings_path
 
@@ -107,7 +107,7 @@ def pair_key(store: Store, source: str, target: str, settings: dict, base_hash: 
     """Identity of a pair's rows: ``settings`` and the content keys of every artifact used.
 
     ``settings`` holds the run (``alpha``, ``seed``, ``variant``): the artifacts are that seed's
-    θ_ft, φ and θ_ft* of that variant and α.
+    θ_ft, φ and θ_ft* of that variant and α (and ``from-ft``'s twin, τ*'s reference).
 
     Raises:
         ArtifactError: an artifact exists but cannot be read (it is never silently ignored).
@@ -118,9 +118,10 @@ def pair_key(store: Store, source: str, target: str, settings: dict, base_hash: 
     def keys(d):
         k = (d, alpha, seed, variant)
         if k not in cache:
-            cache[k] = [artifact_key(p) for p in (store.vector_path(d, "ft", seed=seed),
-                                                   store.vector_path(d, "ftx", alpha, seed=seed, variant=variant),
-                                                   store.attribution_path(d, seed=seed))]
+            paths = (store.vector_path(d, "ft", seed=seed), store.vector_path(d, "ftx", alpha, seed=seed, variant=variant),
+                     store.attribution_path(d, seed=seed))
+            twin = (store.reference_path(d, seed=seed, variant=variant),) if has_twin(variant) else ()
+            cache[k] = [artifact_key(p) for p in (*paths, *twin)]
         return cache[k]
     return content_key({"source": source, "target": target, **settings, "base": base_hash,
                         "artifacts": keys(source) + keys(target), "version": STUDY_VERSION})

@@ -79,11 +79,14 @@ def test_seeds_share_theta_base_and_are_keyed_in_the_store(copy_store):
 
 def test_from_ft_variant_starts_at_theta_ft(copy_store):
     cfg = replace(preset("smoke"), from_ft=OptimConfig(steps=0, lr=3e-4, warmup=1, batch_size=32))
-    Zoo(copy_store, cfg, progress=False).ftx("mnist", 0.8, variant="from-ft")
+    zoo = Zoo(copy_store, cfg, progress=False)
+    zoo.ftx("mnist", 0.8, variant="from-ft")
     path = copy_store.vector_path("mnist", "ftx", 0.8, variant="from-ft")
     assert path.name == "ftx-a0.8-fromft.safetensors"
-    star = copy_store.explainability_vector("mnist", 0.8, variant="from-ft")
-    assert all(float(t.abs().max()) == 0.0 for t in star.tensors.values())  # 0 steps: θ_ft* = θ_ft
+    zoo.twin("mnist")
+    for variant in ("from-ft", "from-ft-raw"):  # against the twin, and against θ_ft
+        star = copy_store.explainability_vector("mnist", 0.8, variant=variant)
+        assert all(float(t.abs().max()) == 0.0 for t in star.tensors.values())  # 0 steps: θ_ft* = θ_twin = θ_ft
     assert copy_store.load_vector("mnist", "ftx", 0.8, variant="from-ft").provenance["init"] == "θ_ft"
     with pytest.raises(UnknownNameError):
         copy_store.vector_path("mnist", "ftx", 0.8, variant="fromft")
@@ -108,14 +111,16 @@ def test_changed_settings_rebuild_only_downstream(copy_store):
     before = mtimes(copy_store)
     cfg = replace(cfg, from_ft=OptimConfig(steps=3, lr=1e-4, warmup=1, batch_size=16))
     Zoo(copy_store, cfg, progress=False).build(["mnist"], variants=("paper", "from-ft"))
-    assert changed(before, mtimes(copy_store)) == {"vectors/mnist/ftx-a0.8-fromft.safetensors"}
+    assert changed(before, mtimes(copy_store)) == {"vectors/mnist/ftx-a0.8-fromft.safetensors",
+                                                   "vectors/mnist/ftx-a1-fromft.safetensors"}  # and its twin
     meta = copy_store.load_vector("mnist", "ftx", 0.8, variant="from-ft").provenance
     assert meta["steps"] == "3" and meta["lr"] == "0.0001" and meta["variant"] == "from-ft"
     before = mtimes(copy_store)
     Zoo(copy_store, replace(cfg, shap_samples=16), progress=False).build(["mnist"], variants=("paper", "from-ft"))
     assert changed(before, mtimes(copy_store)) == {"attributions/mnist-kernelshap.safetensors",
                                                    "vectors/mnist/ftx-a0.8.safetensors",
-                                                   "vectors/mnist/ftx-a0.8-fromft.safetensors"}
+                                                   "vectors/mnist/ftx-a0.8-fromft.safetensors",
+                                                   "vectors/mnist/ftx-a1-fromft.safetensors"}
 
 
 def test_roll_patches_moves_phi_with_the_content():

@@ -7,6 +7,7 @@ Layout (one folder per backbone id)::
                         /vectors/<domain>/ft.safetensors      τ_ft  = θ_ft  − θ_base
                         /vectors/<domain>/ftx-a0.8.safetensors τ_ft* = θ_ft* − θ_base
                         /vectors/<domain>/ftx-a0.8-fromft.safetensors   θ_ft* continued from θ_ft
+                        /vectors/<domain>/ftx-a1-fromft.safetensors     its twin (same continuation, α = 1)
                         /vectors/<domain>/s1/...               training seed 1 (seed 0 has no folder)
                         /attributions/<domain>-kernelshap.safetensors   φ for train/val/test
                         /attributions/s1/<domain>-kernelshap.safetensors  φ of seed 1
@@ -82,9 +83,18 @@ def alpha_tag(alpha: float) -> str:
     return f"a{float(alpha):g}"
 
 
-#: θ_ft* variants: ``paper`` (paired with θ_ft, from θ_base) and ``from-ft`` (continued from θ_ft).
-VARIANTS = ("paper", "from-ft")
+#: θ_ft* variants, each with the θ_ft* file it reads and the reference its τ* is measured against:
+#: ``paper`` — from θ_base with the pair's optimiser; τ* = θ_ft* − θ_ft (θ_ft is its α = 1 run).
+#: ``from-ft`` — continued from θ_ft with the ``from_ft`` optimiser; τ* = θ_ft* − θ_twin, the *twin* being
+#: the same continuation (start, batches, seed, steps) at α = 1 (:data:`TWIN_ALPHA`), so the two differ in α only.
+#: ``from-ft-raw`` — the same θ_ft* file as ``from-ft``, τ* = θ_ft* − θ_ft: the extra classification steps
+#: of the continuation are in it (kept to report both).
+VARIANTS = ("paper", "from-ft", "from-ft-raw")
+#: the trained θ_ft* (file and recipe) of each variant
+TRAINED = {"paper": "paper", "from-ft": "from-ft", "from-ft-raw": "from-ft"}
 VARIANT_SUFFIX = {"paper": "", "from-ft": "-fromft"}
+#: α of the twin: θ_ft* of ``from-ft`` at α = 1 (``ftx-a1-fromft``), the reference of the ``from-ft`` τ*
+TWIN_ALPHA = 1.0
 
 
 def check_variant(variant: str) -> str:
@@ -92,6 +102,16 @@ def check_variant(variant: str) -> str:
     if variant not in VARIANTS:
         raise unknown("variant", variant, VARIANTS)
     return variant
+
+
+def trained_variant(variant: str) -> str:
+    """The variant whose θ_ft* file ``variant`` reads (``from-ft-raw`` reads ``from-ft``'s)."""
+    return TRAINED[check_variant(variant)]
+
+
+def has_twin(variant: str) -> bool:
+    """Whether τ* of ``variant`` is measured against its α = 1 twin rather than θ_ft."""
+    return check_variant(variant) == "from-ft"
 
 
 def seed_dir(seed: int) -> str:
@@ -154,9 +174,14 @@ class Store:
         """
         if kind not in ("ft", "ftx"):
             raise TvdiagError(f"Unknown vector kind '{kind}'. Available: ft, ftx")
-        check_variant(variant)
-        name = "ft" if kind == "ft" else f"ftx-{alpha_tag(alpha)}{VARIANT_SUFFIX[variant]}"
+        name = "ft" if kind == "ft" else f"ftx-{alpha_tag(alpha)}{VARIANT_SUFFIX[trained_variant(variant)]}"
         return self._path("vectors", check_name(domain), seed_dir(seed), f"{name}.safetensors")
+
+    def reference_path(self, domain: str, *, seed: int = 0, variant: str = "paper") -> Path:
+        """The θ that τ* of ``variant`` is measured against: θ_ft, or the twin of ``from-ft`` (:data:`VARIANTS`)."""
+        if has_twin(variant):
+            return self.vector_path(domain, "ftx", TWIN_ALPHA, seed=seed, variant=variant)
+        return self.vector_path(domain, "ft", seed=seed)
 
     def vector_domains(self) -> list[str]:
         """The domains with a folder under ``vectors/`` (valid names only), sorted."""
@@ -281,9 +306,14 @@ class Store:
 
     def explainability_vector(self, domain: str, alpha: float, expect_base: str | None = None, *, seed: int = 0,
                               variant: str = "paper") -> TaskVector:
-        """τ* = τ_ft* − τ_ft = θ_ft* − θ_ft (eq. 7), for both variants (θ_ft of the same seed)."""
-        star = (self.load_vector(domain, "ftx", alpha, expect_base, seed=seed, variant=variant)
-                - self.load_vector(domain, "ft", None, expect_base, seed=seed))
+        """τ* = θ_ft* − θ_ref (eq. 7): θ_ref = θ_ft of the same seed, or the twin for ``from-ft`` (:meth:`reference_path`)."""
+        ftx = self.load_vector(domain, "ftx", alpha, expect_base, seed=seed, variant=variant)
+        ref = TaskVector.load(self.reference_path(domain, seed=seed, variant=variant), expect_base=expect_base)
+        if has_twin(variant) and "imported_from" in ftx.provenance and "imported_from" not in ref.provenance:
+            raise ArtifactError(f"{domain}: θ_ft* of from-ft was imported, its twin was built by tvdiag's recipe, which "
+                                "need not be the import's: use --variant from-ft-raw (τ* against θ_ft) or import "
+                                "the twin (diag import --kind ftx --alpha 1 --variant from-ft)")
+        star = ftx - ref
         return TaskVector(star.tensors, star.base_hash, {"kind": "explainability", "domain": domain, "alpha": str(alpha),
                                                          "seed": str(seed), "variant": variant})
 
@@ -358,4 +388,4 @@ def base_state(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["Store", "default_root", "content_key", "check_name", "NAME_PATTERN", "base_state", "visual_state",
-           "StoreError", "VARIANTS", "check_variant", "seed_dir"]
+           "StoreError", "VARIANTS", "check_variant", "seed_dir", "trained_variant", "has_twin", "TWIN_ALPHA"]

@@ -215,7 +215,8 @@ def add_domains_option(parser: argparse.ArgumentParser, help: str | None = None)
 
 
 def add_variant_option(parser: argparse.ArgumentParser, default: str | None = "paper",
-                       help: str = "θ_ft* variant (default paper)") -> None:
+                       help: str = "θ_ft* variant (default paper; from-ft: τ* against its α = 1 twin, "
+                                   "from-ft-raw: the same θ_ft* against θ_ft)") -> None:
     """``--variant``: the θ_ft* variant of a run (:data:`train.store.VARIANTS`)."""
     parser.add_argument("--variant", choices=VARIANTS, default=default, help=help)
 

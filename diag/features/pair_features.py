@@ -49,7 +49,7 @@ from diag.runtime.context import Workspace
 from diag.runtime.distributed import is_distributed
 from train.datasets import model_inputs
 from train.errors import unknown
-from train.store import content_key, Store
+from train.store import content_key, has_twin, Store
 from train.vectors import TaskVector
 
 log = logging.getLogger(__name__)
@@ -248,14 +248,15 @@ class Diagnostics:
 
     def risk_sources(self, target: str) -> list[str]:
         """The sources whose per-probe risks a new diagonal of ``target`` accumulates (``sources``, or the
-        store's domains with θ_ft and θ_ft* of this run), sorted, without the target."""
+        store's domains with θ_ft and τ* of this run), sorted, without the target."""
         names = self.store.vector_domains() if self.sources is None else self.sources
-        return [n for n in sorted(set(names) - {target}) if self.ws.has(n, "ft") and self.ws.has(n, "ftx")]
+        return [n for n in sorted(set(names) - {target}) if self.ws.has(n, "ft") and self.ws.has(n, "star")]
 
     def _source_key(self, source: str) -> str:
-        """The content key of τ*ˢ = τ_ft*ˢ − τ_ftˢ: the keys of the two vectors it is the difference of."""
+        """The content key of τ*ˢ: the keys of τ_ftˢ, τ_ft*ˢ and (``from-ft``) the twin, τ*'s reference."""
+        twin = {"ref": self.vector(source, "ref").provenance.get("key", "")} if has_twin(self.ws.variant) else {}
         return content_key({"ft": self.vector(source, "ft").provenance.get("key", ""),
-                            "ftx": self.vector(source, "ftx").provenance.get("key", "")})
+                            "ftx": self.vector(source, "ftx").provenance.get("key", ""), **twin})
 
     def _squares(self, layout, sources: list[str]) -> torch.Tensor:
         """``(D, S)`` float64 ``τ*ˢ ⊙ τ*ˢ`` of ``sources``, in ``layout``'s flat order."""
@@ -327,7 +328,7 @@ class Diagnostics:
         out = PairFeatures({"cos_ft": ft.cosine, **{f"cos_ft.{g}": c for g, c in ft.group_cosines().items()},
                             "norm_ft_source": ft.norm_a, "norm_ft_target": ft.norm_b})
         star_s = self.vector(source, "star")
-        if self.ws.has(target, "ftx"):
+        if self.ws.has(target, "star"):
             star = vector_similarity(star_s, self.vector(target, "star"), by="global")
             out.values["cos_star"] = star.cosine
             out.values["norm_star_source"] = star.norm_a

@@ -30,7 +30,11 @@ from train.devices import check_bf16, resolve_device
 from train.errors import ArtifactError, unknown
 from train.store import base_state, check_variant, seed_dir, Store
 from train.tensorio import read_metadata
+from train.vectors import TaskVector
 from train.zoo import preset, Zoo
+
+#: what :meth:`Workspace.vector` reads
+VECTOR_KINDS = ("ft", "ftx", "star", "ref")
 
 
 @dataclass
@@ -237,7 +241,8 @@ class Workspace:
 
     # ---------------------------------------------------------------- vectors
     def vector(self, domain: str, kind: str):
-        """τ_ft (``ft``), τ_ft* (``ftx``) or τ* (``star``, the store's ``explainability_vector``) of this run."""
+        """τ_ft (``ft``), τ_ft* (``ftx``), τ* (``star``, the store's ``explainability_vector``) or the τ of τ*'s
+        reference (``ref``: τ_ft, or the twin of ``from-ft``; :meth:`train.store.Store.reference_path`) of this run."""
         run = {"seed": self.seed, "variant": self.variant}
 
         def make():
@@ -247,7 +252,9 @@ class Workspace:
                 return self.store.load_vector(domain, "ft", None, expect_base=self.base_hash, seed=self.seed)
             if kind == "ftx":
                 return self.store.load_vector(domain, "ftx", self.alpha, expect_base=self.base_hash, **run)
-            raise unknown("vector kind", kind, ("ft", "ftx", "star"))
+            if kind == "ref":
+                return TaskVector.load(self.store.reference_path(domain, **run), expect_base=self.base_hash)
+            raise unknown("vector kind", kind, VECTOR_KINDS)
         key = (domain, kind, self.seed) if kind == "ft" else (domain, kind, self.alpha, self.seed, self.variant)
         return self._vectors.get(key, make)
 
@@ -256,9 +263,11 @@ class Workspace:
         return self._vectors.get(key, make)
 
     def vector_path(self, domain: str, kind: str):
-        """The store file of this run's ``ft`` or ``ftx`` vector."""
+        """The store file of this run's ``ft``, ``ftx`` or ``ref`` vector (``ref``: τ*'s reference)."""
         if kind == "ft":
             return self.store.vector_path(domain, "ft", seed=self.seed)
+        if kind == "ref":
+            return self.store.reference_path(domain, seed=self.seed, variant=self.variant)
         return self.store.vector_path(domain, kind, self.alpha, seed=self.seed, variant=self.variant)
 
     def attribution_path(self, domain: str):
@@ -266,7 +275,9 @@ class Workspace:
         return self.store.attribution_path(domain, seed=self.seed)
 
     def has(self, domain: str, kind: str) -> bool:
-        """Whether the store holds ``domain``'s ``ft`` or ``ftx`` vector of this run."""
+        """Whether the store holds ``domain``'s ``ft``, ``ftx`` or ``ref`` vector of this run (``star``: ftx and ref)."""
+        if kind == "star":
+            return self.has(domain, "ftx") and self.has(domain, "ref")
         return self.vector_path(domain, kind).is_file()
 
     def state(self, vector=None, scale: float = 1.0) -> dict:

@@ -52,7 +52,7 @@ def _cos(G: np.ndarray, i: int, j: int) -> float:
 def seed_gram(ws: Workspace, domains: Sequence[str], seeds: Sequence[int], kind: str) -> np.ndarray:
     """Gram matrix of τ* (``star``) or τ_ft (``ft``) of every (domain, seed), domain-major, float64 streamed.
 
-    Row ``i · len(seeds) + k`` is domain i at seed k; τ* = θ_ft* − θ_ft of ``ws``'s α and variant.
+    Row ``i · len(seeds) + k`` is domain i at seed k; τ* = θ_ft* − θ_ref of ``ws``'s α and variant.
     """
     if kind not in ("star", "ft"):
         raise DataError(f"seed_gram kind must be 'star' or 'ft', got {kind!r}")
@@ -61,7 +61,8 @@ def seed_gram(ws: Workspace, domains: Sequence[str], seeds: Sequence[int], kind:
         for s in seeds:
             run = ws.for_run(seed=s)
             ft = run.vector_path(d, "ft")
-            specs.append(VectorSpec(run.vector_path(d, "ftx"), ft) if kind == "star" else VectorSpec(ft))
+            specs.append(VectorSpec(run.vector_path(d, "ftx"), run.vector_path(d, "ref")) if kind == "star"
+                         else VectorSpec(ft))
     missing = [str(p) for spec in specs for p in spec.files if not p.is_file()]
     if missing:
         raise ArtifactError(f"missing vector(s) {', '.join(missing[:3])}; build them with "

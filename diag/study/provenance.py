@@ -50,6 +50,9 @@ def run_provenance(ws, settings, domains) -> dict:
     """The provenance of one run of a study (see the module docstring)."""
     files = {d: {"ft": _file_facts(ws.vector_path(d, "ft")), "ftx": _file_facts(ws.vector_path(d, "ftx")),
                  "phi": _file_facts(ws.attribution_path(d))} for d in domains}
+    for d in domains:  # the twin, τ*'s reference of from-ft (paper and from-ft-raw: θ_ft, already there)
+        if ws.vector_path(d, "ref") != ws.vector_path(d, "ft"):
+            files[d]["ref"] = _file_facts(ws.vector_path(d, "ref"))
     return {"code": code_version(), "settings": json.loads(json.dumps(asdict(settings), default=str)),
             "torch_threads": torch.get_num_threads(), "base_hash": ws.base_hash, "domains": files}
 

@@ -75,7 +75,7 @@ class StudySettings:
             rounded to :func:`diag.table.lam_key`).
         seeds: training seeds; each is a run with that seed's θ_ft, φ and θ_ft*, and seeds its
             controls (:func:`diag.transfer.evaluate.pair_seed`).
-        variant: θ_ft* variant (``paper`` or ``from-ft``).
+        variant: θ_ft* variant and τ*'s reference (:data:`train.store.VARIANTS`).
         controls: score the control rows; n_random: draws of the random-direction control.
         curvature: compute the risk columns (each target's Hᵀ built once per seed, cached in the store);
             curvature_settings: how Hᵀ is estimated.
@@ -187,7 +187,8 @@ def _check_domains(ws: Workspace, domains: Sequence[str]) -> list[str]:
     if not store.base_path().is_file():
         raise ArtifactError(f"no base model in {store.folder}; run `diag zoo` first")
     for d in domains:
-        for path in (ws.vector_path(d, "ft"), ws.vector_path(d, "ftx"), ws.attribution_path(d), store.head_path(d)):
+        for path in (ws.vector_path(d, "ft"), ws.vector_path(d, "ftx"), ws.vector_path(d, "ref"), ws.attribution_path(d),
+                     store.head_path(d)):
             if not path.is_file():
                 raise ArtifactError(f"missing artifact {path} for domain '{d}' (seed {ws.seed}, variant "
                                     f"{ws.variant}, α={ws.alpha:g}); run `diag zoo --domains {d}` for that run")

@@ -59,7 +59,7 @@ class TransferResult:
 
     Attributes:
         seed: training seed of every vector and φ, and the seed of the controls.
-        variant: variant of θ_ft* (``paper`` or ``from-ft``).
+        variant: variant of θ_ft* and τ* (:data:`train.store.VARIANTS`).
         rows: :class:`~diag.transfer.metrics.Scores` per model row (see :data:`ROW_SUFFIX`).
         spread: row label → ``<metric>_sd`` over the random control's draws.
         other_source: the domain of the "τ* of other source" control (None without controls).
@@ -273,7 +273,7 @@ def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPE
     tset = ws.target_set(target, "test")
     fixed = _reference_rows(ws, tset, source, target)
     ft_acc = next(r.accuracy for r in fixed if r.model == "θ_ftᵀ")
-    other = other_source(ws.seed, source, target, [d for d in candidates if ws.has(d, "ftx")]) if controls else None
+    other = other_source(ws.seed, source, target, [d for d in candidates if ws.has(d, "star")]) if controls else None
     if controls:
         fixed += _mean_map_rows(ws, tset, source, target, ft_acc)
     ft_t, star_s = ws.vector(target, "ft"), ws.vector(source, "star")
@@ -323,7 +323,7 @@ def _repaired(ws: Workspace, target: str, star_s: TaskVector, method: str, curva
     """(θ of the chosen repaired vector, summary) — every choice on the target's val split."""
     mixes = None  # an unknown method is refused by select_repair's candidates()
     if method in MIX_METHODS:
-        pool = [d for d in candidates if d != target and ws.has(d, "ftx")]
+        pool = [d for d in candidates if d != target and ws.has(d, "star")]
         if not pool:
             raise DataError(f"method '{method}' needs other domains with θ_ft* (pass --domains)")
         mixes = method_mixes(method, ws, target, pool, gains)

@@ -16,11 +16,14 @@ differ in α only, so θ_ft* trained with α = 1 *is* θ_ft, bit for bit. Varian
 
 * ``paper`` — from θ_base with the pair's optimiser (``ft``), as the preprint (eq. 4–7);
 * ``from-ft`` — continued from θ_ft with ``from_ft`` (lower lr, fewer steps), same images and
-  the prefix of the same batch sequence.
+  the prefix of the same batch sequence; built with its *twin*, the same continuation at α = 1
+  (:meth:`Zoo.twin`, stored as θ_ft* of ``from-ft`` at α = 1), which is its controlled pair.
 
-τ* = θ_ft* − θ_ft in both. Artifacts are content-addressed (:func:`train.store.content_key`)
-and keyed by seed and variant in the store, written atomically one by one, so a killed
-build resumes at the first missing artifact and nothing is recomputed needlessly.
+τ* = θ_ft* − θ_ft for ``paper`` (θ_ft is its α = 1 run) and θ_ft* − θ_twin for ``from-ft``
+(``from-ft-raw``: the same θ_ft* against θ_ft; :data:`train.store.VARIANTS`). Artifacts are
+content-addressed (:func:`train.store.content_key`) and keyed by seed and variant in the store,
+written atomically one by one, so a killed build resumes at the first missing artifact and
+nothing is recomputed needlessly.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from train.loop import batch_plan, fit, OptimConfig
 from train.losses import alpha_loss, check_alpha
 from train.model import SelfExplainingCLIP, text_head, visual_state
 from train.pretrain import pretrain
-from train.store import base_state, check_variant, content_key, Store
+from train.store import base_state, check_variant, content_key, has_twin, Store, trained_variant, TWIN_ALPHA
 from train.tensorio import dumps, load_tensors, save_tensors
 from train.vectors import TaskVector
 from train.zoo.config import SHAP_BASELINE, ZooConfig
@@ -240,24 +243,35 @@ class Zoo(ZooPlan):
                             "variant": variant, "optim": asdict(optim)})
 
     def ftx(self, name: str, alpha: float = 0.8, variant: str = "paper") -> TaskVector:
-        """τ_ft* = θ_ft* − θ_base of ``variant`` (``paper`` or ``from-ft``; module docstring)."""
-        alpha, variant = check_alpha(alpha), check_variant(variant)
+        """τ_ft* = θ_ft* − θ_base of ``variant`` (``paper`` or ``from-ft``; ``from-ft-raw`` reads ``from-ft``'s)."""
+        alpha, variant = check_alpha(alpha), trained_variant(variant)
         verdict = self._ftx_verdict(name, alpha, variant)
         path = verdict.path
         _, base_hash = self.base()
         if verdict.usable:
             return TaskVector.load(path, expect_base=base_hash)
         vector = self.train_ftx(name, alpha, variant, verdict.key)
+        if variant == "from-ft" and alpha == TWIN_ALPHA:
+            vector.provenance["role"] = "twin: the from-ft continuation at α = 1, the reference of from-ft's τ*"
         vector.save(path)
         self.built.append(path)
         return vector
 
+    def twin(self, name: str) -> TaskVector:
+        """θ_twin − θ_base: the ``from-ft`` continuation of θ_ft (same optimiser, batches, seed, steps) at α = 1.
+
+        θ_ft* of ``from-ft`` (α < 1) and the twin differ in α only, so τ* = θ_ft* − θ_twin holds what
+        explanation supervision adds and not the continuation's extra classification steps.
+        """
+        return self.ftx(name, TWIN_ALPHA, "from-ft")
+
     def train_ftx(self, name: str, alpha: float, variant: str = "paper", key: str = "") -> TaskVector:
         """θ_ft* − θ_base, trained now with L_α on the pair's images and batches (φ built if missing).
 
-        With α = 1 and ``variant="paper"`` this is :meth:`train_ft` step for step.
+        With α = 1 and ``variant="paper"`` this is :meth:`train_ft` step for step; with α = 1 and
+        ``from-ft`` it is the twin (:meth:`twin`).
         """
-        alpha, variant = check_alpha(alpha), check_variant(variant)
+        alpha, variant = check_alpha(alpha), trained_variant(variant)
         phi = self.attributions(name)["train"]
         x, y = self.images(name, "train", self.config.max_train)
         if phi.shape[0] != len(y):
@@ -327,7 +341,8 @@ class Zoo(ZooPlan):
     # ------------------------------------------------------------------ build
     def build_domain(self, name: str, alphas: tuple[float, ...] = (0.8,), variants: tuple[str, ...] = ("paper",),
                      explain: bool = True) -> None:
-        """Everything of one domain for this seed: head, θ_ft, then (``explain``) φ and θ_ft* of every α and variant.
+        """Everything of one domain for this seed: head, θ_ft, then (``explain``) φ and θ_ft* of every α and
+        variant (with the twin of ``from-ft``).
 
         The one per-domain build: :meth:`build` and the CLI's sharded build
         (:func:`diag.runtime.shards.build_domains`) both call it; each artifact is reused when fresh
@@ -342,6 +357,8 @@ class Zoo(ZooPlan):
         for variant in variants:
             for alpha in alphas:
                 self.ftx(name, alpha, variant)
+            if has_twin(variant):
+                self.twin(name)
 
     def build(self, domains: list[str] | None = None, alphas: tuple[float, ...] = (0.8,),
               variants: tuple[str, ...] = ("paper",)) -> dict[str, float]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from train.losses import check_alpha
 from train.ownership import Verdict
-from train.store import check_variant, content_key
+from train.store import content_key, has_twin, trained_variant, TWIN_ALPHA
 
 
 class ZooPlan:
@@ -40,7 +40,7 @@ class ZooPlan:
     def _ftx_verdict(self, name: str, alpha: float, variant: str) -> Verdict:
         """What happens to θ_ft* of ``name``: reused or kept (imported); built, from an imported θ_ft only
         for ``from-ft`` (``paper`` is θ_ft's controlled pair: same batches from θ_base, so it is refused)."""
-        alpha, variant = check_alpha(alpha), check_variant(variant)
+        alpha, variant = check_alpha(alpha), trained_variant(variant)
         path = self.store.vector_path(name, "ftx", alpha, seed=self.config.seed, variant=variant)
         why = None if variant == "from-ft" else (
             "the paper variant is θ_ft's controlled pair (same batches from θ_base); import θ_ft* too "
@@ -52,7 +52,8 @@ class ZooPlan:
              explain: bool = True) -> dict[str, Verdict]:
         """Every artifact of ``name`` for this seed and what its build does with it, deciding before writing.
 
-        Keys ``head``, ``ft`` and (``explain``) ``attributions`` and ``ftx-a<α>[-fromft]``, each a
+        Keys ``head``, ``ft`` and (``explain``) ``attributions`` and ``ftx-a<α>[-fromft]`` (with the
+        twin of ``from-ft``, ``ftx-a1-fromft``), each a
         :class:`train.ownership.Verdict` from the same :meth:`Store.decide` call the writers make
         (θ_base is built first). A refusal (a file tvdiag did not write, or θ_ft* of the paper
         variant next to an imported θ_ft) raises here, before anything of the domain is written.
@@ -61,7 +62,8 @@ class ZooPlan:
         if explain:
             out["attributions"] = self._attr_verdict(name)
             for variant in variants:
-                for alpha in alphas:
+                twin = (TWIN_ALPHA,) if has_twin(variant) else ()
+                for alpha in (*alphas, *twin):
                     verdict = self._ftx_verdict(name, alpha, variant)
                     out[verdict.path.name.removesuffix(".safetensors")] = verdict
         return out
