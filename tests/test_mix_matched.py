@@ -38,9 +38,9 @@ def test_matched_mix_takes_exactly_the_single_source_step():
     assert cand.size == pytest.approx(0.7 * 3.0, rel=1e-6) and cand.param == "universal"
     # the unmatched mix is the short one: ‖mix‖² = Σ (k/6)² for near-orthogonal vectors, ‖mix‖ ≈ 1.59 < 3
     assert mix.norm() == pytest.approx(math.sqrt(sum(k * k for k in range(1, 7))) / 6, rel=0.02)
-    # the same mix at plain eq. 8's grid: (0.7 … 1.2 in `mix`) stays √(91)/6 / 3 ≈ 0.53 of the source's step
-    plain_mix = candidates("mix", tau, curv, mixes={"universal": mix})
-    assert max(c.size for c in plain_mix) == pytest.approx(1.2 * mix.norm(), rel=1e-6) < 0.7 * tau.norm()
+    # `mix` on its λ2 grid (0.4 … 1.2): even at 1.2 its step 1.2·1.59 ≈ 1.91 stays below 0.7·3 = 2.1
+    largest = max(c.size for c in candidates("mix", tau, curv, mixes={"universal": mix}))
+    assert largest == pytest.approx(1.2 * mix.norm(), rel=1e-6) and largest < 0.7 * tau.norm()
     # a grid of λ2 gives one candidate per λ2, each at ‖λ2·τ*ˢ‖
     sizes = [c.size for c in candidates("mix-matched", tau, curv, 0.7, grid=(0.4, 1.2), mixes={"universal": mix})]
     assert sizes == pytest.approx([0.4 * 3.0, 1.2 * 3.0], rel=1e-9)
