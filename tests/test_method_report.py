@@ -47,7 +47,9 @@ def test_method_report_exact_counts():
     assert rep.per_seed["precondition"][0] == {"n_pairs": 6, "keeps": 4, "n_plain_reduces": 5, "beats_prior": 4}
     assert rep.per_seed["precondition"][1]["keeps"] == 3
     assert rep.mean_sd["precondition"]["keeps"] == pytest.approx((3.5, math.sqrt(0.5)))
-    assert rep.per_seed["mix"][0]["keeps"] == 4 and rep.per_seed["mix"][0]["beats_prior"] == 6
+    # a mix counts once per target, against the ranker's source (C for A, A for B, B for C): A keeps 0.25 ≥ 0.8·0.2,
+    # B's 0.15 does not, C's 0.21 does (per pair it was 4 of 6, B→A counted with a baseline no one picks)
+    assert rep.per_seed["mix"][0] == {"n_targets": 3, "keeps": 2, "n_plain_reduces": 3, "beats_prior": 3}
     # (c): the cos_ft proxy picks C for A, A for B, B for C; the universal vector wins on A and C
     u = rep.universal[0]
     assert (u["n_targets"], u["universal_wins"]) == (3, 2)

@@ -35,8 +35,9 @@ def register(sub) -> None:
                    choices=METHODS,
                    help="plain: eq. 8; project / precondition / blocks: τ*ˢ changed by the target's curvature "
                         "(Hᵀ on its train images); mix: uniform mix of the other domains' τ*; mix-ranked: their mix "
-                        "weighted by the ranker's predicted gain (fitted on --study without the target) — each "
-                        "method's hyper-parameter chosen on the target's val split")
+                        "weighted by the ranker's predicted gain (fitted on --study without the target); mix-matched: "
+                        "the uniform mix at plain eq. 8's step ‖λ2·τ*ˢ‖ (no knob) — each method's hyper-parameter "
+                        "chosen on the target's val split")
     add_study_option(p, help="mix-ranked: study folder of the known pairs the ranker learns from (default the store's "
                              "'allpairs')")
     add_budget_option(p, help="val-accuracy budget of the method's choice, relative to θ_ftᵀ")

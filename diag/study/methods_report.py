@@ -7,24 +7,32 @@ choice inside a method (k, c, budget, mixture, λ2 of a mix) was made on the tar
 split, and the numbers below are the ``test`` scores. Per method and seed (then mean ± sd
 over seeds), :func:`method_report` counts
 
-(a) ``keeps``: pairs keeping ≥ ``keep`` (95 %) of θ_ftᵀ's accuracy while keeping ≥ ``kept_gain``
+(a) ``keeps``: pairs (targets, for a mix) keeping ≥ ``keep`` (95 %) of θ_ftᵀ's accuracy while keeping ≥ ``kept_gain``
     (80 %) of plain eq. 8's E-RMSE reduction at the same λ2, i.e. with g = E-RMSE(θ_ftᵀ) − E-RMSE,
     g_method ≥ 0.8·g_plain; where plain does not reduce E-RMSE (g_plain ≤ 0) there is no reduction
     to keep and the pair counts when g_method ≥ 0 (``n_plain_reduces`` says how many pairs that is);
 (b) ``beats_prior``: pairs whose E-RMSE *and* image-specific E-RMSE are below the source's
     mean-φ map's (a constant prior; its image-specific E-RMSE is 1);
 (c) the mixes vs the ranker's single source: per target, the universal vector (``mix`` rows,
-    the uniform mix of every other domain's τ*, which does not depend on the source) and the
+    the uniform mix of every other domain's τ*, which does not depend on the source), the
     ranker-weighted mix (``mix-ranked`` rows, Σ wₛτ*ˢ with wₛ ∝ the ranker's positive predicted
-    gain) against plain eq. 8 from the source the ranker picks for that target (a ridge predictor
-    on the tier-0 features fitted on the pairs without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy
-    when fewer than 4 such pairs exist): targets where each mix's E-RMSE is lower, and which wins;
+    gain) and the universal vector at the single source's step (``mix-matched`` rows: ‖λ·mix‖ =
+    ‖λ2·τ*ˢ‖, :func:`diag.transfer.methods.matched_scale`) against plain eq. 8 from the source the
+    ranker picks for that target (a ridge predictor on the tier-0 features fitted on the pairs
+    without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy when fewer than 4 such pairs exist): targets
+    where each mix's E-RMSE is lower (with a Wilson interval), which wins, and the mean E-RMSE and
+    accuracy difference mix − source over targets with its standard error;
 (d) the loss model: the measured val cross-entropy increase over θ_ftᵀ against the
     predicted one (method rows: the chosen vector's ½λ²R; plain rows: the loss model
     λ2·gᵀτ*ˢ + ½λ2²·R(τ*ˢ) of :func:`diag.curvature.risk.loss_model`, exact risk when present,
     else card, else diagonal; ½λ2²R where the study stored no gᵀτ): median ratio measured ÷ predicted, the share of
     rows where it lies within [½, 2] ("holds"), and the median ratio in the lower and upper half
     of the predicted increase (where it holds).
+
+A mix is one vector per target (``mix-matched``: its step set by the row's source), so every
+count of mix rows — (a), (b), (c) and the rows of (d) — reads one row per target: the row of the
+ranker's source (:func:`per_target`), whose plain eq. 8 and mean-φ map are its baseline. The
+denominators say so ("of 7 targets"; ``n_targets`` instead of ``n_pairs``).
 
 :func:`pareto_front` marks the non-dominated points of normalised accuracy (up) against
 normalised E-RMSE (down); :func:`tradeoff_frame` gives the points, one per (method, pair).
@@ -42,7 +50,8 @@ from diag.constants import PAPER_LAMBDA2
 from diag.curvature.risk import loss_model
 from diag.decide.recommend import ranker_gains
 from diag.study.summary import mean_sd
-from diag.transfer.methods import METHODS
+from diag.stats.proportion import wilson_interval
+from diag.transfer.methods import METHODS, MIX_METHODS
 from diag.table import add_normalised, at_lambda, PLAIN, with_run_columns
 from train.errors import DataError
 
@@ -51,7 +60,10 @@ KEEP = 0.95
 KEPT_GAIN = 0.8
 #: The quadratic model "holds" on a row when measured ÷ predicted lies in [1/HOLDS, HOLDS].
 HOLDS = 2.0
+#: The counts of (a) and (b); a mix's are over targets (``n_targets`` instead of ``n_pairs``).
 COUNTS = ("n_pairs", "keeps", "n_plain_reduces", "beats_prior")
+#: (c)'s contenders: the method rows compared with the ranker's single source, and their labels.
+MIXES = {"mix": "universal", "mix-ranked": "ranked", "mix-matched": "matched"}
 
 
 def pareto_front(df: pd.DataFrame, x: str = "ermse_norm", y: str = "acc_norm") -> pd.Series:
@@ -88,14 +100,25 @@ def _gain_kept(rows: pd.DataFrame, kept_gain: float) -> tuple[pd.Series, pd.Seri
     return gain.where(~reduces, gain - kept_gain * plain) >= -1e-12, reduces
 
 
-def method_counts(rows: pd.DataFrame, keep: float = KEEP, kept_gain: float = KEPT_GAIN) -> dict[str, int]:
-    """(a) and (b) over the rows of one method and run (one row per pair)."""
+def method_counts(rows: pd.DataFrame, keep: float = KEEP, kept_gain: float = KEPT_GAIN,
+                  picks: dict | None = None) -> dict[str, int]:
+    """(a) and (b) over the rows of one method and run: one count per pair (``n_pairs``), or per target
+    for a mix (``n_targets``: :func:`per_target` with the ranker's ``picks``, the row of its source).
+
+    Raises:
+        DataError: mix rows without ``picks`` (counted per pair, one target's mix would count once per source).
+    """
+    n_key = "n_pairs"
+    if len(rows) and set(rows["method"]) <= set(MIX_METHODS):
+        if picks is None:
+            raise DataError("the rows of a mix count once per target: give the ranker's picks (ranker_picks)")
+        rows, n_key = per_target(rows, picks), "n_targets"
     kept_acc = rows["accuracy"] >= keep * rows["accuracy_ft_target"] - 1e-12
     kept, reduces = _gain_kept(rows, kept_gain)
     prior = pd.Series(False, index=rows.index)
     if {"ermse_meanmap", "ermse_img_meanmap"} <= set(rows.columns):
         prior = (rows["ermse"] < rows["ermse_meanmap"]) & (rows["ermse_img"] < rows["ermse_img_meanmap"])
-    return {"n_pairs": int(len(rows)), "keeps": int((kept_acc & kept).sum()), "n_plain_reduces": int(reduces.sum()),
+    return {n_key: int(len(rows)), "keeps": int((kept_acc & kept).sum()), "n_plain_reduces": int(reduces.sum()),
             "beats_prior": int(prior.sum())}
 
 
@@ -111,36 +134,71 @@ def ranker_pick(plain: pd.DataFrame, target: str) -> tuple[str, str]:
     return max(gains, key=gains.get), how  # ties: the first candidate row
 
 
-#: (c)'s contenders: the method rows compared with the ranker's single source, and their labels.
-MIXES = {"mix": "universal", "mix-ranked": "ranked"}
+def ranker_picks(plain: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """target → :func:`ranker_pick` for every target of one run's plain rows."""
+    return {t: ranker_pick(plain, t) for t in sorted(plain["target"].unique())}
 
 
-def universal_vs_ranker(run: pd.DataFrame) -> dict:
-    """(c) on one run at one λ2: per target, the mixes' E-RMSE against plain eq. 8 from the ranker's source.
+def per_target(rows: pd.DataFrame, picks: dict) -> pd.DataFrame:
+    """One row per target of one method and run: the row whose source is the ranker's pick for that target.
+
+    A mix does not depend on the source (``mix-matched``: only through the step it is matched to), so
+    its rows of one target are one comparison, not one per source; the ranker's source's row holds
+    the baseline it is compared with (plain eq. 8, the source's mean-φ map). Targets whose picked
+    source has no row here are left out.
+    """
+    src = rows["target"].map(lambda t: picks.get(t, (None,))[0])
+    return rows[rows["source"] == src].drop_duplicates("target").sort_values("target")
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    """(mean, standard error over the values: sd/√n; NaN for fewer than 2)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()) if v.size else math.nan, float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
+
+
+def universal_vs_ranker(run: pd.DataFrame, picks: dict | None = None) -> dict:
+    """(c) on one run at one λ2: per target, the mixes against plain eq. 8 from the ranker's source.
 
     Contenders: ``universal`` (``mix`` rows), ``ranked`` (``mix-ranked`` rows, weighted by the same
-    ranker's gains) and ``source`` (the ranker's top single source). Counts: ``universal_wins``,
-    ``ranked_wins`` (lower E-RMSE than the source), ``ranked_beats_universal``, and ``winner``
-    per target (lowest E-RMSE among the contenders present).
+    ranker's gains), ``matched`` (``mix-matched`` rows: the universal vector at the ranker's source's
+    step ‖λ2·τ*ˢ‖) and ``source`` (the ranker's top single source; ``picks``: :func:`ranker_picks`, computed
+    when not given). Each mix counts once per target (its row of the ranker's source, :func:`per_target`).
+    Per target: ``ermse_*``, ``accuracy_*`` and the step ``size_*`` (‖Δθ‖ along the vector added) of each
+    contender, and ``winner`` (lowest E-RMSE). Counts over targets: ``<label>_wins`` (lower E-RMSE than the
+    source) with ``<label>_wins_ci`` (Wilson 95 %), ``ranked_beats_universal``, ``matched_beats_universal``;
+    ``<label>_dermse`` / ``<label>_daccuracy``: (mean, standard error over targets) of mix − source.
     """
     plain = run[run["method"] == PLAIN]
-    present = {label: run[run["method"] == m] for m, label in MIXES.items() if (run["method"] == m).any()}
-    targets = sorted(set(plain["target"]).intersection(*(set(d["target"]) for d in present.values())))
+    picks = ranker_picks(plain) if picks is None else picks
+    present = {label: per_target(run[run["method"] == m], picks).set_index("target")
+               for m, label in MIXES.items() if (run["method"] == m).any()}
+    targets = sorted(set(picks).intersection(*(set(d.index) for d in present.values())))
     per = {}
     for target in targets:
-        source, how = ranker_pick(plain, target)
-        v = {"source": source, "how": how,
-             "ermse_source": float(plain[(plain["target"] == target) & (plain["source"] == source)]["ermse"].iloc[0])}
-        for label, rows in present.items():  # a mix does not depend on the source: one value per target
-            v[f"ermse_{label}"] = float(rows[rows["target"] == target]["ermse"].mean())
+        source, how = picks[target]
+        ref = plain[(plain["target"] == target) & (plain["source"] == source)].iloc[0]
+        v = {"source": source, "how": how, "ermse_source": float(ref["ermse"]),
+             "accuracy_source": float(ref["accuracy"]),
+             "size_source": float(ref["lambda2"]) * float(ref.get("norm_star_source", math.nan))}
+        for label, rows in present.items():
+            v[f"ermse_{label}"] = float(rows.at[target, "ermse"])
+            v[f"accuracy_{label}"] = float(rows.at[target, "accuracy"])
+            v[f"size_{label}"] = float(rows.at[target, "repair_size"]) if "repair_size" in rows else math.nan
         scores = {k.removeprefix("ermse_"): x for k, x in v.items() if k.startswith("ermse_")}
         v["winner"] = min(scores, key=scores.get)
         per[target] = v
     out = {"n_targets": len(per), "per_target": per}
     for label in present:
-        out[f"{label}_wins"] = sum(v[f"ermse_{label}"] < v["ermse_source"] for v in per.values())
-    if len(present) == 2:
-        out["ranked_beats_universal"] = sum(v["ermse_ranked"] < v["ermse_universal"] for v in per.values())
+        wins = sum(v[f"ermse_{label}"] < v["ermse_source"] for v in per.values())
+        out[f"{label}_wins"] = wins
+        out[f"{label}_wins_ci"] = list(wilson_interval(wins, len(per))) if per else [math.nan, math.nan]
+        for what in ("ermse", "accuracy"):
+            out[f"{label}_d{what}"] = list(_mean_se([v[f"{what}_{label}"] - v[f"{what}_source"]
+                                                     for v in per.values()]))
+    for label in ("ranked", "matched"):
+        if label in present and "universal" in present:
+            out[f"{label}_beats_universal"] = sum(v[f"ermse_{label}"] < v["ermse_universal"] for v in per.values())
     return out
 
 
@@ -173,7 +231,11 @@ def quadratic_check(rows: pd.DataFrame) -> dict:
 
 @dataclass(frozen=True)
 class MethodReport:
-    """The method study's counts per method: ``per_seed[method][seed]`` and ``mean_sd[method][count]`` = (mean, sd)."""
+    """The method study's counts per method: ``per_seed[method][seed]`` and ``mean_sd[method][count]`` = (mean, sd).
+
+    A mix's counts are over targets (``n_targets``), every other method's over pairs (``n_pairs``);
+    ``universal`` holds (c) per seed (:func:`universal_vs_ranker`), ``quadratic`` (d) per method.
+    """
     lambda2: float
     keep: float
     kept_gain: float
@@ -191,23 +253,18 @@ class MethodReport:
         def ms(m, s, p=1):
             return f"{m:.{p}f} ± " + (f"{s:.{p}f}" if s == s else "— (one seed)")
 
-        n = {m: self.mean_sd[m]["n_pairs"][0] for m in self.mean_sd}
+        n = {m: next(f"{v[0]:.0f} {k.removeprefix('n_')}" for k, v in d.items() if k in ("n_pairs", "n_targets"))
+             for m, d in self.mean_sd.items()}
         out = [f"method study at λ2 = {self.lambda2:g} (test split; every choice on val), mean ± sd over seeds",
                f"  (a) keeps ≥ {self.keep:.0%} of θ_ftᵀ's accuracy and ≥ {self.kept_gain:.0%} of plain eq. 8's "
                "E-RMSE reduction; (b) E-RMSE and image-specific E-RMSE below the source's mean-φ map",
-               f"  {'method':14s} {'pairs':>6s} {'(a) keeps':>16s} {'plain reduces':>16s} {'(b) beats prior':>16s}"]
+               "  (a), (b) of a mix: once per target, against the ranker's source (a mix is one vector per target)",
+               f"  {'method':14s} {'counted over':>13s} {'(a) keeps':>16s} {'plain reduces':>16s} "
+               f"{'(b) beats prior':>16s}"]
         for m, d in self.mean_sd.items():
-            out.append(f"  {m:14s} {n[m]:6.0f} {ms(*d['keeps']):>16s} {ms(*d['n_plain_reduces']):>16s} "
+            out.append(f"  {m:14s} {n[m]:>13s} {ms(*d['keeps']):>16s} {ms(*d['n_plain_reduces']):>16s} "
                        f"{ms(*d['beats_prior']):>16s}")
-        if self.universal:
-            runs = list(self.universal.values())
-            how = sorted({v["how"] for u in runs for v in u["per_target"].values()})
-            for key, text in (("universal_wins", "universal vector beats the ranker's single source"),
-                              ("ranked_wins", "ranker-weighted mix beats the ranker's single source"),
-                              ("ranked_beats_universal", "ranker-weighted mix beats the universal vector")):
-                if key in runs[0]:
-                    out.append(f"  (c) {text} ({', '.join(how)}) on {ms(*mean_sd([u[key] for u in runs]))} "
-                               f"of {runs[0]['n_targets']} targets")
+        out += self._mix_lines(ms)
         out.append("  (d) measured val loss increase ÷ predicted (plain: λ·gᵀτ + ½λ²R; methods: ½λ²R): median "
                    "(within [½, 2]; small / large predicted)")
         for m, q in self.quadratic.items():
@@ -217,6 +274,34 @@ class MethodReport:
             else:
                 out.append(f"      {m:14s} — (no predicted ½λ²R: no curvature for this method's rows)")
         return "\n".join(out)
+
+    def _mix_lines(self, ms) -> list[str]:
+        """(c): wins of each mix over the ranker's source (mean ± sd over seeds; Wilson 95 % of one seed), and
+        per seed the mean E-RMSE and accuracy difference mix − source ± its standard error over targets."""
+        if not self.universal:
+            return []
+        runs = list(self.universal.values())
+        how = sorted({v["how"] for u in runs for v in u["per_target"].values()})
+        out = []
+        for key, text in (("universal_wins", "universal vector beats the ranker's single source"),
+                          ("ranked_wins", "ranker-weighted mix beats the ranker's single source"),
+                          ("matched_wins", "universal vector at that source's step ‖λ2·τ*ˢ‖ beats it"),
+                          ("ranked_beats_universal", "ranker-weighted mix beats the universal vector"),
+                          ("matched_beats_universal", "universal vector at the source's step beats it at its "
+                                                      "val-chosen λ2")):
+            if key in runs[0]:
+                ci = (f"; 95 % {runs[0][key + '_ci'][0]:.2f}–{runs[0][key + '_ci'][1]:.2f} as a share"
+                      if len(runs) == 1 and key + "_ci" in runs[0] else "")
+                out.append(f"  (c) {text} ({', '.join(how)}) on {ms(*mean_sd([u[key] for u in runs]))} "
+                           f"of {runs[0]['n_targets']} targets{ci}")
+        for label in ("universal", "ranked", "matched"):
+            if f"{label}_dermse" in runs[0]:
+                per = "; ".join(f"seed {seed}: {u[f'{label}_dermse'][0]:+.3f} ± {u[f'{label}_dermse'][1]:.3f} / "
+                                f"{u[f'{label}_daccuracy'][0]:+.3f} ± {u[f'{label}_daccuracy'][1]:.3f}"
+                                for seed, u in self.universal.items())
+                out.append(f"      {label} − source, E-RMSE / accuracy (mean ± se over {runs[0]['n_targets']} "
+                           f"targets): {per}")
+        return out
 
 
 def method_report(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, keep: float = KEEP,
@@ -236,11 +321,17 @@ def method_report(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, keep: float 
     methods += sorted(set(rows["method"]) - set(methods))
     per_seed: dict = {m: {} for m in methods}
     universal: dict = {}
+    mixes = [m for m in methods if m in MIX_METHODS]
+    once: dict = {m: [] for m in mixes}  # a mix's rows, one per target and run (:func:`per_target`)
     for seed, run in rows.groupby("seed", sort=True):
+        picks = ranker_picks(run[run["method"] == PLAIN]) if mixes else None
         for m in methods:
-            per_seed[m][int(seed)] = method_counts(run[run["method"] == m], keep, kept_gain)
+            per_seed[m][int(seed)] = method_counts(run[run["method"] == m], keep, kept_gain, picks)
+        for m in mixes:
+            once[m].append(per_target(run[run["method"] == m], picks))
         if any(m in methods for m in MIXES):
-            universal[int(seed)] = universal_vs_ranker(run)
-    over_seeds = {m: {k: mean_sd([c[k] for c in per_seed[m].values()]) for k in COUNTS} for m in methods}
-    quadratic = {m: quadratic_check(rows[rows["method"] == m]) for m in methods}
+            universal[int(seed)] = universal_vs_ranker(run, picks)
+    over_seeds = {m: {k: mean_sd([c[k] for c in per_seed[m].values()]) for k in next(iter(per_seed[m].values()))}
+                  for m in methods}
+    quadratic = {m: quadratic_check(pd.concat(once[m]) if m in once else rows[rows["method"] == m]) for m in methods}
     return MethodReport(float(lambda2), keep, kept_gain, per_seed, over_seeds, universal, quadratic)

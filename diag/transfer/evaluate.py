@@ -253,7 +253,8 @@ def evaluate_pair(ws: Workspace, source: str, target: str, lambda1: float = PAPE
         controls: add the random, other-source and mean-map rows.
         candidates: domains the "other source" is drawn from (S and T excluded); none → no such row.
         n_random: draws of the random control (≥ 2 for a spread).
-        method: ``plain`` (eq. 8) or one of ``project``, ``precondition``, ``blocks``, ``mix``, ``mix-ranked``.
+        method: ``plain`` (eq. 8) or one of ``project``, ``precondition``, ``blocks``, ``mix``, ``mix-ranked``,
+            ``mix-matched``.
         curvature: the target's curvature (needed by ``project``, ``precondition``, ``blocks``).
         max_acc_drop: val-accuracy budget of the method's choice.
         gains: ``mix-ranked``: the ranker's predicted gain per source for ``target``
@@ -298,7 +299,7 @@ def with_method(ws: Workspace, plain: TransferResult, method: str, curvature=Non
     pass over the test set); every other row — the references and the controls of τ*ˢ — is
     ``plain``'s, and plain's proposed row becomes :data:`PLAIN_ROW`. A ``mix`` does not
     depend on the source: its choice and scores are computed once per (target, λ2, run) and shared
-    (``mix-ranked``: per gains too).
+    (``mix-ranked``: per gains too; ``mix-matched``: per source, whose ‖τ*ˢ‖ sets its step).
     """
     lam, l1, target = plain.lambda2, plain.lambda1, plain.target
 
@@ -309,6 +310,7 @@ def with_method(ws: Workspace, plain: TransferResult, method: str, curvature=Non
     if method in MIX_METHODS:
         pool = tuple(sorted(d for d in candidates if d != target))
         how = tuple(sorted((gains or {}).items())) if method == "mix-ranked" else ()
+        how += (plain.source,) if method == "mix-matched" else ()
         prop, summary = ws.cached(("repair-" + method, target, lam, l1, max_acc_drop, pool, how, *ws.run), make)
     else:
         prop, summary = make()

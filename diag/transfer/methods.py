@@ -12,6 +12,7 @@ method           curvature          mix    tiers    candidates (the knob chosen 
 ``blocks``       operator (HVPs)    no     2        one λ per parameter block within a loss budget
 ``mix``          none               yes    —        the uniform mix of the other domains' τ*, at λ2
 ``mix-ranked``   none               yes    —        the ranker-weighted mix, at λ2
+``mix-matched``  none               yes    —        the uniform mix at plain eq. 8's ‖λ2·τ*ˢ‖ (no knob)
 ===============  =================  =====  =======  ====================================================
 """
 
@@ -138,7 +139,9 @@ def candidates(method: str, tau: TaskVector, curvature, lambda2: float = PAPER_L
     risk, plus all of the card's k; ``precondition``: c ∈ :data:`~diag.transfer.repair.PRECONDITION_GRID`;
     ``blocks``: budgets f·½λ2²R(τ) for f ∈ :data:`BUDGET_FRACTIONS` (``grid`` then gives the
     fractions), λᵢ ∈ [0, ``lam_max``]; ``mix``: each of ``mixes`` (name → vector, built with
-    :func:`diag.transfer.mixing.mix`) at λ2 ∈ LAMBDA_GRID (``grid`` gives the λ2 values).
+    :func:`diag.transfer.mixing.mix`) at λ2 ∈ LAMBDA_GRID (``grid`` gives the λ2 values);
+    ``mix-matched``: each of ``mixes`` at the scale of :func:`matched_scale` (``grid`` gives the λ2 values
+    whose ‖λ2·τ‖ it matches; default ``lambda2`` alone).
     ``project``/``precondition`` apply the repaired vector at ``lambda2``.
 
     Raises:
@@ -175,6 +178,38 @@ def _mix(method, tau, flat, curv, lambda2, grid, mixes, lam_max) -> list[Candida
         raise TvdiagError(f"--method {method} needs at least one mixture (e.g. diag.transfer.mixing.universal)")
     return [_candidate(method, name, vec, lam, vec, curv) for name, vec in mixes.items()
             for lam in (grid or LAMBDA_GRID)]
+
+
+def matched_scale(mix: TaskVector, tau: TaskVector, lambda2: float) -> float:
+    """λ with ‖λ·mix‖ = ‖λ2·τ‖: the scale putting a mix at the step ‖Δθ‖ plain eq. 8 takes with τ at λ2.
+
+    λ = λ2·‖τ‖ / ‖mix‖. The uniform mix of n near-orthogonal τ* of similar norms has about 1/√n of
+    one τ*'s norm, so at the same λ2 it moves θ_ftᵀ √n times less than eq. 8 with one source: a
+    mix compared with a single source at λ2 is then also a smaller step. ``mix-matched`` compares
+    the same mix at the same step as the single source τ of its row (the pair's τ*ˢ); a study's
+    per-target count reads the row of the ranker's source (:mod:`diag.study.methods_report`), so
+    there the mix is matched to the ranker-picked τ*ˢ — the one vector it is compared with —,
+    not to the mean norm of the target's sources (a step that neither contender takes).
+
+    >>> a = TaskVector({"w": torch.tensor([3.0, 0.0])}, "b")
+    >>> m = TaskVector({"w": torch.tensor([0.0, 1.0])}, "b")
+    >>> matched_scale(m, a, 0.5)  # ‖1.5·m‖ = ‖0.5·a‖ = 1.5
+    1.5
+
+    Raises:
+        DataError: a mix of norm 0 (no step of that length exists along it).
+    """
+    norm = mix.norm()
+    if not norm > 0:
+        raise DataError("a mix of norm 0 cannot be matched to a single source's step")
+    return float(lambda2) * tau.norm() / norm
+
+
+def _mix_matched(method, tau, flat, curv, lambda2, grid, mixes, lam_max) -> list[Candidate]:
+    if not mixes:
+        raise TvdiagError(f"--method {method} needs at least one mixture (e.g. diag.transfer.mixing.universal)")
+    return [_candidate(method, name, vec, matched_scale(vec, tau, lam), vec, curv) for name, vec in mixes.items()
+            for lam in (grid or (lambda2,))]
 
 
 def _blocks(method, tau: TaskVector, flat: torch.Tensor, curv: RepairCurvature, lambda2: float,
@@ -249,10 +284,12 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("blocks", "operator", False, (2,), _blocks),
     Method("mix", None, True, (), _mix),
     Method("mix-ranked", None, True, (), _mix),
+    Method("mix-matched", None, True, (), _mix_matched),
 )}
 #: Every method, in the registry's order.
 METHODS: tuple[str, ...] = tuple(REGISTRY)
-#: Multi-source methods: ``mix`` the uniform (universal) mix, ``mix-ranked`` weighted by the ranker's predicted gain.
+#: Multi-source methods: ``mix`` the uniform (universal) mix, ``mix-ranked`` weighted by the ranker's predicted gain,
+#: ``mix-matched`` the uniform mix at the step ‖λ2·τ*ˢ‖ of its row's single source (:func:`matched_scale`).
 MIX_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY.values() if m.mix)
 #: Methods that read the target's curvature.
 CURVED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY.values() if m.curvature is not None)

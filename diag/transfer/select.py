@@ -3,7 +3,7 @@
 Each repair of :mod:`diag.transfer.repair` has one knob: k eigen-directions removed (``project``), the
 strength c (``precondition``), the loss budget of the per-block λ (``blocks``), the λ2 of a
 mixture (``mix``: the universal vector; ``mix-ranked``: weighted by the ranker's predicted gain,
-:func:`method_mixes`), or λ2 itself (``plain``, eq. 8). :func:`diag.transfer.methods.candidates` builds the repaired vectors of a
+:func:`method_mixes`; ``mix-matched`` has none: the universal vector at plain eq. 8's step), or λ2 itself (``plain``, eq. 8). :func:`diag.transfer.methods.candidates` builds the repaired vectors of a
 grid, each with its predicted loss increase ½λ²R (exact with an operator, else the card,
 else the diagonal). :func:`select_repair` measures each candidate's top-1 accuracy on the
 target's labelled ``val`` images (:data:`~diag.constants.CHOICE_SPLIT`; never ``test``, never
@@ -164,8 +164,9 @@ def _best(table: pd.DataFrame) -> int:
 
 def method_mixes(method: str, ws: Workspace, target: str, sources: Sequence[str],
                  predicted_gain: Mapping[str, float] | None = None) -> dict[str, TaskVector]:
-    """The mixtures of a multi-source method: ``mix`` → ``{"universal"}``, the uniform mix of the other
-    domains (:func:`diag.transfer.mixing.universal`); ``mix-ranked`` → ``{"ranked"}``. The target is
+    """The mixtures of a multi-source method: ``mix`` and ``mix-matched`` → ``{"universal"}``, the uniform mix
+    of the other domains (:func:`diag.transfer.mixing.universal`; ``mix-matched`` puts it at the source's
+    step, :func:`diag.transfer.methods.matched_scale`); ``mix-ranked`` → ``{"ranked"}``. The target is
     dropped from ``sources`` (its τ* needs its explanations).
 
     ``ranked`` is Σ wₛ τ*ˢ with wₛ = :func:`diag.transfer.mixing.mix_weights` of ``predicted_gain``
@@ -179,7 +180,7 @@ def method_mixes(method: str, ws: Workspace, target: str, sources: Sequence[str]
     if method not in MIX_METHODS:
         raise unknown("multi-source method", method, MIX_METHODS)
     vectors = {s: ws.vector(s, "star") for s in sources if s != target}
-    if method == "mix":
+    if method in ("mix", "mix-matched"):
         return {"universal": mixing.universal(vectors, target)}
     if predicted_gain is None:
         raise DataError(f"mix-ranked needs the ranker's predicted gains for '{target}'")
