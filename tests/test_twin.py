@@ -114,7 +114,8 @@ class _KeysOnly(Zoo):
         return None, "b" * 16
 
     def domain(self, name):
-        return SimpleNamespace(content_hash="d" * 16, classnames=("zero", "one"), templates=("a photo of {}.",))
+        return SimpleNamespace(content_hash="d" * 16, data_key="d" * 16, split_key="", classnames=("zero", "one"),
+                               templates=("a photo of {}.",))
 
 
 #: keys of the smoke preset's artifacts on stand-in inputs, computed by the code before the twin existed:
