@@ -53,6 +53,10 @@ class RepairCurvature:
     operator: object | None = None
     eig: object | None = None
 
+    def __post_init__(self) -> None:
+        if self.eig is None and hasattr(self.card, "eigvecs"):  # an eigenpair card given as the card is its eig too
+            self.eig = self.card
+
     @classmethod
     def of(cls, curvature) -> "RepairCurvature":
         """From a :class:`~diag.features.pair_features.TargetCurvature`, a card of either form (a HessianCard,
