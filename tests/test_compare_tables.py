@@ -1,7 +1,8 @@
 """scripts/compare_tables.py: a rebuilt table against a committed one, by pair_key or by what the row is about."""
 
-import importlib.util
 from pathlib import Path
+
+from tests._scripts import load_script
 
 from diag.table import read_table, write_table
 
@@ -9,10 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("compare_tables", ROOT / "scripts" / "compare_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("compare_tables")
 
 
 def test_rows_matched_by_pair_with_card_columns_left_out(tmp_path):
