@@ -223,8 +223,10 @@ class Store:
         return "all" in self.rebuild or self._domain_of(path) in self.rebuild
 
     def _domain_of(self, path: Path) -> str | None:
-        """The domain an artifact belongs to (None: the base or an unknown file)."""
+        """The domain an artifact belongs to (``base`` for θ_base; None: an unknown file)."""
         parts = path.relative_to(self.folder).parts
+        if parts == ("base.safetensors",):
+            return "base"
         if len(parts) >= 3 and parts[0] in ("vectors", "curvature"):
             return parts[1]
         if len(parts) == 2 and parts[0] == "heads":

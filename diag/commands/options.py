@@ -325,7 +325,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action="append", default=[], metavar="[DOMAIN=]PATH",
                         help="local copy of a dataset (ImageFolder or torchvision-style root); repeatable")
     parser.add_argument("--rebuild", action="append", default=[], metavar="DOMAIN", type=domain_name,
-                        help="rebuild DOMAIN's artifacts even if present or not written by tvdiag ('all': every one)")
+                        help="rebuild DOMAIN's artifacts even if present or not written by tvdiag ('base': θ_base, "
+                             "pretrained instead of copied from the repository; 'all': every one)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--workers", default=os.environ.get("TVDIAG_WORKERS", "auto"), metavar="auto|N",

@@ -99,7 +99,12 @@ def _announce_first_build(ctx, domains: list[str], seeds: list[int]) -> None:
     if store.base_path().is_file():
         return
     cfg = ctx.zoo_config()
-    base = "θ_base by contrastive pretraining" if not (cfg.checkpoint or cfg.pretrained) else "θ_base"
+    if cfg.checkpoint or cfg.pretrained:
+        base = "θ_base"
+    elif ctx.zoo(seeds[0]).shipped_base() is not None:
+        base = "θ_base (copied from the repository)"
+    else:
+        base = "θ_base by contrastive pretraining"
     print(f"tvdiag: first use of the store {store.folder}: building {base}, then θ_ft, φ and θ_ft* of "
           f"{len(domains)} domain(s) for seed(s) {', '.join(map(str, seeds))} — long on a CPU (the README gives "
           "measured times); an interrupted build resumes where it stopped", file=sys.stderr, flush=True)

@@ -53,6 +53,7 @@ from train.tensorio import dumps, load_tensors, save_tensors
 from train.vectors import TaskVector
 from train.zoo.config import SHAP_BASELINE, ZooConfig
 from train.zoo.plan import ZooPlan
+from train.zoo.shipped import copy_shipped, shipped_base
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,15 @@ class Zoo(ZooPlan):
             payload["data"] = {d: self.domain(d).content_hash for d in MINISUITE}
         return content_key(payload)
 
+    def shipped_base(self) -> Path | None:
+        """The repository's θ_base for this zoo's key (:mod:`train.zoo.shipped`); None under ``--rebuild base|all``."""
+        if self.store.rebuild & {"base", "all"} or self.config.checkpoint or self.config.pretrained:
+            return None
+        return shipped_base(self._base_key())
+
     def base(self) -> tuple[Backbone, str]:
-        """θ_base (with its text tower) and its hash; pretrains a backbone without weights when missing."""
+        """θ_base (with its text tower) and its hash, from the store, else the repository's shipped copy for this
+        key (:mod:`train.zoo.shipped`; not under ``--rebuild base|all``), else pretrained (a backbone without weights)."""
         if self._backbone is not None:
             return self._backbone
 
@@ -108,6 +116,12 @@ class Zoo(ZooPlan):
         key = self._base_key()
         path = self.store.base_path()
         if self.store.decide(path, key, what="θ_base").usable:
+            self._backbone = self.store.load_base()
+            return self._backbone
+        shipped = self.shipped_base()
+        if shipped is not None:  # the repository's θ_base for this key: copied, not pretrained again
+            copy_shipped(shipped, path)
+            self.built.append(path)
             self._backbone = self.store.load_base()
             return self._backbone
         backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
