@@ -29,6 +29,9 @@ from diag.stats import correlate_appendix_c  # noqa: E402
 from diag.study.report import study_report  # noqa: E402
 from diag.study.summary import summarize  # noqa: E402
 from diag.table import load_study, select_run  # noqa: E402
+from diag.study.methods_report import method_report  # noqa: E402
+from diag.table import read_checked_csv, with_run_columns  # noqa: E402
+from equal_norm import render as equal_norm_table, summarize_forms  # noqa: E402
 from results_seeds import loss_model_block, outside_block, seeds_block  # noqa: E402
 
 RESULTS = ROOT / "results"
@@ -42,7 +45,11 @@ def _runs(results: Path) -> list[Path]:
 
 
 def _provenance(folder: Path) -> str:
-    side = folder / "pairs.csv.provenance.json"
+    return _provenance_of(folder / "pairs.csv")
+
+
+def _provenance_of(table: Path) -> str:
+    side = table.with_name(table.name + ".provenance.json")
     if not side.is_file():
         return "provenance: none recorded"
     entries = json.loads(side.read_text())
@@ -125,6 +132,28 @@ def _reading(n: int, c: dict, i: dict) -> str:
     return words + "."
 
 
+def methods_block(path: Path) -> list[str]:
+    """A method study (``diag study --methods ...``; no curvature): its report, a mix counted once per target."""
+    table = with_run_columns(read_checked_csv(path))
+    seeds = sorted(int(s) for s in table["seed"].unique())
+    methods = sorted(table["method"].unique())
+    report = method_report(table)
+    return [f"**`results/{path.parent.name}/{path.name}`** — methods {', '.join(methods)}; seeds "
+            f"{', '.join(map(str, seeds))}; {_provenance_of(path)} (`diag study --methods …`, its report):", "",
+            "```text", *report.table().splitlines(), "```", ""]
+
+
+def equal_norm_block(path: Path) -> list[str]:
+    """``scripts/equal_norm.py``'s table: from-ft (against its twin, and raw) rescaled to the paper variant's step."""
+    table = read_checked_csv(path)
+    seeds = sorted(int(s) for s in table["seed"].unique())
+    return [f"**`results/{path.parent.name}/{path.name}`** — from-ft against its α = 1 twin and raw, each rescaled "
+            f"per source to ‖{PAPER_LAMBDA2:g}·τ*ˢ‖ of the paper variant, on the test split of every pair of seed "
+            f"{', '.join(map(str, seeds))} (`scripts/equal_norm.py`; ± se over pairs; Δ paired against the paper "
+            "variant at 0.7, source × target bootstrap 95 % CI):", "",
+            *equal_norm_table(summarize_forms(table)).splitlines(), ""]
+
+
 def render(results: Path = RESULTS) -> str:
     """The README's results block (between the markers), from every table under ``results``."""
     runs = _runs(results)
@@ -137,6 +166,10 @@ def render(results: Path = RESULTS) -> str:
         lines += loss_model_block(path)
     for path in sorted(results.glob("*/scored.csv")):
         lines += outside_block(path)
+    for path in sorted(results.glob("*/methods.csv")):
+        lines += methods_block(path)
+    for path in sorted(results.glob("*/equal_norm.csv")):
+        lines += equal_norm_block(path)
     return "\n".join(lines).rstrip() + "\n" + END
 
 
