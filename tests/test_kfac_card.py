@@ -199,7 +199,7 @@ def test_save_load_round_trip_and_a_flipped_byte_is_refused(tiny_model, tmp_path
 def test_size_counts_packed_factors():
     layers = covered_layers(nn.Linear(3, 2))
     # A 4x4 -> 10, G 2x2 -> 3 packed entries, float32; nothing uncovered; float32 gradient of 8
-    assert card_bytes(layers, dim=8) == 13 * 4 + 8 * 4
+    assert card_bytes(layers, dim=8, factor_bytes=4) == 13 * 4 + 8 * 4
 
 
 def test_the_eigen_card_form_is_unchanged(tmp_path):

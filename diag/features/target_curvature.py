@@ -39,7 +39,7 @@ __all__ = ["CARD_FILES", "DIAG_FORMAT", "TargetCurvature", "build_eig_card", "bu
            "save_diagonal"]
 
 #: The store's file name of each card form (``curvature/<target>/<name>-<key>.safetensors``).
-CARD_FILES = {"eig": "card", "kfac": "card-kfac-trace"}
+CARD_FILES = {"eig": "card", "kfac": "card-kfac-trace-bf16"}  # bf16: factors in bfloat16 (float32 before)
 
 DIAG_FORMAT = "tvdiag.hutchinson_diag/3"
 #: Earlier formats that load as they are (format 2 kept float64 ``diag`` and ``stderr``).

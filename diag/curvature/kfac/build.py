@@ -18,11 +18,14 @@ from train.errors import BaseMismatchError, TvdiagError, unknown
 __all__ = ["LAYER_SCALES", "build_kfac_card", "build_kfac_cards"]
 
 LAYER_SCALES = ("none", "trace")
+#: dtype of the stored factors: bfloat16 halves the card against float32 and moved the card's risk of the
+#: suite's 42 pairs by a median 0.007 % (at most 0.05 %) against the same factors in float32.
+KFAC_FACTOR_DTYPE = torch.bfloat16
 
 
 def build_kfac_card(model: nn.Module, data: Iterable, params: str | Sequence[str] | None = None,
                     hessian_diag: Tensor | None = None, gradient: Tensor | bool = True,
-                    provenance: Mapping[str, Any] | None = None, factor_dtype: torch.dtype = torch.float32,
+                    provenance: Mapping[str, Any] | None = None, factor_dtype: torch.dtype = KFAC_FACTOR_DTYPE,
                     approx: str = "expand", layer_scale: str = "none") -> KfacCard:
     """The K-FAC card of the mean cross-entropy of ``model`` on ``data`` at the model's parameters
     (:func:`build_kfac_cards` with one approximation)."""
@@ -32,7 +35,7 @@ def build_kfac_card(model: nn.Module, data: Iterable, params: str | Sequence[str
 
 def build_kfac_cards(model: nn.Module, data: Iterable, params: str | Sequence[str] | None = None,
                      hessian_diag: Tensor | None = None, gradient: Tensor | bool = True,
-                     provenance: Mapping[str, Any] | None = None, factor_dtype: torch.dtype = torch.float32,
+                     provenance: Mapping[str, Any] | None = None, factor_dtype: torch.dtype = KFAC_FACTOR_DTYPE,
                      approxes: Sequence[str] = ("expand",), layer_scale: str = "none") -> dict[str, KfacCard]:
     """K-FAC cards of the mean cross-entropy of ``model`` on ``data`` at the model's parameters, one per
     token approximation (:func:`~diag.curvature.kfac.factors.kfac_factors`; the same passes for all).
@@ -46,7 +49,8 @@ def build_kfac_cards(model: nn.Module, data: Iterable, params: str | Sequence[st
         gradient: The ``(D,)`` mean gradient g on the same images, True to compute it (one pass), or
             False for none.
         provenance: Extra facts to record.
-        factor_dtype: dtype the factors are kept and stored in (accumulated in float64).
+        factor_dtype: dtype the factors are kept and stored in (accumulated in float64; risks are computed
+            in float64 from them). Default :data:`KFAC_FACTOR_DTYPE`.
         approxes: ``expand`` (tokens as rows, the card's form) and/or ``reduce``.
         layer_scale: ``none`` (K-FAC of the GGN as it is) or ``trace`` (each layer's block scaled to the
             trace of ``hessian_diag`` on its entries, :func:`~diag.curvature.kfac.card.trace_scales`).

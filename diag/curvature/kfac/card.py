@@ -13,7 +13,7 @@ any weight whose layer is not factored). It has the interface of
 ``to_dict``, ``save`` / ``load``) and the same stored gradient g.
 
 Stored as safetensors: the upper triangles of ``A_l`` and ``G_l`` (``A.<l>``, ``G.<l>``, in the
-factor dtype, float32 by default), ``fallback_diag`` (float64) and ``gradient``; the layers,
+factor dtype, bfloat16 by default), ``fallback_diag`` (float64) and ``gradient``; the layers,
 layout and provenance in the metadata (format :data:`KFAC_FORMAT`).
 """
 
@@ -44,7 +44,7 @@ def _packed(n: int) -> int:
     return n * (n + 1) // 2
 
 
-def card_bytes(layers: list[LayerSpec], dim: int, factor_bytes: int = 4, packed: bool = True,
+def card_bytes(layers: list[LayerSpec], dim: int, factor_bytes: int = 2, packed: bool = True,
                gradient_bytes: int = 4) -> int:
     """Bytes of a K-FAC card's tensors: factors (upper triangles when ``packed``), the float64 diagonal of
     the uncovered parameters and a gradient of ``dim`` entries (0 bytes: none)."""
