@@ -30,3 +30,21 @@ def test_rows_matched_by_pair_with_card_columns_left_out(tmp_path):
     write_table(scored, tmp_path / "scored" / "pairs.csv")
     assert script.main([str(committed), str(tmp_path / "scored" / "pairs.csv"), "--by-pair", "--ignore",
                         "risk_card"]) == 1
+
+
+def test_rows_of_rebuilt_compares_seed_0_at_07_of_a_grid_table(tmp_path):
+    """A rebuild of seed 0 at λ2 = 0.7 is compared with those rows of a multi-seed λ2-grid table, and only those."""
+    script = _script()
+    committed = ROOT / "results" / "paper-grid" / "pairs.csv"
+    table = read_table(committed)
+    part = table[(table["seed"] == 0) & ((table["lambda2"] - 0.7).abs() < 1e-9)]
+    assert 0 < len(part) < len(table)
+    write_table(part, tmp_path / "part" / "pairs.csv")
+    rebuilt = str(tmp_path / "part" / "pairs.csv")
+    assert script.main([str(committed), rebuilt]) == 1  # the other seeds and λ2s were not rebuilt
+    assert script.main([str(committed), rebuilt, "--rows-of-rebuilt"]) == 0
+    changed = part.assign(accuracy=part["accuracy"] + 0.01)
+    write_table(changed, tmp_path / "changed" / "pairs.csv")
+    assert script.main([str(committed), str(tmp_path / "changed" / "pairs.csv"), "--rows-of-rebuilt"]) == 1
+    write_table(part.assign(pair_key="none"), tmp_path / "foreign" / "pairs.csv")
+    assert script.main([str(committed), str(tmp_path / "foreign" / "pairs.csv"), "--rows-of-rebuilt"]) == 1

@@ -321,7 +321,7 @@ def _recommend(diag: Diagnostics, cands: pd.DataFrame, target: str, tier: int, b
     curv = None
     if tier >= 1 and len(allowed) > 1:
         full = diag.curvature(target, need_operator=tier >= 2 and "blocks" in allowed)
-        curv = full if tier >= 2 else full.card  # tier 1: the card alone (its diagonal, its eigenvectors)
+        curv = full if tier >= 2 else full.card  # tier 1: the card alone (what a target owner ships)
         if "project" in allowed and full.eig is None:  # the K-FAC card has no eigenvectors to project off
             allowed = tuple(m for m in allowed if m != "project")
             notes.append("project (off the top eigenvectors) not tried: it needs the eigenpair card (--card-form eig)")

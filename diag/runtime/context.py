@@ -194,12 +194,12 @@ class Workspace:
         self._sets = _LRU(max_sets)
         self._models: dict[str, torch.nn.Module] = {}
         self._mean_maps: dict[tuple, torch.Tensor] = {}
+        self._shared: dict = {}  # θ_base and the vector LRU, loaded on first use and shared by for_run's copies
 
     def for_run(self, *, alpha: float | None = None, seed: int | None = None,
                 variant: str | None = None) -> "Workspace":
-        """This workspace for another (α, seed, variant): θ_base, models and caches are shared."""
-        self.base  # noqa: B018 — load θ_base once, before the copies share it
-        self._vectors  # noqa: B018
+        """This workspace for another (α, seed, variant): θ_base, models and caches are shared (θ_base loads on
+        first use by any of them: a run answered from caches never loads it)."""
         other = copy.copy(self)
         other.alpha = self.alpha if alpha is None else float(alpha)
         other.seed = self.seed if seed is None else int(seed)
@@ -221,23 +221,29 @@ class Workspace:
             raise ArtifactError(f"{self.store.base_path()} has no base_hash in its metadata")
         return meta["base_hash"]
 
-    @cached_property
+    @property
     def backbone(self):
-        """The CLIP backbone stored as θ_base (loaded once per workspace)."""
-        backbone, base_hash = self.store.load_base()
-        if base_hash != self.base_hash:
-            raise ArtifactError(f"{self.store.base_path()} changed while in use")
-        return backbone
+        """The CLIP backbone stored as θ_base (loaded once, on first use, for this workspace and its copies)."""
+        if "backbone" not in self._shared:
+            backbone, base_hash = self.store.load_base()
+            if base_hash != self.base_hash:
+                raise ArtifactError(f"{self.store.base_path()} changed while in use")
+            self._shared["backbone"] = backbone
+        return self._shared["backbone"]
 
-    @cached_property
+    @property
     def base(self) -> dict:
         """θ_base as a ``visual.*`` state dict."""
-        return base_state(self.backbone)
+        if "base" not in self._shared:
+            self._shared["base"] = base_state(self.backbone)
+        return self._shared["base"]
 
-    @cached_property
+    @property
     def _vectors(self) -> _LRU:
-        n_params = sum(v.numel() for v in self.base.values())
-        return _LRU(self._max_vectors or (48 if n_params < 5e7 else 4))
+        if "vectors" not in self._shared:
+            n_params = sum(v.numel() for v in self.base.values())
+            self._shared["vectors"] = _LRU(self._max_vectors or (48 if n_params < 5e7 else 4))
+        return self._shared["vectors"]
 
     # ---------------------------------------------------------------- vectors
     def vector(self, domain: str, kind: str):

@@ -67,7 +67,7 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
     rank, world = rank_and_world()
     start = time.perf_counter()
     if rank == 0:
-        ctx.zoo(seeds[0]).base()
+        ctx.zoo(seeds[0]).base_hash()  # builds θ_base when missing; a usable one is not loaded
     barrier()  # θ_base exists before any other rank reads it
     _pending(ctx, domains, alphas, explain, variants, seeds)  # every refusal before any domain is written
     times: dict[str, float] = {"base": time.perf_counter() - start}

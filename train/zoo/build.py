@@ -53,7 +53,7 @@ from train.tensorio import dumps, load_tensors, save_tensors
 from train.vectors import TaskVector
 from train.zoo.config import SHAP_BASELINE, ZooConfig
 from train.zoo.plan import ZooPlan
-from train.zoo.shipped import copy_shipped, shipped_base
+from train.zoo.shipped import copy_shipped
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class Zoo(ZooPlan):
         self.data = dict(data or {})
         self._domains: dict[str, Domain] = {}
         self._backbone: tuple[Backbone, str] | None = None
+        self._base_header: dict | None = None  # the store's θ_base header, when it is read as it is
         self.built: list[Path] = []  # artifacts this object wrote (a sharded build checks each is written once)
 
     # ------------------------------------------------------------------ data
@@ -97,12 +98,6 @@ class Zoo(ZooPlan):
             payload["pretrain"] = asdict(cfg.pretrain)
             payload["data"] = {d: self.domain(d).content_hash for d in MINISUITE}
         return content_key(payload)
-
-    def shipped_base(self) -> Path | None:
-        """The repository's θ_base for this zoo's key (:mod:`train.zoo.shipped`); None under ``--rebuild base|all``."""
-        if self.store.rebuild & {"base", "all"} or self.config.checkpoint or self.config.pretrained:
-            return None
-        return shipped_base(self._base_key())
 
     def base(self) -> tuple[Backbone, str]:
         """θ_base (with its text tower) and its hash, from the store, else the repository's shipped copy for this
@@ -141,9 +136,9 @@ class Zoo(ZooPlan):
 
     # ------------------------------------------------------------------ heads
     def head(self, name: str) -> tuple[torch.Tensor, float]:
-        backbone, base_hash = self.base()
         domain, verdict = self.domain(name), self._head_verdict(name)
         if not verdict.usable:
+            backbone, base_hash = self.base()
             head = text_head(backbone.clip, backbone.tokenizer, domain.classnames, domain.templates)
             scale = float(backbone.clip.logit_scale.detach().exp().clamp(max=100))
             self.store.save_head(name, head, scale, {"key": verdict.key, "base_hash": base_hash, "domain": name,
@@ -159,7 +154,7 @@ class Zoo(ZooPlan):
 
     # ----------------------------------------------------------------- θ_ft
     def _ft_key(self, name: str) -> str:
-        _, base_hash = self.base()
+        base_hash = self.base_hash()
         cfg = self.config
         # data_key: the source's hash, and the val carve's where it is not the stratified one (Domain.data_key)
         return content_key({"base": base_hash, "data": self.domain(name).data_key, "alpha": 1.0,
@@ -174,7 +169,7 @@ class Zoo(ZooPlan):
         """τ_ft = θ_ft − θ_base: the pair's α = 1 run (classification only) on the train split."""
         verdict = self._ft_verdict(name)
         path = verdict.path
-        _, base_hash = self.base()
+        base_hash = self.base_hash()
         if verdict.usable:
             return TaskVector.load(path, expect_base=base_hash)
         vector = self.train_ft(name, verdict.key)
@@ -192,7 +187,7 @@ class Zoo(ZooPlan):
         """Kernel SHAP coalitions per image: ``config.shap_samples``, else ``shap_per_patch`` · M (even)."""
         if self.config.shap_samples is not None:
             return self.config.shap_samples
-        cfg = self.base()[0].config
+        cfg = self.base_config()
         return samples_for((cfg.image_size // cfg.patch_size) ** 2, self.config.shap_per_patch)
 
     def _attr_key(self, name: str) -> str:
@@ -261,7 +256,7 @@ class Zoo(ZooPlan):
         alpha, variant = check_alpha(alpha), trained_variant(variant)
         verdict = self._ftx_verdict(name, alpha, variant)
         path = verdict.path
-        _, base_hash = self.base()
+        base_hash = self.base_hash()
         if verdict.usable:
             return TaskVector.load(path, expect_base=base_hash)
         vector = self.train_ftx(name, alpha, variant, verdict.key)

@@ -10,17 +10,48 @@ next to an imported θ_ft unless θ_ft* (or a bare τ*) was imported too.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from train.backbones import BackboneConfig, load_config
 from train.losses import check_alpha
 from train.ownership import Verdict
 from train.store import content_key, has_twin, trained_variant, TWIN_ALPHA
+from train.tensorio import read_metadata
+from train.zoo import shipped
 
 
 class ZooPlan:
     """The verdicts of :class:`train.zoo.build.Zoo` (a mixin: it reads the zoo's store, keys and domains)."""
 
+    # ------------------------------------------------------------------ θ_base, without loading it
+    def _base_meta(self) -> dict | None:
+        """The header of the store's θ_base when :meth:`base` would read the file as it is (None: it would build)."""
+        if self._base_header is None and self._backbone is None:
+            load_config(self.config.backbone)  # unknown names fail first, as in base()
+            if self.store.decide(self.store.base_path(), self._base_key(), what="θ_base").usable:
+                self._base_header = read_metadata(self.store.base_path())
+        return self._base_header
+
+    def base_hash(self) -> str:
+        """θ_base's hash, for keys and plans: from the file's header while the weights are not needed (a cached
+        run never loads them), else :meth:`base`'s."""
+        meta = None if self._backbone is not None else self._base_meta()
+        return meta["base_hash"] if meta is not None else self.base()[1]
+
+    def base_config(self) -> BackboneConfig:
+        """θ_base's backbone config (image size, patches), from the file's header like :meth:`base_hash`."""
+        meta = None if self._backbone is not None else self._base_meta()
+        return BackboneConfig.from_json(meta["config"]) if meta is not None else self.base()[0].config
+
+    def shipped_base(self) -> Path | None:
+        """The repository's θ_base for this zoo's key (:mod:`train.zoo.shipped`); None under ``--rebuild base|all``."""
+        if self.store.rebuild & {"base", "all"} or self.config.checkpoint or self.config.pretrained:
+            return None
+        return shipped.shipped_base(self._base_key())
+
     def _head_verdict(self, name: str) -> Verdict:
         domain = self.domain(name)
-        key = content_key({"base": self.base()[1], "classnames": domain.classnames, "templates": domain.templates})
+        key = content_key({"base": self.base_hash(), "classnames": domain.classnames, "templates": domain.templates})
         return self.store.decide(self.store.head_path(name), key, what=f"{name} head")
 
     def _ft_verdict(self, name: str) -> Verdict:

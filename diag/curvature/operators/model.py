@@ -246,11 +246,20 @@ class _ModelOperator(CurvatureOperator):
             return float(self._reduce(lambda x, y: self._loss_sum(theta, x, y).double(), like))
 
     def gradient(self, delta: Tensor | None = None) -> Tensor:
-        """Flat mean gradient ``grad L(theta + delta)`` of the selected parameters."""
+        """Flat mean gradient ``grad L(theta + delta)`` of the selected parameters.
+
+        At the point itself (``delta`` None) it is computed once per operator (a copy is returned),
+        so the cards built on one operator (K-FAC and eigenpair) share one pass over the data.
+        """
+        if delta is None and getattr(self, "_gradient_at_point", None) is not None:
+            return self._gradient_at_point.clone()
         theta = self._shifted(delta)
         grad_fn = torch.func.grad(self._loss_sum)
         like = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        return self._reduce(lambda x, y: self.flatten(grad_fn(theta, x, y)), like)
+        g = self._reduce(lambda x, y: self.flatten(grad_fn(theta, x, y)), like)
+        if delta is None:
+            self._gradient_at_point = g.clone()
+        return g
 
     def _first_batch(self) -> tuple[Tensor, Tensor] | None:
         for b in self._batches():
