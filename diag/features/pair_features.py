@@ -94,6 +94,10 @@ PRESET_CURVATURE: dict[str, CurvatureSettings] = {
 }
 
 
+#: Targets whose Hessian operator (model, images, HVP engine; ~0.1-0.2 GB at tiny) stays in memory; older ones rebuild it.
+MAX_OPERATORS = 2
+
+
 class Diagnostics:
     """Computes and caches curvature per target and diagnostics per pair, on a shared :class:`Workspace`.
 
@@ -103,13 +107,12 @@ class Diagnostics:
         settings: how each target's Hᵀ is estimated (part of the curvature cache key).
         data: domain → local dataset path.
         progress: progress bars for curvature builds.
-        data_parallel: under torch.distributed, split each target's batches over the ranks and
-            all-reduce the products (default: whenever a process group is up). False when the
-            ranks work on different targets (the study's sharded pairs).
+        data_parallel: under torch.distributed, split each target's batches over the ranks and all-reduce
+            the products (default: whenever a group is up); False when ranks work on different targets.
         keep_probes: also keep the ``(n, D)`` per-probe diagonals in the diagonal file (``--keep-probes``;
             ``n · D · 4`` bytes per target); a cached diagonal without them is rebuilt (same probes, same numbers).
-        sources: the sources whose per-probe risks are accumulated when a target's diagonal is built
-            (default: every domain the store holds θ_ft and θ_ft* of for this run).
+        sources: the sources whose per-probe risks a target's diagonal build accumulates (default: every
+            domain with θ_ft and θ_ft* of this run).
         card_form: overrides ``settings.card_form`` (the card ``risk_card`` and ``grad_dot_tau`` come from).
     """
 
@@ -135,13 +138,8 @@ class Diagnostics:
         """The card ``risk_card`` and ``grad_dot_tau`` come from (``settings.card_form``)."""
         return self.settings.card_form
 
-    @property
-    def backbone(self):
-        return self.ws.backbone
-
-    @property
-    def base_hash(self) -> str:
-        return self.ws.base_hash
+    backbone = property(lambda self: self.ws.backbone)
+    base_hash = property(lambda self: self.ws.base_hash)
 
     @property
     def base(self) -> dict:
@@ -152,7 +150,6 @@ class Diagnostics:
         """τ_ft (``ft``), τ_ft* (``ftx``) or τ* (``star``) of a domain, from the workspace."""
         return self.ws.vector(domain, kind)
 
-    # -------------------------------------------------------------- curvature
     def operator(self, target: str) -> HessianOperator:
         """Hessian of L_cls at θ_ftᵀ on the first ``n_images`` target images."""
         s = self.settings
@@ -225,7 +222,11 @@ class Diagnostics:
         if self.card_form == "kfac" and card is None:
             card = build_trace_kfac(op, curv, self._card_provenance(target, key), self.card_path(target, "kfac"))
         curv.card, curv.eig, curv.operator = eig if self.card_form == "eig" else card, eig, op
-        self._curv[target] = curv
+        self._curv.pop(target, None)
+        self._curv[target] = curv  # the most recently used last
+        held = [t for t, c in self._curv.items() if c.operator is not None and t != target]
+        for t in held[:max(0, len(held) - MAX_OPERATORS + 1)]:  # operators rebuild on demand; the study is target-major
+            self._curv[t].operator = None
         return curv
 
     def _cached_diagonal(self, target: str, verdict) -> TargetCurvature | None:

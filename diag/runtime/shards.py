@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 
 from diag.runtime.distributed import barrier, claimed, gather_json, is_distributed, rank_and_world
-from diag.runtime.workers import run_workers
+from diag.runtime.workers import release_freed_memory, run_workers
 
 __all__ = ["build_curvatures", "build_domains", "shared_start_time"]
 
@@ -79,6 +79,7 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
         if zero_shot:
             accuracy[name] = ctx.zoo(seeds[0]).zero_shot_accuracy(name)
         times[name] = time.perf_counter() - t0
+        release_freed_memory()
     built = sorted({str(p) for s in seeds for p in ctx.zoo(s).built})
     parts = gather_json({"seconds": times, "zero_shot_accuracy": accuracy, "built": built})  # also a barrier
     merged: dict[str, float] = {"base": parts[0]["seconds"]["base"]}
@@ -134,5 +135,6 @@ def build_curvatures(diag, targets: Sequence[str]) -> list[str]:
     for target in claimed(dict.fromkeys(targets), "target curvatures"):
         diag.curvature(target)
         mine.append(target)
+        release_freed_memory()
     barrier()
     return mine

@@ -18,6 +18,8 @@ Only worker 0 shows progress bars (of its own share of the work).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import tempfile
 import warnings
@@ -130,3 +132,27 @@ def _entry(rank: int, world: int, threads: int, tmp: str, fn: Callable[..., Any]
         except TvdiagError as err:
             (Path(tmp) / f"error-{rank}.txt").write_text(str(err))
             raise
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages freed by a finished task back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    A long run of tasks (study pairs, zoo domains) frees big tensors into glibc's heap, which keeps
+    them; trimming after each task held a one-process study of the 42 pairs at 1.6 GB instead of 2.4 GB
+    (with :data:`diag.features.pair_features.MAX_OPERATORS`). Numbers are unchanged: only free pages go.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _libc()
+

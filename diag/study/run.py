@@ -46,6 +46,7 @@ from diag.features.pair_features import CurvatureSettings, Diagnostics, pair_fea
 from diag.runtime.context import Workspace
 from diag.runtime.distributed import barrier, claimed, is_distributed, rank_and_world
 from diag.runtime.shards import build_curvatures
+from diag.runtime.workers import release_freed_memory
 from diag.study.provenance import record, run_provenance
 from diag.table import (add_normalised, append_rows, check_shard, dedupe, default_shard, DEFAULT_STUDY, lam_key,
                         merge_shards, ordered_pairs, pair_key, PAIRS_FILE, PLAIN, read_table, shard_file,
@@ -303,6 +304,7 @@ def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, 
         append_rows(path, pair_rows(diag, source, target, settings, lams, domains, keys[(source, target)],
                                     quality, done, gains))
         done.update(missing[(source, target)])
+        release_freed_memory()
 
 
 def ranked_gains(out_dir: Path, path: Path, plain_keys: set[str], n_pairs: int) -> dict[str, dict]:

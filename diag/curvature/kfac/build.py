@@ -49,8 +49,7 @@ def build_kfac_cards(model: nn.Module, data: Iterable, params: str | Sequence[st
         gradient: The ``(D,)`` mean gradient g on the same images, True to compute it (one pass), or
             False for none.
         provenance: Extra facts to record.
-        factor_dtype: dtype the factors are kept and stored in (accumulated in float64; risks are computed
-            in float64 from them). Default :data:`KFAC_FACTOR_DTYPE`.
+        factor_dtype: dtype the factors are kept and stored in (accumulated, and risks computed, in float64).
         approxes: ``expand`` (tokens as rows, the card's form) and/or ``reduce``.
         layer_scale: ``none`` (K-FAC of the GGN as it is) or ``trace`` (each layer's block scaled to the
             trace of ``hessian_diag`` on its entries, :func:`~diag.curvature.kfac.card.trace_scales`).
