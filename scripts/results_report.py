@@ -28,9 +28,8 @@ from diag.constants import PAPER_LAMBDA2  # noqa: E402
 from diag.stats import correlate_appendix_c  # noqa: E402
 from diag.study.report import study_report  # noqa: E402
 from diag.study.summary import summarize  # noqa: E402
-from diag.table import load_study, select_run  # noqa: E402
 from diag.study.methods_report import method_report  # noqa: E402
-from diag.table import read_checked_csv, with_run_columns  # noqa: E402
+from diag.table import load_study, read_checked_csv, select_run, with_run_columns  # noqa: E402
 from equal_norm import render as equal_norm_table, summarize_forms  # noqa: E402
 from results_seeds import loss_model_block, outside_block, seeds_block  # noqa: E402
 

@@ -17,7 +17,8 @@ from train.store import Store
 from train.tensorio import data_sha256, load_tensors, read_metadata, save_tensors
 from train.zoo import Zoo, shipped
 from train.zoo.config import preset
-from train.zoo.shipped import file_sha256, MANIFEST, read_manifest, shipped_base
+from train.external_weights import file_sha256
+from train.zoo.shipped import MANIFEST, read_manifest, shipped_base
 
 
 def test_the_repository_ships_tiny_theta_base_pinned_and_intact():

@@ -221,29 +221,35 @@ class Workspace:
             raise ArtifactError(f"{self.store.base_path()} has no base_hash in its metadata")
         return meta["base_hash"]
 
+    def _once(self, name: str, make):
+        """``make()`` on first use, then the same object, for this workspace and its :meth:`for_run` copies."""
+        if name not in self._shared:
+            self._shared[name] = make()
+        return self._shared[name]
+
     @property
     def backbone(self):
         """The CLIP backbone stored as θ_base (loaded once, on first use, for this workspace and its copies)."""
-        if "backbone" not in self._shared:
-            backbone, base_hash = self.store.load_base()
-            if base_hash != self.base_hash:
-                raise ArtifactError(f"{self.store.base_path()} changed while in use")
-            self._shared["backbone"] = backbone
-        return self._shared["backbone"]
+        return self._once("backbone", self._load_backbone)
+
+    def _load_backbone(self):
+        backbone, base_hash = self.store.load_base()
+        if base_hash != self.base_hash:
+            raise ArtifactError(f"{self.store.base_path()} changed while in use")
+        return backbone
 
     @property
     def base(self) -> dict:
         """θ_base as a ``visual.*`` state dict."""
-        if "base" not in self._shared:
-            self._shared["base"] = base_state(self.backbone)
-        return self._shared["base"]
+        return self._once("base", lambda: base_state(self.backbone))
 
     @property
     def _vectors(self) -> _LRU:
-        if "vectors" not in self._shared:
-            n_params = sum(v.numel() for v in self.base.values())
-            self._shared["vectors"] = _LRU(self._max_vectors or (48 if n_params < 5e7 else 4))
-        return self._shared["vectors"]
+        return self._once("vectors", self._new_vector_cache)
+
+    def _new_vector_cache(self) -> _LRU:
+        n_params = sum(v.numel() for v in self.base.values())
+        return _LRU(self._max_vectors or (48 if n_params < 5e7 else 4))
 
     # ---------------------------------------------------------------- vectors
     def vector(self, domain: str, kind: str):

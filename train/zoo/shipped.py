@@ -14,12 +14,12 @@ the shipped file's weights byte for byte.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 from train.errors import ArtifactError
+from train.external_weights import file_sha256
 from train.tensorio import atomic_write
 
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "base"
@@ -36,14 +36,6 @@ def read_manifest(manifest: Path | None = None) -> dict[str, dict]:
     except (ValueError, KeyError, TypeError) as err:
         raise ArtifactError(f"{manifest} is not a θ_base manifest ({err}): restore it with "
                             "'git checkout -- data/base'") from None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shipped_base(key: str, manifest: Path | None = None) -> Path | None:

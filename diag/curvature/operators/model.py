@@ -102,6 +102,7 @@ class _ModelOperator(CurvatureOperator):
         self.shard = bool(shard)
         self._data_parallel = data_parallel
         self.num_samples: int | None = None
+        self._gradient_at_point: Tensor | None = None  # :meth:`gradient` at the point, computed once
 
     @property
     def data_parallel(self) -> bool:
@@ -251,7 +252,7 @@ class _ModelOperator(CurvatureOperator):
         At the point itself (``delta`` None) it is computed once per operator (a copy is returned),
         so the cards built on one operator (K-FAC and eigenpair) share one pass over the data.
         """
-        if delta is None and getattr(self, "_gradient_at_point", None) is not None:
+        if delta is None and self._gradient_at_point is not None:
             return self._gradient_at_point.clone()
         theta = self._shifted(delta)
         grad_fn = torch.func.grad(self._loss_sum)
