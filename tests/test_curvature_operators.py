@@ -1,5 +1,6 @@
 """Curvature operators against dense float64 references on a tiny MLP and a tiny open_clip ViT."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -130,12 +131,26 @@ def test_hvp_equals_dense_hessian(case, engine):
     assert op.num_samples == sum(len(y) for _, y in data)
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_engines_agree_and_auto_records_timings(case):
     name, model, data, params, H = case
     op = HessianOperator(model, data, params=params, engine="auto")
     assert op.engine in ("fwd-rev", "double-backward")
     assert set(op.engine_timings) == {"fwd-rev", "double-backward"}, op.engine_errors
     assert all(t > 0 for t in op.engine_timings.values())
+    again = HessianOperator(model, data, params=params, engine="auto")  # same shapes: the first choice, not timed again
+    assert again.engine_reused and again.engine == op.engine and again.engine_timings == op.engine_timings
+    with _threads(torch.get_num_threads() + 1):  # another thread count is another choice
+        assert not HessianOperator(model, data, params=params, engine="auto").engine_reused
     v = torch.randn(op.shape[0], dtype=torch.float64)
     a = HessianOperator(model, data, params=params, engine="fwd-rev") @ v
     b = HessianOperator(model, data, params=params, engine="double-backward") @ v

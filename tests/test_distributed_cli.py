@@ -69,21 +69,34 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))}
 
 
-def test_zoo_sharded_by_domain_equals_one_process(runs, capsys):
-    out = _torchrun(runs["dist"], "zoo", "--domains", *DOMAINS)
-    ref = _single(runs["single"], capsys, "zoo", "--domains", *DOMAINS)
-    folder = Path(out["store"])
-    assert set(out["rank_of"]) == set(DOMAINS) and set(out["rank_of"].values()) <= {0, 1}  # claimed, not assigned
+def _stage_of(rel: Path) -> str:
+    """The zoo stage (train.zoo.build.STAGES) that writes a store file."""
+    return "phi" if rel.parts[0] == "attributions" else "ftx" if rel.name.startswith("ftx") else "ft"
+
+
+def _check_stage_ranks(out: dict, folder: Path) -> None:
+    """Every stage of every domain claimed by rank 0 or 1, each artifact written once, by its stage's rank."""
+    assert set(out["stage_ranks"]) == set(DOMAINS)
+    assert all(set(r) == {"ft", "phi", "ftx"} and set(r.values()) <= {0, 1} for r in out["stage_ranks"].values())
     written = [p for rank in out["built"] for p in rank]
     assert len(out["built"]) == 2 and len(written) == len(set(written))  # each artifact built exactly once
     assert set(written) == {str(p) for p in folder.rglob("*.safetensors")}
-    assert str(folder / "base.safetensors") in out["built"][0]
     for rank, paths in enumerate(out["built"]):
         for p in paths:
             rel = Path(p).relative_to(folder)
             if rel.name != "base.safetensors":
                 owner = next(d for d in DOMAINS if d in str(rel))
-                assert out["rank_of"][owner] == rank, p
+                assert out["stage_ranks"][owner][_stage_of(rel)] == rank, p
+    assert len(out["idle_seconds"]) == len(out["waited_seconds"]) == 2
+    assert all(0 <= w <= i + 0.01 for w, i in zip(out["waited_seconds"], out["idle_seconds"]))
+
+
+def test_zoo_sharded_by_domain_equals_one_process(runs, capsys):
+    out = _torchrun(runs["dist"], "zoo", "--domains", *DOMAINS)
+    ref = _single(runs["single"], capsys, "zoo", "--domains", *DOMAINS)
+    folder = Path(out["store"])
+    _check_stage_ranks(out, folder)
+    assert str(folder / "base.safetensors") in out["built"][0]
     dist_files, single_files = _files(folder), _files(Path(ref["store"]))
     assert sorted(dist_files) == sorted(single_files) and len(dist_files) == 1 + 4 * len(DOMAINS)
     for name, data in dist_files.items():
@@ -165,9 +178,9 @@ def test_study_curvature_one_rank_per_target_equals_one_process(runs, tmp_path):
 def test_zoo_in_local_workers_equals_one_process(runs, capsys):
     """``--workers 2`` (spawned gloo processes, no torchrun) writes the one-process artifacts, byte for byte."""
     out = _single(runs["workers"], capsys, "zoo", "--domains", *DOMAINS, "--workers", "2")
-    assert out["workers"] == 2 and set(out["rank_of"]) == set(DOMAINS) and set(out["rank_of"].values()) <= {0, 1}
-    written = [p for rank in out["built"] for p in rank]
-    assert len(written) == len(set(written)) == 1 + 4 * len(DOMAINS)
+    assert out["workers"] == 2
+    _check_stage_ranks(out, Path(out["store"]))
+    assert len([p for rank in out["built"] for p in rank]) == 1 + 4 * len(DOMAINS)
     assert str(Path(out["store"]) / "base.safetensors") in out["built"][0]  # built by this process, before the split
     mine = _files(Path(out["store"]))
     single = {k: v for k, v in _files(runs["single"] / BACKBONE_ID).items()

@@ -92,7 +92,8 @@ def run_zoo(args) -> int:
     vectors = ctx.provenance(domains, alphas, variants=variants, seeds=tuple(args.seeds))  # built or imported
     if args.json:
         emit_json({"store": str(ctx.store.folder), "seconds": times, "zero_shot_accuracy": zero_shot,
-                   "rank_of": report["rank_of"], "built": report["built"], "workers": report.get("workers", 1),
+                   "stage_ranks": report["stage_ranks"], "built": report["built"], "workers": report.get("workers", 1),
+                   "idle_seconds": report["idle_seconds"], "waited_seconds": report["waited_seconds"],
                    "vectors": vectors})
         return 0
     for row in vectors:
@@ -102,6 +103,9 @@ def run_zoo(args) -> int:
     print(f"zoo ready in {ctx.store.folder}" + (f" (domains split over {n_procs} processes)" if n_procs > 1 else ""))
     for k, v in times.items():
         print(f"  {k:12s} {v:8.1f} s")
+    if n_procs > 1:
+        print("  idle per process (waiting for a prerequisite or for the others): "
+              + ", ".join(f"{s:.1f} s" for s in report["idle_seconds"]))
     print("zero-shot accuracy of θ_base (test split; chance = 1/classes):")
     for d, acc in zero_shot.items():
         print(f"  {d:12s} {acc:.3f}   (chance {1 / ctx.zoo(args.seeds[0]).domain(d).num_classes:.3f})")

@@ -20,12 +20,13 @@ from datetime import timedelta
 from typing import TypeVar
 
 import itertools
+import time
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_tensor", "all_reduce_sum", "barrier", "claimed", "close_group", "gather_json",
+__all__ = ["all_gather_tensor", "all_reduce_sum", "barrier", "claimed", "close_group", "DoneFlags", "gather_json",
            "init_group", "is_distributed", "process_group", "rank_and_world", "shard_batches"]
 
 T = TypeVar("T")
@@ -159,6 +160,32 @@ def claimed(tasks: Iterable[T], name: str) -> Iterator[T]:
     key = f"tvdiag/queue/{next(_QUEUE_IDS)}/{name}"
     while (i := store.add(key, 1) - 1) < len(tasks):
         yield tasks[i]
+
+
+class DoneFlags:
+    """Flags of finished tasks every rank can see (the same key-value store as :func:`claimed`): a rank that
+    claimed a task whose prerequisite another rank is still computing waits for that one flag instead of a
+    barrier. Made by every rank in the same order as its queues; outside torch.distributed a no-op (one
+    process runs its tasks in order, prerequisites first).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.prefix = f"tvdiag/done/{next(_QUEUE_IDS)}/{name}/"
+        self.store = (dist.distributed_c10d._get_default_store()
+                      if is_distributed() and dist.get_world_size() > 1 else None)
+
+    def set(self, task: str) -> None:
+        """Flag ``task`` as finished."""
+        if self.store is not None:
+            self.store.set(self.prefix + task, "1")
+
+    def wait(self, task: str) -> float:
+        """Wait until ``task`` is flagged; the seconds waited."""
+        if self.store is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.store.wait([self.prefix + task], CLOSE_TIMEOUT)
+        return time.perf_counter() - t0
 
 
 def all_gather_tensor(t: Tensor) -> list[Tensor]:

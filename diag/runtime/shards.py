@@ -4,11 +4,13 @@ Outside torch.distributed every function here runs the whole job in this process
 ``torchrun`` (the process group is joined once, in :func:`diag.cli.main`):
 
 * :func:`build_domains` — θ_base is built (or checked) by rank 0 alone while the others wait;
-  then each domain is claimed by one free rank (:func:`~diag.runtime.distributed.claimed`, a
-  dynamic queue) with all its seeds (its head, θ_ft, φ and θ_ft* of every α and variant), so
-  each artifact is written by exactly one process (atomically,
-  :func:`train.tensorio.save_tensors`). A final barrier means every rank may read every domain
-  afterwards.
+  then each stage of each domain (:data:`train.zoo.build.STAGES`: head and θ_ft, φ, θ_ft* of every
+  α and variant), with all its seeds, is claimed by one free rank
+  (:func:`~diag.runtime.distributed.claimed`, a dynamic queue, stage-major), which first waits for
+  the domain's previous stage (:class:`~diag.runtime.distributed.DoneFlags`). Each artifact is
+  written by exactly one process (atomically, :func:`train.tensorio.save_tensors`), and each stage
+  seeds itself, so the bytes are those of one process. A final barrier means every rank may read
+  every domain afterwards.
 * :func:`build_curvatures` — before the study's pairs are handed out, each target's Hᵀ (diagonal
   and card, cached in the store) is claimed by one free rank and computed on all its images,
   exactly as one process would; the pairs then read it from the store.
@@ -26,8 +28,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from diag.runtime.distributed import barrier, claimed, gather_json, is_distributed, rank_and_world
+from diag.runtime.distributed import barrier, claimed, DoneFlags, gather_json, is_distributed, rank_and_world
 from diag.runtime.workers import release_freed_memory, run_workers
+from train.zoo.build import STAGES
 
 __all__ = ["build_curvatures", "build_domains", "shared_start_time"]
 
@@ -48,9 +51,12 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
         zero_shot: also measure θ_base's zero-shot test accuracy of each domain (on its rank).
 
     Returns:
-        On every rank: ``{"seconds": {"base", <domain>..., "total"}, "zero_shot_accuracy":
-        {domain: acc}, "rank_of": {domain: rank}, "built": [[paths written by rank r], ...]}``.
-        Seconds of a domain are its owner's wall time over all seeds.
+        On every rank: ``{"seconds": {"base", <domain>..., "total"}, "zero_shot_accuracy": {domain: acc},
+        "stage_ranks": {domain: {stage: rank}}, "built": [[paths written by rank r], ...],
+        "idle_seconds": [per rank], "waited_seconds": [per rank]}``. Seconds of a domain are the wall
+        times of its stages (:data:`train.zoo.build.STAGES`) over all seeds; a rank's idle seconds are the
+        time from its first claim to the last rank's last task that it spent in no task (waiting for a
+        prerequisite stage, ``waited_seconds``, or for the others at the end).
     """
     domains, seeds = list(dict.fromkeys(domains)), list(dict.fromkeys(seeds))
     _announce_first_build(ctx, domains, seeds)
@@ -72,24 +78,41 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
     _pending(ctx, domains, alphas, explain, variants, seeds)  # every refusal before any domain is written
     times: dict[str, float] = {"base": time.perf_counter() - start}
     accuracy: dict[str, float] = {}
-    for name in claimed(domains, "zoo domains"):
+    ranks: dict[str, dict[str, int]] = {}
+    stages = STAGES if explain else STAGES[:1]
+    # several ranks: stage-major, so the last domains' first stages start early and no rank idles at the end
+    # while one works through a whole domain; one process: domain by domain
+    tasks = [(d, st) for st in stages for d in domains] if world > 1 else [(d, st) for d in domains for st in stages]
+    done = DoneFlags("zoo stages")
+    loop_start, busy, waited = time.time(), 0.0, 0.0
+    for name, stage in claimed(tasks, "zoo stages"):
+        if stage != stages[0]:
+            waited += done.wait(f"{name}/{stages[stages.index(stage) - 1]}")
         t0 = time.perf_counter()
         for seed in seeds:
-            ctx.zoo(seed).build_domain(name, tuple(alphas), tuple(variants), explain)
-        if zero_shot:
+            ctx.zoo(seed).build_stage(name, stage, tuple(alphas), tuple(variants))
+        if zero_shot and stage == stages[0]:
             accuracy[name] = ctx.zoo(seeds[0]).zero_shot_accuracy(name)
-        times[name] = time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        times[name], busy = times.get(name, 0.0) + dt, busy + dt
+        ranks.setdefault(name, {})[stage] = rank
+        done.set(f"{name}/{stage}")
         release_freed_memory()
     built = sorted({str(p) for s in seeds for p in ctx.zoo(s).built})
-    parts = gather_json({"seconds": times, "zero_shot_accuracy": accuracy, "built": built})  # also a barrier
+    parts = gather_json({"seconds": times, "zero_shot_accuracy": accuracy, "built": built, "ranks": ranks,
+                         "loop": [loop_start, time.time()], "busy": busy, "waited": waited})  # also a barrier
     merged: dict[str, float] = {"base": parts[0]["seconds"]["base"]}
-    for d in domains:  # the caller's order
-        merged[d] = next(p["seconds"][d] for p in parts if d in p["seconds"])
+    for d in domains:  # the caller's order; a domain's seconds: its stages' over the ranks that ran them
+        merged[d] = sum(p["seconds"].get(d, 0.0) for p in parts)
     merged["total"] = time.perf_counter() - start
     acc = {d: next(p["zero_shot_accuracy"][d] for p in parts if d in p["zero_shot_accuracy"])
            for d in domains} if zero_shot else {}
-    rank_of = {d: next(r for r, p in enumerate(parts) if d in p["seconds"]) for d in domains}
-    return {"seconds": merged, "zero_shot_accuracy": acc, "rank_of": rank_of, "built": [p["built"] for p in parts]}
+    stage_ranks = {d: {st: r for p in parts for st, r in p["ranks"].get(d, {}).items()} for d in domains}
+    end = max(p["loop"][1] for p in parts)
+    return {"seconds": merged, "zero_shot_accuracy": acc, "stage_ranks": stage_ranks,
+            "built": [p["built"] for p in parts],
+            "idle_seconds": [max(0.0, end - p["loop"][0] - p["busy"]) for p in parts],
+            "waited_seconds": [p["waited"] for p in parts]}
 
 
 def _announce_first_build(ctx, domains: list[str], seeds: list[int]) -> None:

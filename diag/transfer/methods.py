@@ -120,12 +120,19 @@ class Candidate:
     size: float
 
 
-def _candidate(method, param, vec: TaskVector, scale: float, tau: TaskVector, curv: RepairCurvature) -> Candidate:
-    flat = repair.flat_of(vec, curv.layout)
-    r, how = curv.risk(flat)
+def _candidate(method, param, vec: TaskVector, scale: float, tau: TaskVector, curv: RepairCurvature,
+               risk: tuple[float, str] | None = None) -> Candidate:
+    """One candidate; ``risk`` is ``curv.risk`` of ``vec`` when already known (the same vector at another scale)."""
+    r, how = risk if risk is not None else curv.risk(repair.flat_of(vec, curv.layout))
     norm = tau.norm()
     size = scale * vec.dot(tau) / norm if norm > 0 else 0.0
     return Candidate(method, param, vec, float(scale), 0.5 * scale * scale * r, how, size)
+
+
+def _scaled(method, vec: TaskVector, params_scales, tau: TaskVector, curv: RepairCurvature) -> list[Candidate]:
+    """``vec`` at each ``(param, scale)``: its risk (an exact product with the operator) computed once."""
+    risk = curv.risk(repair.flat_of(vec, curv.layout))
+    return [_candidate(method, param, vec, scale, tau, curv, risk) for param, scale in params_scales]
 
 
 def _project_ks(card, flat: torch.Tensor, shares: Sequence[float]) -> list[int]:
@@ -159,7 +166,7 @@ def candidates(method: str, tau: TaskVector, curvature, lambda2: float = PAPER_L
 
 
 def _plain(method, tau, flat, curv, lambda2, grid, mixes, lam_max) -> list[Candidate]:
-    return [_candidate(method, float(lam), tau, lam, tau, curv) for lam in (grid or LAMBDA_GRID)]
+    return _scaled(method, tau, [(float(lam), lam) for lam in (grid or LAMBDA_GRID)], tau, curv)
 
 
 def _project(method, tau, flat, curv, lambda2, grid, mixes, lam_max) -> list[Candidate]:
@@ -180,8 +187,8 @@ def _precondition(method, tau, flat, curv, lambda2, grid, mixes, lam_max) -> lis
 def _mix(method, tau, flat, curv, lambda2, grid, mixes, lam_max) -> list[Candidate]:
     if not mixes:
         raise TvdiagError(f"--method {method} needs at least one mixture (e.g. diag.transfer.mixing.universal)")
-    return [_candidate(method, name, vec, lam, vec, curv) for name, vec in mixes.items()
-            for lam in (grid or LAMBDA_GRID)]
+    return [c for name, vec in mixes.items() for c in _scaled(method, vec, [(name, lam) for lam in (grid or LAMBDA_GRID)],
+                                                             vec, curv)]
 
 
 def matched_scale(mix: TaskVector, tau: TaskVector, lambda2: float) -> float:
@@ -212,8 +219,8 @@ def matched_scale(mix: TaskVector, tau: TaskVector, lambda2: float) -> float:
 def _mix_matched(method, tau, flat, curv, lambda2, grid, mixes, lam_max) -> list[Candidate]:
     if not mixes:
         raise TvdiagError(f"--method {method} needs at least one mixture (e.g. diag.transfer.mixing.universal)")
-    return [_candidate(method, name, vec, matched_scale(vec, tau, lam), vec, curv) for name, vec in mixes.items()
-            for lam in (grid or (lambda2,))]
+    return [c for name, vec in mixes.items()
+            for c in _scaled(method, vec, [(name, matched_scale(vec, tau, lam)) for lam in (grid or (lambda2,))], vec, curv)]
 
 
 def _blocks(method, tau: TaskVector, flat: torch.Tensor, curv: RepairCurvature, lambda2: float,

@@ -57,6 +57,10 @@ from train.zoo.shipped import copy_shipped
 
 log = logging.getLogger(__name__)
 
+STAGES = ("ft", "phi", "ftx")
+"""A domain's build in order (:meth:`Zoo.build_stage`): head and θ_ft; φ; θ_ft* (and twins)."""
+
+
 class Zoo(ZooPlan):
     """Builds (or reuses) the artifacts of one backbone in one store."""
     def __init__(self, store: Store, config: ZooConfig = ZooConfig(), progress: bool = True,
@@ -350,24 +354,29 @@ class Zoo(ZooPlan):
     # ------------------------------------------------------------------ build
     def build_domain(self, name: str, alphas: tuple[float, ...] = (0.8,), variants: tuple[str, ...] = ("paper",),
                      explain: bool = True) -> None:
-        """Everything of one domain for this seed: head, θ_ft, then (``explain``) φ and θ_ft* of every α and
-        variant (with the twin of ``from-ft``).
-
-        The one per-domain build: :meth:`build` and the CLI's sharded build
-        (:func:`diag.runtime.shards.build_domains`) both call it; each artifact is reused when fresh
-        or kept when imported, and :meth:`plan` refuses before anything of the domain is written.
-        """
+        """Every stage of one domain for this seed (``explain=False``: ``ft`` only). Each artifact is reused
+        when fresh or kept when imported; :meth:`plan` refuses before anything of the domain is written.
+        The CLI's sharded build (:func:`diag.runtime.shards.build_domains`) runs the stages one by one."""
         self.plan(name, alphas, variants, explain)
-        self.head(name)
-        self.ft(name)
-        if not explain:
-            return
-        self.attributions(name)
-        for variant in variants:
-            for alpha in alphas:
-                self.ftx(name, alpha, variant)
-            if has_twin(variant):
-                self.twin(name)
+        for stage in STAGES[:None if explain else 1]:
+            self.build_stage(name, stage, alphas, variants)
+
+    def build_stage(self, name: str, stage: str, alphas: tuple[float, ...] = (0.8,),
+                    variants: tuple[str, ...] = ("paper",)) -> None:
+        """One of :data:`STAGES` of :meth:`build_domain` (the earlier stages' artifacts are read from the store):
+        ``ft`` head and θ_ft, ``phi`` φ, ``ftx`` θ_ft* of every α and variant (and twins). Each stage seeds
+        itself, so a stage run by another process gives the same bytes."""
+        if stage == "ft":
+            self.head(name)
+            self.ft(name)
+        elif stage == "phi":
+            self.attributions(name)
+        else:
+            for variant in variants:
+                for alpha in alphas:
+                    self.ftx(name, alpha, variant)
+                if has_twin(variant):
+                    self.twin(name)
 
     def build(self, domains: list[str] | None = None, alphas: tuple[float, ...] = (0.8,),
               variants: tuple[str, ...] = ("paper",)) -> dict[str, float]:

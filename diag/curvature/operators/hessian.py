@@ -33,6 +33,11 @@ DEFAULT_KEEP_GRAPHS = 1
 One kept graph adds no peak memory (a product from scratch holds that graph at its peak
 anyway); every further one holds another batch's activations for the operator's life."""
 
+_CHOSEN: dict[tuple, tuple[str, dict[str, float], dict[str, str]]] = {}
+"""``engine="auto"``'s choices in this process, by :meth:`HessianOperator._choice_key`: an operator of the
+same model shapes, batch, dtype, device and thread count reuses the first one's choice (and its timings)
+instead of timing both engines again (about 3 s per tiny-ViT operator on one CPU thread)."""
+
 
 class _FirstOrder(NamedTuple):
     """A first-order graph: leaf parameters, the gradients that depend on them, their positions,
@@ -110,6 +115,7 @@ class HessianOperator(_ModelOperator):
         self._graphs: dict[int, _FirstOrder] = {}
         self.engine_timings: dict[str, float] = {}
         self.engine_errors: dict[str, str] = {}
+        self.engine_reused = False  # auto: the engine an earlier operator of this process chose (_CHOSEN)
         self.engine = self._choose_engine() if engine == "auto" else engine
 
     # -- first-order graphs ---------------------------------------------------------
@@ -206,7 +212,15 @@ class HessianOperator(_ModelOperator):
             times.append(time.perf_counter() - t0)
         return min(times)
 
+    def _choice_key(self, x: Tensor, y: Tensor) -> tuple:
+        """What the engines' speed depends on: the model, its selected parameters, the batch, dtype,
+        device, threads, loss and graph reuse (not the parameter values)."""
+        return (type(self.model).__qualname__, tuple(self.param_names), tuple(self.param_shapes),
+                tuple(x.shape), str(x.dtype), tuple(y.shape), str(self.dtype), str(self.device),
+                torch.get_num_threads(), self.loss_name, self.keep_graphs > 0 and isinstance(self.data, (list, tuple)))
+
     def _choose_engine(self) -> str:
+        """The faster engine on the first batch (timed once per :meth:`_choice_key` in this process)."""
         last_error: Exception | None = None
         self.engine = "double-backward"  # so that timing keeps graphs as the products will
         with self._context():
@@ -214,6 +228,11 @@ class HessianOperator(_ModelOperator):
             if first is None:
                 return "fwd-rev"
             x, y = first
+            key = self._choice_key(x, y)
+            if key in _CHOSEN:
+                best, timings, errors = _CHOSEN[key]
+                self.engine_timings, self.engine_errors, self.engine_reused = dict(timings), dict(errors), True
+                return best
             gen = torch.Generator(device="cpu").manual_seed(0)
             v = [self.unflatten(torch.randn(self.shape[0], generator=gen, dtype=torch.float64).to(self.dtype)
                                 .to(self.device))]
@@ -230,6 +249,7 @@ class HessianOperator(_ModelOperator):
         if best != "double-backward":
             self.clear_graphs()
         log.info("HVP engine timings %s -> %s", self.engine_timings, best)
+        _CHOSEN[key] = (best, dict(self.engine_timings), dict(self.engine_errors))
         return best
 
     # Forward-over-forward (nested torch.func.jvp) would give v^T H v without an HVP,
