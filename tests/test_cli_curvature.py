@@ -106,9 +106,14 @@ def test_bench_curvature_quick_runs_every_path(capsys):
     for key in ("grad_s", "hvp_s", "hvp_kept_graph_s", "block8_per_probe_s", "trace_s", "hutchpp_s", "eig_s"):
         assert r[key] > 0, key
     assert r["est_probes"] == 3 and min(r["eig_matvecs"] + r["eig_gradient_start_matvecs"]) >= 2
-    if r.get("pyhessian_eig_matvecs") is not None:  # equal accuracy: errors against one reference, products counted
-        assert len(r["pyhessian_eig_rel_err"]) == len(r["eig_rel_err"]) == 1 and r["pyhessian_eig_matvecs"][0] >= 2
-        assert r["eig_equal_accuracy_rounds"] in (0, 1) and r["pyhessian_over_ours_eig_gradient_start"] > 0
+    assert r["eig_accuracy"] == 1e-3 and r["eig_reached_rounds"] == sum(e <= 1e-3 for e in r["eig_rel_err"])
+    if r.get("pyhessian_eig_own_rule_matvecs") is not None:  # time to accuracy: one reference, products counted
+        assert len(r["pyhessian_eig_own_rule_rel_err"]) == len(r["eig_rel_err"]) == 1
+        assert r["pyhessian_eig_own_rule_matvecs"][0] >= 2
+        (tta,), (n,) = r["pyhessian_eig_time_to_accuracy_s"], r["pyhessian_eig_matvecs"]
+        if tta is not None:  # reached within maxIter: no later than its 100 products, the ratio read from it
+            assert 0 < tta and 1 <= n <= 100
+            assert r["pyhessian_over_ours_eig"] == pytest.approx(tta / r["eig_s"])
     if r.get("pyhessian_top_eig") is not None:  # the same top eigenvalue by Lanczos and by power iteration
         assert r["top_eig"] == pytest.approx(r["pyhessian_top_eig"], rel=2e-2)
     assert set(r["goals"]) >= {"hvp_over_grad", "hvp_kept_over_grad", "pyhessian_over_ours_trace"}
@@ -128,6 +133,19 @@ def test_bench_curvature_quick_runs_every_path(capsys):
     if r.get("pyhessian_trace_s") is not None:  # equal accuracy: Hutch++'s time scaled by its variance ratio
         want = r["pyhessian_trace_s"] / r["hutchpp_s"] * (r["pyhessian_trace_stderr"] / r["hutchpp_stderr"]) ** 2
         assert r["pyhessian_over_ours_trace_equal_accuracy"] == pytest.approx(want)
+
+
+def test_power_iteration_record_read_as_time_to_accuracy_and_own_rule():
+    """The oracle stop is the first step from which every estimate stays within the accuracy (a step that
+    dips back out does not count); PyHessian's own rule stops at the first small change, returning the
+    previous estimate; a record that ends outside the accuracy never reached it."""
+    from diag.bench.estimators import own_rule_stop, time_to_accuracy
+
+    run = {"start": 1.0, "steps": [(2.0, 50.0), (3.0, 99.95), (4.0, 98.0), (5.0, 99.93), (6.0, 99.99)]}
+    assert time_to_accuracy(run, 100.0, 1e-3) == (4.0, 4)  # step 2 is within 1e-3 but step 3 is not
+    assert time_to_accuracy(run, 100.0, 1e-5) == (None, None)
+    assert own_rule_stop(run, tol=1e-3) == (5.0, 5, 99.93)  # |99.99 − 99.93| / 99.93 < 1e-3 first at step 5
+    assert own_rule_stop(run, tol=1e-9) == (5.0, 5, 99.99)  # never: its last estimate after all products
 
 
 def test_bench_estimators_refuses_one_probe():

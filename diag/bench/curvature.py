@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diag.bench.estimators import bench_estimators, format_estimator_lines, median_ratio, rounds
+from diag.bench.estimators import bench_estimators, format_estimator_lines, median_ratio, rounds, store_estimator_row
 from diag.curvature.operators.attention import curvature_mode
 from diag.curvature.backends import _keep_training_flag, _only_requires_grad, CurvlinopsHessian
 from diag.curvature.operators import ENGINES, HessianOperator
@@ -369,15 +369,21 @@ def format_bench_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def bench_main(quick: bool = False, json_out: bool = False, repeats: int = 3, probes: int | None = None,
-               models: Sequence[str] = BENCH_MODELS) -> int:
+               models: Sequence[str] = BENCH_MODELS, store_model: tuple[str, Any] | None = None) -> int:
     """Run the benchmark and print the table (or JSON); returns the exit code 0.
 
-    This is the body of ``diag bench curvature [--quick] [--json] [--probes N]``; it is
-    the one place in the curvature package that prints, because printing is its job.
+    This is the body of ``diag bench curvature [--quick] [--json] [--probes N] [--domain D]``; it is
+    the one place in the curvature package that prints, because printing is its job. ``store_model``:
+    ``(domain, workspace)`` adds :func:`store_estimator_row` (its estimator lines; no product table row).
     """
     rows = run_curvature_bench(quick=quick, repeats=repeats, probes=probes, models=models)
+    extra = [store_estimator_row(store_model[0], store_model[1], probes, repeats)] if store_model and probes else []
+    for r in extra:
+        r["ratios"] = {k: r.get(k) for k in RATIOS if k in r}
+        r["goals"] = {k: r.get(k) is not None and r[k] >= lim for k, lim in GOALS.items()
+                      if k in r and k.startswith("pyhessian_over_ours_")}
     if json_out:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps(rows + extra, indent=2, default=str))
     else:
-        print("\n".join([format_bench_table(rows), *format_estimator_lines(rows)]))
+        print("\n".join([format_bench_table(rows), *format_estimator_lines(rows + extra)]))
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from diag.bench.curvature import bench_main, BENCH_MODELS
+from diag.bench.estimators import STORE_BENCH_IMAGES
 from diag.bench.ranking import bench_rank
 from diag.commands.options import (add_alpha_option, add_common, add_curvature_options, add_lambda_options,
                                    add_probe_seed_option, CHECK_T, context_from, curvature_settings, domain_name,
@@ -81,10 +82,13 @@ def register(sub) -> None:
     b.add_argument("--k", type=int, default=2, help="rank: eigenpairs of the synthetic card (0: no card)")
     b.add_argument("--quick", action="store_true", help="small models and batches: a quick run on a CPU")
     b.add_argument("--repeats", type=REPEATS, default=None)
-    b.add_argument("--json", action="store_true")
     b.add_argument("--probes", type=int_range(2, 100_000), default=None,
                    help="also time an N-probe Hutchinson trace and the top eigenvalue against PyHessian's")
     b.add_argument("--models", nargs="+", default=None, help="bench models (default: all)")
+    b.add_argument("--domain", default=None,
+                   help="curvature: also the estimators (--probes) on the store's θ_ft of this domain, on its first "
+                        f"{STORE_BENCH_IMAGES} val images (built first when missing)")
+    add_common(b)  # --store, --preset, ... for --domain
     b.set_defaults(func=run_bench)
 
 
@@ -307,5 +311,13 @@ def run_bench(args) -> int:
             print(f"  {name}: {text}")
         return 0
 
+    store_model = None
+    if args.domain is not None:
+        if not args.probes:
+            raise TvdiagError("--domain times the estimators: give --probes N too")
+        ctx = context_from(args, default_domain=args.domain)
+        domain = ctx.check_domain(args.domain)
+        ctx.ensure([domain], explain=False)
+        store_model = (domain, ctx.workspace())
     return bench_main(quick=args.quick, json_out=args.json, repeats=args.repeats or 3, probes=args.probes,
-                      models=tuple(args.models) if args.models else BENCH_MODELS)
+                      models=tuple(args.models) if args.models else BENCH_MODELS, store_model=store_model)

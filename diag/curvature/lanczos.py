@@ -138,10 +138,17 @@ def _converged_rule(k: int, tol: float, which: str, value_tol: float | None = No
     are below ``tol · max|θ|`` — or, with ``value_tol``, when their eigenvalue error
     estimates ``r_i² / δ_i`` are below ``value_tol · |θ_i|`` (``δ_i``: distance to the
     nearest other Ritz value, standing in for the gap of the Kato–Temple bound
-    ``|θ − λ| ≤ r² / gap``; needs ``k + 1`` Ritz values) — and, after a restart (a zero
+    ``|θ − λ| ≤ r² / gap``; needs ``k + 1`` Ritz values) *and* the wanted Ritz values moved by
+    at most ``value_tol · |θ_i|`` in the last step — and, after a restart (a zero
     ``β``), the extreme Ritz value of the newest Krylov block passes the same test: the
     earlier blocks' Ritz values are exact (zero bounds), but a larger eigenvalue outside
     them only shows up in the newest block.
+
+    Why both: early on, the Ritz values below the top one are far below the eigenvalues they
+    will converge to (Cauchy interlacing: ``θ_2 <= λ_2``), so ``δ`` overestimates the gap and
+    ``r² / δ`` the accuracy. A top Ritz value still climbing through an unresolved cluster then
+    looks converged by the estimate alone (seen on a trained tiny ViT: a stop at 5 products, 10 %
+    below ``λ_1``, asked for 0.5 %), but it still moves from step to step.
     """
 
     def small(theta: Tensor, S: Tensor, idx: Tensor, b: float) -> bool:
@@ -154,12 +161,22 @@ def _converged_rule(k: int, tol: float, which: str, value_tol: float | None = No
         gaps[torch.arange(idx.shape[0]), idx] = math.inf
         return bool((r.pow(2) / gaps.min(dim=1).values <= value_tol * theta[idx].abs()).all())
 
+    last: list[Tensor] = []  # the wanted Ritz values of the previous step (value_tol)
+
+    def settled(wanted: Tensor) -> bool:
+        before = last[0] if last else None
+        last[:] = [wanted]
+        return before is not None and bool(((wanted - before).abs() <= value_tol * wanted.abs()).all())
+
     def stop(alpha: Tensor, beta: Tensor) -> bool:
         if (tol <= 0 and value_tol is None) or alpha.shape[0] < k + (value_tol is not None):
             return False
         b = float(beta[-1])
         theta, S = torch.linalg.eigh(_tridiag(alpha, beta[:-1]))
-        if not small(theta, S, _order(theta, which)[:k], b):
+        wanted = _order(theta, which)[:k]
+        if value_tol is not None and not settled(theta[wanted]):
+            return False
+        if not small(theta, S, wanted, b):
             return False
         zeros = (beta[:-1] == 0).nonzero()
         if zeros.numel() == 0:

@@ -94,8 +94,8 @@ PRESET_CURVATURE: dict[str, CurvatureSettings] = {
 }
 
 
-#: Targets whose Hessian operator (model, images, HVP engine; ~0.1-0.2 GB at tiny) stays in memory; older ones rebuild it.
-MAX_OPERATORS = 2
+#: Targets whose Hessian operator (model, images, kept graph; ~0.2-0.3 GB at tiny) stays in memory; older ones rebuild it.
+MAX_OPERATORS = 1
 
 
 class Diagnostics:
@@ -228,6 +228,10 @@ class Diagnostics:
         for t in held[:max(0, len(held) - MAX_OPERATORS + 1)]:  # operators rebuild on demand; the study is target-major
             self._curv[t].operator = None
         return curv
+
+    def forget(self, target: str) -> None:
+        """Drop what this object holds of ``target``'s curvature (operator included); the store keeps the files."""
+        self._curv.pop(target, None)
 
     def _cached_diagonal(self, target: str, verdict) -> TargetCurvature | None:
         """The store's diagonal of ``target`` when it is usable as it is (module docstring), else None."""

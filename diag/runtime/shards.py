@@ -158,6 +158,7 @@ def build_curvatures(diag, targets: Sequence[str]) -> list[str]:
     for target in claimed(dict.fromkeys(targets), "target curvatures"):
         diag.curvature(target)
         mine.append(target)
+        diag.forget(target)  # its operator's graph and the diagonal: the pairs read the files back
         release_freed_memory()
     barrier()
     return mine
