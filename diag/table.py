@@ -51,7 +51,7 @@ PLAIN = "plain"
 REQUIRED = ("source", "target", "lambda2", "pair_key")
 FINITE = ("lambda2", "accuracy", "ermse", "accuracy_ft_target", "ermse_ft_target")
 TEXT = ("source", "target", "pair_key", "other_source", "base_hash", "backbone_id", "tvdiag_version", "ks",
-        "absent", "variant", "diagnostics", "method", "repair_choice")
+        "absent", "variant", "diagnostics", "method", "repair_choice", "card_form")
 CONTROLS = ("random", "other", "other_rescaled", "meanmap", "meanmap_target")
 
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from diag.decide.card_scale import fit_card_scale
 
@@ -48,3 +49,33 @@ def test_too_few_pairs_or_no_exact_risk():
     assert fit_card_scale(risks(0.05, n_dom=2)) is None
     assert fit_card_scale(risks(0.05).drop(columns=["risk_exact"])) is None
     assert fit_card_scale(risks(0.05).assign(risk_diag=-1.0)) is None
+
+
+def test_risk_card_scaled_only_by_rows_of_its_own_form():
+    """Rows of an eigenpair card (4× low) do not calibrate a K-FAC card (1×); a table that does not say which
+    form made risk_card gives a K-FAC card no scale; without a form every row counts."""
+    eig = risks(0.05, scale=4.0).rename(columns={"risk_diag": "risk_card"}).assign(card_form="eig")
+    kfac = risks(0.05, seed=1, scale=1.0).rename(columns={"risk_diag": "risk_card"}).assign(card_form="kfac")
+    both = pd.concat([eig, kfac], ignore_index=True)
+    assert abs(math.log(fit_card_scale(both, None, "risk_card", "kfac").scale)) < 0.05
+    assert abs(math.log(fit_card_scale(both, None, "risk_card", "eig").scale / 4.0)) < 0.05
+    assert fit_card_scale(both.drop(columns=["card_form"]), None, "risk_card", "kfac") is None
+    assert fit_card_scale(both, None, "risk_card").n_pairs == len(both)
+
+
+def test_the_column_whose_scale_held_best_calibrates():
+    """risk_card of the card's form holds within ×1.5 (log sd 0.05), risk_diag does not (sd 1): the card's own
+    risk is scaled and the note names it; with only the diagonal steady, the diagonal is."""
+    from diag.decide.card_scale import calibrated_card_risk
+
+    train = risks(0.05, scale=1.2).rename(columns={"risk_diag": "risk_card"}).assign(card_form="kfac")
+    train["risk_diag"] = train["risk_exact"] / 20.0 * np.exp(np.random.default_rng(3).normal(size=len(train)))
+    out = pd.DataFrame({"risk_card": [1.0, 2.0], "risk_diag": [0.05, 0.1]})
+    notes: list[str] = []
+    risk = calibrated_card_risk(out, train, notes, "kfac")
+    assert "× risk_card" in notes[0] and risk == pytest.approx([1.2, 2.4], rel=0.05)
+    notes = []
+    calibrated_card_risk(out, train, notes, "eig")  # no eig rows: the diagonal's scale, the only one left
+    assert "× risk_diag" in notes[0]
+    notes = []
+    assert calibrated_card_risk(out, None, notes, "kfac") == [1.0, 2.0] and "not calibrated" in notes[0]

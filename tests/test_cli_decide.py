@@ -174,6 +174,7 @@ def test_rank_sources_features_equal_study_features(table):
     feats = [c for c in cands.columns if c.startswith(("cos_", "norm_", "risk_"))]
     assert {"cos_ft", "cos_ft.block.0", "norm_star_source", "risk_exact", "risk_card", "risk_diag"} <= set(feats)
     assert "cos_star" not in feats  # needs the target's explanation labels: never a ranking input
+    assert (df["card_form"] == _settings().card_form).all()  # the form risk_card came from, for its calibration
     for _, c in cands.iterrows():
         row = df[(df["source"] == c["source"]) & (df["target"] == target)].iloc[0]
         for f in feats:

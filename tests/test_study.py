@@ -47,7 +47,7 @@ def test_table_shape_and_columns(study):
                 "base_hash", "tvdiag_version", "alpha", "pair_key"):
         assert col in df.columns, col
     # risks were not requested: absent, with the reason, never a silent NaN feature
-    assert "risk_exact" not in df.columns
+    assert "risk_exact" not in df.columns and "card_form" not in df.columns
     assert df["absent"].str.contains("risk_exact: curvature not requested").all()
     assert (df["n_random"] >= 5).all() and (df["ermse_random_sd"] > 0).all()
     # per-target references are computed once and identical for every source

@@ -1,18 +1,19 @@
 """The card's risk calibrated on the suite's known pairs: one scale, fitted without the target.
 
-A card's risk is biased low: the diagonal Σ diag(Hᵀ)_i τ_i² misses every off-diagonal coupling
-and the top-k eigenpairs cover little of τ*ˢ, so on the mini-suite R_diag is ~20× and the
-eigenpairs + residual diagonal ~4× below the exact τᵀHᵀτ. The bias is steady across pairs
-(R_diag's Spearman with R_exact is ≈ 0.97), so one multiplicative scale fitted on known pairs
-makes the card faithful in level as well as in rank:
+A card's risk may be biased: the diagonal Σ diag(Hᵀ)_i τ_i² misses every off-diagonal coupling
+(on the mini-suite R_diag runs ~20× below the exact τᵀHᵀτ), the eigenpair card (top-k + residual
+diagonal) ~4× below; the trace-scaled K-FAC card (the default) sits near 1×. A steady bias is
+calibrated away by one multiplicative scale fitted on known pairs:
 
     R_cal(τ) = c · R_column(τ),   c = median over the known pairs of R_exact ÷ R_column,
 
 with the known pairs those of :func:`diag.decide.predictor.training_pairs` (the target neither
 as target nor as source, as every prediction for a new target is fitted). :func:`fit_card_scale`
 also says how well it held, leave one target out over the known pairs: the share within ×1.5 of
-R_exact and the spread of the log ratio. The scale belongs to a backbone and its curvature
-settings — fitted on a suite of the same backbone, it is not carried to another.
+R_exact and the spread of the log ratio. ``risk_card`` is fitted only on rows of the same card form
+(the study's ``card_form`` column): a K-FAC card is never scaled by an eigenpair card's bias.
+:func:`calibrated_card_risk` uses the column whose scale held best. The scale belongs to a backbone and
+its curvature settings — fitted on a suite of the same backbone, it is not carried to another.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from diag.decide.predictor import training_pairs
 
 __all__ = ["CARD_COLUMNS", "CardScale", "calibrated_card_risk", "fit_card_scale"]
 
-#: Card risks a scale can be fitted for, best first on the mini-suite (leave-one-target-out share within ×1.5).
-CARD_COLUMNS = ("risk_diag", "risk_card")
+#: Card risks a scale can be fitted for; :func:`calibrated_card_risk` takes the one whose scale held best (ties: first).
+CARD_COLUMNS = ("risk_card", "risk_diag")
 #: Fewer known pairs than this: no scale.
 MIN_PAIRS = 6
 
@@ -90,13 +91,19 @@ def _loto_within(rows: pd.DataFrame) -> float:
     return float(np.mean(inside))
 
 
-def fit_card_scale(table: pd.DataFrame, target: str | None = None, column: str = "risk_diag") -> CardScale | None:
+def fit_card_scale(table: pd.DataFrame, target: str | None = None, column: str = "risk_diag",
+                   card_form: str | None = None) -> CardScale | None:
     """The :class:`CardScale` of ``column`` on the known pairs of ``table`` without ``target`` (None: all pairs).
 
-    ``table``: study rows at one λ2 (the risks do not depend on λ2). Returns None with fewer than
-    :data:`MIN_PAIRS` usable pairs.
+    ``table``: study rows at one λ2 (the risks do not depend on λ2). ``card_form``: for ``risk_card``,
+    only rows whose ``card_form`` column names this form (a table without the column: None); None reads
+    every row. Returns None with fewer than :data:`MIN_PAIRS` usable pairs.
     """
     known = training_pairs(table, target) if target is not None else table
+    if column == "risk_card" and card_form is not None:
+        if "card_form" not in known:
+            return None
+        known = known[known["card_form"].astype(str) == card_form]
     rows = _ratios(known, column)
     if len(rows) < MIN_PAIRS:
         return None
@@ -105,16 +112,21 @@ def fit_card_scale(table: pd.DataFrame, target: str | None = None, column: str =
                      _loto_within(rows), float(np.std(logs, ddof=1)))
 
 
-def calibrated_card_risk(out: pd.DataFrame, train: pd.DataFrame | None, notes: list[str]) -> list[float]:
+def calibrated_card_risk(out: pd.DataFrame, train: pd.DataFrame | None, notes: list[str],
+                         card_form: str | None = None) -> list[float]:
     """The card's R for the loss model of candidate rows ``out``: scaled to R_exact on the suite's known pairs
-    ``train`` when they have both risks (adds ``risk_card_calibrated``), else the card's own ``risk_card``;
-    a note says which."""
-    scale = fit_card_scale(train, None, CARD_COLUMNS[0]) if train is not None else None
-    if scale is None or CARD_COLUMNS[0] not in out:
-        notes.append("card risk not calibrated (no suite study with exact and diagonal risks, or no diagonal risk "
-                     "from this card): R_card is used as is, and on the mini-suite it runs several times below the "
-                     "exact τᵀHτ, so the loss model under-predicts")
+    ``train`` (adds ``risk_card_calibrated``) by the column of :data:`CARD_COLUMNS` present in ``out`` whose
+    scale held best leaving one target out (``risk_card`` only from rows of ``card_form``), else the card's
+    own ``risk_card``; a note says which."""
+    scales = [fit_card_scale(train, None, c, card_form) for c in CARD_COLUMNS if c in out] if train is not None else []
+    scales = [s for s in scales if s is not None]
+    if not scales:
+        notes.append("card risk not calibrated (no suite study with exact risks beside this card's form or the "
+                     "diagonal): R_card is used as is" + (", and an eigenpair card runs several times below the "
+                                                         "exact τᵀHτ, so the loss model under-predicts"
+                                                         if card_form == "eig" else ""))
         return [float(r) for r in out["risk_card"]]
-    out["risk_card_calibrated"] = [scale.apply(r) for r in out[CARD_COLUMNS[0]]]
-    notes.append(scale.note())
+    best = max(scales, key=lambda c: -1.0 if math.isnan(c.loto_within) else c.loto_within)
+    out["risk_card_calibrated"] = [best.apply(r) for r in out[best.column]]
+    notes.append(best.note())
     return list(out["risk_card_calibrated"])

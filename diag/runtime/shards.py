@@ -63,13 +63,8 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
     if not is_distributed() and getattr(ctx, "workers", 1) > 1:
         pending = _pending(ctx, domains, alphas, explain, variants, seeds)
         if len(pending) > 1:  # θ_base exists now (built with every thread); the domains go to the workers
-
-            workers = min(ctx.workers, len(pending))
-            report = run_workers(build_domains, ctx, (domains, alphas, explain, variants, seeds, zero_shot), workers)
-            mine = {str(p) for s in seeds for p in ctx.zoo(s).built}  # θ_base, when this process built it
-            report["built"][0] = sorted(set(report["built"][0]) | mine)
-            report["workers"] = workers
-            return report
+            return _in_workers(ctx, min(ctx.workers, len(pending)),
+                               (domains, alphas, explain, variants, seeds, zero_shot))
     rank, world = rank_and_world()
     start = time.perf_counter()
     if rank == 0:
@@ -101,10 +96,29 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
     built = sorted({str(p) for s in seeds for p in ctx.zoo(s).built})
     parts = gather_json({"seconds": times, "zero_shot_accuracy": accuracy, "built": built, "ranks": ranks,
                          "loop": [loop_start, time.time()], "busy": busy, "waited": waited})  # also a barrier
+    return _merged(parts, domains, zero_shot, time.perf_counter() - start)
+
+
+def _in_workers(ctx, workers: int, args: tuple) -> dict:
+    """:func:`build_domains` of ``args`` in ``workers`` local processes; their report (θ_base in rank 0's list
+    when this process built it), with a line on stderr of how busy the queue kept them."""
+    report = run_workers(build_domains, ctx, args, workers)
+    seeds = args[4]
+    mine = {str(p) for s in seeds for p in ctx.zoo(s).built}  # θ_base, when this process built it
+    report["built"][0] = sorted(set(report["built"][0]) | mine)
+    report["workers"] = workers
+    if ctx.progress:  # for a user deciding on --workers
+        print(f"tvdiag: zoo stages done in {report['seconds']['total']:.0f} s by {workers} processes; idle "
+              "per process: " + ", ".join(f"{s:.0f} s" for s in report["idle_seconds"]), file=sys.stderr, flush=True)
+    return report
+
+
+def _merged(parts: list[dict], domains: Sequence[str], zero_shot: bool, total: float) -> dict:
+    """The ranks' reports of :func:`build_domains` as one (its Returns)."""
     merged: dict[str, float] = {"base": parts[0]["seconds"]["base"]}
     for d in domains:  # the caller's order; a domain's seconds: its stages' over the ranks that ran them
         merged[d] = sum(p["seconds"].get(d, 0.0) for p in parts)
-    merged["total"] = time.perf_counter() - start
+    merged["total"] = total
     acc = {d: next(p["zero_shot_accuracy"][d] for p in parts if d in p["zero_shot_accuracy"])
            for d in domains} if zero_shot else {}
     stage_ranks = {d: {st: r for p in parts for st, r in p["ranks"].get(d, {}).items()} for d in domains}

@@ -21,7 +21,8 @@ every pair is scored on each seed's vectors and φ — built by :func:`pair_rows
 * the run: ``alpha``, ``seed``, ``variant``; every metric has an image-specific twin ``ermse_img*``;
 * the source's own quality on S's val split (features, so never its test split): ``ermse_star_source``
   (θ_ft*ˢ), ``accuracy_ft_source``;
-* provenance: ``base_hash``, ``backbone_id``, ``tvdiag_version``, ``study_version``, ``pair_key``,
+* provenance: ``base_hash``, ``backbone_id``, ``tvdiag_version``, ``study_version``, ``pair_key``, ``card_form``
+  (with curvature: the card form ``risk_card`` and ``grad_dot_tau`` came from),
   ``n_test``, ``ks``, ``seconds``.
 
 Cost: each domain's test set is loaded once (the shared :class:`~diag.runtime.context.Workspace`); every
@@ -161,7 +162,8 @@ def pair_rows(diag: Diagnostics, source: str, target: str, settings: StudySettin
     fixed = {**feats.values, "accuracy_val_ft_target": val.attrs["accuracy_ft_target"], "absent": feats.absent_text(),
              **source_quality(ws, source, quality), "base_hash": ws.base_hash,
              "backbone_id": ws.store.backbone_id, "tvdiag_version": __version__, "study_version": STUDY_VERSION,
-             "n_test": int(ft_t.n), "ks": ",".join(str(k) for k in ft_t.ks)}
+             "n_test": int(ft_t.n), "ks": ",".join(str(k) for k in ft_t.ks),
+             **({"card_form": diag.card_form} if settings.curvature else {})}  # the form risk_card came from
     rows = [{**r.to_row(), **fixed, "method": PLAIN, "pair_key": keys[PLAIN], "accuracy_val": float(acc),
              "acc_drop_val_se": float(se), "loss_increase_val": float(loss)}
             for r, acc, se, loss in zip(results, val["accuracy"], val["acc_drop_se"], val["loss_increase"])
