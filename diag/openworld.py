@@ -309,7 +309,8 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
         out, n_train = _proxy(cands, notes), 0
     if tier == 1:
         g = [None if v is None or not math.isfinite(v) else float(v) for v in out["grad_dot_tau"]]
-        risk = calibrated_card_risk(out, train, notes, inputs.card.form)
+        form = "kfac" if read_metadata(inputs.card).get("format") == KFAC_FORMAT else "eig"
+        risk = calibrated_card_risk(out, train, notes, form)
         out["loss_increase_card"] = [loss_model(PAPER_LAMBDA2, r, gt) for r, gt in zip(risk, g)]
         cap = [grid_floor(quadratic_lambda_max(max(r, 0.0), max_loss_increase, gt)) for r, gt in zip(risk, g)]
         out["lambda2"] = [c if math.isnan(p) else min(p, c) for p, c in zip(out["lambda2"], cap)]
