@@ -25,6 +25,9 @@ from diag.stats import wilson_interval
 from diag.table import at_lambda, of_method, read_checked_csv
 
 N_BOOT = 1000
+#: What ``risk_card`` was computed from, by the table's ``card_form`` (tables without the column: ``eig``).
+CARD_LABELS = {"eig": "top-8 eigenpairs + residual diagonal",
+               "kfac": "trace-scaled K-FAC card (bfloat16 factors) + diagonal"}
 QUANTITY_NAMES = {"ermse_norm": "E-RMSE ÷ θ_ftᵀ's", "acc_drop": "accuracy drop at λ2 = 0.7",
                   "gain": "gain 1 − E-RMSE ÷ θ_ftᵀ's (every λ2)"}
 
@@ -90,10 +93,13 @@ def _loss_and_card(table: pd.DataFrame, seeds: list[int]) -> list[str]:
                    f"(≥ 80 % within at every λ2 up to it). Without gᵀτ: {cal['second_order']['within']:.0%} within, "
                    f"median ratio {cal['second_order']['median_ratio']:.2f}.")
     pairs = at_lambda(table, PAPER_LAMBDA2).dropna(subset=["risk_exact"])
-    for col, label in (("risk_card", "top-8 eigenpairs + residual diagonal"), ("risk_diag", "Hutchinson diagonal")):
+    forms = set(pairs["card_form"].dropna().astype(str)) if "card_form" in pairs else set()
+    form = forms.pop() if len(forms) == 1 else None  # a table from before the column: the eigenpair card's
+    card_label = CARD_LABELS.get(form, CARD_LABELS["eig"])
+    for col, label in (("risk_card", card_label), ("risk_diag", "Hutchinson diagonal")):
         if col in pairs and pairs[col].notna().any():
             a = agreement(pairs[col], pairs["risk_exact"])
-            cal = fit_card_scale(pairs, None, col)
+            cal = fit_card_scale(pairs, None, col, form)
             held = (f"; one scale fitted on the other targets' pairs (`diag.decide.card_scale`, what `rank-sources "
                     f"--card --study` applies) puts {cal.loto_within:.0%} within ×1.5 (scale on all pairs "
                     f"{cal.scale:.3g}, log-ratio sd {cal.log_sd:.2f})" if cal else "")
