@@ -39,59 +39,22 @@ import torch
 from diag.constants import PAPER_ALPHA
 from diag.curvature.card import HessianCard
 from diag.curvature.hutchinson import DEFAULT_BLOCK_SIZE, hutchinson_diagonal
-from diag.curvature.kfac import CARD_FORMS, KfacCard
+from diag.curvature.kfac import KfacCard
 from diag.curvature.operators import HessianOperator
 from diag.curvature.risk import probe_risks, risk_diagonal, risk_diagonal_stderr, risk_exact
+from diag.features.settings import CurvatureSettings, PRESET_CURVATURE  # noqa: F401  (re-exported: the settings' home)
 from diag.features.similarity import vector_similarity
 from diag.features.target_curvature import (build_eig_card, build_trace_kfac, CARD_FILES, load_diagonal,
                                              save_diagonal, TargetCurvature)
 from diag.runtime.context import Workspace
 from diag.runtime.distributed import is_distributed
 from train.datasets import model_inputs
-from train.errors import unknown
 from train.store import content_key, has_twin, Store
 from train.vectors import TaskVector
 
 log = logging.getLogger(__name__)
 
 RISK_COLUMNS = ("risk_exact", "risk_diag", "risk_diag_se", "risk_card", "grad_dot_tau")
-
-
-@dataclass(frozen=True)
-class CurvatureSettings:
-    """How a target's curvature is estimated (part of the cache key).
-
-    The defaults are the ``default`` zoo preset's; :meth:`for_preset` gives a preset's own
-    (the smoke presets estimate Hᵀ on few images with few probes and eigenpairs). ``card_form`` is the
-    card ``risk_card`` and ``grad_dot_tau`` come from (:data:`~diag.curvature.kfac.CARD_FORMS`); ``k``
-    counts the eig card's eigenpairs (built only for ``card_form="eig"`` or a method that projects).
-    """
-    n_images: int = 256
-    batch_size: int = 128
-    probes: int = 24
-    k: int = 8
-    seed: int = 0
-    engine: str = "auto"
-    split: str = "train"
-    params: tuple[str, ...] | None = None
-    card_form: str = "kfac"
-
-    def __post_init__(self) -> None:
-        if self.card_form not in CARD_FORMS:
-            raise unknown("card form", self.card_form, CARD_FORMS)
-
-    @classmethod
-    def for_preset(cls, preset: str) -> "CurvatureSettings":
-        """The curvature settings of zoo preset ``preset`` (:data:`PRESET_CURVATURE`, else the defaults)."""
-        return PRESET_CURVATURE.get(preset, cls())
-
-
-#: Zoo presets whose curvature settings differ from :class:`CurvatureSettings`' defaults: the smoke
-#: presets keep Hᵀ as small as their zoo (a quarter of the images, a third of the probes, half the eigenpairs).
-PRESET_CURVATURE: dict[str, CurvatureSettings] = {
-    "smoke": CurvatureSettings(n_images=64, probes=8, k=4),
-    "vitb-smoke": CurvatureSettings(n_images=64, probes=8, k=4),
-}
 
 
 #: Targets whose Hessian operator (model, images, kept graph; ~0.2-0.3 GB at tiny) stays in memory; older ones rebuild it.
@@ -138,8 +101,15 @@ class Diagnostics:
         """The card ``risk_card`` and ``grad_dot_tau`` come from (``settings.card_form``)."""
         return self.settings.card_form
 
-    backbone = property(lambda self: self.ws.backbone)
-    base_hash = property(lambda self: self.ws.base_hash)
+    @property
+    def backbone(self):
+        """θ_base's CLIP backbone (the workspace's, loaded on first use)."""
+        return self.ws.backbone
+
+    @property
+    def base_hash(self) -> str:
+        """θ_base's hash (read from the base file's header)."""
+        return self.ws.base_hash
 
     @property
     def base(self) -> dict:
