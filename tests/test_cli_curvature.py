@@ -98,10 +98,14 @@ def test_spectrum_writes_plot(root, capsys, tmp_path):
     assert len(res["top"]["eigvals"]) == 2
 
 
-def test_bench_curvature_quick_runs_every_path(capsys):
-    """`diag bench curvature` on the tiny model: products, PyHessian, curvlinops and the estimators."""
-    rows = run_json(capsys, "bench", "curvature", "--quick", "--models", "tiny-vit", "--repeats", "1", "--probes", "3")
-    (r,) = rows
+def test_bench_curvature_quick_runs_every_path(capsys, root):
+    """`diag bench curvature` on the tiny model: products, PyHessian, curvlinops and the estimators; with
+    --domain the estimators also on the store's trained θ_ft of that domain (a row of its own)."""
+    rows = run_json(capsys, "bench", "curvature", "--quick", "--models", "tiny-vit", "--repeats", "1", "--probes", "3",
+                    "--domain", "gtsrb", "--store", root, "--preset", "smoke", "--quiet")
+    r, trained = rows
+    assert trained["model"] == "θ_ft gtsrb" and trained["batch"] <= 64 and trained["eig_s"] > 0
+    assert trained["eig_reached_rounds"] == sum(e <= 1e-3 for e in trained["eig_rel_err"])
     assert r["n_params"] == 828672 and r["batch"] == 16
     for key in ("grad_s", "hvp_s", "hvp_kept_graph_s", "block8_per_probe_s", "trace_s", "hutchpp_s", "eig_s"):
         assert r[key] > 0, key
@@ -207,3 +211,9 @@ def test_target_diagonal_keeps_statistics_not_probes(root):
     assert old.pair("animals", "gtsrb", exact=False).values["risk_diag_se"] == pytest.approx(replayed, rel=1e-5)
     path.unlink()
     late.card_path("gtsrb").unlink()
+
+
+def test_bench_domain_needs_probes(capsys, root):
+    """--domain times the estimators: without --probes it is refused by name, before anything runs."""
+    code = main(["bench", "curvature", "--quick", "--domain", "gtsrb", "--store", root, "--preset", "smoke"])
+    assert code == 2 and "give --probes N" in capsys.readouterr().err
