@@ -5,10 +5,10 @@ matrices are small), while ``c`` single-threaded processes on different domains 
 core busy. So when the zoo or the study has work left and ``--workers`` is above 1, the
 command spawns that many processes, joins them in a gloo group (a file rendezvous in a
 temporary folder: no port, nothing leaves the machine) and runs the same sharded code as
-under ``torchrun`` (:mod:`diag.runtime.shards`, :func:`diag.study.run.run_study`): each domain, target
-curvature and pair is computed by one process, exactly as one process with the same thread
-count would. The parent then reads everything from the store. θ_base is pretrained before
-the split, in the parent, with all its threads.
+under ``torchrun`` (:mod:`diag.runtime.shards`, :func:`diag.study.run.run_study`): each stage of a
+domain (θ_ft, φ, θ_ft*), target curvature and pair is computed by one process, exactly as one process
+with the same thread count would. The parent then reads everything from the store. θ_base is copied
+from the repository (or pretrained) before the split, in the parent, with all its threads.
 
 ``auto`` is this process's thread count (the cores, or ``OMP_NUM_THREADS``; at most
 :data:`MAX_AUTO_WORKERS`) on a CPU and 1 on CUDA or MPS, where processes would share one
