@@ -111,6 +111,8 @@ def test_bench_curvature_quick_runs_every_path(capsys, root):
         assert r[key] > 0, key
     assert r["est_probes"] == 3 and min(r["eig_matvecs"] + r["eig_gradient_start_matvecs"]) >= 2
     assert r["eig_accuracy"] == 1e-3 and r["eig_reached_rounds"] == sum(e <= 1e-3 for e in r["eig_rel_err"])
+    assert r["trace_time_to_rel_se_s"] == pytest.approx(  # 1 % relative se, extrapolated as variance ∝ 1/products
+        r["trace_s"] * (r["trace_stderr"] / (0.01 * abs(r["trace"]))) ** 2)
     if r.get("pyhessian_eig_own_rule_matvecs") is not None:  # time to accuracy: one reference, products counted
         assert len(r["pyhessian_eig_own_rule_rel_err"]) == len(r["eig_rel_err"]) == 1
         assert r["pyhessian_eig_own_rule_matvecs"][0] >= 2

@@ -11,7 +11,9 @@ On a CPU device the times are the process's CPU seconds (:func:`clock`).
   divides by the signed trace). Same estimator, same accuracy by construction.
 * Trace, equal accuracy: :func:`hutchpp_trace` with ``probes`` products; its variance
   falls as ``1/products``, so it reaches PyHessian's standard error with
-  ``(se_hpp / se_pyh)²`` of its products: ratio ``(t_pyh / t_hpp) · (se_pyh / se_hpp)²``.
+  ``(se_hpp / se_pyh)²`` of its products: ratio ``(t_pyh / t_hpp) · (se_pyh / se_hpp)²``. The same
+  extrapolation gives each estimator's time to a relative standard error of :data:`TRACE_REL_SE`
+  (1 %): ``*_time_to_rel_se_s``.
 * Top eigenvalue, time to accuracy: a reference ``λ*`` (Lanczos to ``r²/gap <= 1e-10 · λ`` or 60
   steps, untimed) and a target relative error ``eig_accuracy`` (default :data:`EIG_ACCURACY`, 1e-3).
   PyHessian's ``eigenvalues(top_n=1)`` (power iteration from a random vector) runs its full
@@ -58,6 +60,9 @@ __all__ = ["bench_estimators", "format_estimator_lines", "median_ratio", "own_ru
 
 STORE_BENCH_IMAGES = 64
 """Val images of ``diag bench curvature --domain D`` (the batch the estimators are timed on)."""
+
+TRACE_REL_SE = 0.01
+"""Relative standard error of the trace the estimators' times are extrapolated to (``*_time_to_rel_se_s``)."""
 
 EIG_ACCURACY = 1e-3
 """Relative error of the top eigenvalue both estimators are timed to (against a converged reference)."""
@@ -216,11 +221,22 @@ def _eig_part(op, accuracy: float, ph, device: torch.device) -> dict[str, Callab
     return fns
 
 
+def _time_to_rel_se(seconds: float, stderr: float, value: float, target: float = TRACE_REL_SE) -> float | None:
+    """Seconds a trace estimator needs for a relative standard error of ``target``, extrapolated from one
+    measured run (its variance falls as 1 / products, so its time grows as (se / (target · |value|))²);
+    None without a positive standard error or with a zero estimate."""
+    if not (stderr > 0 and value != 0 and math.isfinite(stderr)):
+        return None
+    return seconds * (stderr / (target * abs(value))) ** 2
+
+
 def _trace_numbers(t: dict[str, list[float]], outs: dict[str, list], probes: int) -> dict[str, Any]:
     tr, hpp = outs["trace"][-1], outs["hutchpp"][-1]
     out: dict[str, Any] = {"est_probes": probes, "trace_s": statistics.median(t["trace"]), "trace": tr.value,
                            "trace_stderr": tr.stderr, "hutchpp_s": statistics.median(t["hutchpp"]),
-                           "hutchpp": hpp.value, "hutchpp_stderr": hpp.stderr}
+                           "hutchpp": hpp.value, "hutchpp_stderr": hpp.stderr, "trace_rel_se_target": TRACE_REL_SE}
+    out["trace_time_to_rel_se_s"] = _time_to_rel_se(out["trace_s"], tr.stderr, tr.value)
+    out["hutchpp_time_to_rel_se_s"] = _time_to_rel_se(out["hutchpp_s"], hpp.stderr, hpp.value)
     if "pyhessian_trace" not in outs:
         return out
     ses = [statistics.stdev(v) / math.sqrt(len(v)) for v, _ in outs["pyhessian_trace"]]
@@ -229,6 +245,8 @@ def _trace_numbers(t: dict[str, list[float]], outs: dict[str, list], probes: int
                 "pyhessian_trace": float(statistics.mean(vals)), "pyhessian_trace_stderr": ses[-1],
                 "pyhessian_trace_matvecs": n,
                 "pyhessian_over_ours_trace": median_ratio(t["pyhessian_trace"], t["trace"])})
+    out["pyhessian_trace_time_to_rel_se_s"] = _time_to_rel_se(out["pyhessian_trace_s"], ses[-1],
+                                                              out["pyhessian_trace"])
     hpp_se = [h.stderr for h in outs["hutchpp"]]
     out["pyhessian_over_ours_trace_equal_accuracy"] = (  # None: Hutch++ with one probe has no stderr
         statistics.median((tp / th) * (sp / sh) ** 2 for tp, th, sp, sh in zip(
