@@ -28,7 +28,7 @@ import torch
 from diag.constants import PAPER_LAMBDA2, PREDICTION_LEVEL
 from diag.curvature.card import build_card, check_card_provenance
 from diag.curvature.hutchinson import hutchinson_diagonal
-from diag.curvature.kfac import build_kfac_card, CARD_FORMS, KFAC_FORMAT
+from diag.curvature.kfac import build_kfac_card, card_file_form, CARD_FORMS
 from diag.curvature.operators import HessianOperator
 from diag.decide.predictor import fit_pair_predictor, MIN_TRAINING_PAIRS, rank_sources, tier_features, training_pairs
 from diag.decide.ranking import SourceRanking
@@ -48,7 +48,7 @@ from train.external_weights import (_is_safetensors, file_sha256, import_weights
                            visual_part)
 from train.model import load_visual_state, SelfExplainingCLIP, text_head
 from train.store import alpha_tag, base_state
-from train.tensorio import dumps, read_metadata
+from train.tensorio import dumps
 
 
 def _checkpoint_rename(names) -> Callable[[str], str]:
@@ -184,7 +184,7 @@ def candidate_features(inputs: RankInputs, alpha: float) -> tuple[pd.DataFrame, 
     base_hash = base.metadata.get("base_hash", "")
     keys = _base_keys(base)
     target = open_model(inputs.target_model, keys)
-    kfac = inputs.card is not None and read_metadata(inputs.card).get("format") == KFAC_FORMAT
+    kfac = inputs.card is not None and card_file_form(inputs.card) == "kfac"
     card = CardStream(inputs.card) if inputs.card is not None and not kfac else None
     facts = {"target_model": str(inputs.target_model), "base_hash": base_hash}
     if inputs.card is not None:
@@ -309,8 +309,7 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
         out, n_train = _proxy(cands, notes), 0
     if tier == 1:
         g = [None if v is None or not math.isfinite(v) else float(v) for v in out["grad_dot_tau"]]
-        form = "kfac" if read_metadata(inputs.card).get("format") == KFAC_FORMAT else "eig"
-        risk = calibrated_card_risk(out, train, notes, form)
+        risk = calibrated_card_risk(out, train, notes, card_file_form(inputs.card))
         out["loss_increase_card"] = [loss_model(PAPER_LAMBDA2, r, gt) for r, gt in zip(risk, g)]
         cap = [grid_floor(quadratic_lambda_max(max(r, 0.0), max_loss_increase, gt)) for r, gt in zip(risk, g)]
         out["lambda2"] = [c if math.isnan(p) else min(p, c) for p, c in zip(out["lambda2"], cap)]

@@ -33,7 +33,6 @@ import gc
 import json
 import logging
 import math
-import os
 import platform
 import statistics
 import time
@@ -44,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diag.bench.estimators import bench_estimators, format_estimator_lines, median_ratio, rounds, store_estimator_row
+from diag.bench.estimators import (bench_estimators, format_estimator_lines, load_average, median_ratio, rounds,
+                                   store_estimator_row)
 from diag.curvature.operators.attention import curvature_mode
 from diag.curvature.backends import _keep_training_flag, _only_requires_grad, CurvlinopsHessian
 from diag.curvature.operators import ENGINES, HessianOperator
@@ -66,13 +66,6 @@ RATIOS = ("hvp_over_grad", "hvp_kept_over_grad", "block8_over_grad", "block8_bat
           "pyhessian_over_ours_trace_equal_accuracy", "pyhessian_over_ours_eig", "pyhessian_over_ours_eig_gradient_start",
           "top_eig_rel_diff")
 """The ratios a row also lists under ``ratios`` (times measured in the same run: robust on a busy machine)."""
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
 
 
 class _CosineHead(nn.Module):
@@ -293,7 +286,12 @@ def _bench_model(name: str, quick: bool, repeats: int, device: torch.device,
     row["peak_mem_over_grad"] = (h_mem / g_mem) if (g_mem and h_mem is not None) else None
     row["peak_mem_method"] = ("cuda.max_memory_allocated" if device.type == "cuda"
                               else "VmHWM growth after clear_refs + malloc_trim")
-    row["threads"], row["load_avg_1min"] = torch.get_num_threads(), _load_average()
+    row["threads"], row["load_avg_1min"] = torch.get_num_threads(), load_average()
+    return _with_goals(row)
+
+
+def _with_goals(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its ``ratios`` (:data:`RATIOS`) and which :data:`GOALS` it meets (those it has)."""
     row["ratios"] = {k: row.get(k) for k in RATIOS}
     row["goals"] = {k: (row.get(k) is not None and (row[k] <= lim if k.endswith("_over_grad") else row[k] >= lim))
                     for k, lim in GOALS.items() if k in row}
@@ -377,11 +375,8 @@ def bench_main(quick: bool = False, json_out: bool = False, repeats: int = 3, pr
     ``(domain, workspace)`` adds :func:`store_estimator_row` (its estimator lines; no product table row).
     """
     rows = run_curvature_bench(quick=quick, repeats=repeats, probes=probes, models=models)
-    extra = [store_estimator_row(store_model[0], store_model[1], probes, repeats)] if store_model and probes else []
-    for r in extra:
-        r["ratios"] = {k: r.get(k) for k in RATIOS if k in r}
-        r["goals"] = {k: r.get(k) is not None and r[k] >= lim for k, lim in GOALS.items()
-                      if k in r and k.startswith("pyhessian_over_ours_")}
+    extra = [_with_goals(store_estimator_row(store_model[0], store_model[1], probes, repeats))] \
+        if store_model and probes else []
     if json_out:
         print(json.dumps(rows + extra, indent=2, default=str))
     else:

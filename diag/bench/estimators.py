@@ -32,13 +32,11 @@ On a CPU device the times are the process's CPU seconds (:func:`clock`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import statistics
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,7 +53,7 @@ from diag.features.pair_features import CurvatureSettings, Diagnostics
 from train.datasets import model_inputs
 from train.errors import TvdiagError
 
-__all__ = ["bench_estimators", "format_estimator_lines", "median_ratio", "own_rule_stop", "rounds",
+__all__ = ["bench_estimators", "format_estimator_lines", "load_average", "median_ratio", "own_rule_stop", "rounds",
            "store_estimator_row", "time_to_accuracy"]
 
 STORE_BENCH_IMAGES = 64
@@ -69,6 +67,14 @@ EIG_ACCURACY = 1e-3
 
 PYHESSIAN_MAX_ITER = 100
 """PyHessian's ``maxIter`` (its default): the products its recorded power iteration runs."""
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): how busy the machine was while timing."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
 def _sync(device: torch.device) -> None:
@@ -119,15 +125,16 @@ def median_ratio(num: list[float], den: list[float]) -> float:
 
 
 def _pyhessian_runner(model: nn.Module, x: Tensor, y: Tensor, names: list[str], device: torch.device):
-    """``run(fn, seed)``: ``fn(hessian(...))`` with PyHessian's products counted; ``None`` without PyHessian."""
+    """``run(fn, seed, on_product=None)``: ``fn(hessian(...))`` with PyHessian's products counted (each
+    ``(v, Hv)`` also passed to ``on_product``); ``None`` without PyHessian."""
     try:
         from pyhessian import hessian
     except ImportError:
         return None
 
-    def run(fn, seed: int):
+    def run(fn, seed: int, on_product=None):
         with _keep_training_flag(model), _only_requires_grad(model, names), curvature_mode(), \
-                torch.random.fork_rng(), _count_pyhessian_hvps() as count:
+                torch.random.fork_rng(), _count_pyhessian_hvps(on_product) as count:
             torch.manual_seed(seed)
             out = fn(hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=device.type == "cuda"))
         return out, count[0]
@@ -135,39 +142,23 @@ def _pyhessian_runner(model: nn.Module, x: Tensor, y: Tensor, names: list[str], 
     return run
 
 
-@contextlib.contextmanager
-def _recorded_power_iteration(device: torch.device) -> Iterator[list[tuple[float, float]]]:
-    """Record ``(clock time, vᵀHv)`` after each of PyHessian's products (its power iteration's estimates:
-    ``v`` is the unit iterate), wrapping the module-level ``hessian_vector_product`` as
-    :func:`~diag.curvature.backends._count_pyhessian_hvps` does. The quotient is what PyHessian computes next
-    anyway; the record costs one dot product per step."""
-    ph = sys.modules["pyhessian.hessian"]
-    original, now, record = ph.hessian_vector_product, clock(device), []
-
-    def recorded(gradsH, params, v):
-        Hv = original(gradsH, params, v)
-        quotient = float(sum((h * u).sum() for h, u in zip(Hv, v)))
-        _sync(device)
-        record.append((now(), quotient))
-        return Hv
-
-    ph.hessian_vector_product = recorded
-    try:
-        yield record
-    finally:
-        ph.hessian_vector_product = original
-
-
 def _pyhessian_eig_run(ph, device: torch.device):
-    """``run(r)``: PyHessian's power iteration for ``PYHESSIAN_MAX_ITER`` products from seed ``r``, timed per
-    product: ``{"start": clock time before its graph, "steps": [(clock time, estimate)], "products": n}``."""
+    """``run(r)``: PyHessian's power iteration for ``PYHESSIAN_MAX_ITER`` products from seed ``r``, with
+    ``(clock time, vᵀHv)`` recorded after each product (its estimates: ``v`` is the unit iterate; the quotient
+    is what PyHessian computes next anyway, one dot product per step):
+    ``{"start": clock time before its graph, "steps": [(clock time, estimate)], "products": n}``."""
     def run(r: int, o: dict) -> dict:
-        now = clock(device)
-        with _recorded_power_iteration(device) as record:
+        now, steps = clock(device), []
+
+        def record(v, Hv) -> None:
+            quotient = float(sum((h * u).sum() for h, u in zip(Hv, v)))
             _sync(device)
-            start = now()
-            _, n = ph(lambda c: c.eigenvalues(maxIter=PYHESSIAN_MAX_ITER, tol=-math.inf, top_n=1), r)
-        return {"start": start, "steps": list(record), "products": n}
+            steps.append((now(), quotient))
+
+        _sync(device)
+        start = now()
+        _, n = ph(lambda c: c.eigenvalues(maxIter=PYHESSIAN_MAX_ITER, tol=-math.inf, top_n=1), r, record)
+        return {"start": start, "steps": steps, "products": n}
 
     return run
 
@@ -324,15 +315,14 @@ def store_estimator_row(domain: str, workspace, probes: int, repeats: int = 3,
     val images, every parameter of the vision tower — where the top eigenvalue is not as isolated as at a
     random initialisation, so the estimators' stopping rules are put to the test."""
     diag = Diagnostics(workspace)
-    state = diag.vector(domain, "ft").apply_to(diag.base, base_hash=diag.base_hash)
-    model = workspace.store.model(domain, state, backbone=diag.backbone).to(workspace.device)
+    model = diag.model(domain)
     x, y = model_inputs(diag.backbone.config, domain, "val", n_images, workspace.data.get(domain))
     x, y = x.to(workspace.device), y.to(workspace.device)
     names = select_params(model, CurvatureSettings().params or None)
     row: dict[str, Any] = {"model": f"θ_ft {domain}", "n_params": sum(dict(model.named_parameters())[n].numel()
                                                                        for n in names),
                            "batch": int(len(y)), "device": str(workspace.device), "repeats": repeats,
-                           "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0] if hasattr(os, 'getloadavg') else None}
+                           "threads": torch.get_num_threads(), "load_avg_1min": load_average()}
     row.update(bench_estimators(model, x, y, names, names, probes, torch.device(workspace.device), repeats))
     return row
 

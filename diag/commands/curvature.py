@@ -165,8 +165,7 @@ def _hessian_estimates(args, ctx, diag, domain: str, op) -> dict:
 def _pyhessian_side_by_side(args, diag, domain: str, op) -> dict:
     """PyHessian's trace and top eigenvalue on the first batch, and ours on the same batch."""
     x, y = op.data[0]
-    model = diag.store.model(domain, diag.vector(domain, "ft").apply_to(diag.base, base_hash=diag.base_hash),
-                             backbone=diag.backbone)
+    model = diag.model(domain)
     params = list(args.params) if args.params else None
     ph = pyhessian_trace_and_top_eig(model, x, y, params=params, seed=args.probe_seed)
     ours = hutchinson_trace(type(op)(model, [(x, y)], params=params, engine=op.engine),

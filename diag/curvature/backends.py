@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,8 +69,8 @@ def _keep_training_flag(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _count_pyhessian_hvps() -> Iterator[list[int]]:
-    """Count PyHessian's single-batch Hessian-vector products.
+def _count_pyhessian_hvps(on_product: Callable[[list, list], None] | None = None) -> Iterator[list[int]]:
+    """Count PyHessian's single-batch Hessian-vector products (and pass each ``(v, Hv)`` to ``on_product``).
 
     PyHessian does not report how many products its power iteration used; it calls
     the module-level ``pyhessian.hessian.hessian_vector_product``, which is wrapped
@@ -85,7 +85,10 @@ def _count_pyhessian_hvps() -> Iterator[list[int]]:
 
     def counted(gradsH, params, v):
         count[0] += 1
-        return original(gradsH, params, v)
+        Hv = original(gradsH, params, v)
+        if on_product is not None:
+            on_product(v, Hv)
+        return Hv
 
     ph.hessian_vector_product = counted
     try:

@@ -120,11 +120,15 @@ class Diagnostics:
         """τ_ft (``ft``), τ_ft* (``ftx``) or τ* (``star``) of a domain, from the workspace."""
         return self.ws.vector(domain, kind)
 
+    def model(self, target: str):
+        """The target's prediction-only model at θ_ftᵀ (its head, θ_base + τ_ftᵀ), on the workspace's device."""
+        return self.store.model(target, self.vector(target, "ft").apply_to(self.base, base_hash=self.base_hash),
+                                backbone=self.backbone).to(self.ws.device)
+
     def operator(self, target: str) -> HessianOperator:
         """Hessian of L_cls at θ_ftᵀ on the first ``n_images`` target images."""
         s = self.settings
-        model = self.store.model(target, self.vector(target, "ft").apply_to(self.base, base_hash=self.base_hash),
-                                 backbone=self.backbone).to(self.ws.device)
+        model = self.model(target)
         x, y = model_inputs(self.backbone.config, target, s.split, s.n_images, self.data.get(target))
         n = len(y)
         batches = [(x[i:i + s.batch_size], y[i:i + s.batch_size]) for i in range(0, n, s.batch_size)]

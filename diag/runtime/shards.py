@@ -64,7 +64,7 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
         pending = _pending(ctx, domains, alphas, explain, variants, seeds)
         if len(pending) > 1:  # θ_base exists now (built with every thread); the domains go to the workers
             return _in_workers(ctx, min(ctx.workers, len(pending)),
-                               (domains, alphas, explain, variants, seeds, zero_shot))
+                               (domains, alphas, explain, variants, seeds, zero_shot), seeds)
     rank, world = rank_and_world()
     start = time.perf_counter()
     if rank == 0:
@@ -99,11 +99,10 @@ def build_domains(ctx, domains: Sequence[str], alphas: Sequence[float], explain:
     return _merged(parts, domains, zero_shot, time.perf_counter() - start)
 
 
-def _in_workers(ctx, workers: int, args: tuple) -> dict:
+def _in_workers(ctx, workers: int, args: tuple, seeds: Sequence[int]) -> dict:
     """:func:`build_domains` of ``args`` in ``workers`` local processes; their report (θ_base in rank 0's list
-    when this process built it), with a line on stderr of how busy the queue kept them."""
+    when this process built it for one of ``seeds``), with a line on stderr of how busy the queue kept them."""
     report = run_workers(build_domains, ctx, args, workers)
-    seeds = args[4]
     mine = {str(p) for s in seeds for p in ctx.zoo(s).built}  # θ_base, when this process built it
     report["built"][0] = sorted(set(report["built"][0]) | mine)
     report["workers"] = workers

@@ -129,9 +129,11 @@ def _candidate(method, param, vec: TaskVector, scale: float, tau: TaskVector, cu
     return Candidate(method, param, vec, float(scale), 0.5 * scale * scale * r, how, size)
 
 
-def _scaled(method, vec: TaskVector, params_scales, tau: TaskVector, curv: RepairCurvature) -> list[Candidate]:
-    """``vec`` at each ``(param, scale)``: its risk (an exact product with the operator) computed once."""
-    risk = curv.risk(repair.flat_of(vec, curv.layout))
+def _scaled(method, vec: TaskVector, params_scales, tau: TaskVector, curv: RepairCurvature,
+            flat: torch.Tensor | None = None) -> list[Candidate]:
+    """``vec`` at each ``(param, scale)``: its risk (an exact product with the operator) computed once
+    (``flat``: ``vec`` already flattened in ``curv``'s layout)."""
+    risk = curv.risk(repair.flat_of(vec, curv.layout) if flat is None else flat)
     return [_candidate(method, param, vec, scale, tau, curv, risk) for param, scale in params_scales]
 
 
@@ -166,7 +168,7 @@ def candidates(method: str, tau: TaskVector, curvature, lambda2: float = PAPER_L
 
 
 def _plain(method, tau, flat, curv, lambda2, grid, mixes, lam_max) -> list[Candidate]:
-    return _scaled(method, tau, [(float(lam), lam) for lam in (grid or LAMBDA_GRID)], tau, curv)
+    return _scaled(method, tau, [(float(lam), lam) for lam in (grid or LAMBDA_GRID)], tau, curv, flat)
 
 
 def _project(method, tau, flat, curv, lambda2, grid, mixes, lam_max) -> list[Candidate]:

@@ -7,9 +7,10 @@
 """
 
 from diag.curvature.kfac.build import build_kfac_card, build_kfac_cards, KFAC_FACTOR_DTYPE, LAYER_SCALES
-from diag.curvature.kfac.card import CARD_FORMS, card_bytes, KFAC_FORMAT, KfacCard, load_any_card, trace_scales
+from diag.curvature.kfac.card import (CARD_FORMS, card_bytes, card_file_form, KFAC_FORMAT, KfacCard, load_any_card,
+                                      trace_scales)
 from diag.curvature.kfac.factors import kfac_factors
 from diag.curvature.kfac.layers import covered_layers, LayerSpec
 
-__all__ = ["CARD_FORMS", "KFAC_FACTOR_DTYPE", "KFAC_FORMAT", "LAYER_SCALES", "KfacCard", "LayerSpec", "build_kfac_card", "build_kfac_cards", "card_bytes", "covered_layers",
+__all__ = ["CARD_FORMS", "KFAC_FACTOR_DTYPE", "KFAC_FORMAT", "LAYER_SCALES", "KfacCard", "LayerSpec", "build_kfac_card", "build_kfac_cards", "card_bytes", "card_file_form", "covered_layers",
            "kfac_factors", "load_any_card", "trace_scales"]

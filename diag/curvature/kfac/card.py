@@ -33,7 +33,7 @@ from diag.curvature.params import ParamLayout
 from train.errors import ArtifactError, BaseMismatchError
 from train.tensorio import load_tensors, read_metadata, save_tensors
 
-__all__ = ["CARD_FORMS", "KFAC_FORMAT", "KfacCard", "card_bytes", "load_any_card", "trace_scales"]
+__all__ = ["CARD_FORMS", "KFAC_FORMAT", "KfacCard", "card_bytes", "card_file_form", "load_any_card", "trace_scales"]
 
 KFAC_FORMAT = "tvdiag.kfac_card/1"
 #: Forms of the Hessian card: ``eig`` (top-k eigenpairs + residual diagonal, the default) and ``kfac``.
@@ -273,9 +273,12 @@ def _unpack(tri: Tensor, n: int) -> Tensor:
     return out
 
 
+def card_file_form(path: str | os.PathLike) -> str:
+    """The form of the card in a file, by the format its header records: ``kfac`` or ``eig``."""
+    return KfacCard.form if read_metadata(path).get("format") == KFAC_FORMAT else HessianCard.form
+
+
 def load_any_card(path: str | os.PathLike) -> HessianCard | KfacCard:
-    """A Hessian card of either form, by the format its file records: a :class:`KfacCard` or a
+    """A Hessian card of either form (:func:`card_file_form`): a :class:`KfacCard` or a
     :class:`~diag.curvature.card.HessianCard`."""
-    if read_metadata(path).get("format") == KFAC_FORMAT:
-        return KfacCard.load(path)
-    return HessianCard.load(path)
+    return KfacCard.load(path) if card_file_form(path) == KfacCard.form else HessianCard.load(path)
