@@ -9,7 +9,10 @@ at θ_ftᵀ are estimated on
   images would hold),
 
 and the loss change L(θ_ftᵀ + λτ*ˢ) − L(θ_ftᵀ) is measured on T's test images, which neither estimate
-saw (cross-fitted), at small and large λ. The rows are written as a checked table (``OUT/loss_model.csv``)
+saw (cross-fitted), at small and large λ, with the measurement's paired standard error and its two
+alternate-image halves (the measurement's own test–retest), gᵀτ's standard error (and the gated model
+that keeps λ·gᵀτ only where |gᵀτ| ≥ 2 se), and, as a reference no predictor from those images could
+beat by much, the change measured directly on the estimating images. The rows are written as a checked table (``OUT/loss_model.csv``)
 that ``scripts/results_report.py`` summarises with :func:`diag.decide.loss_model.calibrate` when it is
 committed under ``results/``.
 
@@ -33,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from diag.curvature.operators import HessianOperator  # noqa: E402
 from diag.curvature.risk import loss_model, quadratic_check  # noqa: E402
-from diag.decide.loss_model import calibrate, calibration_text  # noqa: E402
+from diag.decide.loss_model import agreement, calibrate, calibration_text, gated_g_tau  # noqa: E402
 from diag.features.pair_features import CurvatureSettings, Diagnostics  # noqa: E402
 from diag.runtime.context import Workspace  # noqa: E402
 from diag.table import ordered_pairs, write_table  # noqa: E402
@@ -72,13 +75,17 @@ def check_seed(store: Store, seed: int, domains: list[str]) -> list[dict]:
         tau = ws.vector(source, "star").tensors
         for est in ESTIMATES:
             op = ops[est]
+            flat = op.flatten(tau).to(op.dtype)
             for c in quadratic_check(op.model, op.data, tau, ts=STEPS, op=op, score_data=test):
-                g_tau = c.first_order / c.t
                 risk = 2.0 * c.second_order / c.t ** 2
                 rows.append({"seed": seed, "source": source, "target": target, "estimate": est, "lambda2": c.t,
-                             "g_tau": g_tau, "risk": risk, "predicted": loss_model(c.t, risk, g_tau),
-                             "predicted_second_order": loss_model(c.t, risk, None), "measured": c.measured,
-                             "method": "plain"})
+                             "g_tau": c.g_tau, "g_tau_se": c.g_tau_se, "risk": risk,
+                             "predicted": loss_model(c.t, risk, c.g_tau),
+                             "predicted_second_order": loss_model(c.t, risk, None),
+                             "predicted_gated": loss_model(c.t, risk, gated_g_tau(c.g_tau, c.g_tau_se)),
+                             "measured": c.measured, "measured_se": c.measured_se,
+                             "measured_half_a": c.measured_half_a, "measured_half_b": c.measured_half_b,
+                             "measured_on_estimate": op.loss_change(c.t * flat).mean, "method": "plain"})
         print(f"seed {seed} {source}→{target}: {time.time() - start:.1f} s", flush=True)
     return rows
 
@@ -100,8 +107,12 @@ def main() -> int:
             write_table(pd.DataFrame(rows), path)  # what is done so far, checked
     table = pd.DataFrame(rows)
     for est in ESTIMATES:
+        part = table[table["estimate"] == est]
         print(f"g and H on {est} images, ΔL on test images:")
-        print("\n".join("  " + line for line in calibration_text(calibrate(table[table["estimate"] == est]), est, "test")))
+        print("\n".join("  " + line for line in calibration_text(calibrate(part), est, "test")))
+        ref = agreement(part["measured_on_estimate"], part["measured"], measured_se=part["measured_se"])
+        print(f"  reference: the change itself measured on the {est} images, scored the same way: "
+              f"{ref['within']:.0%} within ×1.5, {ref['consistent']:.0%} within ×1.5 or 1.96 se")
     return 0
 
 

@@ -112,3 +112,54 @@ def test_calibration_without_first_order_term_says_so():
     bad = calibrate(predicted_vs_measured(_rows(lambda lam: 2.0)))
     assert bad["valid_up_to"] == 0.0 and bad["fails_from"] == pytest.approx(0.4)
     assert "no λ2 should be chosen from it" in calibration_text(bad)[1]
+
+
+def test_measured_change_carries_its_paired_se_and_halves():
+    """The change's se is sd/√N of the per-image differences; the halves are the even and odd images' means;
+    gᵀτ's se is that of the per-image directional derivatives."""
+    model, data = _problem()
+    fit, score = data[:2], data[2:]
+    op = HessianOperator(model, fit, engine="fwd-rev")
+    tau = torch.randn(op.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    row = quadratic_check(model, fit, tau, ts=(0.5,), op=op, score_data=score)[0]
+    X, Y = score[0]
+    params = dict(model.named_parameters())
+    shifted = {n: p + 0.5 * d for (n, p), d in zip(params.items(), op.unflatten(tau).values())}
+    per = lambda ps, x, y: nn.functional.cross_entropy(torch.func.functional_call(model, ps, (x,)), y,  # noqa: E731
+                                                       reduction="none").detach()
+    d = per(shifted, X, Y) - per(params, X, Y)
+    assert row.measured_se == pytest.approx(float(d.std(unbiased=True)) / math.sqrt(d.numel()), rel=1e-10)
+    assert row.measured_half_a == pytest.approx(float(d[0::2].mean()), rel=1e-10)
+    assert row.measured_half_b == pytest.approx(float(d[1::2].mean()), rel=1e-10)
+    # per-image directional derivatives on the fitting images, by central differences of each image's loss
+    h = 1e-6
+    gi = []
+    for x, y in fit:
+        plus = {n: p + h * v for (n, p), v in zip(params.items(), op.unflatten(tau).values())}
+        minus = {n: p - h * v for (n, p), v in zip(params.items(), op.unflatten(tau).values())}
+        gi.append((per(plus, x, y) - per(minus, x, y)) / (2 * h))
+    gi = torch.cat(gi)
+    assert row.g_tau == pytest.approx(float(gi.mean()), rel=1e-6)
+    assert row.g_tau_se == pytest.approx(float(gi.std(unbiased=True)) / math.sqrt(gi.numel()), rel=1e-5)
+
+
+def test_calibration_judges_by_what_the_measurement_can_decide():
+    """With each measurement's se, a prediction off by ×2 counts where it lies within 1.96 se; the halves give
+    the measurement's own agreement; without se the strict ×1.5 criterion stays."""
+    rows = _rows(lambda lam: 2.0)
+    # se: large at λ ≤ 0.5 (the ×2 miss lies inside 1.96 se), tiny above
+    rows["loss_increase_val_se"] = [abs(m) if lam <= 0.5 else 1e-9 for m, lam in zip(rows["loss_increase_val"],
+                                                                                    rows["lambda2"])]
+    fit = predicted_vs_measured(rows)
+    cal = calibrate(fit)
+    assert cal["criterion"] == "consistent" and cal["within"] == 0.0
+    assert cal["consistent"] == pytest.approx(6 / 15)  # the miss is half the measurement, ≤ 1.96 se at λ 0.4, 0.5
+    assert cal["valid_up_to"] == pytest.approx(0.5) and cal["fails_from"] == pytest.approx(0.6)
+    assert "1.96 se of the measurement" in calibration_text(cal)[0]
+    assert calibrate(predicted_vs_measured(_rows(lambda lam: 2.0)))["criterion"] == "within"
+    # the measurement against itself: halves 1 and 1.2 (within ×1.5), or 1 and 2 (not), per λ
+    fit["measured_half_a"] = 1.0
+    fit["measured_half_b"] = [1.2 if lam < 0.65 else 2.0 for lam in fit["lambda2"]]
+    rt = calibrate(fit)["retest"]
+    assert rt["within"] == pytest.approx(9 / 15) and rt["per_lambda"][0.4] == 1.0 and rt["per_lambda"][0.8] == 0.0
+    assert "the measurement against itself" in " ".join(calibration_text(calibrate(fit)))

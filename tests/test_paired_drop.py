@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from diag.decide.rules import drop_decision, method_verdict, screen_verdict
-from diag.stats.paired import UPPER_Z, images_needed, paired_drop
+from diag.stats.paired import UPPER_Z, images_needed, paired_change, paired_drop
 from train.errors import DataError
 
 # 10 images: 6 right with and without the vector, 2 lost, 1 gained, 1 wrong twice
@@ -82,3 +82,12 @@ def test_screen_verdict_uses_the_upper_bound():
     wide["measured_acc_drop_se"] = 0.02
     verdict, reasons = screen_verdict(wide, table, "t", 0.7, 0.05)
     assert verdict == "caution" and any("about 271 val images" in r for r in reasons)
+
+
+def test_paired_change_is_the_mean_difference_with_its_paired_se():
+    ref, new = [1.0, 2.0, 3.0, 4.0], [1.5, 2.0, 3.5, 5.0]  # differences 0.5, 0, 0.5, 1: mean 0.5, sd √(1/6)
+    mean, se = paired_change(ref, new)
+    assert mean == pytest.approx(0.5) and se == pytest.approx(math.sqrt(1 / 6) / 2)
+    assert math.isnan(paired_change([1.0], [2.0])[1])
+    with pytest.raises(DataError):
+        paired_change([1.0, 2.0], [1.0])

@@ -251,6 +251,12 @@ class QuadraticCheckRow:
         rel_error_second_order: ``|second_order - measured| / |measured|`` (the paper's
             model, which assumes g = 0).
         holds: ``rel_error <= tol``.
+        measured_se: the paired standard error of ``measured`` over its images (each image's loss
+            at both points).
+        measured_half_a, measured_half_b: ``measured`` on the alternate-image halves of the scoring
+            images: two independent measurements of the same change (the measurement's test–retest).
+        g_tau, g_tau_se: ``g^T tau`` and its standard error over the estimating images (each image's
+            directional derivative).
     """
 
     t: float
@@ -261,6 +267,11 @@ class QuadraticCheckRow:
     rel_error: float
     rel_error_second_order: float
     holds: bool
+    measured_se: float = math.nan
+    measured_half_a: float = math.nan
+    measured_half_b: float = math.nan
+    g_tau: float = math.nan
+    g_tau_se: float = math.nan
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -275,8 +286,10 @@ def quadratic_check(model: nn.Module, data: Iterable, tau: Tensor | Mapping[str,
     ``g`` and ``R = tau^T H tau`` come from ``data`` (or ``op``); for each ``t`` the change
     ``L(theta + t tau) - L(theta)`` is measured on ``score_data`` — other images, so that the
     model is never scored on the images it was estimated on — and compared with
-    ``t g^T tau + 1/2 t^2 R``. Without ``score_data`` the change is measured on ``data`` (an
-    in-sample check of the Taylor expansion itself, not of a prediction).
+    ``t g^T tau + 1/2 t^2 R``; each measured change carries its paired standard error and its two
+    alternate-image halves, and ``g^T tau`` its standard error over the estimating images. Without
+    ``score_data`` the change is measured on ``data`` (an in-sample check of the Taylor expansion
+    itself, not of a prediction).
 
     Args:
         model: The target model (at ``theta``; never modified).
@@ -299,17 +312,19 @@ def quadratic_check(model: nn.Module, data: Iterable, tau: Tensor | Mapping[str,
         raise BaseMismatchError(f"tau has length {flat.shape[0]}, the operator has D={op.shape[0]}.")
     scorer = op if score_data is None else HessianOperator(op.model, score_data, params=list(op.param_names),
                                                             engine=op.engine, dtype=op.dtype)
-    base = scorer.loss()
     g_tau = float(torch.dot(op.gradient().double(), flat.double()))
+    g_tau_se = op.directional_derivative(flat)[1] if hasattr(op, "directional_derivative") else math.nan
     R = op.quadratic_form(flat)
     rows = []
     for t in ts:
-        measured = scorer.loss(t * flat) - base
+        change = scorer.loss_change(t * flat)
+        measured = change.mean
         first, second = t * g_tau, loss_model(t, R, 0.0)
         denom = abs(measured) if measured != 0 else math.inf
         rel = abs(first + second - measured) / denom
         rel2 = abs(second - measured) / denom
-        rows.append(QuadraticCheckRow(float(t), measured, first, second, first + second, rel, rel2, bool(rel <= tol)))
+        rows.append(QuadraticCheckRow(float(t), measured, first, second, first + second, rel, rel2, bool(rel <= tol),
+                                      change.se, change.half_a, change.half_b, g_tau, g_tau_se))
     return rows
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from train.errors import DataError
 
-__all__ = ["UPPER_Z", "PairedDrop", "images_needed", "paired_drop"]
+__all__ = ["UPPER_Z", "PairedDrop", "images_needed", "paired_change", "paired_drop"]
 
 #: z of the one-sided 95 % upper confidence bound of a drop.
 UPPER_Z = 1.6448536269514722
@@ -82,6 +82,22 @@ def paired_drop(correct_ref, correct_new) -> PairedDrop:
     psi = (a_v * b - a_b * v) / a_b ** 2
     se = math.sqrt(float(psi @ psi) / (n * (n - 1))) if n > 1 else math.nan
     return PairedDrop(1.0 - a_v / a_b, se, n, lost, gained)
+
+
+def paired_change(ref, new) -> tuple[float, float]:
+    """(mean change, its paired standard error) of a per-image quantity measured twice on the same images,
+    reference first: the mean of ``new − ref`` and sd/√n of the differences (NaN below 2 images).
+
+    Raises:
+        DataError: lengths differ.
+    """
+    a, b = np.asarray(ref, dtype=np.float64).ravel(), np.asarray(new, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise DataError(f"paired values of {a.size} and {b.size} images: the same images are needed")
+    d = b - a
+    if not d.size:
+        return math.nan, math.nan
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
 
 
 def images_needed(drop: float, se: float, n: int, budget: float, z: float = UPPER_Z) -> int | None:

@@ -16,7 +16,7 @@ every pair is scored on each seed's vectors and φ — built by :func:`pair_rows
   feature does not apply);
 * the target's ``val`` split (never ``test``) for the λ2 choice: ``accuracy_val`` (eq. 8 at this λ2),
   ``acc_drop_val_se`` (the paired standard error of its drop against θ_ftᵀ on the same images),
-  ``accuracy_val_ft_target`` (θ_ftᵀ) and ``loss_increase_val`` (what the loss model predicts), from
+  ``accuracy_val_ft_target`` (θ_ftᵀ) and ``loss_increase_val`` (what the loss model predicts; ``_se`` its paired se), from
   :func:`diag.transfer.budget.accuracy_grid`;
 * the run: ``alpha``, ``seed``, ``variant``; every metric has an image-specific twin ``ermse_img*``;
 * the source's own quality on S's val split (features, so never its test split): ``ermse_star_source``
@@ -165,8 +165,9 @@ def pair_rows(diag: Diagnostics, source: str, target: str, settings: StudySettin
              "n_test": int(ft_t.n), "ks": ",".join(str(k) for k in ft_t.ks),
              **({"card_form": diag.card_form} if settings.curvature else {})}  # the form risk_card came from
     rows = [{**r.to_row(), **fixed, "method": PLAIN, "pair_key": keys[PLAIN], "accuracy_val": float(acc),
-             "acc_drop_val_se": float(se), "loss_increase_val": float(loss)}
-            for r, acc, se, loss in zip(results, val["accuracy"], val["acc_drop_se"], val["loss_increase"])
+             "acc_drop_val_se": float(se), "loss_increase_val": float(loss), "loss_increase_val_se": float(loss_se)}
+            for r, acc, se, loss, loss_se in zip(results, val["accuracy"], val["acc_drop_se"], val["loss_increase"],
+                                                 val["loss_increase_se"])
             if (keys[PLAIN], lam_key(r.lambda2)) not in done]
     for method in (m for m in keys if m != PLAIN):
         todo = [r for r in results if (keys[method], lam_key(r.lambda2)) not in done]
@@ -176,7 +177,8 @@ def pair_rows(diag: Diagnostics, source: str, target: str, settings: StudySettin
             m = with_method(ws, r, method, curv, candidates, settings.max_acc_drop,
                             (gains or {}).get(target) if method == RANKED else None)
             rows.append({**m.to_row(), **fixed, "pair_key": keys[method], "accuracy_val": m.repair["val_accuracy"],
-                         "loss_increase_val": m.repair["measured_loss_increase"]})
+                         "loss_increase_val": m.repair["measured_loss_increase"],
+                         "loss_increase_val_se": m.repair["measured_loss_increase_se"]})
     seconds = time.perf_counter() - start
     return [{**r, "seconds": seconds} for r in rows]
 

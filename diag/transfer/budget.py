@@ -22,7 +22,7 @@ import pandas as pd
 
 from diag.constants import CHECK_IMAGES, CHOICE_SPLIT, LAMBDA_GRID, PAPER_LAMBDA1
 from diag.runtime.context import Workspace
-from diag.stats.paired import paired_drop
+from diag.stats.paired import paired_change, paired_drop
 from diag.transfer.eq8 import correct_and_loss, transferred_state
 from train.errors import DataError
 
@@ -86,11 +86,12 @@ def accuracy_grid(ws: Workspace, target: str, sources: Sequence[str], lambda1: f
     """Measured accuracy of eq. 8 over a λ2 grid on the target's labelled ``val`` images (tier 2).
 
     Returns:
-        Rows (source, lambda2, accuracy, acc_drop, acc_drop_se, n_val, n_lost, n_gained, loss_increase) with
+        Rows (source, lambda2, accuracy, acc_drop, acc_drop_se, n_val, n_lost, n_gained, loss_increase,
+        loss_increase_se) with
         acc_drop = 1 − acc/acc(θ_ftᵀ), its paired standard error over the same images
         (:func:`diag.stats.paired.paired_drop`: ``n_lost``/``n_gained`` images the vector makes
         wrong/right) and loss_increase the val cross-entropy minus θ_ftᵀ's (what the loss model
-        λ·gᵀτ + ½λ²R predicts); ``attrs["accuracy_ft_target"]`` is θ_ftᵀ's accuracy on the same images.
+        λ·gᵀτ + ½λ²R predicts; loss_increase_se its paired standard error); ``attrs["accuracy_ft_target"]`` is θ_ftᵀ's accuracy on the same images.
     """
     images = ws.target_set(target, CHOICE_SPLIT, n_images)
     ft_t = ws.vector(target, "ft")
@@ -102,9 +103,11 @@ def accuracy_grid(ws: Workspace, target: str, sources: Sequence[str], lambda1: f
         for lam in grid:
             correct, loss = correct_and_loss(ws, target, transferred_state(ws, ft_t, star, lambda1, lam), images)
             acc, paired = float(correct.double().mean()), paired_drop(base_correct.numpy(), correct.numpy())
+            change, change_se = paired_change(base_loss.numpy(), loss.numpy())
             rows.append({"source": source, "lambda2": float(lam), "accuracy": acc,
                          "acc_drop": 1.0 - acc / max(base_acc, 1e-12), "acc_drop_se": paired.se, "n_val": paired.n,
-                         "n_lost": paired.n_lost, "n_gained": paired.n_gained, "loss_increase": loss - base_loss})
+                         "n_lost": paired.n_lost, "n_gained": paired.n_gained, "loss_increase": change,
+                         "loss_increase_se": change_se})
     out = pd.DataFrame(rows)
     out.attrs["accuracy_ft_target"] = base_acc
     return out

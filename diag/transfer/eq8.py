@@ -69,20 +69,20 @@ def predict(model: SelfExplainingCLIP, x: torch.Tensor, y: torch.Tensor | None =
     return torch.cat(logits), (torch.cat(phis) if explain else None)
 
 
-def correct_and_loss(ws: Workspace, domain: str, state: dict, images: TargetSet) -> tuple[torch.Tensor, float]:
-    """(per-image top-1 correctness (N,) bool, mean cross-entropy) of θ = ``state`` with ``domain``'s head on
-    ``images`` (no φ needed).
+def correct_and_loss(ws: Workspace, domain: str, state: dict, images: TargetSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-image top-1 correctness (N,) bool, per-image cross-entropy (N,) float64) of θ = ``state`` with
+    ``domain``'s head on ``images`` (no φ needed).
 
     The one labelled-accuracy loop (λ2 grids, the methods' val choices): the accuracy is the
     correctness's mean, its drop against θ_ftᵀ on the same images gets a paired standard error
     (:func:`diag.stats.paired.paired_drop`), and the loss is the quantity the loss model
-    λ·gᵀτ + ½λ²R predicts the change of.
+    λ·gᵀτ + ½λ²R predicts the change of (its paired se: :func:`diag.stats.paired.paired_change`).
     """
     model = ws.model(domain)
     load_visual_state(model, state)
     logits, _ = predict(model, images.x, images.y, explain=False)
-    loss = torch.nn.functional.cross_entropy(logits.double(), images.y)
-    return logits.argmax(dim=1) == images.y, float(loss)
+    losses = torch.nn.functional.cross_entropy(logits.double(), images.y, reduction="none")
+    return logits.argmax(dim=1) == images.y, losses
 
 
 def evaluate_state(ws: Workspace, tset: TargetSet, state: dict, name: str) -> Scores:

@@ -30,7 +30,7 @@ from diag.constants import CHECK_IMAGES, CHOICE_SPLIT, DEFAULT_MAX_ACC_DROP, PAP
 from diag.runtime.context import Workspace
 from diag.transfer import mixing
 from diag.transfer.budget import BUDGET_TOL, safe_sizes
-from diag.stats.paired import paired_drop
+from diag.stats.paired import paired_change, paired_drop
 from diag.transfer.eq8 import correct_and_loss, transferred_state
 from diag.transfer.methods import MIX_METHODS, Candidate, candidates, curvature_for
 from train.errors import DataError, unknown
@@ -52,11 +52,12 @@ class RepairChoice:
             with :func:`diag.transfer.evaluate.transferred_state`).
         val_accuracy: its top-1 accuracy on the ``val`` images.
         val_accuracy_ft_target: θ_ftᵀ's accuracy on the same images.
-        measured_loss_increase: its val cross-entropy minus θ_ftᵀ's (what ½λ²R predicts).
+        measured_loss_increase: its val cross-entropy minus θ_ftᵀ's (what the loss model predicts);
+            measured_loss_increase_se its paired standard error (:func:`diag.stats.paired.paired_change`).
         safe: it keeps ≥ (1 − max_acc_drop) of θ_ftᵀ's val accuracy, and so does every
             candidate of its grid (its mixture, for ``mix``) with a smaller size.
         table: every candidate (method, param, scale, predicted_loss_increase, risk_source,
-            measured_loss_increase, size, val_accuracy, acc_kept, acc_drop, acc_drop_se, n_val, keeps, safe).
+            measured_loss_increase, measured_loss_increase_se, size, val_accuracy, acc_kept, acc_drop, acc_drop_se, n_val, keeps, safe).
         val_acc_drop_se: the paired standard error of its val accuracy drop 1 − val_accuracy ÷
             val_accuracy_ft_target (:func:`diag.stats.paired.paired_drop`, same images).
         n_val: the val images.
@@ -72,6 +73,7 @@ class RepairChoice:
     table: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
     val_acc_drop_se: float = math.nan
     n_val: int = 0
+    measured_loss_increase_se: float = math.nan
 
     def summary(self) -> dict:
         """JSON-able numbers of the choice (``predicted_loss_increase`` None without a curvature, never NaN),
@@ -81,6 +83,8 @@ class RepairChoice:
         return {"param": c.param if isinstance(c.param, (int, float)) else str(c.param), "scale": float(c.scale),
                 "predicted_loss_increase": predicted if math.isfinite(predicted) else None,
                 "measured_loss_increase": float(self.measured_loss_increase),
+                "measured_loss_increase_se": float(self.measured_loss_increase_se)
+                if math.isfinite(self.measured_loss_increase_se) else None,
                 "risk_source": c.risk_source, "size": float(c.size), "val_accuracy": float(self.val_accuracy),
                 "val_accuracy_ft_target": float(self.val_accuracy_ft_target), "safe": bool(self.safe),
                 "val_acc_drop_se": float(self.val_acc_drop_se) if math.isfinite(self.val_acc_drop_se) else None,
@@ -126,7 +130,9 @@ def select_repair(ws: Workspace, target: str, tau: TaskVector, method: str, curv
         kept = acc / base_acc if base_acc > 0 else math.nan
         rows.append({"method": c.method, "param": c.param, "scale": c.scale,
                      "predicted_loss_increase": c.predicted_loss_increase, "risk_source": c.risk_source,
-                     "measured_loss_increase": loss - base_loss, "size": c.size, "val_accuracy": acc,
+                     **dict(zip(("measured_loss_increase", "measured_loss_increase_se"),
+                                paired_change(base_loss.numpy(), loss.numpy()))),
+                     "size": c.size, "val_accuracy": acc,
                      "acc_kept": kept, "acc_drop": 1.0 - kept,
                      "acc_drop_se": paired_drop(base_correct.numpy(), correct.numpy()).se, "n_val": len(correct),
                      "keeps": bool(1.0 - kept <= max_acc_drop + BUDGET_TOL)})
@@ -134,7 +140,8 @@ def select_repair(ws: Workspace, target: str, tau: TaskVector, method: str, curv
     best = _best(table)
     return RepairChoice(target, cands[best], float(table.at[best, "val_accuracy"]), base_acc,
                         float(table.at[best, "measured_loss_increase"]), bool(table.at[best, "safe"]), max_acc_drop,
-                        table, float(table.at[best, "acc_drop_se"]), len(base_correct))
+                        table, float(table.at[best, "acc_drop_se"]), len(base_correct),
+                        float(table.at[best, "measured_loss_increase_se"]))
 
 
 def _mark_safe(table: pd.DataFrame, by_param: bool, budget: float) -> pd.DataFrame:

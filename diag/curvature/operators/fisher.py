@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diag.curvature.operators.model import _ModelOperator
-from train.errors import DataError
 
 __all__ = ["EmpiricalFisherOperator"]
 
@@ -20,13 +19,6 @@ class EmpiricalFisherOperator(_ModelOperator):
     so no ``B x D`` per-sample gradient matrix is formed. :meth:`diagonal` does form
     per-sample gradients (``vmap`` of ``grad``).
     """
-
-    def _per_sample_losses(self, th: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        logits = self._logits(th, x)
-        C = logits.shape[1]
-        if int(y.min()) < 0 or int(y.max()) >= C:
-            raise DataError(f"Labels out of range [0, {C}): min {int(y.min())}, max {int(y.max())}.")
-        return F.cross_entropy(logits, y, reduction="none")
 
     def _block(self, x: Tensor, y: Tensor, vs: list[dict[str, Tensor]], index: int | None = None) -> Tensor:
         f = lambda th: self._per_sample_losses(th, x, y)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ from diag.curvature.operators.base import CurvatureOperator
 from diag.curvature.params import ParamLayout, layout_for, select_params
 from train.errors import BaseMismatchError, DataError, TvdiagError, UnknownNameError, unknown
 
-__all__ = ["LOSSES", "finite_difference_check"]
+__all__ = ["LOSSES", "LossChange", "finite_difference_check"]
 
 LOSSES = ("ce",)
 
@@ -54,6 +55,27 @@ def _is_one_shot(data: Any) -> bool:
         return iter(data) is data
     except TypeError as e:
         raise DataError(f"data must be an iterable of (x, y) batches, got {type(data).__name__}.") from e
+
+
+@dataclass(frozen=True)
+class LossChange:
+    """A measured loss change ``L(θ + δ) − L(θ)`` over N images: mean, paired se, and the two alternate-image halves."""
+
+    mean: float
+    se: float
+    half_a: float
+    half_b: float
+    n: int
+
+    @classmethod
+    def from_moments(cls, m: Tensor, n: int) -> "LossChange":
+        """From the per-image means (Σd, Σd², Σd over even images, their count, Σd over odd) ÷ N."""
+        mean, sq, even_sum, even_share, odd_sum = (float(v) for v in m)
+        var = max(sq - mean * mean, 0.0) * n / max(n - 1, 1)
+        odd_share = 1.0 - even_share
+        return cls(mean, (var / n) ** 0.5 if n > 1 else float("nan"),
+                   even_sum / even_share if even_share > 0 else float("nan"),
+                   odd_sum / odd_share if odd_share > 0 else float("nan"), n)
 
 
 class _ModelOperator(CurvatureOperator):
@@ -226,12 +248,15 @@ class _ModelOperator(CurvatureOperator):
             raise TvdiagError(f"The model must return logits of shape (B, C); got {got}.")
         return out
 
-    def _loss_sum(self, theta: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def _per_sample_losses(self, theta: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         logits = self._logits(theta, x)
         C = logits.shape[1]
         if int(y.min()) < 0 or int(y.max()) >= C:
             raise DataError(f"Labels out of range [0, {C}): min {int(y.min())}, max {int(y.max())}.")
-        return F.cross_entropy(logits, y, reduction="sum")
+        return F.cross_entropy(logits, y, reduction="none")
+
+    def _loss_sum(self, theta: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return self._per_sample_losses(theta, x, y).sum()
 
     def _shifted(self, delta: Tensor | None) -> dict[str, Tensor]:
         if delta is None:
@@ -245,6 +270,41 @@ class _ModelOperator(CurvatureOperator):
         like = torch.zeros((), dtype=torch.float64, device=self.device)
         with torch.no_grad():
             return float(self._reduce(lambda x, y: self._loss_sum(theta, x, y).double(), like))
+
+    def loss_change(self, delta: Tensor) -> LossChange:
+        """``L(theta + delta) − L(theta)`` with its paired standard error over the images.
+
+        Each image's loss is taken at both points (one pass over the data), so the se is that of the
+        mean per-image difference, sd/√N; the two alternate-image halves (even and odd positions
+        in each batch) give two independent measurements of the same change (their agreement is
+        the measurement's own test–retest).
+        """
+        shifted = self._shifted(delta)
+        like = torch.zeros(5, dtype=torch.float64, device=self.device)
+
+        def sums(x: Tensor, y: Tensor) -> Tensor:
+            d = (self._per_sample_losses(shifted, x, y) - self._per_sample_losses(self._theta, x, y)).double()
+            even = torch.arange(d.shape[0], device=d.device) % 2 == 0
+            return torch.stack([d.sum(), (d * d).sum(), d[even].sum(), even.sum().double(), d[~even].sum()])
+
+        with torch.no_grad():
+            m = self._reduce(sums, like)
+        return LossChange.from_moments(m, self.num_samples)
+
+    def directional_derivative(self, v: Tensor) -> tuple[float, float]:
+        """``gᵀv`` (g the mean gradient) and its standard error over the images, from each image's
+        ``g_iᵀv`` (one forward-mode product per batch)."""
+        vd = self.unflatten(v.detach().to(dtype=self.dtype, device=self.device))
+        like = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+        def sums(x: Tensor, y: Tensor) -> Tensor:
+            gv = torch.func.jvp(lambda th: self._per_sample_losses(th, x, y), (self._theta,), (vd,))[1].double()
+            return torch.stack([gv.sum(), (gv * gv).sum()])
+
+        m = self._reduce(sums, like)
+        n = self.num_samples
+        mean, var = float(m[0]), max(float(m[1]) - float(m[0]) ** 2, 0.0) * n / max(n - 1, 1)
+        return mean, (var / n) ** 0.5 if n > 1 else float("nan")
 
     def gradient(self, delta: Tensor | None = None) -> Tensor:
         """Flat mean gradient ``grad L(theta + delta)`` of the selected parameters.
