@@ -17,6 +17,7 @@ import pandas as pd
 from diag.constants import PAPER_LAMBDA2
 from diag.decide.card_scale import fit_card_scale
 from diag.decide.ceiling import ranking_ceiling
+from diag.decide.evaluation import ORACLE
 from diag.decide.evaluation import evaluate_rankers, loto_coverage
 from diag.decide.loss_model import agreement, calibrate, predicted_vs_measured
 from diag.decide.screen_check import validate_screen
@@ -141,11 +142,12 @@ def _ranking(table: pd.DataFrame, seeds: list[int]) -> list[str]:
         for r in evaluate_rankers(at07[at07["seed"] == seed], n_boot=N_BOOT):
             per.setdefault(r["name"], []).append(r["mean_spearman"])
     out = [ceiling.sentence() + "." if ceiling else "No test-retest ceiling (one seed)."]
-    best = max(per, key=lambda k: np.mean(per[k]))
+    best = max((k for k in per if k != ORACLE), key=lambda k: np.mean(per[k]))
     for name, vals in per.items():
         frac = f", {np.mean(vals) / ceiling.mean:.2f} of the ceiling" if ceiling and ceiling.mean > 0 else ""
-        out.append(f"- {name}: leave-one-target-out Spearman {_msd(vals)} over seeds{frac}"
-                   + (" (best)" if name == best else ""))
+        note = (" (best)" if name == best else
+                " (a reference, not a ranker: it needs the target's explanation vector)" if name == ORACLE else "")
+        out.append(f"- {name}: leave-one-target-out Spearman {_msd(vals)} over seeds{frac}{note}")
     return out + [""]
 
 

@@ -280,3 +280,27 @@ def test_features_beyond_the_known_range_are_clipped_not_extrapolated():
     assert edge[0] == edge[1] and edge[2] == edge[3] and edge[1] < edge[2]  # clipped, still in order
     inside = pred.predict(pd.DataFrame({"cos_ft": [0.5]}))[0]
     assert edge[1] < inside < edge[2]
+
+
+def test_source_record_is_the_source_effect_of_an_additive_fit():
+    """The record fits outcome = a_source + b_target on the training pairs and predicts a_source: exact on
+    additive data even though each source meets a different set of targets; an unknown source gets the
+    mean effect; on such data it ranks every held-out target's sources perfectly."""
+    df = synthetic_pairs()
+    q = {d: i / 10 for i, d in enumerate(sorted(df["source"].unique()))}
+    off = {d: math.sin(i) for i, d in enumerate(sorted(df["target"].unique()))}
+    df["ermse"] = [q[s] + off[t] for s, t in zip(df["source"], df["target"])]
+    train = df[(df["target"] != "d0") & (df["source"] != "d0")]
+    rec = fit_predictor(train, [], target="ermse", model="record")
+    test = df[df["target"] == "d0"]
+    pred = rec.predict(test)
+    shift = pred[0] - q[test["source"].iloc[0]]  # effects are identified up to one constant
+    assert np.allclose(pred - shift, [q[s] for s in test["source"]], atol=1e-9) and rec.train_rmse < 1e-9
+    unknown_source = test.iloc[:1].assign(source="new")
+    assert rec.predict(unknown_source)[0] == pytest.approx(np.mean([rec.estimator[0][s] for s in rec.estimator[0]]))
+    res = {e.name: e for e in evaluate_loto(df, ["cos_ft"], predictors={"record": "record"}, n_boot=50)}
+    assert res["record"].mean_spearman == pytest.approx(1.0) and res["record"].mean_top1_regret == 0.0
+    # a plain mean over each source's pairs is biased by which targets it met: not a perfect ranking here
+    naive = {s: g["ermse"].mean() for s, g in train.groupby("source")}
+    assert not np.allclose(np.array([naive[s] for s in test["source"]]) - (naive["d1"] - q["d1"]),
+                           [q[s] for s in test["source"]], atol=1e-3)

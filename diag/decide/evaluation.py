@@ -119,9 +119,18 @@ def _fitter(spec: PredictorSpec, features: Sequence[str], fit_target: str, seed:
     return lambda train: fit_predictor(train, feats, fit_target, model, seed, allow_oracle=allow, sign=sign)
 
 
+#: The source's record on the other targets (tier 0: no feature of the pair, only the zoo's known pairs).
+RECORD = "source record"
+#: The Appendix C oracle: cos(τ*ˢ, τ*ᵀ) needs the target's explanation labels, so no tier can use it; it shows
+#: how much of the ceiling the target's explanation vector itself would reach.
+ORACLE = "cos τ* (oracle)"
+
+
 def default_predictors() -> dict[str, PredictorSpec]:
-    """ridge and gbr on the given features, and the paper's proxy (higher cos_ft → lower E-RMSE)."""
-    return {"ridge": "ridge", "gbr": "gbr", "cos_ft (paper proxy)": {"model": "proxy", "features": ["cos_ft"]}}
+    """ridge and gbr on the given features, the paper's proxy (higher cos_ft → lower E-RMSE) and the source's
+    record on the other targets."""
+    return {"ridge": "ridge", "gbr": "gbr", "cos_ft (paper proxy)": {"model": "proxy", "features": ["cos_ft"]},
+            RECORD: "record"}
 
 
 def evaluate_loto(df: pd.DataFrame, features: Sequence[str], target: str = "ermse",
@@ -230,10 +239,12 @@ def _summarise_loto(name: str, per: pd.DataFrame, df: pd.DataFrame, oof: np.ndar
 
 
 def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """Leave-one-target-out evaluation of the tier predictors, the paper's cos(τ_ft) proxy and random.
+    """Leave-one-target-out evaluation of the tier predictors, the paper's cos(τ_ft) proxy, the source record,
+    random, and the oracle cos(τ*ˢ, τ*ᵀ) as a reference no ranker can use.
 
     :func:`diag.decide.predictor.evaluate_loto` on E-RMSE with each tier's features (a tier whose features
-    equal a lower tier's is skipped); the proxy and random appear once, under the first tier.
+    equal a lower tier's is skipped); the proxy, the record, random and the oracle appear once, under the
+    first tier (the oracle's ``tier`` is ``"oracle"``).
 
     Returns:
         One dict per ranker: ``name`` (``"<model> (tier t)"``, or the proxy's or ``random``),
@@ -242,16 +253,22 @@ def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
     """
     out = []
     seen = set()
+    once = ("proxy", "random", RECORD, ORACLE)
     for tier in (0, 1, 2):
         feats = tier_features(table, tier)
         if not feats or tuple(feats) in seen:
             continue
         seen.add(tuple(feats))
-        for ev in evaluate_loto(table, feats, target="ermse", n_boot=n_boot, seed=seed, fit_target="ermse_norm"):
-            d = {"name": ev.name if "proxy" in ev.name or ev.name == "random" else f"{ev.name} (tier {tier})",
-                 "tier": tier, "mean_spearman": ev.mean_spearman, "ci95": list(ev.ci95),
-                 "mean_top1_regret": ev.mean_top1_regret, "random_top1_regret": ev.random_top1_regret,
-                 "pooled_r": ev.pooled_r, "pooled_ci95": list(ev.pooled_ci95)}
+        predictors = default_predictors()
+        if "cos_star" in table and pd.to_numeric(table["cos_star"], errors="coerce").notna().any():
+            predictors[ORACLE] = {"model": "proxy", "features": ["cos_star"], "allow_oracle": True}
+        for ev in evaluate_loto(table, feats, target="ermse", predictors=predictors, n_boot=n_boot, seed=seed,
+                                fit_target="ermse_norm"):
+            d = {"name": ev.name if any(k in ev.name for k in once) else f"{ev.name} (tier {tier})",
+                 "tier": "oracle" if ev.name == ORACLE else tier, "mean_spearman": ev.mean_spearman,
+                 "ci95": list(ev.ci95), "mean_top1_regret": ev.mean_top1_regret,
+                 "random_top1_regret": ev.random_top1_regret, "pooled_r": ev.pooled_r,
+                 "pooled_ci95": list(ev.pooled_ci95)}
             if d["name"] in {o["name"] for o in out}:
                 continue
             out.append(d)

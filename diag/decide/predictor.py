@@ -45,7 +45,7 @@ from train.errors import DataError, unknown
 
 log = logging.getLogger(__name__)
 
-MODELS = ("ridge", "gbr", "proxy", "mean")
+MODELS = ("ridge", "gbr", "proxy", "mean", "record")
 
 #: Candidate feature columns per tier (cumulative); ``cos_ft.<group>`` columns join tier 0.
 TIER_FEATURES: dict[int, tuple[str, ...]] = {
@@ -133,8 +133,11 @@ class Predictor:
         features: feature columns, in order.
         target: the outcome column it predicts (e.g. ``ermse_norm``, ``acc_drop``).
         model: ``ridge`` (standardised ridge, α chosen by leave-one-out CV), ``gbr``
-            (gradient-boosted depth-2 trees), ``mean`` (the training mean) or ``proxy`` (a single feature with a fixed sign:
-            prediction = ``sign`` · feature, a ranking score, not calibrated).
+            (gradient-boosted depth-2 trees), ``mean`` (the training mean), ``record`` (the source's effect
+            in outcome ≈ source effect + target effect over the known pairs: no feature of the pair, the
+            zoo's track record of the source) or
+            ``proxy`` (a single feature with a fixed sign: prediction = ``sign`` · feature, a ranking score,
+            not calibrated).
         n_train: training pairs used.
         train_rmse: in-sample root mean squared error (NaN for a proxy).
     """
@@ -156,6 +159,9 @@ class Predictor:
         risks exceed every known target's (GTSRB's, on the mini-suite) gets the prediction at the
         edge of what was seen, not a linear extrapolation far beyond it.
         """
+        if self.model == "record":
+            record, overall = self.estimator
+            return np.array([record.get(str(s), overall) for s in df["source"]], dtype=np.float64)
         _check_features(df, self.features, allow_oracle=True)
         X = _design(df, self.features)
         if self.model == "proxy":
@@ -188,8 +194,10 @@ def fit_predictor(df: pd.DataFrame, features: Sequence[str], target: str = "erms
         df: pair table.
         features: feature columns (see :func:`tier_features`).
         target: outcome column.
-        model: ``"ridge"``, ``"gbr"``, ``"mean"`` (the training mean, whatever the features) or
-            ``"proxy"`` (first feature times ``sign``, unfitted).
+        model: ``"ridge"``, ``"gbr"``, ``"mean"`` (the training mean, whatever the features), ``"record"``
+            (the source's effect in an additive source + target fit over ``df``, whatever the features) or
+            ``"proxy"`` (first
+            feature times ``sign``, unfitted).
         seed: random state of the boosted trees.
         allow_oracle: permit features that need target explanation labels.
         name: label; defaults to ``model``.
@@ -202,6 +210,8 @@ def fit_predictor(df: pd.DataFrame, features: Sequence[str], target: str = "erms
     if model not in MODELS:
         raise unknown("predictor model", model, MODELS)
     df = with_normalised(df)
+    if model == "record":
+        return _fit_record(df, target, name)
     features = _check_features(df, features, allow_oracle)
     y = target_values(df, target)
     ok = np.isfinite(y)
@@ -221,6 +231,32 @@ def fit_predictor(df: pd.DataFrame, features: Sequence[str], target: str = "erms
         span = (np.nan_to_num(np.nanmin(X, axis=0), nan=-np.inf), np.nan_to_num(np.nanmax(X, axis=0), nan=np.inf))
     return Predictor(name=name or model, features=tuple(features), target=target, model=model,
                      n_train=int(ok.sum()), train_rmse=rmse, estimator=est, span=span)
+
+
+def _fit_record(df: pd.DataFrame, target: str, name: str | None, sweeps: int = 200) -> Predictor:
+    """The sources' record: outcome ≈ a_source + b_target fitted on the known pairs (least squares, by
+    alternating means), predicting a_source: a source's effect net of which targets it happened to be
+    paired with. A source with no known pair gets the mean effect."""
+    y = target_values(df, target)
+    ok = np.isfinite(y)
+    if ok.sum() < 3:
+        raise DataError(f"need at least 3 pairs with a finite '{target}' to fit, got {int(ok.sum())}")
+    known = pd.DataFrame({"s": df.loc[ok, "source"].astype(str).to_numpy(),
+                          "t": df.loc[ok, "target"].astype(str).to_numpy(), "y": y[ok]})
+    b = pd.Series(0.0, index=sorted(known["t"].unique()))
+    for _ in range(sweeps):
+        a = (known["y"] - known["t"].map(b)).groupby(known["s"]).mean()
+        b_new = (known["y"] - known["s"].map(a)).groupby(known["t"]).mean()
+        b_new -= b_new.mean()
+        done = float((b_new - b).abs().max()) < 1e-12
+        b = b_new
+        if done:
+            break
+    a = (known["y"] - known["t"].map(b)).groupby(known["s"]).mean()
+    fitted = known["s"].map(a) + known["t"].map(b)
+    return Predictor(name=name or "record", features=(), target=target, model="record", n_train=int(ok.sum()),
+                     train_rmse=float(np.sqrt(np.mean((known["y"] - fitted) ** 2))),
+                     estimator=(a.to_dict(), float(a.mean())))
 
 
 # ---------------------------------------------------------------------------- known pairs
