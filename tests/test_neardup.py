@@ -252,3 +252,27 @@ def test_a_changed_split_is_never_read_as_the_old_one(monkeypatch):
                                                     zoo._ftx_verdict(d, 0.8, "paper"))] for d in ("mnist", "gtsrb")}
     assert usable == {"grouped": {"mnist": [True] * 3, "gtsrb": [True] * 3},
                       "stratified": {"mnist": [True] * 3, "gtsrb": [False] * 3}}
+
+
+def test_the_full_seed_axis_reseeds_the_splits_and_theta_base(monkeypatch):
+    """$TVDIAG_SPLIT_SEED reseeds the val carve (another val, another data_key for every domain, the test split
+    untouched); $TVDIAG_BASE_SEED is θ_base's seed of every config that names none; both refuse a non-seed."""
+    from train.datasets.registry import SPLIT_SEED_ENV, resolve_split_seed
+    from train.zoo.config import BASE_SEED_ENV, ZooConfig
+
+    monkeypatch.delenv(SPLIT_SEED_ENV, raising=False)
+    monkeypatch.delenv(BASE_SEED_ENV, raising=False)
+    assert resolve_split_seed() == 0 and ZooConfig().base_seed == 0
+    zero = {n: load_domain(n) for n in ("mnist", "gtsrb")}
+    monkeypatch.setenv(SPLIT_SEED_ENV, "1")
+    monkeypatch.setenv(BASE_SEED_ENV, "2")
+    assert resolve_split_seed() == 1 and resolve_split_seed(0) == 0 and ZooConfig().base_seed == 2
+    for name, before in zero.items():
+        after = load_domain(name)
+        assert after.data_key != before.data_key and after.content_hash == before.content_hash
+        assert not torch.equal(after.split("val").images, before.split("val").images)
+        assert torch.equal(after.split("test").images, before.split("test").images)
+        assert len(after.split("val")) == len(before.split("val"))
+    monkeypatch.setenv(SPLIT_SEED_ENV, "one")
+    with pytest.raises(DataError, match=r"\$TVDIAG_SPLIT_SEED must be a non-negative integer seed, got 'one'"):
+        load_domain("mnist")

@@ -18,6 +18,7 @@ from train.datasets.registry import (
     data_hint,
     missing_copy_message,
     norm,
+    resolve_split_seed,
     resolve_val_carve,
     unknown_domain,
 )
@@ -31,7 +32,7 @@ def load_domain(
     data: str | Path | None = None,
     image_size: int | None = None,
     max_per_split: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     val_fraction: float = VAL_FRACTION,
     val_carve: str | None = None,
 ) -> Domain:
@@ -52,7 +53,8 @@ def load_domain(
             given and not 32. Folders: centre crop + bicubic resize, 224 if None.
         max_per_split: Keep at most this many images per split (stratified, seeded).
         seed: Seed of the 80/20 split of flat folders, of the image order, of the cap and of
-            the validation carve.
+            the validation carve; None: ``$TVDIAG_SPLIT_SEED``, else 0
+            (:func:`~train.datasets.registry.resolve_split_seed`).
         val_fraction: Share of ``train`` carved into ``val`` (:func:`carve_validation`);
             0 keeps the source's own splits only.
         val_carve: ``"grouped"`` (near-duplicate groups never straddle train and val) or
@@ -74,6 +76,7 @@ def load_domain(
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     carve = resolve_val_carve(val_carve)
+    seed = resolve_split_seed(seed)
     opts = {"image_size": image_size, "max_per_split": max_per_split, "seed": seed}
     raw = _load_raw(os.fspath(name), data, opts)
     domain = carve_validation(raw, val_fraction, seed=seed, carve=carve) if val_fraction > 0 else raw

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.datasets import templates as T
-from train.errors import UnknownNameError, unknown
+from train.errors import DataError, UnknownNameError, unknown
 
 MINISUITE: tuple[str, ...] = ("mnist", "fashion", "animals", "gtsrb", "dtd", "imagenette", "cifar10")
 PAPER_DATASETS: tuple[str, ...] = (
@@ -35,6 +35,10 @@ VAL_FRACTION = 0.15
 VAL_CARVES = ("grouped", "stratified")
 VAL_CARVE = "grouped"
 VAL_CARVE_ENV = "TVDIAG_VAL_CARVE"
+# The seed of every split a domain's loading draws (flat folders' 80/20 test split, image order, caps, the
+# validation carve): argument first, then $TVDIAG_SPLIT_SEED, then 0. A store holds one split seed's
+# artifacts (the splits enter each domain's content hash, so a store built under another one is rebuilt).
+SPLIT_SEED_ENV = "TVDIAG_SPLIT_SEED"
 # Near-duplicates (train.datasets.neardup): RMS difference of centred 16x16 thumbnails over their pooled spread.
 NEAR_DUPLICATE_SIDE = 16
 NEAR_DUPLICATE_DISTANCE = 0.15
@@ -124,6 +128,30 @@ def resolve_val_carve(carve: str | None = None) -> str:
         source = "" if carve is not None else f" (from ${VAL_CARVE_ENV})"
         raise unknown(f"validation carve{source}", chosen, VAL_CARVES)
     return chosen
+
+
+def resolve_split_seed(seed: int | None = None) -> int:
+    """The split seed: ``seed`` if given, else ``$TVDIAG_SPLIT_SEED`` if set, else 0 (the full-seed axis
+    reseeds the splits and θ_base together: ``$TVDIAG_BASE_SEED``, :class:`train.zoo.ZooConfig`).
+
+    Raises:
+        DataError: ``$TVDIAG_SPLIT_SEED`` is not a non-negative integer.
+    """
+    return seed if seed is not None else env_seed(SPLIT_SEED_ENV)
+
+
+def env_seed(name: str) -> int:
+    """A non-negative integer seed from the environment variable ``name`` (0 when unset or empty).
+
+    Raises:
+        DataError: the value is not a non-negative integer (the message names the variable).
+    """
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise DataError(f"${name} must be a non-negative integer seed, got {text!r}")
+    return int(text)
 
 
 def unknown_domain(name: str) -> UnknownNameError:

@@ -159,8 +159,8 @@ def carve_validation(
     (:func:`~train.datasets.neardup.near_duplicate_groups`: frames of one track, copies) and
     takes whole groups along the same order (:func:`grouped_prefix`), so no group straddles the
     two splits; without near-duplicates it is the stratified carve, index for index. Where the
-    grouped carve moved images the domain's ``split_key`` names it (and with it
-    :attr:`Domain.data_key`, what artifacts are keyed by).
+    grouped carve moved images, or the seed is not 0, the domain's ``split_key`` names the carve
+    (and with it :attr:`Domain.data_key`, what artifacts are keyed by).
 
     Every choice (λ2, method, k, c) is made on ``val``; ``test`` is only ever scored; ``pool`` is
     θ_base's. The carve depends on the train split and ``seed`` only, so every training seed sees
@@ -190,6 +190,8 @@ def carve_validation(
     val_idx, split_key = np.sort(order[:n_val]), ""
     if carve == "grouped":
         val_idx, split_key = _grouped_val(domain.name, train, order, n_val, threshold)
+    if seed != 0:  # another split seed's val is never read as seed 0's, whatever the carve
+        split_key = hashlib.sha256(f"split seed {seed}|{split_key}|".encode() + val_idx.astype("<i8").tobytes()).hexdigest()
     keep = np.ones(len(train), dtype=bool)
     keep[val_idx] = False
     splits = dict(domain.splits)

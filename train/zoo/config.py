@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.datasets.registry import env_seed
 from train.errors import unknown
 from train.loop import OptimConfig
 from train.pretrain import PretrainConfig
 
+
+#: θ_base's seed when a config does not name one (the full-seed axis; see ``$TVDIAG_SPLIT_SEED`` for the splits).
+BASE_SEED_ENV = "TVDIAG_BASE_SEED"
 
 SHAP_BASELINE = "0 in normalised input space = the backbone's per-channel normalisation mean (not a data set mean)"
 
@@ -34,7 +38,9 @@ class ZooConfig:
         max_train, max_val, max_test: use only the first images of a split (None: all).
         eval_batch: batch size of evaluation forwards.
         seed: training seed — the pair's batch sequence and Kernel SHAP's coalitions.
-        base_seed: θ_base's seed (initialisation and pretraining), fixed across training seeds.
+        base_seed: θ_base's seed (initialisation and pretraining), fixed across training seeds;
+            default ``$TVDIAG_BASE_SEED``, else 0. With ``$TVDIAG_SPLIT_SEED`` it makes the full-seed
+            axis: one store per (base seed, split seed), every training seed inside it.
     """
 
     backbone: str = "tiny"
@@ -53,7 +59,7 @@ class ZooConfig:
     max_test: int | None = None
     eval_batch: int = 256
     seed: int = 0
-    base_seed: int = 0
+    base_seed: int = field(default_factory=lambda: env_seed(BASE_SEED_ENV))
 
     @property
     def backbone_id(self) -> str:
