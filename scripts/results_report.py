@@ -31,7 +31,7 @@ from diag.study.summary import summarize  # noqa: E402
 from diag.study.methods_report import method_report  # noqa: E402
 from diag.table import load_study, read_checked_csv, select_run, with_run_columns  # noqa: E402
 from equal_norm import render as equal_norm_table, summarize_forms  # noqa: E402
-from results_seeds import loss_model_block, outside_block, seeds_block  # noqa: E402
+from results_seeds import full_seeds_block, loss_model_block, outside_block, seeds_block  # noqa: E402
 
 RESULTS = ROOT / "results"
 README = ROOT / "README.md"
@@ -169,6 +169,8 @@ def render(results: Path = RESULTS) -> str:
         lines += methods_block(path)
     for path in sorted(results.glob("*/equal_norm.csv")):
         lines += equal_norm_block(path)
+    for path in sorted(results.glob("*/full_seeds.csv")):
+        lines += full_seeds_block(path, _provenance_of(path))
     return "\n".join(lines).rstrip() + "\n" + END
 
 

@@ -41,7 +41,7 @@ def _msd(values) -> str:
     return f"{v.mean():.3g} ± {sd:.2g}" if math.isfinite(sd) else f"{v.mean():.3g}"
 
 
-def _headline(table: pd.DataFrame, seeds: list[int]) -> list[str]:
+def _headline(table: pd.DataFrame, seeds: list[int], over: str = "seeds") -> list[str]:
     per = {}
     for seed in seeds:
         run = table[table["seed"] == seed]
@@ -60,7 +60,7 @@ def _headline(table: pd.DataFrame, seeds: list[int]) -> list[str]:
         shown = ", ".join("–" if v is None else fmt.format(v) for v in vals)
         return f"| {label} | {_msd(vals)} | {shown} |"
 
-    return ["| over the pairs (of " + str(n) + ") | mean ± sd over seeds | per seed |", "| --- | --- | --- |",
+    return ["| over the pairs (of " + str(n) + f") | mean ± sd over {over} | per {over[:-1]} |", "| --- | --- | --- |",
             row("E-RMSE < θ_ftᵀ's with ≥ 90 % of its accuracy, λ2 = 0.7 (headline)", "fixed"),
             row("the same at the λ2 chosen on val (5 % budget)", "chosen"),
             row("E-RMSE < θ_ftᵀ's (any accuracy), λ2 = 0.7", "lower"),
@@ -214,3 +214,15 @@ def outside_block(path: Path) -> list[str]:
         out.append(f"- {QUANTITY_NAMES.get(q, q)}: coverage {k}/{n} = {k / n:.2f} [{lo:.2f}, {hi:.2f}], bias "
                    f"{err.mean():+.3f} ± {err.std(ddof=1) / math.sqrt(n):.3f}.")
     return out + [""]
+
+
+def full_seeds_block(path: Path, provenance: str = "") -> list[str]:
+    """``scripts/full_seeds.py``'s table: one λ2 = 0.7 study per full seed (θ_base and the splits reseeded)."""
+    table = of_method(read_checked_csv(path))
+    fulls = sorted(int(s) for s in table["full_seed"].unique())
+    head = [f"**`results/{path.parent.name}/{path.name}`** — the full-seed axis: θ_base (initialisation and "
+            "pretraining, `$TVDIAG_BASE_SEED`) and the splits (the val carve, `$TVDIAG_SPLIT_SEED`) reseeded "
+            f"together, full seeds {', '.join(map(str, fulls))}, training seed 0 in each, λ2 = {PAPER_LAMBDA2:g} "
+            f"(`scripts/full_seeds.py`; {provenance or 'provenance: none recorded'}). Its ± covers θ_base, the "
+            "splits and training together; the test split is the suite's own in every full seed.", ""]
+    return head + _headline(table.assign(seed=table["full_seed"]), fulls, over="full seeds")

@@ -34,3 +34,18 @@ def test_a_changed_table_changes_the_block(tmp_path):
     table.write_bytes(table.read_bytes().replace(b",", b";", 1))
     with pytest.raises(ArtifactError):
         report.render(tmp_path / "results")
+
+
+def test_full_seeds_gathers_one_study_per_full_seed(tmp_path):
+    """scripts/full_seeds.py keeps the plain λ2 = 0.7 rows of training seed 0 with a full_seed column, and refuses
+    two full seeds that share one θ_base (the same store given twice)."""
+    import pytest
+    from train.errors import DataError
+
+    full = load_script("full_seeds")
+    study = ROOT / "results" / "paper-grid-grouped"
+    table, provenance = full.gather({0: study})
+    assert len(table) == 42 and set(table["full_seed"]) == {0} and set(table["seed"]) == {0}
+    assert (table["lambda2"].round(6) == 0.7).all() and list(provenance) == ["full seed 0 (alpha=0.8 seed=0 variant=paper)"]
+    with pytest.raises(DataError, match="share one θ_base"):
+        full.gather({0: study, 1: study})
