@@ -37,8 +37,8 @@ for A in 0.5 0.95; do
   $D study --seeds 0 1 --variant paper --alpha $A --no-curvature --out "$OUT/alpha$A" $Q > "$OUT/study-alpha$A.txt"
 done
 # 4. the method study: every method on every pair (knobs chosen on val), the trade-off figure and the goals
-$D study --seeds 0 1 2 --methods plain project precondition blocks mix mix-ranked mix-matched --out "$OUT/methods" $Q > "$OUT/study-methods.txt"
-$D study --seeds 0 1 2 --variant from-ft --methods plain project precondition blocks mix mix-ranked mix-matched --out "$OUT/methods-fromft" $Q \
+$D study --seeds 0 1 2 --methods plain project precondition blocks mix mix-ranked mix-matched mix-ranked-matched --out "$OUT/methods" $Q > "$OUT/study-methods.txt"
+$D study --seeds 0 1 2 --variant from-ft --methods plain project precondition blocks mix mix-ranked mix-matched mix-ranked-matched --out "$OUT/methods-fromft" $Q \
   > "$OUT/study-methods-fromft.txt"
 # 5. the all-pairs study at the preprint's Kernel SHAP density (160 samples per image at M = 16), seeds 0 and 1, both variants
 $D zoo --preset dense --seeds 0 1 --variant paper --variant from-ft $Q

@@ -24,8 +24,10 @@ def test_commands_offer_the_registry():
 
 
 def test_derived_lists_follow_the_registry():
-    assert METHODS == ("plain", "project", "precondition", "blocks", "mix", "mix-ranked", "mix-matched")
-    assert MIX_METHODS == tuple(n for n, m in REGISTRY.items() if m.mix) == ("mix", "mix-ranked", "mix-matched")
+    assert METHODS == ("plain", "project", "precondition", "blocks", "mix", "mix-ranked", "mix-matched",
+                       "mix-ranked-matched")
+    assert MIX_METHODS == tuple(n for n, m in REGISTRY.items() if m.mix) == ("mix", "mix-ranked", "mix-matched",
+                                                                              "mix-ranked-matched")
     assert set(CURVED_METHODS) == {"project", "precondition", "blocks"}
     assert TIER_METHODS == {0: ("plain",), 1: ("plain", "project", "precondition"),
                             2: ("plain", "project", "precondition", "blocks")}

@@ -112,6 +112,14 @@ def test_matched_mix_is_read_at_the_ranker_source_not_averaged():
     assert all(v["size_matched"] == pytest.approx(v["size_source"]) for v in u["per_target"].values())
     rep = method_report(df, 0.7)
     assert rep.per_seed["mix-matched"][0] == {"n_targets": 3, "keeps": 0, "n_plain_reduces": 3, "beats_prior": 3}
+    # the ranked mix at the same step, better on A only: the two mixes at one step compared target by target
+    ranked = pd.DataFrame(rows).assign(method="mix-ranked-matched", pair_key=lambda d: "r" + d["pair_key"])
+    ranked["ermse"] = [0.6 if (s, t) == ("C", "A") else e for s, t, e in zip(ranked["source"], ranked["target"],
+                                                                             ranked["ermse"])]
+    u2 = universal_vs_ranker(pd.concat([df, ranked], ignore_index=True))
+    assert (u2["ranked_matched_wins"], u2["ranked_matched_beats_matched"]) == (3, 1)
+    text = method_report(pd.concat([df, ranked], ignore_index=True), 0.7).table()
+    assert "at the source's step, the ranker-weighted mix beats the universal vector" in text
 
 
 def test_study_mix_matched_with_one_other_domain_is_plain_eq8(tmp_path):

@@ -205,3 +205,29 @@ def test_study_mix_ranked_in_local_workers(tmp_path, capsys):
     assert sorted(p.name for p in out.glob("pairs-shard*of2.csv")) == ["pairs-shard0of2.csv", "pairs-shard1of2.csv"]
     table = pd.read_csv(out / "pairs.csv")
     assert table.groupby("method").size().to_dict() == {"mix-ranked": 2, "plain": 2}
+
+
+def test_study_mix_ranked_matched_is_the_ranked_mix_at_the_source_step(tmp_path):
+    """`mix-ranked-matched` is scored in the ranker's second pass beside `mix-ranked`. With one other domain the
+    ranked mix is that source's τ* (cos_ft > 0), which at plain eq. 8's step is plain eq. 8 itself; the zero
+    mix ('transfer nothing') stays θ_ftᵀ at any step."""
+    from _smoke import METHOD_DOMAINS, one_thread, smoke_method_study
+    from diag.study.run import run_study, StudySettings
+
+    store, shared, _ = smoke_method_study()
+    out = tmp_path / "methods"
+    shutil.copytree(shared, out)
+    with one_thread():
+        again = run_study(store, METHOD_DOMAINS, StudySettings(lambda2s=(0.7,), curvature=False,
+                                                        methods=("plain", "mix-ranked", "mix-ranked-matched")),
+                          out_dir=out, progress=False)
+    matched = again[again["method"] == "mix-ranked-matched"].set_index(["source", "target"]).sort_index()
+    plain = again[again["method"] == "plain"].set_index(["source", "target"]).sort_index()
+    assert len(matched) == 2 and (again["method"] == "mix-ranked").sum() == 2
+    for (s, t), r in matched.iterrows():
+        if plain.at[(s, t), "cos_ft"] > 0:
+            assert r["repair_scale"] == pytest.approx(0.7, rel=1e-6)
+            assert r["ermse"] == pytest.approx(plain.at[(s, t), "ermse"], abs=1e-6)
+            assert r["accuracy"] == pytest.approx(plain.at[(s, t), "accuracy"], abs=1e-9)
+        else:
+            assert r["repair_size"] == 0 and r["ermse"] == pytest.approx(r["ermse_ft_target"])

@@ -12,7 +12,7 @@ from diag.features.pair_features import Diagnostics
 from diag.runtime.shards import build_domains
 from diag.table import DEFAULT_STUDY, merge_shards
 from diag.transfer.evaluate import transfer
-from diag.transfer.methods import METHODS
+from diag.transfer.methods import METHODS, RANKED_METHODS
 from train.losses import check_alpha
 from train.store import VARIANTS
 from train.vectors import check_scale
@@ -36,9 +36,10 @@ def register(sub) -> None:
                    help="plain: eq. 8; project / precondition / blocks: τ*ˢ changed by the target's curvature "
                         "(Hᵀ on its train images); mix: uniform mix of the other domains' τ*; mix-ranked: their mix "
                         "weighted by the ranker's predicted gain (fitted on --study without the target); mix-matched: "
-                        "the uniform mix at plain eq. 8's step ‖λ2·τ*ˢ‖ (no knob) — each method's hyper-parameter "
+                        "the uniform mix at plain eq. 8's step ‖λ2·τ*ˢ‖ (no knob); mix-ranked-matched: the ranker's mix at "
+                        "that step — each method's hyper-parameter "
                         "chosen on the target's val split")
-    add_study_option(p, help="mix-ranked: study folder of the known pairs the ranker learns from (default the store's "
+    add_study_option(p, help="mix-ranked(-matched): study folder of the known pairs the ranker learns from (default the store's "
                              "'allpairs')")
     add_budget_option(p, help="val-accuracy budget of the method's choice, relative to θ_ftᵀ")
     p.set_defaults(func=run_transfer)
@@ -61,7 +62,7 @@ def run_transfer(args) -> int:
     check_scale("lambda2", args.lambda2)
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
     candidates = [ctx.check_domain(d) for d in args.domains] if args.domains is not None else ctx.domains()
-    if args.method == "mix-ranked":  # a damaged study table is refused before anything is built
+    if args.method in RANKED_METHODS:  # a damaged study table is refused before anything is built
         merge_shards(args.study or ctx.store.study_dir(DEFAULT_STUDY), write=False)
     ctx.ensure([source, target], (args.alpha,), variants=(args.variant,), seeds=(args.train_seed,))
     # the "τ* of another source" control uses a domain already in the store (nothing extra is built)
@@ -71,7 +72,7 @@ def run_transfer(args) -> int:
         curvature = Diagnostics(ws, settings=curvature_settings(args), progress=ctx.progress).curvature(
             target, need_operator=args.method == "blocks")
     gains = None
-    if args.method == "mix-ranked":
+    if args.method in RANKED_METHODS:
         gains, _ = study_gains(args.study or ctx.store.study_dir(DEFAULT_STUDY), target, args.train_seed, args.variant)
     result = transfer(ws, source, target, args.lambda1, args.lambda2, controls=not args.no_controls,
                       candidates=candidates, method=args.method, curvature=curvature, max_acc_drop=args.max_acc_drop,

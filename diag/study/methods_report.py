@@ -16,8 +16,9 @@ over seeds), :func:`method_report` counts
 (c) the mixes vs the ranker's single source: per target, the universal vector (``mix`` rows,
     the uniform mix of every other domain's τ*, which does not depend on the source), the
     ranker-weighted mix (``mix-ranked`` rows, Σ wₛτ*ˢ with wₛ ∝ the ranker's positive predicted
-    gain) and the universal vector at the single source's step (``mix-matched`` rows: ‖λ·mix‖ =
-    ‖λ2·τ*ˢ‖, :func:`diag.transfer.methods.matched_scale`) against plain eq. 8 from the source the
+    gain), the universal vector at the single source's step (``mix-matched`` rows: ‖λ·mix‖ =
+    ‖λ2·τ*ˢ‖, :func:`diag.transfer.methods.matched_scale`) and the ranker-weighted mix at that step
+    (``mix-ranked-matched``: the two mixes at one step differ in their weights alone) against plain eq. 8 from the source the
     ranker picks for that target (a ridge predictor on the tier-0 features fitted on the pairs
     without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy when fewer than 4 such pairs exist): targets
     where each mix's E-RMSE is lower (with a Wilson interval), which wins, and the mean E-RMSE and
@@ -29,7 +30,7 @@ over seeds), :func:`method_report` counts
     rows where it lies within [½, 2] ("holds"), and the median ratio in the lower and upper half
     of the predicted increase (where it holds).
 
-A mix is one vector per target (``mix-matched``: its step set by the row's source), so every
+A mix is one vector per target (``mix-matched``, ``mix-ranked-matched``: its step set by the row's source), so every
 count of mix rows — (a), (b), (c) and the rows of (d) — reads one row per target: the row of the
 ranker's source (:func:`per_target`), whose plain eq. 8 and mean-φ map are its baseline. The
 denominators say so ("of 7 targets"; ``n_targets`` instead of ``n_pairs``).
@@ -63,7 +64,7 @@ HOLDS = 2.0
 #: The counts of (a) and (b); a mix's are over targets (``n_targets`` instead of ``n_pairs``).
 COUNTS = ("n_pairs", "keeps", "n_plain_reduces", "beats_prior")
 #: (c)'s contenders: the method rows compared with the ranker's single source, and their labels.
-MIXES = {"mix": "universal", "mix-ranked": "ranked", "mix-matched": "matched"}
+MIXES = {"mix": "universal", "mix-ranked": "ranked", "mix-matched": "matched", "mix-ranked-matched": "ranked_matched"}
 
 
 def pareto_front(df: pd.DataFrame, x: str = "ermse_norm", y: str = "acc_norm") -> pd.Series:
@@ -162,11 +163,12 @@ def universal_vs_ranker(run: pd.DataFrame, picks: dict | None = None) -> dict:
 
     Contenders: ``universal`` (``mix`` rows), ``ranked`` (``mix-ranked`` rows, weighted by the same
     ranker's gains), ``matched`` (``mix-matched`` rows: the universal vector at the ranker's source's
-    step ‖λ2·τ*ˢ‖) and ``source`` (the ranker's top single source; ``picks``: :func:`ranker_picks`, computed
+    step ‖λ2·τ*ˢ‖), ``ranked_matched`` (``mix-ranked-matched`` rows: the ranked mix at that step) and ``source`` (the ranker's top single source; ``picks``: :func:`ranker_picks`, computed
     when not given). Each mix counts once per target (its row of the ranker's source, :func:`per_target`).
     Per target: ``ermse_*``, ``accuracy_*`` and the step ``size_*`` (‖Δθ‖ along the vector added) of each
     contender, and ``winner`` (lowest E-RMSE). Counts over targets: ``<label>_wins`` (lower E-RMSE than the
-    source) with ``<label>_wins_ci`` (Wilson 95 %), ``ranked_beats_universal``, ``matched_beats_universal``;
+    source) with ``<label>_wins_ci`` (Wilson 95 %), ``ranked_beats_universal``, ``matched_beats_universal``,
+    ``ranked_matched_beats_matched``;
     ``<label>_dermse`` / ``<label>_daccuracy``: (mean, standard error over targets) of mix − source.
     """
     plain = run[run["method"] == PLAIN]
@@ -199,6 +201,8 @@ def universal_vs_ranker(run: pd.DataFrame, picks: dict | None = None) -> dict:
     for label in ("ranked", "matched"):
         if label in present and "universal" in present:
             out[f"{label}_beats_universal"] = sum(v[f"ermse_{label}"] < v["ermse_universal"] for v in per.values())
+    if "ranked_matched" in present and "matched" in present:  # the two mixes at one step: the weights alone differ
+        out["ranked_matched_beats_matched"] = sum(v["ermse_ranked_matched"] < v["ermse_matched"] for v in per.values())
     return out
 
 
@@ -286,15 +290,18 @@ class MethodReport:
         for key, text in (("universal_wins", "universal vector beats the ranker's single source"),
                           ("ranked_wins", "ranker-weighted mix beats the ranker's single source"),
                           ("matched_wins", "universal vector at that source's step ‖λ2·τ*ˢ‖ beats it"),
+                          ("ranked_matched_wins", "ranker-weighted mix at that source's step beats it"),
                           ("ranked_beats_universal", "ranker-weighted mix beats the universal vector"),
                           ("matched_beats_universal", "universal vector at the source's step beats it at its "
-                                                      "val-chosen λ2")):
+                                                      "val-chosen λ2"),
+                          ("ranked_matched_beats_matched", "at the source's step, the ranker-weighted mix beats the "
+                                                           "universal vector")):
             if key in runs[0]:
                 ci = (f"; 95 % {runs[0][key + '_ci'][0]:.2f}–{runs[0][key + '_ci'][1]:.2f} as a share"
                       if len(runs) == 1 and key + "_ci" in runs[0] else "")
                 out.append(f"  (c) {text} ({', '.join(how)}) on {ms(*mean_sd([u[key] for u in runs]))} "
                            f"of {runs[0]['n_targets']} targets{ci}")
-        for label in ("universal", "ranked", "matched"):
+        for label in MIXES.values():
             if f"{label}_dermse" in runs[0]:
                 per = "; ".join(f"seed {seed}: {u[f'{label}_dermse'][0]:+.3f} ± {u[f'{label}_dermse'][1]:.3f} / "
                                 f"{u[f'{label}_daccuracy'][0]:+.3f} ± {u[f'{label}_daccuracy'][1]:.3f}"

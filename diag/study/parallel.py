@@ -14,7 +14,8 @@ import pandas as pd
 
 from diag.runtime.distributed import is_distributed
 from diag.runtime.workers import run_workers
-from diag.study.run import RANKED, run_study, StudySettings
+from diag.study.run import run_study, StudySettings
+from diag.transfer.methods import RANKED_METHODS
 from diag.table import DEFAULT_STUDY
 
 __all__ = ["complete_study", "parallel_study", "study_pending"]
@@ -61,8 +62,8 @@ def parallel_study(ctx, domains: list[str], settings: StudySettings, *, out_dir:
     if not study_pending(out, list(domains), settings.seeds, settings.variant, settings.alpha):
         return 1
     workers = min(ctx.workers, len(domains))
-    if RANKED in settings.methods:
-        settings = replace(settings, methods=tuple(m for m in settings.methods if m != RANKED))
+    if any(m in RANKED_METHODS for m in settings.methods):
+        settings = replace(settings, methods=tuple(m for m in settings.methods if m not in RANKED_METHODS))
     run_workers(_study_worker, ctx, (list(domains), settings, out), workers)
     return workers
 

@@ -55,7 +55,7 @@ from diag.table import (add_normalised, append_rows, check_shard, dedupe, defaul
 from diag.transfer.budget import accuracy_grid
 from diag.transfer.eq8 import evaluate_state
 from diag.transfer.evaluate import evaluate_pair, with_method
-from diag.transfer.methods import CURVED_METHODS, METHODS
+from diag.transfer.methods import CURVED_METHODS, METHODS, RANKED_METHODS
 from train import __version__
 from train.errors import ArtifactError, DataError, unknown
 from train.store import Store
@@ -63,8 +63,6 @@ from train.vectors import check_scale
 
 log = logging.getLogger(__name__)
 
-#: The mix weighted by the ranker's predicted gain: scored after every plain row of the run (its ranker learns them).
-RANKED = "mix-ranked"
 
 
 @dataclass
@@ -175,7 +173,7 @@ def pair_rows(diag: Diagnostics, source: str, target: str, settings: StudySettin
             if method in CURVED_METHODS else None
         for r in todo:
             m = with_method(ws, r, method, curv, candidates, settings.max_acc_drop,
-                            (gains or {}).get(target) if method == RANKED else None)
+                            (gains or {}).get(target) if method in RANKED_METHODS else None)
             rows.append({**m.to_row(), **fixed, "pair_key": keys[method], "accuracy_val": m.repair["val_accuracy"],
                          "loss_increase_val": m.repair["measured_loss_increase"],
                          "loss_increase_val_se": m.repair["measured_loss_increase_se"]})
@@ -270,13 +268,14 @@ def run_study(store: Store, domains: Sequence[str], settings: StudySettings, *,
         if settings.curvature:  # under torchrun each target's Hᵀ is built by one rank before the pairs are split
             build_curvatures(Diagnostics(ws, settings=settings.curvature_settings, progress=progress,
                                          data_parallel=False), domains)
-        _run_pairs(ws, pairs, {p: {m: k for m, k in keys[p].items() if m != RANKED} for p in pairs}, settings,
-                   lambda2s, domains, path, done, progress, dynamic=dynamic)
-        if RANKED in methods and any((keys[p][RANKED], lam) not in done for p in pairs for lam in lambda2s):
+        _run_pairs(ws, pairs, {p: {m: k for m, k in keys[p].items() if m not in RANKED_METHODS} for p in pairs},
+                   settings, lambda2s, domains, path, done, progress, dynamic=dynamic)
+        ranked = [m for m in methods if m in RANKED_METHODS]
+        if any((keys[p][m], lam) not in done for m in ranked for p in pairs for lam in lambda2s):
             # second pass: the ranker learns the plain rows of every pair of the run
             gains = ranked_gains(out_dir, path, {keys[p][PLAIN] for p in all_pairs}, len(all_pairs))
-            _run_pairs(ws, pairs, {p: {PLAIN: keys[p][PLAIN], RANKED: keys[p][RANKED]} for p in pairs}, settings,
-                       lambda2s, domains, path, done, progress, gains, dynamic=dynamic)
+            _run_pairs(ws, pairs, {p: {PLAIN: keys[p][PLAIN], **{m: keys[p][m] for m in ranked}} for p in pairs},
+                       settings, lambda2s, domains, path, done, progress, gains, dynamic=dynamic)
     if shard[1] > 1 and _merge_distributed(out_dir):  # rank 0 under torch.distributed: pairs.csv has every shard
         path, wanted = out_dir / PAIRS_FILE, every
     if path.name == PAIRS_FILE and path.is_file():  # the whole table's writer (not a shard) records where it came from
@@ -329,7 +328,7 @@ def ranked_gains(out_dir: Path, path: Path, plain_keys: set[str], n_pairs: int) 
     plain = table[table["pair_key"].astype(str).isin(plain_keys)] if len(table) else table
     if plain.empty or plain[["source", "target"]].drop_duplicates().shape[0] < n_pairs:
         have = 0 if plain.empty else plain[["source", "target"]].drop_duplicates().shape[0]
-        raise DataError(f"{RANKED} needs the plain rows of all {n_pairs} pairs of the run, found {have}: run the "
+        raise DataError(f"{' and '.join(RANKED_METHODS)} need the plain rows of all {n_pairs} pairs of the run, found {have}: run the "
                         "study without it first (and merge the shards), then resume with it")
     lams = plain["lambda2"].astype(float)
     plain = plain[lams == lams.iloc[(lams - PAPER_LAMBDA2).abs().argmin()]]

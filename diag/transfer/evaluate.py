@@ -29,7 +29,7 @@ from diag.constants import (DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PA
 from diag.runtime.context import TargetSet, Workspace
 from diag.transfer.eq8 import evaluate_state, mean_scores, pair_seed, other_source, transferred_state
 from diag.transfer.metrics import METRICS, paired_corr_difference, PairedDifference, Scores, score
-from diag.transfer.methods import MIX_METHODS
+from diag.transfer.methods import MATCHED_METHODS, MIX_METHODS, RANKED_METHODS
 from diag.transfer.select import method_mixes, select_repair
 from train.errors import DataError
 from train.vectors import TaskVector, check_scale
@@ -309,8 +309,8 @@ def with_method(ws: Workspace, plain: TransferResult, method: str, curvature=Non
         return evaluate_state(ws, ws.target_set(target, "test"), state, "proposed"), summary
     if method in MIX_METHODS:
         pool = tuple(sorted(d for d in candidates if d != target))
-        how = tuple(sorted((gains or {}).items())) if method == "mix-ranked" else ()
-        how += (plain.source,) if method == "mix-matched" else ()
+        how = tuple(sorted((gains or {}).items())) if method in RANKED_METHODS else ()
+        how += (plain.source,) if method in MATCHED_METHODS else ()
         prop, summary = ws.cached(("repair-" + method, target, lam, l1, max_acc_drop, pool, how, *ws.run), make)
     else:
         prop, summary = make()

@@ -13,6 +13,8 @@ method           curvature          mix    tiers    candidates (the knob chosen 
 ``mix``          none               yes    —        the uniform mix of the other domains' τ*, at λ2
 ``mix-ranked``   none               yes    —        the ranker-weighted mix, at λ2
 ``mix-matched``  none               yes    —        the uniform mix at plain eq. 8's ‖λ2·τ*ˢ‖ (no knob)
+``mix-ranked-``  none               yes    —        the ranker-weighted mix at plain eq. 8's ‖λ2·τ*ˢ‖
+``matched``                                         (no knob)
 ===============  =================  =====  =======  ====================================================
 """
 
@@ -219,10 +221,12 @@ def matched_scale(mix: TaskVector, tau: TaskVector, lambda2: float) -> float:
 
 
 def _mix_matched(method, tau, flat, curv, lambda2, grid, mixes, lam_max) -> list[Candidate]:
+    """Each mix at the step of τ at λ2 (a zero mix — the ranker's "transfer nothing" — at scale 0: θ_ftᵀ itself)."""
     if not mixes:
         raise TvdiagError(f"--method {method} needs at least one mixture (e.g. diag.transfer.mixing.universal)")
     return [c for name, vec in mixes.items()
-            for c in _scaled(method, vec, [(name, matched_scale(vec, tau, lam)) for lam in (grid or (lambda2,))], vec, curv)]
+            for c in _scaled(method, vec, [(name, matched_scale(vec, tau, lam) if vec.norm() > 0 else 0.0)
+                                           for lam in (grid or (lambda2,))], vec, curv)]
 
 
 def _blocks(method, tau: TaskVector, flat: torch.Tensor, curv: RepairCurvature, lambda2: float,
@@ -298,12 +302,17 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("mix", None, True, (), _mix),
     Method("mix-ranked", None, True, (), _mix),
     Method("mix-matched", None, True, (), _mix_matched),
+    Method("mix-ranked-matched", None, True, (), _mix_matched),
 )}
 #: Every method, in the registry's order.
 METHODS: tuple[str, ...] = tuple(REGISTRY)
 #: Multi-source methods: ``mix`` the uniform (universal) mix, ``mix-ranked`` weighted by the ranker's predicted gain,
 #: ``mix-matched`` the uniform mix at the step ‖λ2·τ*ˢ‖ of its row's single source (:func:`matched_scale`).
 MIX_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY.values() if m.mix)
+#: Mixes weighted by the ranker's predicted gains (they need the study's known pairs, fitted without the target).
+RANKED_METHODS: tuple[str, ...] = ("mix-ranked", "mix-ranked-matched")
+#: Mixes put at their row's single source's step (their rows differ by source, :func:`matched_scale`).
+MATCHED_METHODS: tuple[str, ...] = ("mix-matched", "mix-ranked-matched")
 #: Methods that read the target's curvature.
 CURVED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY.values() if m.curvature is not None)
 #: The data-access tiers some method belongs to (0: weights only, 1: a card, 2: labelled target images).

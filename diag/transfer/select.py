@@ -32,7 +32,7 @@ from diag.transfer import mixing
 from diag.transfer.budget import BUDGET_TOL, safe_sizes
 from diag.stats.paired import paired_change, paired_drop
 from diag.transfer.eq8 import correct_and_loss, transferred_state
-from diag.transfer.methods import MIX_METHODS, Candidate, candidates, curvature_for
+from diag.transfer.methods import MIX_METHODS, RANKED_METHODS, Candidate, candidates, curvature_for
 from train.errors import DataError, unknown
 from train.vectors import TaskVector
 
@@ -173,7 +173,8 @@ def method_mixes(method: str, ws: Workspace, target: str, sources: Sequence[str]
                  predicted_gain: Mapping[str, float] | None = None) -> dict[str, TaskVector]:
     """The mixtures of a multi-source method: ``mix`` and ``mix-matched`` → ``{"universal"}``, the uniform mix
     of the other domains (:func:`diag.transfer.mixing.universal`; ``mix-matched`` puts it at the source's
-    step, :func:`diag.transfer.methods.matched_scale`); ``mix-ranked`` → ``{"ranked"}``. The target is
+    step, :func:`diag.transfer.methods.matched_scale`); ``mix-ranked`` and ``mix-ranked-matched`` (the
+    same at the source's step) → ``{"ranked"}``. The target is
     dropped from ``sources`` (its τ* needs its explanations).
 
     ``ranked`` is Σ wₛ τ*ˢ with wₛ = :func:`diag.transfer.mixing.mix_weights` of ``predicted_gain``
@@ -187,10 +188,10 @@ def method_mixes(method: str, ws: Workspace, target: str, sources: Sequence[str]
     if method not in MIX_METHODS:
         raise unknown("multi-source method", method, MIX_METHODS)
     vectors = {s: ws.vector(s, "star") for s in sources if s != target}
-    if method in ("mix", "mix-matched"):
+    if method not in RANKED_METHODS:
         return {"universal": mixing.universal(vectors, target)}
     if predicted_gain is None:
-        raise DataError(f"mix-ranked needs the ranker's predicted gains for '{target}'")
+        raise DataError(f"{method} needs the ranker's predicted gains for '{target}'")
     w = mixing.mix_weights({s: predicted_gain.get(s, 0.0) for s in vectors}, target)
     if not w:
         zero = 0.0 * next(iter(vectors.values()))
