@@ -52,6 +52,13 @@ def test_risk_exact_matches_direct_double_backward(root, capsys):
                    "--check", "0.5", "--store", root, *SMALL)
     for key in ("risk_exact", "risk_card", "risk_diag", "risk_diag_se", "quadratic_check", "eigvals"):
         assert key in res
+    check = res["quadratic_check"][0]
+    assert check["measured_se"] > 0 and check["g_tau_se"] > 0
+    assert min(check["measured_half_a"], check["measured_half_b"]) <= check["measured"] <= max(
+        check["measured_half_a"], check["measured_half_b"])  # the mean of two halves of near-equal size
+    assert main(["risk", "--source", "animals", "--target", "mnist", "--probes", "4", "--k", "2", "--check", "0.5",
+                 "--store", root, *SMALL]) == 0
+    assert "± paired se" in capsys.readouterr().out
     assert 0 < res["risk_diag_se"] < float("inf") and "risk_diag_se" not in res["predicted_loss_increase"]
     # pair_features writes the same numbers as columns (the study's and rank-sources' one feature function)
     from diag.runtime.context import Workspace

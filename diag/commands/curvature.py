@@ -17,6 +17,7 @@ from diag.curvature.hutchpp import hutchpp_trace
 from diag.curvature.lanczos import lanczos_topk, slq_density
 from diag.constants import CHECK_IMAGES, CHOICE_SPLIT
 from diag.curvature.risk import eigen_contributions, quadratic_check
+from diag.decide.loss_model import CONSISTENT_Z
 from diag.decide.rules import predicted_loss_increase
 from diag.features.pair_features import Diagnostics
 from train.errors import TvdiagError
@@ -289,12 +290,15 @@ def run_risk(args) -> int:
         print(f"    λ{i + 1}={ev:.4g}: {c:.4g}")
     print(f"    ‖τ outside the top-k eigenvectors‖² = {remainder:.4g} (the eig card's residual diagonal covers it)")
     if checks:
-        print("  loss model check (ΔL on val images, g and R on train images)  t: measured ΔL | t·gᵀτ + ½t²R | "
-              "rel. error")
+        print("  loss model check (ΔL on val images, g and R on train images)  t: measured ΔL ± paired se "
+              "[the two halves of the images] | t·gᵀτ + ½t²R | rel. error")
         for c in checks:
             d = c.to_dict()
-            print(f"    t={d['t']:<5g} {d['measured']: .5g} | {d['predicted']: .5g} | {d['rel_error']:.2f}"
-                  f"{'  (holds)' if d.get('holds') else ''}")
+            near = abs(d["predicted"] - d["measured"]) <= CONSISTENT_Z * d["measured_se"]
+            print(f"    t={d['t']:<5g} {d['measured']: .5g} ± {d['measured_se']:.2g} [{d['measured_half_a']:.3g}, "
+                  f"{d['measured_half_b']:.3g}] | {d['predicted']: .5g} | {d['rel_error']:.2f}"
+                  f"{'  (holds)' if d.get('holds') else '  (within the measurement noise)' if near else ''}")
+        print(f"    gᵀτ = {checks[0].g_tau:.4g} ± {checks[0].g_tau_se:.2g} (se over the train images)")
     return 0
 
 
