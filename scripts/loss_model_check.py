@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from diag.curvature.operators import HessianOperator  # noqa: E402
@@ -39,6 +40,7 @@ from diag.curvature.risk import loss_model, quadratic_check  # noqa: E402
 from diag.decide.loss_model import agreement, calibrate, calibration_text, gated_g_tau  # noqa: E402
 from diag.features.pair_features import CurvatureSettings, Diagnostics  # noqa: E402
 from diag.runtime.context import Workspace  # noqa: E402
+from diag.study.provenance import code_version, record  # noqa: E402
 from diag.table import ordered_pairs, write_table  # noqa: E402
 from train.datasets import MINISUITE, model_inputs  # noqa: E402
 from train.store import Store  # noqa: E402
@@ -105,6 +107,9 @@ def main() -> int:
         for seed in args.seeds:
             rows += check_seed(store, seed, domains)
             write_table(pd.DataFrame(rows), path)  # what is done so far, checked
+            record(path, f"seed={seed}", {"code": code_version(), "torch_threads": torch.get_num_threads(),
+                                          "base_hash": Workspace(store, 0.8, seed=seed).base_hash,
+                                          "steps": list(STEPS)})
     table = pd.DataFrame(rows)
     for est in ESTIMATES:
         part = table[table["estimate"] == est]

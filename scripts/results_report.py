@@ -162,7 +162,8 @@ def render(results: Path = RESULTS) -> str:
     for folder in runs:
         lines += _block_of_run(folder)
     for path in sorted(results.glob("*/loss_model.csv")):
-        lines += loss_model_block(path)
+        lines += loss_model_block(path, _provenance_of(path) if path.with_name(path.name + ".provenance.json").is_file()
+                                  else "")
     for path in sorted(results.glob("*/scored.csv")):
         lines += outside_block(path)
     for path in sorted(results.glob("*/methods.csv")):

@@ -19,7 +19,7 @@ from diag.decide.card_scale import fit_card_scale
 from diag.decide.ceiling import ranking_ceiling
 from diag.decide.evaluation import ORACLE
 from diag.decide.evaluation import evaluate_rankers, loto_coverage
-from diag.decide.loss_model import agreement, calibrate, predicted_vs_measured
+from diag.decide.loss_model import agreement, calibrate, predicted_vs_measured, retest
 from diag.decide.screen_check import validate_screen
 from diag.study.summary import summarize, summarize_run
 from diag.stats import wilson_interval
@@ -163,13 +163,14 @@ def seeds_block(folder: Path, table: pd.DataFrame, variant: str, seeds: list[int
             + _ranking(table, seeds))
 
 
-def loss_model_block(path: Path) -> list[str]:
+def loss_model_block(path: Path, provenance: str = "") -> list[str]:
     """``scripts/loss_model_check.py``'s table: the loss model with g and H on train vs on held-out (val) images."""
     table = read_checked_csv(path)
     seeds = sorted(int(s) for s in table["seed"].unique())
     out = [f"**`results/{path.parent.name}/{path.name}`** — the loss model λ·gᵀτ + ½λ²R on every pair of seeds "
            f"{', '.join(map(str, seeds))}, the loss change measured on the target's test images at λ = "
-           f"{', '.join(f'{v:g}' for v in sorted(table['lambda2'].unique()))} (`scripts/loss_model_check.py`):", ""]
+           f"{', '.join(f'{v:g}' for v in sorted(table['lambda2'].unique()))} (`scripts/loss_model_check.py`"
+           f"{'; ' + provenance if provenance else ''}):", ""]
     for est, what in (("train", "the target's train images (θ_ftᵀ was fine-tuned on them; the study's Hᵀ)"),
                       ("val", "the target's val images (held out from fine-tuning)")):
         part = table[table["estimate"] == est]
@@ -183,11 +184,36 @@ def loss_model_block(path: Path) -> list[str]:
         so = cal["second_order"]
         per_so = ", ".join(f"λ {lam:g}: {agreement(g['predicted_second_order'], g['measured'])['within']:.0%}"
                            for lam, g in part.groupby("lambda2"))
+        if cal["criterion"] == "consistent":  # per λ then reads: within ×1.5 or 1.96 se of the measurement
+            per = ", ".join(f"λ {p['lambda2']:g}: {p['consistent']:.0%}" for p in cal["per_lambda"])
+            ref = agreement(part["measured_on_estimate"], part["measured"], measured_se=part["measured_se"])
+            out.append(f"- g and H on {what}: {cal['consistent']:.0%} of {cal['n']} pair × λ rows within ×1.5 or "
+                       f"1.96 se of the measured change (per λ: {per}); {valid}. ½λ²R alone "
+                       f"{so['consistent']:.0%}, gᵀτ kept only where |gᵀτ| ≥ 2 se {cal['gated']['consistent']:.0%}. "
+                       f"Strictly within ×1.5: {cal['within']:.0%} (½λ²R alone {so['within']:.0%}); median measured ÷ "
+                       f"predicted {cal['median_ratio']:.2f} (½λ²R alone {so['median_ratio']:.2f}), Spearman "
+                       f"{cal['spearman']:.2f}. Reference, the change itself measured on these images: "
+                       f"{ref['consistent']:.0%} (strictly {ref['within']:.0%}). Control, the prediction 'no change' "
+                       f"(0): {cal['zero']:.0%} (per λ: "
+                       + ", ".join(f"λ {p['lambda2']:g}: {p['zero']:.0%}" for p in cal["per_lambda"])
+                       + ("): the measurement tells a model from it only from λ = "
+                          f"{cal['decides_from']:g} on." if cal["decides_from"] is not None else ")."))
+            continue
         out.append(f"- g and H on {what}: measured ÷ predicted median {cal['median_ratio']:.2f}, "
                    f"{cal['within']:.0%} of {cal['n']} pair × λ rows within ×1.5 (per λ: {per}), Spearman "
                    f"{cal['spearman']:.2f}; {valid}. Without the first-order term (½λ²R alone): median "
                    f"{so['median_ratio']:.2f}, {so['within']:.0%} within ×1.5 (per λ: {per_so}), Spearman "
                    f"{so['spearman']:.2f}.")
+    rt = retest(table[table["estimate"] == "train"])
+    if rt:
+        out.append("- The measurement against itself: the change on one half of the test images is within ×1.5 of "
+                   f"the other half's in {rt['within']:.0%} of rows ("
+                   + ", ".join(f"λ {lam:g}: {v:.0%}" for lam, v in rt["per_lambda"].items())
+                   + "); median paired se ÷ |measured change| "
+                   + ", ".join(f"λ {lam:g}: {v:.2f}" for lam, v in (table["measured_se"] / table["measured"].abs())
+                               .groupby(table["lambda2"]).median().items())
+                   + ". No prediction can be held to ×1.5 more often than the measurement holds to itself: "
+                   "the criterion that counts is within ×1.5 or within the measurement's noise.")
     neg = table[table["estimate"] == "train"].groupby("lambda2")["measured"].apply(lambda m: float((m < 0).mean()))
     out.append("- The measured loss change is negative (adding λτ*ˢ lowers the target's test loss) in "
                + ", ".join(f"{v:.0%} at λ {lam:g}" for lam, v in neg.items()) + " of the pairs: no model with a "

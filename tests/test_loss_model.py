@@ -156,6 +156,11 @@ def test_calibration_judges_by_what_the_measurement_can_decide():
     assert cal["consistent"] == pytest.approx(6 / 15)  # the miss is half the measurement, ≤ 1.96 se at λ 0.4, 0.5
     assert cal["valid_up_to"] == pytest.approx(0.5) and cal["fails_from"] == pytest.approx(0.6)
     assert "1.96 se of the measurement" in calibration_text(cal)[0]
+    # the control 'no change' passes wherever the noise covers the whole change (λ ≤ 0.5): only from 0.6 on
+    # can the measurement tell a model from it
+    assert [p["zero"] for p in cal["per_lambda"]] == [1.0, 1.0, 0.0, 0.0, 0.0] and cal["decides_from"] == 0.6
+    assert "tells the model from it only from λ2 = 0.6 on" in " ".join(calibration_text(cal))
+    assert calibrate(predicted_vs_measured(_rows(lambda lam: 2.0)))["decides_from"] == 0.4  # strict: 0 never within
     assert calibrate(predicted_vs_measured(_rows(lambda lam: 2.0)))["criterion"] == "within"
     # the measurement against itself: halves 1 and 1.2 (within ×1.5), or 1 and 2 (not), per λ
     fit["measured_half_a"] = 1.0

@@ -136,7 +136,10 @@ def calibrate(rows: pd.DataFrame, within: float = WITHIN, valid_share: float = V
         ``second_order``: the same for ½λ²R alone (and ``gated``, for λ·gᵀτ kept only where
         |gᵀτ| ≥ :data:`GATE_Z` of its se, when the rows have ``predicted_gated``); ``first_order``:
         whether every row has gᵀτ; ``per_lambda``: one such dict per λ2 (with ``lambda2``);
-        ``criterion``; ``valid_up_to``: the largest λ2 where the model is valid by the criterion
+        ``criterion``; ``zero``: the same share for the prediction "no change" (0), a control — where it
+        passes as often, the measurement cannot tell the model from it (``zero`` per λ too);
+        ``decides_from``: the smallest λ2 above every λ2 where "no change" meets the criterion on
+        ≥ ``valid_share`` of rows (None: nowhere above); ``valid_up_to``: the largest λ2 where the model is valid by the criterion
         (module docstring; 0.0 when it fails at the smallest λ2, NaN without rows); ``fails_from``:
         the smallest λ2 above it (None: valid on the whole grid); ``within_valid``: the share meeting
         the criterion among the rows with λ2 ≤ ``valid_up_to``; ``retest``; ``factor``, ``z`` and
@@ -151,9 +154,14 @@ def calibrate(rows: pd.DataFrame, within: float = WITHIN, valid_share: float = V
            "retest": retest(rows, within)}
     if "predicted_gated" in rows:
         out["gated"] = agreement(rows["predicted_gated"], rows["measured"], within, se)
-    per = [{"lambda2": float(lam), **agreement(g["predicted"], g["measured"], within, _se(g))}
+    per = [{"lambda2": float(lam), **agreement(g["predicted"], g["measured"], within, _se(g)),
+            "zero": agreement(np.zeros(len(g)), g["measured"], within, _se(g))[crit]}
            for lam, g in rows.groupby("lambda2", sort=True)]
     out["per_lambda"] = per
+    undecided = [p["lambda2"] for p in per if p["zero"] >= valid_share]  # "no change" passes there too
+    out["zero"] = agreement(np.zeros(len(rows)), rows["measured"], within, se)[crit]
+    out["decides_from"] = min((p["lambda2"] for p in per if p["lambda2"] > max(undecided, default=-1.0)),
+                              default=None)
     if not per:
         return {**out, "valid_up_to": math.nan, "fails_from": None, "within_valid": math.nan}
     lams = np.array([p["lambda2"] for p in per])
@@ -195,6 +203,12 @@ def calibration_text(cal: dict, estimated_on: str = "train", scored_on: str = "v
         lines.append(f"the measurement against itself: one half of the {scored_on} images' change is within "
                      f"×{cal['factor']:g} of the other half's in {cal['retest']['within']:.0%} of rows ({per}) — the "
                      f"strict ×{cal['factor']:g} criterion asks more of a prediction than the measurement meets")
+    if cal.get("decides_from") != min(p["lambda2"] for p in cal["per_lambda"]):
+        per = ", ".join(f"λ {p['lambda2']:g}: {p[cal['criterion']]:.0%} vs {p['zero']:.0%}" for p in cal["per_lambda"])
+        lines.append("control, the prediction 'no change' (0) scored the same way: "
+                     + (f"the measurement tells the model from it only from λ2 = {cal['decides_from']:g} on"
+                        if cal.get("decides_from") is not None else "it passes as often at every λ2")
+                     + f" (model vs no change, per λ2: {per})")
     if cal["fails_from"] is None:
         lines.append(f"loss model valid on the whole λ2 grid (≥ {cal['valid_share']:.0%} of rows {crit} at every λ2)")
     elif cal["valid_up_to"] > 0:
