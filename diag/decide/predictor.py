@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from diag.constants import PREDICTION_LEVEL
+from diag.decide.record import source_effects
 from diag.stats import jackknife_plus, with_normalised
 from train.errors import DataError, unknown
 
@@ -233,30 +234,15 @@ def fit_predictor(df: pd.DataFrame, features: Sequence[str], target: str = "erms
                      n_train=int(ok.sum()), train_rmse=rmse, estimator=est, span=span)
 
 
-def _fit_record(df: pd.DataFrame, target: str, name: str | None, sweeps: int = 200) -> Predictor:
-    """The sources' record: outcome ≈ a_source + b_target fitted on the known pairs (least squares, by
-    alternating means), predicting a_source: a source's effect net of which targets it happened to be
-    paired with. A source with no known pair gets the mean effect."""
+def _fit_record(df: pd.DataFrame, target: str, name: str | None) -> Predictor:
+    """The sources' record (:func:`diag.decide.record.source_effects`): predicts each source's effect."""
     y = target_values(df, target)
     ok = np.isfinite(y)
     if ok.sum() < 3:
         raise DataError(f"need at least 3 pairs with a finite '{target}' to fit, got {int(ok.sum())}")
-    known = pd.DataFrame({"s": df.loc[ok, "source"].astype(str).to_numpy(),
-                          "t": df.loc[ok, "target"].astype(str).to_numpy(), "y": y[ok]})
-    b = pd.Series(0.0, index=sorted(known["t"].unique()))
-    for _ in range(sweeps):
-        a = (known["y"] - known["t"].map(b)).groupby(known["s"]).mean()
-        b_new = (known["y"] - known["s"].map(a)).groupby(known["t"]).mean()
-        b_new -= b_new.mean()
-        done = float((b_new - b).abs().max()) < 1e-12
-        b = b_new
-        if done:
-            break
-    a = (known["y"] - known["t"].map(b)).groupby(known["s"]).mean()
-    fitted = known["s"].map(a) + known["t"].map(b)
+    effects, rmse = source_effects(df.loc[ok, "source"], df.loc[ok, "target"], y[ok])
     return Predictor(name=name or "record", features=(), target=target, model="record", n_train=int(ok.sum()),
-                     train_rmse=float(np.sqrt(np.mean((known["y"] - fitted) ** 2))),
-                     estimator=(a.to_dict(), float(a.mean())))
+                     train_rmse=rmse, estimator=(effects, float(np.mean(list(effects.values())))))
 
 
 # ---------------------------------------------------------------------------- known pairs
