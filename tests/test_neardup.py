@@ -262,6 +262,7 @@ def test_the_full_seed_axis_reseeds_the_splits_and_theta_base(monkeypatch):
 
     monkeypatch.delenv(SPLIT_SEED_ENV, raising=False)
     monkeypatch.delenv(BASE_SEED_ENV, raising=False)
+    store = smoke_store()  # the shared store is built (if it is not yet) before any seed is changed
     assert resolve_split_seed() == 0 and ZooConfig().base_seed == 0
     zero = {n: load_domain(n) for n in ("mnist", "gtsrb")}
     monkeypatch.setenv(SPLIT_SEED_ENV, "1")
@@ -273,6 +274,11 @@ def test_the_full_seed_axis_reseeds_the_splits_and_theta_base(monkeypatch):
         assert not torch.equal(after.split("val").images, before.split("val").images)
         assert torch.equal(after.split("test").images, before.split("test").images)
         assert len(after.split("val")) == len(before.split("val"))
+    # a store's θ_base of another base seed is never replaced by a run that forgot the store's seed
+    from train.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match=r"built with base seed 0, this run asks for 2: set TVDIAG_BASE_SEED=0"):
+        Zoo(store, preset("smoke"), progress=False).base()
     monkeypatch.setenv(SPLIT_SEED_ENV, "one")
     with pytest.raises(DataError, match=r"\$TVDIAG_SPLIT_SEED must be a non-negative integer seed, got 'one'"):
         load_domain("mnist")

@@ -53,7 +53,7 @@ from train.tensorio import dumps, load_tensors, save_tensors
 from train.vectors import TaskVector
 from train.zoo.config import SHAP_BASELINE, ZooConfig
 from train.zoo.plan import ZooPlan
-from train.zoo.shipped import copy_shipped
+from train.zoo.shipped import copy_shipped, refuse_other_base_seed
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class Zoo(ZooPlan):
         cfg = self.config
         key = self._base_key()
         path = self.store.base_path()
+        refuse_other_base_seed(self.store, path, cfg.base_seed)
         if self.store.decide(path, key, what="θ_base").usable:
             self._backbone = self.store.load_base()
             return self._backbone

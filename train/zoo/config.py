@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from train.datasets.registry import env_seed
@@ -99,6 +99,7 @@ PRESETS: dict[str, ZooConfig] = {
 
 
 def preset(name: str) -> ZooConfig:
+    """The preset ``name``, with θ_base's seed read from ``$TVDIAG_BASE_SEED`` now (not when the presets were made)."""
     if name not in PRESETS:
         raise unknown("zoo preset", name, PRESETS)
-    return PRESETS[name]
+    return replace(PRESETS[name], base_seed=env_seed(BASE_SEED_ENV))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from train.errors import ArtifactError
 from train.external_weights import file_sha256
-from train.tensorio import atomic_write
+from train.tensorio import atomic_write, read_metadata
 
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "base"
 MANIFEST = SHIPPED_DIR / "MANIFEST.json"
@@ -64,3 +64,20 @@ def copy_shipped(source: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(source, "rb") as src:
         atomic_write(dest, lambda fh: shutil.copyfileobj(src, fh, 1 << 20))
+
+
+def refuse_other_base_seed(store, path: Path, base_seed: int) -> None:
+    """Refuse to replace a store's θ_base of another base seed (the full-seed axis keeps one store per seed): a
+    command run without that store's ``$TVDIAG_BASE_SEED`` would otherwise rebuild θ_base and every vector on it.
+    ``--rebuild base`` (or ``all``) still replaces it.
+
+    Raises:
+        ArtifactError: ``path`` holds θ_base of a base seed other than ``base_seed``.
+    """
+    if not path.is_file() or store._rebuilds(path):
+        return
+    seed = read_metadata(path).get("seed", "")
+    if seed.isdigit() and int(seed) != base_seed:
+        raise ArtifactError(f"{store.root}'s θ_base was built with base seed {seed}, this run asks for {base_seed}: "
+                            f"set TVDIAG_BASE_SEED={seed} for this store (and its TVDIAG_SPLIT_SEED), use another "
+                            "store, or pass --rebuild base to replace it")
