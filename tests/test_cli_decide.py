@@ -69,6 +69,8 @@ def test_rank_sources_tiers(root, capsys):
     sources = res["sources"]
     assert sorted(s["source"] for s in sources) == ["dtd", "fashion", "mnist"]
     assert [s["rank"] for s in sources] == [1, 2, 3]
+    record = [n for n in res["notes"] if n.startswith("source record on the other targets")]
+    assert len(record) == 1 and all(s in record[0] for s in ("dtd", "fashion", "mnist"))
     for s in sources:
         for key in ("source", "rank", "cos_ft", "risk_diag", "risk_card", "risk_exact", "predicted_ermse_norm",
                     "predicted_ermse_norm_interval", "predicted_acc_drop", "predicted_acc_drop_interval",

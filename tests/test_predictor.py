@@ -304,3 +304,15 @@ def test_source_record_is_the_source_effect_of_an_additive_fit():
     naive = {s: g["ermse"].mean() for s, g in train.groupby("source")}
     assert not np.allclose(np.array([naive[s] for s in test["source"]]) - (naive["d1"] - q["d1"]),
                            [q[s] for s in test["source"]], atol=1e-3)
+
+
+def test_record_note_lists_the_sources_best_first():
+    """The ranking's note of the sources' record: effects centred, lowest E-RMSE ratio first; unknown sources named."""
+    from diag.decide.record import record_note
+
+    df = synthetic_pairs()
+    q = {d: i / 10 for i, d in enumerate(sorted(df["source"].unique()))}
+    df["ermse"] = [df["ermse_ft_target"].iloc[k] * (1 + q[s]) for k, s in enumerate(df["source"])]
+    note = record_note(df[(df["target"] != "d0") & (df["source"] != "d0")], ["d3", "d1", "d2", "new"])
+    listed = note.split("): ")[1]
+    assert listed.startswith("d1 ") and listed.index("d2 ") < listed.index("d3 ") and note.endswith("no known pair: new")

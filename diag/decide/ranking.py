@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_LAMBDA1, PAPER_LAMBDA2, PREDICTION_LEVEL
-from diag.decide import recommend
+from diag.decide import record, recommend
 from diag.decide.predictor import (MIN_TRAINING_PAIRS, QUANTITIES, fit_pair_predictor, rank_sources, tier_features,
                                    training_pairs)
 from diag.decide.rules import lambda2_from_predicted_drop
@@ -292,7 +292,7 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
     if grid is not None:
         cands["accuracy_val_ft_target"] = grid.attrs["accuracy_ft_target"]  # val, as in the study table
     features = [f for f in tier_features(train, tier) if f in cands.columns]
-    notes = [f"features: {', '.join(features)}"]
+    notes = [f"features: {', '.join(features)}", record.record_note(train, sources)]
     predictor = fit_pair_predictor(train, features, model=model, level=level)
     cands = rank_sources(cands, predictor)
     notes += predictor.notes()

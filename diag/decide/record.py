@@ -13,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["source_effects"]
+from diag.stats import with_normalised
+
+__all__ = ["record_note", "source_effects"]
 
 
 def source_effects(sources, targets, y, sweeps: int = 200, tol: float = 1e-12) -> tuple[dict[str, float], float]:
@@ -37,3 +39,21 @@ def source_effects(sources, targets, y, sweeps: int = 200, tol: float = 1e-12) -
     a = (known["y"] - known["t"].map(b)).groupby(known["s"]).mean()
     residual = known["y"] - known["s"].map(a) - known["t"].map(b)
     return {str(k): float(v) for k, v in a.items()}, float(np.sqrt(np.mean(residual ** 2)))
+
+
+def record_note(known: pd.DataFrame, sources, outcome: str = "ermse_norm") -> str:
+    """One line for a ranking: each candidate source's effect on ``outcome`` (E-RMSE ÷ θ_ftᵀ's; lower is better)
+    over the known pairs without the target, best first; sources with no known pair are named apart."""
+    table = with_normalised(known)
+    y = pd.to_numeric(table[outcome], errors="coerce").to_numpy(np.float64) if outcome in table else np.array([])
+    ok = np.isfinite(y)
+    if ok.sum() < 3:
+        return f"source record: fewer than 3 known pairs with {outcome}"
+    effects, _ = source_effects(table.loc[ok, "source"], table.loc[ok, "target"], y[ok])
+    centre = float(np.mean(list(effects.values())))
+    have = sorted((s for s in sources if s in effects), key=lambda s: effects[s])
+    missing = [s for s in sources if s not in effects]
+    return ("source record on the other targets (effect on E-RMSE ÷ θ_ftᵀ's, additive source + target fit; lower "
+            "is better; the best data-free ranker leave one target out on the mini-suite): "
+            + ", ".join(f"{s} {effects[s] - centre:+.3f}" for s in have)
+            + (f"; no known pair: {', '.join(missing)}" if missing else ""))
