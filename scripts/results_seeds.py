@@ -17,7 +17,7 @@ import pandas as pd
 from diag.constants import PAPER_LAMBDA2
 from diag.decide.card_scale import fit_card_scale
 from diag.decide.ceiling import ranking_ceiling
-from diag.decide.evaluation import ORACLE
+from diag.decide.evaluation import ORACLE, RECORD
 from diag.decide.evaluation import evaluate_rankers, loto_coverage
 from diag.decide.loss_model import agreement, calibrate, predicted_vs_measured, retest
 from diag.decide.screen_check import validate_screen
@@ -251,4 +251,11 @@ def full_seeds_block(path: Path, provenance: str = "") -> list[str]:
             f"together, full seeds {', '.join(map(str, fulls))}, training seed 0 in each, λ2 = {PAPER_LAMBDA2:g} "
             f"(`scripts/full_seeds.py`; {provenance or 'provenance: none recorded'}). Its ± covers θ_base, the "
             "splits and training together; the test split is the suite's own in every full seed.", ""]
-    return head + _headline(table.assign(seed=table["full_seed"]), fulls, over="full seeds")
+    by_full = table.assign(seed=table["full_seed"])
+    ceiling = ranking_ceiling(by_full)
+    tail = [] if ceiling is None else [
+        "Ranking across full seeds: the " + ceiling.sentence().replace("training seeds", "full seeds")
+        + ". The best data-free ranker, the source record, leave one target out per full seed: Spearman "
+        + _msd([next(r["mean_spearman"] for r in evaluate_rankers(by_full[by_full["seed"] == f], n_boot=N_BOOT)
+                    if r["name"] == RECORD) for f in fulls]) + ".", ""]
+    return head + _headline(by_full, fulls, over="full seeds") + tail
