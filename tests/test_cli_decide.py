@@ -232,3 +232,30 @@ def test_choices_read_val_never_test(table, monkeypatch):
     assert {r[5] for r in clean} <= {"plain", "precondition", "project"}
     safe = [r[9] for r in clean]
     assert safe == sorted(safe, reverse=True)  # no safe transfer is never ranked above a safe one
+
+
+def test_rank_sources_evaluate_all_seeds(root, capsys, tmp_path):
+    """--evaluate --all-seeds: one evaluation per training seed of the study, then each ranker's mean ± sd (by hand
+    here) and the seeds whose CI lies above 0; the text says both."""
+    import pandas as pd
+
+    from diag.table import load_study, write_table
+
+    code, _, err = run(capsys, "rank-sources", "--evaluate", "--json", "--store", root, *SUITE, *SMALL)  # the study
+    assert code == 0, err
+    one = load_study(STUDY)
+    other = one.assign(seed=1, pair_key=one["pair_key"].astype(str) + "-s1",
+                       ermse=one["ermse"] * (1 + 0.1 * np.arange(len(one)) / len(one)))
+    write_table(pd.concat([one, other], ignore_index=True), tmp_path / "pairs.csv")
+    args = ["rank-sources", "--evaluate", "--all-seeds", "--study", str(tmp_path), "--store", root, *SUITE,
+            "--quiet", "--preset", "smoke", "--n-boot", "50"]
+    code, out, err = run(capsys, *args, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["seeds"] == [0, 1]
+    for m in res["summary"]:
+        per = [p["mean_spearman"] for p in res["predictors"] if p["name"] == m["name"]]
+        assert len(per) == m["n_seeds"] == 2
+        assert m["mean_spearman"] == pytest.approx(np.mean(per)) and m["sd_spearman"] == pytest.approx(np.std(per, ddof=1))
+    code, out, _ = run(capsys, *args)
+    assert code == 0 and "Over training seeds 0, 1" in out and "training seed 1, over" in out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 from diag.commands.openworld import run_rank_folder
 from diag.commands.options import (add_alpha_option, add_budget_option, add_common, add_curvature_options,
                                    add_domains_option, add_lambda_options, add_level_option, add_study_option,
@@ -57,6 +59,9 @@ def register(sub) -> None:
     add_variant_option(r, default=None, help="--evaluate with --study: the θ_ft* variant of the rows (default paper)")
     add_train_seed_option(r, default=None, alias=False,
                           help="--evaluate with --study: the training seed of the rows (default the smallest)")
+    r.add_argument("--all-seeds", action="store_true",
+                   help="--evaluate: every training seed of the study, one evaluation each, then each ranker's mean "
+                        "± sd over the seeds")
     r.add_argument("--target-model", type=Path, default=None,
                    help="open world: the target's θ_ft checkpoint (no target images; tier 0, or 1 with --card)")
     r.add_argument("--card", type=Path, default=None, help="open world: the target's Hessian card (diag card)")
@@ -106,6 +111,59 @@ def _budget(value: float) -> float:
     return value
 
 
+def _ci_word(ci) -> str:
+    lo, hi = ci
+    return "above 0" if lo > 0 else "below 0" if hi < 0 else "spans 0"
+
+
+def _evaluate(ctx, args) -> int:
+    """``rank-sources --evaluate``: every ranker leave one target out beside the test-retest ceiling, for one
+    training seed or (``--all-seeds``) each seed of the study and the mean ± sd over them."""
+    _, _, table = _study_table(ctx, args)
+    every_seed = of_method(select_run(load_study(args.study or ctx.store.study_dir(DEFAULT_STUDY),
+                                                 lambda2=PAPER_LAMBDA2), getattr(args, "variant", None), "all"))
+    ceiling = ranking_ceiling(every_seed)
+    runs = ({int(s): evaluate_rankers(g, n_boot=args.n_boot) for s, g in every_seed.groupby("seed")} if args.all_seeds
+            else {int(table["seed"].iloc[0]): evaluate_rankers(table, n_boot=args.n_boot)})
+    rows = [dict(r, seed=seed, fraction_of_ceiling=ceiling.fraction(r["mean_spearman"]) if ceiling else None,
+                 ci_excludes_0=_ci_word(r["ci95"]) != "spans 0") for seed, rs in runs.items() for r in rs]
+    summary = []
+    for name in dict.fromkeys(r["name"] for r in rows):
+        mine = [r for r in rows if r["name"] == name]
+        v = np.array([r["mean_spearman"] for r in mine], dtype=float)
+        summary.append({"name": name, "tier": mine[0]["tier"], "n_seeds": len(mine), "mean_spearman": float(v.mean()),
+                        "sd_spearman": float(v.std(ddof=1)) if len(v) > 1 else None,
+                        "fraction_of_ceiling": ceiling.fraction(float(v.mean())) if ceiling else None,
+                        "seeds_ci_above_0": sum(r["ci95"][0] > 0 for r in mine)})
+    if args.json:
+        emit_json({"n_pairs": int(len(table)), "seeds": list(runs), "predictors": rows, "summary": summary,
+                   "ceiling": ceiling.to_dict() if ceiling else None}, nan_as_null=True)
+        return 0
+    print(ceiling.sentence() if ceiling else "test-retest ceiling: needs a study with ≥ 2 training seeds "
+          "(diag study --seeds 0 1)")
+    for seed, rs in runs.items():
+        n = int((every_seed["seed"] == seed).sum()) if args.all_seeds else len(table)
+        print(f"Leave-one-target-out evaluation, training seed {seed}, over {n} pairs (E-RMSE of the chosen source; "
+              "lower is better)")
+        print(f"{'predictor':28s} {'mean Spearman':>13s} {'95% CI':>18s} {'CI':>8s} {'top-1 regret':>12s} "
+              f"{'random regret':>13s} {'pooled r':>9s} {'÷ ceiling':>9s}")
+        for r in (r for r in rows if r["seed"] == seed):
+            ci, pooled, frac = r["ci95"], r.get("pooled_r"), r["fraction_of_ceiling"]
+            print(f"{r['name']:28s} {r['mean_spearman']:13.3f} [{ci[0]:7.3f}, {ci[1]:7.3f}] {_ci_word(ci):>8s} "
+                  f"{r['mean_top1_regret']:12.4f} {r['random_top1_regret']:13.4f} "
+                  f"{pooled if pooled is not None else float('nan'):9.3f} {frac if frac is not None else float('nan'):9.2f}")
+    if len(runs) > 1:
+        print(f"Over training seeds {', '.join(map(str, runs))}: mean Spearman ± sd, its fraction of the ceiling, "
+              "and the seeds whose 95 % CI lies above 0")
+        for m in summary:
+            frac = "" if m["fraction_of_ceiling"] is None else f", {m['fraction_of_ceiling']:.2f} of the ceiling"
+            print(f"  {m['name']:28s} {m['mean_spearman']:+.3f} ± {m['sd_spearman']:.3f}{frac}; CI above 0 in "
+                  f"{m['seeds_ci_above_0']} of {m['n_seeds']} seeds")
+    print("Spearman between predicted and actual E-RMSE across sources, per target, averaged; CI by bootstrap over "
+          "targets. cos τ* (oracle) needs the target's explanation vector: a reference, not a ranker.")
+    return 0
+
+
 def run_rank(args) -> int:
     if args.target_model is not None or args.sources is not None or args.card is not None:
         return run_rank_folder(args)
@@ -115,31 +173,7 @@ def run_rank(args) -> int:
     if args.coverage:
         return _coverage(ctx, args)
     if args.evaluate:
-        _, _, table = _study_table(ctx, args)
-        rows = evaluate_rankers(table, n_boot=args.n_boot)
-        every_seed = select_run(load_study(args.study or ctx.store.study_dir(DEFAULT_STUDY), lambda2=PAPER_LAMBDA2),
-                                getattr(args, "variant", None), "all")
-        ceiling = ranking_ceiling(every_seed)
-        for r in rows:
-            r["fraction_of_ceiling"] = ceiling.fraction(r["mean_spearman"]) if ceiling else None
-        if args.json:
-            emit_json({"n_pairs": int(len(table)), "predictors": rows,
-                       "ceiling": ceiling.to_dict() if ceiling else None}, nan_as_null=True)
-            return 0
-        print(ceiling.sentence() if ceiling else "test-retest ceiling: needs a study with ≥ 2 training seeds "
-              "(diag study --seeds 0 1)")
-        print(f"Leave-one-target-out evaluation over {len(table)} pairs (E-RMSE of the chosen source; lower is better)")
-        print(f"{'predictor':28s} {'mean Spearman':>13s} {'95% CI':>18s} {'top-1 regret':>12s} {'random regret':>13s} "
-              f"{'pooled r':>9s} {'÷ ceiling':>9s}")
-        for r in rows:
-            ci = r["ci95"]
-            pooled = r.get("pooled_r")
-            print(f"{r['name']:28s} {r['mean_spearman']:13.3f} [{ci[0]:7.3f}, {ci[1]:7.3f}] "
-                  f"{r['mean_top1_regret']:12.4f} {r['random_top1_regret']:13.4f} "
-                  f"{pooled if pooled is not None else float('nan'):9.3f} "
-                  f"{r['fraction_of_ceiling'] if r['fraction_of_ceiling'] is not None else float('nan'):9.2f}")
-        print("Spearman between predicted and actual E-RMSE across sources, per target, averaged; CI by bootstrap over targets.")
-        return 0
+        return _evaluate(ctx, args)
     if not args.target:
         raise TvdiagError("--target is required (or use --evaluate)")
     target = ctx.check_domain(args.target)
