@@ -46,4 +46,13 @@ for V in paper from-ft; do
   $D study --preset dense --seeds 0 1 --variant $V --lambda-grid --no-curvature --out "$OUT/allpairs-dense" $Q \
     > "$OUT/study-dense-$V.txt"
 done
+# 6. from-ft at the paper variant's step (seed 0), and the full-seed axis: θ_base and the splits reseeded,
+#    one store per full seed (full seed 0 is the store above), training seed 0, λ2 = 0.7
+$PY "$REPO/scripts/equal_norm.py" --store "$STORE" --out "$OUT/from-ft-equal-norm" > "$OUT/equal-norm.txt"
+for F in 1 2; do
+  TVDIAG_STORE="$STORE-full$F" TVDIAG_BASE_SEED=$F TVDIAG_SPLIT_SEED=$F $D zoo --seeds 0 $Q
+  TVDIAG_STORE="$STORE-full$F" TVDIAG_BASE_SEED=$F TVDIAG_SPLIT_SEED=$F $D study --seeds 0 --no-curvature \
+    --out "$OUT/full$F" $Q > "$OUT/study-full$F.txt"
+done
+$PY "$REPO/scripts/full_seeds.py" --out "$OUT/full-seeds" 0="$OUT/allpairs-curv" 1="$OUT/full1" 2="$OUT/full2"
 echo "report in $OUT"

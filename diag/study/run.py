@@ -48,7 +48,7 @@ from diag.runtime.context import Workspace
 from diag.runtime.distributed import barrier, claimed, is_distributed, rank_and_world
 from diag.runtime.shards import build_curvatures
 from diag.runtime.workers import release_freed_memory
-from diag.study.provenance import record, run_provenance
+from diag.study.provenance import code_version, record, run_provenance
 from diag.table import (add_normalised, append_rows, check_shard, dedupe, default_shard, DEFAULT_STUDY, lam_key,
                         merge_shards, ordered_pairs, pair_key, PAIRS_FILE, PLAIN, read_table, shard_file,
                         STUDY_VERSION, table_files, with_run_columns)
@@ -243,6 +243,7 @@ def run_study(store: Store, domains: Sequence[str], settings: StudySettings, *,
     (the read of what is done, each run's curvature queue, its pair queues, the merge): one body keeps it.
     """
     lambda2s, methods = list(settings.lambda2s), list(settings.methods)
+    code_version()  # read (and cached) before any row: the provenance names the code that ran, not a later checkout
     root = workspace or Workspace(store, settings.alpha, data)
     runs = [root.for_run(alpha=settings.alpha, seed=s, variant=settings.variant) for s in settings.seeds]
     for ws in runs:
