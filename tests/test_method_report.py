@@ -19,7 +19,7 @@ def _row(method, seed, k, **values):
     s, t = PAIRS[k]
     return {"source": s, "target": t, "lambda2": 0.7, "seed": seed, "variant": "paper", "alpha": 0.8,
             "method": method, "pair_key": f"{method}{seed}{k}", "accuracy_ft_target": 1.0, "ermse_ft_target": 1.0,
-            "ermse_plain": PLAIN_ERMSE[k], "ermse_meanmap": 0.9, "ermse_img_meanmap": 1.0, "cos_ft": COS_FT[(s, t)],
+            "ermse_plain": PLAIN_ERMSE[k], "ermse_meanmap": 0.9, "corr_img_se": 0.05, "cos_ft": COS_FT[(s, t)],
             **values}
 
 
@@ -29,14 +29,14 @@ def _table() -> pd.DataFrame:
     plain_loss = [0.49, 0.98, 0.2, 0.49, 2.0, 0.49]
     for seed in (0, 1):
         for k in range(6):
-            rows.append(_row("plain", seed, k, accuracy=0.96, ermse=PLAIN_ERMSE[k], ermse_img=0.99, risk_exact=2.0,
+            rows.append(_row("plain", seed, k, accuracy=0.96, ermse=PLAIN_ERMSE[k], corr_img=0.3, risk_exact=2.0,
                              loss_increase_val=plain_loss[k]))
             rows.append(_row("precondition", seed, k, accuracy=pre_acc[seed][k],
-                             ermse=[0.95, 0.84, 0.85, 0.7, 0.7, 0.7][k], ermse_img=1.01 if k == 4 else 0.99,
+                             ermse=[0.95, 0.84, 0.85, 0.7, 0.7, 0.7][k], corr_img=0.05 if k == 4 else 0.3,
                              repair_predicted_loss_increase=0.1, loss_increase_val=0.3))
-            rows.append(_row("mix", seed, k, accuracy=0.97, ermse=MIX_ERMSE[PAIRS[k][1]], ermse_img=0.99,
+            rows.append(_row("mix", seed, k, accuracy=0.97, ermse=MIX_ERMSE[PAIRS[k][1]], corr_img=0.3,
                              loss_increase_val=0.1))
-    rows.append(_row("plain", 0, 0, accuracy=0.1, ermse=9.0, ermse_img=9.0) | {"lambda2": 1.0})  # other λ2: ignored
+    rows.append(_row("plain", 0, 0, accuracy=0.1, ermse=9.0, corr_img=0.0) | {"lambda2": 1.0})  # other λ2: ignored
     return pd.DataFrame(rows)
 
 
@@ -117,7 +117,7 @@ RANKED_ERMSE = {0: {"A": 0.7, "B": 0.78, "C": 0.9}, 1: {"A": 0.9, "B": 0.9, "C":
 
 def test_method_report_universal_vs_ranked_mix_vs_ranked_source():
     """(c) with both mixes: wins against the ranker's source and against each other, per seed, mean ± sd."""
-    rows = [_row("mix-ranked", seed, k, accuracy=0.97, ermse=RANKED_ERMSE[seed][PAIRS[k][1]], ermse_img=0.99)
+    rows = [_row("mix-ranked", seed, k, accuracy=0.97, ermse=RANKED_ERMSE[seed][PAIRS[k][1]], corr_img=0.3)
             for seed in (0, 1) for k in range(6)]
     rep = method_report(pd.concat([_table(), pd.DataFrame(rows)], ignore_index=True), 0.7)
     u0, u1 = rep.universal[0], rep.universal[1]

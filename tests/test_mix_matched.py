@@ -60,8 +60,8 @@ def _seven_targets() -> pd.DataFrame:
                 continue
             base = {"source": s, "target": t, "lambda2": 0.7, "seed": 0, "variant": "paper", "alpha": 0.8,
                     "accuracy_ft_target": 1.0, "ermse_ft_target": 1.0, "ermse_plain": 0.8, "ermse_meanmap": 0.95,
-                    "ermse_img_meanmap": 1.0, "cos_ft": 0.1 * ((3 * i + 5 * j) % 7), "norm_star_source": 1.0 + j,
-                    "ermse_img": 0.99}
+                    "corr_img_se": 0.05, "cos_ft": 0.1 * ((3 * i + 5 * j) % 7), "norm_star_source": 1.0 + j,
+                    "corr_img": 0.3}
             rows.append({**base, "method": "plain", "pair_key": f"p{s}{t}", "accuracy": 0.96, "ermse": 0.8})
             rows.append({**base, "method": "mix", "pair_key": f"m{s}{t}", "accuracy": 0.97,
                          "ermse": 0.7 if i < 4 else 0.9})
@@ -99,9 +99,9 @@ def test_matched_mix_is_read_at_the_ranker_source_not_averaged():
     for k, (s, t) in enumerate(PAIRS):
         rows.append({"source": s, "target": t, "lambda2": 0.7, "seed": 0, "variant": "paper", "alpha": 0.8,
                      "method": "mix-matched", "pair_key": f"mm{k}", "accuracy_ft_target": 1.0,
-                     "ermse_ft_target": 1.0, "ermse_plain": 0.8, "ermse_meanmap": 0.9, "ermse_img_meanmap": 1.0,
+                     "ermse_ft_target": 1.0, "ermse_plain": 0.8, "ermse_meanmap": 0.9, "corr_img_se": 0.05,
                      "cos_ft": COS_FT[(s, t)], "accuracy": 0.9 if (s, t) in picked else 0.5,
-                     "ermse": 0.7 if (s, t) in picked else 0.95, "ermse_img": 0.99, "repair_size": 0.7 * 2.0})
+                     "ermse": 0.7 if (s, t) in picked else 0.95, "corr_img": 0.3, "repair_size": 0.7 * 2.0})
     table = _table()
     df = pd.concat([table[table["seed"] == 0].assign(norm_star_source=2.0), pd.DataFrame(rows)], ignore_index=True)
     u = universal_vs_ranker(df[df["lambda2"] == 0.7])
