@@ -17,9 +17,9 @@ import pandas as pd
 from diag.constants import PAPER_LAMBDA2
 from diag.decide.card_scale import fit_card_scale
 from diag.decide.ceiling import ranking_ceiling
-from diag.decide.evaluation import ORACLE, RECORD
-from diag.decide.evaluation import evaluate_rankers, loto_coverage
+from diag.decide.evaluation import ORACLE, RECORD, evaluate_loto, evaluate_rankers, loto_coverage
 from diag.decide.loss_model import agreement, calibrate, predicted_vs_measured, retest
+from diag.decide.predictor import tier_features
 from diag.decide.screen_check import validate_screen
 from diag.study.summary import summarize, summarize_run
 from diag.stats import wilson_interval
@@ -256,6 +256,7 @@ def full_seeds_block(path: Path, provenance: str = "") -> list[str]:
     tail = [] if ceiling is None else [
         "Ranking across full seeds: the " + ceiling.sentence().replace("training seeds", "full seeds")
         + ". The best data-free ranker, the source record, leave one target out per full seed: Spearman "
-        + _msd([next(r["mean_spearman"] for r in evaluate_rankers(by_full[by_full["seed"] == f], n_boot=N_BOOT)
-                    if r["name"] == RECORD) for f in fulls]) + ".", ""]
+        + _msd([evaluate_loto(part, tier_features(part, 0), target="ermse", predictors={RECORD: "record"},
+                              n_boot=N_BOOT, fit_target="ermse_norm")[0].mean_spearman
+                for part in (by_full[by_full["seed"] == f] for f in fulls)]) + ".", ""]
     return head + _headline(by_full, fulls, over="full seeds") + tail

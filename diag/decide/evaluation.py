@@ -254,14 +254,14 @@ def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
     out = []
     seen = set()
     once = ("proxy", "random", RECORD, ORACLE)
+    predictors = default_predictors()
+    if "cos_star" in table and pd.to_numeric(table["cos_star"], errors="coerce").notna().any():
+        predictors[ORACLE] = {"model": "proxy", "features": ["cos_star"], "allow_oracle": True}
     for tier in (0, 1, 2):
         feats = tier_features(table, tier)
         if not feats or tuple(feats) in seen:
             continue
         seen.add(tuple(feats))
-        predictors = default_predictors()
-        if "cos_star" in table and pd.to_numeric(table["cos_star"], errors="coerce").notna().any():
-            predictors[ORACLE] = {"model": "proxy", "features": ["cos_star"], "allow_oracle": True}
         for ev in evaluate_loto(table, feats, target="ermse", predictors=predictors, n_boot=n_boot, seed=seed,
                                 fit_target="ermse_norm"):
             d = {"name": ev.name if any(k in ev.name for k in once) else f"{ev.name} (tier {tier})",
@@ -272,6 +272,8 @@ def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
             if d["name"] in {o["name"] for o in out}:
                 continue
             out.append(d)
+        # the feature-free rankers score the same at every tier: only ridge and gbr are fitted again
+        predictors = {k: v for k, v in predictors.items() if not any(w in k for w in once)}
     return out
 
 

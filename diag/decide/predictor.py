@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from diag.constants import PREDICTION_LEVEL
-from diag.decide.record import source_effects
+from diag.decide.record import known_effects
 from diag.stats import jackknife_plus, with_normalised
 from train.errors import DataError, unknown
 
@@ -235,13 +235,10 @@ def fit_predictor(df: pd.DataFrame, features: Sequence[str], target: str = "erms
 
 
 def _fit_record(df: pd.DataFrame, target: str, name: str | None) -> Predictor:
-    """The sources' record (:func:`diag.decide.record.source_effects`): predicts each source's effect."""
-    y = target_values(df, target)
-    ok = np.isfinite(y)
-    if ok.sum() < 3:
-        raise DataError(f"need at least 3 pairs with a finite '{target}' to fit, got {int(ok.sum())}")
-    effects, rmse = source_effects(df.loc[ok, "source"], df.loc[ok, "target"], y[ok])
-    return Predictor(name=name or "record", features=(), target=target, model="record", n_train=int(ok.sum()),
+    """The sources' record (:func:`diag.decide.record.known_effects`): predicts each source's effect."""
+    target_values(df, target)  # a missing outcome column is refused by name
+    effects, rmse, n = known_effects(df, target)
+    return Predictor(name=name or "record", features=(), target=target, model="record", n_train=n,
                      train_rmse=rmse, estimator=(effects, float(np.mean(list(effects.values())))))
 
 

@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 
 from diag.stats import with_normalised
+from train.errors import DataError
 
-__all__ = ["record_note", "source_effects"]
+__all__ = ["known_effects", "record_note", "source_effects"]
 
 
 def source_effects(sources, targets, y, sweeps: int = 200, tol: float = 1e-12) -> tuple[dict[str, float], float]:
@@ -41,15 +42,29 @@ def source_effects(sources, targets, y, sweeps: int = 200, tol: float = 1e-12) -
     return {str(k): float(v) for k, v in a.items()}, float(np.sqrt(np.mean(residual ** 2)))
 
 
-def record_note(known: pd.DataFrame, sources, outcome: str = "ermse_norm") -> str:
-    """One line for a ranking: each candidate source's effect on ``outcome`` (E-RMSE ÷ θ_ftᵀ's; lower is better)
-    over the known pairs without the target, best first; sources with no known pair are named apart."""
+def known_effects(known: pd.DataFrame, outcome: str) -> tuple[dict[str, float], float, int]:
+    """(source → a_s, rms residual, pairs used) of :func:`source_effects` over the known pairs with a finite
+    ``outcome`` (derived columns such as ``ermse_norm`` added by :func:`diag.stats.with_normalised`).
+
+    Raises:
+        DataError: fewer than 3 such pairs.
+    """
     table = with_normalised(known)
     y = pd.to_numeric(table[outcome], errors="coerce").to_numpy(np.float64) if outcome in table else np.array([])
     ok = np.isfinite(y)
     if ok.sum() < 3:
+        raise DataError(f"need at least 3 pairs with a finite '{outcome}' to fit, got {int(ok.sum())}")
+    effects, rmse = source_effects(table.loc[ok, "source"], table.loc[ok, "target"], y[ok])
+    return effects, rmse, int(ok.sum())
+
+
+def record_note(known: pd.DataFrame, sources, outcome: str = "ermse_norm") -> str:
+    """One line for a ranking: each candidate source's effect on ``outcome`` (E-RMSE ÷ θ_ftᵀ's; lower is better)
+    over the known pairs without the target, best first; sources with no known pair are named apart."""
+    try:
+        effects, _, _ = known_effects(known, outcome)
+    except DataError:
         return f"source record: fewer than 3 known pairs with {outcome}"
-    effects, _ = source_effects(table.loc[ok, "source"], table.loc[ok, "target"], y[ok])
     centre = float(np.mean(list(effects.values())))
     have = sorted((s for s in sources if s in effects), key=lambda s: effects[s])
     missing = [s for s in sources if s not in effects]

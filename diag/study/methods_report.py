@@ -13,7 +13,7 @@ over seeds), :func:`method_report` counts
     to keep and the pair counts when g_method ≥ 0 (``n_plain_reduces`` says how many pairs that is);
 (b) ``beats_prior``: pairs whose E-RMSE is below the source's mean-φ map's (a constant prior) *and*
     whose maps carry image-specific signal: ρ̄, the mean per-image correlation of the centred map
-    with the centred φ, has a 95 % CI over images above 0 (a constant prior's ρ̄ is 0; θ_ft*ᵀ's is
+    with the centred φ, has a 95 % CI over images above 0 (:func:`diag.study.summary.ci_above_zero`; a constant prior's ρ̄ is 0; θ_ft*ᵀ's is
     ≈ 0.44 on the mini-suite). The image-specific E-RMSE it replaces, √(2 − 2ρ̄) against the prior's
     1, only a model with ρ̄ > 0.5 could beat — not even θ_ft*ᵀ;
 (c) the mixes vs the ranker's single source: per target, the universal vector (``mix`` rows,
@@ -53,7 +53,7 @@ import pandas as pd
 from diag.constants import PAPER_LAMBDA2
 from diag.curvature.risk import loss_model
 from diag.decide.recommend import ranker_gains
-from diag.study.summary import mean_sd
+from diag.study.summary import ci_above_zero, mean_sd
 from diag.stats.proportion import wilson_interval
 from diag.transfer.methods import METHODS, MIX_METHODS
 from diag.table import add_normalised, at_lambda, PLAIN, with_run_columns
@@ -64,8 +64,6 @@ KEEP = 0.95
 KEPT_GAIN = 0.8
 #: The quadratic model "holds" on a row when measured ÷ predicted lies in [1/HOLDS, HOLDS].
 HOLDS = 2.0
-#: z of (b)'s image-level test: ρ̄ − z·se > 0 (95 %, two-sided, as the study's image-level counts).
-IMAGE_Z = 1.96
 #: The counts of (a) and (b); a mix's are over targets (``n_targets`` instead of ``n_pairs``).
 COUNTS = ("n_pairs", "keeps", "n_plain_reduces", "beats_prior")
 #: (c)'s contenders: the method rows compared with the ranker's single source, and their labels.
@@ -122,10 +120,8 @@ def method_counts(rows: pd.DataFrame, keep: float = KEEP, kept_gain: float = KEP
     kept_acc = rows["accuracy"] >= keep * rows["accuracy_ft_target"] - 1e-12
     kept, reduces = _gain_kept(rows, kept_gain)
     prior = pd.Series(False, index=rows.index)
-    if {"ermse_meanmap", "corr_img", "corr_img_se"} <= set(rows.columns):  # tables before corr_img: never counted
-        signal = pd.to_numeric(rows["corr_img"], errors="coerce") - IMAGE_Z * pd.to_numeric(rows["corr_img_se"],
-                                                                                             errors="coerce") > 0
-        prior = (rows["ermse"] < rows["ermse_meanmap"]) & signal
+    if "ermse_meanmap" in rows.columns:  # tables before corr_img: no signal, never counted
+        prior = (rows["ermse"] < rows["ermse_meanmap"]) & ci_above_zero(rows)
     return {n_key: int(len(rows)), "keeps": int((kept_acc & kept).sum()), "n_plain_reduces": int(reduces.sum()),
             "beats_prior": int(prior.sum())}
 

@@ -182,7 +182,19 @@ CORR_ROWS = {"proposed": "", "ft_target": "_ft_target", "other_rescaled": "_othe
              "ftx_target": "_ftx_target"}
 
 
-def image_level(rows: pd.DataFrame, z: float = 1.96) -> tuple[dict[str, int], dict[str, float]]:
+#: z of the image-level test's 95 % CIs (ρ̄ − z·se > 0).
+IMAGE_Z = 1.96
+
+
+def ci_above_zero(rows: pd.DataFrame, mean: str = "corr_img", se: str = "corr_img_se", z: float = IMAGE_Z) -> pd.Series:
+    """Per row: whether ``mean`` − z·``se`` > 0 (all False when either column is missing): the image-level test
+    of one row (ρ̄ > 0, or a paired ρ̄ difference above 0)."""
+    if mean not in rows.columns or se not in rows.columns:
+        return pd.Series(False, index=rows.index)
+    return pd.to_numeric(rows[mean], errors="coerce") - z * pd.to_numeric(rows[se], errors="coerce") > 0
+
+
+def image_level(rows: pd.DataFrame, z: float = IMAGE_Z) -> tuple[dict[str, int], dict[str, float]]:
     """The image-level test over pairs: counts of 95 % CIs above 0 (see :class:`HeadlineCounts`) and mean ρ̄ per row.
 
     Empty for tables written before ``corr_img`` existed.
@@ -191,9 +203,7 @@ def image_level(rows: pd.DataFrame, z: float = 1.96) -> tuple[dict[str, int], di
         return {}, {}
 
     def above(mean: str, se: str) -> int:
-        if mean not in rows.columns or se not in rows.columns:
-            return 0
-        return int((pd.to_numeric(rows[mean], errors="coerce") - z * pd.to_numeric(rows[se], errors="coerce") > 0).sum())
+        return int(ci_above_zero(rows, mean, se, z).sum())
 
     image = {"signal": above("corr_img", "corr_img_se"),
              "beats_other_rescaled": above("corr_img_vs_other_rescaled", "corr_img_vs_other_rescaled_se"),

@@ -57,6 +57,12 @@ def _is_one_shot(data: Any) -> bool:
         raise DataError(f"data must be an iterable of (x, y) batches, got {type(data).__name__}.") from e
 
 
+def _mean_and_se(mean: float, mean_sq: float, n: int) -> tuple[float, float]:
+    """(mean, its standard error sd/√n with the n − 1 variance) from a per-image quantity's mean and mean square."""
+    var = max(mean_sq - mean * mean, 0.0) * n / max(n - 1, 1)
+    return mean, (var / n) ** 0.5 if n > 1 else float("nan")
+
+
 @dataclass(frozen=True)
 class LossChange:
     """A measured loss change ``L(θ + δ) − L(θ)`` over N images: mean, paired se, and the two alternate-image halves."""
@@ -71,10 +77,8 @@ class LossChange:
     def from_moments(cls, m: Tensor, n: int) -> "LossChange":
         """From the per-image means (Σd, Σd², Σd over even images, their count, Σd over odd) ÷ N."""
         mean, sq, even_sum, even_share, odd_sum = (float(v) for v in m)
-        var = max(sq - mean * mean, 0.0) * n / max(n - 1, 1)
         odd_share = 1.0 - even_share
-        return cls(mean, (var / n) ** 0.5 if n > 1 else float("nan"),
-                   even_sum / even_share if even_share > 0 else float("nan"),
+        return cls(*_mean_and_se(mean, sq, n), even_sum / even_share if even_share > 0 else float("nan"),
                    odd_sum / odd_share if odd_share > 0 else float("nan"), n)
 
 
@@ -302,9 +306,7 @@ class _ModelOperator(CurvatureOperator):
             return torch.stack([gv.sum(), (gv * gv).sum()])
 
         m = self._reduce(sums, like)
-        n = self.num_samples
-        mean, var = float(m[0]), max(float(m[1]) - float(m[0]) ** 2, 0.0) * n / max(n - 1, 1)
-        return mean, (var / n) ** 0.5 if n > 1 else float("nan")
+        return _mean_and_se(float(m[0]), float(m[1]), self.num_samples)
 
     def gradient(self, delta: Tensor | None = None) -> Tensor:
         """Flat mean gradient ``grad L(theta + delta)`` of the selected parameters.
