@@ -11,8 +11,10 @@ at θ_ftᵀ are estimated on
 and the loss change L(θ_ftᵀ + λτ*ˢ) − L(θ_ftᵀ) is measured on T's test images, which neither estimate
 saw (cross-fitted), at small and large λ, with the measurement's paired standard error and its two
 alternate-image halves (the measurement's own test–retest), gᵀτ's standard error (and the gated model
-that keeps λ·gᵀτ only where |gᵀτ| ≥ 2 se), and, as a reference no predictor from those images could
-beat by much, the change measured directly on the estimating images. The rows are written as a checked table (``OUT/loss_model.csv``)
+that keeps λ·gᵀτ only where |gᵀτ| ≥ 2 se), the logit-space model (the logits' second-order expansion
+along τ under the exact cross-entropy, :mod:`diag.curvature.operators.logit_taylor`) with the range it
+declares valid on its own images, and, as a reference no predictor from those images could beat by
+much, the change measured directly on the estimating images. The rows are written as a checked table (``OUT/loss_model.csv``)
 that ``scripts/results_report.py`` summarises with :func:`diag.decide.loss_model.calibrate` when it is
 committed under ``results/``.
 
@@ -37,7 +39,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from diag.curvature.operators import HessianOperator  # noqa: E402
 from diag.curvature.risk import loss_model, quadratic_check  # noqa: E402
-from diag.decide.loss_model import agreement, calibrate, calibration_text, gated_g_tau  # noqa: E402
+from diag.decide.loss_model import (agreement, calibrate, calibration_text, gated_g_tau,  # noqa: E402
+                                   logit_model_agreement)
 from diag.features.pair_features import CurvatureSettings, Diagnostics  # noqa: E402
 from diag.runtime.context import Workspace  # noqa: E402
 from diag.study.provenance import code_version, record  # noqa: E402
@@ -77,7 +80,6 @@ def check_seed(store: Store, seed: int, domains: list[str]) -> list[dict]:
         tau = ws.vector(source, "star").tensors
         for est in ESTIMATES:
             op = ops[est]
-            flat = op.flatten(tau).to(op.dtype)
             for c in quadratic_check(op.model, op.data, tau, ts=STEPS, op=op, score_data=test):
                 risk = 2.0 * c.second_order / c.t ** 2
                 rows.append({"seed": seed, "source": source, "target": target, "estimate": est, "lambda2": c.t,
@@ -87,7 +89,9 @@ def check_seed(store: Store, seed: int, domains: list[str]) -> list[dict]:
                              "predicted_gated": loss_model(c.t, risk, gated_g_tau(c.g_tau, c.g_tau_se)),
                              "measured": c.measured, "measured_se": c.measured_se,
                              "measured_half_a": c.measured_half_a, "measured_half_b": c.measured_half_b,
-                             "measured_on_estimate": op.loss_change(c.t * flat).mean, "method": "plain"})
+                             "measured_on_estimate": c.estimate_measured, "predicted_logit": c.logit_predicted,
+                             "predicted_logit_se": c.logit_predicted_se, "logit_valid": c.logit_valid,
+                             "method": "plain"})
         print(f"seed {seed} {source}→{target}: {time.time() - start:.1f} s", flush=True)
     return rows
 
@@ -115,6 +119,11 @@ def main() -> int:
         part = table[table["estimate"] == est]
         print(f"g and H on {est} images, ΔL on test images:")
         print("\n".join("  " + line for line in calibration_text(calibrate(part), est, "test")))
+        logit = logit_model_agreement(part)
+        print(f"  logit-space model: {logit['consistent']:.0%} consistent, {logit['within']:.0%} within ×1.5; in the "
+              f"range it declares valid ({logit['declared_share']:.0%} of rows): {logit['declared']['consistent']:.0%} "
+              "consistent (per λ: " + ", ".join(f"{p['lambda2']:g}: {p['declared']['consistent']:.0%} of "
+                                                f"{p['declared_share']:.0%}" for p in logit["per_lambda"]) + ")")
         ref = agreement(part["measured_on_estimate"], part["measured"], measured_se=part["measured_se"])
         print(f"  reference: the change itself measured on the {est} images, scored the same way: "
               f"{ref['within']:.0%} within ×1.5, {ref['consistent']:.0%} within ×1.5 or 1.96 se")

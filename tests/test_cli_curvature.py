@@ -2,6 +2,8 @@
 
 import json
 
+import math
+
 import pytest
 import torch
 
@@ -58,7 +60,10 @@ def test_risk_exact_matches_direct_double_backward(root, capsys):
         check["measured_half_a"], check["measured_half_b"])  # the mean of two halves of near-equal size
     assert main(["risk", "--source", "animals", "--target", "mnist", "--probes", "4", "--k", "2", "--check", "0.5",
                  "--store", root, *SMALL]) == 0
-    assert "± paired se" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "± paired se" in printed and "logit-space model" in printed
+    assert check["logit_predicted_se"] > 0 and math.isfinite(check["logit_predicted"])
+    assert check["estimate_measured"] != check["measured"]  # g, H and the models on train images, scored on val
     assert 0 < res["risk_diag_se"] < float("inf") and "risk_diag_se" not in res["predicted_loss_increase"]
     # pair_features writes the same numbers as columns (the study's and rank-sources' one feature function)
     from diag.runtime.context import Workspace

@@ -291,13 +291,17 @@ def run_risk(args) -> int:
     print(f"    ‖τ outside the top-k eigenvectors‖² = {remainder:.4g} (the eig card's residual diagonal covers it)")
     if checks:
         print("  loss model check (ΔL on val images, g and R on train images)  t: measured ΔL ± paired se "
-              "[the two halves of the images] | t·gᵀτ + ½t²R | rel. error")
+              "[the two halves of the images] | t·gᵀτ + ½t²R | rel. error | logit-space model ± se")
         for c in checks:
             d = c.to_dict()
             near = abs(d["predicted"] - d["measured"]) <= CONSISTENT_Z * d["measured_se"]
             print(f"    t={d['t']:<5g} {d['measured']: .5g} ± {d['measured_se']:.2g} [{d['measured_half_a']:.3g}, "
                   f"{d['measured_half_b']:.3g}] | {d['predicted']: .5g} | {d['rel_error']:.2f}"
-                  f"{'  (holds)' if d.get('holds') else '  (within the measurement noise)' if near else ''}")
+                  f"{'  (holds)' if d.get('holds') else '  (within the measurement noise)' if near else ''}"
+                  f" | {d['logit_predicted']: .5g} ± {d['logit_predicted_se']:.2g}"
+                  f"{'' if d['logit_valid'] else '  (beyond its valid range)'}")
+        print("    logit-space model: the logits' second-order expansion along τ under the exact cross-entropy; "
+              "valid while it holds within ×1.5 on its own (train) images")
         print(f"    gᵀτ = {checks[0].g_tau:.4g} ± {checks[0].g_tau_se:.2g} (se over the train images)")
     return 0
 

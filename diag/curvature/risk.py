@@ -257,6 +257,14 @@ class QuadraticCheckRow:
             images: two independent measurements of the same change (the measurement's test–retest).
         g_tau, g_tau_se: ``g^T tau`` and its standard error over the estimating images (each image's
             directional derivative).
+        logit_predicted, logit_predicted_se: the logit-space loss model
+            (:mod:`~diag.curvature.operators.logit_taylor`, from the estimating images) and its standard
+            error over them.
+        estimate_measured: the change measured on the estimating images themselves (what the models
+            expand; equal to ``measured`` without ``score_data``).
+        logit_valid: the logit model is within ×1.5 of ``estimate_measured`` at this ``t`` and every
+            smaller one of the check: where its expansion holds on its own images, the range it
+            declares valid (decided without the scoring images).
     """
 
     t: float
@@ -272,6 +280,10 @@ class QuadraticCheckRow:
     measured_half_b: float = math.nan
     g_tau: float = math.nan
     g_tau_se: float = math.nan
+    logit_predicted: float = math.nan
+    logit_predicted_se: float = math.nan
+    estimate_measured: float = math.nan
+    logit_valid: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -286,7 +298,8 @@ def quadratic_check(model: nn.Module, data: Iterable, tau: Tensor | Mapping[str,
     ``g`` and ``R = tau^T H tau`` come from ``data`` (or ``op``); for each ``t`` the change
     ``L(theta + t tau) - L(theta)`` is measured on ``score_data`` — other images, so that the
     model is never scored on the images it was estimated on — and compared with
-    ``t g^T tau + 1/2 t^2 R``; each measured change carries its paired standard error and its two
+    ``t g^T tau + 1/2 t^2 R`` and with the logit-space model (the logits' second-order expansion under
+    the exact cross-entropy, :mod:`~diag.curvature.operators.logit_taylor`); each measured change carries its paired standard error and its two
     alternate-image halves, and ``g^T tau`` its standard error over the estimating images. Without
     ``score_data`` the change is measured on ``data`` (an in-sample check of the Taylor expansion
     itself, not of a prediction).
@@ -295,7 +308,7 @@ def quadratic_check(model: nn.Module, data: Iterable, tau: Tensor | Mapping[str,
         model: The target model (at ``theta``; never modified).
         data: Target batches ``(x, y)`` that estimate g and H.
         tau: Flat vector in the operator's order or a ``name -> tensor`` dict.
-        ts: Steps.
+        ts: Steps (the rows come in increasing ``t``).
         params: Parameter globs (ignored when ``op`` is given).
         tol: Relative error up to which a row counts as ``holds``.
         op: A ready :class:`HessianOperator` on the same model and data (reused).
@@ -312,19 +325,29 @@ def quadratic_check(model: nn.Module, data: Iterable, tau: Tensor | Mapping[str,
         raise BaseMismatchError(f"tau has length {flat.shape[0]}, the operator has D={op.shape[0]}.")
     scorer = op if score_data is None else HessianOperator(op.model, score_data, params=list(op.param_names),
                                                             engine=op.engine, dtype=op.dtype)
-    g_tau = float(torch.dot(op.gradient().double(), flat.double()))
-    g_tau_se = op.directional_derivative(flat)[1] if hasattr(op, "directional_derivative") else math.nan
+    if hasattr(op, "directional_derivative"):
+        g_tau, g_tau_se = op.directional_derivative(flat)
+    else:
+        g_tau, g_tau_se = float(torch.dot(op.gradient().double(), flat.double())), math.nan
     R = op.quadratic_form(flat)
-    rows = []
-    for t in ts:
+    logit = op.logit_taylor(flat) if hasattr(op, "logit_taylor") else None
+    rows, valid = [], True
+    for t in sorted(ts):
         change = scorer.loss_change(t * flat)
         measured = change.mean
         first, second = t * g_tau, loss_model(t, R, 0.0)
         denom = abs(measured) if measured != 0 else math.inf
         rel = abs(first + second - measured) / denom
         rel2 = abs(second - measured) / denom
+        extra = {}
+        if logit is not None:
+            pred = logit.change(t)
+            own = measured if scorer is op else op.loss_change(t * flat).mean
+            valid = valid and logit.holds(t, own)
+            extra = {"logit_predicted": pred.mean, "logit_predicted_se": pred.se, "estimate_measured": own,
+                     "logit_valid": bool(valid)}
         rows.append(QuadraticCheckRow(float(t), measured, first, second, first + second, rel, rel2, bool(rel <= tol),
-                                      change.se, change.half_a, change.half_b, g_tau, g_tau_se))
+                                      change.se, change.half_a, change.half_b, g_tau, g_tau_se, **extra))
     return rows
 
 

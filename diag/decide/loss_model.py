@@ -31,7 +31,7 @@ from diag.table import PLAIN
 from diag.transfer.budget import safe_sizes
 
 __all__ = ["CONSISTENT_Z", "GATE_Z", "VALID_SHARE", "WITHIN", "agreement", "calibrate", "calibration_text",
-           "gated_g_tau", "predicted_vs_measured", "retest"]
+           "gated_g_tau", "logit_model_agreement", "predicted_vs_measured", "retest"]
 
 #: A prediction is "within" when measured ÷ predicted lies in [1/WITHIN, WITHIN].
 WITHIN = 1.5
@@ -173,6 +173,30 @@ def calibrate(rows: pd.DataFrame, within: float = WITHIN, valid_share: float = V
                within_valid=agreement(inside["predicted"], inside["measured"], within, _se(inside))[crit]
                if len(inside) else math.nan)
     return out
+
+
+def logit_model_agreement(rows: pd.DataFrame, within: float = WITHIN) -> dict | None:
+    """The logit-space loss model (``predicted_logit``) against the measured change, and inside the range it
+    declares valid itself (``logit_valid``: its expansion holds within ×1.5 on its own estimating images at
+    that λ and every smaller one, decided without the scoring images).
+
+    Returns:
+        None without those columns; else :func:`agreement` over every row plus ``per_lambda`` (each with
+        ``lambda2`` and, under ``declared``, the same over the rows declared valid at that λ, with their
+        share ``declared_share``), ``declared`` (every declared row) and ``declared_share``.
+    """
+    if not {"predicted_logit", "logit_valid"} <= set(rows.columns) or not len(rows):
+        return None
+    valid = rows["logit_valid"].astype(bool)
+
+    def score(part: pd.DataFrame) -> dict:
+        return agreement(part["predicted_logit"], part["measured"], within, _se(part))
+
+    per = []
+    for lam, g in rows.groupby("lambda2", sort=True):
+        ok = g["logit_valid"].astype(bool)
+        per.append({"lambda2": float(lam), **score(g), "declared": score(g[ok]), "declared_share": float(ok.mean())})
+    return {**score(rows), "per_lambda": per, "declared": score(rows[valid]), "declared_share": float(valid.mean())}
 
 
 def _criterion_text(cal: dict) -> str:

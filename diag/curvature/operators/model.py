@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +27,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from diag.curvature.operators.attention import curvature_mode
+from diag.curvature.operators.change import LossChange, _mean_and_se
+from diag.curvature.operators.logit_taylor import LogitTaylor, composite_layer_norm
 from diag.runtime.distributed import all_reduce_sum, is_distributed, shard_batches
 from diag.curvature.operators.base import CurvatureOperator
 from diag.curvature.params import ParamLayout, layout_for, select_params
@@ -55,31 +56,6 @@ def _is_one_shot(data: Any) -> bool:
         return iter(data) is data
     except TypeError as e:
         raise DataError(f"data must be an iterable of (x, y) batches, got {type(data).__name__}.") from e
-
-
-def _mean_and_se(mean: float, mean_sq: float, n: int) -> tuple[float, float]:
-    """(mean, its standard error sd/√n with the n − 1 variance) from a per-image quantity's mean and mean square."""
-    var = max(mean_sq - mean * mean, 0.0) * n / max(n - 1, 1)
-    return mean, (var / n) ** 0.5 if n > 1 else float("nan")
-
-
-@dataclass(frozen=True)
-class LossChange:
-    """A measured loss change ``L(θ + δ) − L(θ)`` over N images: mean, paired se, and the two alternate-image halves."""
-
-    mean: float
-    se: float
-    half_a: float
-    half_b: float
-    n: int
-
-    @classmethod
-    def from_moments(cls, m: Tensor, n: int) -> "LossChange":
-        """From the per-image means (Σd, Σd², Σd over even images, their count, Σd over odd) ÷ N."""
-        mean, sq, even_sum, even_share, odd_sum = (float(v) for v in m)
-        odd_share = 1.0 - even_share
-        return cls(*_mean_and_se(mean, sq, n), even_sum / even_share if even_share > 0 else float("nan"),
-                   odd_sum / odd_share if odd_share > 0 else float("nan"), n)
 
 
 class _ModelOperator(CurvatureOperator):
@@ -307,6 +283,26 @@ class _ModelOperator(CurvatureOperator):
 
         m = self._reduce(sums, like)
         return _mean_and_se(float(m[0]), float(m[1]), self.num_samples)
+
+    def logit_taylor(self, v: Tensor) -> LogitTaylor:
+        """Each image's logits z, their derivative a = Jv and second derivative b = vᵀ∇²z v along ``v``
+        (one nested forward-mode product per batch, layer norms in differentiable primitives): the
+        logit-space loss model of :mod:`~diag.curvature.operators.logit_taylor`."""
+        vd = self.unflatten(v.detach().to(dtype=self.dtype, device=self.device))
+        parts, n = [], 0
+        with self._context(), composite_layer_norm():
+            for x, y in self._batches():
+                def along(th: dict[str, Tensor], x: Tensor = x) -> tuple[Tensor, Tensor]:
+                    return torch.func.jvp(lambda t: self._logits(t, x), (th,), (vd,))
+
+                (z, a), (_, b) = torch.func.jvp(along, (self._theta,), (vd,))
+                even = torch.arange(y.shape[0], device=y.device) % 2 == 0
+                parts.append([t.detach().double().cpu() for t in (z, a, b)] + [y.cpu(), even.cpu()])
+                n += y.shape[0]
+        if n == 0:
+            raise DataError("The dataset is empty (no samples).")
+        z, a, b, y, even = (torch.cat(c) for c in zip(*parts))
+        return LogitTaylor(z, a, b, y, even, data_parallel=self.data_parallel)
 
     def gradient(self, delta: Tensor | None = None) -> Tensor:
         """Flat mean gradient ``grad L(theta + delta)`` of the selected parameters.
