@@ -18,7 +18,7 @@ from diag.constants import PAPER_LAMBDA2
 from diag.decide.card_scale import fit_card_scale
 from diag.decide.ceiling import ranking_ceiling
 from diag.decide.evaluation import ORACLE, RECORD, evaluate_loto, evaluate_rankers, loto_coverage
-from diag.decide.loss_model import agreement, calibrate, predicted_vs_measured, retest
+from diag.decide.loss_model import agreement, calibrate, logit_model_agreement, predicted_vs_measured, retest
 from diag.decide.predictor import tier_features
 from diag.decide.screen_check import validate_screen
 from diag.study.summary import summarize, summarize_run
@@ -139,7 +139,7 @@ def _ranking(table: pd.DataFrame, seeds: list[int]) -> list[str]:
     ceiling = ranking_ceiling(at07)
     per: dict[str, list[float]] = {}
     for seed in seeds:
-        for r in evaluate_rankers(at07[at07["seed"] == seed], n_boot=N_BOOT):
+        for r in evaluate_rankers(at07[at07["seed"] == seed], n_boot=N_BOOT, every_seed=at07):
             per.setdefault(r["name"], []).append(r["mean_spearman"])
     out = [ceiling.sentence() + "." if ceiling else "No test-retest ceiling (one seed)."]
     best = max((k for k in per if k != ORACLE), key=lambda k: np.mean(per[k]))
@@ -198,6 +198,26 @@ def loss_model_block(path: Path, provenance: str = "") -> list[str]:
                        + ", ".join(f"λ {p['lambda2']:g}: {p['zero']:.0%}" for p in cal["per_lambda"])
                        + ("): the measurement tells a model from it only from λ = "
                           f"{cal['decides_from']:g} on." if cal["decides_from"] is not None else ")."))
+            logit = logit_model_agreement(part)
+            if logit is not None:
+                own = agreement(part["predicted_logit"], part["measured_on_estimate"])
+                quad_own = agreement(part["predicted"], part["measured_on_estimate"])
+                by_lam = {p["lambda2"]: p for p in logit["per_lambda"]}
+                refs = {lam: agreement(g["measured_on_estimate"], g["measured"], measured_se=g["measured_se"])
+                        for lam, g in part.groupby("lambda2")}
+                out.append(
+                    f"  - The logit-space model (the logits' second-order expansion along τ under the exact "
+                    f"cross-entropy), on the same images: on the images it was estimated on it is within ×1.5 of "
+                    f"their own change on {own['within']:.0%} of rows (λ·gᵀτ + ½λ²R: {quad_own['within']:.0%}; per λ "
+                    + ", ".join(f"{lam:g}: {agreement(g['predicted_logit'], g['measured_on_estimate'])['within']:.0%}"
+                                f" vs {agreement(g['predicted'], g['measured_on_estimate'])['within']:.0%}"
+                                for lam, g in part.groupby("lambda2"))
+                    + f"). On the test images: {logit['consistent']:.0%} consistent (per λ: "
+                    + ", ".join(f"{lam:g}: {p['consistent']:.0%}" for lam, p in by_lam.items())
+                    + f"); in the range it declares valid on its own images ({logit['declared_share']:.0%} of rows) "
+                    f"{logit['declared']['consistent']:.0%}. The ceiling of any predictor from these images, their "
+                    "own measured change scored the same way, per λ: "
+                    + ", ".join(f"{lam:g}: {r['consistent']:.0%}" for lam, r in refs.items()) + ".")
             continue
         out.append(f"- g and H on {what}: measured ÷ predicted median {cal['median_ratio']:.2f}, "
                    f"{cal['within']:.0%} of {cal['n']} pair × λ rows within ×1.5 (per λ: {per}), Spearman "

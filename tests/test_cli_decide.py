@@ -253,6 +253,7 @@ def test_rank_sources_evaluate_all_seeds(root, capsys, tmp_path):
     assert code == 0, err
     res = json.loads(out)
     assert res["seeds"] == [0, 1]
+    assert "source record (every seed)" in {m["name"] for m in res["summary"]}
     for m in res["summary"]:
         per = [p["mean_spearman"] for p in res["predictors"] if p["name"] == m["name"]]
         assert len(per) == m["n_seeds"] == 2

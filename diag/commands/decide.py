@@ -123,8 +123,9 @@ def _evaluate(ctx, args) -> int:
     every_seed = of_method(select_run(load_study(args.study or ctx.store.study_dir(DEFAULT_STUDY),
                                                  lambda2=PAPER_LAMBDA2), getattr(args, "variant", None), "all"))
     ceiling = ranking_ceiling(every_seed)
-    runs = ({int(s): evaluate_rankers(g, n_boot=args.n_boot) for s, g in every_seed.groupby("seed")} if args.all_seeds
-            else {int(table["seed"].iloc[0]): evaluate_rankers(table, n_boot=args.n_boot)})
+    runs = ({int(s): evaluate_rankers(g, n_boot=args.n_boot, every_seed=every_seed) for s, g in every_seed.groupby("seed")}
+            if args.all_seeds else
+            {int(table["seed"].iloc[0]): evaluate_rankers(table, n_boot=args.n_boot, every_seed=every_seed)})
     rows = [dict(r, seed=seed, fraction_of_ceiling=ceiling.fraction(r["mean_spearman"]) if ceiling else None,
                  ci_excludes_0=_ci_word(r["ci95"]) != "spans 0") for seed, rs in runs.items() for r in rs]
     summary = []

@@ -126,6 +126,24 @@ RECORD = "source record"
 ORACLE = "cos τ* (oracle)"
 
 
+#: The source record fitted on the known pairs at every training seed of the study (the seeds' replicates of
+#: each known pair averaged by the additive fit): the same data-free ranker with less noise in its effects.
+RECORD_SEEDS = "source record (every seed)"
+
+
+def record_over_seeds(every_seed: pd.DataFrame, fit_target: str = "ermse_norm"):
+    """A ranker spec for :func:`evaluate_loto`: the source record fitted on the rows of ``every_seed`` (the study at
+    every training seed) whose (source, target) pairs are the fold's known pairs — so a held-out target's pairs,
+    at any seed, never enter its own fit."""
+    pool = every_seed[["source", "target"]].astype(str).agg("\x1f".join, axis=1)
+
+    def fit(train: pd.DataFrame):
+        known = set(train[["source", "target"]].astype(str).agg("\x1f".join, axis=1))
+        return fit_predictor(every_seed[pool.isin(known).to_numpy()], [], fit_target, "record", name=RECORD_SEEDS)
+
+    return fit
+
+
 def default_predictors() -> dict[str, PredictorSpec]:
     """ridge and gbr on the given features, the paper's proxy (higher cos_ft → lower E-RMSE) and the source's
     record on the other targets."""
@@ -238,9 +256,13 @@ def _summarise_loto(name: str, per: pd.DataFrame, df: pd.DataFrame, oof: np.ndar
         n_targets=len(per), n_degenerate=n_deg)
 
 
-def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
+                     every_seed: pd.DataFrame | None = None) -> list[dict]:
     """Leave-one-target-out evaluation of the tier predictors, the paper's cos(τ_ft) proxy, the source record,
     random, and the oracle cos(τ*ˢ, τ*ᵀ) as a reference no ranker can use.
+
+    With ``every_seed`` (the same study at every training seed, ``table`` one of them) the source record
+    fitted on the known pairs at every seed (:func:`record_over_seeds`) is scored too.
 
     :func:`diag.decide.predictor.evaluate_loto` on E-RMSE with each tier's features (a tier whose features
     equal a lower tier's is skipped); the proxy, the record, random and the oracle appear once, under the
@@ -255,6 +277,8 @@ def evaluate_rankers(table: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
     seen = set()
     once = ("proxy", "random", RECORD, ORACLE)
     predictors = default_predictors()
+    if every_seed is not None and every_seed["seed"].nunique() > 1:
+        predictors[RECORD_SEEDS] = record_over_seeds(every_seed)
     if "cos_star" in table and pd.to_numeric(table["cos_star"], errors="coerce").notna().any():
         predictors[ORACLE] = {"model": "proxy", "features": ["cos_star"], "allow_oracle": True}
     for tier in (0, 1, 2):
