@@ -94,4 +94,4 @@ def test_rebuild_base_is_a_cli_choice(tmp_path):
     store = Store(tmp_path, "tiny", rebuild=frozenset(args.rebuild), rebuild_before=time.time() + 1)
     store.folder.mkdir(parents=True)
     store.base_path().write_bytes(b"x")
-    assert store._rebuilds(store.base_path())
+    assert store.rebuilds(store.base_path())

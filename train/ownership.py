@@ -110,7 +110,7 @@ def decide(path: Path, key: str, *, store=None, what: str = "", inputs: Sequence
     """
     path = Path(path)
     label = what or str(path)
-    rebuild = store is not None and path.is_file() and store._rebuilds(path)
+    rebuild = store is not None and path.is_file() and store.rebuilds(path)
     existing = path.is_file() and not rebuild
     if existing:
         meta = provenance(read(path))

@@ -216,7 +216,7 @@ class Store:
         sweep_stale_tmp(self.folder, recursive=True)
 
     # ------------------------------------------------------------- freshness
-    def _rebuilds(self, path: Path) -> bool:
+    def rebuilds(self, path: Path) -> bool:
         """True when ``--rebuild`` covers ``path`` and the file predates this run."""
         if not self.rebuild or path.stat().st_mtime >= self.rebuild_before:
             return False
@@ -354,7 +354,7 @@ class Store:
         verdict = self.decide(path, key)
         if verdict.usable and verdict.key == key:
             return path, False
-        if path.is_file() and not self._rebuilds(path):
+        if path.is_file() and not self.rebuilds(path):
             raise self._refuse(path, f"already holds another vector (key {read_metadata(path).get('key')})")
         TaskVector(tensors, vector.base_hash, {**prov, "key": key}).save(path)
         return path, True

@@ -74,7 +74,7 @@ def refuse_other_base_seed(store, path: Path, base_seed: int) -> None:
     Raises:
         ArtifactError: ``path`` holds θ_base of a base seed other than ``base_seed``.
     """
-    if not path.is_file() or store._rebuilds(path):
+    if not path.is_file() or store.rebuilds(path):
         return
     seed = read_metadata(path).get("seed", "")
     if seed.isdigit() and int(seed) != base_seed:
