@@ -108,6 +108,13 @@ def test_rank_sources_tiers(root, capsys):
     # the human table names the tier
     code, out, _ = run(capsys, "rank-sources", "--target", "gtsrb", "--tier", "1", "--store", root, *SUITE, *SMALL)
     assert code == 0 and "tier 1" in out and "multi-source candidates" in out and "universal mix" in out
+    # --model record: E-RMSE ÷ θ_ftᵀ's predicted from each source's record (or the mean, where that does not predict)
+    code, out, err = run(capsys, "rank-sources", "--target", "gtsrb", "--tier", "0", "--model", "record", "--json",
+                         "--store", root, *SUITE, *SMALL)
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["predictions"]["ermse_norm"]["requested"] == "record"
+    assert rec["predictions"]["ermse_norm"]["model"] in ("record", "mean")
 
 
 def test_rank_sources_evaluate(root, capsys):

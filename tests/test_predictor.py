@@ -316,3 +316,23 @@ def test_record_note_lists_the_sources_best_first():
     note = record_note(df[(df["target"] != "d0") & (df["source"] != "d0")], ["d3", "d1", "d2", "new"])
     listed = note.split("): ")[1]
     assert listed.startswith("d1 ") and listed.index("d2 ") < listed.index("d3 ") and note.endswith("no known pair: new")
+
+
+def test_the_record_as_the_pair_predictor_ranks_by_each_sources_effect():
+    """rank-sources --model record: E-RMSE ÷ θ_ftᵀ's predicted as the source's effect (no feature of the pair), with
+    the jackknife+ intervals of the other models; the accuracy drop alike."""
+    from diag.decide.record import source_effects
+    from diag.stats import with_normalised
+
+    df = synthetic_pairs(noise=0.001)
+    train = df[(df["target"] != "d0") & (df["source"] != "d0")]
+    pred = fit_pair_predictor(train, [], model="record")
+    assert pred.summary()["ermse_norm"]["model"] == "record"
+    cands = df[df["target"] == "d0"]
+    ranked = rank_sources(cands, pred)
+    t = with_normalised(train)
+    effects, _ = source_effects(t["source"], t["target"], t["ermse_norm"])
+    assert list(ranked["predicted_ermse_norm"]) == pytest.approx([effects[s] for s in ranked["source"]], abs=1e-9)
+    assert list(ranked["source"]) == sorted(ranked["source"], key=effects.get)
+    assert (ranked["predicted_ermse_norm_lo"] <= ranked["predicted_ermse_norm"]).all()
+    assert (ranked["predicted_ermse_norm"] <= ranked["predicted_ermse_norm_hi"]).all()

@@ -48,7 +48,11 @@ def register(sub) -> None:
                    help="0: weights only; 1: + the target's Hessian card; 2: + labelled target images (auto: highest available)")
     add_budget_option(r, help="accuracy-drop budget relative to θ_ftᵀ")
     add_alpha_option(r)
-    r.add_argument("--model", default="ridge", choices=("ridge", "gbr"))
+    r.add_argument("--model", default="ridge", choices=("ridge", "gbr", "record"),
+                   help="the predictor of E-RMSE ÷ θ_ftᵀ's and of the accuracy drop: ridge or boosted trees on the "
+                        "tier's features, or record (each source's effect on the known pairs without the target, no "
+                        "feature of the pair: the best data-free ranker leave one target out on the mini-suite; a "
+                        "source with no known pair gets the mean)")
     r.add_argument("--evaluate", action="store_true", help="leave-one-target-out evaluation of the rankers")
     r.add_argument("--coverage", action="store_true",
                    help="leave-one-target-out coverage and bias of the prediction intervals over every training seed "

@@ -126,8 +126,7 @@ RECORD = "source record"
 ORACLE = "cos τ* (oracle)"
 
 
-#: The source record fitted on the known pairs at every training seed of the study (the seeds' replicates of
-#: each known pair averaged by the additive fit): the same data-free ranker with less noise in its effects.
+#: The source record fitted on the known pairs at every training seed of the study: less noise in its effects.
 RECORD_SEEDS = "source record (every seed)"
 
 
@@ -135,13 +134,9 @@ def record_over_seeds(every_seed: pd.DataFrame, fit_target: str = "ermse_norm"):
     """A ranker spec for :func:`evaluate_loto`: the source record fitted on the rows of ``every_seed`` (the study at
     every training seed) whose (source, target) pairs are the fold's known pairs — so a held-out target's pairs,
     at any seed, never enter its own fit."""
-    pool = every_seed[["source", "target"]].astype(str).agg("\x1f".join, axis=1)
-
-    def fit(train: pd.DataFrame):
-        known = set(train[["source", "target"]].astype(str).agg("\x1f".join, axis=1))
-        return fit_predictor(every_seed[pool.isin(known).to_numpy()], [], fit_target, "record", name=RECORD_SEEDS)
-
-    return fit
+    key = lambda df: df["source"].astype(str) + "\x1f" + df["target"].astype(str)  # noqa: E731
+    return lambda train: fit_predictor(every_seed[key(every_seed).isin(set(key(train))).to_numpy()], [], fit_target,
+                                       "record", name=RECORD_SEEDS)
 
 
 def default_predictors() -> dict[str, PredictorSpec]:
