@@ -336,3 +336,8 @@ def test_the_record_as_the_pair_predictor_ranks_by_each_sources_effect():
     assert list(ranked["source"]) == sorted(ranked["source"], key=effects.get)
     assert (ranked["predicted_ermse_norm_lo"] <= ranked["predicted_ermse_norm"]).all()
     assert (ranked["predicted_ermse_norm"] <= ranked["predicted_ermse_norm_hi"]).all()
+    # an accuracy drop no source's record predicts (pure pair noise): the training mean stands in, and the note says
+    # what failed to predict it
+    noisy = train.assign(accuracy=train["accuracy_ft_target"] * (1 - 0.05 * np.random.default_rng(3).random(len(train))))
+    notes = fit_pair_predictor(noisy, ["cos_ft"], model="record").notes()
+    assert any("not predictable from the sources' record" in n for n in notes)

@@ -369,7 +369,8 @@ class PairPredictor:
                                 if units != {"target"} else "")]
         for q, m in self.models.items():
             if not m.predictable:
-                out.append(f"{QUANTITIES[q]} is not predictable from these features (leave-one-out R² = "
+                what = "the sources' record" if m.requested == "record" else "these features"
+                out.append(f"{QUANTITIES[q]} is not predictable from {what} (leave-one-out R² = "
                            f"{m.loto_r2:.3g} ≤ 0 for {m.requested}): the training mean stands for every source")
         return out
 

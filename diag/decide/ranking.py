@@ -92,12 +92,12 @@ class SourceRanking:
         return {q: bool(d.get("predictable", True)) for q, d in self.predictions.items()}
 
     def headline(self) -> list[str]:
-        """The lines above the table: a quantity replaced by its training mean, and whether any source's gain
-        interval lies above zero ("no source is predicted to help beyond noise")."""
+        """The lines above the table: a quantity replaced by its training mean; no gain interval above zero."""
         lines = []
         for q, d in self._predictions_shown().items():
             if "training_mean" in d:
-                lines.append(f"{QUANTITIES[q]} is not predictable from the features (leave-one-out R² = "
+                what = "the sources' record" if d.get("requested") == "record" else "the features"
+                lines.append(f"{QUANTITIES[q]} is not predictable from {what} (leave-one-out R² = "
                              f"{d['loto_r2']:.3g} ≤ 0): training mean {d['training_mean']:.3f} "
                              f"{_interval_text(*d['training_mean_interval'])} ({self.level:.0%}) for every source")
         if self.no_source_beyond_noise():
