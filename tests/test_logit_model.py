@@ -53,6 +53,7 @@ def test_its_expansion_is_the_quadratic_model():
     g_tau, risk = lt.taylor()
     assert g_tau == pytest.approx(float(op.gradient() @ tau), rel=1e-10)
     assert risk == pytest.approx(op.quadratic_form(tau), rel=1e-10)
+    assert repr(lt) == f"LogitTaylor(images=11, classes=3, g_tau={g_tau:.6g}, risk={risk:.6g})"
     # b is the second derivative of the logits along τ: central differences of the logits
     h = 1e-4
     x = torch.cat([b[0] for b in data])

@@ -117,6 +117,11 @@ class LogitTaylor:
         g_tau, risk = self._mean(torch.stack([ga, fisher + (s * self.curvature).sum(1)], dim=1)).tolist()
         return float(g_tau), float(risk)
 
+    def __repr__(self) -> str:
+        g_tau, risk = self.taylor()
+        n, c = self.logits.shape
+        return f"LogitTaylor(images={n}, classes={c}, g_tau={g_tau:.6g}, risk={risk:.6g})"
+
     def holds(self, lam: float, measured: float, within: float = 1.5) -> bool:
         """Whether the model at λ is within ×``within`` of ``measured``, a change measured on these same images."""
         pred = self.change(lam).mean
