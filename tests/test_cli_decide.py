@@ -267,3 +267,15 @@ def test_rank_sources_evaluate_all_seeds(root, capsys, tmp_path):
         assert m["mean_spearman"] == pytest.approx(np.mean(per)) and m["sd_spearman"] == pytest.approx(np.std(per, ddof=1))
     code, out, _ = run(capsys, *args)
     assert code == 0 and "Over training seeds 0, 1" in out and "training seed 1, over" in out
+    # rank-sources --model record on that study: the record is fitted on the known pairs at both seeds
+    rank = ["rank-sources", "--target", "gtsrb", "--tier", "0", "--study", str(tmp_path), "--store", root, *SUITE,
+            "--quiet", "--preset", "smoke", "--json"]
+    code, out, err = run(capsys, *rank, "--model", "record")
+    assert code == 0, err
+    pooled = json.loads(out)
+    code, out, err = run(capsys, *rank)
+    assert code == 0, err
+    single = json.loads(out)
+    assert pooled["n_training_pairs"] == 2 * single["n_training_pairs"]
+    assert any("training seeds 0, 1" in n for n in pooled["notes"])
+    assert not any("training seeds" in n for n in single["notes"])

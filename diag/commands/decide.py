@@ -17,7 +17,8 @@ from diag.constants import PAPER_LAMBDA2
 from diag.decide.ceiling import ranking_ceiling
 from diag.decide.evaluation import evaluate_rankers, loto_coverage
 from diag.decide.screen_check import validate_screen
-from diag.decide.ranking import rank_cached, rank_for_target
+from diag.decide.cache import rank_cached
+from diag.decide.ranking import rank_for_target
 from diag.decide.recommend import TIER_METHODS
 from diag.curvature.risk import loss_model
 from diag.decide.rules import method_verdict, screen_verdict
@@ -109,6 +110,12 @@ def _study_table(ctx, args):
     return store, ws, at_lambda(of_method(table))  # the predictor learns eq. 8's pairs
 
 
+def _every_seed(ctx, args):
+    """The study's plain eq. 8 pairs at λ2 = 0.7 at every training seed (of the run's variant)."""
+    return of_method(select_run(load_study(args.study or ctx.store.study_dir(DEFAULT_STUDY), lambda2=PAPER_LAMBDA2),
+                                getattr(args, "variant", None), "all"))
+
+
 def _budget(value: float) -> float:
     if not (0.0 < value < 1.0):
         raise TvdiagError(f"--max-acc-drop must be in (0, 1), got {value}")
@@ -124,8 +131,7 @@ def _evaluate(ctx, args) -> int:
     """``rank-sources --evaluate``: every ranker leave one target out beside the test-retest ceiling, for one
     training seed or (``--all-seeds``) each seed of the study and the mean ± sd over them."""
     _, _, table = _study_table(ctx, args)
-    every_seed = of_method(select_run(load_study(args.study or ctx.store.study_dir(DEFAULT_STUDY),
-                                                 lambda2=PAPER_LAMBDA2), getattr(args, "variant", None), "all"))
+    every_seed = _every_seed(ctx, args)
     ceiling = ranking_ceiling(every_seed)
     runs = ({int(s): evaluate_rankers(g, n_boot=args.n_boot, every_seed=every_seed) for s, g in every_seed.groupby("seed")}
             if args.all_seeds else
@@ -187,8 +193,10 @@ def run_rank(args) -> int:
     tier = 2 if args.tier == "auto" else int(args.tier)
     sources = [d for d in _suite(ctx, args) if d != target]
     diag = Diagnostics(ws, settings=curvature_settings(args), progress=ctx.progress, keep_probes=args.keep_probes)
+    every_seed = _every_seed(ctx, args) if args.model == "record" else None  # the record: every seed's pairs
+    known = every_seed if every_seed is not None and every_seed["seed"].nunique() > 1 else None
     ranking = rank_cached(diag, table, target, sources, tier, budget, model=args.model, methods=args.methods,
-                          level=args.level)
+                          level=args.level, known=known)
     emit_json(ranking.to_dict(), nan_as_null=True) if args.json else print(ranking.table())
     return 0
 

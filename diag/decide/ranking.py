@@ -17,11 +17,10 @@ target, neither as target nor as source), turns the diagnostics into the predict
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -32,11 +31,8 @@ from diag.decide.predictor import (MIN_TRAINING_PAIRS, QUANTITIES, fit_pair_pred
                                    training_pairs)
 from diag.decide.rules import lambda2_from_predicted_drop
 from diag.features.pair_features import Diagnostics, pair_features
-from diag.table import artifact_key
 from diag.transfer.budget import accuracy_grid, drop_at, recommend_lambda2
 from train.errors import ArtifactError, DataError
-from train.store import content_key
-from train.tensorio import atomic_write_bytes
 
 TIER_NAMES = {0: "tier 0 (weights only)", 1: "tier 1 (published Hessian card)", 2: "tier 2 (labelled target images)"}
 #: Features that need the target's explanation labels: never an input of a ranking.
@@ -260,7 +256,8 @@ def candidate_rows(diag: Diagnostics, table: pd.DataFrame, target: str, sources:
 def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
                     max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = "ridge",
                     accuracy_check: bool | None = None, lambda1: float = PAPER_LAMBDA1,
-                    methods: Sequence[str] | None = None, level: float = PREDICTION_LEVEL) -> SourceRanking:
+                    methods: Sequence[str] | None = None, level: float = PREDICTION_LEVEL,
+                    known: pd.DataFrame | None = None) -> SourceRanking:
     """Rank candidate sources for ``target`` by the explanation gain predicted at each one's recommendation.
 
     One predictor per quantity, fitted on pairs without the target
@@ -271,7 +268,8 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
     split with the tier-2 accuracy check, else predicted by the quadratic model; sources are ranked
     by the gain predicted at that recommendation (its interval: the E-RMSE ratio's, mapped through
     the gain), and a source with no safe recommendation is listed last as "no safe transfer".
-    ``lambda2`` stays plain eq. 8's λ2.
+    ``lambda2`` stays plain eq. 8's λ2. ``known``: the pairs the predictors are fitted on (default
+    ``table``'s; e.g. the study at every training seed), never those that involve the target.
 
     ``accuracy_check`` (default: ``tier >= 2``) measures plain eq. 8's accuracy over the λ2 grid on
     the target's ``val`` images (:func:`diag.decide.rules.accuracy_grid`).
@@ -282,7 +280,7 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
     """
     if not sources:
         raise DataError(f"No candidate source vectors for target '{target}'")
-    train = training_pairs(table, target)
+    train = training_pairs(table if known is None else known, target)
     if len(train) < MIN_TRAINING_PAIRS:
         raise DataError(f"Only {len(train)} known pairs without '{target}'; need at least {MIN_TRAINING_PAIRS} to fit "
                         "a predictor")
@@ -293,6 +291,9 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
         cands["accuracy_val_ft_target"] = grid.attrs["accuracy_ft_target"]  # val, as in the study table
     features = [f for f in tier_features(train, tier) if f in cands.columns]
     notes = [f"features: {', '.join(features)}", record.record_note(train, sources)]
+    if known is not None and "seed" in known:
+        notes.append(f"predictors fitted on the known pairs at training seeds "
+                     f"{', '.join(map(str, sorted(known['seed'].unique())))} ({len(train)} rows)")
     predictor = fit_pair_predictor(train, features, model=model, level=level)
     cands = rank_sources(cands, predictor)
     notes += predictor.notes()
@@ -355,46 +356,3 @@ def _recommend(diag: Diagnostics, cands: pd.DataFrame, target: str, tier: int, b
         mixes = recommend.recommend_mixes(diag.ws, target, cands, budget, grid is not None,
                                           curv if tier >= 1 else None, lambda1)
     return cands, mixes
-
-
-RANKING_VERSION = 5
-
-
-def ranking_key(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
-                max_acc_drop: float, model: str, lambda1: float, methods: Sequence[str] | None = None,
-                level: float = PREDICTION_LEVEL) -> str:
-    """Content key of a ranking: every input it is computed from, read from file headers only.
-
-    The known pairs (sha256 of the table rows), the content keys of θ_ft and θ_ft* of the
-    target and every source (these carry the base, the data and the training settings), the
-    curvature settings, and the decision's own arguments.
-    """
-    store = diag.store
-    vectors = {d: [artifact_key(store.vector_path(d, "ft")), artifact_key(store.vector_path(d, "ftx", diag.alpha))]
-               for d in sorted({*sources, target})}
-    rows = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()
-    return content_key({"target": target, "sources": list(sources), "tier": int(tier), "budget": float(max_acc_drop),
-                        "model": model, "lambda1": float(lambda1), "alpha": diag.alpha, "base": diag.base_hash,
-                        "vectors": vectors, "table": rows, "curvature": asdict(diag.settings) if tier >= 1 else None,
-                        "data": str(diag.data.get(target, "")), "version": RANKING_VERSION,
-                        "methods": list(methods) if methods is not None else None, "level": float(level)})
-
-
-def rank_cached(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
-                max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = "ridge",
-                lambda1: float = PAPER_LAMBDA1, methods: Sequence[str] | None = None,
-                level: float = PREDICTION_LEVEL) -> SourceRanking:
-    """:func:`rank_for_target`, cached in the store under its :func:`ranking_key` (``studies/rankings/``).
-
-    A second call with the same inputs reads the stored ranking instead of reloading θ_base,
-    recomputing the risks and the tier-2 accuracy grid.
-    """
-    key = ranking_key(diag, table, target, sources, tier, max_acc_drop, model, lambda1, methods, level)
-    path = diag.store.study_dir("rankings") / f"{target}-tier{tier}-{key}.json"
-    if path.is_file():
-        return SourceRanking.from_json(path.read_text(), path)
-    ranking = rank_for_target(diag, table, target, sources, tier, max_acc_drop, model=model, lambda1=lambda1,
-                              methods=methods, level=level)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, ranking.to_json().encode())
-    return ranking
