@@ -18,6 +18,7 @@ from diag.decide.ceiling import ranking_ceiling
 from diag.decide.evaluation import evaluate_rankers, loto_coverage
 from diag.decide.screen_check import validate_screen
 from diag.decide.cache import rank_cached
+from diag.decide.predictor import RANKER
 from diag.decide.ranking import rank_for_target
 from diag.decide.recommend import TIER_METHODS
 from diag.curvature.risk import loss_model
@@ -49,11 +50,12 @@ def register(sub) -> None:
                    help="0: weights only; 1: + the target's Hessian card; 2: + labelled target images (auto: highest available)")
     add_budget_option(r, help="accuracy-drop budget relative to θ_ftᵀ")
     add_alpha_option(r)
-    r.add_argument("--model", default="ridge", choices=("ridge", "gbr", "record"),
-                   help="the predictor of E-RMSE ÷ θ_ftᵀ's and of the accuracy drop: ridge or boosted trees on the "
-                        "tier's features, or record (each source's effect on the known pairs without the target, no "
-                        "feature of the pair: the best data-free ranker leave one target out on the mini-suite; a "
-                        "source with no known pair gets the mean)")
+    r.add_argument("--model", default=None, choices=("ridge", "gbr", "record"),
+                   help="the predictor of E-RMSE ÷ θ_ftᵀ's and of the accuracy drop: record (each source's effect on "
+                        "the known pairs without the target, at every training seed the study holds; no feature of "
+                        "the pair; the best data-free ranker leave one target out on the mini-suite; a source with "
+                        "no known pair gets the mean), or ridge or boosted trees on the tier's features. Default: "
+                        "record for the suite's sources, ridge for a folder of sources (--sources)")
     r.add_argument("--evaluate", action="store_true", help="leave-one-target-out evaluation of the rankers")
     r.add_argument("--coverage", action="store_true",
                    help="leave-one-target-out coverage and bias of the prediction intervals over every training seed "
@@ -114,6 +116,12 @@ def _every_seed(ctx, args):
     """The study's plain eq. 8 pairs at λ2 = 0.7 at every training seed (of the run's variant)."""
     return of_method(select_run(load_study(args.study or ctx.store.study_dir(DEFAULT_STUDY), lambda2=PAPER_LAMBDA2),
                                 getattr(args, "variant", None), "all"))
+
+
+def _known(ctx, args, model: str):
+    """The record's known pairs: the study at every training seed when it holds several (else None: the run's)."""
+    every_seed = _every_seed(ctx, args) if model == "record" else None
+    return every_seed if every_seed is not None and every_seed["seed"].nunique() > 1 else None
 
 
 def _budget(value: float) -> float:
@@ -193,10 +201,9 @@ def run_rank(args) -> int:
     tier = 2 if args.tier == "auto" else int(args.tier)
     sources = [d for d in _suite(ctx, args) if d != target]
     diag = Diagnostics(ws, settings=curvature_settings(args), progress=ctx.progress, keep_probes=args.keep_probes)
-    every_seed = _every_seed(ctx, args) if args.model == "record" else None  # the record: every seed's pairs
-    known = every_seed if every_seed is not None and every_seed["seed"].nunique() > 1 else None
-    ranking = rank_cached(diag, table, target, sources, tier, budget, model=args.model, methods=args.methods,
-                          level=args.level, known=known)
+    model = args.model or RANKER
+    ranking = rank_cached(diag, table, target, sources, tier, budget, model=model, methods=args.methods,
+                          level=args.level, known=_known(ctx, args, model))
     emit_json(ranking.to_dict(), nan_as_null=True) if args.json else print(ranking.table())
     return 0
 
@@ -206,7 +213,7 @@ def _coverage(ctx, args) -> int:
     folder = args.study or ctx.store.study_dir(DEFAULT_STUDY)
     table = select_run(load_study(folder), getattr(args, "variant", None), "all")
     tier = 2 if args.tier == "auto" else int(args.tier)
-    summaries, scored = loto_coverage(table, tier=tier, level=args.level, model=args.model)
+    summaries, scored = loto_coverage(table, tier=tier, level=args.level, model=args.model or RANKER)
     checks = _screen_checks(table, args)
     if args.json:
         emit_json({"study": str(folder), "tier": tier, "level": args.level, "n_seeds": int(scored["seed"].nunique()),
@@ -235,7 +242,7 @@ def _screen_checks(table, args):
     plain = of_method(table)
     if plain["lambda2"].map(lam_key).nunique() < 2 or "accuracy_val" not in plain:
         return None
-    return validate_screen(plain, budget=_budget(args.max_acc_drop), level=args.level, model=args.model)[0]
+    return validate_screen(plain, budget=_budget(args.max_acc_drop), level=args.level, model=getattr(args, "model", None) or RANKER)[0]
 
 
 def _finite_or_none(value) -> float | None:
@@ -255,7 +262,7 @@ def run_screen(args) -> int:
     ctx.ensure([source], (args.alpha,))
     ctx.ensure([target], (args.alpha,), explain=False)
     diag = Diagnostics(ws, settings=curvature_settings(args), progress=ctx.progress, keep_probes=args.keep_probes)
-    ranking = rank_for_target(diag, table, target, [source], 2, budget, level=args.level)
+    ranking = rank_for_target(diag, table, target, [source], 2, budget, level=args.level, known=_known(ctx, args, RANKER))
     row = ranking.rows.iloc[0]
     plain_verdict, plain_reasons = screen_verdict(row, table, target, lam, budget)
     verdict, reasons = method_verdict(row, budget)  # the verdict is the recommended method's; eq. 8 at --lambda2 beside it

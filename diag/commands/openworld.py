@@ -155,7 +155,7 @@ def run_rank_folder(args) -> int:
     inputs = RankInputs(store.base_path(), args.target_model, args.sources, args.card, study)
     ranking, facts = rank_folder(inputs, target=args.target or "target", alpha=args.alpha,
                                  max_acc_drop=args.max_acc_drop, max_loss_increase=args.max_loss_increase,
-                                 model=args.model, level=args.level)
+                                 model=args.model or "ridge", level=args.level)
     skip_exit_collection()
     if args.json:
         out = ranking.to_dict()

@@ -14,6 +14,7 @@ from dataclasses import asdict
 import pandas as pd
 
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_LAMBDA1, PREDICTION_LEVEL
+from diag.decide.predictor import RANKER
 from diag.decide.ranking import SourceRanking, rank_for_target
 from diag.features.pair_features import Diagnostics
 from diag.table import artifact_key
@@ -48,7 +49,7 @@ def ranking_key(diag: Diagnostics, table: pd.DataFrame, target: str, sources: li
 
 
 def rank_cached(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
-                max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = "ridge",
+                max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = RANKER,
                 lambda1: float = PAPER_LAMBDA1, methods: Sequence[str] | None = None,
                 level: float = PREDICTION_LEVEL, known: pd.DataFrame | None = None) -> SourceRanking:
     """:func:`rank_for_target`, cached in the store under its :func:`ranking_key` (``studies/rankings/``).

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from diag.constants import PAPER_LAMBDA2, PREDICTION_LEVEL
-from diag.decide.predictor import (MIN_TRAINING_PAIRS, MODELS, QUANTITIES, PredictorWarning, fit_pair_predictor,
+from diag.decide.predictor import (MIN_TRAINING_PAIRS, MODELS, QUANTITIES, RANKER, PredictorWarning, fit_pair_predictor,
                                    fit_predictor, target_values, tier_features, training_pairs)
 from diag.stats import pair_bootstrap_ci, pearson, wilson_interval, with_normalised
 from diag.stats.correlation import rankdata
@@ -333,7 +333,7 @@ class Coverage:
                 "n_targets": self.n_targets}
 
 
-def loto_coverage(table: pd.DataFrame, tier: int = 2, level: float = PREDICTION_LEVEL, model: str = "ridge",
+def loto_coverage(table: pd.DataFrame, tier: int = 2, level: float = PREDICTION_LEVEL, model: str = RANKER,
                   ci_level: float = 0.95, seed: int = 0) -> tuple[list[Coverage], pd.DataFrame]:
     """Coverage of the ranking's intervals on held-out targets, per quantity, over the seeds of a study table.
 

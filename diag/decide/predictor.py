@@ -47,6 +47,9 @@ from train.errors import DataError, unknown
 log = logging.getLogger(__name__)
 
 MODELS = ("ridge", "gbr", "proxy", "mean", "record")
+#: The pair predictor of ``rank-sources`` and ``screen`` (and of their validations): each source's record on the
+#: known pairs, the best data-free ranker leave one target out on the mini-suite.
+RANKER = "record"
 
 #: Candidate feature columns per tier (cumulative); ``cos_ft.<group>`` columns join tier 0.
 TIER_FEATURES: dict[int, tuple[str, ...]] = {

@@ -27,8 +27,8 @@ import pandas as pd
 
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_LAMBDA1, PAPER_LAMBDA2, PREDICTION_LEVEL
 from diag.decide import record, recommend
-from diag.decide.predictor import (MIN_TRAINING_PAIRS, QUANTITIES, fit_pair_predictor, rank_sources, tier_features,
-                                   training_pairs)
+from diag.decide.predictor import (MIN_TRAINING_PAIRS, QUANTITIES, RANKER, fit_pair_predictor, rank_sources,
+                                   tier_features, training_pairs)
 from diag.decide.rules import lambda2_from_predicted_drop
 from diag.features.pair_features import Diagnostics, pair_features
 from diag.transfer.budget import accuracy_grid, drop_at, recommend_lambda2
@@ -254,7 +254,7 @@ def candidate_rows(diag: Diagnostics, table: pd.DataFrame, target: str, sources:
 
 
 def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources: list[str], tier: int,
-                    max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = "ridge",
+                    max_acc_drop: float = DEFAULT_MAX_ACC_DROP, model: str = RANKER,
                     accuracy_check: bool | None = None, lambda1: float = PAPER_LAMBDA1,
                     methods: Sequence[str] | None = None, level: float = PREDICTION_LEVEL,
                     known: pd.DataFrame | None = None) -> SourceRanking:

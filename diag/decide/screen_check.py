@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_LAMBDA2, PREDICTION_LEVEL
-from diag.decide.predictor import MIN_TRAINING_PAIRS, fit_pair_predictor, tier_features, training_pairs
+from diag.decide.predictor import MIN_TRAINING_PAIRS, RANKER, fit_pair_predictor, tier_features, training_pairs
 from diag.decide.recommend import plain_from_grid, predicted_gain
 from diag.decide.rules import method_verdict, screen_verdict
 from diag.stats import wilson_interval
@@ -122,7 +122,7 @@ def _pair_verdicts(pair: pd.DataFrame, pred, at07: pd.DataFrame, target: str, bu
 
 
 def validate_screen(table: pd.DataFrame, budget: float = DEFAULT_MAX_ACC_DROP, level: float = PREDICTION_LEVEL,
-                    model: str = "ridge", seed: int = 0) -> tuple[list[ScreenCheck], pd.DataFrame]:
+                    model: str = RANKER, seed: int = 0) -> tuple[list[ScreenCheck], pd.DataFrame]:
     """The screen's verdicts against the test outcome, leave one target out (module docstring).
 
     Args:
