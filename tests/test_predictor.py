@@ -339,5 +339,8 @@ def test_the_record_as_the_pair_predictor_ranks_by_each_sources_effect():
     # an accuracy drop no source's record predicts (pure pair noise): the training mean stands in, and the note says
     # what failed to predict it
     noisy = train.assign(accuracy=train["accuracy_ft_target"] * (1 - 0.05 * np.random.default_rng(3).random(len(train))))
-    notes = fit_pair_predictor(noisy, ["cos_ft"], model="record").notes()
-    assert any("not predictable from the sources' record" in n for n in notes)
+    for features in (["cos_ft"], []):  # with no feature at all the fallback is the training mean too
+        fallback = fit_pair_predictor(noisy, features, model="record")
+        assert any("not predictable from the sources' record" in n for n in fallback.notes())
+        drop = with_normalised(noisy)["acc_drop"]
+        assert list(fallback.predict(cands)["predicted_acc_drop"]) == pytest.approx([drop.mean()] * len(cands))

@@ -163,7 +163,7 @@ class Predictor:
         risks exceed every known target's (GTSRB's, on the mini-suite) gets the prediction at the
         edge of what was seen, not a linear extrapolation far beyond it.
         """
-        if self.model == "record":
+        if isinstance(self.estimator, tuple):  # the record, or the mean of a model with no feature
             record, overall = self.estimator
             return np.array([record.get(str(s), overall) for s in df["source"]], dtype=np.float64)
         _check_features(df, self.features, allow_oracle=True)
@@ -200,8 +200,7 @@ def fit_predictor(df: pd.DataFrame, features: Sequence[str], target: str = "erms
         target: outcome column.
         model: ``"ridge"``, ``"gbr"``, ``"mean"`` (the training mean, whatever the features), ``"record"``
             (the source's effect in an additive source + target fit over ``df``, whatever the features) or
-            ``"proxy"`` (first
-            feature times ``sign``, unfitted).
+            ``"proxy"`` (first feature times ``sign``, unfitted).
         seed: random state of the boosted trees.
         allow_oracle: permit features that need target explanation labels.
         name: label; defaults to ``model``.
@@ -214,8 +213,8 @@ def fit_predictor(df: pd.DataFrame, features: Sequence[str], target: str = "erms
     if model not in MODELS:
         raise unknown("predictor model", model, MODELS)
     df = with_normalised(df)
-    if model == "record":
-        return _fit_record(df, target, name)
+    if model == "record" or (model == "mean" and not features):  # nothing to impute: no sklearn model
+        return _fit_record(df, target, name, model)
     features = _check_features(df, features, allow_oracle)
     y = target_values(df, target)
     ok = np.isfinite(y)
@@ -237,12 +236,16 @@ def fit_predictor(df: pd.DataFrame, features: Sequence[str], target: str = "erms
                      n_train=int(ok.sum()), train_rmse=rmse, estimator=est, span=span)
 
 
-def _fit_record(df: pd.DataFrame, target: str, name: str | None) -> Predictor:
-    """The sources' record (:func:`diag.decide.record.known_effects`): predicts each source's effect."""
-    target_values(df, target)  # a missing outcome column is refused by name
+def _fit_record(df: pd.DataFrame, target: str, name: str | None, model: str = "record") -> Predictor:
+    """The sources' record (:func:`diag.decide.record.known_effects`): predicts each source's effect; ``model``
+    ``"mean"``: the training mean for every source (the fallback of a model with no feature)."""
+    y = target_values(df, target)  # a missing outcome column is refused by name
     effects, rmse, n = known_effects(df, target)
-    return Predictor(name=name or "record", features=(), target=target, model="record", n_train=n,
-                     train_rmse=rmse, estimator=(effects, float(np.mean(list(effects.values())))))
+    if model == "mean":
+        effects, rmse = {}, float(np.nanstd(y))
+    overall = float(np.nanmean(y)) if model == "mean" else float(np.mean(list(effects.values())))
+    return Predictor(name=name or model, features=(), target=target, model=model, n_train=n, train_rmse=rmse,
+                     estimator=(effects, overall))
 
 
 # ---------------------------------------------------------------------------- known pairs
