@@ -42,7 +42,7 @@ def test_mix_weights_are_normalised_nonnegative_and_never_the_target():
 
 def test_ranker_gains_follow_the_prediction_and_ignore_the_target():
     df = _table()
-    gains, how = ranker_gains(df, "a")
+    gains, how = ranker_gains(df, "a", model="ridge")
     assert how == "ridge (tier 0)" and set(gains) == {"b", "c", "d", "e", "f"}
     cands = df[df["target"] == "a"].set_index("source")
     # noise-free linear truth: the gain is 0.5·cos_ft − 0.1 up to ridge shrinkage, with cos_ft clipped to the range
@@ -56,20 +56,42 @@ def test_ranker_gains_follow_the_prediction_and_ignore_the_target():
     assert all(w[s] == 0 for s in gains if gains[s] <= 0)
 
 
-def test_poisoning_the_target_outcomes_does_not_change_the_weights():
+def test_ranker_gains_default_to_the_sources_record_like_rank_sources():
+    """The study's ranked mix weights with the predictor rank-sources ranks with (RANKER, the sources' record):
+    gₛ = 1 − aₛ, aₛ the source's term of the additive fit (targets' terms centred) on the pairs without the target."""
+    from diag.decide.predictor import RANKER
+    from diag.decide.record import known_effects
+
+    df = _table(noise=0.02)
+    quality = {s: 0.3 * i for i, s in enumerate(DOMAINS)}  # a source effect the record can find
+    df = df.assign(ermse_norm=df["ermse_norm"] + df["source"].map(quality))
+    gains, how = ranker_gains(df, "a")
+    assert RANKER == "record" and how == "record" and set(gains) == {"b", "c", "d", "e", "f"}
+    effects, _, _ = known_effects(df[(df["target"] != "a") & (df["source"] != "a")], "ermse_norm")
+    assert gains == pytest.approx({s: 1.0 - effects[s] for s in gains}, abs=1e-12)
+    assert max(gains, key=gains.get) == "b" and min(gains, key=gains.get) == "f"  # the record's order
+    # a record with no skill out of sample (pure noise): the training mean for every source, said in 'how'
+    rng = np.random.default_rng(5)
+    flat = df.assign(ermse_norm=1.0 + 0.05 * rng.normal(size=len(df)))
+    gains, how = ranker_gains(flat, "a")
+    assert how == "record → training mean (no out-of-sample skill)" and np.ptp(list(gains.values())) == 0
+
+
+@pytest.mark.parametrize("model", ["record", "ridge"])
+def test_poisoning_the_target_outcomes_does_not_change_the_weights(model):
     """The target's measured outcomes (its test split) and every pair with it as source are never read."""
     df = _table(noise=0.05)
-    before = ranker_gains(df, "c")[0]
+    before = ranker_gains(df, "c", model=model)[0]
     poisoned = df.copy()
     hit = (poisoned["target"] == "c") | (poisoned["source"] == "c")
     rng = np.random.default_rng(1)
     for col in OUTCOMES:
         poisoned.loc[hit, col] = rng.uniform(-5, 5, hit.sum())
-    assert ranker_gains(poisoned, "c")[0] == before
+    assert ranker_gains(poisoned, "c", model=model)[0] == before
     # control: the same poison on a pair the ranker does learn from changes the weights (the test can fail)
     other = df.copy()
     other.loc[(other["target"] == "d") & (other["source"] == "e"), ["ermse", "ermse_norm"]] = 40.0
-    assert ranker_gains(other, "c")[0] != before
+    assert ranker_gains(other, "c", model=model)[0] != before
 
 
 def test_too_few_pairs_fall_back_to_the_cos_proxy():

@@ -191,7 +191,8 @@ def test_shards_partition_pairs_and_merge(study, tmp_path, monkeypatch):
 
 def test_study_settings_normalise_and_key_runs():
     """The settings object run_study takes: λ2s rounded and deduplicated, seeds deduplicated, plain first;
-    a run's pair_key payload names its training seed and, for another method, that method and budget."""
+    a run's pair_key payload names its training seed and, for another method, that method and budget (and a
+    ranked mix its ranker)."""
     from diag.study.run import StudySettings
     from train.errors import DataError, TvdiagError
 
@@ -201,6 +202,8 @@ def test_study_settings_normalise_and_key_runs():
     assert plain == {"alpha": 0.8, "lambda1": 1.0, "controls": True, "curvature": True, "seed": 1, "n_random": 5,
                      "variant": "paper", "curvature_settings": plain["curvature_settings"]}
     assert s.key_payload(0, "mix") == {**s.key_payload(0), "method": "mix", "max_acc_drop": 0.05}
+    # a ranked mix's rows depend on the ranker: its name is in their key (another ranker's rows are not reused)
+    assert s.key_payload(0, "mix-ranked") == {**s.key_payload(0, "mix"), "method": "mix-ranked", "ranker": "record"}
     with pytest.raises(DataError):
         StudySettings(lambda2s=())
     with pytest.raises(DataError):

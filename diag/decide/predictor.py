@@ -50,6 +50,8 @@ MODELS = ("ridge", "gbr", "proxy", "mean", "record")
 #: The pair predictor of ``rank-sources`` and ``screen`` (and of their validations): each source's record on the
 #: known pairs, the best data-free ranker leave one target out on the mini-suite.
 RANKER = "record"
+#: Predictors that read no feature of the pair (the record: the source's name; the mean: nothing).
+FEATURE_FREE_MODELS = frozenset({"record", "mean"})
 
 #: Candidate feature columns per tier (cumulative); ``cos_ft.<group>`` columns join tier 0.
 TIER_FEATURES: dict[int, tuple[str, ...]] = {

@@ -22,8 +22,9 @@ over seeds), :func:`method_report` counts
     gain), the universal vector at the single source's step (``mix-matched`` rows: ‖λ·mix‖ =
     ‖λ2·τ*ˢ‖, :func:`diag.transfer.methods.matched_scale`) and the ranker-weighted mix at that step
     (``mix-ranked-matched``: the two mixes at one step differ in their weights alone) against plain eq. 8 from the source the
-    ranker picks for that target (a ridge predictor on the tier-0 features fitted on the pairs
-    without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy when fewer than 4 such pairs exist): targets
+    ranker picks for that target (the predictor ``rank-sources`` ranks with, the sources' record by
+    default, fitted on the pairs without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy when fewer than 4
+    such pairs exist): targets
     where each mix's E-RMSE is lower (with a Wilson interval), which wins, and the mean E-RMSE and
     accuracy difference mix − source over targets with its standard error;
 (d) the loss model: the measured val cross-entropy increase over θ_ftᵀ against the
@@ -129,9 +130,10 @@ def method_counts(rows: pd.DataFrame, keep: float = KEEP, kept_gain: float = KEP
 def ranker_pick(plain: pd.DataFrame, target: str) -> tuple[str, str]:
     """(source the ranker picks for ``target``, how) from the plain rows of one run, never reading the target's pairs.
 
-    The source of largest predicted gain (:func:`diag.decide.recommend.ranker_gains`: ridge on the
-    tier-0 features fitted on the pairs without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy when
-    fewer than 4 such pairs exist) — the same ranker whose gains weight ``mix-ranked``.
+    The source of largest predicted gain (:func:`diag.decide.recommend.ranker_gains`: the predictor
+    ``rank-sources`` ranks with, the sources' record by default, fitted on the pairs without the target;
+    the cos(τ_ftˢ, τ_ftᵀ) proxy when fewer than 4 such pairs exist) — the same ranker whose gains
+    weight ``mix-ranked``.
     """
 
     gains, how = ranker_gains(plain, target)

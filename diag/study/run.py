@@ -42,6 +42,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2, RANDOM_DRAWS
+from diag.decide.predictor import RANKER
 from diag.decide.recommend import ranker_gains
 from diag.features.pair_features import CurvatureSettings, Diagnostics, pair_features
 from diag.runtime.context import Workspace
@@ -115,7 +116,8 @@ class StudySettings:
 
     def key_payload(self, seed: int, method: str = PLAIN) -> dict:
         """The settings the rows of training seed ``seed``'s run and ``method`` depend on (part of every
-        ``pair_key``; ``plain``'s payload is the pre-method one: old tables resume)."""
+        ``pair_key``; ``plain``'s payload is the pre-method one: old tables resume; a ranked mix's names the
+        ranker, so rows weighted by another ranker are recomputed, never reused)."""
         out = {"alpha": float(self.alpha), "lambda1": float(self.lambda1), "controls": bool(self.controls),
                "curvature": bool(self.curvature), "seed": int(seed), "n_random": int(self.n_random),
                "variant": self.variant}
@@ -123,6 +125,8 @@ class StudySettings:
             out["curvature_settings"] = asdict(self.curvature_settings)
         if method != PLAIN:
             out.update(method=method, max_acc_drop=float(self.max_acc_drop))
+        if method in RANKED_METHODS:  # its weights (and the source it is read against) are the ranker's
+            out["ranker"] = RANKER
         return out
 
 
