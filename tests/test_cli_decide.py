@@ -241,11 +241,12 @@ def test_choices_read_val_never_test(table, monkeypatch):
     assert safe == sorted(safe, reverse=True)  # no safe transfer is never ranked above a safe one
 
 
-def test_rank_sources_evaluate_all_seeds(root, capsys, tmp_path):
+def test_rank_sources_evaluate_all_seeds(root, capsys, tmp_path, monkeypatch):
     """--evaluate --all-seeds: one evaluation per training seed of the study, then each ranker's mean ± sd (by hand
-    here) and the seeds whose CI lies above 0; the text says both."""
+    here) and the seeds whose CI lies above 0; the text says both. A given --study is read once."""
     import pandas as pd
 
+    import diag.commands.decide as decide
     from diag.table import load_study, write_table
 
     code, _, err = run(capsys, "rank-sources", "--evaluate", "--json", "--store", root, *SUITE, *SMALL)  # the study
@@ -256,8 +257,12 @@ def test_rank_sources_evaluate_all_seeds(root, capsys, tmp_path):
     write_table(pd.concat([one, other], ignore_index=True), tmp_path / "pairs.csv")
     args = ["rank-sources", "--evaluate", "--all-seeds", "--study", str(tmp_path), "--store", root, *SUITE,
             "--quiet", "--preset", "smoke", "--n-boot", "50"]
+    reads = []
+    monkeypatch.setattr(decide, "load_study", lambda path, **kw: reads.append(path) or load_study(path, **kw))
     code, out, err = run(capsys, *args, "--json")
     assert code == 0, err
+    assert [str(r) for r in reads] == [str(tmp_path)]  # the table and every seed's pairs from one read
+    monkeypatch.undo()
     res = json.loads(out)
     assert res["seeds"] == [0, 1]
     assert "source record (every seed)" in {m["name"] for m in res["summary"]}

@@ -97,25 +97,28 @@ def _suite(ctx, args) -> list[str]:
     return [ctx.check_domain(d) for d in (args.domains or ctx.domains())]
 
 
-def _study_table(ctx, args):
-    """The all-pairs study of the suite at λ2 = 0.7: a given ``--study`` is read; the store's is run or resumed."""
+def _study_table(ctx, args, study=None):
+    """The all-pairs study of the suite at λ2 = 0.7: a given ``--study`` is read (``study``: its table, already
+    read at λ2 = 0.7); the store's is run or resumed."""
     domains = _suite(ctx, args)
     merge_shards(args.study or ctx.store.study_dir(DEFAULT_STUDY), write=False)  # a damaged table: refused first
     store = ctx.ensure(domains, (args.alpha,))
     ws = ctx.workspace(args.alpha)
     if args.study and not args.extend:  # one run (variant, seed): a pair counted once
-        run = select_run(load_study(args.study, lambda2=PAPER_LAMBDA2), getattr(args, "variant", None),
-                         getattr(args, "train_seed", None))
+        run = select_run(load_study(args.study, lambda2=PAPER_LAMBDA2) if study is None else study,
+                         getattr(args, "variant", None), getattr(args, "train_seed", None))
         return store, ws, run
     table = complete_study(ctx, domains, StudySettings(alpha=args.alpha, curvature_settings=curvature_settings(args)),
                            workspace=ws, out_dir=args.study)
     return store, ws, at_lambda(of_method(table))  # the predictor learns eq. 8's pairs
 
 
-def _every_seed(ctx, args):
-    """The study's plain eq. 8 pairs at λ2 = 0.7 at every training seed (of the run's variant)."""
-    return of_method(select_run(load_study(args.study or ctx.store.study_dir(DEFAULT_STUDY), lambda2=PAPER_LAMBDA2),
-                                getattr(args, "variant", None), "all"))
+def _every_seed(ctx, args, study=None):
+    """The study's plain eq. 8 pairs at λ2 = 0.7 at every training seed (of the run's variant); ``study``: the
+    table already read at λ2 = 0.7."""
+    if study is None:
+        study = load_study(args.study or ctx.store.study_dir(DEFAULT_STUDY), lambda2=PAPER_LAMBDA2)
+    return of_method(select_run(study, getattr(args, "variant", None), "all"))
 
 
 def _known(ctx, args, model: str):
@@ -138,8 +141,9 @@ def _ci_word(ci) -> str:
 def _evaluate(ctx, args) -> int:
     """``rank-sources --evaluate``: every ranker leave one target out beside the test-retest ceiling, for one
     training seed or (``--all-seeds``) each seed of the study and the mean ± sd over them."""
-    _, _, table = _study_table(ctx, args)
-    every_seed = _every_seed(ctx, args)
+    given = load_study(args.study, lambda2=PAPER_LAMBDA2) if args.study and not args.extend else None  # read once
+    _, _, table = _study_table(ctx, args, given)
+    every_seed = _every_seed(ctx, args, given)
     ceiling = ranking_ceiling(every_seed)
     runs = ({int(s): evaluate_rankers(g, n_boot=args.n_boot, every_seed=every_seed) for s, g in every_seed.groupby("seed")}
             if args.all_seeds else
