@@ -121,8 +121,11 @@ def _coverage(table: pd.DataFrame) -> list[str]:
 
 
 def _screen(table: pd.DataFrame) -> list[str]:
-    out = []
-    for c in validate_screen(table)[0]:
+    out, grid = [], []
+    for c in validate_screen(table, every_lambda=True)[0]:
+        if c.kind == "plain" and c.lambda2 != PAPER_LAMBDA2:
+            grid.append(c)
+            continue
         what = "eq. 8 at λ2 = 0.7" if c.kind == "plain" else "eq. 8 at the λ2 chosen on val"
         conf = "; ".join(f"{v} {c.confusion[v]['success']}/{c.confusion[v]['failure']}" for v in c.confusion)
         prec = ("no go verdict" if not math.isfinite(c.go_precision) else
@@ -131,6 +134,14 @@ def _screen(table: pd.DataFrame) -> list[str]:
                f"recall of no-go {c.nogo_recall:.2f} [{c.nogo_recall_ci[0]:.2f}, {c.nogo_recall_ci[1]:.2f}]")
         out.append(f"- Screen, {what} ({c.n} held-out pairs over {c.n_seeds} seeds; verdict success/failure on test: "
                    f"{conf}): {prec}, {rec}.")
+    if grid:
+        per = [f"{c.lambda2:g}: " + ("no go" if not math.isfinite(c.go_precision) else
+                                     f"{c.confusion['go']['success']}/{c.confusion['go']['failure']}, "
+                                     f"{c.go_precision:.2f} [{c.go_precision_ci[0]:.2f}, {c.go_precision_ci[1]:.2f}]")
+               for c in grid]
+        out.append("- Screen, eq. 8 at the other λ2 of the grid (what `diag screen --lambda2 λ` says: the val drop at "
+                   "0.7 scaled by (λ/0.7)²), go verdicts success/failure on test and the precision of go [95 % "
+                   f"Wilson], same held-out pairs: λ2 {'; '.join(per)}.")
     return out + [""]
 
 

@@ -10,10 +10,11 @@ from diag.decide.screen_check import validate_screen
 from train.errors import DataError
 
 
-def grid_study(n_dom=8, seeds=2, seed=0, test_drop=None):
+def grid_study(n_dom=8, seeds=2, seed=0, test_drop=None, test_drop_at=None):
     """Plain eq. 8 rows on a λ2 grid: "good" pairs (s + t even) lose 1 % val accuracy at λ2 = 0.7 (∝ λ2²) and
     explain better (E-RMSE ÷ θ_ftᵀ = 1 − 0.4 cos_ft, cos_ft ≈ 0.5); "bad" pairs lose 30 % at every λ2.
-    The test split behaves as val does, unless ``test_drop`` sets the good pairs' test accuracy drop."""
+    The test split behaves as val does, unless ``test_drop`` sets the good pairs' test accuracy drop (at the λ2 of
+    ``test_drop_at`` only, when given)."""
     rng = np.random.default_rng(seed)
     rows = []
     for run in range(seeds):
@@ -26,7 +27,8 @@ def grid_study(n_dom=8, seeds=2, seed=0, test_drop=None):
                 for lam in (0.4, 0.7, 1.0):
                     drop = 0.01 * (lam / 0.7) ** 2 if good else 0.3
                     ermse = 1.0 + (-0.2 if good else 0.1) + 0.01 * rng.normal()
-                    test = drop if test_drop is None or not good else test_drop
+                    hit = test_drop is not None and good and (test_drop_at is None or lam == test_drop_at)
+                    test = test_drop if hit else drop
                     rows.append({"seed": run, "lambda2": lam, "source": f"d{s}", "target": f"d{t}", "cos_ft": cos,
                                  "ermse_star_source": 0.5, "ermse_ft_target": 1.0, "ermse": ermse,
                                  "accuracy_ft_target": 0.9, "accuracy": 0.9 * (1 - test),
@@ -77,3 +79,17 @@ def test_a_screen_whose_go_fails_on_test_scores_zero_precision():
 def test_screen_validation_needs_val_accuracies():
     with pytest.raises(DataError, match="val accuracies"):
         validate_screen(grid_study().drop(columns=["accuracy_val"]))
+
+
+def test_every_lambda_scores_the_plain_verdict_at_its_own_lambda():
+    """Good pairs lose 10 % test accuracy at λ2 = 1 only (val: 2 %): the screen says go at every λ2 (the val drop at
+    0.7 scaled by (λ/0.7)² stays within the budget), and only the go's at λ2 = 1 fail on test."""
+    checks, scored = validate_screen(grid_study(test_drop=0.1, test_drop_at=1.0), model="ridge", every_lambda=True)
+    assert [(c.kind, c.lambda2) for c in checks] == [("plain", 0.7), ("recommended", None), ("plain", 0.4),
+                                                     ("plain", 1.0)]
+    plain07, _, at04, at10 = checks
+    assert plain07.go_precision == at04.go_precision == 1.0 and at10.go_precision == 0.0
+    assert at04.confusion["go"]["success"] == at10.confusion["go"]["failure"] == (scored["plain@1"] == "go").sum() > 0
+    assert at10.n == at04.n == plain07.n == len(scored)
+    assert "plain eq. 8 at λ2 = 1: go 0/" in at10.line() and "precision of go 0.00" in at10.line()
+    assert checks[:2] == validate_screen(grid_study(test_drop=0.1, test_drop_at=1.0), model="ridge")[0]  # unchanged

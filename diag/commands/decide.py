@@ -235,9 +235,15 @@ def _coverage(ctx, args) -> int:
           "λ2 of the table.")
     if checks is None:
         print("screen validation: needs a study on the λ2 grid with val accuracies (diag study --lambda-grid)")
-    for check in checks or []:
+    main = [c for c in checks or [] if c.kind != "plain" or c.lambda2 == PAPER_LAMBDA2]
+    for check in main:
         print()
         print("\n".join(check.lines()))
+    others = [c for c in checks or [] if c not in main]
+    if others:
+        print()
+        print("screen verdicts at the other λ2 of the grid (as `diag screen --lambda2 λ` gives them), scored at that λ2:")
+        print("\n".join(f"  {c.line()}" for c in others))
     return 0
 
 
@@ -246,7 +252,8 @@ def _screen_checks(table, args):
     plain = of_method(table)
     if plain["lambda2"].map(lam_key).nunique() < 2 or "accuracy_val" not in plain:
         return None
-    return validate_screen(plain, budget=_budget(args.max_acc_drop), level=args.level, model=getattr(args, "model", None) or RANKER)[0]
+    return validate_screen(plain, budget=_budget(args.max_acc_drop), level=args.level,
+                           model=getattr(args, "model", None) or RANKER, every_lambda=True)[0]
 
 
 def _finite_or_none(value) -> float | None:

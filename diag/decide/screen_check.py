@@ -13,6 +13,10 @@ predictions — never a test number:
   val (:func:`diag.decide.recommend.plain_from_grid`; the screen's other methods need the vectors,
   not just the table).
 
+With ``every_lambda``, the plain verdict is also given at every other λ2 of the grid, as
+``diag screen --lambda2 λ`` gives it (the val drop measured at 0.7, scaled by (λ/0.7)² with its
+se), and scored at that λ2: at small λ2 "go" is common enough for its precision to be measured.
+
 Each verdict is scored against the measured test outcome at its λ2: a *success* keeps the
 accuracy within the budget (1 − acc/acc(θ_ftᵀ) ≤ budget) and explains better than θ_ftᵀ
 (E-RMSE below θ_ftᵀ's). A verdict with no safe λ2 is scored at the smallest λ2 of the grid.
@@ -49,11 +53,12 @@ class ScreenCheck:
     """The verdicts of one kind against the test outcome.
 
     Attributes:
-        kind: ``plain`` (eq. 8 at λ2 = 0.7) or ``recommended`` (eq. 8 at the λ2 chosen on val).
+        kind: ``plain`` (eq. 8 at ``lambda2``) or ``recommended`` (eq. 8 at the λ2 chosen on val).
         confusion: verdict → {"success": n, "failure": n}.
         go_precision, go_precision_ci: share of "go" that succeeded, Wilson interval (NaN: no go).
         nogo_recall, nogo_recall_ci: share of the failures called "no-go" (NaN: no failure).
         n: scored pairs; n_seeds: training seeds.
+        lambda2: the plain verdict's λ2 (None for ``recommended``).
     """
 
     kind: str
@@ -64,15 +69,28 @@ class ScreenCheck:
     nogo_recall_ci: tuple[float, float]
     n: int
     n_seeds: int
+    lambda2: float | None = PAPER_LAMBDA2
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "confusion": self.confusion, "go_precision": self.go_precision,
-                "go_precision_ci": list(self.go_precision_ci), "nogo_recall": self.nogo_recall,
-                "nogo_recall_ci": list(self.nogo_recall_ci), "n": self.n, "n_seeds": self.n_seeds}
+        return {"kind": self.kind, "lambda2": self.lambda2, "confusion": self.confusion,
+                "go_precision": self.go_precision, "go_precision_ci": list(self.go_precision_ci),
+                "nogo_recall": self.nogo_recall, "nogo_recall_ci": list(self.nogo_recall_ci), "n": self.n,
+                "n_seeds": self.n_seeds}
+
+    @property
+    def what(self) -> str:
+        return f"plain eq. 8 at λ2 = {self.lambda2:g}" if self.kind == "plain" else "plain eq. 8 at the λ2 chosen on val"
+
+    def line(self) -> str:
+        """One line: the verdicts' success/failure counts and the two rates."""
+        conf = "; ".join(f"{v} {self.confusion[v]['success']}/{self.confusion[v]['failure']}" for v in VERDICTS)
+        return (f"{self.what}: {conf} (success/failure); precision of go "
+                f"{_rate(self.go_precision, self.go_precision_ci)}, recall of no-go "
+                f"{_rate(self.nogo_recall, self.nogo_recall_ci)}")
 
     def lines(self) -> list[str]:
         """The confusion table and the two rates, in plain lines."""
-        what = "plain eq. 8 at λ2 = 0.7" if self.kind == "plain" else "plain eq. 8 at the λ2 chosen on val"
+        what = self.what
         out = [f"screen verdicts for {what}, leave one target out over {self.n_seeds} seed(s), {self.n} pairs "
                "(success: test accuracy within the budget and E-RMSE below θ_ftᵀ's)",
                f"  {'verdict':8s} {'success':>8s} {'failure':>8s}"]
@@ -101,8 +119,10 @@ def _outcome(row, budget: float) -> bool:
     return drop <= budget + 1e-12 and float(row["ermse"]) < float(row["ermse_ft_target"])
 
 
-def _pair_verdicts(pair: pd.DataFrame, pred, at07: pd.DataFrame, target: str, budget: float) -> dict:
-    """Both verdicts of one held-out pair and their test outcomes."""
+def _pair_verdicts(pair: pd.DataFrame, pred, at07: pd.DataFrame, target: str, budget: float,
+                   every_lambda: bool = False) -> dict:
+    """Both verdicts of one held-out pair and their test outcomes (``every_lambda``: also the plain verdict at
+    every other λ2 of the pair's grid, ``plain@<λ2>`` and ``plain@<λ2>_success``)."""
     by_lam = {lam_key(v): r for v, (_, r) in zip(pair["lambda2"], pair.iterrows())}
     ref = by_lam[lam_key(PAPER_LAMBDA2)]
     grid = _val_grid(pair)
@@ -112,17 +132,23 @@ def _pair_verdicts(pair: pd.DataFrame, pred, at07: pd.DataFrame, target: str, bu
            "measured_acc_drop": float(at["acc_drop"]), "measured_acc_drop_se": float(at["acc_drop_se"]),
            "measured_n_val": 0}
     plain, _ = screen_verdict(row, at07, target, PAPER_LAMBDA2, budget)
+    others = {}
+    for lam in (sorted(by_lam) if every_lambda else []):
+        if lam != lam_key(PAPER_LAMBDA2):
+            others[f"plain@{lam:g}"] = screen_verdict(row, at07, target, lam, budget)[0]
+            others[f"plain@{lam:g}_success"] = _outcome(by_lam[lam], budget)
     gain, lo, hi = predicted_gain(pred["predicted_ermse_norm"], pred["predicted_ermse_norm_lo"],
                                   pred["predicted_ermse_norm_hi"], rec["size_ratio"], rec["safe"])
     recommended, _ = method_verdict({**rec, "predicted_gain": gain, "predicted_gain_lo": lo, "predicted_gain_hi": hi},
                                     budget)
     return {"plain": plain, "plain_success": _outcome(ref, budget), "recommended": recommended,
             "recommended_success": _outcome(by_lam[lam_key(float(rec["method_param"]))], budget),
-            "recommended_lambda2": float(rec["method_param"]) if rec["safe"] else 0.0}
+            "recommended_lambda2": float(rec["method_param"]) if rec["safe"] else 0.0, **others}
 
 
 def validate_screen(table: pd.DataFrame, budget: float = DEFAULT_MAX_ACC_DROP, level: float = PREDICTION_LEVEL,
-                    model: str = RANKER, seed: int = 0) -> tuple[list[ScreenCheck], pd.DataFrame]:
+                    model: str = RANKER, seed: int = 0, every_lambda: bool = False
+                    ) -> tuple[list[ScreenCheck], pd.DataFrame]:
     """The screen's verdicts against the test outcome, leave one target out (module docstring).
 
     Args:
@@ -130,8 +156,9 @@ def validate_screen(table: pd.DataFrame, budget: float = DEFAULT_MAX_ACC_DROP, l
             (``accuracy_val``, ``accuracy_val_ft_target``, ``acc_drop_val_se``).
 
     Returns:
-        (one :class:`ScreenCheck` per kind, the scored pairs: seed, target, source, plain, plain_success,
-        recommended, recommended_success, recommended_lambda2).
+        (one :class:`ScreenCheck` per kind, then with ``every_lambda`` one per other λ2 of the grid in
+        ascending order; the scored pairs: seed, target, source, plain, plain_success, recommended,
+        recommended_success, recommended_lambda2, and ``plain@<λ2>``, ``plain@<λ2>_success``).
 
     Raises:
         DataError: no val accuracies, no λ2 = 0.7 rows, or no target with enough known pairs.
@@ -152,15 +179,20 @@ def validate_screen(table: pd.DataFrame, budget: float = DEFAULT_MAX_ACC_DROP, l
             for i, source in enumerate(held["source"]):
                 pair = run[(run["target"] == target) & (run["source"] == source)]
                 rows.append({"seed": int(run_seed), "target": target, "source": source,
-                             **_pair_verdicts(pair, p.iloc[i].to_dict(), at07, target, budget)})
+                             **_pair_verdicts(pair, p.iloc[i].to_dict(), at07, target, budget, every_lambda)})
     scored = pd.DataFrame(rows)
     if scored.empty:
         raise DataError(f"no target with {MIN_TRAINING_PAIRS} or more known pairs without it: no screen to validate")
-    return [_check(kind, scored) for kind in KINDS], scored
+    grid = sorted({float(c[len("plain@"):]) for c in scored.columns if c.startswith("plain@") and
+                   not c.endswith("_success")})
+    return ([_check(kind, scored) for kind in KINDS]
+            + [_check("plain", scored, f"plain@{lam:g}", lam) for lam in grid]), scored
 
 
-def _check(kind: str, scored: pd.DataFrame) -> ScreenCheck:
-    verdict, success = scored[kind], scored[f"{kind}_success"].astype(bool)
+def _check(kind: str, scored: pd.DataFrame, column: str | None = None, lambda2: float = PAPER_LAMBDA2) -> ScreenCheck:
+    column = column or kind
+    ok = scored[column].notna()  # a pair without that λ2 in its grid is not scored there
+    verdict, success = scored.loc[ok, column], scored.loc[ok, f"{column}_success"].astype(bool)
     confusion = {v: {"success": int(((verdict == v) & success).sum()), "failure": int(((verdict == v) & ~success).sum())}
                  for v in VERDICTS}
     go = confusion["go"]
@@ -172,4 +204,5 @@ def _check(kind: str, scored: pd.DataFrame) -> ScreenCheck:
                        wilson_interval(go["success"], n_go) if n_go else (math.nan, math.nan),
                        caught / failures if failures else math.nan,
                        wilson_interval(caught, failures) if failures else (math.nan, math.nan),
-                       int(len(scored)), int(np.unique(scored["seed"]).size))
+                       int(ok.sum()), int(np.unique(scored.loc[ok, "seed"]).size),
+                       lambda2 if kind == "plain" else None)
