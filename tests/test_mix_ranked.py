@@ -253,3 +253,28 @@ def test_study_mix_ranked_matched_is_the_ranked_mix_at_the_source_step(tmp_path)
             assert r["accuracy"] == pytest.approx(plain.at[(s, t), "accuracy"], abs=1e-9)
         else:
             assert r["repair_size"] == 0 and r["ermse"] == pytest.approx(r["ermse_ft_target"])
+
+
+def test_study_ranked_pass_fits_the_record_on_every_run(tmp_path):
+    """The study's ranked mix (run.ranked_gains) fits the ranker on the plain rows of every run (training seed), as
+    rank-sources does, while reading the candidates of this run only; with this run's rows alone the gains differ."""
+    from diag.study.run import ranked_gains
+    from diag.table import write_table
+
+    quality = {s: 0.3 * i for i, s in enumerate(DOMAINS)}
+    runs = []
+    for seed in (0, 1):
+        df = _table(noise=0.05, seed=seed)
+        df = df.assign(seed=seed, lambda2=0.7, method="plain", pair_key=[f"s{seed}-{k}" for k in range(len(df))],
+                       ermse_norm=df["ermse_norm"] + df["source"].map(quality))
+        runs.append(df)
+    table = pd.concat(runs, ignore_index=True)
+    write_table(table, tmp_path / "pairs.csv")
+    keys0, keys1 = set(runs[0]["pair_key"]), set(runs[1]["pair_key"])
+    every = ranked_gains(tmp_path, tmp_path / "pairs.csv", keys0, len(runs[0]), keys0 | keys1)
+    alone = ranked_gains(tmp_path, tmp_path / "pairs.csv", keys0, len(runs[0]))
+    assert set(every) == set(DOMAINS)
+    for t in DOMAINS:
+        assert every[t] == pytest.approx(ranker_gains(runs[0], t, known=table)[0], abs=1e-12)
+        assert alone[t] == pytest.approx(ranker_gains(runs[0], t)[0], abs=1e-12)
+    assert any(every[t] != pytest.approx(alone[t], abs=1e-6) for t in DOMAINS)

@@ -257,6 +257,12 @@ def _fit_record(df: pd.DataFrame, target: str, name: str | None, model: str = "r
 MIN_TRAINING_PAIRS = 4
 
 
+def distinct_pairs(table: pd.DataFrame) -> int:
+    """How many distinct (source, target) pairs ``table`` holds (a pair's seed replicates count once): what
+    :data:`MIN_TRAINING_PAIRS` counts."""
+    return int(table[["source", "target"]].drop_duplicates().shape[0]) if len(table) else 0
+
+
 def training_pairs(table: pd.DataFrame, target: str) -> pd.DataFrame:
     """Known pairs usable to rank sources for ``target``: none that involve the target."""
     return table[(table["target"] != target) & (table["source"] != target)].copy()

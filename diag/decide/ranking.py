@@ -27,8 +27,8 @@ import pandas as pd
 
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_LAMBDA1, PAPER_LAMBDA2, PREDICTION_LEVEL
 from diag.decide import record, recommend
-from diag.decide.predictor import (MIN_TRAINING_PAIRS, QUANTITIES, RANKER, fit_pair_predictor, rank_sources,
-                                   tier_features, training_pairs)
+from diag.decide.predictor import (MIN_TRAINING_PAIRS, QUANTITIES, RANKER, distinct_pairs, fit_pair_predictor,
+                                   rank_sources, tier_features, training_pairs)
 from diag.decide.rules import lambda2_from_predicted_drop
 from diag.features.pair_features import Diagnostics, pair_features
 from diag.transfer.budget import accuracy_grid, drop_at, recommend_lambda2
@@ -281,8 +281,8 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
     if not sources:
         raise DataError(f"No candidate source vectors for target '{target}'")
     train = training_pairs(table if known is None else known, target)
-    if len(train) < MIN_TRAINING_PAIRS:
-        raise DataError(f"Only {len(train)} known pairs without '{target}'; need at least {MIN_TRAINING_PAIRS} to fit "
+    if distinct_pairs(train) < MIN_TRAINING_PAIRS:
+        raise DataError(f"Only {distinct_pairs(train)} known pairs without '{target}'; need at least {MIN_TRAINING_PAIRS} to fit "
                         "a predictor")
     cands = candidate_rows(diag, table, target, sources, tier)
     check = tier >= 2 if accuracy_check is None else accuracy_check

@@ -36,8 +36,8 @@ from pathlib import Path
 import pandas as pd
 
 from diag.constants import PAPER_LAMBDA1, PAPER_LAMBDA2
-from diag.decide.predictor import (FEATURE_FREE_MODELS, MIN_TRAINING_PAIRS, RANKER, fit_quantity, tier_features,
-                                   training_pairs)
+from diag.decide.predictor import (FEATURE_FREE_MODELS, MIN_TRAINING_PAIRS, RANKER, distinct_pairs, fit_quantity,
+                                   tier_features, training_pairs)
 from diag.decide.rules import lambda2_from_predicted_drop
 from diag.transfer.budget import recommend_lambda2
 from diag.table import load_study, select_run, table_files
@@ -166,7 +166,8 @@ def predicted_gain(ermse_norm: float, lo: float, hi: float, size_ratio: float,
 # --------------------------------------------------------------- the ranker's gains and mixes
 
 
-def ranker_gains(plain: pd.DataFrame, target: str, tier: int = 0, model: str = RANKER) -> tuple[dict, str]:
+def ranker_gains(plain: pd.DataFrame, target: str, tier: int = 0, model: str = RANKER,
+                 known: pd.DataFrame | None = None) -> tuple[dict, str]:
     """({source: predicted E-RMSE gain for ``target``}, how) from the plain eq. 8 rows of one run at one λ2.
 
     The ranker is the predictor of normalised E-RMSE (E-RMSE ÷ θ_ftᵀ's) that ``rank-sources`` ranks
@@ -174,11 +175,12 @@ def ranker_gains(plain: pd.DataFrame, target: str, tier: int = 0, model: str = R
     ``ridge`` / ``gbr`` on the tier's features, :func:`diag.decide.predictor.tier_features`), the
     ranking's own fit (:func:`diag.decide.predictor.fit_quantity`: the training mean where it does
     not beat it out of sample, which ``how`` then names), fitted only on pairs that involve the
-    target neither as target nor as source (:func:`diag.decide.predictor.training_pairs`). The rows
+    target neither as target nor as source (:func:`diag.decide.predictor.training_pairs`) — of ``known``
+    when given (e.g. the pairs of every training seed), else of ``plain``. The rows
     (s, target) are read for their features only — never their outcomes (E-RMSE, accuracy: the
     target's test split) — so the gains are what a target owner without explanations could compute.
     The gain is gₛ = 1 − predicted E-RMSE ÷ θ_ftᵀ (> 0: the source is predicted to lower the target's
-    E-RMSE). With fewer than :data:`MIN_TRAINING_PAIRS` training pairs (or, for a feature predictor,
+    E-RMSE). With fewer than :data:`MIN_TRAINING_PAIRS` distinct training pairs (or, for a feature predictor,
     no usable feature) the paper's proxy stands in, gₛ = cos(τ_ftˢ, τ_ftᵀ) (a score in the same
     direction, not an E-RMSE gain).
 
@@ -189,10 +191,10 @@ def ranker_gains(plain: pd.DataFrame, target: str, tier: int = 0, model: str = R
     cands = plain[(plain["target"] == target) & (plain["source"] != target)]
     if cands.empty:
         raise DataError(f"no known pair (source, '{target}') to rank sources for '{target}'")
-    train = training_pairs(plain, target)
+    train = training_pairs(plain if known is None else known, target)
     feature_free = model in FEATURE_FREE_MODELS
     feats = [f for f in tier_features(train, tier) if f in cands.columns] if not feature_free else []
-    if len(train) >= MIN_TRAINING_PAIRS and (feats or feature_free):
+    if distinct_pairs(train) >= MIN_TRAINING_PAIRS and (feats or feature_free):
         fit = fit_quantity(train, feats, "ermse_norm", model)
         pred = fit.full.predict(cands)
         how = model if feature_free else f"{model} (tier {tier})"

@@ -23,8 +23,8 @@ over seeds), :func:`method_report` counts
     ‖λ2·τ*ˢ‖, :func:`diag.transfer.methods.matched_scale`) and the ranker-weighted mix at that step
     (``mix-ranked-matched``: the two mixes at one step differ in their weights alone) against plain eq. 8 from the source the
     ranker picks for that target (the predictor ``rank-sources`` ranks with, the sources' record by
-    default, fitted on the pairs without the target; the cos(τ_ftˢ, τ_ftᵀ) proxy when fewer than 4
-    such pairs exist): targets
+    default, fitted on the pairs without the target at every training seed of the table; the
+    cos(τ_ftˢ, τ_ftᵀ) proxy when fewer than 4 such pairs exist): targets
     where each mix's E-RMSE is lower (with a Wilson interval), which wins, and the mean E-RMSE and
     accuracy difference mix − source over targets with its standard error;
 (d) the loss model: the measured val cross-entropy increase over θ_ftᵀ against the
@@ -127,22 +127,23 @@ def method_counts(rows: pd.DataFrame, keep: float = KEEP, kept_gain: float = KEP
             "beats_prior": int(prior.sum())}
 
 
-def ranker_pick(plain: pd.DataFrame, target: str) -> tuple[str, str]:
+def ranker_pick(plain: pd.DataFrame, target: str, known: pd.DataFrame | None = None) -> tuple[str, str]:
     """(source the ranker picks for ``target``, how) from the plain rows of one run, never reading the target's pairs.
 
     The source of largest predicted gain (:func:`diag.decide.recommend.ranker_gains`: the predictor
-    ``rank-sources`` ranks with, the sources' record by default, fitted on the pairs without the target;
-    the cos(τ_ftˢ, τ_ftᵀ) proxy when fewer than 4 such pairs exist) — the same ranker whose gains
-    weight ``mix-ranked``.
+    ``rank-sources`` ranks with, the sources' record by default, fitted on the pairs without the target —
+    of ``known`` when given, e.g. every training seed's, as the study's ranked pass fits it; the
+    cos(τ_ftˢ, τ_ftᵀ) proxy when fewer than 4 such pairs exist) — the same ranker whose gains weight
+    ``mix-ranked``.
     """
 
-    gains, how = ranker_gains(plain, target)
+    gains, how = ranker_gains(plain, target, known=known)
     return max(gains, key=gains.get), how  # ties: the first candidate row
 
 
-def ranker_picks(plain: pd.DataFrame) -> dict[str, tuple[str, str]]:
-    """target → :func:`ranker_pick` for every target of one run's plain rows."""
-    return {t: ranker_pick(plain, t) for t in sorted(plain["target"].unique())}
+def ranker_picks(plain: pd.DataFrame, known: pd.DataFrame | None = None) -> dict[str, tuple[str, str]]:
+    """target → :func:`ranker_pick` for every target of one run's plain rows (``known``: the pairs it is fitted on)."""
+    return {t: ranker_pick(plain, t, known) for t in sorted(plain["target"].unique())}
 
 
 def per_target(rows: pd.DataFrame, picks: dict) -> pd.DataFrame:
@@ -335,8 +336,9 @@ def method_report(df: pd.DataFrame, lambda2: float = PAPER_LAMBDA2, keep: float 
     universal: dict = {}
     mixes = [m for m in methods if m in MIX_METHODS]
     once: dict = {m: [] for m in mixes}  # a mix's rows, one per target and run (:func:`per_target`)
+    every_seed = rows[rows["method"] == PLAIN]  # the ranker learns every run's pairs, as the study's ranked pass does
     for seed, run in rows.groupby("seed", sort=True):
-        picks = ranker_picks(run[run["method"] == PLAIN]) if mixes else None
+        picks = ranker_picks(run[run["method"] == PLAIN], every_seed) if mixes else None
         for m in methods:
             per_seed[m][int(seed)] = method_counts(run[run["method"] == m], keep, kept_gain, picks)
         for m in mixes:

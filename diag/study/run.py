@@ -264,10 +264,12 @@ def run_study(store: Store, domains: Sequence[str], settings: StudySettings, *,
         barrier()  # every rank read the same tables before any writes: the same queue of missing pairs
     wanted: set[str] = set()
     every: set[str] = set()  # every pair of every run: what rank 0 reports after merging the shards
+    run_keys = []
     for ws in runs:
         dkeys: dict = {}
         keys = {p: {m: pair_key(store, p[0], p[1], settings.key_payload(ws.seed, m), ws.base_hash, dkeys)
                     for m in methods} for p in all_pairs}
+        run_keys.append(keys)
         wanted |= {k for p in pairs for k in keys[p].values()}
         every |= {k for p in all_pairs for k in keys[p].values()}
         if settings.curvature:  # under torchrun each target's Hᵀ is built by one rank before the pairs are split
@@ -275,10 +277,12 @@ def run_study(store: Store, domains: Sequence[str], settings: StudySettings, *,
                                          data_parallel=False), domains)
         _run_pairs(ws, pairs, {p: {m: k for m, k in keys[p].items() if m not in RANKED_METHODS} for p in pairs},
                    settings, lambda2s, domains, path, done, progress, dynamic=dynamic)
-        ranked = [m for m in methods if m in RANKED_METHODS]
+    ranked = [m for m in methods if m in RANKED_METHODS]
+    all_plain = {keys[p][PLAIN] for keys in run_keys for p in all_pairs}
+    for ws, keys in zip(runs, run_keys):
         if any((keys[p][m], lam) not in done for m in ranked for p in pairs for lam in lambda2s):
-            # second pass: the ranker learns the plain rows of every pair of the run
-            gains = ranked_gains(out_dir, path, {keys[p][PLAIN] for p in all_pairs}, len(all_pairs))
+            # second pass: the ranker learns the plain rows of every pair of every run (as rank-sources does)
+            gains = ranked_gains(out_dir, path, {keys[p][PLAIN] for p in all_pairs}, len(all_pairs), all_plain)
             _run_pairs(ws, pairs, {p: {PLAIN: keys[p][PLAIN], **{m: keys[p][m] for m in ranked}} for p in pairs},
                        settings, lambda2s, domains, path, done, progress, gains, dynamic=dynamic)
     if shard[1] > 1 and _merge_distributed(out_dir):  # rank 0 under torch.distributed: pairs.csv has every shard
@@ -315,13 +319,16 @@ def _run_pairs(ws: Workspace, pairs: list, keys: dict, settings: StudySettings, 
         release_freed_memory()
 
 
-def ranked_gains(out_dir: Path, path: Path, plain_keys: set[str], n_pairs: int) -> dict[str, dict]:
+def ranked_gains(out_dir: Path, path: Path, plain_keys: set[str], n_pairs: int,
+                 known_keys: set[str] | None = None) -> dict[str, dict]:
     """target → the ranker's predicted gain per source (:func:`diag.decide.recommend.ranker_gains`), from this run's plain rows.
 
     The rows at λ2 = 0.7 (else the λ2 nearest to it) of every pair of the run are read from the
-    study's tables; for each target the ranker is fitted on the pairs without it and reads only
-    the features of its own pairs. ``mix-ranked`` rows are therefore computed after the plain
-    rows, re-scoring each pair's references and controls (one more :func:`evaluate_pair`).
+    study's tables; for each target the ranker is fitted on the pairs without it — those of every run
+    in ``known_keys`` (default this run's: ``plain_keys``), as ``rank-sources`` fits the sources' record
+    on the study's pairs at every training seed — and reads only the features of this run's pairs of the
+    target. ``mix-ranked`` rows are therefore computed after the plain rows of every run, re-scoring
+    each pair's references and controls (one more :func:`evaluate_pair`).
 
     Raises:
         DataError: some pair of the run has no plain row here (a shard sees only its own pairs:
@@ -335,9 +342,15 @@ def ranked_gains(out_dir: Path, path: Path, plain_keys: set[str], n_pairs: int) 
         have = 0 if plain.empty else plain[["source", "target"]].drop_duplicates().shape[0]
         raise DataError(f"{' and '.join(RANKED_METHODS)} need the plain rows of all {n_pairs} pairs of the run, found {have}: run the "
                         "study without it first (and merge the shards), then resume with it")
-    lams = plain["lambda2"].astype(float)
-    plain = plain[lams == lams.iloc[(lams - PAPER_LAMBDA2).abs().argmin()]]
-    return {t: ranker_gains(plain, t)[0] for t in sorted(plain["target"].unique())}
+    known = table[table["pair_key"].astype(str).isin(known_keys or plain_keys)]
+    plain, known = _near_paper(plain), _near_paper(known)
+    return {t: ranker_gains(plain, t, known=known)[0] for t in sorted(plain["target"].unique())}
+
+
+def _near_paper(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows at λ2 = 0.7, else at the λ2 of the table nearest to it."""
+    lams = rows["lambda2"].astype(float)
+    return rows[lams == lams.iloc[(lams - PAPER_LAMBDA2).abs().argmin()]]
 
 
 def _collect(out_dir: Path, path: Path, wanted: set[str], lambda2s: list[float]) -> pd.DataFrame:
