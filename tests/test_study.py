@@ -192,7 +192,7 @@ def test_shards_partition_pairs_and_merge(study, tmp_path, monkeypatch):
 def test_study_settings_normalise_and_key_runs():
     """The settings object run_study takes: λ2s rounded and deduplicated, seeds deduplicated, plain first;
     a run's pair_key payload names its training seed and, for another method, that method and budget (and a
-    ranked mix its ranker)."""
+    ranked mix its ranker and the runs it learns from)."""
     from diag.study.run import StudySettings
     from train.errors import DataError, TvdiagError
 
@@ -203,7 +203,8 @@ def test_study_settings_normalise_and_key_runs():
                      "variant": "paper", "curvature_settings": plain["curvature_settings"]}
     assert s.key_payload(0, "mix") == {**s.key_payload(0), "method": "mix", "max_acc_drop": 0.05}
     # a ranked mix's rows depend on the ranker: its name is in their key (another ranker's rows are not reused)
-    assert s.key_payload(0, "mix-ranked") == {**s.key_payload(0, "mix"), "method": "mix-ranked", "ranker": "record"}
+    assert s.key_payload(0, "mix-ranked") == {**s.key_payload(0, "mix"), "method": "mix-ranked", "ranker": "record",
+                                              "ranker_seeds": [1, 0]}  # the runs whose pairs the ranker learns
     with pytest.raises(DataError):
         StudySettings(lambda2s=())
     with pytest.raises(DataError):

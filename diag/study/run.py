@@ -117,7 +117,8 @@ class StudySettings:
     def key_payload(self, seed: int, method: str = PLAIN) -> dict:
         """The settings the rows of training seed ``seed``'s run and ``method`` depend on (part of every
         ``pair_key``; ``plain``'s payload is the pre-method one: old tables resume; a ranked mix's names the
-        ranker, so rows weighted by another ranker are recomputed, never reused)."""
+        ranker and the training seeds whose pairs it learns, so rows weighted by another fit are recomputed,
+        never reused)."""
         out = {"alpha": float(self.alpha), "lambda1": float(self.lambda1), "controls": bool(self.controls),
                "curvature": bool(self.curvature), "seed": int(seed), "n_random": int(self.n_random),
                "variant": self.variant}
@@ -125,8 +126,8 @@ class StudySettings:
             out["curvature_settings"] = asdict(self.curvature_settings)
         if method != PLAIN:
             out.update(method=method, max_acc_drop=float(self.max_acc_drop))
-        if method in RANKED_METHODS:  # its weights (and the source it is read against) are the ranker's
-            out["ranker"] = RANKER
+        if method in RANKED_METHODS:  # its weights are the ranker's, fitted on the plain rows of every run
+            out.update(ranker=RANKER, ranker_seeds=list(self.seeds))
         return out
 
 
