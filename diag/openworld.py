@@ -30,7 +30,8 @@ from diag.curvature.card import build_card, check_card_provenance
 from diag.curvature.hutchinson import hutchinson_diagonal
 from diag.curvature.kfac import build_kfac_card, card_file_form, CARD_FORMS
 from diag.curvature.operators import HessianOperator
-from diag.decide.predictor import fit_pair_predictor, MIN_TRAINING_PAIRS, rank_sources, tier_features, training_pairs
+from diag.decide.predictor import fit_pair_predictor, rank_sources, tier_features
+from diag.decide.record import MIN_TRAINING_PAIRS, training_pairs
 from diag.decide.ranking import SourceRanking
 from diag.curvature.risk import loss_model
 from diag.decide.card_scale import calibrated_card_risk
@@ -280,7 +281,7 @@ def rank_folder(inputs: RankInputs, target: str = "target", alpha: float = 0.8, 
     (:func:`diag.decide.rules.quadratic_lambda_max`; ½ λ2² R_card alone for a card without g, and the
     notes say so), rounded down to the λ2 grid. Without a card (tier 0) there is no loss model at
     all, and the notes say that plainly. Without a study of at
-    least :data:`diag.decide.recommend.MIN_TRAINING_PAIRS` known pairs the sources are ranked by
+    least :data:`diag.decide.record.MIN_TRAINING_PAIRS` known pairs the sources are ranked by
     cos(τ_ftˢ, τ_ftᵀ) alone, with no predictions and no λ2 from a drop.
 
     Args:

@@ -222,7 +222,8 @@ def test_loto_coverage_on_exchangeable_targets():
 
 def test_ranking_prints_and_serialises_the_same_predictions():
     """One set of numbers: the JSON fields are the rows' values, and the table prints exactly those."""
-    from diag.decide.predictor import fit_pair_predictor, training_pairs
+    from diag.decide.predictor import fit_pair_predictor
+    from diag.decide.record import training_pairs
     from diag.decide.ranking import SourceRanking
     from diag.decide.recommend import predicted_gain
 

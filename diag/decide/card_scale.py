@@ -7,7 +7,7 @@ calibrated away by one multiplicative scale fitted on known pairs:
 
     R_cal(τ) = c · R_column(τ),   c = median over the known pairs of R_exact ÷ R_column,
 
-with the known pairs those of :func:`diag.decide.predictor.training_pairs` (the target neither
+with the known pairs those of :func:`diag.decide.record.training_pairs` (the target neither
 as target nor as source, as every prediction for a new target is fitted). :func:`fit_card_scale`
 also says how well it held, leave one target out over the known pairs: the share within ×1.5 of
 R_exact and the spread of the log ratio. ``risk_card`` is fitted only on rows of the same card form
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from diag.decide.loss_model import WITHIN
-from diag.decide.predictor import training_pairs
+from diag.decide.record import training_pairs
 
 __all__ = ["CARD_COLUMNS", "CardScale", "calibrated_card_risk", "fit_card_scale"]
 

@@ -18,15 +18,15 @@ import numpy as np
 import pandas as pd
 
 from diag.constants import PAPER_LAMBDA2, PREDICTION_LEVEL
-from diag.decide.predictor import (MIN_TRAINING_PAIRS, MODELS, QUANTITIES, RANKER, PredictorWarning, fit_pair_predictor,
-                                   fit_predictor, target_values, tier_features, training_pairs)
+from diag.decide.predictor import (MODELS, QUANTITIES, RANKER, PredictorWarning, fit_pair_predictor, fit_predictor,
+                                   target_values, tier_features)
+from diag.decide.record import MIN_TRAINING_PAIRS, training_pairs
 from diag.stats import pair_bootstrap_ci, pearson, wilson_interval, with_normalised
 from diag.stats.correlation import rankdata
 from diag.table import lam_key, with_run_columns
 from train.errors import DataError, unknown
 
 log = logging.getLogger(__name__)
-
 
 
 def _rank_corr(pred: np.ndarray, actual: np.ndarray) -> float:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from diag.constants import PREDICTION_LEVEL
-from diag.decide.record import known_effects
+from diag.decide.record import known_effects, training_pairs
 from diag.stats import jackknife_plus, with_normalised
 from train.errors import DataError, unknown
 
@@ -248,24 +248,6 @@ def _fit_record(df: pd.DataFrame, target: str, name: str | None, model: str = "r
     overall = float(np.nanmean(y)) if model == "mean" else float(np.mean(list(effects.values())))
     return Predictor(name=name or model, features=(), target=target, model=model, n_train=n, train_rmse=rmse,
                      estimator=(effects, overall))
-
-
-# ---------------------------------------------------------------------------- known pairs
-
-
-#: Fewest known pairs without the target to fit the ranker (below: the cos(τ_ftˢ, τ_ftᵀ) proxy).
-MIN_TRAINING_PAIRS = 4
-
-
-def distinct_pairs(table: pd.DataFrame) -> int:
-    """How many distinct (source, target) pairs ``table`` holds (a pair's seed replicates count once): what
-    :data:`MIN_TRAINING_PAIRS` counts."""
-    return int(table[["source", "target"]].drop_duplicates().shape[0]) if len(table) else 0
-
-
-def training_pairs(table: pd.DataFrame, target: str) -> pd.DataFrame:
-    """Known pairs usable to rank sources for ``target``: none that involve the target."""
-    return table[(table["target"] != target) & (table["source"] != target)].copy()
 
 
 # ------------------------------------------------------- one predictor per quantity, with intervals

@@ -27,8 +27,8 @@ import pandas as pd
 
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_LAMBDA1, PAPER_LAMBDA2, PREDICTION_LEVEL
 from diag.decide import record, recommend
-from diag.decide.predictor import (MIN_TRAINING_PAIRS, QUANTITIES, RANKER, distinct_pairs, fit_pair_predictor,
-                                   rank_sources, tier_features, training_pairs)
+from diag.decide.predictor import QUANTITIES, RANKER, fit_pair_predictor, rank_sources, tier_features
+from diag.decide.record import MIN_TRAINING_PAIRS, distinct_pairs, training_pairs
 from diag.decide.rules import lambda2_from_predicted_drop
 from diag.features.pair_features import Diagnostics, pair_features
 from diag.transfer.budget import accuracy_grid, drop_at, recommend_lambda2
@@ -275,7 +275,7 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
     the target's ``val`` images (:func:`diag.decide.rules.accuracy_grid`).
 
     Raises:
-        DataError: no source, or fewer than :data:`diag.decide.recommend.MIN_TRAINING_PAIRS` known pairs
+        DataError: no source, or fewer than :data:`diag.decide.record.MIN_TRAINING_PAIRS` known pairs
             without the target.
     """
     if not sources:

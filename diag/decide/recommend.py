@@ -36,8 +36,8 @@ from pathlib import Path
 import pandas as pd
 
 from diag.constants import PAPER_LAMBDA1, PAPER_LAMBDA2
-from diag.decide.predictor import (FEATURE_FREE_MODELS, MIN_TRAINING_PAIRS, RANKER, distinct_pairs, fit_quantity,
-                                   tier_features, training_pairs)
+from diag.decide.predictor import FEATURE_FREE_MODELS, RANKER, fit_quantity, tier_features
+from diag.decide.record import MIN_TRAINING_PAIRS, distinct_pairs, training_pairs
 from diag.decide.rules import lambda2_from_predicted_drop
 from diag.transfer.budget import recommend_lambda2
 from diag.table import load_study, select_run, table_files
@@ -175,7 +175,7 @@ def ranker_gains(plain: pd.DataFrame, target: str, tier: int = 0, model: str = R
     ``ridge`` / ``gbr`` on the tier's features, :func:`diag.decide.predictor.tier_features`), the
     ranking's own fit (:func:`diag.decide.predictor.fit_quantity`: the training mean where it does
     not beat it out of sample, which ``how`` then names), fitted only on pairs that involve the
-    target neither as target nor as source (:func:`diag.decide.predictor.training_pairs`) — of ``known``
+    target neither as target nor as source (:func:`diag.decide.record.training_pairs`) — of ``known``
     when given (e.g. the pairs of every training seed), else of ``plain``. The rows
     (s, target) are read for their features only — never their outcomes (E-RMSE, accuracy: the
     target's test split) — so the gains are what a target owner without explanations could compute.

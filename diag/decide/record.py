@@ -5,7 +5,8 @@ A source that helped the other targets tends to help a new one too, whatever the
 means; the effects are identified up to one constant, fixed by centring the target effects) on the
 known pairs, so a source's effect is net of which targets it happened to be paired with — a plain mean
 of its outcomes is not. The ``record`` ranker (:func:`diag.decide.predictor.fit_predictor`) ranks a new
-target's sources by ``a_s``.
+target's sources by ``a_s``. The known pairs a predictor may learn for a target are those that involve
+it neither as target nor as source (:func:`training_pairs`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pandas as pd
 from diag.stats import with_normalised
 from train.errors import DataError
 
-__all__ = ["known_effects", "record_note", "source_effects"]
+__all__ = ["MIN_TRAINING_PAIRS", "distinct_pairs", "known_effects", "record_note", "source_effects",
+           "training_pairs"]
 
 
 def source_effects(sources, targets, y, sweeps: int = 200, tol: float = 1e-12) -> tuple[dict[str, float], float]:
@@ -72,3 +74,21 @@ def record_note(known: pd.DataFrame, sources, outcome: str = "ermse_norm") -> st
             "is better; the best data-free ranker leave one target out on the mini-suite): "
             + ", ".join(f"{s} {effects[s] - centre:+.3f}" for s in have)
             + (f"; no known pair: {', '.join(missing)}" if missing else ""))
+
+
+# ---------------------------------------------------------------------------- known pairs
+
+
+#: Fewest known pairs without the target to fit the ranker (below: the cos(τ_ftˢ, τ_ftᵀ) proxy).
+MIN_TRAINING_PAIRS = 4
+
+
+def distinct_pairs(table: pd.DataFrame) -> int:
+    """How many distinct (source, target) pairs ``table`` holds (a pair's seed replicates count once): what
+    :data:`MIN_TRAINING_PAIRS` counts."""
+    return int(table[["source", "target"]].drop_duplicates().shape[0]) if len(table) else 0
+
+
+def training_pairs(table: pd.DataFrame, target: str) -> pd.DataFrame:
+    """Known pairs usable to rank sources for ``target``: none that involve the target."""
+    return table[(table["target"] != target) & (table["source"] != target)].copy()

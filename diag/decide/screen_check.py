@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_LAMBDA2, PREDICTION_LEVEL
-from diag.decide.predictor import MIN_TRAINING_PAIRS, RANKER, fit_pair_predictor, tier_features, training_pairs
+from diag.decide.predictor import RANKER, fit_pair_predictor, tier_features
+from diag.decide.record import MIN_TRAINING_PAIRS, training_pairs
 from diag.decide.recommend import plain_from_grid, predicted_gain
 from diag.decide.rules import method_verdict, screen_verdict
 from diag.stats import wilson_interval
