@@ -278,3 +278,22 @@ def test_study_ranked_pass_fits_the_record_on_every_run(tmp_path):
         assert every[t] == pytest.approx(ranker_gains(runs[0], t, known=table)[0], abs=1e-12)
         assert alone[t] == pytest.approx(ranker_gains(runs[0], t)[0], abs=1e-12)
     assert any(every[t] != pytest.approx(alone[t], abs=1e-6) for t in DOMAINS)
+
+
+def test_study_gains_fit_the_ranker_on_every_seed_of_the_folder(tmp_path):
+    """`diag transfer --method mix-ranked` (study_gains): one run's candidates, the ranker fitted on every seed's pairs."""
+    from diag.decide.recommend import study_gains
+    from diag.table import write_table
+
+    quality = {d: 0.3 * i for i, d in enumerate(DOMAINS)}  # a source effect the record can find
+    runs = []
+    for s in (0, 1):
+        df = _table(noise=0.05, seed=s).assign(seed=s, lambda2=0.7, method="plain", variant="paper", alpha=0.8)
+        df["ermse"] += df["source"].map(quality)
+        runs.append(df.assign(ermse_norm=df["ermse"] / df["ermse_ft_target"]))
+    table = pd.concat(runs, ignore_index=True).assign(pair_key=lambda d: [f"k{i}" for i in range(len(d))])
+    write_table(table, tmp_path / "pairs.csv")
+    gains, how = study_gains(tmp_path, "a", seed=1)
+    assert how == "record"
+    assert gains == pytest.approx(ranker_gains(runs[1], "a", known=table)[0], abs=1e-12)
+    assert gains != pytest.approx(ranker_gains(runs[1], "a")[0], abs=1e-6)  # one seed's pairs alone differ

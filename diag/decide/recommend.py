@@ -208,7 +208,8 @@ def ranker_gains(plain: pd.DataFrame, target: str, tier: int = 0, model: str = R
 
 def study_gains(folder, target: str, seed: int | None = None, variant: str | None = None,
                 lambda2: float = PAPER_LAMBDA2) -> tuple[dict, str]:
-    """:func:`ranker_gains` for ``target`` from one run (variant, training seed) of a study folder's plain rows.
+    """:func:`ranker_gains` for ``target`` from one run (variant, training seed) of a study folder's plain rows,
+    the ranker fitted on the pairs of every training seed the folder holds (as the study's ranked pass does).
 
     Raises:
         ArtifactError: no study table in ``folder`` (run ``diag study`` over the suite first).
@@ -218,7 +219,8 @@ def study_gains(folder, target: str, seed: int | None = None, variant: str | Non
     if not path.is_dir() or not table_files(path):
         raise ArtifactError(f"mix-ranked needs a study of known pairs in {path} (run `diag study` over the suite "
                             "first, or pass --study)")
-    return ranker_gains(select_run(load_study(path, lambda2=lambda2), variant, seed), target)
+    study = load_study(path, lambda2=lambda2)
+    return ranker_gains(select_run(study, variant, seed), target, known=select_run(study, variant, "all"))
 
 
 def recommend_mixes(ws, target: str, cands: pd.DataFrame, budget: float, measured: bool, curvature,
