@@ -275,8 +275,12 @@ def test_rank_sources_evaluate_all_seeds(root, capsys, tmp_path, monkeypatch):
     # rank-sources --model record on that study: the record is fitted on the known pairs at both seeds
     rank = ["rank-sources", "--target", "gtsrb", "--tier", "0", "--study", str(tmp_path), "--store", root, *SUITE,
             "--quiet", "--preset", "smoke", "--json"]
+    reads.clear()
+    monkeypatch.setattr(decide, "load_study", lambda path, **kw: reads.append(path) or load_study(path, **kw))
     code, out, err = run(capsys, *rank)  # the default predictor: the record
     assert code == 0, err
+    assert [str(r) for r in reads] == [str(tmp_path)]  # its run and the record's every-seed pairs from one read
+    monkeypatch.undo()
     pooled = json.loads(out)
     code, out, err = run(capsys, *rank, "--model", "ridge")
     assert code == 0, err

@@ -121,9 +121,15 @@ def _every_seed(ctx, args, study=None):
     return of_method(select_run(study, getattr(args, "variant", None), "all"))
 
 
-def _known(ctx, args, model: str):
-    """The record's known pairs: the study at every training seed when it holds several (else None: the run's)."""
-    every_seed = _every_seed(ctx, args) if model == "record" else None
+def _given(args):
+    """A given ``--study``'s table at λ2 = 0.7, read once for every use (None: the store's study, run or resumed)."""
+    return load_study(args.study, lambda2=PAPER_LAMBDA2) if args.study and not args.extend else None
+
+
+def _known(ctx, args, model: str, study=None):
+    """The record's known pairs: the study at every training seed when it holds several (else None: the run's);
+    ``study``: the table already read (:func:`_given`)."""
+    every_seed = _every_seed(ctx, args, study) if model == "record" else None
     return every_seed if every_seed is not None and every_seed["seed"].nunique() > 1 else None
 
 
@@ -141,7 +147,7 @@ def _ci_word(ci) -> str:
 def _evaluate(ctx, args) -> int:
     """``rank-sources --evaluate``: every ranker leave one target out beside the test-retest ceiling, for one
     training seed or (``--all-seeds``) each seed of the study and the mean ± sd over them."""
-    given = load_study(args.study, lambda2=PAPER_LAMBDA2) if args.study and not args.extend else None  # read once
+    given = _given(args)
     _, _, table = _study_table(ctx, args, given)
     every_seed = _every_seed(ctx, args, given)
     ceiling = ranking_ceiling(every_seed)
@@ -200,14 +206,15 @@ def run_rank(args) -> int:
     if not args.target:
         raise TvdiagError("--target is required (or use --evaluate)")
     target = ctx.check_domain(args.target)
-    store, ws, table = _study_table(ctx, args)
+    given = _given(args)
+    store, ws, table = _study_table(ctx, args, given)
     ctx.ensure([target], (args.alpha,), explain=False)  # the target's prediction-only θ_ft is all we need
     tier = 2 if args.tier == "auto" else int(args.tier)
     sources = [d for d in _suite(ctx, args) if d != target]
     diag = Diagnostics(ws, settings=curvature_settings(args), progress=ctx.progress, keep_probes=args.keep_probes)
     model = args.model or RANKER
     ranking = rank_cached(diag, table, target, sources, tier, budget, model=model, methods=args.methods,
-                          level=args.level, known=_known(ctx, args, model))
+                          level=args.level, known=_known(ctx, args, model, given))
     emit_json(ranking.to_dict(), nan_as_null=True) if args.json else print(ranking.table())
     return 0
 
@@ -269,11 +276,12 @@ def run_screen(args) -> int:
     source, target = ctx.check_domain(args.source), ctx.check_domain(args.target)
     if source == target:
         raise TvdiagError(f"source and target are both '{source}'")
-    store, ws, table = _study_table(ctx, args)
+    given = _given(args)
+    store, ws, table = _study_table(ctx, args, given)
     ctx.ensure([source], (args.alpha,))
     ctx.ensure([target], (args.alpha,), explain=False)
     diag = Diagnostics(ws, settings=curvature_settings(args), progress=ctx.progress, keep_probes=args.keep_probes)
-    ranking = rank_for_target(diag, table, target, [source], 2, budget, level=args.level, known=_known(ctx, args, RANKER))
+    ranking = rank_for_target(diag, table, target, [source], 2, budget, level=args.level, known=_known(ctx, args, RANKER, given))
     row = ranking.rows.iloc[0]
     plain_verdict, plain_reasons = screen_verdict(row, table, target, lam, budget)
     verdict, reasons = method_verdict(row, budget)  # the verdict is the recommended method's; eq. 8 at --lambda2 beside it

@@ -281,8 +281,9 @@ def rank_for_target(diag: Diagnostics, table: pd.DataFrame, target: str, sources
     if not sources:
         raise DataError(f"No candidate source vectors for target '{target}'")
     train = training_pairs(table if known is None else known, target)
-    if distinct_pairs(train) < MIN_TRAINING_PAIRS:
-        raise DataError(f"Only {distinct_pairs(train)} known pairs without '{target}'; need at least {MIN_TRAINING_PAIRS} to fit "
+    n_known = distinct_pairs(train)
+    if n_known < MIN_TRAINING_PAIRS:
+        raise DataError(f"Only {n_known} known pairs without '{target}'; need at least {MIN_TRAINING_PAIRS} to fit "
                         "a predictor")
     cands = candidate_rows(diag, table, target, sources, tier)
     check = tier >= 2 if accuracy_check is None else accuracy_check

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from diag.constants import DEFAULT_MAX_ACC_DROP, PAPER_ALPHA, PAPER_LAMBDA1, PAPER_LAMBDA2, RANDOM_DRAWS
 from diag.decide.predictor import RANKER
 from diag.decide.recommend import ranker_gains
+from diag.decide.record import distinct_pairs
 from diag.features.pair_features import CurvatureSettings, Diagnostics, pair_features
 from diag.runtime.context import Workspace
 from diag.runtime.distributed import barrier, claimed, is_distributed, rank_and_world
@@ -339,8 +340,8 @@ def ranked_gains(out_dir: Path, path: Path, plain_keys: set[str], n_pairs: int,
     files = [f for f in dict.fromkeys([out_dir / PAIRS_FILE, path]) if f.is_file()]
     table = dedupe(pd.concat([read_table(f) for f in files], ignore_index=True)) if files else pd.DataFrame()
     plain = table[table["pair_key"].astype(str).isin(plain_keys)] if len(table) else table
-    if plain.empty or plain[["source", "target"]].drop_duplicates().shape[0] < n_pairs:
-        have = 0 if plain.empty else plain[["source", "target"]].drop_duplicates().shape[0]
+    have = distinct_pairs(plain)
+    if have < n_pairs:
         raise DataError(f"{' and '.join(RANKED_METHODS)} need the plain rows of all {n_pairs} pairs of the run, found {have}: run the "
                         "study without it first (and merge the shards), then resume with it")
     known = table[table["pair_key"].astype(str).isin(known_keys or plain_keys)]
